@@ -1,0 +1,150 @@
+"""The `st` command line: one subcommand per stage, plus helpers for tiny models and sample data."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, List, Optional, TypeVar
+
+import typer
+
+from .errors import UserError
+from .log import configure, get_logger
+
+app = typer.Typer(
+    name="st",
+    help="Fine-tune text-to-image diffusion models in stages: prepare -> cache -> train -> publish.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = get_logger()
+_state = {"verbose": False}
+T = TypeVar("T")
+
+ConfigOpt = typer.Option(..., "--config", "-c", help="config.json / config.toml with SimpleTuner option names.")
+OutputOpt = typer.Option(..., "--output", "-o", help="Folder this stage writes (created if needed).")
+InputOpt = typer.Option(..., "--input", "-i", help="The previous stage's manifest.json (or its folder).")
+SetOpt = typer.Option([], "--set", help="Override an option: --set key=value (value read as a TOML literal).")
+ForceOpt = typer.Option(False, "--force", help="Run even when the output is up to date.")
+
+
+def _guarded(action: Callable[[], T]) -> T:
+    """Run a command body: user errors print one message and exit 2; -v adds the traceback."""
+    try:
+        return action()
+    except UserError as exc:
+        if _state["verbose"]:
+            traceback.print_exc()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.callback()
+def main_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and tracebacks for errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    _state["verbose"] = verbose
+    configure(verbose=verbose, quiet=quiet)
+
+
+@app.command()
+def prepare(
+    config: Path = ConfigOpt,
+    output: Path = OutputOpt,
+    set_: List[str] = SetOpt,
+    strict: bool = typer.Option(False, "--strict", help="Fail instead of skipping unusable images."),
+    force: bool = ForceOpt,
+) -> None:
+    """Scan image folders and captions into an aspect-bucket manifest (samples.parquet)."""
+
+    def body() -> None:
+        from .config import load_config
+        from .prepare.stage import run_prepare
+        from .report import bucket_table, skipped_summary
+
+        result = run_prepare(load_config(config, set_), output, strict=strict, force=force)
+        typer.echo(bucket_table(result.manifest))
+        typer.echo(skipped_summary(result.manifest))
+        state = "up to date" if result.up_to_date else "wrote"
+        typer.echo(f"prepare: {state} {output / 'manifest.json'}")
+
+    _guarded(body)
+
+
+def _not_yet(stage: str) -> None:
+    from .errors import NotSupportedError
+
+    def body() -> None:
+        raise NotSupportedError(f"`st {stage}` is not implemented yet")
+
+    _guarded(body)
+
+
+@app.command()
+def cache(
+    config: Path = ConfigOpt,
+    input: Path = InputOpt,
+    output: Path = OutputOpt,
+    set_: List[str] = SetOpt,
+) -> None:
+    """Encode latents and text embeddings into content-addressed webdataset shards."""
+    _not_yet("cache")
+
+
+@app.command()
+def train(
+    config: Path = ConfigOpt,
+    input: Path = InputOpt,
+    output: Path = OutputOpt,
+    set_: List[str] = SetOpt,
+) -> None:
+    """Train LoRA or full weights from cache shards."""
+    _not_yet("train")
+
+
+@app.command()
+def publish(
+    config: Path = ConfigOpt,
+    input: Path = InputOpt,
+    output: Path = OutputOpt,
+    set_: List[str] = SetOpt,
+) -> None:
+    """Assemble weights, model card and lineage, and upload them."""
+    _not_yet("publish")
+
+
+@app.command("sample-data")
+def sample_data(
+    output: Path = typer.Argument(..., help="Folder to write the sample dataset and its config into."),
+    images: int = typer.Option(24, "--images", help="How many images to generate."),
+    seed: int = typer.Option(0, "--seed"),
+    resolution: int = typer.Option(128, "--resolution", help="The config's resolution (pixel_area)."),
+) -> None:
+    """Generate a small captioned image dataset with config.json and multidatabackend.json (for demos and tests)."""
+
+    def body() -> None:
+        from .sampledata import write_sample_dataset
+
+        config_path = write_sample_dataset(output, images=images, seed=seed, resolution=resolution)
+        typer.echo(f"sample data: {images} images under {output}; config {config_path}")
+
+    _guarded(body)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except UserError as exc:  # raised outside a command body (should not happen, but never show a traceback)
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

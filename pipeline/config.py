@@ -1,0 +1,299 @@
+"""The typed run configuration.
+
+One dataclass holds every option under its SimpleTuner name. Each field declares which stages read it; a stage's
+manifest key hashes only the keys that stage reads and that can change its outputs, so changing `learning_rate` never
+invalidates `st prepare` or `st cache`.
+
+Config files are JSON or TOML; a leading `--` on keys is tolerated (SimpleTuner's config.json style), strings such as
+"true" or "1024" are coerced to the field's type, and `--set key=value` overrides are parsed as TOML literals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .log import get_logger
+from .simpletuner import SIMPLETUNER_ONLY_OPTIONS
+
+log = get_logger("config")
+
+PREPARE = "prepare"
+CACHE = "cache"
+TRAIN = "train"
+PUBLISH = "publish"
+
+
+def opt(default: Any, *stages: str, choices: tuple | None = None, help: str = "", output: bool = True) -> Any:
+    """Declare an option: its default, the stages that read it, allowed choices, and whether it can change outputs.
+
+    `output=False` marks knobs (worker counts, progress) that a stage reads but that never change what it writes:
+    they stay out of the stage key.
+    """
+    meta = {"stages": frozenset(stages), "choices": choices, "help": help, "output": output}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
+CROP_STYLES = ("center", "centre", "random", "corner")
+CROP_ASPECTS = ("square", "preserve", "closest", "random")
+
+
+@dataclass
+class Config:
+    """Every option st knows, under SimpleTuner's names, with st's defaults."""
+
+    # Datasets and buckets (defaults for each dataset of data_backend_config).
+    data_backend_config: str | None = opt(None, PREPARE, help="Dataset list (SimpleTuner multidatabackend.json).")
+    resolution: float = opt(1024.0, PREPARE, help="Edge in px (pixel, pixel_area) or megapixels (area).")
+    resolution_type: str = opt("pixel_area", PREPARE, choices=RESOLUTION_TYPES)
+    minimum_image_size: float | None = opt(None, PREPARE, help="Smaller images are skipped (units of resolution_type).")
+    maximum_image_size: float | None = opt(None, PREPARE, help="Larger images are first downsampled.")
+    target_downsample_size: float | None = opt(None, PREPARE, help="Size that maximum_image_size downsamples to.")
+    minimum_aspect_ratio: float | None = opt(None, PREPARE)
+    maximum_aspect_ratio: float | None = opt(None, PREPARE)
+    crop: bool = opt(False, PREPARE)
+    crop_style: str = opt("random", PREPARE, choices=CROP_STYLES)
+    crop_aspect: str = opt("square", PREPARE, choices=CROP_ASPECTS)
+    crop_aspect_buckets: list | None = opt(None, PREPARE, help="Aspect ratios for crop_aspect closest/random.")
+    max_upscale_threshold: float | None = opt(None, PREPARE, help="Skip images needing more upscaling than this.")
+    aspect_bucket_rounding: int = opt(2, PREPARE)
+    aspect_bucket_alignment: int = opt(64, PREPARE)
+    caption_strategy: str = opt("filename", PREPARE, choices=("filename", "textfile", "parquet", "instanceprompt"))
+    instance_prompt: str | None = opt(None, PREPARE)
+    prepend_instance_prompt: bool = opt(False, PREPARE)
+    only_instance_prompt: bool = opt(False, PREPARE)
+    repeats: int = opt(0, PREPARE, help="Extra passes over a dataset per epoch (0: seen once).")
+    probability: float = opt(1.0, PREPARE, help="Relative sampling weight of a dataset.")
+    disable_bucket_pruning: bool = opt(False, PREPARE)
+    allow_dataset_oversubscription: bool = opt(False, PREPARE)
+    ignore_missing_files: bool = opt(False, PREPARE, CACHE)
+    delete_problematic_images: bool = opt(False, PREPARE)
+    delete_unwanted_images: bool = opt(False, PREPARE)
+    train_batch_size: int = opt(1, PREPARE, TRAIN)
+    gradient_accumulation_steps: int = opt(1, PREPARE, TRAIN)
+    num_processes: int = opt(1, PREPARE, TRAIN, help="Training processes (accelerate's num_processes).")
+    seed: int | None = opt(None, PREPARE, CACHE, TRAIN)
+    max_workers: int | None = opt(None, PREPARE, CACHE, output=False, help="Worker processes for scans/decoding.")
+
+    def stage_keys(self, stage: str, *, outputs_only: bool = True) -> dict[str, Any]:
+        """The options `stage` reads (by default only those that can change its outputs), resolved."""
+        keys = {}
+        for f in dataclasses.fields(self):
+            if stage in f.metadata["stages"] and (f.metadata["output"] or not outputs_only):
+                keys[f.name] = getattr(self, f.name)
+        return keys
+
+
+OPTION_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def known_option_names() -> list[str]:
+    return sorted(OPTION_FIELDS)
+
+
+def suggest(name: str, candidates: typing.Iterable[str]) -> str:
+    """`; did you mean 'x'?` or an empty string."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{matches[0]}'?" if matches else ""
+
+
+def _allowed_types(annotation: Any) -> tuple[list[type], bool]:
+    """The concrete types an annotation allows, and whether None is allowed."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"list": list, "dict": dict})  # noqa: S307 - our own annotations
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return [typing.get_origin(a) or a for a in args if a is not type(None)], type(None) in args
+    return [origin or annotation], False
+
+
+def coerce(key: str, value: Any, annotation: Any, choices: tuple | None = None, where: str = "") -> Any:
+    """Check `value` against the option's type and choices, converting strings as SimpleTuner's files need."""
+    allowed, nullable = _allowed_types(annotation)
+    place = f" in {where}" if where else ""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and nullable):
+        if nullable:
+            return None
+        raise ConfigError(f"option '{key}'{place} must not be null")
+    result: Any = _NO_MATCH
+    for kind in allowed:
+        result = _convert(value, kind)
+        if result is not _NO_MATCH:
+            break
+    if result is _NO_MATCH:
+        names = " or ".join(k.__name__ for k in allowed) + (" or null" if nullable else "")
+        raise ConfigError(f"option '{key}'{place} must be {names}, got {value!r}")
+    if choices is not None and result not in choices:
+        raise ConfigError(
+            f"option '{key}'{place} has value {result!r}, which is not one of: {', '.join(map(str, choices))}"
+        )
+    return result
+
+
+_NO_MATCH = object()
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _convert(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        return _NO_MATCH
+    if kind is int:
+        if isinstance(value, bool):
+            return _NO_MATCH
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                return _NO_MATCH
+        return _NO_MATCH
+    if kind is float:
+        if isinstance(value, bool):
+            return _NO_MATCH
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                return _NO_MATCH
+        return _NO_MATCH
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return _NO_MATCH
+    if kind is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                return [part.strip() for part in value.split(",") if part.strip()]
+            return parsed if isinstance(parsed, list) else _NO_MATCH
+        return _NO_MATCH
+    if kind is dict:
+        if isinstance(value, dict):
+            return value
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                return _NO_MATCH
+            return parsed if isinstance(parsed, dict) else _NO_MATCH
+        return _NO_MATCH
+    return value if isinstance(value, kind) else _NO_MATCH
+
+
+def normalise_key(key: str) -> str:
+    """`--resolution` and `resolution` name the same option; SimpleTuner's CLI also allows dashes."""
+    key = key.strip()
+    if key.startswith("--"):
+        key = key[2:]
+    return key.replace("-", "_")
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one `--set key=value`; the value is a TOML literal, or a plain string when it is not one."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return normalise_key(key), value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a plain dict (no validation yet)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a JSON or TOML file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold an object of option names to values, not {type(data).__name__}")
+    return data
+
+
+@dataclass
+class LoadedConfig:
+    """A validated config, where it came from, and which SimpleTuner-only keys it carried."""
+
+    config: Config
+    path: Path | None
+    ignored: dict[str, Any] = field(default_factory=dict)
+    explicit: frozenset[str] = frozenset()
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the config (data_backend_config, ...) are relative to the config file."""
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve_path(self, value: str) -> Path:
+        candidate = Path(value).expanduser()
+        return candidate if candidate.is_absolute() else (self.base_dir / candidate)
+
+
+def build_config(raw: dict[str, Any], where: str = "") -> tuple[Config, dict[str, Any]]:
+    """Validate a dict of options into a `Config`; returns it and the SimpleTuner-only keys that were ignored."""
+    values: dict[str, Any] = {}
+    ignored: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for raw_key, value in raw.items():
+        key = normalise_key(str(raw_key))
+        if key in OPTION_FIELDS:
+            f = OPTION_FIELDS[key]
+            values[key] = coerce(key, value, hints[key], f.metadata["choices"], where)
+        elif key in SIMPLETUNER_ONLY_OPTIONS:
+            ignored[key] = value
+        else:
+            place = f" (in {where})" if where else ""
+            raise ConfigError(f"unknown option '{key}'{suggest(key, OPTION_FIELDS)}{place}")
+    return Config(**values), ignored
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> LoadedConfig:
+    """Read `path` (JSON/TOML), apply `--set` overrides, validate, and log the SimpleTuner keys st ignores."""
+    raw: dict[str, Any] = {}
+    file_path = Path(path).resolve() if path else None
+    if file_path is not None:
+        raw = {normalise_key(str(k)): v for k, v in read_config_file(file_path).items()}
+    for item in overrides:
+        key, value = parse_set(item)
+        raw[key] = value
+    config, ignored = build_config(raw, where=str(file_path) if file_path else "")
+    for key in sorted(ignored):
+        log.info("ignoring option '%s': %s", key, SIMPLETUNER_ONLY_OPTIONS[key])
+    explicit = frozenset(k for k in raw if k in OPTION_FIELDS)
+    return LoadedConfig(config=config, path=file_path, ignored=ignored, explicit=explicit)

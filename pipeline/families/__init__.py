@@ -1,0 +1,44 @@
+"""The registry of model families: `FAMILIES` by name and `get_family(name)`."""
+
+from __future__ import annotations
+
+import difflib
+
+from pipeline.errors import ConfigError
+from pipeline.families import flux, pixart_sigma, sd1x, sd2x, sd3, sdxl
+from pipeline.families.base import (
+    Component,
+    Family,
+    TextEncoderSpec,
+    component_identity,
+    load_components,
+    vae_factors,
+)
+
+FAMILIES: dict[str, Family] = {
+    module.FAMILY.name: module.FAMILY for module in (sd1x, sd2x, sdxl, sd3, flux, pixart_sigma)
+}
+
+
+def get_family(name: str) -> Family:
+    """The family called `name`; an unknown name is a ConfigError listing the known ones."""
+    try:
+        return FAMILIES[name]
+    except (KeyError, TypeError):
+        pass
+    known = ", ".join(sorted(FAMILIES))
+    close = difflib.get_close_matches(str(name).lower(), list(FAMILIES), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown model family {name!r}{hint}; known families: {known}")
+
+
+__all__ = [
+    "FAMILIES",
+    "Component",
+    "Family",
+    "TextEncoderSpec",
+    "component_identity",
+    "get_family",
+    "load_components",
+    "vae_factors",
+]

@@ -1,0 +1,28 @@
+"""The one logger of the package and its set-up for the command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+LOGGER_NAME = "st"
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    """Return the package logger, or a child of it (`get_logger("prepare")` -> `st.prepare`)."""
+    return logging.getLogger(LOGGER_NAME if not name else f"{LOGGER_NAME}.{name}")
+
+
+def configure(verbose: bool = False, quiet: bool = False) -> None:
+    """Send st's log records to stderr, once per process."""
+    logger = logging.getLogger(LOGGER_NAME)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logger.setLevel(level)
+    for handler in list(logger.handlers):
+        if getattr(handler, "_st_handler", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._st_handler = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s" if verbose else "%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False

@@ -1,0 +1,133 @@
+"""Caption strategies: filename, textfile, parquet, instanceprompt (SimpleTuner's names and meanings).
+
+- filename: the file's stem with underscores read as spaces.
+- textfile: `<stem>.txt` beside the image; each non-empty line is one caption (a sample may have several).
+- parquet: a table maps file names (with or without extension) to a caption column, with an optional fallback column;
+  a cell may hold one string or a list of strings.
+- instanceprompt: every image gets `instance_prompt`.
+`prepend_instance_prompt` puts the instance prompt before each caption; `only_instance_prompt` replaces them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..datasets import DatasetSpec, ParquetCaptions
+from ..errors import InputError
+
+_SPACES = re.compile(r"\s+")
+
+
+class MissingCaption(Exception):
+    """The image has no usable caption; the message says why."""
+
+
+def clean(text: str) -> str:
+    return _SPACES.sub(" ", text).strip()
+
+
+def caption_file_for(image_path: str) -> str:
+    return os.path.splitext(image_path)[0] + ".txt"
+
+
+def read_textfile(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise MissingCaption(f"caption file {os.path.basename(path)} is missing") from None
+    except OSError as exc:
+        raise MissingCaption(f"caption file {os.path.basename(path)} cannot be read: {exc.strerror}") from None
+    captions = [clean(line) for line in text.splitlines()]
+    captions = [c for c in captions if c]
+    if not captions:
+        raise MissingCaption(f"caption file {os.path.basename(path)} is empty")
+    return captions
+
+
+class ParquetCaptionTable:
+    """Captions looked up by relative path, file name, or stem, as the table's identifiers allow."""
+
+    def __init__(self, spec: ParquetCaptions, dataset_id: str) -> None:
+        import pyarrow.parquet as pq
+
+        if not spec.path.is_file():
+            raise InputError(f"dataset '{dataset_id}': caption parquet {spec.path} does not exist")
+        try:
+            table = pq.read_table(spec.path)
+        except Exception as exc:  # pyarrow raises several unrelated types for bad files
+            raise InputError(f"dataset '{dataset_id}': cannot read caption parquet {spec.path}: {exc}") from None
+        columns = set(table.column_names)
+        for role, name in (
+            ("filename_column", spec.filename_column),
+            ("caption_column", spec.caption_column),
+            ("fallback_caption_column", spec.fallback_caption_column),
+        ):
+            if name is not None and name not in columns:
+                raise InputError(
+                    f"dataset '{dataset_id}': {spec.path} has no column '{name}' (parquet.{role}); "
+                    f"its columns are: {', '.join(sorted(columns))}"
+                )
+        names = table.column(spec.filename_column).to_pylist()
+        captions = table.column(spec.caption_column).to_pylist()
+        fallback = (
+            table.column(spec.fallback_caption_column).to_pylist()
+            if spec.fallback_caption_column
+            else [None] * len(names)
+        )
+        self.spec = spec
+        self._rows: dict[str, tuple[Any, Any]] = {}
+        for name, caption, alt in zip(names, captions, fallback):
+            if name is None:
+                continue
+            key = str(name).replace("\\", "/").lstrip("./")
+            self._rows.setdefault(key, (caption, alt))
+
+    def lookup(self, rel_path: str) -> list[str]:
+        """Captions of the image at `rel_path` (relative to the dataset root, '/' separated)."""
+        stem_path = os.path.splitext(rel_path)[0]
+        name = rel_path.rsplit("/", 1)[-1]
+        candidates = (rel_path, name) if self.spec.identifier_includes_extension else (stem_path, name.rsplit(".", 1)[0])
+        # Tables that carry extensions while the flag says otherwise (and vice versa) are common; try both forms.
+        candidates += (rel_path, name, stem_path, name.rsplit(".", 1)[0])
+        for key in candidates:
+            if key in self._rows:
+                caption, alt = self._rows[key]
+                found = _as_list(caption) or _as_list(alt)
+                if not found:
+                    raise MissingCaption(f"the parquet row for {name} has an empty caption")
+                return found
+        raise MissingCaption(f"{name} has no row in {self.spec.path.name}")
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [c for c in (clean(str(v)) for v in value if v is not None) if c]
+    text = clean(str(value))
+    return [text] if text else []
+
+
+def captions_for(spec: DatasetSpec, rel_path: str, abs_path: str, table: ParquetCaptionTable | None) -> list[str]:
+    """The captions of one image under the dataset's strategy; raises MissingCaption."""
+    strategy = spec.caption_strategy
+    if spec.only_instance_prompt or strategy == "instanceprompt":
+        return [clean(spec.instance_prompt or "")]
+    if strategy == "filename":
+        stem = Path(rel_path).stem
+        captions = [clean(stem.replace("_", " "))]
+    elif strategy == "textfile":
+        captions = read_textfile(caption_file_for(abs_path))
+    elif strategy == "parquet":
+        if table is None:
+            raise MissingCaption("no caption table")
+        captions = table.lookup(rel_path)
+    else:  # pragma: no cover - config validation rejects other values
+        raise MissingCaption(f"unknown caption_strategy {strategy}")
+    if spec.prepend_instance_prompt and spec.instance_prompt:
+        captions = [clean(f"{spec.instance_prompt} {c}") for c in captions]
+    return captions

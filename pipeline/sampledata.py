@@ -1,0 +1,87 @@
+"""A small generated dataset of captioned shapes, for `make demo` and the tests (no downloads needed)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 220), "yellow": (235, 200, 40),
+    "purple": (140, 60, 180), "orange": (240, 140, 30),
+}  # fmt: skip
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128)}
+# (width, height) of the generated images: squares, landscapes and portraits.
+SIZES = ((128, 128), (160, 120), (120, 160), (192, 128), (128, 192), (144, 144))
+
+
+def _draw(shape: str, colour: tuple, background: tuple, size: tuple[int, int], rng: random.Random):
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    img = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(img)
+    r = min(width, height) * rng.uniform(0.25, 0.4)
+    cx, cy = width / 2 + rng.uniform(-0.1, 0.1) * width, height / 2 + rng.uniform(-0.1, 0.1) * height
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy), (cx, cy + r), (cx + r, cy)], fill=colour)
+    return img
+
+
+def write_images(folder: Path, images: int, seed: int = 0) -> list[Path]:
+    """Write `images` captioned shape pictures (JPEG and PNG, several aspect ratios) with `.txt` captions."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(images):
+        shape = SHAPES[i % len(SHAPES)]
+        colour_name = list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
+        bg_name = rng.choice(list(BACKGROUNDS))
+        size = SIZES[i % len(SIZES)]
+        img = _draw(shape, COLOURS[colour_name], BACKGROUNDS[bg_name], size, rng)
+        ext = ".png" if i % 3 == 0 else ".jpg"
+        path = folder / f"{i:04d}_{colour_name}_{shape}{ext}"
+        if ext == ".png":
+            img.save(path, format="PNG")
+        else:
+            img.save(path, format="JPEG", quality=92)
+        path.with_suffix(".txt").write_text(f"a {colour_name} {shape} on a {bg_name} background\n")
+        written.append(path)
+    return written
+
+
+def write_sample_dataset(out_dir: Path, images: int = 24, seed: int = 0, resolution: int = 128) -> Path:
+    """Images under `out_dir/images`, plus `config.json` and `multidatabackend.json`; returns the config path."""
+    out_dir = Path(out_dir)
+    write_images(out_dir / "images", images, seed)
+    datasets = [
+        {
+            "id": "shapes",
+            "type": "local",
+            "instance_data_dir": "images",
+            "caption_strategy": "textfile",
+            "crop": False,
+            "cache_dir_vae": "cache/vae/shapes",
+        },
+        {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "type": "local",
+         "cache_dir": "cache/text"},
+    ]  # fmt: skip
+    (out_dir / "multidatabackend.json").write_text(json.dumps(datasets, indent=2) + "\n")
+    config = {
+        "--data_backend_config": "multidatabackend.json",
+        "--resolution": resolution,
+        "--resolution_type": "pixel_area",
+        "--aspect_bucket_alignment": 32,
+        "--train_batch_size": 2,
+        "--seed": seed,
+    }
+    config_path = out_dir / "config.json"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return config_path

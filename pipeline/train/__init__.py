@@ -1,0 +1,1 @@
+"""st train stage."""
