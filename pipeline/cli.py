@@ -86,15 +86,79 @@ def _not_yet(stage: str) -> None:
     _guarded(body)
 
 
-@app.command()
+cache_app = typer.Typer(
+    help="Encode latents and text embeddings into content-addressed webdataset shards.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.callback()
 def cache(
-    config: Path = ConfigOpt,
-    input: Path = InputOpt,
-    output: Path = OutputOpt,
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.json / config.toml."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="The prepare manifest.json (or its folder)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder this stage writes."),
     set_: List[str] = SetOpt,
+    part: Optional[str] = typer.Option(None, "--part", help="Encode only part i of n (i/n); combine with `merge`."),
+    force: bool = ForceOpt,
 ) -> None:
     """Encode latents and text embeddings into content-addressed webdataset shards."""
-    _not_yet("cache")
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"config": config, "input": input, "set": set_}
+        return
+
+    def body() -> None:
+        from .cache.stage import run_cache
+        from .config import load_config
+        from .report import cache_table
+
+        _require(config=config, input=input, output=output)
+        result = run_cache(load_config(config, set_), input, output, part=part, force=force)
+        if result.manifest is None:
+            typer.echo(f"cache: part {part} written to {output} ({result.encoded} encoded, {result.reused} reused)")
+            return
+        typer.echo(cache_table(result.manifest))
+        state = "up to date" if result.up_to_date else f"wrote ({result.encoded} encoded, {result.reused} reused)"
+        typer.echo(f"cache: {state} {output / 'manifest.json'}")
+
+    _guarded(body)
+
+
+@cache_app.command("merge")
+def cache_merge(
+    ctx: typer.Context,
+    parts: List[Path] = typer.Argument(..., help="Output folders of `st cache --part i/n` runs."),
+    output: Path = OutputOpt,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The config the parts were run with."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="The prepare manifest the parts read."),
+    set_: List[str] = SetOpt,
+) -> None:
+    """Combine `st cache --part i/n` outputs into one cache output (same manifest as a single run)."""
+
+    def body() -> None:
+        from .cache.stage import merge_parts
+        from .config import load_config
+        from .report import cache_table
+
+        group = ctx.obj or {}
+        cfg = config or group.get("config")
+        inp = input or group.get("input")
+        _require(config=cfg, input=inp)
+        result = merge_parts(load_config(cfg, [*group.get("set", []), *set_]), inp, parts, output)
+        typer.echo(cache_table(result.manifest))
+        typer.echo(f"cache: merged {len(parts)} part(s) into {output / 'manifest.json'}")
+
+    _guarded(body)
+
+
+def _require(**values: object) -> None:
+    from .errors import ConfigError
+
+    missing = [f"--{name}" for name, value in values.items() if value is None]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}; see `st cache --help`")
 
 
 @app.command()
@@ -117,6 +181,23 @@ def publish(
 ) -> None:
     """Assemble weights, model card and lineage, and upload them."""
     _not_yet("publish")
+
+
+@app.command("tiny-model")
+def tiny_model(
+    family: str = typer.Argument(..., help="Model family: sd1x, sd2x, sdxl, sd3, flux, pixart_sigma."),
+    output: Path = typer.Argument(..., help="Folder to write the diffusers-layout model into."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+) -> None:
+    """Write a tiny randomly initialised model of a family's real classes (for tests and demos; no download)."""
+
+    def body() -> None:
+        from .families import get_family
+
+        get_family(family).tiny(output, seed)
+        typer.echo(f"tiny {family} model written to {output}")
+
+    _guarded(body)
 
 
 @app.command("sample-data")

@@ -45,6 +45,8 @@ def opt(default: Any, *stages: str, choices: tuple | None = None, help: str = ""
 
 
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
+# Kept in sync with pipeline.families.FAMILIES (a test checks); listed here so that config loading stays import-light.
+MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma")
 CROP_STYLES = ("center", "centre", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 
@@ -85,6 +87,27 @@ class Config:
     num_processes: int = opt(1, PREPARE, TRAIN, help="Training processes (accelerate's num_processes).")
     seed: int | None = opt(None, PREPARE, CACHE, TRAIN)
     max_workers: int | None = opt(None, PREPARE, CACHE, output=False, help="Worker processes for scans/decoding.")
+
+    # Model and caches.
+    model_family: str | None = opt(None, CACHE, TRAIN, choices=MODEL_FAMILIES)
+    pretrained_model_name_or_path: str | None = opt(
+        None, CACHE, TRAIN, help="Local diffusers folder, single-file checkpoint, or hub id."
+    )
+    pretrained_vae_model_name_or_path: str | None = opt(None, CACHE, TRAIN)
+    pretrained_t5_model_name_or_path: str | None = opt(None, CACHE, TRAIN)
+    revision: str | None = opt(None, CACHE, TRAIN)
+    variant: str | None = opt(None, CACHE, TRAIN)
+    vae_dtype: str = opt("default", CACHE, choices=("default", "fp32", "fp16", "bf16"),
+                         help="default: bf16 on CUDA, fp32 elsewhere.")  # fmt: skip
+    vae_batch_size: int = opt(4, CACHE, output=False)
+    tokenizer_max_length: int | None = opt(None, CACHE, TRAIN)
+    t5_padding: str = opt("unmodified", CACHE, TRAIN, choices=("unmodified", "zero"))
+    offload_during_startup: bool = opt(False, CACHE, output=False, help="Keep idle encoders on the CPU.")
+    cache_dtype: str = opt("bf16", CACHE, choices=("bf16", "fp16", "fp32"), help="dtype of cached tensors.")
+    cache_compression_level: int = opt(3, CACHE, help="zstd level of cached tensors (1-22).")
+    cache_shard_samples: int = opt(256, CACHE, help="Most samples in one shard.")
+    validation_prompt: str | None = opt(None, CACHE, TRAIN)
+    validation_negative_prompt: str | None = opt(None, CACHE, TRAIN)
 
     def stage_keys(self, stage: str, *, outputs_only: bool = True) -> dict[str, Any]:
         """The options `stage` reads (by default only those that can change its outputs), resolved."""

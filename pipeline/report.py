@@ -35,3 +35,29 @@ def skipped_summary(manifest: dict[str, Any]) -> str:
     if not skipped:
         return "skipped: none"
     return "skipped: " + ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def cache_table(manifest: dict[str, Any]) -> str:
+    """Shards of a cache manifest per (dataset, bucket), with sizes."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for shard in manifest["shards"]:
+        groups.setdefault((shard["dataset_id"], shard["bucket"]), []).append(shard)
+    rows = []
+    for (dataset, bucket), shards in sorted(groups.items()):
+        samples = sum(s["samples"] for s in shards)
+        size = sum(s["bytes"] for s in shards)
+        rows.append([dataset, bucket, len(shards), samples, _size(size), _size(size // max(samples, 1))])
+    total = sum(s["bytes"] for s in manifest["shards"])
+    rows.append(["total", f"{len(groups)} groups", len(manifest["shards"]), manifest["stats"]["samples"], _size(total), ""])
+    table = format_table(["dataset", "bucket", "shards", "samples", "bytes", "per sample"], rows, right=(2, 3, 4, 5))
+    skipped = manifest["stats"].get("skipped") or {}
+    note = "skipped: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) if skipped else "none")
+    return f"{table}\n{note}"

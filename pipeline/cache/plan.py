@@ -1,0 +1,136 @@
+"""What a cache run will write, decided before any encoding: entry keys, shared prompts and the shard plan.
+
+A sample's entry key hashes everything its cached bytes depend on: the image content, its bucket/resize/crop, the
+identities of the VAE and text encoders, dtypes, seed and the format version. Shards group the samples of one
+(dataset, bucket) sorted by sample id; a shard's name carries the hash of its entry keys, so a file under a final
+name is always exactly the planned content, and a re-run (or a resumed run) keeps every shard it finds complete.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..hashing import sha256_bytes, sha256_json
+from ..shards import shard_name
+
+FORMAT_VERSION = 1
+PLAN_FIELDS = (
+    "width", "height", "target_width", "target_height", "intermediate_width", "intermediate_height", "crop_top",
+    "crop_left",
+)  # fmt: skip
+
+
+def prompt_key(text: str) -> str:
+    """The id of a prompt's embeddings in the shared embeds file."""
+    return sha256_bytes(text.encode())[:16]
+
+
+@dataclass
+class Entry:
+    """One sample as the cache stage sees it."""
+
+    row: dict[str, Any]
+    latent_key: str
+    text_refs: list[str]  # per caption: "sample:<i>" (in this sample's text member) or "shared:<prompt key>"
+    entry_key: str
+
+    @property
+    def sample_id(self) -> str:
+        return self.row["sample_id"]
+
+    @property
+    def local_captions(self) -> list[tuple[int, str]]:
+        return [(i, c) for i, (c, ref) in enumerate(zip(self.row["captions"], self.text_refs)) if ref.startswith("sample:")]
+
+    def metadata(self) -> dict[str, Any]:
+        """The sample's `json` member."""
+        row = self.row
+        return {
+            "sample_id": row["sample_id"],
+            "dataset_id": row["dataset_id"],
+            "path": row["path"],
+            "captions": list(row["captions"]),
+            "text": list(self.text_refs),
+            "bucket": row["bucket"],
+            "repeats": row["repeats"],
+            "original_size": [row["width"], row["height"]],
+            "target_size": [row["target_width"], row["target_height"]],
+            "intermediate_size": [row["intermediate_width"], row["intermediate_height"]],
+            "crop_top_left": [row["crop_top"], row["crop_left"]],
+        }
+
+
+@dataclass
+class ShardPlan:
+    path: str  # relative to the output folder
+    dataset_id: str
+    bucket: str
+    shard_key: str
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def sidecar(self) -> str:
+        return self.path[: -len(".tar")] + ".json"
+
+
+@dataclass
+class CachePlan:
+    shards: list[ShardPlan]
+    shared_prompts: dict[str, str]  # prompt key -> text
+    latent_identity: str
+    text_identity: str
+
+
+def identities(model: dict[str, Any], settings: dict[str, Any]) -> tuple[str, str]:
+    """Hashes of what latents and text embeddings depend on (model identities without their paths, and settings)."""
+
+    def strip(identity: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in identity.items() if k not in ("source",)}
+
+    latent = sha256_json({"vae": strip(model["vae"]), "vae_dtype": settings["vae_dtype"], "seed": settings["seed"],
+                          "cache_dtype": settings["cache_dtype"], "format": FORMAT_VERSION})  # fmt: skip
+    text = sha256_json({
+        "text_encoders": [strip(i) for i in model["text_encoders"]],
+        "tokenizers": [strip(i) for i in model["tokenizers"]],
+        "tokenizer_max_length": settings["tokenizer_max_length"], "t5_padding": settings["t5_padding"],
+        "cache_dtype": settings["cache_dtype"], "format": FORMAT_VERSION,
+    })  # fmt: skip
+    return latent, text
+
+
+def shared_prompt_set(rows: list[dict[str, Any]], extra: list[str]) -> dict[str, str]:
+    """Prompts stored once: any caption used by more than one sample, the empty prompt, and `extra` prompts."""
+    counts = Counter(c for row in rows for c in set(row["captions"]))
+    texts = {c for c, n in counts.items() if n > 1} | {""} | {p for p in extra if p is not None}
+    return {prompt_key(t): t for t in sorted(texts)}
+
+
+def build_plan(
+    rows: list[dict[str, Any]],
+    *,
+    latent_identity: str,
+    text_identity: str,
+    shard_samples: int,
+    extra_prompts: list[str],
+    compression_level: int,
+) -> CachePlan:
+    shared = shared_prompt_set(rows, extra_prompts)
+    shared_texts = set(shared.values())
+    groups: dict[tuple[str, str], list[Entry]] = {}
+    for row in rows:
+        latent_key = sha256_json([latent_identity, row["sample_id"], [row[f] for f in PLAN_FIELDS]])
+        refs = [f"shared:{prompt_key(c)}" if c in shared_texts else f"sample:{i}" for i, c in enumerate(row["captions"])]
+        entry = Entry(row, latent_key, refs, "")
+        entry.entry_key = sha256_json([latent_key, text_identity, entry.metadata(), compression_level])
+        groups.setdefault((row["dataset_id"], row["bucket"]), []).append(entry)
+    shards = []
+    for (dataset_id, bucket), entries in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        entries.sort(key=lambda e: e.sample_id)
+        for index, start in enumerate(range(0, len(entries), shard_samples)):
+            chunk = entries[start : start + shard_samples]
+            key = sha256_json([FORMAT_VERSION, [e.entry_key for e in chunk]])
+            name = shard_name(f"{dataset_id}-{key[:12]}", index)
+            shards.append(ShardPlan(f"shards/{bucket}/{name}", dataset_id, bucket, key, chunk))
+    return CachePlan(shards, shared, latent_identity, text_identity)

@@ -1,0 +1,116 @@
+"""Stable Diffusion 1.x: UNet, 4-channel VAE, one CLIP ViT-L text encoder (last hidden state), epsilon prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.families import text, tiny_parts
+from pipeline.families.base import Component, Family, TextEncoderSpec
+from pipeline.families.tokenizers import EOS, clip_tokenizer
+
+CLIP_LENGTH = 77
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+TEXT_ENCODERS = (
+    TextEncoderSpec(
+        model=Component("text_encoder", "CLIPTextModel", "transformers"),
+        tokenizer=Component("tokenizer", "CLIPTokenizer", "transformers"),
+        max_length=CLIP_LENGTH,
+        kind="clip",
+    ),
+)
+
+
+def encode_clip_last(
+    text_encoders: Any,
+    tokenizers: Any,
+    prompts: list[str],
+    *,
+    max_length: int | None = None,
+    t5_padding: str = "unmodified",
+    device: Any = "cpu",
+) -> list[dict[str, Any]]:
+    """`prompt_embeds` (77 x dim): the CLIP encoder's last hidden state (after its final layer norm) over the padded
+    sequence, as `StableDiffusionPipeline.encode_prompt`. `t5_padding` does not apply."""
+    import torch
+
+    text.check_t5_padding(t5_padding)
+    prompts = text.check_prompts(prompts)
+    (encoder,), (tokenizer,) = tuple(text_encoders), tuple(tokenizers)
+    length = text.check_max_length(
+        max_length, tokenizer.model_max_length, encoder.config.max_position_embeddings, "CLIP"
+    )
+    ids, mask = text.tokenize(tokenizer, prompts, length, device)
+    use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+    with torch.no_grad():
+        embeds = encoder(ids, attention_mask=mask if use_mask else None)[0]
+    return text.split({"prompt_embeds": embeds})
+
+
+def unet(cross_attention_dim: int, **extra: Any) -> Any:
+    """A tiny `UNet2DConditionModel`: channels (32, 64), one layer per block, cross-attention at the lower level."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        **extra,
+    ).eval()
+
+
+def tiny(out_dir: Path, seed: int) -> None:
+    """Write a tiny SD 1.x diffusers folder (PNDM scheduler, scaling factor 0.18215)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    tokenizer = clip_tokenizer(pad_token=EOS, max_length=CLIP_LENGTH)
+    tiny_parts.seed_everything(seed)
+    text_encoder = tiny_parts.clip_text(tokenizer)
+    tiny_parts.seed_everything(seed + 1)
+    denoiser = unet(cross_attention_dim=32)
+    tiny_parts.seed_everything(seed + 2)
+    vae = tiny_parts.vae(4, 0.18215)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=denoiser,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tiny_parts.save(pipe, out_dir, clip_tokenizers=("tokenizer",))
+
+
+FAMILY = Family(
+    name="sd1x",
+    pipeline_class="StableDiffusionPipeline",
+    denoiser=Component("unet", "UNet2DConditionModel", "diffusers"),
+    vae=Component("vae", "AutoencoderKL", "diffusers"),
+    text_encoders=TEXT_ENCODERS,
+    scheduler=Component("scheduler", "PNDMScheduler", "diffusers"),
+    latent_channels=4,
+    bucket_alignment=64,
+    prediction_type="epsilon",
+    lora_targets=UNET_LORA_TARGETS,
+    tiny=tiny,
+    encode_prompts=encode_clip_last,
+    collate_text=text.collate,
+)

@@ -1,0 +1,122 @@
+"""Stable Diffusion XL: UNet with text-time conditioning, CLIP ViT-L + OpenCLIP bigG (with projection).
+
+Prompt embeddings are the penultimate hidden states of both encoders concatenated on the feature axis; the pooled
+embedding is the projected output of the second encoder. Both sequences keep all 77 positions: the UNet attends to
+padded positions unmasked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.families import sd1x, text, tiny_parts
+from pipeline.families.base import Component, Family, TextEncoderSpec
+from pipeline.families.tokenizers import EOS, clip_tokenizer
+
+CLIP_LENGTH = 77
+
+TEXT_ENCODERS = (
+    TextEncoderSpec(
+        model=Component("text_encoder", "CLIPTextModel", "transformers"),
+        tokenizer=Component("tokenizer", "CLIPTokenizer", "transformers"),
+        max_length=CLIP_LENGTH,
+        kind="clip",
+    ),
+    TextEncoderSpec(
+        model=Component("text_encoder_2", "CLIPTextModelWithProjection", "transformers"),
+        tokenizer=Component("tokenizer_2", "CLIPTokenizer", "transformers"),
+        max_length=CLIP_LENGTH,
+        kind="clip",
+    ),
+)
+
+
+def encode_prompts(
+    text_encoders: Any,
+    tokenizers: Any,
+    prompts: list[str],
+    *,
+    max_length: int | None = None,
+    t5_padding: str = "unmodified",
+    device: Any = "cpu",
+) -> list[dict[str, Any]]:
+    """`prompt_embeds` (77 x (dim1 + dim2)) and `pooled_prompt_embeds` (projection dim), as
+    `StableDiffusionXLPipeline.encode_prompt` without clip_skip. `t5_padding` does not apply."""
+    import torch
+
+    text.check_t5_padding(t5_padding)
+    prompts = text.check_prompts(prompts)
+    hidden, pooled = [], None
+    with torch.no_grad():
+        for encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
+            length = text.check_max_length(
+                max_length, tokenizer.model_max_length, encoder.config.max_position_embeddings, "CLIP"
+            )
+            ids, _ = text.tokenize(tokenizer, prompts, length, device)
+            out = encoder(ids, output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for pooled embeds")
+    return text.split({"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled})
+
+
+def tiny(out_dir: Path, seed: int) -> None:
+    """Write a tiny SDXL diffusers folder (Euler scheduler, scaling factor 0.13025, text_time conditioning)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer = clip_tokenizer(pad_token=EOS, max_length=CLIP_LENGTH)
+    tokenizer_2 = clip_tokenizer(pad_token="!", max_length=CLIP_LENGTH)
+    tiny_parts.seed_everything(seed)
+    text_encoder = tiny_parts.clip_text(tokenizer)
+    tiny_parts.seed_everything(seed + 1)
+    text_encoder_2 = tiny_parts.clip_text(tokenizer_2, projection=True, hidden_act="gelu")
+    tiny_parts.seed_everything(seed + 2)
+    time_dim = 8
+    denoiser = sd1x.unet(
+        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
+    )
+    tiny_parts.seed_everything(seed + 3)
+    vae = tiny_parts.vae(4, 0.13025)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=denoiser,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    tiny_parts.save(pipe, out_dir, clip_tokenizers=("tokenizer", "tokenizer_2"))
+
+
+FAMILY = Family(
+    name="sdxl",
+    pipeline_class="StableDiffusionXLPipeline",
+    denoiser=Component("unet", "UNet2DConditionModel", "diffusers"),
+    vae=Component("vae", "AutoencoderKL", "diffusers"),
+    text_encoders=TEXT_ENCODERS,
+    scheduler=Component("scheduler", "EulerDiscreteScheduler", "diffusers"),
+    latent_channels=4,
+    bucket_alignment=64,
+    prediction_type="epsilon",
+    lora_targets=sd1x.UNET_LORA_TARGETS,
+    tiny=tiny,
+    encode_prompts=encode_prompts,
+    collate_text=text.collate,
+)
