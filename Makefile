@@ -18,12 +18,19 @@ setup:
 test:
 	$(BIN)/python -m pytest -q
 
-# The demo's stages are Make targets keyed by their manifests; each stage also skips itself when up to date.
-$(DEMO)/data/config.json:
-	$(ST) sample-data $(DEMO)/data
+# The demo: a tiny random-weight SD 1.x model and a generated dataset, then each stage in turn. Every stage skips
+# itself when its output is up to date, so a second `make demo` only reports.
+DEMO_FAMILY ?= sd1x
+
+$(DEMO)/model/model_index.json:
+	$(ST) tiny-model $(DEMO_FAMILY) $(DEMO)/model
+
+$(DEMO)/data/config.json: | $(DEMO)/model/model_index.json
+	$(ST) sample-data $(DEMO)/data --family $(DEMO_FAMILY) --model $(DEMO)/model
 
 demo: $(DEMO)/data/config.json
 	$(ST) prepare --config $(DEMO)/data/config.json --output $(DEMO)/prepare
+	$(ST) cache --config $(DEMO)/data/config.json --input $(DEMO)/prepare --output $(DEMO)/cache
 
 bench:
 	$(BIN)/python bench/prepare.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -50,6 +51,9 @@ def main_options(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     _state["verbose"] = verbose
+    if not verbose:
+        # transformers warns at import time about optional image-processor backends st never uses.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     configure(verbose=verbose, quiet=quiet)
 
 
@@ -206,13 +210,16 @@ def sample_data(
     images: int = typer.Option(24, "--images", help="How many images to generate."),
     seed: int = typer.Option(0, "--seed"),
     resolution: int = typer.Option(128, "--resolution", help="The config's resolution (pixel_area)."),
+    family: Optional[str] = typer.Option(None, "--family", help="model_family to put in the config."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder to put in the config."),
 ) -> None:
     """Generate a small captioned image dataset with config.json and multidatabackend.json (for demos and tests)."""
 
     def body() -> None:
         from .sampledata import write_sample_dataset
 
-        config_path = write_sample_dataset(output, images=images, seed=seed, resolution=resolution)
+        config_path = write_sample_dataset(output, images=images, seed=seed, resolution=resolution, family=family,
+                                           model=model)  # fmt: skip
         typer.echo(f"sample data: {images} images under {output}; config {config_path}")
 
     _guarded(body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -57,8 +58,17 @@ def write_images(folder: Path, images: int, seed: int = 0) -> list[Path]:
     return written
 
 
-def write_sample_dataset(out_dir: Path, images: int = 24, seed: int = 0, resolution: int = 128) -> Path:
-    """Images under `out_dir/images`, plus `config.json` and `multidatabackend.json`; returns the config path."""
+def write_sample_dataset(
+    out_dir: Path,
+    images: int = 24,
+    seed: int = 0,
+    resolution: int = 128,
+    family: str | None = None,
+    model: Path | None = None,
+) -> Path:
+    """Images under `out_dir/images`, plus `config.json` and `multidatabackend.json`; returns the config path.
+
+    With `family` and `model` the config also names the model (its path relative to the config file)."""
     out_dir = Path(out_dir)
     write_images(out_dir / "images", images, seed)
     datasets = [
@@ -82,6 +92,10 @@ def write_sample_dataset(out_dir: Path, images: int = 24, seed: int = 0, resolut
         "--train_batch_size": 2,
         "--seed": seed,
     }
+    if family:
+        config["--model_family"] = family
+    if model is not None:
+        config["--pretrained_model_name_or_path"] = os.path.relpath(Path(model).resolve(), out_dir.resolve())
     config_path = out_dir / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return config_path

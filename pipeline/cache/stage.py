@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CACHE, LoadedConfig
+from ..distributed import barrier, local_rank, rank_and_world
 from ..errors import ConfigError, InputError, LineageError, ManifestError
 from ..families import Family, component_identity, get_family
 from ..fsutil import atomic_path, atomic_write_bytes, atomic_write_text
@@ -30,6 +31,7 @@ from ..shards import ShardWriter, pack_tensors, read_shard, unpack_tensors
 from ..stagekeys import explain_rerun, up_to_date
 from .encode import Encoders, encode_latents_adaptive, torch_dtype
 from .images import ImageJob, job_for, iterate_batches
+from .reader import safetensors_metadata
 from .plan import FORMAT_VERSION, CachePlan, Entry, ShardPlan, build_plan, identities
 
 log = get_logger("cache")
@@ -307,8 +309,6 @@ class _ShardEncoder:
 
 def _write_shared_embeds(ctx: _Context, out_dir: Path, plan: CachePlan, encoders: Encoders) -> None:
     """All shared prompts in one safetensors file (reused from the previous one when the text identity matches)."""
-    from safetensors import safe_open  # noqa: F401 - safetensors is the only format read back
-
     path = out_dir / EMBEDS_PATH
     config = ctx.loaded.config
     cache_dtype = torch_dtype(config.cache_dtype)
@@ -319,7 +319,7 @@ def _write_shared_embeds(ctx: _Context, out_dir: Path, plan: CachePlan, encoders
             from safetensors.torch import load
 
             raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
-            meta = json.loads(_safetensors_metadata(raw).get("st", "{}"))
+            meta = json.loads(safetensors_metadata(raw).get("st", "{}"))
             if meta.get("text_identity") == plan.text_identity:
                 previous = load(raw)
         except Exception:  # unreadable old file: re-encode
@@ -348,13 +348,6 @@ def _write_shared_embeds(ctx: _Context, out_dir: Path, plan: CachePlan, encoders
     compressor = zstandard.ZstdCompressor(level=config.cache_compression_level, write_content_size=True,
                                           write_checksum=True)  # fmt: skip
     atomic_write_bytes(path, compressor.compress(data))
-
-
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    import struct
-
-    (length,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + length]).get("__metadata__", {}) or {}
 
 
 def _write_index(out_dir: Path, plan: CachePlan, sidecars: dict[str, dict[str, Any]]) -> None:
@@ -402,7 +395,7 @@ def finalise(ctx: _Context, out_dir: Path, plan: CachePlan, started: float, run_
         "schema": SCHEMA,
         "stage": CACHE,
         "key": ctx.key,
-        "parent": {"stage": "prepare", "path": os.path.relpath(ctx.parent_path, out_dir), "digest": ctx.parent["digest"]},
+        "parent": {"stage": "prepare", "digest": ctx.parent["digest"]},
         "config": ctx.stage_config,
         "family": ctx.family.name,
         "model": ctx.model,
@@ -425,7 +418,8 @@ def finalise(ctx: _Context, out_dir: Path, plan: CachePlan, started: float, run_
         "outputs": outputs,
         "stats": {"samples": sum(buckets.values()), "skipped": dict(sorted(skipped.items())), "shards": len(shards)},
     }
-    doc["provenance"] = provenance(started, time.time(), **run_stats)
+    # Where the parent was read from is provenance: the same inputs give the same digest in any folder.
+    doc["provenance"] = provenance(started, time.time(), parent_path=str(ctx.parent_path), **run_stats)
     doc = write_manifest(out_dir, doc, "cache", SCHEMA_VERSION)
     _remove_stale(out_dir, doc)
     return doc
@@ -461,12 +455,6 @@ def _parse_part(part: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def _process_part() -> tuple[int, int]:
-    """(rank, world size) under `accelerate launch`, else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
-
-
 def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: str | None = None,
               force: bool = False) -> CacheResult:  # fmt: skip
     """Run the cache stage (or one part of it) into `out_dir`."""
@@ -475,7 +463,7 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
     ctx = build_context(loaded, input_path)
     config = loaded.config
     explicit_part = _parse_part(part)
-    rank, world = explicit_part or _process_part()
+    rank, world = explicit_part or rank_and_world()
     previous = up_to_date(out_dir, SCHEMA, ctx.key)
     if previous.current and not force and explicit_part is None:
         log.info("cache: %s is up to date (key %s), nothing to do", out_dir / MANIFEST_NAME, ctx.key[:12])
@@ -517,7 +505,7 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
         _write_part(ctx, out_dir, plan, rank, world, run_stats)
         return CacheResult(out_dir, None, False, shard_encoder.encoded, shard_encoder.reused, reasons)
     if world > 1:
-        _barrier()
+        barrier()
         if rank != 0:
             return CacheResult(out_dir, None, False, shard_encoder.encoded, shard_encoder.reused, reasons)
     run_stats["vae"] = _vae_description(ctx, encoders)
@@ -582,16 +570,7 @@ def _disk_full_message(out_dir: Path, plan: CachePlan, todo: list[ShardPlan]) ->
 def _device():
     import torch
 
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-def _barrier() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _write_part(ctx: _Context, out_dir: Path, plan: CachePlan, rank: int, world: int, stats: dict[str, Any]) -> None:
