@@ -109,6 +109,117 @@ class Config:
     validation_prompt: str | None = opt(None, CACHE, TRAIN)
     validation_negative_prompt: str | None = opt(None, CACHE, TRAIN)
 
+    # Training: what is trained and how (SimpleTuner's names and meanings).
+    model_type: str = opt("lora", TRAIN, choices=("lora", "full"))
+    lora_rank: int = opt(16, TRAIN)
+    lora_alpha: float | None = opt(None, TRAIN, help="Defaults to lora_rank (scale 1).")
+    lora_dropout: float = opt(0.0, TRAIN)
+    lora_init_type: str = opt("default", TRAIN, choices=("default", "gaussian", "pissa", "olora"))
+    peft_lora_target_modules: list | None = opt(None, TRAIN, help="Module names; default: the family's attention.")
+    flux_lora_target: str = opt("all", TRAIN, choices=("mmdit", "context", "context+ffs", "all", "all+ffs", "tiny",
+                                                       "nano"))  # fmt: skip
+    use_dora: bool = opt(False, TRAIN)
+    init_lora: str | None = opt(None, TRAIN, help="LoRA weights (safetensors) to start from.")
+    prediction_type: str | None = opt(None, TRAIN, choices=(None, "epsilon", "v_prediction", "flow_matching"))
+    rescale_betas_zero_snr: bool = opt(False, TRAIN)
+    training_scheduler_timestep_spacing: str = opt("trailing", TRAIN, choices=("leading", "linspace", "trailing"))
+    timestep_bias_strategy: str = opt("none", TRAIN, choices=("none", "earlier", "later", "range"))
+    timestep_bias_begin: int = opt(0, TRAIN)
+    timestep_bias_end: int = opt(1000, TRAIN)
+    timestep_bias_multiplier: float = opt(1.0, TRAIN)
+    timestep_bias_portion: float = opt(0.25, TRAIN)
+    disable_segmented_timestep_sampling: bool = opt(False, TRAIN)
+    flow_sigmoid_scale: float = opt(1.0, TRAIN)
+    flow_use_uniform_schedule: bool = opt(False, TRAIN)
+    flow_use_beta_schedule: bool = opt(False, TRAIN)
+    flow_beta_schedule_alpha: float = opt(2.0, TRAIN)
+    flow_beta_schedule_beta: float = opt(2.0, TRAIN)
+    flow_schedule_shift: float | None = opt(None, TRAIN, help="Timestep shift; default: the family's (1.0, SD3 3.0).")
+    flow_schedule_auto_shift: bool = opt(False, TRAIN)
+    flux_guidance_mode: str = opt("constant", TRAIN, choices=("constant", "random-range"))
+    flux_guidance_value: float = opt(1.0, TRAIN)
+    flux_guidance_min: float = opt(1.0, TRAIN)
+    flux_guidance_max: float = opt(4.0, TRAIN)
+    loss_type: str = opt("l2", TRAIN, choices=("l2", "huber", "smooth_l1"))
+    huber_schedule: str = opt("snr", TRAIN, choices=("snr", "exponential", "constant"))
+    huber_c: float = opt(0.1, TRAIN)
+    snr_gamma: float | None = opt(None, TRAIN)
+    use_soft_min_snr: bool = opt(False, TRAIN)
+    soft_min_snr_sigma_data: float | None = opt(None, TRAIN)
+    noise_offset: float = opt(0.0, TRAIN)
+    noise_offset_probability: float = opt(0.25, TRAIN)
+    input_perturbation: float = opt(0.0, TRAIN)
+    input_perturbation_steps: int = opt(0, TRAIN)
+    caption_dropout_probability: float = opt(0.0, TRAIN)
+    data_backend_sampling: str = opt("auto-weighting", TRAIN, choices=("uniform", "auto-weighting"))
+    dataloader_prefetch: bool = opt(True, TRAIN, output=False)
+    dataloader_prefetch_qlen: int = opt(4, TRAIN, output=False)
+
+    # Optimisation.
+    optimizer: str = opt("adamw_bf16", TRAIN, choices=("adamw_bf16", "optimi-adamw", "optimi-stableadamw",
+                                                       "optimi-lion", "prodigy", "adamw_schedulefree",
+                                                       "bnb-adamw8bit"))  # fmt: skip
+    optimizer_config: str | None = opt(None, TRAIN, help="Extra optimizer arguments: 'key=value,key=value'.")
+    optimizer_beta1: float | None = opt(None, TRAIN)
+    optimizer_beta2: float | None = opt(None, TRAIN)
+    adam_weight_decay: float = opt(1e-2, TRAIN)
+    adam_epsilon: float = opt(1e-8, TRAIN)
+    max_grad_norm: float = opt(2.0, TRAIN)
+    grad_clip_method: str = opt("value", TRAIN, choices=("value", "norm"))
+    learning_rate: float = opt(1e-4, TRAIN)
+    lr_scheduler: str = opt("constant", TRAIN, choices=("constant", "constant_with_warmup", "cosine",
+                                                        "cosine_with_restarts", "polynomial", "linear", "sine"))  # fmt: skip
+    lr_warmup_steps: int = opt(0, TRAIN)
+    lr_num_cycles: int = opt(1, TRAIN)
+    lr_power: float = opt(0.8, TRAIN)
+    lr_end: float = opt(4e-7, TRAIN)
+    lr_scale: bool = opt(False, TRAIN)
+    lr_scale_sqrt: bool = opt(False, TRAIN)
+    num_train_epochs: int = opt(1, TRAIN)
+    max_train_steps: int | None = opt(None, TRAIN)
+    ignore_final_epochs: bool = opt(False, TRAIN)
+    mixed_precision: str = opt("no", TRAIN, choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, TRAIN)
+    set_grads_to_none: bool = opt(True, TRAIN, output=False)
+
+    # EMA.
+    use_ema: bool = opt(False, TRAIN)
+    ema_decay: float = opt(0.995, TRAIN)
+    ema_device: str = opt("cpu", TRAIN, choices=("cpu", "accelerator"), output=False)
+    ema_cpu_only: bool = opt(False, TRAIN, output=False)
+    ema_update_interval: int = opt(1, TRAIN)
+    ema_foreach_disable: bool = opt(False, TRAIN, output=False)
+    ema_validation: str = opt("comparison", TRAIN, choices=("none", "ema_only", "comparison"))
+
+    # Checkpoints.
+    checkpoint_step_interval: int | None = opt(None, TRAIN, output=False)
+    checkpoint_epoch_interval: int | None = opt(None, TRAIN, output=False)
+    checkpoints_total_limit: int | None = opt(None, TRAIN, output=False)
+    checkpointing_rolling_steps: int | None = opt(None, TRAIN, output=False)
+    checkpoints_rolling_total_limit: int | None = opt(None, TRAIN, output=False)
+    resume_from_checkpoint: str | None = opt(None, TRAIN, output=False, help="A checkpoint folder, or 'latest'.")
+
+    # Validation, evaluation, tracking.
+    user_prompt_library: str | None = opt(None, TRAIN, help="JSON file of {shortname: prompt}.")
+    num_validation_images: int = opt(1, TRAIN)
+    validation_step_interval: int | None = opt(None, TRAIN, output=False)
+    validation_epoch_interval: int | None = opt(None, TRAIN, output=False)
+    validation_resolution: str = opt("256", TRAIN, help="WxH or an edge, several separated by commas.")
+    validation_num_inference_steps: int = opt(30, TRAIN)
+    validation_guidance: float = opt(7.5, TRAIN)
+    validation_guidance_rescale: float = opt(0.0, TRAIN)
+    validation_seed: int | None = opt(None, TRAIN)
+    validation_noise_scheduler: str | None = opt(None, TRAIN, choices=(None, "ddim", "ddpm", "euler", "euler-a",
+                                                                       "unipc", "dpm++"))  # fmt: skip
+    validation_disable: bool = opt(False, TRAIN, output=False)
+    disable_benchmark: bool = opt(False, TRAIN, output=False)
+    eval_steps_interval: int | None = opt(None, TRAIN, output=False)
+    num_eval_images: int = opt(4, TRAIN)
+    report_to: str = opt("tensorboard", TRAIN, choices=("tensorboard", "wandb", "none"), output=False)
+    logging_dir: str | None = opt(None, TRAIN, output=False)
+    tracker_project_name: str = opt("st", TRAIN, output=False)
+    tracker_run_name: str | None = opt(None, TRAIN, output=False)
+
     def stage_keys(self, stage: str, *, outputs_only: bool = True) -> dict[str, Any]:
         """The options `stage` reads (by default only those that can change its outputs), resolved."""
         keys = {}

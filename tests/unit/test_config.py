@@ -55,8 +55,8 @@ def test_value_outside_choices_lists_them(tmp_path):
 def test_simpletuner_only_keys_are_accepted_with_a_log_line(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="st")
     logging.getLogger("st").propagate = True
-    loaded = load_config(write(tmp_path, {"--cache_dir_vae": "/x", "--learning_rate": 1e-4, "--resolution": 512}))
-    assert set(loaded.ignored) == {"cache_dir_vae", "learning_rate"}
+    loaded = load_config(write(tmp_path, {"--cache_dir_vae": "/x", "--lycoris_config": "x.json", "--resolution": 512}))
+    assert set(loaded.ignored) == {"cache_dir_vae", "lycoris_config"}
     assert "ignoring option 'cache_dir_vae'" in caplog.text
 
 
