@@ -1,0 +1,504 @@
+"""Training objectives: noising, targets, timestep/sigma sampling, loss weighting and Flux guidance.
+
+One `Objective` per run turns clean latents into what the denoiser sees (`Noised`) and scores its prediction. Options
+keep SimpleTuner's names and meanings; where SimpleTuner left a choice open, the choice is written down here.
+
+DDPM families (epsilon / v_prediction)
+    noisy = sqrt(abar_t) * x + sqrt(1 - abar_t) * noise; target = noise (epsilon) or
+    sqrt(abar_t) * noise - sqrt(1 - abar_t) * x (v_prediction). `abar` comes from diffusers' `DDPMScheduler` built
+    from the model's scheduler config, with `rescale_betas_zero_snr` (diffusers' `rescale_zero_terminal_snr`: the
+    last abar is exactly 0). `training_scheduler_timestep_spacing` is recorded on that scheduler; it only shapes an
+    inference schedule and never the training draws.
+    Timesteps are integers in [0, T) drawn from diffusers' `generate_timestep_weights` distribution
+    (`timestep_bias_*`: "earlier"/"later" multiply the first/last `portion * T` weights, "range" multiplies
+    [begin, end); timesteps outside stay possible, only `multiplier`-times less likely).
+    Segmented sampling (on unless `disable_segmented_timestep_sampling`) stratifies a batch of B: sample i takes
+    quantile segment [i/B, (i+1)/B) of that distribution, so without a bias sample i lies in
+    [i*T/B, (i+1)*T/B). SimpleTuner stratifies equal-width segments and applies the bias only inside each one, which
+    cancels most of a bias; st stratifies quantiles so the bias keeps its full effect.
+
+Flow matching families
+    noisy = (1 - sigma) * x + sigma * noise; target = noise - x; the denoiser gets sigma * T (T = 1000).
+    sigma ~ sigmoid(flow_sigmoid_scale * N(0, 1)) by default, U[0, 1) with `flow_use_uniform_schedule`, or
+    Beta(flow_beta_schedule_alpha, flow_beta_schedule_beta) with `flow_use_beta_schedule`; then shifted:
+    sigma' = s * sigma / (1 + (s - 1) * sigma) with s = `flow_schedule_shift` (else the family's default, else 1).
+    `flow_schedule_auto_shift` takes s = exp(mu), mu linear in `image_seq_len` (256 -> 0.5, 4096 -> 1.15, Flux's
+    `calculate_shift`); it wins over `flow_schedule_shift`. Timestep bias and segmentation apply to DDPM only.
+
+Noise
+    noise_offset: with probability `noise_offset_probability` per sample, noise += noise_offset * N(0, 1) of shape
+    (C, 1, 1) (one constant per channel). The target sees the offset noise.
+    input_perturbation: the noisy input uses noise + p * N(0, 1) with p = input_perturbation, decayed linearly to 0
+    over `input_perturbation_steps` when > 0; the target keeps the unperturbed noise.
+
+Loss (float32, mean over each sample, times the sample's weight, mean over the batch)
+    l2: d^2. huber: torch's `huber_loss` (delta = c). smooth_l1: torch's `smooth_l1_loss` (beta = c), d = pred - target.
+    c per sample (diffusers' scheduled Huber): constant: c = huber_c; exponential: c = huber_c ** (t / T) (1 at t = 0,
+    huber_c at t = T; flow uses t = sigma * T); snr: c = (1 - huber_c) / (1 + r)^2 + huber_c, r the noise/signal
+    scale ratio (sqrt((1 - abar) / abar) for DDPM, sigma / (1 - sigma) for flow), computed in closed form so that
+    zero-terminal SNR stays finite.
+    min-SNR (`snr_gamma`, DDPM): w = min(SNR, gamma) / SNR (epsilon; 1 at SNR 0), min(SNR, gamma) / (SNR + 1) (v).
+    soft min-SNR (`use_soft_min_snr`, needs `soft_min_snr_sigma_data` = sd): the hard minimum in the x0-space weight
+    becomes the soft minimum 1 / (1 / SNR_d + 1 / gamma) with SNR_d = sd^2 * SNR (the data's SNR), normalised so the
+    epsilon weight is 1 at SNR 0: w = gamma / (sd^2 * SNR + gamma) (epsilon), that times SNR / (SNR + 1) (v).
+    gamma = snr_gamma, or 1 when unset, where it equals k-diffusion's / HDiT's "soft-min-snr" weighting.
+    Flow matching uses no SNR weighting (as in SimpleTuner); the options are then ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import Config
+from ..errors import ConfigError
+from ..log import get_logger
+
+log = get_logger("train")
+
+KINDS = ("epsilon", "v_prediction", "flow_matching")
+DDPM_KINDS = ("epsilon", "v_prediction")
+
+# Flux's dynamic-shift line: mu = 0.5 at 256 image tokens, 1.15 at 4096.
+BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
+BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+_TINY = 1e-20
+
+
+@dataclass
+class Noised:
+    """A noised batch: what the denoiser receives, what it should predict, and the per-sample schedule values.
+
+    `noisy = alphas * latents + sigmas * noise_in` for both families: DDPM `alphas = sqrt(abar)`,
+    `sigmas = sqrt(1 - abar)`; flow `alphas = 1 - sigma`, `sigmas = sigma`. All float32 except DDPM timesteps.
+    """
+
+    noisy: Tensor
+    target: Tensor
+    timesteps: Tensor  # int64 for DDPM, sigma * T (float32) for flow matching
+    noise: Tensor  # the target's noise (offset included, perturbation not)
+    alphas: Tensor  # (B,) signal scale
+    sigmas: Tensor  # (B,) noise scale
+
+    @property
+    def snr(self) -> Tensor:
+        """Per-sample signal-to-noise ratio (alphas / sigmas)^2; 0 at zero-terminal SNR."""
+        return self.alphas.square() / self.sigmas.square().clamp_min(_TINY)
+
+
+def image_seq_len(latents: Tensor) -> int:
+    """Image tokens of (..., H, W) latents in 2x2 patches: H * W // 4 (Flux's packing)."""
+    if latents.ndim < 3:
+        raise ValueError(f"latents need (..., H, W) dimensions, got shape {tuple(latents.shape)}")
+    return int(latents.shape[-2]) * int(latents.shape[-1]) // 4
+
+
+def auto_shift(seq_len: int) -> float:
+    """Flux's resolution-dependent shift exp(mu), mu linear in the image sequence length."""
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    mu = BASE_SHIFT + slope * (seq_len - BASE_SEQ_LEN)
+    return math.exp(mu)
+
+
+def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
+    """sigma' = shift * sigma / (1 + (shift - 1) * sigma); shift > 1 moves sigmas towards 1 (more noise)."""
+    if shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def timestep_weights(config: Config, num_train_timesteps: int) -> Tensor:
+    """Relative weight of each DDPM timestep under `timestep_bias_*` (diffusers' `generate_timestep_weights`)."""
+    t_count = num_train_timesteps
+    weights = torch.ones(t_count, dtype=torch.float64)
+    strategy = config.timestep_bias_strategy
+    if strategy == "none":
+        return weights
+    multiplier = config.timestep_bias_multiplier
+    if not multiplier > 0:
+        raise ConfigError(f"timestep_bias_multiplier must be > 0, got {multiplier}")
+    if strategy in ("earlier", "later"):
+        portion = config.timestep_bias_portion
+        if not 0.0 < portion <= 1.0:
+            raise ConfigError(f"timestep_bias_portion must be in (0, 1], got {portion}")
+        count = int(portion * t_count)
+        if count == 0:
+            log.warning("timestep_bias_portion %s covers no timestep of %d; no bias applied", portion, t_count)
+            return weights
+        biased = slice(0, count) if strategy == "earlier" else slice(t_count - count, t_count)
+    elif strategy == "range":
+        begin, end = config.timestep_bias_begin, config.timestep_bias_end
+        if not 0 <= begin < end <= t_count:
+            raise ConfigError(
+                f"timestep_bias_begin/end must satisfy 0 <= begin < end <= {t_count}, got begin={begin}, end={end}"
+            )
+        biased = slice(begin, end)
+    else:  # guarded by Config's choices
+        raise ConfigError(f"unknown timestep_bias_strategy {strategy!r}")
+    weights[biased] *= multiplier
+    return weights
+
+
+def _sample_gamma(shape: float, count: int, generator: torch.Generator) -> Tensor:
+    """Gamma(shape, 1) draws from `generator` (Marsaglia-Tsang; shape < 1 via the U^(1/shape) boost)."""
+    boost = shape < 1.0
+    k = shape + 1.0 if boost else shape
+    d = k - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(count, dtype=torch.float64)
+    pending = torch.arange(count)
+    while pending.numel():
+        m = pending.numel()
+        x = torch.randn(m, generator=generator, dtype=torch.float64)
+        u = torch.rand(m, generator=generator, dtype=torch.float64)
+        v = (1.0 + c * x) ** 3
+        accept = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(_TINY)))
+        out[pending[accept]] = d * v[accept]
+        pending = pending[~accept]
+    if boost:
+        out *= torch.rand(count, generator=generator, dtype=torch.float64) ** (1.0 / shape)
+    return out
+
+
+def sample_beta(alpha: float, beta: float, count: int, generator: torch.Generator) -> Tensor:
+    """Beta(alpha, beta) draws from `generator` as X / (X + Y) of two Gamma draws (float64)."""
+    x = _sample_gamma(alpha, count, generator)
+    y = _sample_gamma(beta, count, generator)
+    return x / (x + y).clamp_min(_TINY)
+
+
+def _view(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against `like`."""
+    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+
+
+class Objective:
+    """Noising, targets, timesteps and loss of one training run."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        kind: str,
+        scheduler_config: dict[str, Any] | None,
+        num_train_timesteps: int = 1000,
+        default_shift: float | None = None,
+    ) -> None:
+        """`kind` is the family's default prediction type; `scheduler_config` the model's scheduler_config.json.
+
+        A DDPM scheduler config's own `prediction_type` (epsilon / v_prediction) beats `kind`, and
+        `config.prediction_type` beats both; switching between flow matching and DDPM is a ConfigError.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.config = config
+        sched = dict(scheduler_config or {})
+        self.num_train_timesteps = int(sched.get("num_train_timesteps") or num_train_timesteps)
+        self.prediction_type = self._resolve_prediction_type(config, kind, sched)
+        self.is_flow = self.prediction_type == "flow_matching"
+        self.alphas_cumprod: Tensor | None = None
+        self.weights: Tensor | None = None
+        self.shift = 1.0
+        if self.is_flow:
+            self._init_flow(config, default_shift)
+        else:
+            self._init_ddpm(config, sched)
+        self._init_noise(config)
+        self._init_loss(config)
+        log.info(
+            "objective: %s, %d train timesteps, loss %s%s",
+            self.prediction_type,
+            self.num_train_timesteps,
+            config.loss_type,
+            f", shift {'auto' if self.auto_shift else self.shift}" if self.is_flow else "",
+        )
+
+    # --- set-up -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_prediction_type(config: Config, kind: str, sched: dict[str, Any]) -> str:
+        resolved = kind
+        if kind in DDPM_KINDS and sched.get("prediction_type") in DDPM_KINDS:
+            resolved = sched["prediction_type"]
+        asked = config.prediction_type
+        if asked is None:
+            return resolved
+        if (asked == "flow_matching") != (kind == "flow_matching"):
+            family = "flow-matching" if kind == "flow_matching" else f"DDPM ({resolved})"
+            allowed = "flow_matching" if kind == "flow_matching" else "epsilon or v_prediction"
+            raise ConfigError(
+                f"prediction_type '{asked}' does not fit this model family, which is trained as {family}; "
+                f"set prediction_type to {allowed} or leave it unset"
+            )
+        if asked != resolved:
+            log.info("prediction_type %s overrides the model's %s", asked, resolved)
+        return asked
+
+    def _init_ddpm(self, config: Config, sched: dict[str, Any]) -> None:
+        from diffusers import DDPMScheduler
+
+        accepted = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+        kwargs = {k: v for k, v in sched.items() if k in accepted}
+        kwargs.update(
+            num_train_timesteps=self.num_train_timesteps,
+            prediction_type=self.prediction_type,
+            rescale_betas_zero_snr=config.rescale_betas_zero_snr,
+            timestep_spacing=config.training_scheduler_timestep_spacing,
+        )
+        self.scheduler = DDPMScheduler(**kwargs)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.detach().to(torch.float32).cpu()
+        if config.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            log.warning("rescale_betas_zero_snr with epsilon prediction: the last timestep is pure noise, where "
+                        "epsilon is trivial; v_prediction is the usual pairing")  # fmt: skip
+        self.weights = timestep_weights(config, self.num_train_timesteps)
+        self.cdf = torch.cumsum(self.weights, 0) / self.weights.sum()
+        self.segmented = not config.disable_segmented_timestep_sampling
+        self.auto_shift = False
+
+    def _init_flow(self, config: Config, default_shift: float | None) -> None:
+        if config.flow_use_uniform_schedule and config.flow_use_beta_schedule:
+            raise ConfigError("flow_use_uniform_schedule and flow_use_beta_schedule exclude each other; set one")
+        if config.flow_use_beta_schedule and not (
+            config.flow_beta_schedule_alpha > 0 and config.flow_beta_schedule_beta > 0
+        ):
+            raise ConfigError(
+                "flow_beta_schedule_alpha and flow_beta_schedule_beta must be > 0, got "
+                f"{config.flow_beta_schedule_alpha} and {config.flow_beta_schedule_beta}"
+            )
+        if not config.flow_sigmoid_scale > 0:
+            raise ConfigError(f"flow_sigmoid_scale must be > 0, got {config.flow_sigmoid_scale}")
+        self.auto_shift = config.flow_schedule_auto_shift
+        shift = config.flow_schedule_shift
+        if self.auto_shift and shift is not None:
+            log.warning("flow_schedule_auto_shift is set: flow_schedule_shift=%s is ignored", shift)
+        if shift is None:
+            shift = default_shift if default_shift is not None else 1.0
+        if not shift > 0:
+            raise ConfigError(f"flow_schedule_shift must be > 0, got {shift}")
+        self.shift = float(shift)
+        if config.flux_guidance_mode == "random-range" and config.flux_guidance_min > config.flux_guidance_max:
+            raise ConfigError(
+                f"flux_guidance_min ({config.flux_guidance_min}) must not exceed "
+                f"flux_guidance_max ({config.flux_guidance_max})"
+            )
+        ignored = [
+            name
+            for name, active in (
+                ("rescale_betas_zero_snr", config.rescale_betas_zero_snr),
+                ("timestep_bias_strategy", config.timestep_bias_strategy != "none"),
+                ("snr_gamma", bool(config.snr_gamma)),
+                ("use_soft_min_snr", config.use_soft_min_snr),
+            )
+            if active
+        ]
+        if ignored:
+            log.warning("flow matching ignores %s (DDPM-only options)", ", ".join(ignored))
+        self.segmented = False
+
+    def _init_noise(self, config: Config) -> None:
+        if not 0.0 <= config.noise_offset_probability <= 1.0:
+            raise ConfigError(f"noise_offset_probability must be in [0, 1], got {config.noise_offset_probability}")
+        if config.noise_offset < 0:
+            raise ConfigError(f"noise_offset must be >= 0, got {config.noise_offset}")
+        if config.input_perturbation < 0:
+            raise ConfigError(f"input_perturbation must be >= 0, got {config.input_perturbation}")
+        if config.input_perturbation_steps < 0:
+            raise ConfigError(f"input_perturbation_steps must be >= 0, got {config.input_perturbation_steps}")
+
+    def _init_loss(self, config: Config) -> None:
+        if config.loss_type != "l2" and not config.huber_c > 0:
+            raise ConfigError(f"huber_c must be > 0 for loss_type {config.loss_type}, got {config.huber_c}")
+        if config.snr_gamma is not None and config.snr_gamma < 0:
+            raise ConfigError(f"snr_gamma must be >= 0 (0 or unset: off), got {config.snr_gamma}")
+        if config.use_soft_min_snr and not self.is_flow:
+            sigma_data = config.soft_min_snr_sigma_data
+            if sigma_data is None or not sigma_data > 0:
+                raise ConfigError(
+                    "use_soft_min_snr needs soft_min_snr_sigma_data (the latents' standard deviation, > 0), "
+                    f"got {sigma_data}"
+                )
+
+    # --- sampling ---------------------------------------------------------------------------------------------
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """DDPM timesteps (int64, CPU) from the bias distribution, stratified when segmented sampling is on."""
+        if self.is_flow:
+            raise RuntimeError("sample_timesteps is for DDPM objectives; flow matching samples sigmas")
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        if self.segmented and batch_size > 1:
+            u = (torch.arange(batch_size, dtype=torch.float64) + u) / batch_size
+        index = torch.searchsorted(self.cdf, u, right=True)
+        return index.clamp_(0, self.num_train_timesteps - 1).to(torch.int64)
+
+    def shift_for(self, latents: Tensor) -> float:
+        """The flow shift used for `latents` (auto-shift depends on their size)."""
+        return auto_shift(image_seq_len(latents)) if self.auto_shift else self.shift
+
+    def sample_sigmas(self, batch_size: int, generator: torch.Generator, shift: float = 1.0) -> Tensor:
+        """Flow-matching sigmas in [0, 1] (float32, CPU) from the configured schedule, then shifted."""
+        config = self.config
+        if config.flow_use_uniform_schedule:
+            sigmas = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        elif config.flow_use_beta_schedule:
+            sigmas = sample_beta(config.flow_beta_schedule_alpha, config.flow_beta_schedule_beta, batch_size,
+                                 generator)  # fmt: skip
+        else:
+            normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+            sigmas = torch.sigmoid(config.flow_sigmoid_scale * normal)
+        return shift_sigmas(sigmas, shift).clamp_(0.0, 1.0).to(torch.float32)
+
+    def perturbation_scale(self, step: int) -> float:
+        """input_perturbation at `step`, decayed linearly to 0 over input_perturbation_steps when > 0."""
+        scale = float(self.config.input_perturbation)
+        steps = self.config.input_perturbation_steps
+        if scale == 0.0:
+            return 0.0
+        if steps > 0:
+            scale *= max(0.0, 1.0 - step / steps)
+        return scale
+
+    def draw(self, latents: Tensor, generator: torch.Generator, step: int) -> Noised:
+        """Noise a training batch; every random number comes from `generator` (CPU), results on latents.device."""
+        device = latents.device
+        x = latents.detach().to(torch.float32)
+        batch = x.shape[0]
+        # Optional draws come last, so turning noise_offset / input_perturbation on leaves noise and schedule alone.
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+        if self.is_flow:
+            schedule = self.sample_sigmas(batch, generator, self.shift_for(x))
+        else:
+            schedule = self.sample_timesteps(batch, generator)
+        config = self.config
+        if config.noise_offset > 0:
+            offsets = torch.randn((batch, x.shape[1], *([1] * (x.ndim - 2))), generator=generator)
+            chosen = torch.rand(batch, generator=generator) < config.noise_offset_probability
+            noise = noise + config.noise_offset * offsets * _view(chosen.to(torch.float32), offsets)
+        noise_in = noise
+        scale = self.perturbation_scale(step)
+        if scale > 0:
+            noise_in = noise + scale * torch.randn(x.shape, generator=generator, dtype=torch.float32)
+        return self._build(x, schedule.to(device), noise.to(device), noise_in.to(device))
+
+    def fixed(self, latents: Tensor, timesteps_or_sigmas: Tensor, noise: Tensor) -> Noised:
+        """Noise with given noise at given points of the schedule, for an evaluation loss.
+
+        Flow: sigmas in [0, 1] (unshifted). DDPM: an integer tensor holds timesteps; a floating one holds fractions
+        f in [0, 1] of the schedule, timestep round(f * (T - 1)), so callers can pass the same values to both.
+        A single value is used for the whole batch.
+        """
+        x = latents.detach().to(torch.float32)
+        noise = noise.to(device=x.device, dtype=torch.float32)
+        schedule = timesteps_or_sigmas.to(x.device).reshape(-1)
+        if schedule.numel() == 1 and x.shape[0] > 1:
+            schedule = schedule.expand(x.shape[0])
+        if schedule.is_floating_point() or self.is_flow:
+            schedule = schedule.to(torch.float32)
+            if schedule.numel() and (schedule.min() < 0 or schedule.max() > 1):
+                raise ValueError("flow sigmas and DDPM schedule fractions must lie in [0, 1]")
+        if not self.is_flow:
+            if schedule.is_floating_point():
+                schedule = torch.round(schedule.to(torch.float64) * (self.num_train_timesteps - 1))
+            schedule = schedule.to(torch.int64)
+            if schedule.numel() and (schedule.min() < 0 or schedule.max() >= self.num_train_timesteps):
+                raise ValueError(f"DDPM timesteps must lie in [0, {self.num_train_timesteps})")
+        return self._build(x, schedule, noise, noise)
+
+    def _build(self, x: Tensor, schedule: Tensor, noise: Tensor, noise_in: Tensor) -> Noised:
+        if self.is_flow:
+            sigmas = schedule.to(torch.float32)
+            alphas = 1.0 - sigmas
+            noisy = _view(alphas, x) * x + _view(sigmas, x) * noise_in
+            target = noise - x
+            timesteps = sigmas * float(self.num_train_timesteps)
+        else:
+            assert self.alphas_cumprod is not None
+            abar = self.alphas_cumprod.to(x.device)[schedule]
+            alphas, sigmas = abar.sqrt(), (1.0 - abar).clamp_min(0.0).sqrt()
+            noisy = _view(alphas, x) * x + _view(sigmas, x) * noise_in
+            if self.prediction_type == "epsilon":
+                target = noise
+            else:
+                target = _view(alphas, x) * noise - _view(sigmas, x) * x
+            timesteps = schedule
+        return Noised(noisy=noisy, target=target, timesteps=timesteps, noise=noise, alphas=alphas, sigmas=sigmas)
+
+    def guidance(
+        self, batch_size: int, generator: torch.Generator, device: torch.device | str | None = None
+    ) -> Tensor | None:
+        """Flux guidance per sample: flux_guidance_value, or uniform in [min, max] ("random-range"); None for DDPM.
+
+        Only denoisers with guidance embeddings (Flux dev) take it; the caller decides whether to pass it.
+        """
+        if not self.is_flow:
+            return None
+        config = self.config
+        if config.flux_guidance_mode == "random-range":
+            low, high = config.flux_guidance_min, config.flux_guidance_max
+            values = low + (high - low) * torch.rand(batch_size, generator=generator, dtype=torch.float32)
+        else:
+            values = torch.full((batch_size,), float(config.flux_guidance_value), dtype=torch.float32)
+        return values if device is None else values.to(device)
+
+    # --- loss -------------------------------------------------------------------------------------------------
+
+    def huber_c(self, noised: Noised) -> Tensor:
+        """Per-sample Huber threshold under `huber_schedule` (see the module docstring)."""
+        config = self.config
+        base = float(config.huber_c)
+        alphas, sigmas = noised.alphas.to(torch.float32), noised.sigmas.to(torch.float32)
+        if config.huber_schedule == "constant":
+            return torch.full_like(alphas, base)
+        if config.huber_schedule == "exponential":
+            t = noised.timesteps.to(device=alphas.device, dtype=torch.float32)
+            return torch.exp(math.log(base) * t / self.num_train_timesteps)
+        # snr: 1 / (1 + sigma/alpha) = alpha / (alpha + sigma), finite at alpha = 0.
+        ratio = alphas / (alphas + sigmas).clamp_min(_TINY)
+        return (1.0 - base) * ratio.square() + base
+
+    def loss_weights(self, noised: Noised) -> Tensor | None:
+        """Per-sample min-SNR / soft min-SNR weights (DDPM), or None when the loss is unweighted."""
+        config = self.config
+        if self.is_flow or not (config.snr_gamma or config.use_soft_min_snr):
+            return None
+        snr = noised.snr.to(torch.float32)
+        if config.use_soft_min_snr:
+            gamma = float(config.snr_gamma) if config.snr_gamma else 1.0
+            sigma_data = float(config.soft_min_snr_sigma_data or 1.0)
+            weights = gamma / (sigma_data**2 * snr + gamma)
+        else:
+            gamma = float(config.snr_gamma)
+            weights = torch.where(snr > 0, torch.clamp(gamma / snr.clamp_min(_TINY), max=1.0), torch.ones_like(snr))
+        if self.prediction_type == "v_prediction":
+            weights = weights * snr / (snr + 1.0)
+        return weights
+
+    def loss(self, prediction: Tensor, noised: Noised, step: int) -> Tensor:
+        """Scalar float32 loss: elementwise loss, mean per sample, times its weight, mean over the batch.
+
+        `step` is the optimisation step (kept for schedules that depend on it; none of the current ones do).
+        """
+        del step
+        pred = prediction.to(torch.float32)
+        target = noised.target.to(device=pred.device, dtype=torch.float32)
+        diff = pred - target
+        loss_type = self.config.loss_type
+        if loss_type == "l2":
+            elementwise = diff.square()
+        else:
+            c = _view(self.huber_c(noised).to(pred.device), diff)
+            magnitude = diff.abs()
+            if loss_type == "huber":
+                elementwise = torch.where(magnitude < c, 0.5 * diff.square(), c * (magnitude - 0.5 * c))
+            else:  # smooth_l1
+                elementwise = torch.where(magnitude < c, 0.5 * diff.square() / c, magnitude - 0.5 * c)
+        per_sample = elementwise.reshape(elementwise.shape[0], -1).mean(dim=1)
+        weights = self.loss_weights(noised)
+        if weights is not None:
+            per_sample = per_sample * weights.to(per_sample.device)
+        return per_sample.mean()

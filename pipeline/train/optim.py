@@ -1,0 +1,426 @@
+"""Optimizers, learning-rate schedules and gradient clipping, configured by SimpleTuner's option names.
+
+`build_optimizer` turns `Config.optimizer` (+ `optimizer_config`, betas, weight decay, eps, learning rate) into a
+`torch.optim.Optimizer`; `build_lr_scheduler` gives a torch `LambdaLR` whose `state_dict` round-trips through JSON;
+`clip_gradients` applies `grad_clip_method` / `max_grad_norm`.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import io
+import itertools
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError, NotSupportedError
+from ..log import get_logger
+
+log = get_logger("train.optim")
+
+DEFAULT_BETAS = (0.9, 0.999)
+SCHEDULE_FREE = ("adamw_schedulefree",)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# AdamW for bf16 parameters.
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW whose bf16/fp16 parameters stay in their dtype.
+
+    The update is computed in fp32 (moments are kept in fp32) and written back to a bf16 parameter with stochastic
+    rounding, so updates smaller than bf16's spacing still move the parameter on average. fp32/fp64 parameters are
+    updated in place exactly as `torch.optim.AdamW` (amsgrad=False) does.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = DEFAULT_BETAS,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        stochastic_rounding: bool = True,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas}; each must be in [0, 1)")
+        if not eps >= 0.0:
+            raise ValueError(f"invalid eps {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        stochastic_rounding=stochastic_rounding)  # fmt: skip
+        super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state; the moments of bf16/fp16 parameters stay fp32 (torch would cast them to the param dtype)."""
+        super().load_state_dict(state_dict)
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        by_id = dict(zip(saved_ids, params))
+        for param_id, saved in state_dict["state"].items():
+            p = by_id.get(param_id)
+            if p is None or p.dtype not in (torch.bfloat16, torch.float16):
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                if isinstance(saved.get(key), torch.Tensor):
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamWBF16 does not support sparse gradients")
+                low_precision = p.dtype in (torch.bfloat16, torch.float16)
+                compute_dtype = torch.float32 if low_precision else p.dtype
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=compute_dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=compute_dtype, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"]
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                grad = p.grad.to(compute_dtype)
+                target = p.to(compute_dtype) if low_precision else p
+                if weight_decay:
+                    target.mul_(1 - lr * weight_decay)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1**step)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                target.addcdiv_(exp_avg, denom, value=-step_size)
+                if target is not p:
+                    if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
+                        copy_stochastic_(p, target)
+                    else:
+                        p.copy_(target)
+        return loss
+
+
+def copy_stochastic_(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy fp32 `source` into bf16 `target`, rounding each value up or down at random in proportion to its distance.
+
+    Adds uniform noise to the 16 low bits that bf16 drops, then truncates them; the expected result equals `source`.
+    Uses the global torch generator of the tensor's device.
+    """
+    bits = source.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
+    rounded = bits.add(noise).bitwise_and_(-65536)  # 0xFFFF0000: keep sign, exponent and bf16's 7 mantissa bits
+    target.copy_(rounded.view(torch.float32))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building optimizers.
+
+
+def _missing(package: str, optimizer: str) -> NotSupportedError:
+    return NotSupportedError(f"optimizer '{optimizer}' needs the {package} package, which is not installed: "
+                             f"pip install {package} (or choose optimizer=adamw_bf16)")  # fmt: skip
+
+
+def optimizer_class(name: str, *, device_type: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class for `Config.optimizer` value `name` on `device_type` ("cuda", "cpu", "mps")."""
+    device_type = str(device_type).split(":")[0]
+    if name == "adamw_bf16":
+        return AdamWBF16
+    if name in ("optimi-adamw", "optimi-stableadamw", "optimi-lion"):
+        try:
+            import optimi
+        except ImportError:
+            raise _missing("torch-optimi", name) from None
+        return {"optimi-adamw": optimi.AdamW, "optimi-stableadamw": optimi.StableAdamW,
+                "optimi-lion": optimi.Lion}[name]  # fmt: skip
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise _missing("prodigyopt", name) from None
+        return Prodigy
+    if name == "adamw_schedulefree":
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError:
+            raise _missing("schedulefree", name) from None
+        return AdamWScheduleFree
+    if name == "bnb-adamw8bit":
+        if device_type != "cuda":
+            raise NotSupportedError(
+                f"bnb-adamw8bit needs CUDA; choose adamw_bf16 (or optimi-adamw) to train on '{device_type}'"
+            )
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise _missing("bitsandbytes", name) from None
+        return bitsandbytes.optim.AdamW8bit
+    raise ConfigError(f"unknown optimizer '{name}'")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are outside brackets and quotes, so that `betas=(0.9,0.99)` stays one item."""
+    items, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    items.append("".join(current))
+    return items
+
+
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def parse_optimizer_config(text: str | None) -> dict[str, Any]:
+    """Parse `optimizer_config` ("key=value,key=value"); values are Python literals where they parse, else strings."""
+    out: dict[str, Any] = {}
+    if not text or not text.strip():
+        return out
+    for item in _split_top_level(text):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ConfigError(f"optimizer_config expects key=value items separated by commas, got {item!r}")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        key = key.lstrip("-").replace("-", "_")
+        if not key.isidentifier():
+            raise ConfigError(f"optimizer_config has an invalid argument name {key!r} (in {item!r})")
+        if raw.lower() in _WORDS:
+            out[key] = _WORDS[raw.lower()]
+            continue
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            out[key] = raw
+    return out
+
+
+def _accepted_arguments(cls: type) -> tuple[set[str], bool]:
+    """Keyword arguments `cls(params, ...)` takes, and whether it takes any (**kwargs)."""
+    names, any_kwargs = set(), False
+    for param in inspect.signature(cls).parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            any_kwargs = True
+        elif param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.add(param.name)
+    names.discard("params")
+    names.discard("self")
+    return names, any_kwargs
+
+
+def optimizer_kwargs(config: Config, cls: type) -> dict[str, Any]:
+    """The keyword arguments for `cls`: lr, betas, weight decay, eps (where it takes them), then `optimizer_config`."""
+    accepted, any_kwargs = _accepted_arguments(cls)
+    betas = (
+        DEFAULT_BETAS[0] if config.optimizer_beta1 is None else float(config.optimizer_beta1),
+        DEFAULT_BETAS[1] if config.optimizer_beta2 is None else float(config.optimizer_beta2),
+    )
+    base: dict[str, Any] = {
+        "lr": effective_learning_rate(config),
+        "betas": betas,
+        "weight_decay": float(config.adam_weight_decay),
+        "eps": float(config.adam_epsilon),
+    }
+    if config.optimizer in SCHEDULE_FREE:
+        base["warmup_steps"] = int(config.lr_warmup_steps)  # schedule-free optimizers warm up by themselves
+    kwargs = {k: v for k, v in base.items() if any_kwargs or k in accepted}
+    extra = parse_optimizer_config(config.optimizer_config)
+    unknown = sorted(k for k in extra if not any_kwargs and k not in accepted)
+    if unknown:
+        raise ConfigError(
+            f"optimizer_config has {', '.join(repr(k) for k in unknown)}, which optimizer '{config.optimizer}' does "
+            f"not accept; it accepts: {', '.join(sorted(accepted))}"
+        )
+    kwargs.update(extra)
+    return kwargs
+
+
+def build_optimizer(params: Iterable, config: Config, *, device_type: str) -> torch.optim.Optimizer:
+    """Build `config.optimizer` over `params` (tensors or param-group dicts).
+
+    Schedule-free optimizers are returned in train mode (see `optimizer_train_mode`).
+    """
+    name = config.optimizer
+    cls = optimizer_class(name, device_type=device_type)
+    kwargs = optimizer_kwargs(config, cls)
+    if name == "prodigy":
+        lr = kwargs.get("lr", 1.0)
+        if not math.isclose(float(lr), 1.0, rel_tol=0.5):
+            log.warning(
+                "prodigy estimates the step size itself and expects learning_rate=1.0; learning_rate=%g multiplies "
+                "its estimate (set learning_rate=1.0 unless you mean that)", lr,
+            )  # fmt: skip
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):  # prodigy prints on construction
+            optimizer = cls(params, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"optimizer '{name}' rejected its settings {kwargs}: {exc}") from None
+    if stdout.getvalue().strip():
+        log.debug("%s: %s", name, stdout.getvalue().strip())
+    optimizer_train_mode(optimizer)
+    log.debug("optimizer %s (%s) with %s", name, cls.__name__, kwargs)
+    return optimizer
+
+
+def optimizer_train_mode(optimizer: torch.optim.Optimizer) -> None:
+    """Put a schedule-free optimizer's parameters in their training point (call before training steps); else no-op."""
+    train = getattr(optimizer, "train", None)
+    if callable(train):
+        train()
+
+
+def optimizer_eval_mode(optimizer: torch.optim.Optimizer) -> None:
+    """Put a schedule-free optimizer's parameters at their averaged point (before validation or export); else no-op."""
+    evaluate = getattr(optimizer, "eval", None)
+    if callable(evaluate):
+        evaluate()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Learning rate.
+
+
+def effective_learning_rate(config: Config) -> float:
+    """`learning_rate`, scaled as SimpleTuner does.
+
+    With `lr_scale` it is multiplied by train_batch_size * gradient_accumulation_steps * num_processes, or by the
+    square root of that product when `lr_scale_sqrt` is also set (`lr_scale_sqrt` alone changes nothing, as in
+    SimpleTuner).
+    """
+    lr = float(config.learning_rate)
+    if not config.lr_scale:
+        if config.lr_scale_sqrt:
+            log.warning("lr_scale_sqrt has no effect without lr_scale (as in SimpleTuner); set lr_scale=true too")
+        return lr
+    factor = int(config.train_batch_size) * int(config.gradient_accumulation_steps) * int(config.num_processes)
+    return lr * (math.sqrt(factor) if config.lr_scale_sqrt else factor)
+
+
+def _warmup_factor(step: int, warmup: int) -> float:
+    return float(step) / float(max(1, warmup))
+
+
+def _constant_lambda(warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        return _warmup_factor(step, warmup) if step < warmup else 1.0
+
+    return factor
+
+
+def _sine_lambda(warmup: int, total_steps: int, cycles: float, floor: float) -> Callable[[int], float]:
+    span = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return _warmup_factor(step, warmup)
+        progress = (step - warmup) / span
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.sin(math.pi / 2 + 2.0 * math.pi * cycles * progress))
+
+    return factor
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: Config, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule `config.lr_scheduler` over `total_steps` optimizer steps; call `.step()` after each.
+
+    - constant: the learning rate, after a linear warmup over `lr_warmup_steps` when that is > 0.
+    - constant_with_warmup, linear, cosine, cosine_with_restarts (`lr_num_cycles` hard restarts): diffusers' schedules.
+    - polynomial: diffusers' decay from the learning rate to `lr_end` with exponent `lr_power`.
+    - sine: linear warmup, then a raised sine wave with `lr_num_cycles` full periods over the remaining steps: it
+      starts at the learning rate, dips to `lr_end` half-way through each period and climbs back.
+
+    Schedule-free optimizers carry their own warmup and need no decay, so they always get a flat schedule.
+    """
+    from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
+
+    name = config.lr_scheduler
+    warmup = int(config.lr_warmup_steps)
+    total_steps = int(total_steps)
+    if warmup < 0:
+        raise ConfigError(f"lr_warmup_steps must be >= 0, got {warmup}")
+    if config.optimizer in SCHEDULE_FREE:
+        if name != "constant" or warmup:
+            log.info("%s schedules its own learning rate (warmup %d steps); ignoring lr_scheduler=%s",
+                     config.optimizer, warmup, name)  # fmt: skip
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant_lambda(warmup))
+    if name == "constant_with_warmup":
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup)
+    if total_steps < 1:
+        raise ConfigError(f"lr_scheduler={name} needs the number of training steps, got {total_steps}")
+    if name == "sine":
+        if config.lr_num_cycles <= 0:
+            raise ConfigError(f"lr_num_cycles must be > 0 for lr_scheduler=sine, got {config.lr_num_cycles}")
+        lambdas = []
+        for group in optimizer.param_groups:
+            peak = float(group.get("initial_lr", group["lr"]))
+            floor = min(1.0, max(0.0, float(config.lr_end) / peak)) if peak > 0 else 0.0
+            lambdas.append(_sine_lambda(warmup, total_steps, float(config.lr_num_cycles), floor))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    if name == "polynomial":
+        try:
+            return get_polynomial_decay_schedule_with_warmup(
+                optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, lr_end=float(config.lr_end),
+                power=float(config.lr_power),
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError(f"lr_scheduler=polynomial: {exc} (lower lr_end or raise learning_rate)") from None
+    if name in ("linear", "cosine", "cosine_with_restarts"):
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                             num_cycles=int(config.lr_num_cycles), power=float(config.lr_power))  # fmt: skip
+    raise ConfigError(f"unknown lr_scheduler '{name}'")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gradient clipping.
+
+
+def clip_gradients(params: Iterable[torch.Tensor], config: Config) -> float:
+    """Clip gradients by `grad_clip_method` ("value": each element to ±max_grad_norm; "norm": the global L2 norm).
+
+    Returns the global L2 norm of the gradients measured before clipping; `max_grad_norm <= 0` disables clipping.
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    limit = float(config.max_grad_norm)
+    method = config.grad_clip_method
+    if method not in ("value", "norm"):
+        raise ConfigError(f"grad_clip_method must be 'value' or 'norm', got {method!r}")
+    if method == "norm" and limit > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if limit > 0:
+        torch.nn.utils.clip_grad_value_(params, limit)
+    return float(total)

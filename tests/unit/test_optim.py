@@ -1,0 +1,286 @@
+"""Optimizers, learning-rate schedules and gradient clipping."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+
+import pytest
+import torch
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, NotSupportedError
+from pipeline.train.optim import (
+    AdamWBF16,
+    build_lr_scheduler,
+    build_optimizer,
+    clip_gradients,
+    effective_learning_rate,
+    optimizer_eval_mode,
+    optimizer_train_mode,
+    parse_optimizer_config,
+)
+
+CPU_OPTIMIZERS = {
+    "adamw_bf16": 0.1,
+    "optimi-adamw": 0.1,
+    "optimi-stableadamw": 0.1,
+    "optimi-lion": 0.05,
+    "prodigy": 1.0,
+    "adamw_schedulefree": 0.1,
+}
+
+
+def quadratic(p: torch.Tensor) -> torch.Tensor:
+    target = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    return ((p.float() - target) ** 2).sum()
+
+
+@pytest.mark.parametrize("name", sorted(CPU_OPTIMIZERS))
+def test_each_cpu_optimizer_reduces_a_quadratic(name):
+    p = torch.nn.Parameter(torch.zeros(4))
+    config = Config(optimizer=name, learning_rate=CPU_OPTIMIZERS[name], adam_weight_decay=0.0)
+    opt = build_optimizer([p], config, device_type="cpu")
+    start = quadratic(p).item()
+    for _ in range(20):
+        optimizer_train_mode(opt)
+        opt.zero_grad()
+        quadratic(p).backward()
+        opt.step()
+    optimizer_eval_mode(opt)
+    with torch.no_grad():
+        end = quadratic(p).item()
+    assert end < start * 0.9, (name, start, end)
+
+
+def test_adamw_bf16_on_fp32_matches_torch_adamw():
+    torch.manual_seed(0)
+    init = torch.randn(5, 7)
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours = build_optimizer([a], Config(learning_rate=1e-2, adam_weight_decay=0.05), device_type="cpu")
+    assert isinstance(ours, AdamWBF16)
+    reference = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    for step in range(5):
+        grad = torch.randn(5, 7, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        reference.step()
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_adamw_bf16_keeps_bf16_and_rounds_stochastically():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16))
+    config = Config(learning_rate=1e-3, adam_weight_decay=0.0)
+    stochastic = build_optimizer([p], config, device_type="cpu")
+    nearest = AdamWBF16([q], lr=1e-3, weight_decay=0.0, stochastic_rounding=False)
+    for _ in range(10):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+        stochastic.step()
+        nearest.step()
+    assert p.dtype == torch.bfloat16 and stochastic.state[p]["exp_avg"].dtype == torch.float32
+    # Each step is ~1e-3, below half of bf16's spacing at 1.0: round-to-nearest loses every one of them ...
+    assert torch.equal(q, torch.ones_like(q))
+    # ... stochastic rounding keeps them on average (expected mean 1 - 10 * 1e-3).
+    assert abs(p.float().mean().item() - 0.99) < 1e-3
+
+
+def test_bnb_needs_cuda():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(NotSupportedError, match="bnb-adamw8bit needs CUDA; choose adamw_bf16"):
+        build_optimizer([p], Config(optimizer="bnb-adamw8bit"), device_type="cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_bnb_without_bitsandbytes_says_how_to_install():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(NotSupportedError, match="pip install bitsandbytes"):
+        build_optimizer([p], Config(optimizer="bnb-adamw8bit"), device_type="cuda")
+
+
+def test_optimizer_config_passes_kwargs_and_rejects_unknown():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer([p], Config(optimizer="optimi-adamw", optimizer_config="weight_decay=0.1, betas=(0.8,0.9),"
+                                      "kahan_sum=false"), device_type="cpu")  # fmt: skip
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0.1 and group["kahan_sum"] is False
+    assert (group["beta1"], group["beta2"]) == (0.8, 0.9)
+    with pytest.raises(ConfigError, match=r"'bogus'.*optimi-lion"):
+        build_optimizer([p], Config(optimizer="optimi-lion", optimizer_config="bogus=1"), device_type="cpu")
+
+
+def test_defaults_betas_and_config_values():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer([p], Config(adam_weight_decay=0.3, adam_epsilon=1e-6), device_type="cpu")
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.3 and group["eps"] == 1e-6
+    opt = build_optimizer([p], Config(optimizer_beta2=0.95), device_type="cpu")
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    lion = build_optimizer([p], Config(optimizer="optimi-lion"), device_type="cpu")  # Lion takes no eps
+    assert "eps" not in lion.param_groups[0]
+
+
+def test_parse_optimizer_config_values():
+    parsed = parse_optimizer_config("a=1,b=2.5e-3,c=True,d=none,e=(1, 2),f=hello,g='x,y'")
+    assert parsed == {"a": 1, "b": 2.5e-3, "c": True, "d": None, "e": (1, 2), "f": "hello", "g": "x,y"}
+    with pytest.raises(ConfigError):
+        parse_optimizer_config("novalue")
+
+
+def test_prodigy_hints_about_learning_rate(caplog):
+    p = torch.nn.Parameter(torch.zeros(2))
+    with caplog.at_level(logging.WARNING, logger="st"):
+        opt = build_optimizer([p], Config(optimizer="prodigy", learning_rate=1e-4), device_type="cpu")
+    assert opt.param_groups[0]["lr"] == 1e-4
+    assert "learning_rate=1.0" in caplog.text
+
+
+def test_invalid_value_is_a_config_error():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ConfigError, match="optimi-adamw"):
+        build_optimizer([p], Config(optimizer="optimi-adamw", optimizer_beta1=1.5), device_type="cpu")
+
+
+# Learning-rate schedules.
+
+
+def lrs(name, steps, total=100, lr=1.0, **options):
+    p = torch.nn.Parameter(torch.zeros(1))
+    config = Config(learning_rate=lr, lr_scheduler=name, **options)
+    opt = build_optimizer([p], config, device_type="cpu")
+    scheduler = build_lr_scheduler(opt, config, total)
+    out = {}
+    for step in range(max(steps) + 1):
+        if step in steps:
+            out[step] = opt.param_groups[0]["lr"]
+        opt.step()
+        scheduler.step()
+    return out
+
+
+def test_constant_and_warmup():
+    assert lrs("constant", [0, 50]) == {0: 1.0, 50: 1.0}
+    got = lrs("constant", [0, 5, 10, 50], lr_warmup_steps=10)
+    assert got[0] == 0.0 and got[5] == pytest.approx(0.5) and got[10] == 1.0 and got[50] == 1.0
+    got = lrs("constant_with_warmup", [0, 5, 10], lr_warmup_steps=10)
+    assert got[5] == pytest.approx(0.5) and got[10] == 1.0
+
+
+def test_decaying_schedules():
+    got = lrs("cosine", [0, 10, 55, 99], lr_warmup_steps=10)
+    assert got[0] == 0.0 and got[10] == pytest.approx(1.0) and got[55] == pytest.approx(0.5) and got[99] < 1e-3
+    got = lrs("linear", [0, 50, 100])
+    assert got[0] == 1.0 and got[50] == pytest.approx(0.5) and got[100] == pytest.approx(0.0)
+    got = lrs("polynomial", [0, 50, 100], lr_end=1e-3, lr_power=2.0)
+    assert got[0] == 1.0 and got[50] == pytest.approx(1e-3 + (1 - 1e-3) * 0.25) and got[100] == pytest.approx(1e-3)
+    got = lrs("cosine_with_restarts", [0, 25, 49, 50], lr_num_cycles=2)
+    assert got[0] == 1.0 and got[25] == pytest.approx(0.5) and got[49] < 0.01 and got[50] == pytest.approx(1.0)
+
+
+def test_sine_oscillates_between_lr_and_lr_end():
+    got = lrs("sine", [0, 5, 10, 35, 60, 85, 110], total=110, lr_warmup_steps=10, lr_num_cycles=2, lr_end=0.1)
+    assert got[0] == 0.0 and got[5] == pytest.approx(0.5)
+    assert got[10] == pytest.approx(1.0) and got[35] == pytest.approx(0.1) and got[60] == pytest.approx(1.0)
+    assert got[85] == pytest.approx(0.1) and got[110] == pytest.approx(1.0)
+
+
+def test_polynomial_lr_end_above_lr_is_a_config_error():
+    p = torch.nn.Parameter(torch.zeros(1))
+    config = Config(learning_rate=1e-6, lr_scheduler="polynomial", lr_end=1e-3)
+    opt = build_optimizer([p], config, device_type="cpu")
+    with pytest.raises(ConfigError, match="lr_end"):
+        build_lr_scheduler(opt, config, 100)
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial",
+                                  "linear", "sine"])  # fmt: skip
+def test_scheduler_state_dict_round_trip_continues_identically(name, tmp_path):
+    from pipeline.train.state_io import load_state, save_state
+
+    config = Config(learning_rate=0.5, lr_scheduler=name, lr_warmup_steps=5, lr_num_cycles=3)
+
+    def make():
+        opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config, device_type="cpu")
+        return opt, build_lr_scheduler(opt, config, 60)
+
+    opt, scheduler = make()
+    for _ in range(17):
+        opt.step()
+        scheduler.step()
+    save_state(tmp_path / "sched", {"scheduler": scheduler.state_dict(), "optimizer": opt.state_dict()})
+    expected = []
+    for _ in range(10):
+        opt.step()
+        scheduler.step()
+        expected.append(opt.param_groups[0]["lr"])
+    opt2, scheduler2 = make()
+    saved = load_state(tmp_path / "sched")
+    opt2.load_state_dict(saved["optimizer"])
+    scheduler2.load_state_dict(saved["scheduler"])
+    assert scheduler2.last_epoch == 17
+    got = []
+    for _ in range(10):
+        opt2.step()
+        scheduler2.step()
+        got.append(opt2.param_groups[0]["lr"])
+    assert got == expected
+
+
+def test_schedule_free_gets_a_flat_schedule_and_its_warmup():
+    p = torch.nn.Parameter(torch.zeros(1))
+    config = Config(optimizer="adamw_schedulefree", lr_scheduler="cosine", lr_warmup_steps=7)
+    opt = build_optimizer([p], config, device_type="cpu")
+    assert opt.param_groups[0]["warmup_steps"] == 7
+    scheduler = build_lr_scheduler(opt, config, 10)
+    for _ in range(5):
+        p.grad = torch.ones_like(p)
+        opt.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == [1e-4]
+
+
+def test_lr_scale():
+    base = dict(learning_rate=1e-4, train_batch_size=4, gradient_accumulation_steps=2, num_processes=2)
+    assert effective_learning_rate(Config(**base)) == 1e-4
+    assert effective_learning_rate(Config(lr_scale=True, **base)) == pytest.approx(1.6e-3)
+    assert effective_learning_rate(Config(lr_scale=True, lr_scale_sqrt=True, **base)) == pytest.approx(4e-4)
+    assert effective_learning_rate(Config(lr_scale_sqrt=True, **base)) == 1e-4  # as SimpleTuner: needs lr_scale
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer([p], Config(lr_scale=True, **base), device_type="cpu")
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.6e-3)
+
+
+# Clipping.
+
+
+def with_grads():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, -4.0]), torch.tensor([0.0, 12.0])
+    return [a, b]
+
+
+def test_clip_by_value():
+    params = with_grads()
+    norm = clip_gradients(params, Config(grad_clip_method="value", max_grad_norm=2.0))
+    assert norm == pytest.approx(13.0)
+    assert params[0].grad.tolist() == [2.0, -2.0] and params[1].grad.tolist() == [0.0, 2.0]
+
+
+def test_clip_by_norm():
+    params = with_grads()
+    norm = clip_gradients(params, Config(grad_clip_method="norm", max_grad_norm=1.3))
+    assert norm == pytest.approx(13.0)
+    total = math.sqrt(sum(float((p.grad**2).sum()) for p in params))
+    assert total == pytest.approx(1.3, rel=1e-4)
+    torch.testing.assert_close(params[0].grad, torch.tensor([0.3, -0.4]), rtol=1e-4, atol=1e-6)
+
+
+def test_clipping_disabled():
+    params = with_grads()
+    assert clip_gradients(params, Config(grad_clip_method="norm", max_grad_norm=0)) == pytest.approx(13.0)
+    assert params[1].grad.tolist() == [0.0, 12.0]
+    assert clip_gradients([torch.nn.Parameter(torch.zeros(1))], Config()) == 0.0
