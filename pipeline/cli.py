@@ -171,9 +171,30 @@ def train(
     input: Path = InputOpt,
     output: Path = OutputOpt,
     set_: List[str] = SetOpt,
+    force: bool = ForceOpt,
 ) -> None:
-    """Train LoRA or full weights from cache shards."""
-    _not_yet("train")
+    """Train LoRA or full weights from cache shards (under `accelerate launch` for several processes)."""
+
+    def body() -> None:
+        from .config import load_config
+        from .train.stage import run_train
+
+        result = run_train(load_config(config, set_), input, output, force=force)
+        if result.interrupted:
+            typer.echo(f"train: stopped by {result.interrupted}; a checkpoint was saved under {output / 'checkpoints'}"
+                       "; resume with --set resume_from_checkpoint=latest")  # fmt: skip
+            raise typer.Exit(130)
+        if result.manifest is None:
+            return
+        metrics = result.manifest["metrics"]
+        state = "up to date" if result.up_to_date else "wrote"
+        loss = metrics.get("final_loss")
+        typer.echo(f"train: {metrics['steps']} steps, final loss {loss:.4f}" if loss is not None else "train: done")
+        if metrics.get("first_eval_loss") is not None and metrics.get("final_eval_loss") is not None:
+            typer.echo(f"train: eval loss {metrics['first_eval_loss']:.4f} -> {metrics['final_eval_loss']:.4f}")
+        typer.echo(f"train: {state} {output / 'manifest.json'} (weights in {output / 'final'})")
+
+    _guarded(body)
 
 
 @app.command()

@@ -483,12 +483,18 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
                         config.revision, config.variant, ctx.settings["vae_dtype"], device,
                         offload=config.offload_during_startup)  # fmt: skip
     mine = [s for i, s in enumerate(plan.shards) if i % world == rank]
-    todo = [s for s in mine if not shard_complete(out_dir, s)]
+    # A damaged shard is rebuilt, not kept: its sidecar alone would let the new manifest record the damaged bytes.
+    recorded = {o["path"]: o for o in previous.manifest["outputs"]} if previous.manifest and previous.damaged else {}
+    complete = {s.path for s in mine if shard_complete(out_dir, s) and _as_recorded(out_dir, s, recorded)}
+    todo = [s for s in mine if s.path not in complete]
     kept = len(mine) - len(todo)
     if kept:
         log.info("cache: %d of %d shard(s) already complete, keeping them", kept, len(mine))
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_encoder = _ShardEncoder(ctx, out_dir, encoders, _PreviousEntries(out_dir, previous.manifest))
+    # Samples of kept shards are reused too: encoded + reused is every sample written.
+    shard_encoder.reused = sum(len(json.loads((out_dir / s.sidecar).read_text())["samples"]) for s in mine
+                               if s.path in complete)  # fmt: skip
     try:
         with progress_bar(total=sum(len(s.entries) for s in todo), desc="cache", unit="img") as bar:
             for shard in todo:
@@ -513,6 +519,15 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
     log.info("cache: %d samples in %d shards (%d encoded, %d reused) -> %s", doc["stats"]["samples"],
              len(doc["shards"]), shard_encoder.encoded, shard_encoder.reused, out_dir / MANIFEST_NAME)  # fmt: skip
     return CacheResult(out_dir, doc, False, shard_encoder.encoded, shard_encoder.reused, reasons)
+
+
+def _as_recorded(out_dir: Path, shard: ShardPlan, recorded: dict[str, dict[str, Any]]) -> bool:
+    """Whether a shard file still has the size and sha256 the previous manifest recorded (True if unrecorded)."""
+    entry = recorded.get(shard.path)
+    if entry is None:
+        return True
+    path = out_dir / shard.path
+    return path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
 
 
 def _vae_description(ctx: _Context, encoders: Encoders) -> dict[str, Any]:

@@ -77,6 +77,10 @@ class Family:
     collate_text: Callable[[list[dict[str, Any]]], dict[str, Any]]
     single_file: bool = True
     trims_text: bool = False
+    predict: Callable[..., Any] | None = None
+    lora_presets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    default_flow_shift: float | None = None
+    lora_loader: bool = True
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -89,6 +93,180 @@ class Family:
         import diffusers
 
         return getattr(diffusers, self.pipeline_class)
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def denoiser_forward(
+        self,
+        denoiser: Any,
+        noisy_latents: Any,
+        timesteps: Any,
+        text: dict[str, Any],
+        meta: Sequence[dict[str, Any]] | None = None,
+        guidance: Any = None,
+    ) -> Any:
+        """The denoiser's prediction (B x C x h x w, in the denoiser's dtype) for one conditional batch, called as
+        the family's diffusers pipeline calls it in its denoising loop (no classifier-free guidance).
+
+        `noisy_latents` are scaled latents (B x C x h x w); `timesteps` are on the 0..1000 training scale (one
+        value or one per sample; flow families: sigma * 1000); `text` is `collate_text`'s batch; `meta` the cached
+        per-sample metadata (SDXL reads its sizes and crop); `guidance` the Flux guidance value(s). Latents and text
+        embeddings are cast to the denoiser's dtype and device.
+        """
+        import torch
+
+        if self.predict is None:
+            raise NotSupportedError(f"{self.name} has no denoiser forward")
+        if noisy_latents.ndim != 4 or noisy_latents.shape[1] != self.latent_channels:
+            raise InputError(
+                f"{self.name} needs latents shaped B x {self.latent_channels} x h x w, got {tuple(noisy_latents.shape)}"
+            )
+        dtype, device = _module_dtype(denoiser), noisy_latents.device
+        batch = noisy_latents.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(batch)
+        if timesteps.shape != (batch,):
+            raise InputError(f"timesteps must be one value or {batch}, got shape {tuple(timesteps.shape)}")
+        text = {
+            key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+            for key, value in text.items()
+        }
+        if meta is not None and len(meta) != batch:
+            raise InputError(f"meta has {len(meta)} entries for a batch of {batch}")
+        return self.predict(denoiser, noisy_latents.to(dtype), timesteps, text, meta, guidance)
+
+    def lora_target_modules(self, preset: str | None = None, denoiser: Any = None) -> tuple[str, ...]:
+        """Module names for `LoraConfig(target_modules=...)`: the family default, or a named preset where the family
+        has presets (Flux's `flux_lora_target`; other families ignore `preset`, as SimpleTuner does). With
+        `denoiser`, every name must match one of its modules (peft's rule: the name or a `.`-suffix of it)."""
+        presets = dict(self.lora_presets)
+        if preset is None or not presets:
+            targets = self.lora_targets
+        elif preset in presets:
+            targets = presets[preset]
+        else:
+            raise ConfigError(f"unknown {self.name} LoRA target preset {preset!r}; choose from {', '.join(presets)}")
+        if denoiser is not None:
+            names = [name for name, _ in denoiser.named_modules()]
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                raise ConfigError(
+                    f"LoRA target module(s) {', '.join(missing)} match no module of the {type(denoiser).__name__}"
+                )
+        return tuple(targets)
+
+    def add_lora(self, denoiser: Any, config: Any, adapter_name: str = "default") -> Any:
+        """Add a peft LoRA adapter to `denoiser` in place (its `add_adapter`, else peft's `inject_adapter_in_model`
+        for models without diffusers' PEFT mixin, such as PixArt's transformer); base weights are frozen."""
+        if hasattr(denoiser, "add_adapter"):
+            denoiser.add_adapter(config, adapter_name=adapter_name)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
+        return denoiser
+
+    def save_lora(self, out_dir: str | Path, state_dict: dict[str, Any], config: Any = None) -> Path:
+        """Write `pytorch_lora_weights.safetensors` in `out_dir` from `peft.get_peft_model_state_dict(denoiser)`,
+        keys prefixed with the denoiser's subfolder (`unet.` / `transformer.`) as diffusers' loaders read them (peft
+        `lora_A` / `lora_B` names). Families with a LoRA loader save through the pipeline's `save_lora_weights`; others
+        write the same layout directly. `config` (the `LoraConfig`, or its dict) is stored as the adapter metadata,
+        so loaders rebuild rank, alpha and targets exactly. Returns the file's path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        prefix = self.denoiser.subfolder
+        metadata = _lora_metadata(config)
+        tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
+        if not tensors:
+            raise InputError(f"{self.name}: the LoRA state dict is empty")
+        if self.lora_loader:
+            self.load_pipeline_class().save_lora_weights(
+                str(out),
+                **{f"{prefix}_lora_layers": tensors, f"{prefix}_lora_adapter_metadata": metadata},
+                safe_serialization=True,
+            )
+        else:
+            from safetensors.torch import save_file
+
+            header = {"format": "pt"}
+            if metadata:
+                packed = {f"{prefix}.{key}": value for key, value in metadata.items()}
+                header[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+            save_file({f"{prefix}.{k}": v for k, v in tensors.items()}, str(out / LORA_WEIGHT_NAME), metadata=header)
+        return out / LORA_WEIGHT_NAME
+
+    def load_lora_into_pipeline(self, pipe: Any, path: str | Path, adapter_name: str | None = None) -> None:
+        """Load a LoRA written by `save_lora` (its folder or file) into `pipe`'s denoiser: `pipe.load_lora_weights`
+        where the pipeline has it, else peft's `inject_adapter_in_model` + `set_peft_model_state_dict`."""
+        path = Path(path)
+        if self.lora_loader:
+            kwargs = {} if adapter_name is None else {"adapter_name": adapter_name}
+            if path.is_file():
+                kwargs["weight_name"] = path.name
+                path = path.parent
+            pipe.load_lora_weights(str(path), **kwargs)
+            return
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors import safe_open
+
+        file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+        prefix = self.denoiser.subfolder + "."
+        with safe_open(str(file), framework="pt") as handle:
+            header = handle.metadata() or {}
+            state = {k.removeprefix(prefix): handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+        if not state:
+            raise InputError(f"{file} holds no {prefix}* LoRA weights")
+        packed = json.loads(header[LORA_METADATA_KEY]) if header.get(LORA_METADATA_KEY) else {}
+        options = {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix)}
+        config = LoraConfig(**options) if options else _infer_lora_config(state)
+        name = adapter_name or "default"
+        model = getattr(pipe, self.denoiser.subfolder)
+        inject_adapter_in_model(config, model, adapter_name=name)
+        result = set_peft_model_state_dict(model, state, adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
+        if unexpected:
+            raise InputError(f"{file}: LoRA weights match no module: {', '.join(unexpected[:5])}")
+
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the LoraConfig in the safetensors header
+
+
+def _module_dtype(module: Any) -> Any:
+    """A model's compute dtype: diffusers' `dtype` where it has one, else its first floating parameter's."""
+    dtype = getattr(module, "dtype", None)
+    if dtype is not None:
+        return dtype
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def _lora_metadata(config: Any) -> dict[str, Any] | None:
+    """A `LoraConfig` (or its dict) as JSON-ready adapter metadata, as diffusers' training scripts store it."""
+    if config is None:
+        return None
+    options = dict(config) if isinstance(config, dict) else config.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in options.items()}
+
+
+def _infer_lora_config(state: dict[str, Any]) -> Any:
+    """A `LoraConfig` for a peft LoRA state dict without metadata: its modules by full name, each module's rank
+    from its `lora_A`, alpha equal to the rank (scale 1)."""
+    from peft import LoraConfig
+
+    ranks = {k.split(".lora_A")[0]: int(v.shape[0]) for k, v in state.items() if ".lora_A" in k}
+    if not ranks:
+        raise InputError("the LoRA state dict has no lora_A weights")
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {f"^{name}": rank for name, rank in ranks.items() if rank != r}  # as diffusers anchors them
+    return LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        use_dora=any("lora_magnitude_vector" in k for k in state),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- sources

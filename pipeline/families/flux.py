@@ -9,12 +9,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import InputError
 from pipeline.families import sd3, text, tiny_parts
 from pipeline.families.base import Component, Family, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer, t5_tokenizer
 
 CLIP_LENGTH = 77
 T5_LENGTH = 512
+
+# SimpleTuner's `flux_lora_target` presets (peft names: a module's name or a `.`-suffix of it). Note that "to_q",
+# "to_k" and "to_v" also match the single-stream blocks' attention, and "proj_out" the final output projection.
+_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
+_CONTEXT = ("add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
+_FFS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+LORA_PRESETS = (
+    ("mmdit", _ATTENTION),  # SimpleTuner has no branch for it: its default, diffusers' attention targets
+    ("context", _CONTEXT),
+    ("context+ffs", (*_CONTEXT, "ff_context.net.0.proj", "ff_context.net.2")),
+    ("all", sd3.MMDIT_LORA_TARGETS),  # SimpleTuner's default
+    ("all+ffs", (*sd3.MMDIT_LORA_TARGETS, *_FFS, "proj_mlp", "proj_out")),
+    ("all+ffs+embedder", ("x_embedder", *sd3.MMDIT_LORA_TARGETS, *_FFS, "proj_mlp", "proj_out")),
+    (
+        "ai-toolkit",
+        (*sd3.MMDIT_LORA_TARGETS, *_FFS, "norm.linear", "norm1.linear", "norm1_context.linear", "proj_mlp", "proj_out"),
+    ),
+    # TheLastBen's small LoRAs: the MLP-and-attention output projection of single-stream blocks 7 and 20.
+    ("tiny", ("single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out")),
+    ("nano", ("single_transformer_blocks.7.proj_out",)),
+)
 
 TEXT_ENCODERS = (
     TextEncoderSpec(
@@ -60,8 +82,62 @@ def encode_prompts(
     return text.split({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
 
 
+def pack_latents(latents: Any) -> Any:
+    """B x C x h x w latents as B x (h/2 * w/2) x 4C tokens of 2x2 patches, as `FluxPipeline._pack_latents`."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Any, height: int, width: int) -> Any:
+    """The inverse of `pack_latents` for latents of `height` x `width` (as `FluxPipeline._unpack_latents`)."""
+    b, _, channels = tokens.shape
+    out = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return out.reshape(b, channels // 4, height, width)
+
+
+def image_ids(height: int, width: int, device: Any, dtype: Any) -> Any:
+    """(height * width) x 3 position ids (0, row, column) of packed tokens, as `_prepare_latent_image_ids`."""
+    import torch
+
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(height)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
+def predict(
+    transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None, guidance: Any = None
+) -> Any:
+    """`FluxPipeline`'s denoiser call: packed latents with their image ids, zero text ids, `timestep / 1000`, the
+    guidance value(s) when the model embeds guidance (dev; default 1.0, SimpleTuner's `flux_guidance_value`),
+    the pooled CLIP output and the T5 sequence; the output is unpacked to B x C x h x w."""
+    import torch
+
+    b, _, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise InputError(f"Flux packs 2x2 latent patches: latent height and width must be even, got {h} x {w}")
+    embeds, dtype = text["prompt_embeds"], latents.dtype
+    if transformer.config.guidance_embeds:
+        scale = torch.as_tensor(1.0 if guidance is None else guidance, dtype=torch.float32, device=latents.device)
+        scale = scale.expand(b) if scale.ndim == 0 else scale
+    else:
+        scale = None
+    out = transformer(
+        hidden_states=pack_latents(latents),
+        timestep=timesteps.to(dtype) / 1000,
+        guidance=scale,
+        pooled_projections=text["pooled_prompt_embeds"],
+        encoder_hidden_states=embeds,
+        txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype),
+        img_ids=image_ids(h // 2, w // 2, latents.device, dtype),
+        return_dict=False,
+    )[0]
+    return unpack_latents(out, h, w)
+
+
 def tiny(out_dir: Path, seed: int) -> None:
-    """Write a tiny Flux (dev-like: guidance embeds) diffusers folder; VAE 16 channels, 0.3611 / 0.1159."""
+    """Write a tiny Flux (dev-like: guidance embeds) diffusers folder; VAE 16 channels, 0.3611 / 0.1159. It has 21
+    single-stream blocks so that the "tiny" LoRA preset (blocks 7 and 20) names real modules."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     tokenizer = clip_tokenizer(pad_token=EOS, max_length=CLIP_LENGTH)
@@ -75,7 +151,7 @@ def tiny(out_dir: Path, seed: int) -> None:
         patch_size=1,
         in_channels=64,  # 16 latent channels packed 2x2
         num_layers=1,
-        num_single_layers=1,
+        num_single_layers=21,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=text_encoder_2.config.d_model,
@@ -119,4 +195,7 @@ FAMILY = Family(
     tiny=tiny,
     encode_prompts=encode_prompts,
     collate_text=text.collate,
+    predict=predict,
+    lora_presets=LORA_PRESETS,
+    default_flow_shift=None,  # the scheduler shifts by resolution (use_dynamic_shifting): auto shift
 )

@@ -52,6 +52,24 @@ def encode_prompts(
     return text.split({"prompt_embeds": embeds, "attention_mask": mask}, keep=keep)
 
 
+def predict(
+    transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None, guidance: Any = None
+) -> Any:
+    """`PixArtSigmaPipeline`'s denoiser call: the masked T5 sequence, no resolution / aspect-ratio conditions; with
+    learned sigma (twice the latent channels out) only the first half, the noise prediction, is kept."""
+    out = transformer(
+        latents,
+        encoder_hidden_states=text["prompt_embeds"],
+        encoder_attention_mask=text["attention_mask"],
+        timestep=timesteps,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )[0]
+    if transformer.config.out_channels // 2 == latents.shape[1]:
+        out = out.chunk(2, dim=1)[0]
+    return out
+
+
 def tiny(out_dir: Path, seed: int) -> None:
     """Write a tiny PixArt-Sigma diffusers folder (DPM-Solver++; VAE 0.13025 with the real 8x factor, so the
     pipeline's 256-pixel aspect-ratio bins match the transformer's sample size of 32 latents)."""
@@ -98,4 +116,6 @@ FAMILY = Family(
     collate_text=text.collate,
     single_file=False,
     trims_text=True,
+    predict=predict,
+    lora_loader=False,  # PixArtSigmaPipeline has no load_lora_weights: LoRAs load through peft
 )

@@ -48,6 +48,13 @@ def encode_clip_last(
     return text.split({"prompt_embeds": embeds})
 
 
+def predict_unet(
+    unet: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None, guidance: Any = None
+) -> Any:
+    """`StableDiffusionPipeline`'s denoiser call: `unet(latents, t, encoder_hidden_states=prompt_embeds)`."""
+    return unet(latents, timesteps, encoder_hidden_states=text["prompt_embeds"], return_dict=False)[0]
+
+
 def unet(cross_attention_dim: int, **extra: Any) -> Any:
     """A tiny `UNet2DConditionModel`: channels (32, 64), one layer per block, cross-attention at the lower level."""
     from diffusers import UNet2DConditionModel
@@ -113,4 +120,5 @@ FAMILY = Family(
     tiny=tiny,
     encode_prompts=encode_clip_last,
     collate_text=text.collate,
+    predict=predict_unet,
 )

@@ -61,4 +61,5 @@ FAMILY = Family(
     tiny=tiny,
     encode_prompts=sd1x.encode_clip_last,
     collate_text=text.collate,
+    predict=sd1x.predict_unet,
 )

@@ -83,6 +83,20 @@ def encode_prompts(
     )
 
 
+def predict(
+    transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None, guidance: Any = None
+) -> Any:
+    """`StableDiffusion3Pipeline`'s denoiser call: latents, timesteps on the 0..1000 scale (sigma * 1000), the
+    joint prompt sequence and the pooled CLIP projections."""
+    return transformer(
+        hidden_states=latents,
+        timestep=timesteps,
+        encoder_hidden_states=text["prompt_embeds"],
+        pooled_projections=text["pooled_prompt_embeds"],
+        return_dict=False,
+    )[0]
+
+
 def tiny(out_dir: Path, seed: int) -> None:
     """Write a tiny SD3 diffusers folder (flow-matching Euler, shift 3; VAE 16 channels, 1.5305 / 0.0609)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -142,4 +156,6 @@ FAMILY = Family(
     tiny=tiny,
     encode_prompts=encode_prompts,
     collate_text=text.collate,
+    predict=predict,
+    default_flow_shift=3.0,  # the shift of SD3's FlowMatchEulerDiscreteScheduler config
 )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.families import sd1x, text, tiny_parts
+from pipeline.errors import InputError
 from pipeline.families.base import Component, Family, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer
 
@@ -61,6 +62,34 @@ def encode_prompts(
     if pooled is None:
         raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for pooled embeds")
     return text.split({"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled})
+
+
+def time_ids(meta: Any, dtype: Any, device: Any) -> Any:
+    """Per-sample `add_time_ids` as `StableDiffusionXLPipeline._get_add_time_ids` orders them: original size
+    (h, w), crop top-left (top, left), target size (h, w). The cached metadata stores sizes as [W, H]."""
+    import torch
+
+    rows = []
+    for item in meta:
+        (orig_w, orig_h), (top, left), (target_w, target_h) = (
+            item["original_size"],
+            item["crop_top_left"],
+            item["target_size"],
+        )
+        rows.append([orig_h, orig_w, top, left, target_h, target_w])
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def predict(
+    unet: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None, guidance: Any = None
+) -> Any:
+    """`StableDiffusionXLPipeline`'s denoiser call: prompt embeds plus `added_cond_kwargs` with the pooled embeds
+    and the micro-conditioning time ids built from each sample's `meta`."""
+    if meta is None:
+        raise InputError("SDXL needs each sample's metadata (original_size, crop_top_left, target_size)")
+    embeds = text["prompt_embeds"]
+    added = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": time_ids(meta, embeds.dtype, latents.device)}
+    return unet(latents, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
 
 
 def tiny(out_dir: Path, seed: int) -> None:
@@ -119,4 +148,5 @@ FAMILY = Family(
     tiny=tiny,
     encode_prompts=encode_prompts,
     collate_text=text.collate,
+    predict=predict,
 )

@@ -1,0 +1,309 @@
+"""Training batches from cache shards, in an order that is a pure function of (seed, epoch, cache digest).
+
+The loader indexes every shard once (after checking its sha256 against the manifest): where each sample's members
+sit in the tar, and its metadata. An epoch's plan is then computed, not streamed: every (dataset, bucket) group's
+samples, each repeated `1 + repeats` times, are shuffled with a generator seeded by (seed, epoch, cache digest) and cut
+into global batches of `train_batch_size x num_processes`; datasets are interleaved by weight (`probability`, times the
+dataset's size under `data_backend_sampling: auto-weighting`). Rank r of n takes slice r of every global batch, so
+processes read disjoint samples. A cursor (epoch, batch) is all a checkpoint needs to resume exactly; the plan does not
+depend on the number of processes as long as the global batch size is the same.
+
+Reading a sample is a seek and a read of its members (tar shards are uncompressed; each member is one zstd frame).
+Caption choice and caption dropout are seeded per (epoch, batch, sample, slot), so they too replay exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import random
+import tarfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import InputError, ManifestError
+from ..hashing import sha256_bytes
+from ..log import get_logger
+from ..shards import unpack_tensors
+
+log = get_logger("train")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    key: str
+    shard: Path
+    members: dict[str, tuple[int, int]]  # suffix -> (offset, size)
+    meta: dict[str, Any]
+
+    @property
+    def dataset_id(self) -> str:
+        return self.meta["dataset_id"]
+
+    @property
+    def bucket(self) -> str:
+        return self.meta["bucket"]
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    dataset_id: str
+    bucket: str
+    keys: tuple[str, ...]  # the global batch
+
+
+@dataclass
+class Cursor:
+    epoch: int = 0
+    batch: int = 0  # index of the next global batch within the epoch
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+def _safe_member(shard: Path, name: str) -> None:
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or "\\" in name:
+        raise InputError(f"{shard} has an unsafe member name {name!r}; the shard is refused")
+
+
+def index_shard(root: Path, entry: dict[str, Any]) -> list[SampleRef]:
+    """Verify one shard against its manifest entry and list its samples with member offsets."""
+    path = root / entry["path"]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"shard {path} listed in the cache manifest cannot be read ({exc}); re-run `st cache`") from None
+    if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+        raise ManifestError(
+            f"shard {path} does not match the cache manifest (sha256 {sha256_bytes(data)[:16]}..., expected "
+            f"{entry['sha256'][:16]}...); it was modified or damaged: re-run `st cache`"
+        )
+    grouped: dict[str, dict[str, tuple[int, int]]] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            _safe_member(path, member.name)
+            if not member.isfile():
+                raise InputError(f"{path} has a non-file member {member.name!r}; the shard is refused")
+            key, _, suffix = member.name.partition(".")
+            grouped.setdefault(key, {})[suffix] = (member.offset_data, member.size)
+            if suffix == "json":
+                metas[key] = json.loads(data[member.offset_data : member.offset_data + member.size])
+    refs = []
+    for key, members in grouped.items():
+        if key not in metas or "latent.safetensors.zst" not in members:
+            raise InputError(f"{path}: sample {key} lacks its json or latent member; re-run `st cache`")
+        refs.append(SampleRef(key, path, members, metas[key]))
+    return refs
+
+
+class CacheIndex:
+    """Every sample of a cache output, grouped by (dataset, bucket)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.samples: dict[str, SampleRef] = {}
+        for entry in manifest["shards"]:
+            for ref in index_shard(root, entry):
+                self.samples[ref.key] = ref
+        self.groups: dict[tuple[str, str], list[str]] = {}
+        for key in sorted(self.samples):
+            ref = self.samples[key]
+            self.groups.setdefault((ref.dataset_id, ref.bucket), []).append(key)
+        self.datasets = {d["id"]: d for d in manifest["datasets"]}
+
+
+class EpochPlanner:
+    """The batches of each epoch, a pure function of (seed, epoch, cache digest, global batch size)."""
+
+    def __init__(self, index: CacheIndex, *, seed: int, global_batch: int, sampling: str) -> None:
+        self.index = index
+        self.seed = seed
+        self.global_batch = global_batch
+        self.sampling = sampling
+        self.digest = index.manifest["digest"]
+        self._cache: dict[int, list[PlannedBatch]] = {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"seed": self.seed, "cache_digest": self.digest, "global_batch": self.global_batch,
+                "sampling": self.sampling}  # fmt: skip
+
+    def epoch(self, epoch: int) -> list[PlannedBatch]:
+        if epoch not in self._cache:
+            self._cache = {epoch: self._plan(epoch)}
+        return self._cache[epoch]
+
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch(0))
+
+    def _plan(self, epoch: int) -> list[PlannedBatch]:
+        rng = random.Random(f"{self.seed}:{epoch}:{self.digest}")
+        per_dataset: dict[str, list[PlannedBatch]] = {}
+        for (dataset_id, bucket), keys in sorted(self.index.groups.items()):
+            items = [k for k in keys for _ in range(1 + int(self.index.samples[k].meta.get("repeats", 0)))]
+            rng.shuffle(items)
+            batches = [PlannedBatch(dataset_id, bucket, tuple(items[i : i + self.global_batch]))
+                       for i in range(0, len(items) - self.global_batch + 1, self.global_batch)]  # fmt: skip
+            per_dataset.setdefault(dataset_id, []).extend(batches)
+        for batches in per_dataset.values():
+            rng.shuffle(batches)
+        weights = {}
+        for dataset_id, batches in per_dataset.items():
+            probability = float(self.index.datasets.get(dataset_id, {}).get("probability", 1.0))
+            weights[dataset_id] = probability * (len(batches) if self.sampling == "auto-weighting" else 1.0)
+        order: list[PlannedBatch] = []
+        remaining = {d: list(b) for d, b in per_dataset.items() if b and weights[d] > 0}
+        while remaining:
+            names = sorted(remaining)
+            chosen = rng.choices(names, weights=[weights[n] for n in names], k=1)[0]
+            order.append(remaining[chosen].pop())
+            if not remaining[chosen]:
+                del remaining[chosen]
+        return order
+
+
+class SampleReader:
+    """Reads and decodes one sample's members, with the shard files kept open."""
+
+    def __init__(self) -> None:
+        self._handles: dict[Path, Any] = {}
+
+    def read(self, ref: SampleRef, suffix: str) -> bytes:
+        handle = self._handles.get(ref.shard)
+        if handle is None:
+            handle = self._handles[ref.shard] = open(ref.shard, "rb")
+        offset, size = ref.members[suffix]
+        handle.seek(offset)
+        return handle.read(size)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+@dataclass
+class Batch:
+    latents: Any  # torch.Tensor B x C x h x w, float32
+    texts: list[dict[str, Any]]  # per sample, the chosen caption's stored tensors
+    meta: list[dict[str, Any]]
+    keys: list[str]
+    dropped: list[bool]
+    epoch: int
+    index: int  # global batch index within the epoch
+
+
+class TrainLoader:
+    """Iterates this rank's share of the planned batches from a cursor on, decoding ahead in a thread."""
+
+    def __init__(
+        self,
+        index: CacheIndex,
+        planner: EpochPlanner,
+        *,
+        rank: int,
+        world: int,
+        shared_text: dict[str, dict[str, Any]],
+        empty_key: str,
+        caption_dropout: float,
+        seed: int,
+        prefetch: int = 4,
+    ) -> None:
+        self.index, self.planner = index, planner
+        self.rank, self.world = rank, world
+        self.shared_text, self.empty_key = shared_text, empty_key
+        self.caption_dropout, self.seed = caption_dropout, seed
+        self.prefetch = max(0, prefetch)
+        self.per_rank = planner.global_batch // world
+
+    def _texts(self, ref: SampleRef, reader: SampleReader) -> list[dict[str, Any]]:
+        local: dict[int, dict[str, Any]] = {}
+        if "text.safetensors.zst" in ref.members:
+            for name, value in unpack_tensors(reader.read(ref, "text.safetensors.zst")).items():
+                i, _, field = name.partition(".")
+                local.setdefault(int(i), {})[field] = value
+        texts = []
+        for i, ref_text in enumerate(ref.meta["text"]):
+            kind, _, value = ref_text.partition(":")
+            texts.append(local[i] if kind == "sample" else self.shared_text[value])
+        return texts
+
+    def load(self, planned: PlannedBatch, epoch: int, batch_index: int, reader: SampleReader) -> Batch:
+        import torch
+
+        start = self.rank * self.per_rank
+        keys = list(planned.keys[start : start + self.per_rank])
+        latents, texts, metas, dropped = [], [], [], []
+        for slot, key in enumerate(keys):
+            ref = self.index.samples[key]
+            latents.append(unpack_tensors(reader.read(ref, "latent.safetensors.zst"))["latent"].float())
+            rng = random.Random(f"{self.seed}:{epoch}:{batch_index}:{start + slot}:{key}")
+            drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
+            options = self._texts(ref, reader)
+            texts.append(self.shared_text[self.empty_key] if drop else options[rng.randrange(len(options))])
+            metas.append(ref.meta)
+            dropped.append(drop)
+        return Batch(torch.stack(latents), texts, metas, keys, dropped, epoch, batch_index)
+
+    def iterate(self, cursor: Cursor, epochs: int) -> Iterator[Batch]:
+        """Batches from `cursor` to the end of epoch `epochs - 1`, in plan order."""
+
+        def produce() -> Iterator[Batch]:
+            reader = SampleReader()
+            try:
+                epoch, position = cursor.epoch, cursor.batch
+                while epoch < epochs:
+                    plan = self.planner.epoch(epoch)
+                    for i in range(position, len(plan)):
+                        yield self.load(plan[i], epoch, i, reader)
+                    epoch, position = epoch + 1, 0
+            finally:
+                reader.close()
+
+        if self.prefetch == 0:
+            yield from produce()
+            return
+        yield from _prefetched(produce(), self.prefetch)
+
+
+_DONE = object()
+
+
+def _prefetched(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run `source` in a thread, `depth` batches ahead; errors surface in the consumer."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            buffer.put(exc)
+
+    thread = threading.Thread(target=work, name="st-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

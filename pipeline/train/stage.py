@@ -1,0 +1,203 @@
+"""`st train`: a cache manifest -> trained weights, checkpoints, metrics and validation images."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..cache.reader import CacheReader
+from ..cache.stage import model_identity, resolve_path
+from ..config import TRAIN, LoadedConfig
+from ..errors import ConfigError, LineageError
+from ..families import component_identity, get_family
+from ..hashing import sha256_json
+from ..log import get_logger
+from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
+from ..stagekeys import explain_rerun, up_to_date
+from .checkpoint import list_checkpoints
+from .validation import prompts_from
+
+log = get_logger("train")
+
+SCHEMA = "st.train/1"
+SCHEMA_VERSION = 1
+FORMAT_VERSION = 1
+_KEY_EXCLUDED = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path",
+                 "pretrained_t5_model_name_or_path")  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    manifest: dict[str, Any] | None
+    up_to_date: bool
+    interrupted: str | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+def _strip(identity: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k != "source"}
+
+
+def check_lineage(cache: dict[str, Any], family_name: str, model: dict[str, Any], cache_path: Path) -> None:
+    """Refuse a cache made with another family, VAE or text encoder than the model given."""
+    if cache["family"] != family_name:
+        raise LineageError(f"{cache_path} was cached for model_family {cache['family']!r}, but this run trains "
+                           f"{family_name!r}; re-run `st cache` with this model")  # fmt: skip
+    checks = [("VAE", cache["model"]["vae"], model["vae"])]
+    checks += [(f"text encoder {i + 1}", a, b) for i, (a, b) in enumerate(zip(cache["model"]["text_encoders"],
+                                                                             model["text_encoders"]))]  # fmt: skip
+    for what, cached, given in checks:
+        if _strip(cached) != _strip(given):
+            raise LineageError(
+                f"the {what} of {cache_path} ({cached.get('source')}, weights {str(cached.get('weights_sha256'))[:12]}) "
+                f"differs from the model given ({given.get('source')}, weights {str(given.get('weights_sha256'))[:12]}); "
+                "re-run `st cache` with this model, or point pretrained_model_name_or_path at the cached one"
+            )
+
+
+def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: bool = False) -> TrainResult:
+    """Train from a cache output into `out_dir`, or report that it is up to date."""
+    started = time.time()
+    config = loaded.config
+    out_dir = Path(out_dir)
+    reader = CacheReader(input_path)
+    cache = reader.manifest
+    if not config.model_family or not config.pretrained_model_name_or_path:
+        raise ConfigError("st train needs model_family and pretrained_model_name_or_path (the model the cache was "
+                          "made with)")  # fmt: skip
+    family = get_family(config.model_family)
+    source = resolve_path(loaded, config.pretrained_model_name_or_path)
+    vae_source = resolve_path(loaded, config.pretrained_vae_model_name_or_path)
+    t5_source = resolve_path(loaded, config.pretrained_t5_model_name_or_path)
+    model = model_identity(family, source, vae_source, t5_source, config.revision)
+    check_lineage(cache, family.name, model, reader.manifest_path)
+    denoiser_identity = component_identity(source, family.denoiser.subfolder, config.revision)
+
+    prompts = [] if config.validation_disable else prompts_from(config, loaded.base_dir)
+    needed = [p.text for p in prompts]
+    if config.validation_negative_prompt is not None and prompts:
+        needed.append(config.validation_negative_prompt)
+    cached_texts = set(cache["embeds"]["prompts"].values())
+    missing = [t for t in needed if t not in cached_texts]
+    if missing:
+        raise ConfigError(f"validation prompt {missing[0]!r} has no embeddings in {reader.manifest_path}: st cache "
+                          "stores validation_prompt, validation_negative_prompt and user_prompt_library; set them "
+                          "before running `st cache` (it re-encodes only the prompts)")  # fmt: skip
+
+    stage_config = {k: v for k, v in config.stage_keys(TRAIN).items() if k not in _KEY_EXCLUDED}
+    key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
+                       "denoiser": _strip(denoiser_identity), "family": family.name})  # fmt: skip
+    previous = up_to_date(out_dir, SCHEMA, key)
+    resuming = bool(config.resume_from_checkpoint)
+    if previous.current and not force:
+        log.info("train: %s is up to date (key %s), nothing to do", out_dir / MANIFEST_NAME, key[:12])
+        return TrainResult(out_dir, previous.manifest, up_to_date=True)
+    reasons = explain_rerun(previous, stage_config, force=force)
+    for reason in reasons:
+        log.info("train: running because %s", reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if previous.manifest is not None and not resuming:
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    from .tracking import Tracker
+    from .trainer import Trainer
+    from .validation import Validator
+
+    shared = reader.shared_embeds()
+    by_text = {text: shared[k] for k, text in cache["embeds"]["prompts"].items()}
+    trainer = Trainer(config=config, family=family, source=source, vae_source=vae_source, cache_root=reader.root,
+                      cache_manifest=cache, shared_embeds=shared, prompts_by_text=by_text, out_dir=out_dir,
+                      base_dir=loaded.base_dir)  # fmt: skip
+    tracker = None
+    validator = None
+    trainer.has_validation = bool(prompts)
+    if trainer.is_main:
+        logging_dir = Path(config.logging_dir) if config.logging_dir else out_dir / "logs"
+        if not logging_dir.is_absolute() and config.logging_dir:
+            logging_dir = loaded.base_dir / logging_dir
+        run_name = config.tracker_run_name or f"{family.name}-{config.model_type}"
+        tracker = Tracker(out_dir, report_to=config.report_to, logging_dir=logging_dir,
+                          project=config.tracker_project_name, run_name=run_name, config=stage_config,
+                          resume_step=_resume_step(config, out_dir))  # fmt: skip
+        if prompts:
+            validator = Validator(family, config, source=source, vae_source=vae_source, denoiser=trainer.unwrapped,
+                                  prompts=prompts, embeds=by_text, out_dir=out_dir / "validation",
+                                  device=trainer.device)  # fmt: skip
+    try:
+        state = trainer.run(tracker, validator)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    if state.interrupted:
+        return TrainResult(out_dir, None, False, interrupted=state.interrupted, reasons=reasons)
+    if not trainer.is_main:
+        trainer.accelerator.wait_for_everyone()
+        return TrainResult(out_dir, None, False, reasons=reasons)
+
+    final_tmp = out_dir / "final.tmp"
+    shutil.rmtree(final_tmp, ignore_errors=True)
+    from .adapters import save_final
+
+    save_final(trainer.unwrapped, config, family, final_tmp)
+    if trainer.ema is not None:
+        from .checkpoint import _save_tensors
+
+        _save_tensors(final_tmp / "ema_weights.safetensors", trainer.ema.state())
+    final = out_dir / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    final_tmp.rename(final)
+
+    outputs = [output_entry(out_dir, p) for p in sorted(final.rglob("*")) if p.is_file()]
+    outputs.append(output_entry(out_dir, out_dir / "metrics.jsonl"))
+    validation = out_dir / "validation"
+    if validation.is_dir():
+        outputs += [output_entry(out_dir, p) for p in sorted(validation.rglob("*.png"))]
+    checkpoints = []
+    for step, path in list_checkpoints(out_dir / "checkpoints"):
+        entry = output_entry(out_dir, path / "manifest.json")
+        checkpoints.append({"path": path.relative_to(out_dir).as_posix(), "step": step,
+                            "manifest_sha256": entry["sha256"]})  # fmt: skip
+    doc = {
+        "schema": SCHEMA,
+        "stage": TRAIN,
+        "key": key,
+        "parent": {"stage": "cache", "digest": cache["digest"]},
+        "config": stage_config,
+        "family": family.name,
+        "model_type": config.model_type,
+        "model": {"denoiser": denoiser_identity, **model},
+        "final": {"path": "final", "format": "lora" if config.model_type == "lora" else "diffusers",
+                  "files": [o for o in outputs if o["path"].startswith("final/")]},  # fmt: skip
+        "checkpoints": checkpoints,
+        "metrics": {"steps": state.step, "final_loss": state.last_loss, "first_eval_loss": state.first_eval,
+                    "final_eval_loss": state.last_eval},  # fmt: skip
+        "validations": state.validations,
+        "outputs": outputs,
+        "stats": {"steps": state.step, "samples": cache["stats"]["samples"],
+                  "batch_size": config.train_batch_size * trainer.world * trainer.accum},  # fmt: skip
+    }
+    doc["provenance"] = provenance(started, time.time(), cache_path=str(reader.manifest_path), processes=trainer.world,
+                                   device=str(trainer.device))  # fmt: skip
+    doc = write_manifest(out_dir, doc, "train", SCHEMA_VERSION)
+    trainer.accelerator.wait_for_everyone()
+    log.info("train: %d steps, final loss %s -> %s", state.step, f"{state.last_loss:.4f}" if state.last_loss else "-",
+             final)  # fmt: skip
+    return TrainResult(out_dir, doc, False, reasons=reasons)
+
+
+def _resume_step(config, out_dir: Path) -> int:
+    """The step a run resumes at (metrics.jsonl keeps the lines up to it), or -1 for a fresh start."""
+    if not config.resume_from_checkpoint:
+        return -1
+    found = list_checkpoints(out_dir / "checkpoints")
+    if config.resume_from_checkpoint == "latest":
+        return max(found)[0] if found else -1
+    name = Path(config.resume_from_checkpoint).name
+    for step, path in found:
+        if path.name == name:
+            return step
+    return -1

@@ -1,0 +1,419 @@
+"""The training loop: accelerate for devices and processes, peft for LoRA, exact resume from checkpoints."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, UserError
+from ..families import Family, load_components
+from ..log import get_logger
+from ..progress import progress_bar
+from . import adapters
+from .checkpoint import (
+    begin_checkpoint,
+    finish_checkpoint,
+    list_checkpoints,
+    prune,
+    read_checkpoint,
+    resolve_resume,
+    save_rank_state,
+)
+from .data import CacheIndex, Cursor, EpochPlanner, TrainLoader
+
+log = get_logger("train")
+
+EVAL_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf."""
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    cursor: Cursor = field(default_factory=Cursor)
+    last_loss: float | None = None
+    last_eval: float | None = None
+    first_eval: float | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    validations: list[str] = field(default_factory=list)
+    interrupted: str | None = None
+
+
+class _Signals:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at the end of this step, then stopping", self.received)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One training run over a cache output."""
+
+    def __init__(self, *, config, family: Family, source: str, vae_source: str | None, cache_root: Path,
+                 cache_manifest: dict[str, Any], shared_embeds: dict[str, dict[str, Any]],
+                 prompts_by_text: dict[str, dict[str, Any]], out_dir: Path, base_dir: Path) -> None:  # fmt: skip
+        import torch
+        from accelerate import Accelerator
+
+        self.config, self.family, self.out_dir = config, family, out_dir
+        self.source, self.vae_source, self.base_dir = source, vae_source, base_dir
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        self.seed = config.seed or 0
+        self.cache_manifest = cache_manifest
+        self.shared = shared_embeds
+        self.prompts_by_text = prompts_by_text
+
+        parts = load_components(family, source, which=("denoiser", "scheduler"))
+        denoiser = parts["denoiser"]
+        self.scheduler_config = dict(parts["scheduler"].config)
+        if config.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+            denoiser.enable_gradient_checkpointing()
+        self.params = adapters.attach(denoiser, config, family)
+        denoiser.to(self.device)
+        denoiser.train()
+        self.trainable_names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
+
+        from .objectives import Objective
+        from .optim import build_lr_scheduler, build_optimizer, effective_learning_rate
+
+        self.objective = Objective(config, kind=family.prediction_type, scheduler_config=self.scheduler_config,
+                                   default_shift=getattr(family, "default_flow_shift", None))  # fmt: skip
+        self.index = CacheIndex(cache_root, cache_manifest)
+        self.planner = EpochPlanner(self.index, seed=self.seed, global_batch=config.train_batch_size * self.world,
+                                    sampling=config.data_backend_sampling)  # fmt: skip
+        micro_per_epoch = self.planner.batches_per_epoch()
+        if micro_per_epoch == 0:
+            sizes = ", ".join(f"{d}/{b}: {len(k)}" for (d, b), k in sorted(self.index.groups.items()))
+            raise InputError(
+                f"train_batch_size {config.train_batch_size} x {self.world} process(es) is larger than every bucket "
+                f"({sizes}); lower train_batch_size, or re-run `st prepare` with allow_dataset_oversubscription"
+            )
+        self.accum = max(1, config.gradient_accumulation_steps)
+        self.steps_per_epoch = max(1, micro_per_epoch // self.accum)
+        self.total_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
+        self.epochs = max(config.num_train_epochs, math.ceil(self.total_steps / self.steps_per_epoch))
+        if config.max_train_steps:
+            self.epochs = math.ceil(self.total_steps / self.steps_per_epoch) + 1
+        self.learning_rate = effective_learning_rate(config)
+        optimizer = build_optimizer(self.params, config, device_type=self.device.type)
+        self.lr_scheduler = build_lr_scheduler(optimizer, config, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(denoiser, optimizer)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1000 + self.rank)
+        ema_device = self.device if config.ema_device == "accelerator" and not config.ema_cpu_only else "cpu"
+        self.ema = (adapters.EMA(self._named_trainable(), config.ema_decay, ema_device, not config.ema_foreach_disable)
+                    if config.use_ema else None)  # fmt: skip
+        self.loader = TrainLoader(self.index, self.planner, rank=self.rank, world=self.world, shared_text=self.shared,
+                                  empty_key=cache_manifest["embeds"]["empty"],
+                                  caption_dropout=config.caption_dropout_probability, seed=self.seed,
+                                  prefetch=config.dataloader_prefetch_qlen if config.dataloader_prefetch else 0)  # fmt: skip
+        self.checkpoints_dir = out_dir / "checkpoints"
+        self.state = RunState()
+        self.has_validation = False  # set by the stage; every process must agree
+
+    # ---------------------------------------------------------------------------------------------- helpers
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _named_trainable(self) -> dict[str, Any]:
+        params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        return {n: params[n] for n in self.trainable_names}
+
+    def _rank_state(self) -> dict[str, Any]:
+        from .state_io import generator_state, rng_state
+
+        return {"rng": rng_state(), "generator": generator_state(self.generator)}
+
+    def save_checkpoint(self, kind: str = "checkpoint") -> Path | None:
+        name = f"{kind}-{self.state.step}"
+        if self.is_main:
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            begin_checkpoint(self.checkpoints_dir, name)
+        self.accelerator.wait_for_everyone()
+        save_rank_state(self.checkpoints_dir / f"{name}.tmp", self.rank, self._rank_state())
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main:
+            info = {"step": self.state.step, "cursor": self.state.cursor.as_dict(), "world": self.world,
+                    "plan": self.planner.fingerprint(), "model_type": self.config.model_type,
+                    "family": self.family.name, "last_loss": self.state.last_loss}  # fmt: skip
+            parts = {
+                "weights": adapters.trainable_state(self.unwrapped, self.config),
+                "ema": self.ema.state() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.lr_scheduler.state_dict(),
+            }
+            path = finish_checkpoint(self.checkpoints_dir, name, parts, info)
+            if kind == "checkpoint":
+                prune(self.checkpoints_dir, "checkpoint", self.config.checkpoints_total_limit)
+            else:
+                prune(self.checkpoints_dir, "rolling", self.config.checkpoints_rolling_total_limit)
+            log.info("saved %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self) -> None:
+        from .state_io import set_generator_state, set_rng_state
+
+        path = resolve_resume(self.config.resume_from_checkpoint, self.checkpoints_dir, self.base_dir)
+        if path is None:
+            return
+        loaded = read_checkpoint(path)
+        info = loaded["info"]
+        if info.get("model_type") != self.config.model_type or info.get("family") != self.family.name:
+            raise InputError(f"checkpoint {path} is a {info.get('family')} {info.get('model_type')} run; this run is "
+                             f"{self.family.name} {self.config.model_type}")  # fmt: skip
+        adapters.load_trainable_state(self.unwrapped, loaded["weights"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.lr_scheduler.load_state_dict(loaded["scheduler"])
+        if self.ema and loaded["ema"]:
+            self.ema.load(loaded["ema"])
+        state = loaded["ranks"].get(self.rank)
+        if state is not None and info.get("world") == self.world:
+            set_rng_state(state["rng"])
+            set_generator_state(self.generator, state["generator"])
+        else:
+            log.warning("checkpoint %s was written by %s process(es), this run has %d: random streams restart, so "
+                        "noise and timesteps differ from an uninterrupted run", path, info.get("world"), self.world)
+        if info.get("plan") != self.planner.fingerprint():
+            log.warning("the data plan changed since %s (seed, cache or global batch size differ): the order of "
+                        "batches from here on differs from the uninterrupted run", path.name)  # fmt: skip
+        self.state.step = int(info["step"])
+        self.state.cursor = Cursor(**info["cursor"])
+        self.state.last_loss = info.get("last_loss")
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.cursor.epoch,
+                 self.state.cursor.batch)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def _text(self, texts: list[dict[str, Any]]) -> dict[str, Any]:
+        collated = self.family.collate_text(texts)
+        return {k: v.to(self.device) for k, v in collated.items()}
+
+    def _forward_loss(self, latents, texts, meta, step: int, *, noised=None):
+        latents = latents.to(self.device)
+        if noised is None:
+            noised = self.objective.draw(latents, self.generator, step)
+        guidance = self.objective.guidance(latents.shape[0], self.generator) if noised is not None else None
+        with self.accelerator.autocast():
+            prediction = self.family.denoiser_forward(self.model, noised.noisy, noised.timesteps, self._text(texts),
+                                                      meta, guidance=_to(guidance, self.device))  # fmt: skip
+        return self.objective.loss(prediction.float(), noised, step)
+
+    def evaluate(self) -> float | None:
+        """Mean loss over a fixed set of samples at fixed timesteps and fixed noise."""
+        import torch
+
+        count = self.config.num_eval_images
+        if count <= 0:
+            return None
+        keys = sorted(self.index.samples)[:count]
+        from .data import SampleReader
+        from ..shards import unpack_tensors
+
+        reader = SampleReader()
+        losses = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for i, key in enumerate(keys):
+                    ref = self.index.samples[key]
+                    latent = unpack_tensors(reader.read(ref, "latent.safetensors.zst"))["latent"].float()[None]
+                    texts = self.loader._texts(ref, reader)[:1]
+                    g = torch.Generator(device="cpu").manual_seed(10_000 + i)
+                    for fraction in EVAL_FRACTIONS:
+                        noise = torch.randn(latent.shape, generator=g)
+                        noised = self.objective.fixed(latent.to(self.device), torch.tensor([fraction]),
+                                                      noise.to(self.device))  # fmt: skip
+                        guidance = self.objective.guidance(1, torch.Generator().manual_seed(0))
+                        with self.accelerator.autocast():
+                            prediction = self.family.denoiser_forward(
+                                self.model, noised.noisy, noised.timesteps, self._text(texts), [ref.meta],
+                                guidance=_to(guidance, self.device),
+                            )  # fmt: skip
+                        losses.append(float(self.objective.loss(prediction.float(), noised, self.state.step)))
+        finally:
+            reader.close()
+            self.model.train(was_training)
+        value = sum(losses) / len(losses)
+        return float(self.accelerator.reduce(torch.tensor(value, device=self.device), reduction="mean"))
+
+    def run(self, tracker, validator) -> RunState:
+        import torch
+
+        from .optim import clip_gradients, optimizer_eval_mode, optimizer_train_mode
+
+        config = self.config
+        self.resume()
+        state = self.state
+        if self.has_validation and state.step == 0 and not config.disable_benchmark:
+            self._validate(validator, tracker, "base")
+        if config.eval_steps_interval and state.step == 0:
+            state.first_eval = state.last_eval = self.evaluate()
+            if self.is_main and tracker:
+                tracker.log({"step": 0, "eval_loss": state.last_eval})
+        optimizer_train_mode(self.optimizer)
+        bar = progress_bar(total=self.total_steps, desc="train", unit="step", initial=state.step) if self.is_main \
+            else nullcontext()  # fmt: skip
+        micro = 0
+        losses: list[float] = []
+        step_started = time.perf_counter()
+        with _Signals() as signals, bar:
+            for batch in self.loader.iterate(state.cursor, self.epochs):
+                if state.step >= self.total_steps:
+                    break
+                last_micro = (micro + 1) % self.accum == 0
+                sync = nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.model)
+                with sync:
+                    loss = self._forward_loss(batch.latents, batch.texts, batch.meta, state.step)
+                    self.accelerator.backward(loss / self.accum)
+                losses.append(float(loss.detach()))
+                micro += 1
+                state.cursor = Cursor(batch.epoch, batch.index + 1)
+                if not last_micro:
+                    continue
+                grad_norm = clip_gradients([p for p in self.model.parameters() if p.requires_grad], config)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
+                state.step += 1
+                step_loss = float(self.accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=self.device),
+                                                          reduction="mean"))  # fmt: skip
+                losses = []
+                if not math.isfinite(step_loss):
+                    self._diverged(state)
+                if self.ema and state.step % max(1, config.ema_update_interval) == 0:
+                    self.ema.update(self._named_trainable())
+                elapsed = time.perf_counter() - step_started
+                step_started = time.perf_counter()
+                state.last_loss = step_loss
+                record = {"step": state.step, "epoch": batch.epoch, "loss": step_loss,
+                          "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "samples_per_s": config.train_batch_size * self.world * self.accum / max(elapsed, 1e-9)}  # fmt: skip
+                if config.eval_steps_interval and state.step % config.eval_steps_interval == 0:
+                    state.last_eval = self.evaluate()
+                    record["eval_loss"] = state.last_eval
+                if self.is_main:
+                    tracker.log(record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                    sps=f"{record['samples_per_s']:.1f}")  # fmt: skip
+                epoch_done = state.cursor.batch >= self.planner.batches_per_epoch() // self.accum * self.accum
+                self._periodic(state, validator, tracker, epoch_done, batch.epoch)
+                if signals.received:
+                    state.interrupted = signals.received
+                    optimizer_eval_mode(self.optimizer)
+                    self.save_checkpoint()
+                    break
+        optimizer_eval_mode(self.optimizer)
+        if state.interrupted is None and self.has_validation:
+            self._validate(validator, tracker, f"step-{state.step}")
+        if config.eval_steps_interval and state.interrupted is None and state.step % config.eval_steps_interval:
+            state.last_eval = self.evaluate()
+            if self.is_main:
+                tracker.log({"step": state.step, "eval_loss": state.last_eval})
+        return state
+
+    def _periodic(self, state: RunState, validator, tracker, epoch_done: bool, epoch: int) -> None:
+        config = self.config
+        at_epoch_end = epoch_done and config.checkpoint_epoch_interval and (epoch + 1) % config.checkpoint_epoch_interval == 0
+        if (config.checkpoint_step_interval and state.step % config.checkpoint_step_interval == 0) or at_epoch_end:
+            self.save_checkpoint()
+        elif config.checkpointing_rolling_steps and state.step % config.checkpointing_rolling_steps == 0:
+            self.save_checkpoint("rolling")
+        wants_validation = (config.validation_step_interval and state.step % config.validation_step_interval == 0) or (
+            epoch_done and config.validation_epoch_interval and (epoch + 1) % config.validation_epoch_interval == 0)
+        if self.has_validation and wants_validation and state.step < self.total_steps:
+            self._validate(validator, tracker, f"step-{state.step}")
+
+    def _validate(self, validator, tracker, label: str) -> None:
+        from .optim import optimizer_eval_mode, optimizer_train_mode
+
+        if not self.is_main:
+            self.accelerator.wait_for_everyone()
+            return
+        optimizer_eval_mode(self.optimizer)
+        was_training = self.model.training
+        self.unwrapped.eval()
+        try:
+            if self.ema is not None and self.config.ema_validation in ("ema_only", "comparison") and label != "base":
+                if self.config.ema_validation == "comparison":
+                    paths = validator.render(self.state.step, label)
+                    tracker.images(f"validation/{label}", paths, self.state.step)
+                with _swapped(self._named_trainable(), self.ema.state()):
+                    paths = validator.render(self.state.step, f"{label}-ema")
+                tracker.images(f"validation/{label}-ema", paths, self.state.step)
+            else:
+                paths = validator.render(self.state.step, label)
+                tracker.images(f"validation/{label}", paths, self.state.step)
+            self.state.validations.append(label)
+        finally:
+            self.unwrapped.train(was_training)
+            optimizer_train_mode(self.optimizer)
+        self.accelerator.wait_for_everyone()
+
+    def _diverged(self, state: RunState) -> None:
+        found = list_checkpoints(self.checkpoints_dir, "checkpoint")
+        last = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was saved before it"
+        raise TrainingDiverged(
+            f"the loss became NaN/Inf at step {state.step}; {last}. Try a lower learning_rate, max_grad_norm 1.0 with "
+            "grad_clip_method norm, mixed_precision bf16 instead of fp16, or check the cache with `st verify`"
+        )
+
+
+class _swapped:
+    """Temporarily load other weights (EMA) into the trainable parameters."""
+
+    def __init__(self, params: dict[str, Any], weights: dict[str, Any]) -> None:
+        self.params, self.weights, self.saved = params, weights, {}
+
+    def __enter__(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, param in self.params.items():
+                self.saved[name] = param.detach().clone()
+                param.copy_(self.weights[name].to(param.device, param.dtype))
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(self.saved[name])
+
+
+def _to(value, device):
+    return None if value is None else value.to(device)

@@ -1,0 +1,159 @@
+"""Validation images: the family's diffusers pipeline with the weights being trained, prompts from the cache.
+
+Prompt embeddings come from the cache's shared embeddings (st cache stores `validation_prompt`,
+`validation_negative_prompt`, the prompts of `user_prompt_library` and the empty prompt), so no text encoder is loaded
+while training. Images are seeded (`validation_seed`, else `seed`) and saved as PNGs plus one grid per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..families import Family, load_components
+from ..log import get_logger
+
+log = get_logger("train")
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ValidationPrompt:
+    name: str
+    text: str
+
+
+def parse_resolutions(value: str, alignment: int) -> list[tuple[int, int]]:
+    """`validation_resolution`: "1024", "1024x768" or several separated by commas -> [(W, H)], aligned down."""
+    sizes = []
+    for part in (p.strip() for p in str(value).split(",") if p.strip()):
+        match = re.fullmatch(r"(\d+)(?:x(\d+))?", part)
+        if not match:
+            raise ConfigError(f"validation_resolution {value!r}: {part!r} is not WxH or a number")
+        width = int(match.group(1))
+        height = int(match.group(2) or width)
+        sizes.append((max(alignment, width // alignment * alignment), max(alignment, height // alignment * alignment)))
+    return sizes
+
+
+def prompts_from(config, base: Path) -> list[ValidationPrompt]:
+    """validation_prompt plus the entries of user_prompt_library (a JSON object {shortname: prompt})."""
+    found = []
+    if config.validation_prompt:
+        found.append(ValidationPrompt("validation", config.validation_prompt))
+    if config.user_prompt_library:
+        path = Path(config.user_prompt_library)
+        path = path if path.is_absolute() else base / path
+        try:
+            library = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"user_prompt_library {path} cannot be read as JSON: {exc}") from None
+        if not isinstance(library, dict):
+            raise ConfigError(f"user_prompt_library {path} must be a JSON object of shortname -> prompt")
+        for name, text in library.items():
+            found.append(ValidationPrompt(re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)), str(text)))
+    return found
+
+
+def library_prompts(config, base: Path) -> list[str]:
+    """All prompt texts validation needs (the cache stage stores their embeddings)."""
+    texts = [p.text for p in prompts_from(config, base)]
+    if config.validation_negative_prompt is not None:
+        texts.append(config.validation_negative_prompt)
+    return texts
+
+
+class Validator:
+    """Builds the family pipeline around the live denoiser once, then renders prompts at each validation."""
+
+    def __init__(self, family: Family, config, *, source: str, vae_source: str | None, denoiser, prompts,
+                 embeds: dict[str, dict[str, Any]], out_dir: Path, device) -> None:  # fmt: skip
+        self.family, self.config, self.out_dir, self.device = family, config, out_dir, device
+        self.prompts = prompts
+        self.embeds = embeds
+        parts = load_components(family, source, vae_source=vae_source, which=("vae", "scheduler"))
+        pipeline_class = family.load_pipeline_class()
+        scheduler = parts["scheduler"]
+        if config.validation_noise_scheduler:
+            import diffusers
+
+            scheduler = getattr(diffusers, SCHEDULERS[config.validation_noise_scheduler]).from_config(scheduler.config)
+        components = {family.denoiser.subfolder: denoiser, "vae": parts["vae"].to(device), "scheduler": scheduler}
+        for spec in family.text_encoders:
+            components[spec.model.subfolder] = None
+            components[spec.tokenizer.subfolder] = None
+        accepted = inspect.signature(pipeline_class.__init__).parameters
+        components = {k: v for k, v in components.items() if k in accepted}
+        for name, param in accepted.items():
+            if name not in components and name != "self" and param.default is inspect.Parameter.empty:
+                components[name] = None
+        self.pipe = pipeline_class(**components)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.call_params = set(inspect.signature(self.pipe.__call__).parameters)
+        self.sizes = parse_resolutions(config.validation_resolution, family.bucket_alignment)
+
+    def _prompt_kwargs(self, positive: dict[str, Any], negative: dict[str, Any] | None) -> dict[str, Any]:
+        names = {"prompt_embeds": "prompt_embeds", "pooled_prompt_embeds": "pooled_prompt_embeds",
+                 "attention_mask": "prompt_attention_mask"}  # fmt: skip
+        kwargs = {}
+        pos = self.family.collate_text([positive])
+        for key, value in pos.items():
+            name = names.get(key, key)
+            if name in self.call_params:
+                kwargs[name] = value.to(self.device, dtype=value.dtype if not value.is_floating_point() else
+                                        self.pipe.vae.dtype)  # fmt: skip
+        if negative is not None:
+            neg = self.family.collate_text([negative])
+            for key, value in neg.items():
+                name = "negative_" + names.get(key, key)
+                if name in self.call_params:
+                    kwargs[name] = value.to(self.device, dtype=value.dtype if not value.is_floating_point() else
+                                            self.pipe.vae.dtype)  # fmt: skip
+        return kwargs
+
+    def render(self, step: int, label: str) -> list[Path]:
+        """Images for every prompt and resolution; returns the PNG paths (the grid last)."""
+        import torch
+
+        from .grid import image_grid
+
+        config = self.config
+        folder = self.out_dir / label
+        folder.mkdir(parents=True, exist_ok=True)
+        negative_text = config.validation_negative_prompt if config.validation_negative_prompt is not None else ""
+        negative = self.embeds.get(negative_text)
+        seed = config.validation_seed if config.validation_seed is not None else (config.seed or 0)
+        paths: list[Path] = []
+        for prompt in self.prompts:
+            for width, height in self.sizes:
+                kwargs = self._prompt_kwargs(self.embeds[prompt.text], negative)
+                extra = {"num_inference_steps": config.validation_num_inference_steps,
+                         "guidance_scale": config.validation_guidance, "height": height, "width": width,
+                         "num_images_per_prompt": config.num_validation_images, "output_type": "pil",
+                         "generator": torch.Generator(device="cpu").manual_seed(seed)}  # fmt: skip
+                if config.validation_guidance_rescale and "guidance_rescale" in self.call_params:
+                    extra["guidance_rescale"] = config.validation_guidance_rescale
+                if "use_resolution_binning" in self.call_params:
+                    extra["use_resolution_binning"] = False
+                with torch.no_grad():
+                    images = self.pipe(**kwargs, **extra).images
+                for i, image in enumerate(images):
+                    path = folder / f"{prompt.name}-{width}x{height}-{i}.png"
+                    image.save(path)
+                    paths.append(path)
+        if paths:
+            grid = folder / "grid.png"
+            image_grid(paths, columns=max(1, config.num_validation_images * len(self.sizes))).save(grid)
+            paths.append(grid)
+        log.info("validation: %d image(s) at step %d -> %s", len(paths) - 1, step, folder)
+        return paths
