@@ -26,3 +26,15 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s" if verbose else "%(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
+
+
+def quiet_libraries() -> None:
+    """st's own progress bars and log lines are enough: silence diffusers' and transformers' per-file bars and
+    advisory warnings (set `-v` to see st's debug log)."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()

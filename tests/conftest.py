@@ -41,6 +41,22 @@ def write_config(folder: Path, datasets: list[dict], **options) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine extra threads make them
+    many times slower; byte-for-byte comparisons with subprocesses also assume one thread (OMP_NUM_THREADS=1)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def cli():
     """Invoke the `st` app in-process; returns the click Result (exit_code, stdout, stderr)."""

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import InputError
 from ..families import Family, load_components, vae_factors
 from ..hashing import sha256_bytes
-from ..log import get_logger
+from ..log import get_logger, quiet_libraries
 
 log = get_logger("cache")
 
@@ -51,7 +51,7 @@ class Encoders:
     loaded: list[str] = field(default_factory=list)
 
     def _load(self, which: tuple[str, ...], dtype=None) -> dict[str, Any]:
-        _quiet_libraries()
+        quiet_libraries()
         return load_components(self.family, self.source, vae_source=self.vae_source, t5_source=self.t5_source,
                                revision=self.revision, variant=self.variant, dtype=dtype, which=which)  # fmt: skip
 
@@ -111,17 +111,6 @@ class Encoders:
             )
         return {"scaling_factor": scale, "shift_factor": shift, "latent_channels": channels, "dtype": self.vae_dtype,
                 "class": type(vae).__name__}  # fmt: skip
-
-
-def _quiet_libraries() -> None:
-    """Our own progress bar and log lines are enough: silence the libraries' per-file loading bars."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 def _empty_cache() -> None:

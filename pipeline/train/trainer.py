@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 from ..errors import InputError, UserError
 from ..families import Family, load_components
-from ..log import get_logger
+from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
 from . import adapters
 from .checkpoint import (
@@ -82,6 +83,7 @@ class Trainer:
         import torch
         from accelerate import Accelerator
 
+        quiet_libraries()
         self.config, self.family, self.out_dir = config, family, out_dir
         self.source, self.vae_source, self.base_dir = source, vae_source, base_dir
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
@@ -290,10 +292,13 @@ class Trainer:
         micro = 0
         losses: list[float] = []
         step_started = time.perf_counter()
-        with _Signals() as signals, bar:
+        order_log = self._open_order_log()
+        with _Signals() as signals, bar, order_log:
             for batch in self.loader.iterate(state.cursor, self.epochs):
                 if state.step >= self.total_steps:
                     break
+                order_log.write(json.dumps({"step": state.step + 1, "epoch": batch.epoch, "batch": batch.index,
+                                            "keys": batch.keys, "dropped": batch.dropped}) + "\n")  # fmt: skip
                 last_micro = (micro + 1) % self.accum == 0
                 sync = nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.model)
                 with sync:
@@ -338,6 +343,8 @@ class Trainer:
                     self.save_checkpoint()
                     break
         optimizer_eval_mode(self.optimizer)
+        with open(self._order_log_path(), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": state.step, "weights_sha256": self.weights_digest()}) + "\n")
         if state.interrupted is None and self.has_validation:
             self._validate(validator, tracker, f"step-{state.step}")
         if config.eval_steps_interval and state.interrupted is None and state.step % config.eval_steps_interval:
@@ -345,6 +352,32 @@ class Trainer:
             if self.is_main:
                 tracker.log({"step": state.step, "eval_loss": state.last_eval})
         return state
+
+    def _order_log_path(self) -> Path:
+        return self.out_dir / "logs" / f"data-rank{self.rank}.jsonl"
+
+    def _open_order_log(self):
+        """Which samples this process trained on at each step (an audit trail; trimmed to the resume step)."""
+        path = self._order_log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.is_file() and self.state.step > 0:
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                if "keys" in record and record["step"] <= self.state.step:
+                    kept.append(line)
+        path.write_text("".join(k + "\n" for k in kept))
+        return open(path, "a", encoding="utf-8")
+
+    def weights_digest(self) -> str:
+        """sha256 over the trainable weights' bytes (equal on every process of a correct data-parallel run)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, param in sorted(self._named_trainable().items()):
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def _periodic(self, state: RunState, validator, tracker, epoch_done: bool, epoch: int) -> None:
         config = self.config

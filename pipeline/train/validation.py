@@ -33,8 +33,9 @@ class ValidationPrompt:
     text: str
 
 
-def parse_resolutions(value: str, alignment: int) -> list[tuple[int, int]]:
-    """`validation_resolution`: "1024", "1024x768" or several separated by commas -> [(W, H)], aligned down."""
+def parse_resolutions(value: str, alignment: int = 16) -> list[tuple[int, int]]:
+    """`validation_resolution`: "1024", "1024x768" or several separated by commas -> [(W, H)], rounded down to a
+    multiple of 16 (what every family's VAE and patch size divide)."""
     sizes = []
     for part in (p.strip() for p in str(value).split(",") if p.strip()):
         match = re.fullmatch(r"(\d+)(?:x(\d+))?", part)
@@ -42,7 +43,9 @@ def parse_resolutions(value: str, alignment: int) -> list[tuple[int, int]]:
             raise ConfigError(f"validation_resolution {value!r}: {part!r} is not WxH or a number")
         width = int(match.group(1))
         height = int(match.group(2) or width)
-        sizes.append((max(alignment, width // alignment * alignment), max(alignment, height // alignment * alignment)))
+        size = (max(alignment, width // alignment * alignment), max(alignment, height // alignment * alignment))
+        if size not in sizes:
+            sizes.append(size)
     return sizes
 
 
@@ -100,7 +103,7 @@ class Validator:
         self.pipe = pipeline_class(**components)
         self.pipe.set_progress_bar_config(disable=True)
         self.call_params = set(inspect.signature(self.pipe.__call__).parameters)
-        self.sizes = parse_resolutions(config.validation_resolution, family.bucket_alignment)
+        self.sizes = parse_resolutions(config.validation_resolution)
 
     def _prompt_kwargs(self, positive: dict[str, Any], negative: dict[str, Any] | None) -> dict[str, Any]:
         names = {"prompt_embeds": "prompt_embeds", "pooled_prompt_embeds": "pooled_prompt_embeds",
