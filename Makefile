@@ -31,6 +31,7 @@ $(DEMO)/data/config.json: | $(DEMO)/model/model_index.json
 demo: $(DEMO)/data/config.json
 	$(ST) prepare --config $(DEMO)/data/config.json --output $(DEMO)/prepare
 	$(ST) cache --config $(DEMO)/data/config.json --input $(DEMO)/prepare --output $(DEMO)/cache
+	$(ST) train --config $(DEMO)/data/config.json --input $(DEMO)/cache --output $(DEMO)/train
 
 bench:
 	$(BIN)/python bench/prepare.py

@@ -13,6 +13,21 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(LOGGER_NAME if not name else f"{LOGGER_NAME}.{name}")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (test runners and CLI runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ARG002 - always the current stderr
+        pass
+
+
 def configure(verbose: bool = False, quiet: bool = False) -> None:
     """Send st's log records to stderr, once per process."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -21,7 +36,7 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
     for handler in list(logger.handlers):
         if getattr(handler, "_st_handler", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler._st_handler = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s" if verbose else "%(message)s"))
     logger.addHandler(handler)

@@ -94,6 +94,14 @@ def write_sample_dataset(
     }
     if family:
         config["--model_family"] = family
+        # A short LoRA run that shows learning on a CPU in about a minute, with validation and checkpoints.
+        config.update({
+            "--model_type": "lora", "--lora_rank": 8, "--learning_rate": 1e-3, "--max_train_steps": 30,
+            "--checkpoint_step_interval": 10, "--checkpoints_total_limit": 2, "--eval_steps_interval": 10,
+            "--num_eval_images": 4, "--validation_prompt": "a red circle on a white background",
+            "--validation_negative_prompt": "", "--validation_resolution": "96", "--validation_step_interval": 15,
+            "--validation_num_inference_steps": 4, "--validation_guidance": 3.0, "--num_validation_images": 1,
+        })  # fmt: skip
     if model is not None:
         config["--pretrained_model_name_or_path"] = os.path.relpath(Path(model).resolve(), out_dir.resolve())
     config_path = out_dir / "config.json"

@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import ConfigError, InputError
 from ..families import Family
 from ..log import get_logger
+from ..tensorfile import normalise_file
 
 log = get_logger("train")
 
@@ -104,11 +105,15 @@ def save_final(denoiser, config, family: Family, out_dir: Path) -> list[Path]:
     if config.model_type == "full":
         target = out_dir / family.denoiser.subfolder
         denoiser.save_pretrained(target, safe_serialization=True)
+        for weights in target.rglob("*.safetensors"):
+            normalise_file(weights)
         return sorted(p for p in target.rglob("*") if p.is_file())
     from peft import get_peft_model_state_dict
 
     family.save_lora(out_dir, get_peft_model_state_dict(denoiser), config=lora_config(config, family))
-    return [out_dir / "pytorch_lora_weights.safetensors"]
+    path = out_dir / "pytorch_lora_weights.safetensors"
+    normalise_file(path)
+    return [path]
 
 
 class EMA:

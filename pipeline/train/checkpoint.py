@@ -18,6 +18,7 @@ from ..errors import InputError, UserError
 from ..fsutil import atomic_write_text, fsync_dir
 from ..hashing import sha256_file
 from ..log import get_logger
+from ..tensorfile import save_tensors
 
 log = get_logger("train")
 
@@ -41,9 +42,7 @@ def list_checkpoints(folder: Path, kind: str | None = None) -> list[tuple[int, P
 
 
 def _save_tensors(path: Path, tensors: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    save_tensors(path, tensors)
 
 
 def begin_checkpoint(folder: Path, name: str) -> Path:
