@@ -134,7 +134,8 @@ class Config:
     flow_use_beta_schedule: bool = opt(False, TRAIN)
     flow_beta_schedule_alpha: float = opt(2.0, TRAIN)
     flow_beta_schedule_beta: float = opt(2.0, TRAIN)
-    flow_schedule_shift: float | None = opt(None, TRAIN, help="Timestep shift; default: the family's (1.0, SD3 3.0).")
+    flow_schedule_shift: float | None = opt(None, TRAIN,
+                                            help="Timestep shift; default: the family's (SD3 3.0, others 1.0).")
     flow_schedule_auto_shift: bool = opt(False, TRAIN)
     flux_guidance_mode: str = opt("constant", TRAIN, choices=("constant", "random-range"))
     flux_guidance_value: float = opt(1.0, TRAIN)
@@ -200,7 +201,7 @@ class Config:
     resume_from_checkpoint: str | None = opt(None, TRAIN, output=False, help="A checkpoint folder, or 'latest'.")
 
     # Validation, evaluation, tracking.
-    user_prompt_library: str | None = opt(None, TRAIN, help="JSON file of {shortname: prompt}.")
+    user_prompt_library: str | None = opt(None, CACHE, TRAIN, help="JSON file of {shortname: prompt}.")
     num_validation_images: int = opt(1, TRAIN)
     validation_step_interval: int | None = opt(None, TRAIN, output=False)
     validation_epoch_interval: int | None = opt(None, TRAIN, output=False)

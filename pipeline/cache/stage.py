@@ -158,8 +158,10 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> _Context:
     }  # fmt: skip
     stage_config = {k: v for k, v in config.stage_keys(CACHE).items() if k not in _KEY_EXCLUDED}
     stripped = {part: ([_strip(i) for i in v] if isinstance(v, list) else _strip(v)) for part, v in model.items()}
+    # The prompt texts (not just the user_prompt_library path) decide what the shared embeddings hold.
     key = sha256_json({"format": FORMAT_VERSION, "parent": parent["digest"], "config": stage_config,
-                       "model": stripped, "vae_dtype": vae_dtype})  # fmt: skip
+                       "model": stripped, "vae_dtype": vae_dtype,
+                       "prompts": sorted(validation_prompt_texts(loaded))})  # fmt: skip
     roots = {d["id"]: d["root"] for d in parent["datasets"]}
     return _Context(loaded, family, parent, parent_path, rows, roots, model, settings, stage_config, key)
 
@@ -443,6 +445,13 @@ def _remove_stale(out_dir: Path, manifest: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------------- run
 
 
+def validation_prompt_texts(loaded: LoadedConfig) -> list[str]:
+    """Prompts st train renders at validation: their embeddings are cached once in the shared embeds file."""
+    from ..train.validation import library_prompts
+
+    return library_prompts(loaded.config, loaded.base_dir)
+
+
 def _parse_part(part: str | None) -> tuple[int, int] | None:
     if part is None:
         return None
@@ -474,7 +483,7 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
             log.info("cache: running because %s", reason)
 
     latent_id, text_id = identities(ctx.model, ctx.settings)
-    extra = [p for p in (config.validation_prompt, config.validation_negative_prompt) if p is not None]
+    extra = validation_prompt_texts(loaded)
     plan = build_plan(ctx.rows, latent_identity=latent_id, text_identity=text_id, shard_samples=config.cache_shard_samples,
                       extra_prompts=extra, compression_level=config.cache_compression_level)  # fmt: skip
     _check_sources(ctx, plan, out_dir)
@@ -602,7 +611,7 @@ def merge_parts(loaded: LoadedConfig, input_path: Path, parts: list[Path], out_d
     ctx = build_context(loaded, input_path)
     config = loaded.config
     latent_id, text_id = identities(ctx.model, ctx.settings)
-    extra = [p for p in (config.validation_prompt, config.validation_negative_prompt) if p is not None]
+    extra = validation_prompt_texts(loaded)
     plan = build_plan(ctx.rows, latent_identity=latent_id, text_identity=text_id, shard_samples=config.cache_shard_samples,
                       extra_prompts=extra, compression_level=config.cache_compression_level)  # fmt: skip
     seen: set[int] = set()
