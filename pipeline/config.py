@@ -221,6 +221,30 @@ class Config:
     tracker_project_name: str = opt("st", TRAIN, output=False)
     tracker_run_name: str | None = opt(None, TRAIN, output=False)
 
+    # Publishing.
+    lora_format: str = opt("diffusers", PUBLISH, choices=("diffusers", "comfyui"))
+    publishing_config: Any = opt(None, PUBLISH, output=False,
+                                 help="Upload targets: JSON text, a dict, or a JSON file path (provider s3, ...).")
+    push_to_hub: bool = opt(False, PUBLISH, TRAIN, output=False)
+    push_checkpoints_to_hub: bool = opt(False, TRAIN, output=False)
+    push_to_hub_background: bool = opt(False, PUBLISH, TRAIN, output=False)
+    hub_model_id: str | None = opt(None, PUBLISH, TRAIN)
+    model_card_note: str | None = opt(None, PUBLISH)
+    model_card_safe_for_work: bool = opt(False, PUBLISH)
+    model_card_private: bool = opt(False, PUBLISH)
+    license: str = opt("other", PUBLISH, help="License id for the model card (the base model's terms apply).")
+
+    # Notifications and hooks.
+    webhook_config: Any = opt(None, PREPARE, CACHE, TRAIN, PUBLISH, output=False,
+                              help="Webhook targets: JSON text, a list/dict, or a JSON file path.")
+    webhook_reporting_interval: float = opt(60.0, TRAIN, output=False)
+    post_checkpoint_script: str | None = opt(None, TRAIN, output=False)
+    post_upload_script: str | None = opt(None, TRAIN, PUBLISH, output=False)
+    validation_method: str = opt("simpletuner-local", TRAIN, output=False,
+                                 choices=("simpletuner-local", "external-script"))
+    validation_external_script: str | None = opt(None, TRAIN, output=False)
+    validation_external_background: bool = opt(False, TRAIN, output=False)
+
     def stage_keys(self, stage: str, *, outputs_only: bool = True) -> dict[str, Any]:
         """The options `stage` reads (by default only those that can change its outputs), resolved."""
         keys = {}
@@ -283,6 +307,8 @@ _FALSE = {"false", "no", "0", "off"}
 
 
 def _convert(value: Any, kind: type) -> Any:
+    if kind is Any:
+        return value
     if kind is bool:
         if isinstance(value, bool):
             return value
