@@ -128,6 +128,7 @@ class EpochPlanner:
         self.sampling = sampling
         self.digest = index.manifest["digest"]
         self._cache: dict[int, list[PlannedBatch]] = {}
+        self._count = len(self._plan(0))  # every epoch has the same number of batches
 
     def fingerprint(self) -> dict[str, Any]:
         return {"seed": self.seed, "cache_digest": self.digest, "global_batch": self.global_batch,
@@ -139,7 +140,7 @@ class EpochPlanner:
         return self._cache[epoch]
 
     def batches_per_epoch(self) -> int:
-        return len(self.epoch(0))
+        return self._count
 
     def _plan(self, epoch: int) -> list[PlannedBatch]:
         rng = random.Random(f"{self.seed}:{epoch}:{self.digest}")

@@ -100,8 +100,11 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     for reason in reasons:
         log.info("train: running because %s", reason)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if previous.manifest is not None and not resuming:
+    if not resuming:
+        # A fresh run owns its folder's outputs: no manifest, images or final weights of an earlier run stay behind.
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        for stale in ("validation", "final"):
+            shutil.rmtree(out_dir / stale, ignore_errors=True)
 
     from .tracking import Tracker
     from .trainer import Trainer

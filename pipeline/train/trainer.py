@@ -121,6 +121,7 @@ class Trainer:
                 f"({sizes}); lower train_batch_size, or re-run `st prepare` with allow_dataset_oversubscription"
             )
         self.accum = max(1, config.gradient_accumulation_steps)
+        self.micro_per_epoch = micro_per_epoch
         self.steps_per_epoch = max(1, micro_per_epoch // self.accum)
         self.total_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
         self.epochs = max(config.num_train_epochs, math.ceil(self.total_steps / self.steps_per_epoch))
@@ -335,7 +336,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
                                     sps=f"{record['samples_per_s']:.1f}")  # fmt: skip
-                epoch_done = state.cursor.batch >= self.planner.batches_per_epoch() // self.accum * self.accum
+                epoch_done = state.cursor.batch >= self.micro_per_epoch // self.accum * self.accum
                 self._periodic(state, validator, tracker, epoch_done, batch.epoch)
                 if signals.received:
                     state.interrupted = signals.received
