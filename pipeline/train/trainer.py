@@ -86,6 +86,7 @@ class Trainer:
         quiet_libraries()
         self.config, self.family, self.out_dir = config, family, out_dir
         self.source, self.vae_source, self.base_dir = source, vae_source, base_dir
+        _reset_accelerator_state()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -420,11 +421,21 @@ class Trainer:
 
     def _diverged(self, state: RunState) -> None:
         found = list_checkpoints(self.checkpoints_dir, "checkpoint")
-        last = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was saved before it"
+        last = (f"the latest checkpoint is {found[-1][1]} (if its weights had already begun to diverge, resume from an "
+                "earlier one)" if found else "no checkpoint was saved before it")  # fmt: skip
         raise TrainingDiverged(
             f"the loss became NaN/Inf at step {state.step}; {last}. Try a lower learning_rate, max_grad_norm 1.0 with "
-            "grad_clip_method norm, mixed_precision bf16 instead of fp16, or check the cache with `st verify`"
+            "grad_clip_method norm, or mixed_precision bf16 instead of fp16"
         )
+
+
+def _reset_accelerator_state() -> None:
+    """Let one process run several trainings with different settings (notebooks, tests): accelerate keeps its
+    mixed-precision state in a process-wide singleton and refuses a second Accelerator that differs."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 class _swapped:

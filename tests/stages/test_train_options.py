@@ -1,0 +1,354 @@
+"""`st train` options as a user notices them: EMA, interruption and resume, checkpoint limits, divergence, init_lora,
+prediction type, optimizers, LR schedules, mixed precision, accumulation, caption dropout, Flux options, trackers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError, NotSupportedError, UserError
+from pipeline.train.checkpoint import list_checkpoints, read_checkpoint
+from pipeline.train.trainer import TrainingDiverged
+from tests.stages.test_train import QUICK, _setup, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A cached 8-image dataset per family (tiny model), built on first use and shared by this module."""
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in built:
+            root = tmp_path_factory.mktemp(f"options-{family}")
+            built[family] = (root, _setup(root, family))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def baseline(data, tmp_path_factory):
+    """A plain 2-step sd1x LoRA run (QUICK options: seed unset -> 0, epsilon, adamw_bf16, report_to none)."""
+    root, config = data("sd1x")
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    train(config, root / "cache", out)
+    return out
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
+
+
+def _data_log(out: Path) -> list[dict]:
+    lines = (out / "logs" / "data-rank0.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "keys" in r]
+
+
+def _load(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------------------------- EMA
+
+
+def test_ema_weights_are_saved_and_validated_side_by_side(data, tmp_path):
+    import torch
+
+    root, config = data("sd1x")
+    out = tmp_path / "out"
+    train(config, root / "cache", out, "use_ema=true", "ema_decay=0.5", "checkpoint_step_interval=2",
+          "validation_disable=false", 'ema_validation="comparison"', 'validation_resolution="64"',
+          "validation_num_inference_steps=1")  # fmt: skip
+    ema = _load(out / "final" / "ema_weights.safetensors")
+    trained = _load(out / "checkpoints" / "checkpoint-2" / "weights.safetensors")  # the trainable weights by name
+    assert ema and set(ema) == set(trained)
+    final = _load(out / "final" / "pytorch_lora_weights.safetensors")
+    # peft names `x.lora_A.default.weight`; the diffusers file names it `unet.x.lora_A.weight`.
+    as_final = {f"unet.{name.replace('.default', '')}": name for name in ema}
+    assert set(as_final) == set(final)
+    for key, name in as_final.items():
+        assert ema[name].shape == final[key].shape
+    assert any(not torch.equal(ema[name], final[key]) for key, name in as_final.items())
+    # After 2 steps, lora_B (zero at init) has moved in the trained weights and lagged behind in the EMA.
+    b_keys = [k for k in as_final if ".lora_B." in k]
+    assert b_keys and all(not torch.equal(ema[as_final[k]], final[k]) for k in b_keys)
+    checkpoint = read_checkpoint(out / "checkpoints" / "checkpoint-2")
+    assert checkpoint["ema"] is not None and set(checkpoint["ema"]) == set(ema)
+
+    validation = out / "validation"
+    assert sorted(p.name for p in validation.iterdir()) == ["step-2", "step-2-ema"]
+    for label in ("step-2", "step-2-ema"):
+        assert (validation / label / "grid.png").is_file()
+        assert (validation / label / "validation-64x64-0.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- SIGINT and resume
+
+
+def _cli(config: Path, cache: Path, out: Path, *sets: str) -> list[str]:
+    args = [sys.executable, "-m", "pipeline.cli", "train", "-c", str(config), "-i", str(cache), "-o", str(out)]
+    for item in [*QUICK, *sets]:
+        args += ["--set", item]
+    return args
+
+
+def test_sigint_saves_a_checkpoint_and_the_run_resumes_from_it(data, tmp_path):
+    root, config = data("sd1x")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli(config, root / "cache", out, "max_train_steps=5000"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None, f"train exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no metrics line within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "resume_from_checkpoint" in stdout + stderr
+    found = list_checkpoints(out / "checkpoints")
+    assert len(found) == 1, found
+    step, folder = found[0]
+    assert folder.name == f"checkpoint-{step}" and step >= 1 and (folder / "manifest.json").is_file()
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert read_checkpoint(folder)["info"]["step"] == step
+    assert not (out / "manifest.json").exists()  # an interrupted run is not a finished one
+    before, seen = _losses(out), _data_log(out)
+    assert sorted(before) == list(range(1, step + 1))
+    assert [r["step"] for r in seen] == list(range(1, step + 1))
+
+    resumed = train(config, root / "cache", out, f"max_train_steps={step + 2}", 'resume_from_checkpoint="latest"')
+    assert resumed.manifest["metrics"]["steps"] == step + 2
+    records = [r["step"] for r in _records(out) if "loss" in r]
+    assert records == list(range(1, step + 3))  # continues at step + 1: no gap, no repeat
+    after = _losses(out)
+    assert {s: after[s] for s in before} == before
+    log = _data_log(out)
+    assert [r["step"] for r in log] == list(range(1, step + 3))
+    assert log[:step] == seen
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint limits
+
+
+def test_checkpoint_limits_keep_the_newest(data, tmp_path):
+    root, config = data("sd1x")
+    result = train(config, root / "cache", tmp_path / "limited", "max_train_steps=4", "checkpoint_step_interval=1",
+                   "checkpoints_total_limit=2")  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "limited" / "checkpoints").iterdir())
+    assert names == ["checkpoint-3", "checkpoint-4"]
+    assert [c["step"] for c in result.manifest["checkpoints"]] == [3, 4]
+
+    train(config, root / "cache", tmp_path / "rolling", "max_train_steps=3", "checkpointing_rolling_steps=1",
+          "checkpoints_rolling_total_limit=2")  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "rolling" / "checkpoints").iterdir())
+    assert names == ["rolling-2", "rolling-3"]
+
+
+# ------------------------------------------------------------------------------------------------------ divergence
+
+
+def test_a_diverging_loss_stops_with_advice_and_keeps_the_checkpoint(data, tmp_path):
+    root, config = data("sd1x")
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDiverged) as caught:
+        train(config, root / "cache", out, "max_train_steps=6", "learning_rate=1e30", 'optimizer="adamw_bf16"',
+              "max_grad_norm=0", "checkpoint_step_interval=1")  # fmt: skip
+    assert isinstance(caught.value, UserError)
+    message = str(caught.value)
+    step = int(message.split("NaN/Inf at step ")[1].split(";")[0])
+    assert 1 <= step <= 6
+    assert "lower learning_rate" in message
+    found = list_checkpoints(out / "checkpoints")
+    assert [s for s, _ in found] == list(range(1, step))  # none for the diverged step
+    if found:
+        assert f"the latest checkpoint is {found[-1][1]}" in message
+        loaded = read_checkpoint(found[-1][1])
+        assert loaded["info"]["step"] == step - 1 and loaded["weights"]
+        assert math.isfinite(loaded["info"]["last_loss"])
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert not (out / "final").exists() and not (out / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------------- init_lora
+
+
+def test_init_lora_starts_from_the_given_weights(data, baseline, tmp_path):
+    import torch
+
+    root, config = data("sd1x")
+    start = _load(baseline / "final" / "pytorch_lora_weights.safetensors")
+    # lora_B starts at zero, so a fresh run's weights could not equal these.
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in start.items())
+    init = baseline / "final" / "pytorch_lora_weights.safetensors"
+    train(config, root / "cache", tmp_path / "out", f'init_lora="{init}"', "learning_rate=0")
+    end = _load(tmp_path / "out" / "final" / "pytorch_lora_weights.safetensors")
+    assert set(end) == set(start)
+    assert all(torch.equal(end[k], start[k]) for k in start)
+
+
+# ------------------------------------------------------------------------------------------ objective and optimizer
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_v_prediction_changes_the_objective(data, baseline, tmp_path):
+    root, config = data("sd1x")
+    logger = logging.getLogger("st")
+    handler, level = _Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        train(config, root / "cache", tmp_path / "out", 'prediction_type="v_prediction"')
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert any(m.startswith("objective: v_prediction") for m in handler.messages), handler.messages
+    v, epsilon = _losses(tmp_path / "out"), _losses(baseline)
+    assert sorted(v) == [1, 2] and all(math.isfinite(x) for x in v.values())
+    assert v[1] != epsilon[1]  # same seed, same batch and noise: only the target differs
+    # the same batches in the same order
+    assert [r["keys"] for r in _data_log(tmp_path / "out")] == [r["keys"] for r in _data_log(baseline)]
+
+
+@pytest.mark.parametrize("optimizer", ["prodigy", "adamw_schedulefree"])
+def test_other_optimizers_train(data, tmp_path, optimizer):
+    import torch
+
+    root, config = data("sd1x")
+    lr = 1.0 if optimizer == "prodigy" else 1e-3  # prodigy estimates the step size; learning_rate scales it
+    result = train(config, root / "cache", tmp_path / "out", f'optimizer="{optimizer}"', f"learning_rate={lr}")
+    assert result.manifest["metrics"]["steps"] == 2
+    losses = _losses(tmp_path / "out")
+    assert sorted(losses) == [1, 2] and all(math.isfinite(x) for x in losses.values())
+    weights = _load(tmp_path / "out" / "final" / "pytorch_lora_weights.safetensors")
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in weights.items())  # the weights moved
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_cosine_schedule_warms_up_then_decays(data, tmp_path):
+    root, config = data("sd1x")
+    train(config, root / "cache", tmp_path / "out", "max_train_steps=4", 'lr_scheduler="cosine"', "lr_warmup_steps=2",
+          "learning_rate=1e-4")  # fmt: skip
+    lrs = [r["lr"] for r in _records(tmp_path / "out") if "lr" in r]
+    assert len(lrs) == 4
+    assert lrs[0] < lrs[1]  # warming up
+    assert lrs[1] == pytest.approx(1e-4)  # warmup done: the full learning rate
+    assert lrs[1] > lrs[2] > lrs[3]  # then the cosine decays it
+
+
+def test_bf16_mixed_precision_trains_on_cpu(data, tmp_path):
+    # Through the CLI in its own process, as a user runs it: accelerate's AcceleratorState is a per-process
+    # singleton, so an in-process run with another mixed_precision would clash with the other tests' runs.
+    root, config = data("sd1x")
+    out = tmp_path / "out"
+    proc = subprocess.run(_cli(config, root / "cache", out, 'mixed_precision="bf16"'), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 2 and manifest["config"]["mixed_precision"] == "bf16"
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(x) and x > 0 for x in losses.values())
+
+
+def test_gradient_accumulation_consumes_two_batches_per_step(data, tmp_path):
+    root, config = data("sd1x")
+    result = train(config, root / "cache", tmp_path / "out", "gradient_accumulation_steps=2")
+    assert result.manifest["metrics"]["steps"] == 2
+    assert result.manifest["stats"]["batch_size"] == 2
+    records = _data_log(tmp_path / "out")
+    assert [r["step"] for r in records] == [1, 1, 2, 2]
+    assert len({tuple(r["keys"]) for r in records}) == 4  # four distinct batches
+    assert sorted(_losses(tmp_path / "out")) == [1, 2]
+
+
+def test_caption_dropout_one_drops_every_caption(data, tmp_path):
+    root, config = data("sd1x")
+    train(config, root / "cache", tmp_path / "out", "caption_dropout_probability=1.0")
+    records = _data_log(tmp_path / "out")
+    assert len(records) == 2
+    assert all(r["dropped"] and all(r["dropped"]) for r in records)
+
+
+def test_bnb_adamw8bit_on_cpu_is_not_supported(data, tmp_path, cli):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("bnb-adamw8bit is supported on CUDA")
+    root, config = data("sd1x")
+    with pytest.raises(NotSupportedError, match="bnb-adamw8bit needs CUDA"):
+        train(config, root / "cache", tmp_path / "out", 'optimizer="bnb-adamw8bit"')
+    sets = sum((["--set", s] for s in [*QUICK, 'optimizer="bnb-adamw8bit"']), [])
+    result = cli("train", "-c", config, "-i", root / "cache", "-o", tmp_path / "out2", *sets)
+    assert result.exit_code == 2
+    assert "bnb-adamw8bit needs CUDA" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------ Flux
+
+
+def test_flux_random_guidance_and_auto_shift_train(data, tmp_path):
+    root, config = data("flux")
+    result = train(config, root / "cache", tmp_path / "out", 'flux_guidance_mode="random-range"',
+                   "flux_guidance_min=1.0", "flux_guidance_max=4.0", "flow_schedule_auto_shift=true")  # fmt: skip
+    assert result.manifest["metrics"]["steps"] == 2 and result.manifest["family"] == "flux"
+    assert result.manifest["config"]["flux_guidance_mode"] == "random-range"
+    assert result.manifest["config"]["flow_schedule_auto_shift"] is True
+    losses = _losses(tmp_path / "out")
+    assert sorted(losses) == [1, 2] and all(math.isfinite(x) and x > 0 for x in losses.values())
+
+
+# -------------------------------------------------------------------------------------------------------- trackers
+
+
+def test_wandb_without_the_package_says_how_to_install_it(data, tmp_path):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    root, config = data("sd1x")
+    with pytest.raises(ConfigError, match="pip install"):
+        train(config, root / "cache", tmp_path / "out", 'report_to="wandb"')
+
+
+def test_report_to_none_writes_metrics_but_no_tensorboard_run(baseline):
+    assert sorted(_losses(baseline)) == [1, 2]
+    logs = baseline / "logs"
+    assert not [p for p in logs.iterdir() if p.is_dir()]  # no logs/<run_name> folder
+    assert not list(logs.rglob("events.out.tfevents.*"))
+
+
+def test_one_process_can_train_with_different_precisions(data, tmp_path):
+    """Library callers (notebooks) run several trainings in one process; accelerate's state must not leak."""
+    root, config = data("sd1x")
+    bf16 = train(config, root / "cache", tmp_path / "bf16", 'mixed_precision="bf16"')
+    plain = train(config, root / "cache", tmp_path / "plain", 'mixed_precision="no"')
+    assert bf16.manifest["config"]["mixed_precision"] == "bf16" and plain.manifest["metrics"]["steps"] == 2
