@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -72,13 +73,35 @@ def prepare(
         from .prepare.stage import run_prepare
         from .report import bucket_table, skipped_summary
 
-        result = run_prepare(load_config(config, set_), output, strict=strict, force=force)
+        loaded = load_config(config, set_)
+        with stage_notifications(loaded, "prepare"):
+            result = run_prepare(loaded, output, strict=strict, force=force)
         typer.echo(bucket_table(result.manifest))
         typer.echo(skipped_summary(result.manifest))
         state = "up to date" if result.up_to_date else "wrote"
         typer.echo(f"prepare: {state} {output / 'manifest.json'}")
 
     _guarded(body)
+
+
+@contextlib.contextmanager
+def stage_notifications(loaded, stage: str):
+    """Webhook events (start, finished, error) around a stage that has no finer-grained ones."""
+    from . import notify
+    from .distributed import rank_and_world
+
+    notifier = notify.Notifier.from_config(loaded.config, loaded.base_dir, stage=stage,
+                                           main_process=rank_and_world()[0] == 0)  # fmt: skip
+    notifier.start({"stage": stage})
+    try:
+        yield notifier
+    except BaseException as exc:
+        notifier.error(f"{stage} failed: {exc}")
+        raise
+    else:
+        notifier.finished({"stage": stage})
+    finally:
+        notifier.close(timeout=5)
 
 
 def _not_yet(stage: str) -> None:
@@ -119,7 +142,9 @@ def cache(
         from .report import cache_table
 
         _require(config=config, input=input, output=output)
-        result = run_cache(load_config(config, set_), input, output, part=part, force=force)
+        loaded = load_config(config, set_)
+        with stage_notifications(loaded, "cache"):
+            result = run_cache(loaded, input, output, part=part, force=force)
         if result.manifest is None:
             typer.echo(f"cache: part {part} written to {output} ({result.encoded} encoded, {result.reused} reused)")
             return

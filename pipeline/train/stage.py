@@ -106,9 +106,16 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
         for stale in ("validation", "final"):
             shutil.rmtree(out_dir / stale, ignore_errors=True)
 
+    from .. import notify
     from .tracking import Tracker
     from .trainer import Trainer
     from .validation import Validator
+
+    notify.check_hooks(config)
+    if config.push_to_hub:
+        from ..publish.targets import check_targets
+
+        check_targets(config, loaded.base_dir)  # fail now, not after hours of training
 
     shared = reader.shared_embeds()
     by_text = {text: shared[k] for k, text in cache["embeds"]["prompts"].items()}
@@ -130,12 +137,22 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
             validator = Validator(family, config, source=source, vae_source=vae_source, denoiser=trainer.unwrapped,
                                   prompts=prompts, embeds=by_text, out_dir=out_dir / "validation",
                                   device=trainer.device)  # fmt: skip
+    notifier = notify.Notifier.from_config(config, loaded.base_dir, stage="train", main_process=trainer.is_main)
+    trainer.notifier = notifier
+    notifier.start({"family": family.name, "model_type": config.model_type, "max_train_steps": trainer.total_steps,
+                    "output": str(out_dir)})  # fmt: skip
     try:
         state = trainer.run(tracker, validator)
+    except BaseException as exc:
+        notifier.error(f"{type(exc).__name__}: {exc}")
+        notifier.close(timeout=5)
+        raise
     finally:
         if tracker is not None:
             tracker.close()
     if state.interrupted:
+        notifier.send("interrupted", f"training stopped by {state.interrupted} at step {state.step}", step=state.step)
+        notifier.close(timeout=5)
         return TrainResult(out_dir, None, False, interrupted=state.interrupted, reasons=reasons)
     if not trainer.is_main:
         trainer.accelerator.wait_for_everyone()
@@ -186,6 +203,8 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     doc["provenance"] = provenance(started, time.time(), cache_path=str(reader.manifest_path), processes=trainer.world,
                                    device=str(trainer.device))  # fmt: skip
     doc = write_manifest(out_dir, doc, "train", SCHEMA_VERSION)
+    notifier.finished({"global_step": state.step, "final_loss": state.last_loss, "output": str(final)})
+    notifier.close(timeout=5)
     trainer.accelerator.wait_for_everyone()
     log.info("train: %d steps, final loss %s -> %s", state.step, f"{state.last_loss:.4f}" if state.last_loss else "-",
              final)  # fmt: skip

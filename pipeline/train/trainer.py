@@ -143,6 +143,7 @@ class Trainer:
         self.checkpoints_dir = out_dir / "checkpoints"
         self.state = RunState()
         self.has_validation = False  # set by the stage; every process must agree
+        self.notifier = None  # set by the stage (a no-op notifier on other processes)
 
     # ---------------------------------------------------------------------------------------------- helpers
 
@@ -179,6 +180,11 @@ class Trainer:
                 "scheduler": self.lr_scheduler.state_dict(),
             }
             path = finish_checkpoint(self.checkpoints_dir, name, parts, info)
+            if self.notifier is not None:
+                from .. import notify
+
+                self.notifier.checkpoint(self.state.step, path)
+                notify.post_checkpoint(self.config, self.state.step, path, cwd=self.base_dir)
             if kind == "checkpoint":
                 prune(self.checkpoints_dir, "checkpoint", self.config.checkpoints_total_limit)
             else:
@@ -334,6 +340,8 @@ class Trainer:
                     record["eval_loss"] = state.last_eval
                 if self.is_main:
                     tracker.log(record)
+                    if self.notifier is not None:
+                        self.notifier.progress(state.step, self.total_steps, record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
                                     sps=f"{record['samples_per_s']:.1f}")  # fmt: skip
@@ -396,6 +404,9 @@ class Trainer:
     def _validate(self, validator, tracker, label: str) -> None:
         from .optim import optimizer_eval_mode, optimizer_train_mode
 
+        if self.config.validation_method == "external-script":
+            self._external_validation(label)
+            return
         if not self.is_main:
             self.accelerator.wait_for_everyone()
             return
@@ -414,9 +425,24 @@ class Trainer:
                 paths = validator.render(self.state.step, label)
                 tracker.images(f"validation/{label}", paths, self.state.step)
             self.state.validations.append(label)
+            if self.notifier is not None:
+                self.notifier.validation(self.state.step, paths, [p.text for p in validator.prompts])
         finally:
             self.unwrapped.train(was_training)
             optimizer_train_mode(self.optimizer)
+        self.accelerator.wait_for_everyone()
+
+    def _external_validation(self, label: str) -> None:
+        """validation_method = external-script: hand the newest checkpoint to the user's script."""
+        from .. import notify
+
+        if label == "base":
+            return
+        found = dict(list_checkpoints(self.checkpoints_dir, "checkpoint"))
+        path = found.get(self.state.step) or self.save_checkpoint()
+        if self.is_main and path is not None:
+            notify.external_validation(self.config, self.state.step, path, cwd=self.base_dir)
+            self.state.validations.append(f"{label}-external")
         self.accelerator.wait_for_everyone()
 
     def _diverged(self, state: RunState) -> None:
