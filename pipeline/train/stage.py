@@ -112,7 +112,7 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     from .validation import Validator
 
     notify.check_hooks(config)
-    if config.push_to_hub:
+    if config.push_to_hub or config.push_checkpoints_to_hub:
         from ..publish.targets import check_targets
 
         check_targets(config, loaded.base_dir)  # fail now, not after hours of training
@@ -202,6 +202,8 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     }
     doc["provenance"] = provenance(started, time.time(), cache_path=str(reader.manifest_path), processes=trainer.world,
                                    device=str(trainer.device))  # fmt: skip
+    for upload in trainer.uploads:
+        upload.wait()
     doc = write_manifest(out_dir, doc, "train", SCHEMA_VERSION)
     notifier.finished({"global_step": state.step, "final_loss": state.last_loss, "output": str(final)})
     notifier.close(timeout=5)

@@ -144,6 +144,7 @@ class Trainer:
         self.state = RunState()
         self.has_validation = False  # set by the stage; every process must agree
         self.notifier = None  # set by the stage (a no-op notifier on other processes)
+        self.uploads: list[Any] = []  # checkpoint uploads to the hub (push_checkpoints_to_hub), awaited at the end
 
     # ---------------------------------------------------------------------------------------------- helpers
 
@@ -185,6 +186,10 @@ class Trainer:
 
                 self.notifier.checkpoint(self.state.step, path)
                 notify.post_checkpoint(self.config, self.state.step, path, cwd=self.base_dir)
+            if self.config.push_checkpoints_to_hub and kind == "checkpoint":
+                from ..publish.targets.hub import upload_checkpoint
+
+                self.uploads.append(upload_checkpoint(self.config, path, self.state.step, self.base_dir))
             if kind == "checkpoint":
                 prune(self.checkpoints_dir, "checkpoint", self.config.checkpoints_total_limit)
             else:

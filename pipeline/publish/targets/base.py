@@ -1,0 +1,178 @@
+"""What every upload target shares: the local file list, remote key joining, config-entry validation, SDK loading
+and the per-target record."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...config import suggest
+from ...errors import ConfigError, InputError, NotSupportedError
+from ...hashing import sha256_file
+from ...log import get_logger
+
+log = get_logger("publish")
+
+MB = 1024 * 1024
+
+
+@dataclass
+class LocalFile:
+    """One file of the folder being published; its sha256 is computed once, on first use."""
+
+    path: Path
+    rel: str
+    size: int
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+
+def local_files(folder: Path) -> list[LocalFile]:
+    """Every regular file under `folder` (recursively, sorted, symlinks followed), with its posix relative path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"nothing to publish: {folder} is not a folder")
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(root) / name
+            if path.is_file():
+                files.append(LocalFile(path, path.relative_to(folder).as_posix(), path.stat().st_size))
+    if not files:
+        raise InputError(f"nothing to publish: {folder} holds no files")
+    return files
+
+
+def join_key(prefix: str, rel: str) -> str:
+    """`prefix/rel` without doubled or leading slashes (an empty prefix gives `rel`)."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/{rel}" if prefix else rel
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def require_sdk(module: str, pip_name: str, provider: str) -> Any:
+    """Import an optional SDK, or say which package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NotSupportedError(
+            f"publishing to provider '{provider}' needs the {pip_name} package: pip install {pip_name}"
+        ) from None
+
+
+def sdk_available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# Config entries -----------------------------------------------------------------------------------------------------
+
+STR = "str"
+POSITIVE = "positive number"
+POSITIVE_INT = "positive integer"
+BOOL = "bool"
+
+
+def normalise_entry(entry: dict, where: str, provider: str, schema: dict[str, tuple[str, tuple[str, ...]]]) -> dict:
+    """Check an entry's keys and value types against `schema` ({key: (kind, aliases)}); returns canonical keys.
+
+    Keys may carry SimpleTuner's aliases (`base_path` for `prefix`, `access_key` for `aws_access_key_id`, ...).
+    Unknown keys are errors, with a suggestion, so that a typo never silently drops a setting.
+    """
+    names = {"name": (STR, ())} | schema
+    alias_to_key = {alias: key for key, (_, aliases) in names.items() for alias in (key, *aliases)}
+    out: dict[str, Any] = {"provider": provider}
+    for raw_key, value in entry.items():
+        key_text = str(raw_key).lstrip("-")
+        if key_text == "provider":
+            continue
+        if key_text not in alias_to_key:
+            raise ConfigError(
+                f"{where}: unknown key '{key_text}' for provider '{provider}'{suggest(key_text, alias_to_key)}"
+                f" (known keys: {', '.join(sorted(names))})"
+            )
+        key = alias_to_key[key_text]
+        if key in out:
+            raise ConfigError(f"{where}: '{key}' is given twice (as '{key_text}' and an alias)")
+        if value is None or value == "":
+            continue
+        out[key] = _check_value(value, names[key][0], f"{where}.{key_text}")
+    return out
+
+
+def _check_value(value: Any, kind: str, where: str) -> Any:
+    if kind == STR:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, not {type(value).__name__}")
+        return value
+    if kind == BOOL:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or number <= 0:
+        raise ConfigError(f"{where} must be a {kind}, not {value!r}")
+    if kind == POSITIVE_INT:
+        if int(number) != number:
+            raise ConfigError(f"{where} must be a {kind}, not {value!r}")
+        return int(number)
+    return float(number)
+
+
+def require_key(spec: dict, key: str, where: str, what: str) -> None:
+    if not spec.get(key):
+        raise ConfigError(f"{where}: provider '{spec['provider']}' needs '{key}' ({what})")
+
+
+def from_env(spec: dict, key: str, env_names: tuple[str, ...]) -> str | None:
+    """The value of `key` in the entry, else of the first set environment variable of `env_names`."""
+    if spec.get(key):
+        return spec[key]
+    for name in env_names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def make_record(provider: str, destination: str, files: list[LocalFile], uploaded: int, **extra: Any) -> dict:
+    """The record of one verified upload (JSON-serialisable)."""
+    return {
+        "provider": provider,
+        "destination": destination,
+        "files": len(files),
+        "bytes": sum(f.size for f in files),
+        "uploaded": uploaded,
+        "skipped": len(files) - uploaded,
+        "verified": True,
+        **extra,
+    }
+
+
+def log_record(record: dict) -> None:
+    log.info(
+        "%s: %d file(s), %.1f MB (%d uploaded, %d unchanged), verified",
+        record["destination"], record["files"], record["bytes"] / MB, record["uploaded"], record["skipped"],
+    )
