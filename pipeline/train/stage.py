@@ -115,7 +115,7 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     if config.push_to_hub or config.push_checkpoints_to_hub:
         from ..publish.targets import check_targets
 
-        check_targets(config, loaded.base_dir)  # fail now, not after hours of training
+        check_targets(config, loaded.base_dir, storage=False)  # fail now, not after hours of training
 
     shared = reader.shared_embeds()
     by_text = {text: shared[k] for k, text in cache["embeds"]["prompts"].items()}

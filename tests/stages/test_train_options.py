@@ -352,3 +352,11 @@ def test_one_process_can_train_with_different_precisions(data, tmp_path):
     bf16 = train(config, root / "cache", tmp_path / "bf16", 'mixed_precision="bf16"')
     plain = train(config, root / "cache", tmp_path / "plain", 'mixed_precision="no"')
     assert bf16.manifest["config"]["mixed_precision"] == "bf16" and plain.manifest["metrics"]["steps"] == 2
+
+
+def test_push_to_hub_without_a_reachable_hub_fails_before_training(data, tmp_path):
+    root, config = data("sd1x")
+    with pytest.raises(UserError, match="offline") as caught:
+        train(config, root / "cache", tmp_path / "out", "push_to_hub=true", 'hub_model_id="me/my-lora"')
+    assert "push_to_hub" in str(caught.value)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
