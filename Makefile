@@ -32,6 +32,8 @@ demo: $(DEMO)/data/config.json
 	$(ST) prepare --config $(DEMO)/data/config.json --output $(DEMO)/prepare
 	$(ST) cache --config $(DEMO)/data/config.json --input $(DEMO)/prepare --output $(DEMO)/cache
 	$(ST) train --config $(DEMO)/data/config.json --input $(DEMO)/cache --output $(DEMO)/train
+	$(ST) publish --config $(DEMO)/data/config.json --input $(DEMO)/train --output $(DEMO)/publish \
+		--set lora_format=\"comfyui\"
 
 bench:
 	$(BIN)/python bench/prepare.py

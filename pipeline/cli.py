@@ -104,15 +104,6 @@ def stage_notifications(loaded, stage: str):
         notifier.close(timeout=5)
 
 
-def _not_yet(stage: str) -> None:
-    from .errors import NotSupportedError
-
-    def body() -> None:
-        raise NotSupportedError(f"`st {stage}` is not implemented yet")
-
-    _guarded(body)
-
-
 cache_app = typer.Typer(
     help="Encode latents and text embeddings into content-addressed webdataset shards.",
     invoke_without_command=True,
@@ -228,9 +219,26 @@ def publish(
     input: Path = InputOpt,
     output: Path = OutputOpt,
     set_: List[str] = SetOpt,
+    force: bool = ForceOpt,
 ) -> None:
     """Assemble weights, model card and lineage, and upload them."""
-    _not_yet("publish")
+
+    def body() -> None:
+        from .config import load_config
+        from .publish.stage import run_publish
+
+        loaded = load_config(config, set_)
+        with stage_notifications(loaded, "publish"):
+            result = run_publish(loaded, input, output, force=force)
+        for weight in result.manifest["weights"]:
+            typer.echo(f"publish: {weight['path']} ({weight['format']}, {weight['bytes']} bytes)")
+        for record in result.uploads:
+            typer.echo(f"publish: uploaded to {record.get('destination', record.get('provider', '?'))}")
+        state = "up to date" if result.up_to_date else "wrote"
+        typer.echo(f"publish: {state} {output / 'manifest.json'}")
+        typer.echo(f"published model: {output.resolve()} (model card: {output / 'README.md'})")
+
+    _guarded(body)
 
 
 @app.command("tiny-model")

@@ -28,10 +28,11 @@ def test_config_error_exits_2_with_one_clear_line(cli, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_later_stages_say_not_implemented(cli, tmp_path):
-    result = cli("publish", "-c", tmp_path / "c.json", "-i", tmp_path / "m.json", "-o", tmp_path / "o")
+def test_stage_without_its_input_exits_2_naming_it(cli, tmp_path):
+    cli("sample-data", tmp_path / "data", "--images", "4")
+    result = cli("publish", "-c", tmp_path / "data" / "config.json", "-i", tmp_path / "missing", "-o", tmp_path / "o")
     assert result.exit_code == 2
-    assert "not implemented yet" in result.stderr
+    assert "missing" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_console_script_runs_without_traceback_on_bad_input(tmp_path):

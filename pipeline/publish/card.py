@@ -1,0 +1,226 @@
+"""README.md: a Hugging Face model card with YAML front matter, training settings, the dataset summary, validation
+images and a diffusers snippet that loads what was published."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..families import Family
+
+LOCAL_FOLDER = "path/to/this/folder"
+
+
+@dataclass
+class Card:
+    """Everything the card says, gathered by the stage."""
+
+    family: Family
+    train: dict[str, Any]
+    step: int
+    base_model: str
+    options: Any  # the publish Config
+    widget: list[dict[str, Any]] = field(default_factory=list)  # {"text", "path", "negative"}
+    grid: str | None = None
+    datasets: list[dict[str, Any]] | None = None
+    dataset_notes: list[str] = field(default_factory=list)
+    resolution: str | None = None
+    checkpoint: str | None = None
+    comfyui: str | None = None
+    ema: bool = False
+
+
+# --------------------------------------------------------------------------------------------------------- YAML
+
+
+def _scalar(value: Any) -> str:
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
+
+
+def yaml_lines(value: Any, indent: int = 0) -> list[str]:
+    """Block-style YAML for dicts, lists and scalars (keys are plain identifiers)."""
+    pad = "  " * indent
+    lines: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{pad}{key}:")
+                lines += yaml_lines(item, indent + 1)
+            else:
+                lines.append(f"{pad}{key}: {_scalar(item) if not isinstance(item, (dict, list)) else json.dumps(item)}")
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, (dict, list)) and item:
+                sub = yaml_lines(item, indent + 1)
+                sub[0] = f"{pad}- {sub[0].lstrip()}"
+                lines += sub
+            else:
+                lines.append(f"{pad}- {_scalar(item)}")
+    else:
+        lines.append(f"{pad}{_scalar(value)}")
+    return lines
+
+
+def front_matter(card: Card) -> dict[str, Any]:
+    options, train = card.options, card.train
+    tags = [card.family.name, train["model_type"], "text-to-image", "diffusers", "st"]
+    if not options.model_card_safe_for_work:
+        tags.append("not-for-all-audiences")
+    data: dict[str, Any] = {"base_model": card.base_model, "license": options.license, "tags": tags,
+                            "pipeline_tag": "text-to-image", "inference": True}  # fmt: skip
+    widget = []
+    for item in card.widget:
+        entry: dict[str, Any] = {"text": item["text"]}
+        if item.get("negative"):
+            entry["parameters"] = {"negative_prompt": item["negative"]}
+        entry["output"] = {"url": item["path"]}
+        widget.append(entry)
+    if widget:
+        data["widget"] = widget
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------- body
+
+
+def number(value: Any) -> str:
+    """`8.0` -> "8", `0.01` -> "0.01"; anything else as str()."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _py(text: Any) -> str:
+    """A Python string literal in double quotes (JSON string syntax is valid Python for these)."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+
+
+def _settings(card: Card) -> list[list[Any]]:
+    config, train = card.train["config"], card.train
+    rows: list[list[Any]] = [["family", card.family.name], ["model_type", train["model_type"]]]
+    if train["model_type"] == "lora":
+        rank = config.get("lora_rank")
+        alpha = config.get("lora_alpha") if config.get("lora_alpha") is not None else rank
+        rows.append(["lora_rank / lora_alpha", f"{rank} / {number(alpha)}"])
+        if config.get("use_dora"):
+            rows.append(["use_dora", True])
+        if card.family.name == "flux":
+            rows.append(["flux_lora_target", config.get("flux_lora_target")])
+    warmup = config.get("lr_warmup_steps") or 0
+    per, accum = config.get("train_batch_size") or 1, config.get("gradient_accumulation_steps") or 1
+    total = train.get("stats", {}).get("batch_size", per * accum)
+    processes = max(1, total // (per * accum))
+    rows += [
+        ["learning_rate", config.get("learning_rate")],
+        ["lr_scheduler", f"{config.get('lr_scheduler')}" + (f" ({warmup} warmup steps)" if warmup else "")],
+        ["optimizer", config.get("optimizer")],
+        ["steps", card.step],
+        ["batch size", f"{total} ({per} per process x {accum} accumulation step(s) x {processes} process(es))"],
+        ["resolution", card.resolution or "unknown"],
+        ["prediction_type", config.get("prediction_type") or card.family.prediction_type],
+        ["mixed_precision", config.get("mixed_precision")],
+        ["seed", config.get("seed")],
+    ]  # fmt: skip
+    if config.get("use_ema"):
+        rows.append(["use_ema", f"decay {config.get('ema_decay')}"])
+    return rows
+
+
+def _dataset(card: Card) -> list[str]:
+    if not card.datasets:
+        reason = "; ".join(card.dataset_notes) or "the cache and prepare manifests were not found"
+        return [f"The dataset summary is unavailable: {reason}."]
+    rows = []
+    for ds in card.datasets:
+        buckets = ", ".join(f"{b}: {n}" for b, n in ds["buckets"].items())
+        rows.append([ds["id"], ds["samples"], buckets, ds.get("caption_strategy") or "unknown", ds.get("repeats", 0)])
+    return _table(["dataset", "samples", "buckets (WxH: samples)", "caption strategy", "repeats"], rows)
+
+
+def snippet(card: Card) -> str:
+    """A diffusers snippet that loads this publication (local folder, or `hub_model_id` when set)."""
+    options, family = card.options, card.family
+    config = card.train["config"]
+    prompt = card.widget[0]["text"] if card.widget else (config.get("validation_prompt") or "a photo")
+    call = (f"image = pipe({_py(prompt)}, num_inference_steps={config.get('validation_num_inference_steps', 30)}, "
+            f"guidance_scale={config.get('validation_guidance', 7.5)}).images[0]")  # fmt: skip
+    hub = options.hub_model_id
+    single = Path(card.base_model).suffix == ".safetensors"
+    cls = family.pipeline_class if single or not family.lora_loader else "DiffusionPipeline"
+    load = "from_single_file" if single else "from_pretrained"
+    lines = ["import torch", f"from diffusers import {cls}", ""]
+    if card.train["model_type"] == "full":
+        if hub:
+            lines[2:2] = ["from huggingface_hub import snapshot_download"]
+            lines += [f"folder = snapshot_download({_py(hub)})",
+                      f'pipe = {cls}.from_pretrained(f"{{folder}}/model", torch_dtype=torch.bfloat16).to("cuda")']
+        else:
+            lines += [f'pipe = {cls}.from_pretrained("{LOCAL_FOLDER}/model", torch_dtype=torch.bfloat16).to("cuda")']
+    elif family.lora_loader:
+        lines += [f'pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=torch.bfloat16).to("cuda")',
+                  f"pipe.load_lora_weights({_py(hub or LOCAL_FOLDER)})"]
+    else:
+        prefix = family.denoiser.subfolder
+        weights = (f'hf_hub_download({_py(hub)}, "pytorch_lora_weights.safetensors")' if hub
+                   else f'"{LOCAL_FOLDER}/pytorch_lora_weights.safetensors"')  # fmt: skip
+        lines = ["import json", "", "import torch", f"from diffusers import {cls}",
+                 "from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict",
+                 "from safetensors import safe_open"]  # fmt: skip
+        if hub:
+            lines.append("from huggingface_hub import hf_hub_download")
+        lines += ["", f'pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=torch.bfloat16).to("cuda")',
+                  f"with safe_open({weights}, framework=\"pt\") as f:",
+                  '    options = json.loads(f.metadata()["lora_adapter_metadata"])',
+                  f'    state = {{k.removeprefix("{prefix}."): f.get_tensor(k) for k in f.keys()}}',
+                  f'config = LoraConfig(**{{k.removeprefix("{prefix}."): v for k, v in options.items()}})',
+                  f"inject_adapter_in_model(config, pipe.{prefix})",
+                  f"set_peft_model_state_dict(pipe.{prefix}, state)"]  # fmt: skip
+    lines += [call, 'image.save("image.png")']
+    return "\n".join(lines)
+
+
+def render(card: Card) -> str:
+    """The whole README.md."""
+    options, train = card.options, card.train
+    kind = "LoRA" if train["model_type"] == "lora" else "full fine-tune"
+    title = options.hub_model_id or f"{card.family.name} {kind}"
+    out = ["---", *yaml_lines(front_matter(card)), "---", "", f"# {title}", ""]
+    if options.model_card_note:
+        out += [options.model_card_note, ""]
+    if options.model_card_private:
+        out += ["> **Private model**: made for a limited audience; do not redistribute these weights or this card.", ""]
+    out.append(f"A {kind} of `{card.base_model}` ({card.family.name}), trained with st for {card.step} step{'s' if card.step != 1 else ''}.")
+    if card.checkpoint:
+        out[-1] += f" These are the weights of the checkpoint `{card.checkpoint}`, not the run's final weights."
+    out.append("")
+    if card.grid or card.widget:
+        out += ["## Validation images", ""]
+        if card.grid:
+            out += [f"![validation grid]({card.grid})", ""]
+        out += [f"- `{_md(item['text'])}`: [{Path(item['path']).name}]({item['path']})" for item in card.widget]
+        out.append("")
+    out += ["## Use with diffusers", "", "```python", snippet(card), "```", ""]
+    if not options.hub_model_id:
+        out += [f"Replace `{LOCAL_FOLDER}` with where this folder is (or its Hugging Face repository id).", ""]
+    if card.comfyui:
+        out += ["## Use with ComfyUI", "", f"`{card.comfyui}` holds the same LoRA in ComfyUI's layout; put it in "
+                "`models/loras` and load it with a LoRA loader node.", ""]  # fmt: skip
+    if card.ema:
+        out += ["`ema_weights.safetensors` holds the exponential moving average of the trained weights.", ""]
+    out += ["## Training settings", "", *_table(["setting", "value"], _settings(card)), ""]
+    out += ["## Dataset", "", *_dataset(card), ""]
+    out += ["## Lineage", "", f"`lineage.json` names the train manifest (digest `{train['digest'][:16]}`), the cache "
+            "and prepare manifests it descends from, the base model's identity and the sha256 of every weight file.",
+            ""]  # fmt: skip
+    return "\n".join(out)

@@ -1,0 +1,191 @@
+"""Where a diffusers LoRA module sits in the original checkpoint layout that ComfyUI (and A1111, Kohya) name.
+
+UNets use Kohya names, `lora_unet_<module path with underscores>`:
+- SD 1.x / 2.x: the diffusers module path (Kohya trains these on a diffusers-named UNet; ComfyUI maps such names
+  through `unet_to_diffusers`, and diffusers' `_convert_unet_lora_key` reads them back);
+- SDXL: the original SGM path (`input_blocks.4.1...`, `middle_block.1...`, `output_blocks.0.1...`), as Kohya's SDXL
+  scripts write it. The block arithmetic is the inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`.
+
+Transformers (Flux, SD3, PixArt) use ComfyUI's native module names under `diffusion_model.`. Their original
+checkpoints fuse projections that diffusers splits (q/k/v into one `qkv`, Flux's single-block q/k/v/mlp into
+`linear1`, PixArt's cross-attention k/v into `kv_linear`): a `Target` then names the fused module, which slot the
+diffusers module fills, and the slots' relative sizes. The tables follow ComfyUI's `flux_to_diffusers` and
+`mmdit_to_diffusers` and diffusers' PixArt-Sigma conversion script.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_QKV = {"q": 0, "k": 1, "v": 2}
+# The SDXL base UNet's block layout, for when the base model's config cannot be read (a single-file checkpoint).
+SDXL_UNET = {"layers_per_block": 2, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Target:
+    """A native module; for fused modules, the slot this diffusers module fills and every slot's relative size."""
+
+    module: str
+    slot: int = 0
+    slots: tuple[int, ...] = (1,)
+    swap_halves: bool = False  # final AdaLN layers store (scale, shift) where diffusers has (shift, scale)
+
+
+# --------------------------------------------------------------------------------------------------- UNets (Kohya)
+
+_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+           "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}  # fmt: skip
+_UNET_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
+             "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # fmt: skip
+
+
+def kohya_unet_name(module: str, sgm: bool, unet_config: dict[str, Any] | None = None) -> str | None:
+    """`lora_unet_...` for a diffusers UNet module path; with `sgm`, in original SGM block naming."""
+    path = sgm_path(module, unet_config or {}) if sgm else module
+    return None if path is None else "lora_unet_" + path.replace(".", "_")
+
+
+def _layers(config: dict[str, Any]) -> list[int]:
+    blocks = len(config.get("down_block_types") or ())
+    value = config.get("layers_per_block", 2)
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)] * blocks
+
+
+def sgm_path(module: str, config: dict[str, Any]) -> str | None:
+    """The SGM (original SD/SDXL) path of a diffusers UNet module, or None when it has none."""
+    layers = _layers(config)
+    up_types = list(config.get("up_block_types") or ())
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", module):
+        x, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if x >= len(layers):
+            return None
+        start = 1 + sum(n + 1 for n in layers[:x])
+        if kind == "downsamplers":
+            return f"input_blocks.{start + layers[x]}.0.op" if rest == "conv" else None
+        return _inner("input_blocks", start + i, kind, rest)
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", module):
+        kind, i, rest = m[1], int(m[2]), m[3]
+        index = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}.get((kind, i))
+        if index is None:
+            return None
+        return f"middle_block.{index}.{_RESNET.get(rest, rest) if kind == 'resnets' else rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", module):
+        x, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+        reverse = list(reversed(layers))
+        if x >= len(reverse):
+            return None
+        start = sum(n + 1 for n in reverse[:x])
+        if kind == "upsamplers":
+            has_attention = x < len(up_types) and "CrossAttn" in up_types[x]
+            return f"output_blocks.{start + reverse[x]}.{2 if has_attention else 1}.conv" if rest == "conv" else None
+        return _inner("output_blocks", start + i, kind, rest)
+    return _UNET_TOP.get(module)
+
+
+def _inner(blocks: str, index: int, kind: str, rest: str) -> str:
+    if kind == "resnets":
+        return f"{blocks}.{index}.0.{_RESNET.get(rest, rest)}"
+    return f"{blocks}.{index}.1.{rest}"
+
+
+# --------------------------------------------------------------------------------------------- transformers (native)
+
+_FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "norm1.linear": "img_mod.lin",
+                "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}  # fmt: skip
+_FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+_FLUX_SINGLE_LINEAR1 = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "proj_mlp": 3}  # mlp is 4x hidden in diffusers
+_FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}  # fmt: skip
+
+_SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+              "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+              "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+              "ff_context.net.2": "context_block.mlp.fc2"}  # fmt: skip
+_SD3_TOP = {"context_embedder": "context_embedder", "pos_embed.proj": "x_embedder.proj",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear"}  # fmt: skip
+
+_PIXART_BLOCK = {"attn1.to_out.0": "attn.proj", "attn2.to_q": "cross_attn.q_linear",
+                 "attn2.to_out.0": "cross_attn.proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2"}  # fmt: skip
+_PIXART_TOP = {"pos_embed.proj": "x_embedder.proj", "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+               "caption_projection.linear_2": "y_embedder.y_proj.fc2", "adaln_single.linear": "t_block.1",
+               "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+               "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
+               "proj_out": "final_layer.linear"}  # fmt: skip
+
+
+def native_target(family: str, module: str, config: dict[str, Any] | None = None) -> Target | None:
+    """The native module of a diffusers transformer module path, or None when the layout has no such module."""
+    config = config or {}
+    if family == "flux":
+        return _flux(module)
+    if family == "sd3":
+        return _sd3(module, config)
+    if family == "pixart_sigma":
+        return _pixart(module)
+    return None
+
+
+def _flux(module: str) -> Target | None:
+    if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
+        base, rest = f"double_blocks.{m[1]}", m[2]
+        if a := re.fullmatch(r"attn\.to_([qkv])", rest):
+            return Target(f"{base}.img_attn.qkv", _QKV[a[1]], (1, 1, 1))
+        if a := re.fullmatch(r"attn\.add_([qkv])_proj", rest):
+            return Target(f"{base}.txt_attn.qkv", _QKV[a[1]], (1, 1, 1))
+        return Target(f"{base}.{_FLUX_DOUBLE[rest]}") if rest in _FLUX_DOUBLE else None
+    if m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module):
+        base, rest = f"single_blocks.{m[1]}", m[2]
+        if rest in _FLUX_SINGLE_LINEAR1:
+            return Target(f"{base}.linear1", _FLUX_SINGLE_LINEAR1[rest], (1, 1, 1, 4))
+        return Target(f"{base}.{_FLUX_SINGLE[rest]}") if rest in _FLUX_SINGLE else None
+    if module == "norm_out.linear":
+        return Target("final_layer.adaLN_modulation.1", swap_halves=True)
+    return Target(_FLUX_TOP[module]) if module in _FLUX_TOP else None
+
+
+def _sd3(module: str, config: dict[str, Any]) -> Target | None:
+    if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
+        index, rest = int(m[1]), m[2]
+        base = f"joint_blocks.{index}"
+        if a := re.fullmatch(r"attn\.to_([qkv])", rest):
+            return Target(f"{base}.x_block.attn.qkv", _QKV[a[1]], (1, 1, 1))
+        if a := re.fullmatch(r"attn\.add_([qkv])_proj", rest):
+            return Target(f"{base}.context_block.attn.qkv", _QKV[a[1]], (1, 1, 1))
+        if a := re.fullmatch(r"attn2\.to_([qkv])", rest):
+            return Target(f"{base}.x_block.attn2.qkv", _QKV[a[1]], (1, 1, 1))
+        if rest not in _SD3_BLOCK:
+            return None
+        # The last block's context norm is a pre-only AdaLayerNormContinuous: (scale, shift) in the original.
+        if rest == "norm1_context.linear" and "num_layers" not in config:
+            return None
+        last = index == int(config.get("num_layers", 0)) - 1
+        return Target(f"{base}.{_SD3_BLOCK[rest]}", swap_halves=last and rest == "norm1_context.linear")
+    if module == "norm_out.linear":
+        return Target("final_layer.adaLN_modulation.1", swap_halves=True)
+    return Target(_SD3_TOP[module]) if module in _SD3_TOP else None
+
+
+def _pixart(module: str) -> Target | None:
+    if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
+        base, rest = f"blocks.{m[1]}", m[2]
+        if a := re.fullmatch(r"attn1\.to_([qkv])", rest):
+            return Target(f"{base}.attn.qkv", _QKV[a[1]], (1, 1, 1))
+        if a := re.fullmatch(r"attn2\.to_([kv])", rest):
+            return Target(f"{base}.cross_attn.kv_linear", _QKV[a[1]] - 1, (1, 1))
+        return Target(f"{base}.{_PIXART_BLOCK[rest]}") if rest in _PIXART_BLOCK else None
+    return Target(_PIXART_TOP[module]) if module in _PIXART_TOP else None

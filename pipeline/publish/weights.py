@@ -1,0 +1,105 @@
+"""The published weight files: the diffusers LoRA (a byte copy of train's final, or a checkpoint's weights renamed to
+the same keys and header), its ComfyUI twin, a full fine-tune's denoiser, and EMA weights."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..families import Family
+from ..families.base import LORA_WEIGHT_NAME
+from ..log import get_logger
+from ..tensorfile import save_tensors
+from . import comfyui, lora
+from .lineage import Inputs
+
+log = get_logger("publish")
+
+EMA_NAME = "ema_weights.safetensors"
+DENOISER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def write_lora(inputs: Inputs, family: Family, stage: Path) -> Path:
+    """`pytorch_lora_weights.safetensors` in diffusers keys: train's final bytes, or the checkpoint's weights."""
+    final = inputs.train_dir / "final" / LORA_WEIGHT_NAME
+    target = stage / LORA_WEIGHT_NAME
+    if inputs.checkpoint is None:
+        shutil.copyfile(final, target)
+        return target
+    prefix = family.denoiser.subfolder
+    wanted = {k[len(prefix) + 1 :] for k in _keys(final)}
+    tensors = lora.load_tensors(inputs.checkpoint.path / "weights.safetensors")
+    renamed = {}
+    for key, value in tensors.items():
+        # peft names parameters `<module>.lora_A.<adapter>.weight`; its state dict (and diffusers) drop the adapter.
+        candidates = [re.sub(r"\.default(?=\.|$)", "", key), re.sub(r"\.default\.weight$", "", key)]
+        name = next((c for c in candidates if c in wanted), None)
+        if name is None:
+            raise InputError(f"checkpoint weight {key!r} of {inputs.checkpoint.path} matches no weight of {final}; "
+                             "was the checkpoint written by another run?")  # fmt: skip
+        renamed[f"{prefix}.{name}"] = value
+    if len(renamed) != len(wanted):
+        raise InputError(f"{inputs.checkpoint.path} holds {len(renamed)} LoRA weights, {final} {len(wanted)}")
+    save_tensors(target, renamed, metadata=lora.read_header(final))
+    return target
+
+
+def comfyui_name(hub_model_id: str | None) -> str:
+    """`<name>_comfyui.safetensors`: the hub repository's name, else the diffusers weight file's stem."""
+    name = (hub_model_id or "").rstrip("/").split("/")[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or Path(LORA_WEIGHT_NAME).stem
+    return f"{name}_comfyui.safetensors"
+
+
+def write_comfyui(source: Path, family: Family, target: Path, denoiser_config: dict[str, Any] | None) -> Path:
+    """The LoRA in `source` converted to ComfyUI's layout at `target`."""
+    mods = lora.modules(lora.load_tensors(source), lora.read_header(source), family.denoiser.subfolder)
+    tensors = comfyui.convert(family.name, mods, denoiser_config)
+    save_tensors(target, tensors, metadata={"format": "pt"})
+    return target
+
+
+def write_denoiser(inputs: Inputs, family: Family, model_dir: Path) -> None:
+    """The trained denoiser into `model_dir/<subfolder>`: train's final files, or a checkpoint's full weights."""
+    sub = family.denoiser.subfolder
+    final = inputs.train_dir / "final" / sub
+    listed = [e["path"] for e in inputs.train["final"]["files"] if e["path"].startswith(f"final/{sub}/")]
+    files = [inputs.train_dir / path for path in listed]
+    target = model_dir / sub
+    target.mkdir(parents=True, exist_ok=True)
+    if inputs.checkpoint is None:
+        for file in files:
+            destination = target / file.relative_to(final)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, destination)
+        return
+    shutil.copyfile(final / "config.json", target / "config.json")
+    tensors = lora.load_tensors(inputs.checkpoint.path / "weights.safetensors")
+    wanted = {k for f in files if f.suffix == ".safetensors" for k in _keys(f)}
+    if set(tensors) != wanted:
+        raise InputError(f"{inputs.checkpoint.path}/weights.safetensors does not hold the same weights as {final}; "
+                         "was the checkpoint written by another run?")  # fmt: skip
+    save_tensors(target / DENOISER_WEIGHTS, tensors, metadata={"format": "pt"})
+
+
+def write_ema(inputs: Inputs, stage: Path) -> Path | None:
+    """EMA weights where the run kept them (train's final, or the checkpoint's ema.safetensors)."""
+    if inputs.checkpoint is not None:
+        source = inputs.checkpoint.path / "ema.safetensors" if "ema.safetensors" in inputs.checkpoint.files else None
+    else:
+        listed = any(e["path"] == f"final/{EMA_NAME}" for e in inputs.train["final"]["files"])
+        source = inputs.train_dir / "final" / EMA_NAME if listed else None
+    if source is None:
+        return None
+    shutil.copyfile(source, stage / EMA_NAME)
+    return stage / EMA_NAME
