@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,16 +66,18 @@ class Encoders:
     def text(self) -> dict[str, Any]:
         if self._text is None:
             parts = self._load(("text_encoders",))
-            encoders = tuple(e.to(self.device).eval().requires_grad_(False) for e in parts["text_encoders"])
+            encoders = tuple(e.eval().requires_grad_(False) for e in parts["text_encoders"])
             self._text = {"text_encoders": encoders, "tokenizers": parts["tokenizers"]}
             self.loaded.append("text_encoders")
+        for encoder in self._text["text_encoders"]:
+            encoder.to(self.device)
         return self._text
 
     def release_text(self) -> None:
-        """Drop the text encoders (offload_during_startup: they are not needed while the VAE works)."""
-        if self._text is not None and self.offload:
-            self._text = None
-            gc.collect()
+        """offload_during_startup: park the text encoders on the CPU while the VAE works."""
+        if self._text is not None and self.offload and str(self.device) != "cpu":
+            for encoder in self._text["text_encoders"]:
+                encoder.to("cpu")
             _empty_cache()
 
     def encode_prompts(self, prompts: list[str], max_length: int | None, t5_padding: str) -> list[dict[str, Any]]:

@@ -258,25 +258,45 @@ class _ShardEncoder:
                 out[caption] = tensors
         return out
 
-    def write(self, shard: ShardPlan, bar) -> None:
+    def write_all(self, shards: list[ShardPlan], bar) -> None:
+        """Write `shards` in order. One image loader serves the whole run, so the next shard's images decode while
+        this shard's text and latents are encoded; batches never span shards, so a shard's bytes do not depend on
+        which other shards a run writes (resume, parts and processes give the same shards)."""
+        plans: list[tuple[ShardPlan, list[Entry], int]] = []
+        batches: list[list[ImageJob]] = []
+        for shard in shards:
+            todo = [e for e in shard.entries if e.entry_key not in self.previous.where]
+            jobs = [job_for(e.row, self.ctx.roots[e.row["dataset_id"]]) for e in todo]
+            shard_batches = [jobs[i : i + self.batch] for i in range(0, len(jobs), self.batch)]
+            batches.extend(shard_batches)
+            plans.append((shard, todo, len(shard_batches)))
+        stream = iterate_batches(batches, self.workers if len(batches) > 1 else 0)
+        for shard, todo, count in plans:
+            self._write_one(shard, todo, _take(stream, count), bar)
+
+    def _write_one(self, shard: ShardPlan, todo: list[Entry], loaded_batches, bar) -> None:
         members: dict[str, dict[str, bytes]] = {}
-        todo: list[Entry] = []
+        planned = {e.sample_id for e in todo}
+        late: list[Entry] = []
         for entry in shard.entries:
+            if entry.sample_id in planned:
+                continue
             found = self.previous.get(entry.entry_key)
             if found is not None:
                 members[entry.sample_id] = found
                 self.reused += 1
                 bar.update(1)
-            else:
-                todo.append(entry)
+            else:  # the previous shard holding it turned out unreadable: encode it after all
+                late.append(entry)
         rejected: dict[str, tuple[str, str]] = {}
-        if todo:
-            texts = self._encode_texts(todo)
+        encode = todo + late
+        if encode:
+            texts = self._encode_texts(encode)
             self.encoders.release_text()
-            jobs = [job_for(e.row, self.ctx.roots[e.row["dataset_id"]]) for e in todo]
-            by_id = {e.sample_id: e for e in todo}
-            batches = [jobs[i : i + self.batch] for i in range(0, len(jobs), self.batch)]
-            for ids, pixels, problems in iterate_batches(batches, self.workers if len(todo) > self.batch else 0):
+            by_id = {e.sample_id: e for e in encode}
+            extra = [jobs for jobs in _chunks([job_for(e.row, self.ctx.roots[e.row["dataset_id"]]) for e in late],
+                                             self.batch)]  # fmt: skip
+            for ids, pixels, problems in _chain(loaded_batches, iterate_batches(extra, 0)):
                 for sample_id, (reason, detail) in problems.items():
                     if not self.ctx.loaded.config.ignore_missing_files:
                         raise InputError(f"{detail}; re-run `st prepare`, or set ignore_missing_files to skip it")
@@ -307,6 +327,21 @@ class _ShardEncoder:
             # The sidecar lands before the shard's rename: a shard under its final name always has one.
             atomic_write_text(self.out_dir / shard.sidecar,
                               json.dumps(_sidecar_doc(shard, written, rejected), sort_keys=True) + "\n")  # fmt: skip
+
+
+def _take(stream, count: int):
+    """The next `count` items of an iterator, lazily (so decoding keeps running ahead in the loader's workers)."""
+    for _ in range(count):
+        yield next(stream)
+
+
+def _chain(*iterables):
+    for iterable in iterables:
+        yield from iterable
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _write_shared_embeds(ctx: _Context, out_dir: Path, plan: CachePlan, encoders: Encoders) -> None:
@@ -506,8 +541,7 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
                                if s.path in complete)  # fmt: skip
     try:
         with progress_bar(total=sum(len(s.entries) for s in todo), desc="cache", unit="img") as bar:
-            for shard in todo:
-                shard_encoder.write(shard, bar)
+            shard_encoder.write_all(todo, bar)
         if rank == 0:
             _write_shared_embeds(ctx, out_dir, plan, encoders)
     except OSError as exc:
