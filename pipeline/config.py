@@ -221,6 +221,24 @@ class Config:
     tracker_project_name: str = opt("st", TRAIN, output=False)
     tracker_run_name: str | None = opt(None, TRAIN, output=False)
 
+    # Speed and memory (chosen from measurements; see BENCHMARKS.md).
+    attention_mechanism: str = opt("diffusers", CACHE, TRAIN, output=False,
+                                   help="diffusers (PyTorch SDPA, auto), native-flash, native-efficient, native-math, "
+                                        "cudnn.")  # fmt: skip
+    dynamo_backend: str | None = opt(None, CACHE, TRAIN, output=False,
+                                     help="torch.compile backend (inductor, ...); env TRAINING_DYNAMO_BACKEND.")
+    dynamo_mode: str | None = opt(None, CACHE, TRAIN, output=False)
+    dynamo_fullgraph: bool = opt(False, CACHE, TRAIN, output=False)
+    dynamo_dynamic: bool = opt(False, CACHE, TRAIN, output=False)
+    dynamo_use_regional_compilation: bool = opt(True, TRAIN, output=False)
+    fuse_qkv_projections: bool = opt(False, TRAIN, output=False)
+    gradient_checkpointing_interval: int | None = opt(None, TRAIN, output=False)
+    disable_tf32: bool = opt(False, CACHE, TRAIN, output=False)
+    vae_enable_slicing: bool = opt(False, CACHE, TRAIN, output=False)
+    vae_enable_tiling: bool = opt(False, CACHE, TRAIN, output=False)
+    keep_vae_loaded: bool = opt(False, TRAIN, output=False)
+    accelerator_cache_clear_interval: int | None = opt(None, TRAIN, output=False)
+
     # Publishing.
     lora_format: str = opt("diffusers", PUBLISH, choices=("diffusers", "comfyui"))
     publishing_config: Any = opt(None, PUBLISH, output=False,
