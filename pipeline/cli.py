@@ -279,6 +279,61 @@ def sample_data(
     _guarded(body)
 
 
+@app.command("status")
+def status(
+    paths: List[Path] = typer.Argument(..., help="Stage folders or manifests, or one run folder holding prepare/, "
+                                                 "cache/, train/, publish/."),  # fmt: skip
+    verify: bool = typer.Option(False, "--verify", help="Also re-hash every output file (slow for large outputs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the same data as JSON."),
+) -> None:
+    """Show the lineage chain and whether each stage is up to date with its parent, from the manifests alone.
+
+    States: ok; stale (the parent changed since this stage read it); parent not found; invalid (bad manifest).
+
+    damaged: an output file is missing or has another size (or another sha256, with --verify).
+
+    Exits 0 whatever the states (use `st verify` for a check that fails); 2 when a path is not a stage output."""
+
+    def body() -> None:
+        import json
+
+        from .status import format_status, stage_status
+
+        rows = stage_status(paths, verify=verify)
+        if as_json:
+            typer.echo(json.dumps({"ok": all(r.ok for r in rows), "stages": [r.to_dict() for r in rows]}, indent=2))
+        else:
+            typer.echo(format_status(rows))
+
+    _guarded(body)
+
+
+@app.command("verify")
+def verify(
+    paths: List[Path] = typer.Argument(..., help="Manifests or stage folders (or a run folder) to check."),
+) -> None:
+    """Re-hash every output file each manifest lists, and check the manifest's own schema and digest.
+
+    Exit status: 0 when everything matches.
+
+    1 when a file is missing or changed, or a manifest fails its digest: a finding, not a usage error.
+
+    2 when a path is not a manifest, a stage folder or a run folder."""
+
+    def body() -> None:
+        from .verify import expand, format_verification, verify_manifest
+
+        results = [verify_manifest(file) for file in expand(paths)]  # every path resolved before any hashing
+        for result in results:
+            typer.echo(format_verification(result))
+        failed = sum(not r.ok for r in results)
+        if failed:
+            typer.echo(f"verify: {failed} of {len(results)} manifest(s) failed", err=True)
+            raise typer.Exit(1)
+
+    _guarded(body)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

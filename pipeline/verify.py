@@ -1,0 +1,190 @@
+"""`st verify`: re-hash the output files a stage manifest lists and compare them with what it recorded.
+
+Also home to what `st status` shares with it: turning the paths a user gives into manifest files (a manifest, a stage
+folder, or a run folder with prepare/, cache/, train/ and publish/ inside) and the per-file check of a manifest's
+`outputs`, cheap (existence and size) or full (sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import ManifestError
+from .manifest import MANIFEST_NAME, parse_schema_id, read_manifest
+
+STAGES = ("prepare", "cache", "train", "publish")
+LARGE_BYTES = 64 << 20  # a manifest whose outputs add up to this much gets a progress bar
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Mismatch:
+    """One output file that does not match its manifest entry."""
+
+    path: str  # relative to the stage folder
+    problem: str  # "missing", "size differs" or "sha256 differs"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.problem}: {self.path}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class Verification:
+    """The result of re-hashing one manifest's outputs; `error` is set when the manifest itself is invalid."""
+
+    manifest: Path
+    stage: str | None
+    files: int = 0
+    bytes: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.mismatches
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)  # pragma: no cover
+
+
+def read_raw(file: Path) -> Any:
+    """The JSON in `file`, or None when it cannot be read or parsed."""
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def raw_stage(raw: Any) -> str | None:
+    """The stage a (possibly invalid) manifest document claims to be, from its `schema` field."""
+    parsed = parse_schema_id(raw.get("schema")) if isinstance(raw, dict) else None
+    return parsed[0] if parsed else None
+
+
+def short_error(exc: Exception, file: Path) -> str:
+    """A manifest error's message without the manifest's path (shown beside it already)."""
+    return str(exc).replace(str(file), MANIFEST_NAME)
+
+
+def run_folder(path: Path) -> dict[str, Path] | None:
+    """Stage name -> subfolder, when `path` is a run folder (no manifest of its own; prepare/, cache/... inside)."""
+    path = Path(path)
+    if not path.is_dir() or (path / MANIFEST_NAME).exists():
+        return None
+    found = {stage: path / stage for stage in STAGES if (path / stage).is_dir()}
+    return found or None
+
+
+def manifest_file(path: Path) -> Path:
+    """The stage manifest `path` names (the file, or `<folder>/manifest.json`); ManifestError when it names none.
+
+    A file called manifest.json counts even when it is damaged (that is a finding); any other file must carry an
+    `st.<stage>/<n>` schema id of one of the four stages."""
+    path = Path(path)
+    file = path / MANIFEST_NAME if path.is_dir() else path
+    if not file.is_file():
+        if path.is_dir():
+            raise ManifestError(f"{path} is not a stage folder (it holds no {MANIFEST_NAME}); pass the output folder "
+                                "of a stage, its manifest.json, or a run folder with prepare/, cache/, train/, "
+                                "publish/ inside")  # fmt: skip
+        raise ManifestError(f"{path} does not exist")
+    stage = raw_stage(read_raw(file))
+    if stage is None and file.name != MANIFEST_NAME:
+        raise ManifestError(f"{file} is not an st manifest (it has no 'schema' field like \"st.cache/1\")")
+    if stage is not None and stage not in STAGES:
+        raise ManifestError(f"{file} is a '{stage}' document, not a stage manifest ({', '.join(STAGES)})")
+    return file
+
+
+def expand(paths: Iterable[Path]) -> list[Path]:
+    """Manifest files for the given manifests, stage folders and run folders, in order; raises before any work."""
+    files: list[Path] = []
+    for path in paths:
+        stages = run_folder(Path(path))
+        if stages is None:
+            files.append(manifest_file(Path(path)))
+            continue
+        found = [folder / MANIFEST_NAME for folder in stages.values() if (folder / MANIFEST_NAME).is_file()]
+        if not found:
+            raise ManifestError(f"{path} holds stage folders ({', '.join(stages)}) but no {MANIFEST_NAME} in them")
+        files += found
+    return files
+
+
+def _sha256(path: Path, advance: Callable[[int], Any] | None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            if advance is not None:
+                advance(len(chunk))
+    return digest.hexdigest()
+
+
+def check_outputs(folder: Path, outputs: list[dict[str, Any]], *, rehash: bool,
+                  advance: Callable[[int], Any] | None = None) -> list[Mismatch]:  # fmt: skip
+    """Compare each `{path, sha256, bytes}` entry with the file under `folder`: existence and size, plus the sha256
+    when `rehash`. `advance(n)` is called with the bytes hashed (or skipped), for a progress bar."""
+    mismatches = []
+    for entry in outputs:
+        file, hashed, mismatch = folder / entry["path"], False, None
+        if not file.is_file():
+            mismatch = Mismatch(entry["path"], "missing")
+        elif (size := file.stat().st_size) != entry["bytes"]:
+            mismatch = Mismatch(entry["path"], "size differs", f"recorded {entry['bytes']} bytes, found {size}")
+        elif rehash:
+            found, hashed = _sha256(file, advance), True
+            if found != entry["sha256"]:
+                detail = f"recorded {entry['sha256'][:12]}.., found {found[:12]}.."
+                mismatch = Mismatch(entry["path"], "sha256 differs", detail)
+        if mismatch is not None:
+            mismatches.append(mismatch)
+        if advance is not None and not hashed:
+            advance(entry["bytes"])
+    return mismatches
+
+
+def verify_manifest(path: Path, *, progress: bool = True) -> Verification:
+    """Check a manifest's schema and digest, then re-hash every output it lists."""
+    file = manifest_file(path)
+    try:
+        doc = read_manifest(file)
+    except ManifestError as exc:
+        return Verification(file, raw_stage(read_raw(file)), error=short_error(exc, file))
+    outputs = doc["outputs"]
+    total = sum(o["bytes"] for o in outputs)
+    result = Verification(file, doc["stage"], files=len(outputs), bytes=total)
+    if progress and total >= LARGE_BYTES:
+        from .progress import progress_bar
+
+        with progress_bar(total=total, desc=f"verify {doc['stage']}", unit="B", unit_scale=True) as bar:
+            result.mismatches = check_outputs(file.parent, outputs, rehash=True, advance=bar.update)
+    else:
+        result.mismatches = check_outputs(file.parent, outputs, rehash=True)
+    return result
+
+
+def verify_paths(paths: Iterable[Path], *, progress: bool = True) -> list[Verification]:
+    """Verify every manifest the paths name (see `expand`); ManifestError up front for a path that names none."""
+    return [verify_manifest(file, progress=progress) for file in expand(paths)]
+
+
+def format_verification(result: Verification) -> str:
+    """`ok  <path>  (N files, X MB)`, or FAILED with one indented line per problem."""
+    if result.ok:
+        return f"ok  {result.manifest}  ({result.files} files, {human_bytes(result.bytes)})"
+    lines = [f"FAILED  {result.manifest}"]
+    if result.error is not None:
+        lines.append(f"  invalid manifest: {result.error}")
+    lines += [f"  {m}" for m in result.mismatches]
+    return "\n".join(lines)
