@@ -24,6 +24,7 @@ from ..errors import ConfigError, InputError, LineageError, ManifestError
 from ..families import Family, component_identity, get_family
 from ..fsutil import atomic_path, atomic_write_bytes, atomic_write_text
 from ..hashing import canonical_json, sha256_file, sha256_json
+from ..lineage import verify_outputs
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance, read_manifest, write_manifest
 from ..progress import progress_bar
@@ -73,15 +74,6 @@ class _Context:
 
 
 # ----------------------------------------------------------------------------------------------------- context
-
-
-def _check_parent_outputs(manifest: dict[str, Any], folder: Path, path: Path) -> None:
-    for entry in manifest["outputs"]:
-        file = folder / entry["path"]
-        if not file.is_file() or file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            raise LineageError(
-                f"{file} no longer matches {path} (missing or changed since `st prepare` wrote it); re-run `st prepare`"
-            )
 
 
 def _read_rows(samples_path: Path) -> list[dict[str, Any]]:
@@ -137,10 +129,11 @@ def model_identity(family: Family, source: str, vae_source: str | None, t5_sourc
 
 def build_context(loaded: LoadedConfig, input_path: Path) -> _Context:
     config = loaded.config
-    parent_path = Path(input_path)
+    # Absolute, because it goes into provenance: a later stage looks for this manifest there to check lineage.
+    parent_path = Path(input_path).absolute()
     parent_path = parent_path / MANIFEST_NAME if parent_path.is_dir() else parent_path
     parent = read_manifest(parent_path, stage="prepare")
-    _check_parent_outputs(parent, parent_path.parent, parent_path)
+    verify_outputs(parent, parent_path.parent, parent_path, writer="prepare")
     rows = _read_rows(parent_path.parent / "samples.parquet")
     family = get_family(config.model_family) if config.model_family else None
     source, vae_source, t5_source = _model_sources(config)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import LineageError, ManifestError
 from ..hashing import sha256_file
+from ..lineage import check_parent_chain, verify_outputs
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, read_manifest
 
@@ -40,6 +41,7 @@ class Inputs:
     cache: dict[str, Any] | None = None
     prepare: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    forced: list[str] = field(default_factory=list)  # lineage problems --force went past (for provenance.lineage)
 
     @property
     def step(self) -> int:
@@ -56,8 +58,11 @@ def _is_checkpoint(folder: Path) -> bool:
         return False
 
 
-def read_inputs(input_path: Path) -> Inputs:
-    """Read and verify `input_path`: a train output (folder or manifest.json) or one of its checkpoint folders."""
+def read_inputs(input_path: Path, force: bool = False) -> Inputs:
+    """Read and verify `input_path`: a train output (folder or manifest.json) or one of its checkpoint folders.
+
+    The train output's files must match its manifest, and the cache it was trained on, if still on disk, must still
+    have the digest the train manifest records (else LineageError, unless `force`: then `Inputs.forced` says why)."""
     input_path = Path(input_path)
     folder = input_path.parent if input_path.name == MANIFEST_NAME else input_path
     if _is_checkpoint(folder):
@@ -67,6 +72,8 @@ def read_inputs(input_path: Path) -> Inputs:
     else:
         train = _read_train(folder)
         inputs = Inputs(train, folder)
+    inputs.forced = check_parent_chain(train, inputs.train_dir / MANIFEST_NAME, expect_stage="cache", rerun="st train",
+                                       force=force)  # fmt: skip
     _find_dataset(inputs)
     return inputs
 
@@ -77,13 +84,7 @@ def _read_train(folder: Path) -> dict[str, Any]:
         raise ManifestError(f"{path} does not exist; pass the output folder of `st train` (or one of its "
                             "checkpoints/checkpoint-N folders) as --input")  # fmt: skip
     train = read_manifest(path, stage="train")
-    for entry in train["outputs"]:
-        file = folder / entry["path"]
-        if not file.is_file():
-            raise LineageError(f"{file} is missing, but {path} lists it; re-run `st train`")
-        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            raise LineageError(f"{file} changed after `st train` wrote it (its sha256 no longer matches {path}); "
-                               "re-run `st train`")  # fmt: skip
+    verify_outputs(train, folder, path, writer="train")
     return train
 
 

@@ -22,6 +22,7 @@ from ..families import Family, get_family
 from ..families.base import LORA_WEIGHT_NAME
 from ..fsutil import fsync_dir
 from ..hashing import sha256_json
+from ..lineage import forced_record
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
 from ..stagekeys import explain_rerun, up_to_date
@@ -211,7 +212,7 @@ def run_publish(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force:
     started = time.time()
     config = loaded.config
     out_dir = Path(out_dir)
-    inputs = read_inputs(Path(input_path))
+    inputs = read_inputs(Path(input_path), force=force)
     family = get_family(inputs.train["family"])
     stage_config = config.stage_keys(PUBLISH)
     prompts = _prompt_texts(loaded, inputs.train["config"])
@@ -253,7 +254,8 @@ def run_publish(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force:
         "outputs": outputs,
         "stats": {"files": len(outputs), "bytes": sum(o["bytes"] for o in outputs), "step": inputs.step},
     }
-    doc["provenance"] = provenance(started, time.time(), train_path=str(inputs.train_dir))
+    doc["provenance"] = provenance(started, time.time(), train_path=str(inputs.train_dir),
+                                   **forced_record(inputs.forced))  # fmt: skip
     doc = write_manifest(out_dir, doc, "publish", SCHEMA_VERSION)
     log.info("publish: %d file(s) from %s -> %s", len(outputs), _source(inputs)["path"], out_dir)
     doc, records = _upload(loaded, out_dir, doc)

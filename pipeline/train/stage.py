@@ -14,6 +14,7 @@ from ..config import TRAIN, LoadedConfig
 from ..errors import ConfigError, LineageError
 from ..families import component_identity, get_family
 from ..hashing import sha256_json
+from ..lineage import check_parent_chain, forced_record, verify_outputs
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
 from ..stagekeys import explain_rerun, up_to_date
@@ -66,6 +67,11 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     out_dir = Path(out_dir)
     reader = CacheReader(input_path)
     cache = reader.manifest
+    # The cache's files (shards only by size here: the loader hash-checks each shard as it reads it), then whether
+    # the prepare output the cache was built from, if it is still on disk, has changed since.
+    verify_outputs(cache, reader.root, reader.manifest_path, writer="cache",
+                   size_only=[s["path"] for s in cache["shards"]])  # fmt: skip
+    forced = check_parent_chain(cache, reader.manifest_path, expect_stage="prepare", rerun="st cache", force=force)
     if not config.model_family or not config.pretrained_model_name_or_path:
         raise ConfigError("st train needs model_family and pretrained_model_name_or_path (the model the cache was "
                           "made with)")  # fmt: skip
@@ -200,8 +206,9 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
         "stats": {"steps": state.step, "samples": cache["stats"]["samples"],
                   "batch_size": config.train_batch_size * trainer.world * trainer.accum},  # fmt: skip
     }
-    doc["provenance"] = provenance(started, time.time(), cache_path=str(reader.manifest_path), processes=trainer.world,
-                                   device=str(trainer.device))  # fmt: skip
+    doc["provenance"] = provenance(started, time.time(), cache_path=str(reader.manifest_path.absolute()),
+                                   processes=trainer.world, device=str(trainer.device),
+                                   **forced_record(forced))  # fmt: skip
     for upload in trainer.uploads:
         upload.wait()
     doc = write_manifest(out_dir, doc, "train", SCHEMA_VERSION)
