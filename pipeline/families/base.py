@@ -234,11 +234,12 @@ LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the LoraConfig
 
 
 def _module_dtype(module: Any) -> Any:
-    """A model's compute dtype: diffusers' `dtype` where it has one, else its first floating parameter's."""
-    dtype = getattr(module, "dtype", None)
-    if dtype is not None:
-        return dtype
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+    """A model's compute dtype: its first floating parameter's. (diffusers' `.dtype` walks every submodule, which costs
+    milliseconds per training step on large models.)"""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return getattr(module, "dtype", None)
 
 
 def _lora_metadata(config: Any) -> dict[str, Any] | None:
