@@ -235,7 +235,7 @@ class Config:
     gradient_checkpointing_interval: int | None = opt(None, TRAIN, output=False)
     disable_tf32: bool = opt(False, CACHE, TRAIN, output=False)
     vae_enable_slicing: bool = opt(False, CACHE, TRAIN, output=False)
-    vae_enable_tiling: bool = opt(False, CACHE, TRAIN, output=False)
+    vae_enable_tiling: bool = opt(False, CACHE, TRAIN, help="Changes latents of images larger than a VAE tile.")
     keep_vae_loaded: bool = opt(False, TRAIN, output=False)
     accelerator_cache_clear_interval: int | None = opt(None, TRAIN, output=False)
 

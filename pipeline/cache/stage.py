@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CACHE, LoadedConfig
+from ..speed import SpeedOptions
 from ..distributed import barrier, local_rank, rank_and_world
 from ..errors import ConfigError, InputError, LineageError, ManifestError
 from ..families import Family, component_identity, get_family
@@ -518,7 +519,7 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
     device = _device()
     encoders = Encoders(ctx.family, ctx.settings["source"], ctx.settings["vae_source"], ctx.settings["t5_source"],
                         config.revision, config.variant, ctx.settings["vae_dtype"], device,
-                        offload=config.offload_during_startup)  # fmt: skip
+                        offload=config.offload_during_startup, speed=SpeedOptions.from_config(config))  # fmt: skip
     mine = [s for i, s in enumerate(plan.shards) if i % world == rank]
     # A damaged shard is rebuilt, not kept: its sidecar alone would let the new manifest record the damaged bytes.
     recorded = {o["path"]: o for o in previous.manifest["outputs"]} if previous.manifest and previous.damaged else {}
@@ -672,7 +673,8 @@ def merge_parts(loaded: LoadedConfig, input_path: Path, parts: list[Path], out_d
     if absent:
         raise InputError(f"parts {', '.join(map(str, absent))} of {world} are missing from the merge")
     encoders = Encoders(ctx.family, ctx.settings["source"], ctx.settings["vae_source"], ctx.settings["t5_source"],
-                        config.revision, config.variant, ctx.settings["vae_dtype"], _device())  # fmt: skip
+                        config.revision, config.variant, ctx.settings["vae_dtype"], _device(),
+                        speed=SpeedOptions.from_config(config))  # fmt: skip
     stats = {"vae": _vae_description(ctx, encoders), "merged_parts": len(parts)}
     doc = finalise(ctx, out_dir, plan, started, stats)
     return CacheResult(out_dir, doc, False)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import speed
 from ..errors import InputError, UserError
 from ..families import Family, load_components
 from ..log import get_logger, quiet_libraries
@@ -95,15 +96,18 @@ class Trainer:
         self.cache_manifest = cache_manifest
         self.shared = shared_embeds
         self.prompts_by_text = prompts_by_text
+        speed.check_train_options(config, self.device)
 
         parts = load_components(family, source, which=("denoiser", "scheduler"))
         denoiser = parts["denoiser"]
         self.scheduler_config = dict(parts["scheduler"].config)
-        if config.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-            denoiser.enable_gradient_checkpointing()
+        # TF32, QKV fusion and gradient checkpointing (every block, or every Nth) before adapters are added.
+        self.speed_setup = speed.setup_denoiser(denoiser, config)
         self.params = adapters.attach(denoiser, config, family)
         denoiser.to(self.device)
         denoiser.train()
+        # In place, after the adapters (so that they are compiled in) and before accelerate wraps the model.
+        self.compiled = speed.compile_module(denoiser, config)
         self.trainable_names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
 
         from .objectives import Objective
@@ -132,6 +136,8 @@ class Trainer:
         optimizer = build_optimizer(self.params, config, device_type=self.device.type)
         self.lr_scheduler = build_lr_scheduler(optimizer, config, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(denoiser, optimizer)
+        # The parameters as the prepared (possibly wrapped) model holds them, listed once: clipping runs every step.
+        self.prepared_params = [p for p in self.model.parameters() if p.requires_grad]
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1000 + self.rank)
         ema_device = self.device if config.ema_device == "accelerator" and not config.ema_cpu_only else "cpu"
         self.ema = (adapters.EMA(self._named_trainable(), config.ema_decay, ema_device, not config.ema_foreach_disable)
@@ -236,6 +242,10 @@ class Trainer:
         collated = self.family.collate_text(texts)
         return {k: v.to(self.device) for k, v in collated.items()}
 
+    def _attention(self):
+        """The SDPA kernel choice of attention_mechanism; entered around forward and backward."""
+        return speed.attention_context(self.config.attention_mechanism)
+
     def _forward_loss(self, latents, texts, meta, step: int, *, noised=None):
         latents = latents.to(self.device)
         if noised is None:
@@ -262,7 +272,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            # Compiled blocks run eagerly here: batch 1 without gradients would only add graphs to compile.
+            with torch.no_grad(), self._attention(), speed.eager_stance(bool(self.compiled)):
                 for i, key in enumerate(keys):
                     ref = self.index.samples[key]
                     latent = unpack_tensors(reader.read(ref, "latent.safetensors.zst"))["latent"].float()[None]
@@ -314,7 +325,7 @@ class Trainer:
                                             "keys": batch.keys, "dropped": batch.dropped}) + "\n")  # fmt: skip
                 last_micro = (micro + 1) % self.accum == 0
                 sync = nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.model)
-                with sync:
+                with sync, self._attention():
                     loss = self._forward_loss(batch.latents, batch.texts, batch.meta, state.step)
                     self.accelerator.backward(loss / self.accum)
                 losses.append(float(loss.detach()))
@@ -322,11 +333,12 @@ class Trainer:
                 state.cursor = Cursor(batch.epoch, batch.index + 1)
                 if not last_micro:
                     continue
-                grad_norm = clip_gradients([p for p in self.model.parameters() if p.requires_grad], config)
+                grad_norm = clip_gradients(self.prepared_params, config)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
                 state.step += 1
+                speed.maybe_clear_cache(state.step, config.accelerator_cache_clear_interval)
                 step_loss = float(self.accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=self.device),
                                                           reduction="mean"))  # fmt: skip
                 losses = []
@@ -419,23 +431,29 @@ class Trainer:
         was_training = self.model.training
         self.unwrapped.eval()
         try:
-            if self.ema is not None and self.config.ema_validation in ("ema_only", "comparison") and label != "base":
-                if self.config.ema_validation == "comparison":
-                    paths = validator.render(self.state.step, label)
-                    tracker.images(f"validation/{label}", paths, self.state.step)
-                with _swapped(self._named_trainable(), self.ema.state()):
-                    paths = validator.render(self.state.step, f"{label}-ema")
-                tracker.images(f"validation/{label}-ema", paths, self.state.step)
-            else:
-                paths = validator.render(self.state.step, label)
-                tracker.images(f"validation/{label}", paths, self.state.step)
-            self.state.validations.append(label)
-            if self.notifier is not None:
-                self.notifier.validation(self.state.step, paths, [p.text for p in validator.prompts])
+            # Validation renders other shapes than training: compiled blocks run eagerly rather than recompiling.
+            with self._attention(), speed.eager_stance(bool(self.compiled)):
+                self._render(validator, tracker, label)
         finally:
             self.unwrapped.train(was_training)
             optimizer_train_mode(self.optimizer)
         self.accelerator.wait_for_everyone()
+
+    def _render(self, validator, tracker, label: str) -> None:
+        """Validation images (and their EMA twins) for one label."""
+        if self.ema is not None and self.config.ema_validation in ("ema_only", "comparison") and label != "base":
+            if self.config.ema_validation == "comparison":
+                paths = validator.render(self.state.step, label)
+                tracker.images(f"validation/{label}", paths, self.state.step)
+            with _swapped(self._named_trainable(), self.ema.state()):
+                paths = validator.render(self.state.step, f"{label}-ema")
+            tracker.images(f"validation/{label}-ema", paths, self.state.step)
+        else:
+            paths = validator.render(self.state.step, label)
+            tracker.images(f"validation/{label}", paths, self.state.step)
+        self.state.validations.append(label)
+        if self.notifier is not None:
+            self.notifier.validation(self.state.step, paths, [p.text for p in validator.prompts])
 
     def _external_validation(self, label: str) -> None:
         """validation_method = external-script: hand the newest checkpoint to the user's script."""

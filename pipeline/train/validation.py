@@ -7,6 +7,7 @@ while training. Images are seeded (`validation_seed`, else `seed`) and saved as 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
@@ -77,7 +78,12 @@ def library_prompts(config, base: Path) -> list[str]:
 
 
 class Validator:
-    """Builds the family pipeline around the live denoiser once, then renders prompts at each validation."""
+    """Builds the family pipeline around the live denoiser once, then renders prompts at each validation.
+
+    `keep_vae_loaded`: the VAE stays on the accelerator between validations; otherwise it waits on the CPU and
+    moves to the accelerator only while a validation renders (then the accelerator's cache is emptied), so training
+    steps have its memory. On a CPU run both are the same.
+    """
 
     def __init__(self, family: Family, config, *, source: str, vae_source: str | None, denoiser, prompts,
                  embeds: dict[str, dict[str, Any]], out_dir: Path, device) -> None:  # fmt: skip
@@ -91,7 +97,9 @@ class Validator:
             import diffusers
 
             scheduler = getattr(diffusers, SCHEDULERS[config.validation_noise_scheduler]).from_config(scheduler.config)
-        components = {family.denoiser.subfolder: denoiser, "vae": parts["vae"].to(device), "scheduler": scheduler}
+        self.keep_vae = bool(getattr(config, "keep_vae_loaded", False))
+        vae = parts["vae"].to(device if self.keep_vae else "cpu")
+        components = {family.denoiser.subfolder: denoiser, "vae": vae, "scheduler": scheduler}
         for spec in family.text_encoders:
             components[spec.model.subfolder] = None
             components[spec.tokenizer.subfolder] = None
@@ -126,8 +134,6 @@ class Validator:
 
     def render(self, step: int, label: str) -> list[Path]:
         """Images for every prompt and resolution; returns the PNG paths (the grid last)."""
-        import torch
-
         from .grid import image_grid
 
         config = self.config
@@ -136,6 +142,36 @@ class Validator:
         negative_text = config.validation_negative_prompt if config.validation_negative_prompt is not None else ""
         negative = self.embeds.get(negative_text)
         seed = config.validation_seed if config.validation_seed is not None else (config.seed or 0)
+        with self._vae_on_device():
+            paths = self._render_all(folder, negative, seed)
+        if paths:
+            grid = folder / "grid.png"
+            image_grid(paths, columns=max(1, config.num_validation_images * len(self.sizes))).save(grid)
+            paths.append(grid)
+        log.info("validation: %d image(s) at step %d -> %s", len(paths) - 1, step, folder)
+        return paths
+
+    @contextlib.contextmanager
+    def _vae_on_device(self):
+        """The VAE on the accelerator while rendering; back on the CPU after, unless keep_vae_loaded."""
+        vae = self.pipe.vae
+        if self.keep_vae or str(self.device) == "cpu":
+            yield
+            return
+        vae.to(self.device)
+        try:
+            yield
+        finally:
+            vae.to("cpu")
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _render_all(self, folder: Path, negative: dict[str, Any] | None, seed: int) -> list[Path]:
+        import torch
+
+        config = self.config
         paths: list[Path] = []
         for prompt in self.prompts:
             for width, height in self.sizes:
@@ -154,9 +190,4 @@ class Validator:
                     path = folder / f"{prompt.name}-{width}x{height}-{i}.png"
                     image.save(path)
                     paths.append(path)
-        if paths:
-            grid = folder / "grid.png"
-            image_grid(paths, columns=max(1, config.num_validation_images * len(self.sizes))).save(grid)
-            paths.append(grid)
-        log.info("validation: %d image(s) at step %d -> %s", len(paths) - 1, step, folder)
         return paths
