@@ -276,13 +276,13 @@ def test_no_webhook_config_is_a_no_op(tmp_path):
 
 def test_webhook_config_forms_and_aliases(tmp_path):
     (tmp_path / "hooks.json").write_text(json.dumps(
-        {"webhook_type": "discord", "callback_url": "https://discord.example/api/webhooks/1/t", "message_prefix": "p"}))
+        {"webhook_type": "discord", "callback_url": "https://discord.example.com/api/webhooks/1/t", "message_prefix": "p"}))
     (file_target,) = parse_webhook_config("hooks.json", tmp_path)
     assert file_target.kind == "discord" and file_target.url.endswith("/1/t") and file_target.message_prefix == "p"
-    (raw,) = parse_webhook_config('{"webhook_type": "raw", "webhook_url": "http://h:1/cb", "auth_token": "t"}')
-    assert (raw.kind, raw.url, raw.auth_token, raw.log_level) == ("raw", "http://h:1/cb", "t", "info")
-    both = parse_webhook_config([{"webhook_type": "raw", "callback_url": "http://a/"},
-                                 {"webhook_type": "discord", "webhook_url": "https://b/", "log_level": "warning"}])
+    (raw,) = parse_webhook_config('{"webhook_type": "raw", "webhook_url": "http://example.com:1/cb", "auth_token": "t"}')
+    assert (raw.kind, raw.url, raw.auth_token, raw.log_level) == ("raw", "http://example.com:1/cb", "t", "info")
+    both = parse_webhook_config([{"webhook_type": "raw", "callback_url": "http://a.example.com/"},
+                                 {"webhook_type": "discord", "webhook_url": "https://b.example.com/", "log_level": "warning"}])
     assert [t.kind for t in both] == ["raw", "discord"] and both[1].log_level == "warning"
     notifier = Notifier.from_config(Config(webhook_config=str(tmp_path / "hooks.json")), None, stage="train",
                                     main_process=False)  # fmt: skip
@@ -294,13 +294,13 @@ def test_webhook_config_forms_and_aliases(tmp_path):
     [
         ("{not json", "not valid JSON"),
         ("missing.json", "neither JSON text nor an existing file"),
-        ({"callback_url": "http://a/"}, "webhook_type is missing"),
-        ({"webhook_type": "slack", "webhook_url": "http://a/"}, "webhook_type is 'slack'"),
+        ({"callback_url": "http://a.example.com/"}, "webhook_type is missing"),
+        ({"webhook_type": "slack", "webhook_url": "http://a.example.com/"}, "webhook_type is 'slack'"),
         ({"webhook_type": "discord"}, "needs 'webhook_url'"),
         ({"webhook_type": "raw", "auth_token": "x"}, "needs 'callback_url'"),
         ({"webhook_type": "raw", "callback_url": "ftp://a/"}, "http:// or https://"),
-        ({"webhook_type": "raw", "callback_url": "http://a/", "log_level": "loud"}, "log_level 'loud'"),
-        ([{"webhook_type": "raw", "callback_url": "http://a/"}, "oops"], "webhook_config[1] must be an object"),
+        ({"webhook_type": "raw", "callback_url": "http://a.example.com/", "log_level": "loud"}, "log_level 'loud'"),
+        ([{"webhook_type": "raw", "callback_url": "http://a.example.com/"}, "oops"], "webhook_config[1] must be an object"),
         (5, "not int"),
     ],
 )

@@ -281,7 +281,7 @@ def test_transient_classification_sees_through_boto3_wrapping():
             raise S3UploadFailedError(f"Failed to upload: {exc}")
     except S3UploadFailedError as wrapped:
         assert is_transient(wrapped)
-    assert is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://x.example.com"))
     assert not is_transient(ClientError({"Error": {"Code": "NoSuchBucket"},
                                          "ResponseMetadata": {"HTTPStatusCode": 404}}, "HeadBucket"))
     assert not is_transient(ValueError("a bug"))
@@ -359,7 +359,7 @@ def test_other_providers_validate_offline(monkeypatch):
         {"provider": "b2", "bucket": "b", "prefix": "x"}]
     assert parse_publishing_config({"provider": "dropbox", "base_path": "SimpleTuner/runs"}) == [
         {"provider": "dropbox", "prefix": "/SimpleTuner/runs"}]
-    assert parse_publishing_config({"provider": "azure_blob", "container": "c", "account_url": "https://a",
+    assert parse_publishing_config({"provider": "azure_blob", "container": "c", "account_url": "https://a.example.com",
                                     "sas_token": "t"})[0]["credential"] == "t"
 
 
