@@ -57,12 +57,13 @@ def recorded_parent_path(manifest: dict[str, Any]) -> str | None:
     return provenance.get("parent_path") or provenance.get(f"{parent.get('stage')}_path")
 
 
-def locate(recorded: str | None, near: Path) -> Path | None:
-    """A recorded manifest path: as written, else relative to the folder that recorded it; None if not on disk."""
+def locate(recorded: str | None, *near: Path) -> Path | None:
+    """A recorded manifest path: as written, else relative to each of the `near` folders (the folder that recorded
+    it first); None if it is not on disk."""
     if not recorded:
         return None
     path = Path(recorded)
-    for candidate in (path, Path(near) / path):
+    for candidate in (path, *(Path(folder) / path for folder in near)):
         candidate = candidate / MANIFEST_NAME if candidate.is_dir() else candidate
         if candidate.is_file():
             return candidate

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError, ManifestError
+from .lineage import locate, recorded_parent_path
 from .manifest import MANIFEST_NAME, read_manifest
 from .report import format_table
 from .verify import (
@@ -28,7 +29,6 @@ from .verify import (
 )
 
 # Where each child records the path it read its parent's manifest from (in its provenance, outside the digest).
-PARENT_PATH_KEY = {"cache": "parent_path", "train": "cache_path", "publish": "train_path"}
 PARENT_STAGE = {"cache": "prepare", "train": "cache", "publish": "train"}
 NOT_FOUND = "parent not found (copied without it?)"
 
@@ -122,16 +122,9 @@ def _load(file: Path, found_by: str, stage_hint: str | None = None) -> StageStat
 def _recorded_parent(row: StageStatus) -> Path | None:
     """The parent manifest at the path the child recorded: as written (absolute, or relative to the current folder),
     else relative to the child's folder or the folder holding it (stage folders side by side in a run folder)."""
-    recorded = row.doc["provenance"].get(PARENT_PATH_KEY[row.stage]) if row.doc else None
-    if not recorded:
+    if not row.doc:
         return None
-    path = Path(recorded)
-    candidates = [path] if path.is_absolute() else [path, row.folder / path, row.folder.parent / path]
-    for candidate in candidates:
-        candidate = candidate / MANIFEST_NAME if candidate.is_dir() else candidate
-        if candidate.is_file():
-            return candidate
-    return None
+    return locate(recorded_parent_path(row.doc), row.folder, row.folder.parent)
 
 
 def _inputs(paths: list[Path]) -> dict[str, StageStatus]:

@@ -85,9 +85,7 @@ class CachePlan:
 
 def identities(model: dict[str, Any], settings: dict[str, Any]) -> tuple[str, str]:
     """Hashes of what latents and text embeddings depend on (model identities without their paths, and settings)."""
-
-    def strip(identity: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in identity.items() if k not in ("source",)}
+    from ..families import without_source as strip
 
     latent = sha256_json({"vae": strip(model["vae"]), "vae_dtype": settings["vae_dtype"], "seed": settings["seed"],
                           "cache_dtype": settings["cache_dtype"], "format": FORMAT_VERSION})  # fmt: skip

@@ -22,7 +22,7 @@ from ..config import CACHE, LoadedConfig
 from ..speed import SpeedOptions
 from ..distributed import barrier, local_rank, rank_and_world
 from ..errors import ConfigError, InputError, LineageError, ManifestError
-from ..families import Family, component_identity, get_family
+from ..families import Family, component_identity, get_family, without_source
 from ..fsutil import atomic_path, atomic_write_bytes, atomic_write_text
 from ..hashing import canonical_json, sha256_file, sha256_json
 from ..lineage import verify_outputs
@@ -151,17 +151,13 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> _Context:
         "t5_padding": config.t5_padding,
     }  # fmt: skip
     stage_config = {k: v for k, v in config.stage_keys(CACHE).items() if k not in _KEY_EXCLUDED}
-    stripped = {part: ([_strip(i) for i in v] if isinstance(v, list) else _strip(v)) for part, v in model.items()}
+    stripped = {part: ([without_source(i) for i in v] if isinstance(v, list) else without_source(v)) for part, v in model.items()}
     # The prompt texts (not just the user_prompt_library path) decide what the shared embeddings hold.
     key = sha256_json({"format": FORMAT_VERSION, "parent": parent["digest"], "config": stage_config,
                        "model": stripped, "vae_dtype": vae_dtype,
                        "prompts": sorted(validation_prompt_texts(loaded))})  # fmt: skip
     roots = {d["id"]: d["root"] for d in parent["datasets"]}
     return _Context(loaded, family, parent, parent_path, rows, roots, model, settings, stage_config, key)
-
-
-def _strip(identity: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in identity.items() if k != "source"}
 
 
 # ------------------------------------------------------------------------------------------------------ reuse
@@ -515,7 +511,8 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
     extra = validation_prompt_texts(loaded)
     plan = build_plan(ctx.rows, latent_identity=latent_id, text_identity=text_id, shard_samples=config.cache_shard_samples,
                       extra_prompts=extra, compression_level=config.cache_compression_level)  # fmt: skip
-    _check_sources(ctx, plan, out_dir)
+    previous_entries = _PreviousEntries(out_dir, previous.manifest)
+    _check_sources(ctx, plan, out_dir, previous_entries)
     device = _device()
     encoders = Encoders(ctx.family, ctx.settings["source"], ctx.settings["vae_source"], ctx.settings["t5_source"],
                         config.revision, config.variant, ctx.settings["vae_dtype"], device,
@@ -529,7 +526,7 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
     if kept:
         log.info("cache: %d of %d shard(s) already complete, keeping them", kept, len(mine))
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard_encoder = _ShardEncoder(ctx, out_dir, encoders, _PreviousEntries(out_dir, previous.manifest))
+    shard_encoder = _ShardEncoder(ctx, out_dir, encoders, previous_entries)
     # Samples of kept shards are reused too: encoded + reused is every sample written.
     shard_encoder.reused = sum(len(json.loads((out_dir / s.sidecar).read_text())["samples"]) for s in mine
                                if s.path in complete)  # fmt: skip
@@ -569,8 +566,6 @@ def _as_recorded(out_dir: Path, shard: ShardPlan, recorded: dict[str, dict[str, 
 
 def _vae_description(ctx: _Context, encoders: Encoders) -> dict[str, Any]:
     """Scaling/shift factors and channels from the VAE's config (read without loading weights when possible)."""
-    from ..families import vae_factors  # noqa: F401
-
     source = ctx.settings["vae_source"] or ctx.settings["source"]
     path = Path(source)
     candidates = [path / "config.json", path / ctx.family.vae.subfolder / "config.json"] if path.is_dir() else []
@@ -589,11 +584,11 @@ def _vae_description(ctx: _Context, encoders: Encoders) -> dict[str, Any]:
     return encoders.vae_description()
 
 
-def _check_sources(ctx: _Context, plan: CachePlan, out_dir: Path) -> None:
-    """Source images of samples that must be encoded exist (else exit 2, or skip with ignore_missing_files)."""
+def _check_sources(ctx: _Context, plan: CachePlan, out_dir: Path, previous: _PreviousEntries) -> None:
+    """Source images of samples that must be encoded exist (else exit 2, or skip with ignore_missing_files). Entries
+    the previous output already holds need no source: a cache can be extended where the old images are gone."""
     if ctx.loaded.config.ignore_missing_files:
         return
-    previous = _PreviousEntries(out_dir, None)
     missing = []
     for shard in plan.shards:
         if shard_complete(out_dir, shard):

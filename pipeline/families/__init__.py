@@ -13,6 +13,7 @@ from pipeline.families.base import (
     component_identity,
     load_components,
     vae_factors,
+    without_source,
 )
 
 FAMILIES: dict[str, Family] = {
@@ -41,4 +42,5 @@ __all__ = [
     "get_family",
     "load_components",
     "vae_factors",
+    "without_source",
 ]

@@ -695,6 +695,11 @@ def _resolve_hub_folder(source: str, subfolder: str | None, revision: str | None
     return Path(root)
 
 
+def without_source(identity: dict[str, Any]) -> dict[str, Any]:
+    """An identity minus where the component was read from: what two copies of the same model share."""
+    return {k: v for k, v in identity.items() if k != "source"}
+
+
 def component_identity(source: str | Path, subfolder: str | None, revision: str | None = None) -> dict[str, Any]:
     """What identifies one component: source, revision, subfolder, the sha256 of its config (canonical JSON without
     library-version keys) and a digest per weight or tokenizer file (see `_safetensors_digest`). Works on local

@@ -371,7 +371,8 @@ def run_prepare(loaded: LoadedConfig, out_dir: Path, *, strict: bool = False, fo
                              config.seed or 0)  # fmt: skip
     kept, pruned, raised = _prune(samples, specs, loaded)
     skips.extend(pruned)
-    skips.sort(key=lambda k: ([s.id for s in specs].index(k.dataset_id), k.path))
+    order = {spec.id: i for i, spec in enumerate(specs)}
+    skips.sort(key=lambda k: (order[k.dataset_id], k.path))
     by_reason = dict(sorted(Counter(k.reason for k in skips).items()))
     if strict and skips:
         listing = ", ".join(f"{reason}: {n}" for reason, n in by_reason.items())

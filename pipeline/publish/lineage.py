@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import LineageError, ManifestError
 from ..hashing import sha256_file
-from ..lineage import check_parent_chain, verify_outputs
+from ..lineage import check_parent_chain, locate, verify_outputs
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, read_manifest
 
@@ -110,23 +110,11 @@ def _checkpoint(folder: Path, train: dict[str, Any], train_dir: Path) -> Checkpo
     return Checkpoint(folder, rel, int(recorded["step"]), recorded["manifest_sha256"], files, info)
 
 
-def _locate(recorded: str | None, near: Path) -> Path | None:
-    """A manifest path recorded in provenance: as written, else relative to the folder that recorded it."""
-    if not recorded:
-        return None
-    path = Path(recorded)
-    for candidate in (path, near / path):
-        candidate = candidate / MANIFEST_NAME if candidate.is_dir() else candidate
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _parent(doc: dict[str, Any], stage: str, recorded: str | None, near: Path,
             notes: list[str]) -> tuple[dict | None, Path | None]:  # fmt: skip
     """The parent manifest `doc` names by digest (and its path), if it is still on disk unchanged."""
     want = (doc.get("parent") or {}).get("digest")
-    path = _locate(recorded, near)
+    path = locate(recorded, near)
     if path is None:
         notes.append(f"the {stage} manifest ({recorded or 'path not recorded'}) is not on this machine")
         return None, None

@@ -41,10 +41,6 @@ def list_checkpoints(folder: Path, kind: str | None = None) -> list[tuple[int, P
     return sorted(found)
 
 
-def _save_tensors(path: Path, tensors: dict[str, Any]) -> None:
-    save_tensors(path, tensors)
-
-
 def begin_checkpoint(folder: Path, name: str) -> Path:
     """Create the empty `name.tmp` folder that every process then writes its own state into."""
     tmp = folder / f"{name}.tmp"
@@ -70,9 +66,9 @@ def finish_checkpoint(folder: Path, name: str, parts: dict[str, Any], info: dict
     final = folder / name
     tmp = folder / f"{name}.tmp"
     try:
-        _save_tensors(tmp / "weights.safetensors", parts["weights"])
+        save_tensors(tmp / "weights.safetensors", parts["weights"])
         if parts.get("ema"):
-            _save_tensors(tmp / "ema.safetensors", parts["ema"])
+            save_tensors(tmp / "ema.safetensors", parts["ema"])
         save_state(tmp / "optimizer", parts["optimizer"])
         save_state(tmp / "scheduler", parts["scheduler"])
         files = sorted(p for p in tmp.iterdir() if p.is_file())

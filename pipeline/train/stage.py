@@ -12,7 +12,7 @@ from ..cache.reader import CacheReader
 from ..cache.stage import model_identity, resolve_path
 from ..config import TRAIN, LoadedConfig
 from ..errors import ConfigError, LineageError
-from ..families import component_identity, get_family
+from ..families import component_identity, get_family, without_source
 from ..hashing import sha256_json
 from ..lineage import check_parent_chain, forced_record, verify_outputs
 from ..log import get_logger
@@ -39,10 +39,6 @@ class TrainResult:
     reasons: list[str] = field(default_factory=list)
 
 
-def _strip(identity: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in identity.items() if k != "source"}
-
-
 def check_lineage(cache: dict[str, Any], family_name: str, model: dict[str, Any], cache_path: Path) -> None:
     """Refuse a cache made with another family, VAE or text encoder than the model given."""
     if cache["family"] != family_name:
@@ -52,7 +48,7 @@ def check_lineage(cache: dict[str, Any], family_name: str, model: dict[str, Any]
     checks += [(f"text encoder {i + 1}", a, b) for i, (a, b) in enumerate(zip(cache["model"]["text_encoders"],
                                                                              model["text_encoders"]))]  # fmt: skip
     for what, cached, given in checks:
-        if _strip(cached) != _strip(given):
+        if without_source(cached) != without_source(given):
             raise LineageError(
                 f"the {what} of {cache_path} ({cached.get('source')}, weights {str(cached.get('weights_sha256'))[:12]}) "
                 f"differs from the model given ({given.get('source')}, weights {str(given.get('weights_sha256'))[:12]}); "
@@ -96,7 +92,7 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
 
     stage_config = {k: v for k, v in config.stage_keys(TRAIN).items() if k not in _KEY_EXCLUDED}
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
-                       "denoiser": _strip(denoiser_identity), "family": family.name})  # fmt: skip
+                       "denoiser": without_source(denoiser_identity), "family": family.name})  # fmt: skip
     previous = up_to_date(out_dir, SCHEMA, key)
     resuming = bool(config.resume_from_checkpoint)
     if previous.current and not force:
@@ -170,9 +166,9 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
 
     save_final(trainer.unwrapped, config, family, final_tmp)
     if trainer.ema is not None:
-        from .checkpoint import _save_tensors
+        from ..tensorfile import save_tensors
 
-        _save_tensors(final_tmp / "ema_weights.safetensors", trainer.ema.state())
+        save_tensors(final_tmp / "ema_weights.safetensors", trainer.ema.state())
     final = out_dir / "final"
     shutil.rmtree(final, ignore_errors=True)
     final_tmp.rename(final)

@@ -436,6 +436,23 @@ def test_moved_output_needs_nothing_else(own_dataset, tmp_path):
     assert CacheReader(moved).prompt("")
 
 
+def test_reshard_without_source_images_reuses_every_entry(own_dataset, tmp_path):
+    """Entries the previous output holds need no source image, even when shard membership changes."""
+    config, images, prep = own_dataset
+    out = tmp_path / "cache"
+    cache(config, prep, out)
+    before = read_all(out)
+    for path in images.rglob("*.png"):
+        path.unlink()
+    for path in images.rglob("*.jpg"):
+        path.unlink()
+    again = cache(config, prep, out, "cache_shard_samples=1")
+    assert (again.encoded, again.reused) == (0, len(before))
+    after = read_all(out)
+    assert {k: v.latent for k, v in after.items()}.keys() == before.keys()
+    assert all(after[k].latent.equal(before[k].latent) for k in before)
+
+
 def test_parts_merge_into_the_single_run_output(shapes, runs, cached):
     config, prep = shapes
     single = cached("sd1x")
