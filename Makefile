@@ -10,7 +10,7 @@ ST := $(BIN)/st
 ST_PYTHON ?= $(BIN)/python
 DEMO ?= demo
 
-.PHONY: setup test demo demo-data run dvc-params bench clean-demo FORCE
+.PHONY: setup test wheel-test demo demo-data run dvc-params bench clean-demo FORCE
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ setup:
 
 test:
 	$(BIN)/python -m pytest -q
+
+# Builds the wheel, installs it into a fresh virtualenv without the source tree and runs the four stages with it.
+wheel-test:
+	ST_PYTHON=$(abspath $(BIN)/python) bash tests/wheel_check.sh
 
 bench:
 	$(BIN)/python bench/prepare.py

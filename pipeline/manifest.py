@@ -2,14 +2,16 @@
 
 Every manifest has `schema` ("st.<stage>/<version>"), `stage`, `key`, `digest`, `parent`, `config`, `outputs`, `stats`
 and `provenance`. `key` hashes the stage's inputs (computed before any work); `digest` is the sha256 of the canonical
-JSON of everything except `provenance` and `digest` itself. Documents are validated against the JSON Schemas in the
-repository's `manifests/` folder when written and when read.
+JSON of everything except `provenance` and `digest` itself. Documents are validated against the JSON Schemas when
+written and when read. The schemas are package data (`pipeline/schemas/`, a link to the repository's top-level
+`manifests/`, their source of truth), read through importlib.resources so that an installed wheel finds them.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
+import importlib.resources
 import json
 import os
 import platform
@@ -23,22 +25,25 @@ from .fsutil import atomic_write_text
 from .hashing import sha256_file, sha256_json
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "manifests"
+SCHEMA_PACKAGE = "pipeline"
+SCHEMA_FOLDER = "schemas"
 EXCLUDED_FROM_DIGEST = ("provenance", "digest")
 
 
-def schema_file(stage: str, version: int) -> Path:
-    return SCHEMA_DIR / f"{stage}.v{version}.schema.json"
+def schema_resource(stage: str, version: int):
+    """The packaged JSON Schema of `st.<stage>/<version>` (a Traversable; it may not exist)."""
+    return importlib.resources.files(SCHEMA_PACKAGE).joinpath(SCHEMA_FOLDER, f"{stage}.v{version}.schema.json")
 
 
 @functools.lru_cache(maxsize=None)
 def _validator(stage: str, version: int):
     import jsonschema
 
-    path = schema_file(stage, version)
-    if not path.is_file():
-        raise ManifestError(f"no schema for st.{stage}/{version} (looked for {path})")
-    schema = json.loads(path.read_text())
+    resource = schema_resource(stage, version)
+    if not resource.is_file():
+        raise ManifestError(f"no schema for st.{stage}/{version} in this installation of st {__version__} (looked "
+                            f"for {resource}); reinstall st, or use the st version that wrote the manifest")
+    schema = json.loads(resource.read_text(encoding="utf-8"))
     return jsonschema.Draft202012Validator(schema)
 
 
