@@ -121,6 +121,7 @@ def cache(
     set_: List[str] = SetOpt,
     part: Optional[str] = typer.Option(None, "--part", help="Encode only part i of n (i/n); combine with `merge`."),
     force: bool = ForceOpt,
+    strict: bool = typer.Option(False, "--strict", help="Fail instead of skipping images that cannot be decoded."),
 ) -> None:
     """Encode latents and text embeddings into content-addressed webdataset shards."""
     if ctx.invoked_subcommand is not None:
@@ -135,7 +136,7 @@ def cache(
         _require(config=config, input=input, output=output)
         loaded = load_config(config, set_)
         with stage_notifications(loaded, "cache"):
-            result = run_cache(loaded, input, output, part=part, force=force)
+            result = run_cache(loaded, input, output, part=part, force=force, strict=strict)
         if result.manifest is None:
             typer.echo(f"cache: part {part} written to {output} ({result.encoded} encoded, {result.reused} reused)")
             return
@@ -188,6 +189,12 @@ def train(
     output: Path = OutputOpt,
     set_: List[str] = SetOpt,
     force: bool = ForceOpt,
+    resume_strict: bool = typer.Option(
+        False, "--resume-strict",
+        help="With resume_from_checkpoint=latest: exit 2 instead of starting from step 0 when the output's "
+             "checkpoints were made with other options or another cache (only max_train_steps, num_train_epochs, "
+             "validation, evaluation, checkpoint, tracking and hub options may change on resume).",
+    ),  # fmt: skip
 ) -> None:
     """Train LoRA or full weights from cache shards (under `accelerate launch` for several processes)."""
 
@@ -195,7 +202,7 @@ def train(
         from .config import load_config
         from .train.stage import run_train
 
-        result = run_train(load_config(config, set_), input, output, force=force)
+        result = run_train(load_config(config, set_), input, output, force=force, resume_strict=resume_strict)
         if result.interrupted:
             typer.echo(f"train: stopped by {result.interrupted}; a checkpoint was saved under {output / 'checkpoints'}"
                        "; resume with --set resume_from_checkpoint=latest")  # fmt: skip
@@ -206,6 +213,10 @@ def train(
         state = "up to date" if result.up_to_date else "wrote"
         loss = metrics.get("final_loss")
         typer.echo(f"train: {metrics['steps']} steps, final loss {loss:.4f}" if loss is not None else "train: done")
+        resumed = result.manifest["stats"].get("resumed_from")
+        if resumed and not result.up_to_date:
+            typer.echo(f"train: resumed from {resumed['checkpoint']} (step {resumed['step']}); "
+                       f"{result.manifest['stats']['steps_this_run']} step(s) trained by this run")  # fmt: skip
         if metrics.get("first_eval_loss") is not None and metrics.get("final_eval_loss") is not None:
             typer.echo(f"train: eval loss {metrics['first_eval_loss']:.4f} -> {metrics['final_eval_loss']:.4f}")
         typer.echo(f"train: {state} {output / 'manifest.json'} (weights in {output / 'final'})")
@@ -314,9 +325,11 @@ def verify(
 ) -> None:
     """Re-hash every output file each manifest lists, and check the manifest's own schema and digest.
 
+    For a cache output, also check structure: valid tar shards whose every member decodes within its manifest's bounds.
+
     Exit status: 0 when everything matches.
 
-    1 when a file is missing or changed, or a manifest fails its digest: a finding, not a usage error.
+    1 when a file is missing, changed or malformed, or a manifest fails its digest: a finding, not a usage error.
 
     2 when a path is not a manifest, a stage folder or a run folder."""
 

@@ -6,6 +6,8 @@ invalidates `st prepare` or `st cache`.
 
 Config files are JSON or TOML; a leading `--` on keys is tolerated (SimpleTuner's config.json style), strings such as
 "true" or "1024" are coerced to the field's type, and `--set key=value` overrides are parsed as TOML literals.
+Every numeric option is checked against its range (`OPTION_RANGES`: finite, bounded, positive sizes) when the config
+is loaded, so a bad value stops every stage before it reads or writes anything.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -256,12 +259,17 @@ class Config:
     webhook_config: Any = opt(None, PREPARE, CACHE, TRAIN, PUBLISH, output=False,
                               help="Webhook targets: JSON text, a list/dict, or a JSON file path.")
     webhook_reporting_interval: float = opt(60.0, TRAIN, output=False)
-    post_checkpoint_script: str | None = opt(None, TRAIN, output=False)
+    post_checkpoint_script: str | None = opt(None, TRAIN, output=False,
+                                             help="Runs in the background after each checkpoint; killed after "
+                                                  "hook_timeout seconds.")  # fmt: skip
     post_upload_script: str | None = opt(None, TRAIN, PUBLISH, output=False)
     validation_method: str = opt("simpletuner-local", TRAIN, output=False,
                                  choices=("simpletuner-local", "external-script"))
     validation_external_script: str | None = opt(None, TRAIN, output=False)
     validation_external_background: bool = opt(False, TRAIN, output=False)
+    hook_timeout: float = opt(3600.0, TRAIN, output=False,
+                              help="Seconds post_checkpoint_script or validation_external_script may run before it "
+                                   "and its child processes are killed.")  # fmt: skip
 
     def stage_keys(self, stage: str, *, outputs_only: bool = True) -> dict[str, Any]:
         """The options `stage` reads (by default only those that can change its outputs), resolved."""
@@ -444,7 +452,194 @@ class LoadedConfig:
         return candidate if candidate.is_absolute() else (self.base_dir / candidate)
 
 
-def build_config(raw: dict[str, Any], where: str = "") -> tuple[Config, dict[str, Any]]:
+# ---------------------------------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric option: `low`/`high` bounds (None: unbounded), each inclusive unless `*_open`;
+    `multiple_of` for sizes that must align. Every float option must also be finite (no nan or inf)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    multiple_of: int | None = None
+    note: str = ""
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return self.multiple_of is None or value % self.multiple_of == 0
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
+        text = " and ".join(parts) or "a finite number"
+        if self.multiple_of is not None:
+            text += f", a multiple of {self.multiple_of}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+# The largest bucket st plans, in pixels: PIL's decompression-bomb limit. `resolution` is bounded by it: its square
+# root as an edge (pixel, pixel_area), in megapixels for resolution_type area.
+MAX_BUCKET_PIXELS = 89_478_485
+MAX_EDGE = math.isqrt(MAX_BUCKET_PIXELS)
+MAX_SEED = 2**32 - 1
+_COUNT = Range(1, 2**31 - 1)
+_NON_NEGATIVE = Range(0)
+_POSITIVE = Range(0, low_open=True)
+_FRACTION = Range(0, 1)
+_OFF_OR_EVERY = Range(0, note="0 turns it off")
+_SEED = Range(0, MAX_SEED)
+
+OPTION_RANGES: dict[str, Range] = {
+    # prepare
+    "resolution": Range(0, MAX_EDGE, low_open=True, note="pixels; for resolution_type area megapixels"),
+    "minimum_image_size": Range(0, MAX_EDGE),
+    "maximum_image_size": Range(0, MAX_EDGE, low_open=True),
+    "target_downsample_size": Range(0, MAX_EDGE, low_open=True),
+    "minimum_aspect_ratio": _POSITIVE,
+    "maximum_aspect_ratio": _POSITIVE,
+    "max_upscale_threshold": _NON_NEGATIVE,
+    "aspect_bucket_rounding": Range(1, 8, note="decimal places"),
+    "aspect_bucket_alignment": Range(8, 256, multiple_of=8, note="pixels"),
+    "repeats": Range(0, 100_000),
+    "probability": _NON_NEGATIVE,
+    "train_batch_size": Range(1, 65_536),
+    "gradient_accumulation_steps": Range(1, 65_536),
+    "num_processes": Range(1, 65_536),
+    "seed": _SEED,
+    "max_workers": Range(0, 1024, note="0: one per CPU core"),
+    # cache
+    "vae_batch_size": Range(1, 65_536),
+    "tokenizer_max_length": Range(1, 65_536),
+    "cache_compression_level": Range(1, 22),
+    "cache_shard_samples": Range(1, 10_000_000),
+    # train
+    "lora_rank": Range(1, 65_536),
+    "lora_alpha": _POSITIVE,
+    "lora_dropout": Range(0, 1, high_open=True),
+    "timestep_bias_begin": Range(0, 1000),
+    "timestep_bias_end": Range(0, 1000),
+    "timestep_bias_multiplier": _POSITIVE,
+    "timestep_bias_portion": Range(0, 1, low_open=True),
+    "flow_sigmoid_scale": _POSITIVE,
+    "flow_beta_schedule_alpha": _POSITIVE,
+    "flow_beta_schedule_beta": _POSITIVE,
+    "flow_schedule_shift": _POSITIVE,
+    "flux_guidance_value": _NON_NEGATIVE,
+    "flux_guidance_min": _NON_NEGATIVE,
+    "flux_guidance_max": _NON_NEGATIVE,
+    "huber_c": _POSITIVE,
+    "snr_gamma": Range(0, note="0 turns it off"),
+    "soft_min_snr_sigma_data": _POSITIVE,
+    "noise_offset": _NON_NEGATIVE,
+    "noise_offset_probability": _FRACTION,
+    "input_perturbation": _NON_NEGATIVE,
+    "input_perturbation_steps": _NON_NEGATIVE,
+    "caption_dropout_probability": _FRACTION,
+    "dataloader_prefetch_qlen": Range(1, 1024),
+    "optimizer_beta1": Range(0, 1, high_open=True),
+    "optimizer_beta2": Range(0, 1, high_open=True),
+    "adam_weight_decay": _NON_NEGATIVE,
+    "adam_epsilon": _NON_NEGATIVE,
+    "max_grad_norm": Range(0, note="0 turns clipping off"),
+    "learning_rate": _NON_NEGATIVE,
+    "lr_warmup_steps": _NON_NEGATIVE,
+    "lr_num_cycles": _COUNT,
+    "lr_power": _POSITIVE,
+    "lr_end": _NON_NEGATIVE,
+    "num_train_epochs": _NON_NEGATIVE,
+    "max_train_steps": _NON_NEGATIVE,
+    "ema_decay": _FRACTION,
+    "ema_update_interval": _COUNT,
+    "checkpoint_step_interval": _OFF_OR_EVERY,
+    "checkpoint_epoch_interval": _OFF_OR_EVERY,
+    "checkpoints_total_limit": Range(0, note="0: keep all"),
+    "checkpointing_rolling_steps": _OFF_OR_EVERY,
+    "checkpoints_rolling_total_limit": Range(0, note="0: keep all"),
+    "num_validation_images": _COUNT,
+    "validation_step_interval": _OFF_OR_EVERY,
+    "validation_epoch_interval": _OFF_OR_EVERY,
+    "validation_num_inference_steps": _COUNT,
+    "validation_guidance": _NON_NEGATIVE,
+    "validation_guidance_rescale": _FRACTION,
+    "validation_seed": _SEED,
+    "eval_steps_interval": _OFF_OR_EVERY,
+    "num_eval_images": _COUNT,
+    "gradient_checkpointing_interval": _COUNT,
+    "accelerator_cache_clear_interval": _COUNT,
+    # notifications
+    "webhook_reporting_interval": Range(0, note="seconds"),
+    "hook_timeout": Range(0, low_open=True, note="seconds"),
+}
+
+
+def _number(value: float) -> str:
+    """1e+12, nan, 0.25, 4294967295: floats in short form, whole bounds without an exponent."""
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer() and abs(value) < 1e15):
+        return str(int(value))
+    return f"{value:g}"
+
+
+SET_ORIGIN = "--set"
+
+
+def _place(where: str) -> str:
+    if where == SET_ORIGIN:
+        return f" (from {SET_ORIGIN})"
+    return f" (in {where})" if where else ""
+
+
+def check_option_range(key: str, value: Any, where: str = "") -> None:
+    """Refuse a numeric option outside its range, or a float that is nan or infinite, naming the option."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    allowed = OPTION_RANGES.get(key, Range())
+    shown = f"{value:g}" if isinstance(value, float) else str(value)  # the user's value as written
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"option '{key}' is {shown}, not a finite number; it must be {allowed.describe()}"
+                          f"{_place(where)}")  # fmt: skip
+    if not allowed.contains(value):
+        raise ConfigError(f"option '{key}' is {shown}, outside its range: it must be {allowed.describe()}"
+                          f"{_place(where)}")  # fmt: skip
+
+
+def check_resolution(resolution: float, resolution_type: str, where: str = "") -> None:
+    """In `area` mode `resolution` is megapixels: at most MAX_BUCKET_PIXELS."""
+    limit = MAX_BUCKET_PIXELS / 1_000_000
+    if resolution_type == "area" and resolution > limit:
+        raise ConfigError(f"option 'resolution' is {resolution:g} megapixels (resolution_type area), more than the "
+                          f"largest bucket of {limit:g} megapixels; did you mean resolution_type \"pixel_area\"?"
+                          f"{_place(where)}")  # fmt: skip
+
+
+def _check_relations(config: Config, where: str) -> None:
+    check_resolution(config.resolution, config.resolution_type, where)
+    pairs = [("minimum_aspect_ratio", "maximum_aspect_ratio"), ("flux_guidance_min", "flux_guidance_max")]
+    for low_key, high_key in pairs:
+        low, high = getattr(config, low_key), getattr(config, high_key)
+        if low is not None and high is not None and low > high:
+            raise ConfigError(f"option '{low_key}' ({low:g}) is larger than '{high_key}' ({high:g}){_place(where)}")
+
+
+def check_config_ranges(config: Config, where: str = "", overridden: typing.Collection[str] = ()) -> None:
+    """Every numeric option in its range (see OPTION_RANGES), before any stage reads or writes anything. Options
+    named in `overridden` came from `--set`, and the message says so."""
+    for name in OPTION_FIELDS:
+        check_option_range(name, getattr(config, name), SET_ORIGIN if name in overridden else where)
+    _check_relations(config, where)
+
+
+def build_config(
+    raw: dict[str, Any], where: str = "", overridden: typing.Collection[str] = ()
+) -> tuple[Config, dict[str, Any]]:
     """Validate a dict of options into a `Config`; returns it and the SimpleTuner-only keys that were ignored."""
     values: dict[str, Any] = {}
     ignored: dict[str, Any] = {}
@@ -459,7 +654,9 @@ def build_config(raw: dict[str, Any], where: str = "") -> tuple[Config, dict[str
         else:
             place = f" (in {where})" if where else ""
             raise ConfigError(f"unknown option '{key}'{suggest(key, OPTION_FIELDS)}{place}")
-    return Config(**values), ignored
+    config = Config(**values)
+    check_config_ranges(config, where, overridden)
+    return config, ignored
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> LoadedConfig:
@@ -468,10 +665,12 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     file_path = Path(path).resolve() if path else None
     if file_path is not None:
         raw = {normalise_key(str(k)): v for k, v in read_config_file(file_path).items()}
+    overridden = set()
     for item in overrides:
         key, value = parse_set(item)
         raw[key] = value
-    config, ignored = build_config(raw, where=str(file_path) if file_path else "")
+        overridden.add(key)
+    config, ignored = build_config(raw, where=str(file_path) if file_path else "", overridden=overridden)
     for key in sorted(ignored):
         log.info("ignoring option '%s': %s", key, SIMPLETUNER_ONLY_OPTIONS[key])
     explicit = frozenset(k for k in raw if k in OPTION_FIELDS)

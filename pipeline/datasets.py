@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import OPTION_FIELDS, Config, LoadedConfig, coerce, normalise_key, suggest
+from .config import (
+    OPTION_FIELDS,
+    Config,
+    LoadedConfig,
+    check_option_range,
+    check_resolution,
+    coerce,
+    normalise_key,
+    suggest,
+)
 from .errors import ConfigError, InputError, NotSupportedError
 from .log import get_logger
 from .simpletuner import SIMPLETUNER_ONLY_DATASET_KEYS
@@ -204,12 +213,10 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
 
 
 def _check_ranges(values: dict[str, Any], where: str) -> None:
-    if values["resolution"] <= 0:
-        raise ConfigError(f"{where}: resolution must be positive, got {values['resolution']}")
-    if values["repeats"] < 0:
-        raise ConfigError(f"{where}: repeats must be 0 or more, got {values['repeats']}")
-    if values["probability"] < 0:
-        raise ConfigError(f"{where}: probability must be 0 or more, got {values['probability']}")
+    """The global options' ranges apply to an entry's own values too (see config.OPTION_RANGES)."""
+    for key in PER_DATASET_OPTIONS:
+        check_option_range(key, values[key], where)
+    check_resolution(values["resolution"], values["resolution_type"], where)
     lo, hi = values["minimum_aspect_ratio"], values["maximum_aspect_ratio"]
     if lo is not None and hi is not None and lo > hi:
         raise ConfigError(f"{where}: minimum_aspect_ratio {lo} is larger than maximum_aspect_ratio {hi}")

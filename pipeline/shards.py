@@ -3,6 +3,12 @@
 A sample is `(key, members)`: `key` is a lowercase hex content id, `members` maps a suffix ("json",
 "latent.safetensors.zst", ...) to the member's bytes, stored in the tar as `<key>.<suffix>`. Tensor members are
 safetensors bytes compressed as a single zstd frame that records its content size and a checksum.
+
+Shard bytes are untrusted (a whole cache folder, manifest included, can be crafted so that every hash matches), so
+every read is bounded: a frame must declare its content size and the caller's bound must cover it before anything is
+allocated; safetensors header lengths are checked against the bytes that follow; the tar's structure (member names and
+types, members inside the file, the end-of-archive marker, the sample count) is checked before any member is used.
+Malformed bytes raise `InputError` naming the shard and member.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Mapping
 
@@ -21,6 +29,7 @@ from pipeline.errors import InputError, ManifestError
 from pipeline.fsutil import fsync_dir, tmp_path_for
 from pipeline.hashing import canonical_json
 from pipeline.log import get_logger
+from pipeline.tensorfile import SafetensorsFormatError, TensorSpec, header_length, parse_header, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +42,10 @@ _KEY_RE = re.compile(r"[0-9a-f]+")
 _SUFFIX_RE = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _USTAR_NAME_MAX = 100
 _CHUNK = 1 << 20
+_END_OF_ARCHIVE = 1024  # two zero blocks
+# No shard member st writes comes near this: the default bound, and the cap on bounds derived from a manifest.
+MAX_MEMBER_BYTES = 1 << 30
+RECACHE_HINT = "the cache is damaged or was not written by st: re-run `st cache`"
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -60,19 +73,91 @@ def pack_tensors(tensors: Mapping[str, "torch.Tensor"], level: int = 3) -> bytes
     return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True).compress(raw)
 
 
-def unpack_tensors(data: bytes) -> dict[str, "torch.Tensor"]:
-    """Inverse of `pack_tensors`; only safetensors is deserialised, never pickle."""
+def malformed(where: str, problem: str) -> InputError:
+    """The error for member bytes that are not what st writes: `<where>: <problem>; <how to fix>`."""
+    return InputError(f"{where}: {problem}; {RECACHE_HINT}")
+
+
+def frame_content_size(data: bytes, *, max_bytes: int, where: str) -> int:
+    """The content size a zstd frame declares in its header, refused when absent or above `max_bytes`."""
     import zstandard
-    from safetensors.torch import load
 
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data)
+        size = zstandard.get_frame_parameters(data).content_size
     except zstandard.ZstdError as exc:
-        raise ValueError(f"not a zstd frame with its content size: {exc}") from exc
+        raise malformed(where, f"not a zstd frame ({exc})") from None
+    if size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise malformed(where, "its zstd frame does not declare its content size")
+    if size > max_bytes:
+        raise malformed(where, f"its zstd frame declares {size} bytes, more than the {max_bytes} its shape allows")
+    return size
+
+
+def decompress_frame(data: bytes, *, max_bytes: int = MAX_MEMBER_BYTES, where: str = "zstd member") -> bytes:
+    """Decompress one zstd frame whose declared content size is within `max_bytes` (nothing may follow it)."""
+    import zstandard
+
+    size = frame_content_size(data, max_bytes=max_bytes, where=where)
+    if size == 0:  # max_output_size=0 would mean "no limit"
+        return b""
     try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise malformed(where, f"its zstd frame does not decompress ({exc})") from None
+    if len(raw) != size:
+        raise malformed(where, f"its zstd frame declares {size} bytes but holds {len(raw)}")
+    return raw
+
+
+def tensor_specs(data: bytes, *, max_bytes: int = MAX_MEMBER_BYTES,
+                 where: str = "zstd member") -> dict[str, TensorSpec]:  # fmt: skip
+    """The tensors a compressed safetensors member holds, from its header alone: only the header is decompressed,
+    and its length and tensor table are checked against the frame's declared content size."""
+    import zstandard
+
+    size = frame_content_size(data, max_bytes=max_bytes, where=where)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data) as stream:
+            length = header_length(_read_exact(stream, 8), size)
+            header = _read_exact(stream, length)
+        return parse_header(header, size - 8 - length)[0]
+    except zstandard.ZstdError as exc:
+        raise malformed(where, f"its zstd frame does not decompress ({exc})") from None
+    except SafetensorsFormatError as exc:
+        raise malformed(where, str(exc)) from None
+
+
+def _read_exact(stream: Any, count: int) -> bytes:
+    parts, missing = [], count
+    while missing:
+        chunk = stream.read(missing)
+        if not chunk:
+            raise SafetensorsFormatError(f"the data ends before its safetensors header ({count} bytes) does")
+        parts.append(chunk)
+        missing -= len(chunk)
+    return b"".join(parts)
+
+
+def unpack_tensors(data: bytes, *, max_bytes: int = MAX_MEMBER_BYTES,
+                   where: str = "zstd member") -> dict[str, "torch.Tensor"]:  # fmt: skip
+    """Inverse of `pack_tensors`, bounded by `max_bytes` of decompressed data; only safetensors is deserialised, never
+    pickle. Malformed bytes raise `InputError` starting with `where`."""
+    from safetensors.torch import load
+
+    raw = decompress_frame(data, max_bytes=max_bytes, where=where)
+    try:
+        read_header(raw)
         return load(raw)
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ValueError(f"not valid safetensors data: {exc}") from exc
+    except Exception as exc:  # SafetensorsFormatError, or safetensors' own SafetensorError
+        raise malformed(where, f"not valid safetensors data ({exc})") from None
+
+
+def decode_json(data: bytes, where: str) -> Any:
+    """A `json` member's value (UTF-8 JSON; deep nesting and bad bytes are refused, not crashed on)."""
+    try:
+        return json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise malformed(where, f"not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def pack_json(value: Any) -> bytes:
@@ -90,9 +175,9 @@ def webdataset_decoder(sample: dict) -> dict:
         if name.startswith("__"):
             out[name] = value
         elif name == TENSOR_SUFFIX[1:] or name.endswith(TENSOR_SUFFIX):
-            out[name] = unpack_tensors(value)
+            out[name] = unpack_tensors(value, where=f"member {sample.get('__key__')}.{name}")
         elif name == "json" or name.endswith(".json"):
-            out[name] = json.loads(bytes(value).decode("utf-8"))
+            out[name] = decode_json(value, f"member {sample.get('__key__')}.{name}")
         else:
             out[name] = value
     return out
@@ -259,36 +344,89 @@ def _check_open_shard(handle: BinaryIO, path: Path, sha256: str | None, size: in
         )
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """Open a shard for reading; only a regular file (a FIFO would block the open, a device never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ManifestError(f"cache shard {path} is missing; re-run `st cache`") from None
+    except OSError as exc:
+        raise ManifestError(f"cache shard {path} cannot be read ({exc.strerror}); re-run `st cache`") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"cache shard {path} is not a regular file; {RECACHE_HINT}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def verify_shard(path: str | Path, sha256: str, bytes: int) -> None:  # noqa: A002 - name asked for by the API
     """Raise `ManifestError` unless the shard at `path` has this size and sha256."""
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            _check_open_shard(handle, path, sha256, bytes)
-    except FileNotFoundError:
-        raise ManifestError(f"cache shard {path} is missing; re-run `st cache`") from None
+    with _open_regular(path) as handle:
+        _check_open_shard(handle, path, sha256, bytes)
 
 
-def read_shard(
-    path: str | Path, *, expected_sha256: str | None, expected_bytes: int | None = None
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Verify the shard (eagerly, at call time), then iterate its samples as `(key, {suffix: bytes})`.
+@dataclass(frozen=True)
+class ShardSample:
+    """Where one sample's members sit in its shard: suffix -> (offset of the member's bytes, size)."""
 
-    Pass `expected_sha256=None` only to skip the hash check on purpose. Members are grouped by key the way
-    webdataset does (key = member name up to the first dot of its base name). Absolute names, `..` components,
-    non-regular members, duplicate members and a key split across the archive are refused with `InputError`.
+    key: str
+    members: dict[str, tuple[int, int]]
+
+
+def scan_shard(path: str | Path, *, expected_sha256: str | None, expected_bytes: int | None = None,
+               expected_samples: int | None = None) -> list[ShardSample]:  # fmt: skip
+    """Verify the shard's size and sha256, then list its samples from the tar headers alone.
+
+    Refused with `InputError`, naming the shard: a file that is not a tar, members that are not plain files, absolute
+    or `..` names, duplicate members, a sample split across the archive, a member or header past the end of the file
+    (a truncated shard), a missing end-of-archive marker, or another sample count than `expected_samples`.
     """
-    path = Path(path)
+    handle, samples = _open_scanned(Path(path), expected_sha256, expected_bytes, expected_samples)
+    handle.close()
+    return samples
+
+
+def _open_scanned(path: Path, sha256: str | None, size: int | None,
+                  samples: int | None) -> tuple[BinaryIO, list[ShardSample]]:  # fmt: skip
+    handle = _open_regular(path)
     try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        raise ManifestError(f"cache shard {path} is missing; re-run `st cache`") from None
-    try:
-        _check_open_shard(handle, path, expected_sha256, expected_bytes)
+        _check_open_shard(handle, path, sha256, size)
+        found = _scan_tar(handle, path)
+        if samples is not None and len(found) != samples:
+            raise InputError(f"cache shard {path} holds {len(found)} sample(s), but the cache manifest lists "
+                             f"{samples}; {RECACHE_HINT}")  # fmt: skip
     except BaseException:
         handle.close()
         raise
-    return _iter_samples(handle, path)
+    return handle, found
+
+
+def read_shard(
+    path: str | Path, *, expected_sha256: str | None, expected_bytes: int | None = None,
+    expected_samples: int | None = None,
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Verify the shard and its structure (eagerly, at call time, see `scan_shard`), then iterate its samples as
+    `(key, {suffix: bytes})`.
+
+    Pass `expected_sha256=None` only to skip the hash check on purpose. Members are grouped by key the way
+    webdataset does (key = member name up to the first dot of its base name).
+    """
+    handle, samples = _open_scanned(Path(path), expected_sha256, expected_bytes, expected_samples)
+    return _iter_samples(handle, samples)
+
+
+def read_member(handle: BinaryIO, span: tuple[int, int]) -> bytes:
+    """The bytes of a member at `span` = (offset, size) of an open shard (spans come from `scan_shard`)."""
+    offset, size = span
+    handle.seek(offset)
+    return handle.read(size)
+
+
+def _iter_samples(handle: BinaryIO, samples: list[ShardSample]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    with handle:
+        for sample in samples:
+            yield sample.key, {suffix: read_member(handle, span) for suffix, span in sample.members.items()}
 
 
 def _member_key(path: Path, name: str) -> tuple[str, str]:
@@ -298,42 +436,57 @@ def _member_key(path: Path, name: str) -> tuple[str, str]:
         raise InputError(f"cache shard {path} has a member with a '..' component: {name!r}; re-run `st cache`")
     match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
     if not match:
-        raise InputError(f"cache shard {path} has a member without a <key>.<suffix> name: {name!r}")
+        raise InputError(f"cache shard {path} has a member without a <key>.<suffix> name: {name!r}; {RECACHE_HINT}")
     return match.group(1), match.group(2).lower()
 
 
-def _iter_samples(handle: BinaryIO, path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    with handle:
+def _scan_tar(handle: BinaryIO, path: Path) -> list[ShardSample]:
+    size = os.fstat(handle.fileno()).st_size
+    try:
+        tar = tarfile.open(fileobj=handle, mode="r:")
+    except (tarfile.TarError, ValueError, OverflowError) as exc:
+        raise InputError(f"cache shard {path} is not a readable tar file ({exc}); {RECACHE_HINT}") from None
+    samples: list[ShardSample] = []
+    seen: set[str] = set()
+    with tar:
         try:
-            tar = tarfile.open(fileobj=handle, mode="r:")
-        except tarfile.TarError as exc:
-            raise InputError(f"cache shard {path} is not a readable tar file: {exc}; re-run `st cache`") from exc
-        with tar:
-            seen: set[str] = set()
-            key: str | None = None
-            members: dict[str, bytes] = {}
-            try:
-                for info in tar:
-                    name = info.name
-                    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.issparse():
-                        raise InputError(
-                            f"cache shard {path} has a non-regular member {name!r} (type {info.type!r}); "
-                            "only plain files are allowed"
-                        )
-                    member_key, suffix = _member_key(path, name)
-                    if member_key != key:
-                        if key is not None:
-                            yield key, members
-                        if member_key in seen:
-                            raise InputError(f"cache shard {path}: sample {member_key} is split across the archive")
-                        seen.add(member_key)
-                        key, members = member_key, {}
-                    if suffix in members:
-                        raise InputError(f"cache shard {path}: duplicate member {name!r}")
-                    extracted = tar.extractfile(info)
-                    assert extracted is not None
-                    members[suffix] = extracted.read()
-            except tarfile.TarError as exc:
-                raise InputError(f"cache shard {path} is a damaged tar file: {exc}; re-run `st cache`") from exc
-            if key is not None:
-                yield key, members
+            for info in tar:
+                key, suffix = _checked_member(path, info, size)
+                if not samples or samples[-1].key != key:
+                    if key in seen:
+                        raise InputError(f"cache shard {path}: sample {key} is split across the archive; "
+                                         f"{RECACHE_HINT}")  # fmt: skip
+                    seen.add(key)
+                    samples.append(ShardSample(key, {}))
+                if suffix in samples[-1].members:
+                    raise InputError(f"cache shard {path}: duplicate member {info.name!r}; {RECACHE_HINT}")
+                samples[-1].members[suffix] = (info.offset_data, info.size)
+            end = tar.offset
+        except (tarfile.TarError, ValueError, OverflowError) as exc:
+            raise InputError(f"cache shard {path} is a damaged tar file ({exc}); {RECACHE_HINT}") from None
+    _check_end_of_archive(handle, path, end, size)
+    return samples
+
+
+def _checked_member(path: Path, info: tarfile.TarInfo, file_size: int) -> tuple[str, str]:
+    name = info.name
+    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.issparse():
+        raise InputError(f"cache shard {path} has a non-regular member {name!r} (type {info.type!r}); "
+                         f"only plain files are allowed: {RECACHE_HINT}")  # fmt: skip
+    key, suffix = _member_key(path, name)
+    if info.size < 0 or info.offset_data + info.size > file_size:
+        end = info.offset_data + info.size
+        raise InputError(f"cache shard {path} is truncated: member {name!r} ends at byte {end}, past the end of the "
+                         f"file ({file_size} bytes); {RECACHE_HINT}")  # fmt: skip
+    return key, suffix
+
+
+def _check_end_of_archive(handle: BinaryIO, path: Path, end: int, file_size: int) -> None:
+    """A tar ends with two zero blocks; without them the shard was cut short (or has garbage after its members)."""
+    handle.seek(end)
+    tail_ok = file_size - end >= _END_OF_ARCHIVE
+    while tail_ok and (chunk := handle.read(_CHUNK)):
+        tail_ok = not chunk.strip(b"\0")
+    if not tail_ok:
+        raise InputError(f"cache shard {path} is truncated or has trailing data: no end-of-archive marker after its "
+                         f"last member (byte {end} of {file_size}); {RECACHE_HINT}")  # fmt: skip

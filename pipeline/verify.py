@@ -1,5 +1,9 @@
 """`st verify`: re-hash the output files a stage manifest lists and compare them with what it recorded.
 
+For a cache output it also checks structure, since a crafted folder can carry a manifest whose hashes all match: each
+shard must be a well-formed tar of well-formed samples whose every member decodes within the bounds the manifest
+implies, and the shared embeddings must decode too (see `cache.reader.CacheChecks`).
+
 Also home to what `st status` shares with it: turning the paths a user gives into manifest files (a manifest, a stage
 folder, or a run folder with prepare/, cache/, train/ and publish/ inside) and the per-file check of a manifest's
 `outputs`, cheap (existence and size) or full (sha256).
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import ManifestError
+from .errors import ManifestError, UserError
 from .manifest import MANIFEST_NAME, parse_schema_id, read_manifest
 
 STAGES = ("prepare", "cache", "train", "publish")
@@ -26,7 +30,7 @@ class Mismatch:
     """One output file that does not match its manifest entry."""
 
     path: str  # relative to the stage folder
-    problem: str  # "missing", "size differs" or "sha256 differs"
+    problem: str  # "missing", "size differs", "sha256 differs" or "malformed"
     detail: str = ""
 
     def __str__(self) -> str:
@@ -155,7 +159,7 @@ def check_outputs(folder: Path, outputs: list[dict[str, Any]], *, rehash: bool,
 
 
 def verify_manifest(path: Path, *, progress: bool = True) -> Verification:
-    """Check a manifest's schema and digest, then re-hash every output it lists."""
+    """Check a manifest's schema and digest, then re-hash every output it lists (and check a cache's structure)."""
     file = manifest_file(path)
     try:
         doc = read_manifest(file)
@@ -171,7 +175,45 @@ def verify_manifest(path: Path, *, progress: bool = True) -> Verification:
             result.mismatches = check_outputs(file.parent, outputs, rehash=True, advance=bar.update)
     else:
         result.mismatches = check_outputs(file.parent, outputs, rehash=True)
+    if doc["stage"] == "cache":
+        result.mismatches += check_cache_structure(file.parent, doc, {m.path for m in result.mismatches})
     return result
+
+
+def check_cache_structure(folder: Path, doc: dict[str, Any], failed: set[str]) -> list[Mismatch]:
+    """Decode every shard and the shared embeddings of a cache output in full, within the bounds its manifest
+    implies; one finding per file, naming the member. Files in `failed` (already reported) are skipped; a shard whose
+    hash was not just checked as one of the outputs is hash-checked as it is read."""
+    from .cache.reader import CacheChecks
+    from .shards import read_shard
+
+    checks = CacheChecks(doc)
+    hashed = {o["path"]: o["sha256"] for o in doc["outputs"] if o["path"] not in failed}
+    found = []
+    for shard in doc["shards"]:
+        if shard["path"] in failed:
+            continue
+        path = folder / shard["path"]
+        expected = None if hashed.get(shard["path"]) == shard["sha256"] else shard["sha256"]
+        try:
+            for key, members in read_shard(path, expected_sha256=expected, expected_bytes=shard["bytes"],
+                                           expected_samples=shard["samples"]):  # fmt: skip
+                checks.check_sample(path, shard, key, members, decompress=True)
+        except UserError as exc:
+            found.append(Mismatch(shard["path"], "malformed", _relative(str(exc), path, shard["path"])))
+    embeds = doc["embeds"]["path"]
+    if embeds not in failed and (folder / embeds).is_file():
+        try:
+            checks.check_embeds((folder / embeds).read_bytes(), embeds, decompress=True)
+        except UserError as exc:
+            found.append(Mismatch(embeds, "malformed", str(exc).removeprefix(f"{embeds}: ")))
+    return found
+
+
+def _relative(message: str, path: Path, rel: str) -> str:
+    """A shard error's message without the shard's absolute path (the finding names the shard already)."""
+    return message.replace(f"cache shard {path}, ", "").replace(f"cache shard {path}", "the shard").replace(
+        str(path), rel)
 
 
 def verify_paths(paths: Iterable[Path], *, progress: bool = True) -> list[Verification]:

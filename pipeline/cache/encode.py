@@ -1,4 +1,12 @@
-"""The encoders of a cache run: models loaded lazily, latents sampled per sample with its own seed."""
+"""The encoders of a cache run: models loaded lazily, latents sampled per sample with its own seed.
+
+Batch invariance: kernels choose their blocking and reduction order by tensor shape, so a sample encoded alone can
+differ in the last bits from the same sample in a batch of 4 (enough to flip a bf16 rounding; measured on CPU). Every
+VAE call therefore gets exactly `vae_batch_size` rows (zero images pad a short batch; one row with VAE slicing, which
+encodes image by image anyway) and every text-encoder call exactly TEXT_BATCH prompts (empty prompts pad it); the
+padding outputs are dropped. A sample's bytes then depend on the sample and the stage key only, never on its
+neighbours or on how many samples a run encodes.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ from ..log import get_logger, quiet_libraries
 log = get_logger("cache")
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+TEXT_BATCH = 16
 
 
 def torch_dtype(name: str):
@@ -103,22 +112,32 @@ class Encoders:
             _empty_cache()
 
     def encode_prompts(self, prompts: list[str], max_length: int | None, t5_padding: str) -> list[dict[str, Any]]:
+        """Embeddings of `prompts`, encoded TEXT_BATCH at a time (a short chunk padded with empty prompts)."""
         text = self.text
-        return self.family.encode_prompts(text["text_encoders"], text["tokenizers"], prompts, max_length=max_length,
-                                          t5_padding=t5_padding, device=self.device)  # fmt: skip
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(prompts), TEXT_BATCH):
+            chunk = prompts[start : start + TEXT_BATCH]
+            padded = chunk + [""] * (TEXT_BATCH - len(chunk))
+            out += self.family.encode_prompts(text["text_encoders"], text["tokenizers"], padded, max_length=max_length,
+                                              t5_padding=t5_padding, device=self.device)[: len(chunk)]  # fmt: skip
+        return out
 
-    def encode_latents(self, pixels, sample_ids: list[str], seed: int):
-        """Scaled latents (B x C x h x w, float32): (sample - shift) * scale, sampled with per-sample generators."""
+    def encode_latents(self, pixels, sample_ids: list[str], seed: int, batch_size: int | None = None):
+        """Scaled latents (B x C x h x w, float32): (sample - shift) * scale, sampled with per-sample generators.
+        The VAE sees `batch_size` rows (default: as many as given), `pixels` padded with zero images."""
         import torch
 
         vae = self.vae
         scale, shift = vae_factors(vae)
+        count = len(sample_ids)
         generators = [torch.Generator(device="cpu").manual_seed(sample_seed(seed, s)) for s in sample_ids]
         with torch.no_grad(), speed_options.attention_context(self.options.attention_mechanism):
-            dist = vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist
-            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, dtype=torch.float32)
-                                 for g in generators]).to(dist.mean.device)  # fmt: skip
-            latents = dist.mean.float() + dist.std.float() * noise
+            padded = pad_rows(pixels, batch_size or count)
+            dist = vae.encode(padded.to(self.device, dtype=vae.dtype)).latent_dist
+            mean, std = dist.mean[:count].float(), dist.std[:count].float()
+            noise = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=torch.float32)
+                                 for g in generators]).to(mean.device)  # fmt: skip
+            latents = mean + std * noise
         if shift is not None:
             latents = latents - shift
         return (latents * scale).cpu()
@@ -143,23 +162,30 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def encode_latents_adaptive(encoders: Encoders, pixels, sample_ids: list[str], seed: int):
-    """Encode a batch; on out-of-memory retry in halves down to single images, then re-raise with advice."""
+def pad_rows(batch, rows: int):
+    """`batch` with zero rows appended up to `rows` (unchanged when it already has that many)."""
+    import torch
+
+    missing = rows - batch.shape[0]
+    if missing <= 0:
+        return batch
+    return torch.cat([batch, batch.new_zeros((missing, *batch.shape[1:]))])
+
+
+def encode_latent_batch(encoders: Encoders, pixels, sample_ids: list[str], seed: int, batch_size: int):
+    """Encode up to `batch_size` images in one VAE call of exactly `batch_size` rows.
+
+    Out of memory is not retried in smaller batches (that would change the bytes of the samples retried): it stops
+    with advice; a smaller vae_batch_size changes the stage key, so the whole cache is then encoded at that size."""
     try:
-        return encoders.encode_latents(pixels, sample_ids, seed)
+        return encoders.encode_latents(pixels, sample_ids, seed, batch_size=batch_size)
     except (RuntimeError, MemoryError) as exc:
         if not is_oom(exc):
             raise
         _empty_cache()
-        if len(sample_ids) == 1:
-            raise InputError(
-                f"out of memory encoding one {tuple(pixels.shape[-2:])} image with the VAE; use a smaller resolution, "
-                "vae_dtype bf16/fp16, or a machine with more memory"
-            ) from None
-        import torch
-
-        half = len(sample_ids) // 2
-        log.warning("out of memory on a VAE batch of %d; retrying in batches of %d", len(sample_ids), half)
-        first = encode_latents_adaptive(encoders, pixels[:half], sample_ids[:half], seed)
-        second = encode_latents_adaptive(encoders, pixels[half:], sample_ids[half:], seed)
-        return torch.cat([first, second])
+        size = "x".join(str(n) for n in reversed(pixels.shape[-2:]))
+        smaller = f"set vae_batch_size to {batch_size // 2}, " if batch_size > 1 else ""
+        raise InputError(
+            f"out of memory encoding a batch of {batch_size} {size} image(s) with the VAE; {smaller}use vae_dtype "
+            "bf16/fp16, a smaller resolution, or a machine with more memory"
+        ) from None

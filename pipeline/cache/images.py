@@ -1,6 +1,10 @@
 """Turning a source image into the pixel tensor the VAE encodes, following the prepare plan exactly.
 
 Runs in DataLoader worker processes so that decoding, resizing and cropping overlap the encoder.
+
+Every image becomes 8-bit RGB the way SimpleTuner's loader sees it: 16-bit and 32-bit integer greys are rescaled
+(0..65535 -> 0..255), float greys are read as 0..1, and anything with transparency (RGBA, LA, PA, palette or grey
+with a transparent colour) is composited on a white background. 16-bit RGB(A) files are reduced to 8 bits by Pillow.
 """
 
 from __future__ import annotations
@@ -11,8 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# Transparent pixels show this colour (SimpleTuner composites on white too).
+BACKGROUND = (255, 255, 255)
+CORRUPT = "corrupt_image"
+# Not a property of the image (a bug, or the machine ran out of memory): the run stops and names the file.
+LOADER_FAILURE = "loader_failure"
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 class SourceProblem(Exception):
-    """The source image is missing or no longer the one prepare saw; `reason` is the skip reason."""
+    """The source image is missing, changed since prepare saw it, or cannot be decoded; `reason` is the skip reason."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -42,7 +55,7 @@ def load_pixels(job: ImageJob):
     """RGB pixels in [-1, 1], CHW float32, after EXIF orientation, resize and crop. Raises SourceProblem."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with open(job.path, "rb") as handle:
@@ -53,14 +66,57 @@ def load_pixels(job: ImageJob):
         raise SourceProblem("missing_source", f"{job.path} cannot be read: {exc}") from None
     if hashlib.sha256(data).hexdigest() != job.sample_id:
         raise SourceProblem("source_changed", f"{job.path} changed since `st prepare` (its content hash differs)")
-    with Image.open(io.BytesIO(data)) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
-    if img.size != job.intermediate:
-        img = img.resize(job.intermediate, Image.Resampling.LANCZOS)
-    if job.crop_box != (0, 0, *job.intermediate):
-        img = img.crop(job.crop_box)
-    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    try:
+        img = decode_rgb(data)
+        if img.size != job.intermediate:
+            img = img.resize(job.intermediate, Image.Resampling.LANCZOS)
+        if job.crop_box != (0, 0, *job.intermediate):
+            img = img.crop(job.crop_box)
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    except MemoryError:
+        raise
+    except Exception as exc:  # whatever the decoder says about these bytes, it says it on every run
+        raise SourceProblem(CORRUPT, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def decode_rgb(data: bytes):
+    """The image in `data` as 8-bit RGB after EXIF orientation: wide greys rescaled, transparency on BACKGROUND."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as opened:
+        img = ImageOps.exif_transpose(opened)
+    if img.mode in _WIDE_GREY_MODES or img.mode == "F":
+        return _wide_grey_to_rgb(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        return _composite(img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def _composite(rgba):
+    from PIL import Image
+
+    canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def _wide_grey_to_rgb(img):
+    """16/32-bit integer greys (0..65535, as 16-bit PNG and TIFF hold them) and float greys (0..1) as 8-bit RGB. A
+    transparent grey value (PNG tRNS) is composited like an alpha channel."""
+    import numpy as np
+    from PIL import Image
+
+    raw = np.asarray(img)
+    if img.mode == "F":
+        levels = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, 1.0) * 255.0
+    else:
+        levels = raw.astype(np.float64).clip(0, 65535) * (255.0 / 65535.0)
+    grey = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, int) and img.mode != "F":
+        alpha = Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8), mode="L")
+        return _composite(Image.merge("LA", (grey, alpha)).convert("RGBA"))
+    return grey.convert("RGB")
 
 
 class BatchLoader:
@@ -82,6 +138,8 @@ class BatchLoader:
                 ids.append(job.sample_id)
             except SourceProblem as exc:
                 problems[job.sample_id] = (exc.reason, exc.detail)
+            except Exception as exc:  # reported by file in the main process instead of dying in a worker
+                problems[job.sample_id] = (LOADER_FAILURE, f"{type(exc).__name__}: {exc}")
         return ids, (torch.stack(tensors) if tensors else None), problems
 
 

@@ -1,9 +1,10 @@
 """What a cache run will write, decided before any encoding: entry keys, shared prompts and the shard plan.
 
 A sample's entry key hashes everything its cached bytes depend on: the image content, its bucket/resize/crop, the
-identities of the VAE and text encoders, dtypes, seed and the format version. Shards group the samples of one
-(dataset, bucket) sorted by sample id; a shard's name carries the hash of its entry keys, so a file under a final
-name is always exactly the planned content, and a re-run (or a resumed run) keeps every shard it finds complete.
+identities of the VAE and text encoders, dtypes, seed, the shape of the VAE calls (vae_batch_size, slicing, tiling)
+and the format version. Shards group the samples of one (dataset, bucket) sorted by sample id; a shard's name carries
+the hash of its entry keys, so a file under a final name is always exactly the planned content, and a re-run (or a
+resumed run) keeps every shard it finds complete.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 from ..hashing import sha256_bytes, sha256_json
 from ..shards import shard_name
 
-FORMAT_VERSION = 1
+# 2: VAE and text-encoder calls padded to a fixed batch (a sample's bytes no longer depend on its batch neighbours).
+FORMAT_VERSION = 2
 PLAN_FIELDS = (
     "width", "height", "target_width", "target_height", "intermediate_width", "intermediate_height", "crop_top",
     "crop_left",
@@ -88,7 +90,8 @@ def identities(model: dict[str, Any], settings: dict[str, Any]) -> tuple[str, st
     from ..families import without_source as strip
 
     latent = sha256_json({"vae": strip(model["vae"]), "vae_dtype": settings["vae_dtype"], "seed": settings["seed"],
-                          "cache_dtype": settings["cache_dtype"], "format": FORMAT_VERSION})  # fmt: skip
+                          "cache_dtype": settings["cache_dtype"], "encode": settings.get("vae_encode"),
+                          "format": FORMAT_VERSION})  # fmt: skip
     text = sha256_json({
         "text_encoders": [strip(i) for i in model["text_encoders"]],
         "tokenizers": [strip(i) for i in model["tokenizers"]],

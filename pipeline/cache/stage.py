@@ -22,17 +22,18 @@ from ..config import CACHE, LoadedConfig
 from ..speed import SpeedOptions
 from ..distributed import barrier, local_rank, rank_and_world
 from ..errors import ConfigError, InputError, LineageError, ManifestError
-from ..families import Family, component_identity, get_family, without_source
+from ..families import Family, check_model_family, component_identity, get_family, without_source
 from ..fsutil import atomic_path, atomic_write_bytes, atomic_write_text
 from ..hashing import canonical_json, sha256_file, sha256_json
 from ..lineage import verify_outputs
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance, read_manifest, write_manifest
+from ..ownership import OutputClaim, claim_output
 from ..progress import progress_bar
 from ..shards import ShardWriter, pack_tensors, read_shard, unpack_tensors
 from ..stagekeys import explain_rerun, up_to_date
-from .encode import Encoders, encode_latents_adaptive, torch_dtype
-from .images import ImageJob, job_for, iterate_batches
+from .encode import Encoders, encode_latent_batch, torch_dtype
+from .images import CORRUPT, LOADER_FAILURE, ImageJob, job_for, iterate_batches
 from .reader import safetensors_metadata
 from .plan import FORMAT_VERSION, CachePlan, Entry, ShardPlan, build_plan, identities
 
@@ -46,6 +47,9 @@ EMBEDS_PATH = "embeds/shared.safetensors.zst"
 # Paths and knobs that never change what is written stay out of the stage key.
 _KEY_EXCLUDED = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path",
                  "pretrained_t5_model_name_or_path", "ignore_missing_files")  # fmt: skip
+# Speed knobs that set the shape of each VAE call, and so the last bits of every latent: they enter the stage key.
+_ENCODE_SHAPE_KEYS = ("vae_batch_size", "vae_enable_slicing", "vae_enable_tiling")
+SKIPPED_NAME = "skipped.jsonl"
 
 
 @dataclass
@@ -139,6 +143,7 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> _Context:
     family = get_family(config.model_family) if config.model_family else None
     source, vae_source, t5_source = _model_sources(config)
     source, vae_source, t5_source = (resolve_path(loaded, v) for v in (source, vae_source, t5_source))
+    check_model_family(family, source)
     model = model_identity(family, source, vae_source, t5_source, config.revision)
     vae_dtype = config.vae_dtype
     if vae_dtype == "default":
@@ -148,9 +153,10 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> _Context:
     settings = {
         "source": source, "vae_source": vae_source, "t5_source": t5_source, "vae_dtype": vae_dtype,
         "seed": config.seed or 0, "cache_dtype": config.cache_dtype, "tokenizer_max_length": config.tokenizer_max_length,
-        "t5_padding": config.t5_padding,
+        "t5_padding": config.t5_padding, "vae_encode": {k: getattr(config, k) for k in _ENCODE_SHAPE_KEYS},
     }  # fmt: skip
     stage_config = {k: v for k, v in config.stage_keys(CACHE).items() if k not in _KEY_EXCLUDED}
+    stage_config.update({k: getattr(config, k) for k in _ENCODE_SHAPE_KEYS})
     stripped = {part: ([without_source(i) for i in v] if isinstance(v, list) else without_source(v)) for part, v in model.items()}
     # The prompt texts (not just the user_prompt_library path) decide what the shared embeddings hold.
     key = sha256_json({"format": FORMAT_VERSION, "parent": parent["digest"], "config": stage_config,
@@ -228,25 +234,38 @@ def _text_member(entry: Entry, encoded: dict[str, dict[str, Any]], cache_dtype, 
 class _ShardEncoder:
     """Writes planned shards: reused entries are copied, the rest encoded in bucket-homogeneous batches."""
 
-    def __init__(self, ctx: _Context, out_dir: Path, encoders: Encoders, previous: _PreviousEntries) -> None:
+    def __init__(self, ctx: _Context, out_dir: Path, encoders: Encoders, previous: _PreviousEntries,
+                 strict: bool = False) -> None:  # fmt: skip
         config = ctx.loaded.config
         self.ctx, self.out_dir, self.encoders, self.previous = ctx, out_dir, encoders, previous
+        self.strict = strict
         self.level = config.cache_compression_level
         self.cache_dtype = torch_dtype(config.cache_dtype)
         self.batch = max(1, config.vae_batch_size)
+        # With slicing the VAE encodes one image per call whatever the batch, so padding would only cost time.
+        self.vae_rows = 1 if config.vae_enable_slicing else self.batch
         self.workers = config.max_workers if config.max_workers is not None else min(4, os.cpu_count() or 1)
         self.encoded = self.reused = 0
 
     def _encode_texts(self, entries: list[Entry]) -> dict[str, dict[str, Any]]:
         captions = sorted({c for e in entries for _, c in e.local_captions})
-        out: dict[str, dict[str, Any]] = {}
         settings = self.ctx.settings
-        for start in range(0, len(captions), 16):
-            chunk = captions[start : start + 16]
-            for caption, tensors in zip(chunk, self.encoders.encode_prompts(chunk, settings["tokenizer_max_length"],
-                                                                            settings["t5_padding"])):  # fmt: skip
-                out[caption] = tensors
-        return out
+        encoded = self.encoders.encode_prompts(captions, settings["tokenizer_max_length"], settings["t5_padding"])
+        return dict(zip(captions, encoded))
+
+    def _reject(self, entry: Entry, reason: str, detail: str) -> None:
+        """Stop on a problem that must be fixed first; otherwise log the skip (the shard's sidecar records it)."""
+        dataset_id, path = entry.row["dataset_id"], entry.row["path"]
+        source = Path(self.ctx.roots[dataset_id]) / path
+        if reason == LOADER_FAILURE:
+            raise RuntimeError(f"loading {source} (dataset {dataset_id}) failed: {detail}")
+        if reason == CORRUPT:
+            if self.strict:
+                raise InputError(f"--strict: {source} (dataset {dataset_id}) {detail}; replace or remove it and re-run "
+                                 "`st prepare`, or run `st cache` without --strict to skip it")  # fmt: skip
+            log.warning("cache: skipping %s (dataset %s): %s", source, dataset_id, detail)
+        elif not self.ctx.loaded.config.ignore_missing_files:
+            raise InputError(f"{detail}; re-run `st prepare`, or set ignore_missing_files to skip it")
 
     def write_all(self, shards: list[ShardPlan], bar) -> None:
         """Write `shards` in order. One image loader serves the whole run, so the next shard's images decode while
@@ -288,13 +307,12 @@ class _ShardEncoder:
                                              self.batch)]  # fmt: skip
             for ids, pixels, problems in _chain(loaded_batches, iterate_batches(extra, 0)):
                 for sample_id, (reason, detail) in problems.items():
-                    if not self.ctx.loaded.config.ignore_missing_files:
-                        raise InputError(f"{detail}; re-run `st prepare`, or set ignore_missing_files to skip it")
+                    self._reject(by_id[sample_id], reason, detail)
                     rejected[sample_id] = (reason, detail)
                     bar.update(1)
                 if pixels is None:
                     continue
-                latents = encode_latents_adaptive(self.encoders, pixels, ids, self.ctx.settings["seed"])
+                latents = encode_latent_batch(self.encoders, pixels, ids, self.ctx.settings["seed"], self.vae_rows)
                 for sample_id, latent in zip(ids, latents):
                     bar.update(1)
                     if not bool(latent.isfinite().all()):
@@ -355,10 +373,7 @@ def _write_shared_embeds(ctx: _Context, out_dir: Path, plan: CachePlan, encoders
     missing = [k for k in plan.shared_prompts if not any(name.startswith(f"{k}.") for name in previous)]
     if missing:
         texts = [plan.shared_prompts[k] for k in missing]
-        encoded = []
-        for start in range(0, len(texts), 16):
-            encoded += encoders.encode_prompts(texts[start : start + 16], ctx.settings["tokenizer_max_length"],
-                                               ctx.settings["t5_padding"])  # fmt: skip
+        encoded = encoders.encode_prompts(texts, ctx.settings["tokenizer_max_length"], ctx.settings["t5_padding"])
         for key, values in zip(missing, encoded):
             for name, value in values.items():
                 tensors[f"{key}.{name}"] = value.to(cache_dtype) if value.is_floating_point() else value
@@ -395,7 +410,28 @@ def _write_index(out_dir: Path, plan: CachePlan, sidecars: dict[str, dict[str, A
         pq.write_table(pa.table(rows), tmp, compression="zstd")
 
 
-def finalise(ctx: _Context, out_dir: Path, plan: CachePlan, started: float, run_stats: dict[str, Any]) -> dict:
+def skipped_records(ctx: _Context, shards: list[ShardPlan],
+                    sidecars: dict[str, dict[str, Any]]) -> list[dict[str, str]]:  # fmt: skip
+    """The samples the shards' sidecars record as rejected, in prepare's skipped.jsonl form, by dataset then path."""
+    order = {d["id"]: i for i, d in enumerate(ctx.parent["datasets"])}
+    records = []
+    for shard in shards:
+        rejected = sidecars[shard.path]["rejected"]
+        for entry in shard.entries:
+            if entry.sample_id in rejected:
+                info = rejected[entry.sample_id]
+                records.append({"dataset_id": shard.dataset_id, "path": entry.row["path"], "reason": info["reason"],
+                                "detail": info["detail"], "sample_id": entry.sample_id})  # fmt: skip
+    return sorted(records, key=lambda r: (order.get(r["dataset_id"], len(order)), r["path"], r["sample_id"]))
+
+
+def _write_skipped(ctx: _Context, out_dir: Path, plan: CachePlan, sidecars: dict[str, dict[str, Any]]) -> None:
+    records = skipped_records(ctx, plan.shards, sidecars)
+    atomic_write_text(out_dir / SKIPPED_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def finalise(ctx: _Context, out_dir: Path, plan: CachePlan, started: float, run_stats: dict[str, Any],
+             claim: OutputClaim) -> dict:  # fmt: skip
     """Write the index and the manifest from the shards and sidecars present in `out_dir` (all must be there)."""
     missing = [s.path for s in plan.shards if not shard_complete(out_dir, s)]
     if missing:
@@ -403,6 +439,7 @@ def finalise(ctx: _Context, out_dir: Path, plan: CachePlan, started: float, run_
                          "missing part(s) of `st cache` again")  # fmt: skip
     sidecars = {s.path: json.loads((out_dir / s.sidecar).read_text()) for s in plan.shards}
     _write_index(out_dir, plan, sidecars)
+    _write_skipped(ctx, out_dir, plan, sidecars)
     shards, skipped, buckets, datasets = [], Counter(), Counter(), {}
     for shard in plan.shards:
         side = sidecars[shard.path]
@@ -416,7 +453,8 @@ def finalise(ctx: _Context, out_dir: Path, plan: CachePlan, started: float, run_
     parent_datasets = {d["id"]: d for d in ctx.parent["datasets"]}
     outputs = [*({k: s[k] for k in ("path", "sha256", "bytes")} for s in shards),
                *(output_entry(out_dir, out_dir / s.sidecar) for s in plan.shards),
-               output_entry(out_dir, out_dir / INDEX_NAME), output_entry(out_dir, out_dir / EMBEDS_PATH)]  # fmt: skip
+               output_entry(out_dir, out_dir / INDEX_NAME), output_entry(out_dir, out_dir / EMBEDS_PATH),
+               output_entry(out_dir, out_dir / SKIPPED_NAME)]  # fmt: skip
     vae = run_stats.pop("vae")
     doc = {
         "schema": SCHEMA,
@@ -448,7 +486,7 @@ def finalise(ctx: _Context, out_dir: Path, plan: CachePlan, started: float, run_
     # Where the parent was read from is provenance: the same inputs give the same digest in any folder.
     doc["provenance"] = provenance(started, time.time(), parent_path=str(ctx.parent_path), **run_stats)
     doc = write_manifest(out_dir, doc, "cache", SCHEMA_VERSION)
-    _remove_stale(out_dir, doc)
+    claim.remove_unlisted(out_dir / "shards", keep={o["path"] for o in doc["outputs"]})
     return doc
 
 
@@ -456,15 +494,9 @@ def _key_of(plan: CachePlan, text: str) -> str:
     return next(k for k, v in plan.shared_prompts.items() if v == text)
 
 
-def _remove_stale(out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Delete shard files of earlier runs that the new manifest no longer lists (they are st's own outputs)."""
-    listed = {o["path"] for o in manifest["outputs"]}
-    shards_dir = out_dir / "shards"
-    if not shards_dir.is_dir():
-        return
-    for path in shards_dir.rglob("*"):
-        if path.is_file() and path.relative_to(out_dir).as_posix() not in listed:
-            path.unlink()
+def _planned_paths(plan: CachePlan, last: str) -> list[str]:
+    """Every file a run of `plan` may write (relative to the output folder), `last` being manifest.json or part.json."""
+    return [*(p for s in plan.shards for p in (s.path, s.sidecar)), INDEX_NAME, EMBEDS_PATH, SKIPPED_NAME, last]
 
 
 # --------------------------------------------------------------------------------------------------------- run
@@ -490,16 +522,39 @@ def _parse_part(part: str | None) -> tuple[int, int] | None:
 
 
 def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: str | None = None,
-              force: bool = False) -> CacheResult:  # fmt: skip
-    """Run the cache stage (or one part of it) into `out_dir`."""
+              force: bool = False, strict: bool = False) -> CacheResult:  # fmt: skip
+    """Run the cache stage (or one part of it) into `out_dir`, holding the folder for the whole run. `strict`: an
+    image that cannot be decoded stops the run (exit 2) instead of being skipped."""
+    with claim_output(out_dir, CACHE, inputs=[input_path]) as claim:
+        return _run_cache(claim, loaded, input_path, Path(out_dir), part=part, force=force, strict=strict)
+
+
+def _refuse_corrupt(ctx: _Context, records: list[dict[str, str]]) -> None:
+    """--strict: samples an earlier run skipped as undecodable (kept shards, an up-to-date output) fail it too."""
+    for record in records:
+        if record["reason"] == CORRUPT:
+            source = Path(ctx.roots[record["dataset_id"]]) / record["path"]
+            raise InputError(f"--strict: {source} (dataset {record['dataset_id']}) {record['detail']} (an earlier "
+                             "run skipped it); replace or remove it and re-run `st prepare`, or run `st cache` "
+                             "without --strict to skip it")  # fmt: skip
+
+
+def _recorded_skips(out_dir: Path) -> list[dict[str, str]]:
+    path = out_dir / SKIPPED_NAME  # verified with every other output by `up_to_date`
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def _run_cache(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: str | None,
+               force: bool, strict: bool) -> CacheResult:  # fmt: skip
     started = time.time()
-    out_dir = Path(out_dir)
     ctx = build_context(loaded, input_path)
     config = loaded.config
     explicit_part = _parse_part(part)
     rank, world = explicit_part or rank_and_world()
     previous = up_to_date(out_dir, SCHEMA, ctx.key)
     if previous.current and not force and explicit_part is None:
+        if strict:
+            _refuse_corrupt(ctx, _recorded_skips(out_dir))
         log.info("cache: %s is up to date (key %s), nothing to do", out_dir / MANIFEST_NAME, ctx.key[:12])
         return CacheResult(out_dir, previous.manifest, up_to_date=True)
     reasons = explain_rerun(previous, ctx.stage_config, force=force)
@@ -525,8 +580,13 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
     kept = len(mine) - len(todo)
     if kept:
         log.info("cache: %d of %d shard(s) already complete, keeping them", kept, len(mine))
+    if strict:
+        kept_shards = [s for s in mine if s.path in complete]
+        _refuse_corrupt(ctx, skipped_records(ctx, kept_shards, {s.path: json.loads((out_dir / s.sidecar).read_text())
+                                                                for s in kept_shards}))  # fmt: skip
+    claim.will_write(*_planned_paths(plan, PART_NAME if explicit_part is not None else MANIFEST_NAME))
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard_encoder = _ShardEncoder(ctx, out_dir, encoders, previous_entries)
+    shard_encoder = _ShardEncoder(ctx, out_dir, encoders, previous_entries, strict=strict)
     # Samples of kept shards are reused too: encoded + reused is every sample written.
     shard_encoder.reused = sum(len(json.loads((out_dir / s.sidecar).read_text())["samples"]) for s in mine
                                if s.path in complete)  # fmt: skip
@@ -549,7 +609,7 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
         if rank != 0:
             return CacheResult(out_dir, None, False, shard_encoder.encoded, shard_encoder.reused, reasons)
     run_stats["vae"] = _vae_description(ctx, encoders)
-    doc = finalise(ctx, out_dir, plan, started, run_stats)
+    doc = finalise(ctx, out_dir, plan, started, run_stats, claim)
     log.info("cache: %d samples in %d shards (%d encoded, %d reused) -> %s", doc["stats"]["samples"],
              len(doc["shards"]), shard_encoder.encoded, shard_encoder.reused, out_dir / MANIFEST_NAME)  # fmt: skip
     return CacheResult(out_dir, doc, False, shard_encoder.encoded, shard_encoder.reused, reasons)
@@ -629,8 +689,13 @@ def _write_part(ctx: _Context, out_dir: Path, plan: CachePlan, rank: int, world:
 
 def merge_parts(loaded: LoadedConfig, input_path: Path, parts: list[Path], out_dir: Path) -> CacheResult:
     """Combine the outputs of `st cache --part i/n` runs (made on machines sharing no filesystem) into one output."""
+    with claim_output(out_dir, CACHE, inputs=[input_path, *parts]) as claim:
+        return _merge_parts(claim, loaded, input_path, parts, Path(out_dir))
+
+
+def _merge_parts(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, parts: list[Path],
+                 out_dir: Path) -> CacheResult:  # fmt: skip
     started = time.time()
-    out_dir = Path(out_dir)
     ctx = build_context(loaded, input_path)
     config = loaded.config
     latent_id, text_id = identities(ctx.model, ctx.settings)
@@ -639,6 +704,7 @@ def merge_parts(loaded: LoadedConfig, input_path: Path, parts: list[Path], out_d
                       extra_prompts=extra, compression_level=config.cache_compression_level)  # fmt: skip
     seen: set[int] = set()
     world = None
+    claim.will_write(*_planned_paths(plan, MANIFEST_NAME))
     for folder in parts:
         part_file = Path(folder) / PART_NAME
         if not part_file.is_file():
@@ -671,5 +737,6 @@ def merge_parts(loaded: LoadedConfig, input_path: Path, parts: list[Path], out_d
                         config.revision, config.variant, ctx.settings["vae_dtype"], _device(),
                         speed=SpeedOptions.from_config(config))  # fmt: skip
     stats = {"vae": _vae_description(ctx, encoders), "merged_parts": len(parts)}
-    doc = finalise(ctx, out_dir, plan, started, stats)
+    doc = finalise(ctx, out_dir, plan, started, stats, claim)
     return CacheResult(out_dir, doc, False)
+

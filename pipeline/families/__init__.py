@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from pipeline.errors import ConfigError
-from pipeline.families import flux, pixart_sigma, sd1x, sd2x, sd3, sdxl
+from pipeline.families import detect, flux, pixart_sigma, sd1x, sd2x, sd3, sdxl
 from pipeline.families.base import (
     Component,
     Family,
@@ -33,11 +33,17 @@ def get_family(name: str) -> Family:
     raise ConfigError(f"unknown model family {name!r}{hint}; known families: {known}")
 
 
+def check_model_family(family: Family, source: str | None) -> None:
+    """Refuse a `model_family` that does not match the local model folder or checkpoint at `source` (InputError)."""
+    detect.check_model_family(family, source, FAMILIES)
+
+
 __all__ = [
     "FAMILIES",
     "Component",
     "Family",
     "TextEncoderSpec",
+    "check_model_family",
     "component_identity",
     "get_family",
     "load_components",

@@ -13,7 +13,7 @@ failing script is logged and never slows or stops the stage)::
         notifier.start({"run": run_name, "max_train_steps": total})
         ...  notifier.progress(step, total, {"loss": loss, "lr": lr})   # throttled: webhook_reporting_interval
         ...  notifier.validation(step, image_paths, prompts)
-        ...  notifier.checkpoint(step, path); notify.post_checkpoint(config, step, path)
+        ...  notifier.checkpoint(step, path); notify.post_checkpoint(config, step, path)  # background, bounded
         ...  notify.post_upload(config, step, path, remote_url)       # after a hub/S3 upload
         ...  if config.validation_method == "external-script":
                  notify.external_validation(config, step, checkpoint_path)  # background per config
@@ -22,6 +22,7 @@ failing script is logged and never slows or stops the stage)::
         notifier.error(str(exc)); raise
     finally:
         notifier.close(timeout=5)
+        notify.wait_for_hooks()                       # background hooks end (or are killed) before the stage
 
 Webhook events (JSON for raw targets) carry `job_id` (ST_JOB_ID, else SIMPLETUNER_JOB_ID), `stage`, `event` (also as
 SimpleTuner's `message_type`), `level`, `timestamp` (ISO 8601, UTC), `message`, and the event's fields (`step`,
@@ -37,6 +38,7 @@ from .hooks import (
     post_upload,
     run_hook,
     validation_placeholders,
+    wait_for_hooks,
 )
 from .webhooks import LEVELS, Notifier, Target, job_id_from_env, parse_webhook_config
 
@@ -53,4 +55,5 @@ __all__ = [
     "post_upload",
     "run_hook",
     "validation_placeholders",
+    "wait_for_hooks",
 ]

@@ -16,6 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from ..config import MAX_BUCKET_PIXELS
 from ..datasets import DatasetSpec
 
 MEGAPIXEL = 1_000_000
@@ -123,9 +124,22 @@ def _crop_offsets(spec: DatasetSpec, iw: int, ih: int, tw: int, th: int, rng: ra
     return rng.randint(0, spare_w), rng.randint(0, spare_h)
 
 
+def _check_extreme_aspect(width: int, height: int, aspect: float, rounding: int) -> None:
+    """An aspect ratio that rounds to 0 (taller than 1:10^rounding) has no bucket; wider than 10^rounding:1 is
+    refused symmetrically. Either way the image is skipped, never a division by zero."""
+    limit = 10.0**rounding
+    if aspect <= 0 or aspect > limit:
+        raise Rejected(
+            "aspect_ratio_out_of_range",
+            f"{width}x{height} has aspect ratio {width / height:.4g}, outside 1:{limit:g} .. {limit:g}:1 at "
+            f"aspect_bucket_rounding {rounding}",
+        )
+
+
 def plan(width: int, height: int, spec: DatasetSpec, *, alignment: int, rounding: int, seed: int, sample_id: str) -> Plan:
     """Work out the bucket, resize and crop of one image, or raise Rejected."""
     aspect = aspect_ratio(width, height, rounding)
+    _check_extreme_aspect(width, height, aspect, rounding)
     if spec.minimum_aspect_ratio is not None and aspect < spec.minimum_aspect_ratio:
         raise Rejected("aspect_ratio_out_of_range", f"aspect {aspect} < minimum_aspect_ratio {spec.minimum_aspect_ratio}")
     if spec.maximum_aspect_ratio is not None and aspect > spec.maximum_aspect_ratio:
@@ -141,6 +155,12 @@ def plan(width: int, height: int, spec: DatasetSpec, *, alignment: int, rounding
     rng = _LazyRandom(f"{seed}:{sample_id}")
     chosen = _choose_aspect(spec, aspect, rng)
     tw, th = bucket_size(chosen, spec.resolution, spec.resolution_type, alignment)
+    if tw * th > MAX_BUCKET_PIXELS:
+        raise Rejected(
+            "aspect_ratio_out_of_range",
+            f"{width}x{height} (aspect {aspect}) would need a {tw}x{th} bucket, over {MAX_BUCKET_PIXELS} pixels; "
+            "set maximum_aspect_ratio / minimum_aspect_ratio, or crop = true",
+        )
     upscale = max(tw / width, th / height) if spec.crop else math.sqrt((tw * th) / (width * height))
     if spec.max_upscale_threshold is not None and upscale - 1 > spec.max_upscale_threshold:
         raise Rejected(

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..datasets import DatasetSpec, ParquetCaptions
 from ..errors import InputError
+from .walk import NotRegularFile, read_regular_file
 
 _SPACES = re.compile(r"\s+")
 
@@ -35,12 +36,14 @@ def caption_file_for(image_path: str) -> str:
 
 def read_textfile(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
+        text = read_regular_file(path).decode("utf-8", errors="replace")
     except FileNotFoundError:
-        raise MissingCaption(f"caption file {os.path.basename(path)} is missing") from None
+        reason = "a broken symlink" if os.path.islink(path) else "missing"
+        raise MissingCaption(f"caption file {os.path.basename(path)} is {reason}") from None
+    except NotRegularFile as exc:
+        raise MissingCaption(f"caption file {exc}") from None
     except OSError as exc:
-        raise MissingCaption(f"caption file {os.path.basename(path)} cannot be read: {exc.strerror}") from None
+        raise MissingCaption(f"caption file {os.path.basename(path)} cannot be read: {exc.strerror or exc}") from None
     captions = [clean(line) for line in text.splitlines()]
     captions = [c for c in captions if c]
     if not captions:

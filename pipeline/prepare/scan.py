@@ -19,19 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .walk import FileStat, Listing, NotRegularFile, read_regular_file, walk
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 # PIL's own threshold for decompression-bomb warnings (about 89 megapixels); larger images are skipped.
 MAX_IMAGE_PIXELS = 89_478_485
 _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _INLINE_LIMIT = 64  # below this many files a process pool costs more than it saves
-
-
-@dataclass(frozen=True)
-class FileStat:
-    path: str  # absolute
-    size: int
-    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -50,30 +45,10 @@ class Probe:
     detail: str = ""
 
 
-def list_files(root: Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[FileStat]:
-    """All files under `root` (recursively, hidden entries skipped) whose suffix is in `extensions`, sorted."""
-    wanted = {e.lower() for e in extensions}
-    found: list[FileStat] = []
-    stack = [str(root)]
-    while stack:
-        current = stack.pop()
-        try:
-            entries = list(os.scandir(current))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=True):
-                    stack.append(entry.path)
-                elif os.path.splitext(entry.name)[1].lower() in wanted:
-                    st = entry.stat(follow_symlinks=True)
-                    found.append(FileStat(entry.path, st.st_size, st.st_mtime_ns))
-            except OSError:
-                found.append(FileStat(entry.path, -1, -1))
-    found.sort(key=lambda f: f.path)
-    return found
+def list_files(root: Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> Listing:
+    """Files under `root` whose suffix is in `extensions`, sorted, and the entries left out with their reasons
+    (hidden entries are ignored; see `walk` for links, loops and special files)."""
+    return walk(root, extensions)
 
 
 def _intact(data: bytes, fmt: str) -> bool | None:
@@ -93,8 +68,9 @@ def probe_file(stat: FileStat) -> Probe:
 
     base = {"path": stat.path, "size": stat.size, "mtime_ns": stat.mtime_ns}
     try:
-        with open(stat.path, "rb") as handle:
-            data = handle.read()
+        data = read_regular_file(stat.path)
+    except NotRegularFile as exc:
+        return Probe(**base, error="special_file", detail=str(exc))
     except OSError as exc:
         return Probe(**base, error="unreadable", detail=f"{type(exc).__name__}: {exc.strerror or exc}")
     if not data:

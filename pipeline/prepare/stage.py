@@ -15,15 +15,17 @@ from ..config import PREPARE, LoadedConfig
 from ..datasets import DatasetSpec, load_datasets
 from ..errors import InputError
 from ..fsutil import atomic_path, atomic_write_text
-from ..hashing import sha256_file, sha256_json
+from ..hashing import sha256_bytes, sha256_file, sha256_json
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
+from ..ownership import OutputClaim, claim_output
 from ..progress import progress_bar
 from ..stagekeys import explain_rerun, up_to_date
 from . import buckets as bucketing
 from .captions import MissingCaption, ParquetCaptionTable, caption_file_for, captions_for
-from .index import load_index, reusable, save_index
-from .scan import FileStat, Probe, list_files, probe_files
+from .index import INDEX_NAME, load_index, reusable, save_index
+from .scan import IMAGE_EXTENSIONS, FileStat, Probe, list_files, probe_files
+from .walk import NotRegularFile, WalkSkip, delete_inside, read_regular_file
 
 log = get_logger("prepare")
 
@@ -36,6 +38,7 @@ SKIPPED_NAME = "skipped.jsonl"
 # Config keys that do not enter the key directly: the dataset list enters as resolved specs instead of its path.
 _KEY_EXCLUDED = ("data_backend_config",)
 
+CAPTION_SUFFIX = ".txt"
 PROBLEMATIC = frozenset({"empty_file", "not_an_image", "corrupt_image", "decompression_bomb"})
 UNWANTED = frozenset({"too_small", "aspect_ratio_out_of_range", "upscale_exceeds_threshold"})
 
@@ -81,6 +84,10 @@ class _DatasetFiles:
     caption_files: list[FileStat]
     table: ParquetCaptionTable | None = None
     parquet_sha256: str | None = None
+    # Entries the walk left out (links leaving the folder, loops, special files, unreadable folders, bad names).
+    unlisted: list[WalkSkip] = field(default_factory=list)
+    # Caption files the walk refused, by absolute path: their image is skipped as missing_caption with the reason.
+    refused_captions: dict[str, WalkSkip] = field(default_factory=dict)
 
 
 def _rel(root: Path, path: str) -> str:
@@ -92,16 +99,37 @@ def _rel(root: Path, path: str) -> str:
     return rel if os.sep == "/" else rel.replace(os.sep, "/")
 
 
+def _is_caption(path: str) -> bool:
+    return path.lower().endswith(CAPTION_SUFFIX)
+
+
+def _list_dataset(spec: DatasetSpec) -> _DatasetFiles:
+    """One walk of the dataset folder: images, caption files (textfile strategy) and what was left out."""
+    wants_captions = spec.caption_strategy == "textfile"
+    listing = list_files(spec.root, IMAGE_EXTENSIONS | {CAPTION_SUFFIX} if wants_captions else IMAGE_EXTENSIONS)
+    images = [f for f in listing.files if not _is_caption(f.path)]
+    captions = [f for f in listing.files if _is_caption(f.path)]
+    unlisted = [k for k in listing.skips if not _is_caption(k.path)]
+    refused = {k.path: k for k in listing.skips if _is_caption(k.path)}
+    for skip in unlisted:
+        log.debug("dataset '%s': left out %s (%s: %s)", spec.id, skip.path, skip.reason, skip.detail)
+    if not images:
+        unreadable_root = next((k for k in unlisted if k.path == str(spec.root)), None)
+        if unreadable_root is not None:
+            raise InputError(f"dataset '{spec.id}': cannot read instance_data_dir {spec.root} "
+                             f"({unreadable_root.detail})")  # fmt: skip
+        raise InputError(
+            f"dataset '{spec.id}': no images (.jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff) under {spec.root}"
+            + (f"; {len(unlisted)} entr{'y was' if len(unlisted) == 1 else 'ies were'} left out, first "
+               f"{unlisted[0].path} ({unlisted[0].reason}: {unlisted[0].detail})" if unlisted else "")
+        )  # fmt: skip
+    return _DatasetFiles(spec, images, captions, unlisted=unlisted, refused_captions=refused)
+
+
 def _discover(specs: list[DatasetSpec]) -> list[_DatasetFiles]:
     found = []
     for spec in specs:
-        images = list_files(spec.root)
-        if not images:
-            raise InputError(
-                f"dataset '{spec.id}': no images (.jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff) under {spec.root}"
-            )
-        captions = list_files(spec.root, {".txt"}) if spec.caption_strategy == "textfile" else []
-        files = _DatasetFiles(spec, images, captions)
+        files = _list_dataset(spec)
         if spec.caption_strategy == "parquet" and spec.parquet is not None and not spec.only_instance_prompt:
             files.table = ParquetCaptionTable(spec.parquet, spec.id)
             files.parquet_sha256 = sha256_file(spec.parquet.path)
@@ -127,7 +155,7 @@ def _probe_all(datasets: list[_DatasetFiles], index: dict[str, Probe], workers: 
             if reusable(stat, known):
                 probes[stat.path] = known
             else:
-                probes[stat.path] = Probe(stat.path, stat.size, stat.mtime_ns, sha256_file(stat.path), format="caption")
+                probes[stat.path] = _caption_probe(stat)
     stats = {"reused": reused, "probed": len(todo)}
     if todo:
         log.info("scanning %d image files (%d unchanged since the last scan)", len(todo), stats["reused"])
@@ -135,6 +163,16 @@ def _probe_all(datasets: list[_DatasetFiles], index: dict[str, Probe], workers: 
             for probe in probe_files(todo, workers, progress=bar.update):
                 probes[probe.path] = probe
     return probes, stats
+
+
+def _caption_probe(stat: FileStat) -> Probe:
+    """A caption file's hash; an unreadable one gets an error instead (its image is then skipped)."""
+    try:
+        data = read_regular_file(stat.path)
+    except OSError as exc:
+        detail = str(exc) if isinstance(exc, NotRegularFile) else f"{type(exc).__name__}: {exc.strerror or exc}"
+        return Probe(stat.path, stat.size, stat.mtime_ns, format="caption", error="unreadable", detail=detail)
+    return Probe(stat.path, stat.size, stat.mtime_ns, sha256_bytes(data), format="caption")
 
 
 def _stage_config(loaded: LoadedConfig) -> dict[str, Any]:
@@ -146,18 +184,23 @@ def _key(config: dict[str, Any], datasets: list[_DatasetFiles], probes: dict[str
     material = {
         "format": FORMAT_VERSION,
         "config": config,
-        "datasets": [
-            {
-                "spec": files.spec.describe(),
-                "images": [[_rel(files.spec.root, s.path), probes[s.path].sha256 or probes[s.path].error]
-                           for s in files.images],
-                "captions": [[_rel(files.spec.root, s.path), probes[s.path].sha256] for s in files.caption_files],
-                "parquet": files.parquet_sha256,
-            }
-            for files in datasets
-        ],
-    }  # fmt: skip
+        "datasets": [_dataset_key(files, probes) for files in datasets],
+    }
     return sha256_json(material)
+
+
+def _dataset_key(files: _DatasetFiles, probes: dict[str, Probe]) -> dict[str, Any]:
+    root = files.spec.root
+    material = {
+        "spec": files.spec.describe(),
+        "images": [[_rel(root, s.path), probes[s.path].sha256 or probes[s.path].error] for s in files.images],
+        "captions": [[_rel(root, s.path), probes[s.path].sha256 or probes[s.path].error] for s in files.caption_files],
+        "parquet": files.parquet_sha256,
+    }
+    left_out = [*files.unlisted, *files.refused_captions.values()]
+    if left_out:  # only when there is something, so that the keys of clean datasets stay as they were
+        material["unlisted"] = sorted([_rel(root, k.path), k.reason] for k in left_out)
+    return material
 
 
 def _changed_files(datasets: list[_DatasetFiles], probes: dict[str, Probe], index: dict[str, Probe]) -> str | None:
@@ -181,6 +224,7 @@ def _select(
     seen: dict[str, tuple[str, str]] = {}
     for files in datasets:
         spec = files.spec
+        skips.extend(Skip(spec.id, _rel(spec.root, k.path), k.reason, k.detail) for k in files.unlisted)
         for stat in files.images:
             probe = probes[stat.path]
             rel = _rel(spec.root, stat.path)
@@ -192,6 +236,7 @@ def _select(
                 skips.append(Skip(spec.id, rel, "duplicate", f"same bytes as {first_path} in dataset '{first_ds}'"))
                 continue
             try:
+                _check_caption_file(files, probes, stat.path)
                 captions = captions_for(spec, rel, stat.path, files.table)
             except MissingCaption as exc:
                 skips.append(Skip(spec.id, rel, "missing_caption", str(exc)))
@@ -212,6 +257,20 @@ def _select(
                 )  # fmt: skip
             )
     return samples, skips
+
+
+def _check_caption_file(files: _DatasetFiles, probes: dict[str, Probe], image_path: str) -> None:
+    """Raise MissingCaption when the image's caption file was refused by the walk or could not be read."""
+    if files.spec.caption_strategy != "textfile" or files.spec.only_instance_prompt:
+        return
+    path = caption_file_for(image_path)
+    name = os.path.basename(path)
+    refused = files.refused_captions.get(path)
+    if refused is not None:
+        raise MissingCaption(f"caption file {name} was left out ({refused.reason}: {refused.detail})")
+    probe = probes.get(path)
+    if probe is not None and probe.error:
+        raise MissingCaption(f"caption file {name} cannot be read ({probe.detail})")
 
 
 def _batch_size(config) -> int:
@@ -275,14 +334,14 @@ def _delete_files(skips: list[Skip], specs: list[DatasetSpec], config) -> int:
     deleted = 0
     for skip in skips:
         if skip.reason in doomed:
-            path = roots[skip.dataset_id] / skip.path
+            # Only a regular file whose folder resolves inside the dataset folder: never a link, never outside.
             try:
-                path.unlink()
+                path = delete_inside(roots[skip.dataset_id], skip.path)
                 deleted += 1
                 log.warning("deleted %s (%s) because delete_%s_images is set", path, skip.reason,
                             "problematic" if skip.reason in PROBLEMATIC else "unwanted")  # fmt: skip
             except OSError as exc:
-                log.warning("could not delete %s: %s", path, exc)
+                log.warning("left %s/%s in place: %s", skip.dataset_id, skip.path, exc)
     return deleted
 
 
@@ -347,12 +406,26 @@ def _dataset_entries(datasets: list[_DatasetFiles], samples: list[Sample], skips
     return entries
 
 
+def _refuse_empty(skips: list[Skip], by_reason: dict[str, int]) -> None:
+    """No image survived: an empty output would only fail later, in `st cache` or `st train`."""
+    listing = ", ".join(f"{reason}: {n}" for reason, n in by_reason.items()) or "no image files"
+    first = f"; first: {skips[0].dataset_id}/{skips[0].path} ({skips[0].reason}: {skips[0].detail})" if skips else ""
+    raise InputError(f"no usable image in any dataset ({listing}){first}. Fix the images or the options that "
+                     "skip them (resolution, minimum_image_size, aspect ratio limits)")  # fmt: skip
+
+
 def run_prepare(loaded: LoadedConfig, out_dir: Path, *, strict: bool = False, force: bool = False) -> PrepareResult:
-    """Run the prepare stage into `out_dir`, or report that its output is already up to date."""
+    """Run the prepare stage into `out_dir`, or report that its output is already up to date; the folder is held for
+    the whole run."""
+    specs = load_datasets(loaded)
+    with claim_output(out_dir, PREPARE, data_roots=[spec.root for spec in specs]) as claim:
+        return _run_prepare(claim, loaded, specs, Path(out_dir), strict=strict, force=force)
+
+
+def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, specs: list[DatasetSpec], out_dir: Path, *, strict: bool,
+                 force: bool) -> PrepareResult:  # fmt: skip
     started = time.time()
     config = loaded.config
-    specs = load_datasets(loaded)
-    out_dir = Path(out_dir)
     datasets = _discover(specs)
     index = load_index(out_dir)
     probes, probe_stats = _probe_all(datasets, index, config.max_workers)
@@ -381,9 +454,12 @@ def run_prepare(loaded: LoadedConfig, out_dir: Path, *, strict: bool = False, fo
             f"--strict: {len(skips)} image(s) would be skipped ({listing}); first: {first.dataset_id}/{first.path} "
             f"({first.reason}: {first.detail}). Fix or remove them, or run without --strict"
         )
+    if not kept:
+        _refuse_empty(skips, by_reason)
     deleted = _delete_files(skips, specs, config) if (config.delete_problematic_images or
                                                       config.delete_unwanted_images) else 0  # fmt: skip
 
+    claim.will_write(SAMPLES_NAME, SKIPPED_NAME, INDEX_NAME, MANIFEST_NAME)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_samples(out_dir / SAMPLES_NAME, kept)
     atomic_write_text(out_dir / SKIPPED_NAME, "".join(json.dumps(k.as_json(), sort_keys=True) + "\n" for k in skips))

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PUBLISH, LoadedConfig
-from ..families import Family, get_family
+from ..families import Family, check_model_family, get_family
 from ..families.base import LORA_WEIGHT_NAME
 from ..fsutil import fsync_dir
 from ..hashing import sha256_json
 from ..lineage import forced_record
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
+from ..ownership import OutputClaim, claim_output
 from ..stagekeys import explain_rerun, up_to_date
 from . import card as cards
 from .lineage import Inputs, lineage_doc, read_inputs
@@ -161,21 +162,22 @@ def _card(inputs: Inputs, family: Family, loaded: LoadedConfig, stage: Path, pro
     (stage / CARD_NAME).write_text(cards.render(content), encoding="utf-8")
 
 
-def _commit(stage: Path, out_dir: Path, previous: dict[str, Any] | None) -> list[str]:
+def _commit(claim: OutputClaim, stage: Path, out_dir: Path, previous: dict[str, Any] | None) -> list[str]:
     """Move every staged file to its final name; remove files of the previous output that are no longer produced."""
     rels = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    claim.will_write(*rels)  # before any move: a file st did not write at one of these names stops the run here
     for rel in rels:
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage / rel, target)
     stale = [o["path"] for o in (previous or {}).get("outputs", []) if o["path"] not in set(rels)]
     for rel in stale:
-        (out_dir / rel).unlink(missing_ok=True)
+        claim.remove(out_dir / rel)
         parent = (out_dir / rel).parent
         while parent != out_dir and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
-    shutil.rmtree(stage, ignore_errors=True)
+    claim.remove(stage)
     fsync_dir(out_dir)
     return rels
 
@@ -208,12 +210,21 @@ def _upload(loaded: LoadedConfig, out_dir: Path, doc: dict[str, Any]) -> tuple[d
 
 
 def run_publish(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: bool = False) -> PublishResult:
-    """Publish a train output (or checkpoint) into `out_dir`, or report that it is up to date; then upload."""
+    """Publish a train output (or checkpoint) into `out_dir`, or report that it is up to date; then upload. The folder
+    is held for the whole run."""
+    with claim_output(out_dir, PUBLISH, inputs=[input_path]) as claim:
+        return _run_publish(claim, loaded, input_path, out_dir, force=force)
+
+
+def _run_publish(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_dir: Path, *,
+                 force: bool) -> PublishResult:  # fmt: skip
     started = time.time()
     config = loaded.config
     out_dir = Path(out_dir)
     inputs = read_inputs(Path(input_path), force=force)
     family = get_family(inputs.train["family"])
+    # The base model, where it is still on disk (a LoRA publish does not need it; a full fine-tune does).
+    check_model_family(family, inputs.train["model"]["denoiser"].get("source"))
     stage_config = config.stage_keys(PUBLISH)
     prompts = _prompt_texts(loaded, inputs.train["config"])
     key = _key(inputs, stage_config, prompts)
@@ -225,10 +236,11 @@ def run_publish(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force:
     reasons = explain_rerun(previous, stage_config, force=force)
     for reason in reasons:
         log.info("publish: running because %s", reason)
+    claim.will_write(MANIFEST_NAME, CARD_NAME, LINEAGE_NAME, folders=(STAGING,))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    claim.remove(out_dir / MANIFEST_NAME)
     stage = out_dir / STAGING
-    shutil.rmtree(stage, ignore_errors=True)
+    claim.remove(stage)
     stage.mkdir()
 
     weights, comfy = _weights(inputs, family, config, stage)
@@ -236,7 +248,7 @@ def run_publish(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force:
     described = [{**output_entry(stage, stage / rel), "format": fmt} for rel, fmt in weights]
     lineage = lineage_doc(inputs, described)
     (stage / LINEAGE_NAME).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    rels = _commit(stage, out_dir, previous.manifest)
+    rels = _commit(claim, stage, out_dir, previous.manifest)
 
     outputs = [output_entry(out_dir, out_dir / rel) for rel in rels]
     doc = {

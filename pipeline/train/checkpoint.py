@@ -10,14 +10,14 @@ from __future__ import annotations
 import errno
 import json
 import re
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import InputError, UserError
 from ..fsutil import atomic_write_text, fsync_dir
 from ..hashing import sha256_file
 from ..log import get_logger
+from ..ownership import note_writing, remove_owned
 from ..tensorfile import save_tensors
 
 log = get_logger("train")
@@ -44,8 +44,9 @@ def list_checkpoints(folder: Path, kind: str | None = None) -> list[tuple[int, P
 def begin_checkpoint(folder: Path, name: str) -> Path:
     """Create the empty `name.tmp` folder that every process then writes its own state into."""
     tmp = folder / f"{name}.tmp"
+    note_writing(folder / name, folder=True)
     if tmp.exists():
-        shutil.rmtree(tmp)
+        remove_owned(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
@@ -79,11 +80,14 @@ def finish_checkpoint(folder: Path, name: str, parts: dict[str, Any], info: dict
         }
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if final.exists():
-            shutil.rmtree(final)
+            remove_owned(final)
+        if final.exists():
+            raise CheckpointError(f"{final} holds files st did not write; move it away and resume with "
+                                  "resume_from_checkpoint = \"latest\"")  # fmt: skip
         tmp.rename(final)
         fsync_dir(folder)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_owned(tmp)
         if exc.errno == errno.ENOSPC:
             raise CheckpointError(
                 f"the disk is full while writing checkpoint {final}; the earlier checkpoints are intact. Free space "
@@ -149,11 +153,15 @@ def resolve_resume(value: str | None, checkpoints_dir: Path, base: Path) -> Path
     return path
 
 
-def prune(folder: Path, kind: str, limit: int | None) -> None:
-    """Keep the newest `limit` checkpoints of `kind`."""
+def prune(folder: Path, kind: str, limit: int | None, belongs: Callable[[Path], bool] | None = None) -> None:
+    """Keep the newest `limit` checkpoints of `kind` (of those for which `belongs` is true: the current run's, so
+    that another run's higher-numbered checkpoints never push out this run's)."""
     if not limit or limit < 1:
         return
-    found = list_checkpoints(folder, kind)
+    found = [(step, path) for step, path in list_checkpoints(folder, kind) if belongs is None or belongs(path)]
     for _, path in found[: max(0, len(found) - limit)]:
-        shutil.rmtree(path, ignore_errors=True)
-        log.info("removed old checkpoint %s (limit %d)", path.name, limit)
+        remove_owned(path)
+        if path.exists():
+            log.info("kept old checkpoint %s: st did not write it (limit %d)", path.name, limit)
+        else:
+            log.info("removed old checkpoint %s (limit %d)", path.name, limit)

@@ -9,25 +9,23 @@ processes read disjoint samples. A cursor (epoch, batch) is all a checkpoint nee
 depend on the number of processes as long as the global batch size is the same.
 
 Reading a sample is a seek and a read of its members (tar shards are uncompressed; each member is one zstd frame).
+Indexing also checks each sample's structure, every frame decompressed within the bounds the cache manifest implies
+(`cache.reader.CacheChecks`), so a damaged or crafted cache stops the run before its first step.
 Caption choice and caption dropout are seeded per (epoch, batch, sample, slot), so they too replay exactly.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import queue
 import random
-import tarfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import InputError, ManifestError
-from ..hashing import sha256_bytes
+from ..cache.reader import CacheChecks
 from ..log import get_logger
-from ..shards import unpack_tensors
+from ..shards import MAX_MEMBER_BYTES, read_member, scan_shard, unpack_tensors
 
 log = get_logger("train")
 
@@ -38,6 +36,7 @@ class SampleRef:
     shard: Path
     members: dict[str, tuple[int, int]]  # suffix -> (offset, size)
     meta: dict[str, Any]
+    sizes: dict[str, int] = field(default_factory=dict)  # tensor member -> decompressed size, checked when indexed
 
     @property
     def dataset_id(self) -> str:
@@ -64,40 +63,20 @@ class Cursor:
         return {"epoch": self.epoch, "batch": self.batch}
 
 
-def _safe_member(shard: Path, name: str) -> None:
-    parts = name.split("/")
-    if name.startswith("/") or ".." in parts or "\\" in name:
-        raise InputError(f"{shard} has an unsafe member name {name!r}; the shard is refused")
+def index_shard(root: Path, entry: dict[str, Any], checks: CacheChecks) -> list[SampleRef]:
+    """Verify one shard against its manifest entry, check each sample's structure within the bounds the manifest
+    implies (every frame decompressed once, see `CacheChecks`), and list its samples with member offsets.
 
-
-def index_shard(root: Path, entry: dict[str, Any]) -> list[SampleRef]:
-    """Verify one shard against its manifest entry and list its samples with member offsets."""
+    Damage found here stops the run before its first step instead of in the middle of an epoch."""
     path = root / entry["path"]
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ManifestError(f"shard {path} listed in the cache manifest cannot be read ({exc}); re-run `st cache`") from None
-    if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
-        raise ManifestError(
-            f"shard {path} does not match the cache manifest (sha256 {sha256_bytes(data)[:16]}..., expected "
-            f"{entry['sha256'][:16]}...); it was modified or damaged: re-run `st cache`"
-        )
-    grouped: dict[str, dict[str, tuple[int, int]]] = {}
-    metas: dict[str, dict[str, Any]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            _safe_member(path, member.name)
-            if not member.isfile():
-                raise InputError(f"{path} has a non-file member {member.name!r}; the shard is refused")
-            key, _, suffix = member.name.partition(".")
-            grouped.setdefault(key, {})[suffix] = (member.offset_data, member.size)
-            if suffix == "json":
-                metas[key] = json.loads(data[member.offset_data : member.offset_data + member.size])
+    samples = scan_shard(path, expected_sha256=entry["sha256"], expected_bytes=entry["bytes"],
+                         expected_samples=entry["samples"])  # fmt: skip
     refs = []
-    for key, members in grouped.items():
-        if key not in metas or "latent.safetensors.zst" not in members:
-            raise InputError(f"{path}: sample {key} lacks its json or latent member; re-run `st cache`")
-        refs.append(SampleRef(key, path, members, metas[key]))
+    with open(path, "rb") as handle:
+        for sample in samples:
+            members = {suffix: read_member(handle, span) for suffix, span in sample.members.items()}
+            checked = checks.check_sample(path, entry, sample.key, members, decompress=True)
+            refs.append(SampleRef(sample.key, path, sample.members, checked.meta, checked.sizes))
     return refs
 
 
@@ -108,8 +87,9 @@ class CacheIndex:
         self.root = root
         self.manifest = manifest
         self.samples: dict[str, SampleRef] = {}
+        checks = CacheChecks(manifest)
         for entry in manifest["shards"]:
-            for ref in index_shard(root, entry):
+            for ref in index_shard(root, entry, checks):
                 self.samples[ref.key] = ref
         self.groups: dict[tuple[str, str], list[str]] = {}
         for key in sorted(self.samples):
@@ -178,9 +158,12 @@ class SampleReader:
         handle = self._handles.get(ref.shard)
         if handle is None:
             handle = self._handles[ref.shard] = open(ref.shard, "rb")
-        offset, size = ref.members[suffix]
-        handle.seek(offset)
-        return handle.read(size)
+        return read_member(handle, ref.members[suffix])
+
+    def tensors(self, ref: SampleRef, suffix: str) -> dict[str, Any]:
+        """A tensor member, decompressed within the size its frame declared when the shard was indexed."""
+        where = f"cache shard {ref.shard}, member {ref.key}.{suffix}"
+        return unpack_tensors(self.read(ref, suffix), max_bytes=ref.sizes.get(suffix, MAX_MEMBER_BYTES), where=where)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -225,7 +208,7 @@ class TrainLoader:
     def _texts(self, ref: SampleRef, reader: SampleReader) -> list[dict[str, Any]]:
         local: dict[int, dict[str, Any]] = {}
         if "text.safetensors.zst" in ref.members:
-            for name, value in unpack_tensors(reader.read(ref, "text.safetensors.zst")).items():
+            for name, value in reader.tensors(ref, "text.safetensors.zst").items():
                 i, _, field = name.partition(".")
                 local.setdefault(int(i), {})[field] = value
         texts = []
@@ -242,7 +225,7 @@ class TrainLoader:
         latents, texts, metas, dropped = [], [], [], []
         for slot, key in enumerate(keys):
             ref = self.index.samples[key]
-            latents.append(unpack_tensors(reader.read(ref, "latent.safetensors.zst"))["latent"].float())
+            latents.append(reader.tensors(ref, "latent.safetensors.zst")["latent"].float())
             rng = random.Random(f"{self.seed}:{epoch}:{batch_index}:{start + slot}:{key}")
             drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
             options = self._texts(ref, reader)

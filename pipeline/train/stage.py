@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +11,15 @@ from ..cache.reader import CacheReader
 from ..cache.stage import model_identity, resolve_path
 from ..config import TRAIN, LoadedConfig
 from ..errors import ConfigError, LineageError
-from ..families import component_identity, get_family, without_source
+from ..families import check_model_family, component_identity, get_family, without_source
 from ..hashing import sha256_json
 from ..lineage import check_parent_chain, forced_record, verify_outputs
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
+from ..ownership import OutputClaim, claim_output
 from ..stagekeys import explain_rerun, up_to_date
 from .checkpoint import list_checkpoints
+from .resume import TRAINING_LENGTH, ResumePlan, RunRecord, check_target, choose_checkpoint, note_other_runs, other_runs
 from .validation import prompts_from
 
 log = get_logger("train")
@@ -56,8 +57,18 @@ def check_lineage(cache: dict[str, Any], family_name: str, model: dict[str, Any]
             )
 
 
-def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: bool = False) -> TrainResult:
-    """Train from a cache output into `out_dir`, or report that it is up to date."""
+def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: bool = False,
+              resume_strict: bool = False) -> TrainResult:  # fmt: skip
+    """Train from a cache output into `out_dir`, or report that it is up to date; the folder is held for the run.
+
+    `resume_strict`: when `resume_from_checkpoint = "latest"` finds only checkpoints of another run, exit 2 instead
+    of starting from step 0."""
+    with claim_output(out_dir, TRAIN, inputs=[input_path]) as claim:
+        return _run_train(claim, loaded, input_path, out_dir, force=force, resume_strict=resume_strict)
+
+
+def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_dir: Path, *,
+               force: bool, resume_strict: bool = False) -> TrainResult:  # fmt: skip
     started = time.time()
     config = loaded.config
     out_dir = Path(out_dir)
@@ -77,6 +88,7 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     t5_source = resolve_path(loaded, config.pretrained_t5_model_name_or_path)
     model = model_identity(family, source, vae_source, t5_source, config.revision)
     check_lineage(cache, family.name, model, reader.manifest_path)
+    check_model_family(family, source)
     denoiser_identity = component_identity(source, family.denoiser.subfolder, config.revision)
 
     prompts = [] if config.validation_disable else prompts_from(config, loaded.base_dir)
@@ -94,19 +106,25 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
                        "denoiser": without_source(denoiser_identity), "family": family.name})  # fmt: skip
     previous = up_to_date(out_dir, SCHEMA, key)
-    resuming = bool(config.resume_from_checkpoint)
+    run = RunRecord(key=key, config=stage_config, parent_digest=cache["digest"],
+                    denoiser=without_source(denoiser_identity), family=family.name, format=FORMAT_VERSION)  # fmt: skip
     if previous.current and not force:
         log.info("train: %s is up to date (key %s), nothing to do", out_dir / MANIFEST_NAME, key[:12])
         return TrainResult(out_dir, previous.manifest, up_to_date=True)
     reasons = explain_rerun(previous, stage_config, force=force)
     for reason in reasons:
         log.info("train: running because %s", reason)
+    plan = choose_checkpoint(config.resume_from_checkpoint, out_dir / "checkpoints", loaded.base_dir, run,
+                             strict=resume_strict)  # fmt: skip
+    resuming = plan.path is not None
+    note_other_runs(out_dir / "checkpoints", run)
+    claim.will_write(MANIFEST_NAME, "metrics.jsonl", folders=("final", "validation", "logs"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
-        # A fresh run owns its folder's outputs: no manifest, images or final weights of an earlier run stay behind.
-        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        # A fresh run leaves no manifest, images or final weights of an earlier run behind (files st did not write stay).
+        claim.remove(out_dir / MANIFEST_NAME)
         for stale in ("validation", "final"):
-            shutil.rmtree(out_dir / stale, ignore_errors=True)
+            claim.remove(out_dir / stale)
 
     from .. import notify
     from .tracking import Tracker
@@ -123,7 +141,8 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     by_text = {text: shared[k] for k, text in cache["embeds"]["prompts"].items()}
     trainer = Trainer(config=config, family=family, source=source, vae_source=vae_source, cache_root=reader.root,
                       cache_manifest=cache, shared_embeds=shared, prompts_by_text=by_text, out_dir=out_dir,
-                      base_dir=loaded.base_dir)  # fmt: skip
+                      base_dir=loaded.base_dir, resume_from=plan.path, run_record=run.as_dict())  # fmt: skip
+    check_target(plan, trainer.total_steps, config.resume_from_checkpoint)
     tracker = None
     validator = None
     trainer.has_validation = bool(prompts)
@@ -134,7 +153,7 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
         run_name = config.tracker_run_name or f"{family.name}-{config.model_type}"
         tracker = Tracker(out_dir, report_to=config.report_to, logging_dir=logging_dir,
                           project=config.tracker_project_name, run_name=run_name, config=stage_config,
-                          resume_step=_resume_step(config, out_dir))  # fmt: skip
+                          resume_step=plan.step if resuming else -1)  # fmt: skip
         if prompts:
             validator = Validator(family, config, source=source, vae_source=vae_source, denoiser=trainer.unwrapped,
                                   prompts=prompts, embeds=by_text, out_dir=out_dir / "validation",
@@ -146,10 +165,12 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     try:
         state = trainer.run(tracker, validator)
     except BaseException as exc:
+        notify.wait_for_hooks(kill=isinstance(exc, KeyboardInterrupt))
         notifier.error(f"{type(exc).__name__}: {exc}")
         notifier.close(timeout=5)
         raise
     finally:
+        notify.wait_for_hooks()  # post_checkpoint_script runs in the background; none outlives the run
         if tracker is not None:
             tracker.close()
     if state.interrupted:
@@ -161,7 +182,7 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
         return TrainResult(out_dir, None, False, reasons=reasons)
 
     final_tmp = out_dir / "final.tmp"
-    shutil.rmtree(final_tmp, ignore_errors=True)
+    claim.remove(final_tmp)
     from .adapters import save_final
 
     save_final(trainer.unwrapped, config, family, final_tmp)
@@ -170,16 +191,18 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
 
         save_tensors(final_tmp / "ema_weights.safetensors", trainer.ema.state())
     final = out_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    final_tmp.rename(final)
+    claim.install(final_tmp, final)
 
-    outputs = [output_entry(out_dir, p) for p in sorted(final.rglob("*")) if p.is_file()]
+    outputs = [output_entry(out_dir, p) for p in sorted(final.rglob("*")) if p.is_file() and claim.owns(p)]
     outputs.append(output_entry(out_dir, out_dir / "metrics.jsonl"))
     validation = out_dir / "validation"
     if validation.is_dir():
-        outputs += [output_entry(out_dir, p) for p in sorted(validation.rglob("*.png"))]
+        outputs += [output_entry(out_dir, p) for p in sorted(validation.rglob("*.png")) if claim.owns(p)]
     checkpoints = []
+    foreign = set(other_runs(out_dir / "checkpoints", run))
     for step, path in list_checkpoints(out_dir / "checkpoints"):
+        if path in foreign:  # another run's weights: never described by this manifest
+            continue
         entry = output_entry(out_dir, path / "manifest.json")
         checkpoints.append({"path": path.relative_to(out_dir).as_posix(), "step": step,
                             "manifest_sha256": entry["sha256"]})  # fmt: skip
@@ -188,7 +211,7 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
         "stage": TRAIN,
         "key": key,
         "parent": {"stage": "cache", "digest": cache["digest"]},
-        "config": stage_config,
+        "config": _trained_config(stage_config, plan, state.step),
         "family": family.name,
         "model_type": config.model_type,
         "model": {"denoiser": denoiser_identity, **model},
@@ -200,7 +223,9 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
         "validations": state.validations,
         "outputs": outputs,
         "stats": {"steps": state.step, "samples": cache["stats"]["samples"],
-                  "batch_size": config.train_batch_size * trainer.world * trainer.accum},  # fmt: skip
+                  "batch_size": config.train_batch_size * trainer.world * trainer.accum,
+                  "steps_this_run": state.step - plan.step,
+                  "resumed_from": plan.summary(stage_config) if resuming else None},  # fmt: skip
     }
     doc["provenance"] = provenance(started, time.time(), cache_path=str(reader.manifest_path.absolute()),
                                    processes=trainer.world, device=str(trainer.device),
@@ -216,15 +241,9 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
     return TrainResult(out_dir, doc, False, reasons=reasons)
 
 
-def _resume_step(config, out_dir: Path) -> int:
-    """The step a run resumes at (metrics.jsonl keeps the lines up to it), or -1 for a fresh start."""
-    if not config.resume_from_checkpoint:
-        return -1
-    found = list_checkpoints(out_dir / "checkpoints")
-    if config.resume_from_checkpoint == "latest":
-        return max(found)[0] if found else -1
-    name = Path(config.resume_from_checkpoint).name
-    for step, path in found:
-        if path.name == name:
-            return step
-    return -1
+def _trained_config(stage_config: dict[str, Any], plan: ResumePlan, final_step: int) -> dict[str, Any]:
+    """The options the final weights were trained with. A run that trained 0 steps after resuming hands on the
+    checkpoint's weights, so it records how long the checkpoint's run meant to train, not its own target."""
+    if plan.path is None or final_step != plan.step:
+        return stage_config
+    return {**stage_config, **{k: plan.config[k] for k in TRAINING_LENGTH if k in plan.config}}

@@ -23,10 +23,10 @@ from .checkpoint import (
     list_checkpoints,
     prune,
     read_checkpoint,
-    resolve_resume,
     save_rank_state,
 )
 from .data import CacheIndex, Cursor, EpochPlanner, TrainLoader
+from .seeding import isolated_rng, seed_global
 
 log = get_logger("train")
 
@@ -80,7 +80,10 @@ class Trainer:
 
     def __init__(self, *, config, family: Family, source: str, vae_source: str | None, cache_root: Path,
                  cache_manifest: dict[str, Any], shared_embeds: dict[str, dict[str, Any]],
-                 prompts_by_text: dict[str, dict[str, Any]], out_dir: Path, base_dir: Path) -> None:  # fmt: skip
+                 prompts_by_text: dict[str, dict[str, Any]], out_dir: Path, base_dir: Path,
+                 resume_from: Path | None = None, run_record: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """`resume_from`: the checkpoint this run continues (chosen by the stage); `run_record`: what identifies the
+        run (train key, resume key, options, cache digest), stored in every checkpoint."""
         import torch
         from accelerate import Accelerator
 
@@ -103,7 +106,8 @@ class Trainer:
         self.scheduler_config = dict(parts["scheduler"].config)
         # TF32, QKV fusion and gradient checkpointing (every block, or every Nth) before adapters are added.
         self.speed_setup = speed.setup_denoiser(denoiser, config)
-        self.params = adapters.attach(denoiser, config, family)
+        with isolated_rng(seed=self.seed):  # the initial LoRA weights depend on `seed` only
+            self.params = adapters.attach(denoiser, config, family)
         denoiser.to(self.device)
         denoiser.train()
         # In place, after the adapters (so that they are compiled in) and before accelerate wraps the model.
@@ -147,6 +151,8 @@ class Trainer:
                                   caption_dropout=config.caption_dropout_probability, seed=self.seed,
                                   prefetch=config.dataloader_prefetch_qlen if config.dataloader_prefetch else 0)  # fmt: skip
         self.checkpoints_dir = out_dir / "checkpoints"
+        self.resume_from = resume_from
+        self.run_record = run_record or {}
         self.state = RunState()
         self.has_validation = False  # set by the stage; every process must agree
         self.notifier = None  # set by the stage (a no-op notifier on other processes)
@@ -179,7 +185,8 @@ class Trainer:
         if self.is_main:
             info = {"step": self.state.step, "cursor": self.state.cursor.as_dict(), "world": self.world,
                     "plan": self.planner.fingerprint(), "model_type": self.config.model_type,
-                    "family": self.family.name, "last_loss": self.state.last_loss}  # fmt: skip
+                    "family": self.family.name, "last_loss": self.state.last_loss, "run": self.run_record,
+                    "threads": _intra_op_threads()}  # fmt: skip
             parts = {
                 "weights": adapters.trainable_state(self.unwrapped, self.config),
                 "ema": self.ema.state() if self.ema else None,
@@ -197,18 +204,26 @@ class Trainer:
 
                 self.uploads.append(upload_checkpoint(self.config, path, self.state.step, self.base_dir))
             if kind == "checkpoint":
-                prune(self.checkpoints_dir, "checkpoint", self.config.checkpoints_total_limit)
+                prune(self.checkpoints_dir, "checkpoint", self.config.checkpoints_total_limit, self._of_this_run)
             else:
-                prune(self.checkpoints_dir, "rolling", self.config.checkpoints_rolling_total_limit)
+                prune(self.checkpoints_dir, "rolling", self.config.checkpoints_rolling_total_limit, self._of_this_run)
             log.info("saved %s", path)
         self.accelerator.wait_for_everyone()
         return path
 
+    def _of_this_run(self, checkpoint: Path) -> bool:
+        from .resume import recorded_run
+
+        return recorded_run(checkpoint).get("resume_key") == self.run_record.get("resume_key")
+
     def resume(self) -> None:
+        """Continue from `resume_from` (weights, optimizer, scheduler, random states, data cursor), or seed a fresh
+        start: the global random streams then begin at `seed`, as in every other run with this seed."""
         from .state_io import set_generator_state, set_rng_state
 
-        path = resolve_resume(self.config.resume_from_checkpoint, self.checkpoints_dir, self.base_dir)
+        path = self.resume_from
         if path is None:
+            seed_global(self.seed)
             return
         loaded = read_checkpoint(path)
         info = loaded["info"]
@@ -225,8 +240,14 @@ class Trainer:
             set_rng_state(state["rng"])
             set_generator_state(self.generator, state["generator"])
         else:
+            seed_global(self.seed)
             log.warning("checkpoint %s was written by %s process(es), this run has %d: random streams restart, so "
                         "noise and timesteps differ from an uninterrupted run", path, info.get("world"), self.world)
+        if info.get("threads", _intra_op_threads()) != _intra_op_threads() and self.device.type == "cpu":
+            log.warning("checkpoint %s was written with %s CPU threads, this run uses %d: oneDNN convolutions round "
+                        "differently per thread count, so the weights will differ from an uninterrupted run in the "
+                        "last bits (set OMP_NUM_THREADS to match)", path.name, info.get("threads"),
+                        _intra_op_threads())  # fmt: skip
         if info.get("plan") != self.planner.fingerprint():
             log.warning("the data plan changed since %s (seed, cache or global batch size differ): the order of "
                         "batches from here on differs from the uninterrupted run", path.name)  # fmt: skip
@@ -265,7 +286,6 @@ class Trainer:
             return None
         keys = sorted(self.index.samples)[:count]
         from .data import SampleReader
-        from ..shards import unpack_tensors
 
         reader = SampleReader()
         losses = []
@@ -273,10 +293,10 @@ class Trainer:
         self.model.eval()
         try:
             # Compiled blocks run eagerly here: batch 1 without gradients would only add graphs to compile.
-            with torch.no_grad(), self._attention(), speed.eager_stance(bool(self.compiled)):
+            with torch.no_grad(), self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device):
                 for i, key in enumerate(keys):
                     ref = self.index.samples[key]
-                    latent = unpack_tensors(reader.read(ref, "latent.safetensors.zst"))["latent"].float()[None]
+                    latent = reader.tensors(ref, "latent.safetensors.zst")["latent"].float()[None]
                     texts = self.loader._texts(ref, reader)[:1]
                     g = torch.Generator(device="cpu").manual_seed(10_000 + i)
                     for fraction in EVAL_FRACTIONS:
@@ -432,7 +452,7 @@ class Trainer:
         self.unwrapped.eval()
         try:
             # Validation renders other shapes than training: compiled blocks run eagerly rather than recompiling.
-            with self._attention(), speed.eager_stance(bool(self.compiled)):
+            with self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device):
                 self._render(validator, tracker, label)
         finally:
             self.unwrapped.train(was_training)
@@ -476,6 +496,13 @@ class Trainer:
             f"the loss became NaN/Inf at step {state.step}; {last}. Try a lower learning_rate, max_grad_norm 1.0 with "
             "grad_clip_method norm, or mixed_precision bf16 instead of fp16"
         )
+
+
+def _intra_op_threads() -> int:
+    """torch's intra-op thread count: CPU results are bit-identical only between runs with the same count."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _reset_accelerator_state() -> None:

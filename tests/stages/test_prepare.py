@@ -140,11 +140,11 @@ def test_bad_inputs_are_skipped_with_reasons_and_nothing_is_touched(tmp_path):
     reasons = {s["path"]: s["reason"] for s in skipped(tmp_path / "out")}
     assert reasons == {
         "truncated.jpg": "corrupt_image", "empty.png": "empty_file", "notes.jpg": "not_an_image",
-        "tiny.jpg": "too_small", "zz_dupe.jpg": "duplicate", "broken.jpg": "unreadable", "bomb.png": "decompression_bomb",
+        "tiny.jpg": "too_small", "zz_dupe.jpg": "duplicate", "broken.jpg": "broken_symlink", "bomb.png": "decompression_bomb",
     }  # fmt: skip
     assert result.manifest["stats"]["skipped"] == {
         "corrupt_image": 1, "decompression_bomb": 1, "duplicate": 1, "empty_file": 1, "not_an_image": 1,
-        "too_small": 1, "unreadable": 1,
+        "too_small": 1, "broken_symlink": 1,
     }  # fmt: skip
     assert sorted(r["path"] for r in rows(tmp_path / "out")) == [f"good_{i}.jpg" for i in range(4)]
     assert tree_digest(data) == before

@@ -259,6 +259,20 @@ def test_vae_factors_come_from_the_config(name, tiny_folder):
     assert (shift is not None) == (name in ("sd3", "flux"))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_every_tiny_folder_is_recognised_as_its_own_family_only(name, tiny_folder):
+    from pipeline.families import check_model_family
+    from pipeline.families.detect import detect_folder
+
+    folder = tiny_folder(name)
+    assert detect_folder(folder, FAMILIES).families == (name,)
+    check_model_family(get_family(name), str(folder))
+    for other in NAMES:
+        if other != name:
+            with pytest.raises(InputError, match=f"looks like {name} "):
+                check_model_family(get_family(other), str(folder))
+
+
 def test_load_components_returns_what_is_asked(tiny_folder):
     family = get_family("sd3")
     loaded = load_components(family, tiny_folder("sd3"), which=("vae", "denoiser", "scheduler", "text_encoders"))

@@ -76,9 +76,9 @@ def test_zstd_frame_records_content_size():
 
 
 def test_unpack_rejects_garbage():
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="not a zstd frame"):
         unpack_tensors(b"not zstd at all")
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="not valid safetensors"):
         unpack_tensors(zstandard.ZstdCompressor().compress(b"\x80\x02pickle"))
 
 

@@ -15,6 +15,7 @@ from ...config import suggest
 from ...errors import ConfigError, InputError, NotSupportedError
 from ...hashing import sha256_file
 from ...log import get_logger
+from ...ownership import is_bookkeeping
 
 log = get_logger("publish")
 
@@ -38,7 +39,8 @@ class LocalFile:
 
 
 def local_files(folder: Path) -> list[LocalFile]:
-    """Every regular file under `folder` (recursively, sorted, symlinks followed), with its posix relative path."""
+    """Every regular file under `folder` (recursively, sorted, symlinks followed), with its posix relative path; the
+    output folder's lock file and ownership record are bookkeeping, not published."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"nothing to publish: {folder} is not a folder")
@@ -47,7 +49,7 @@ def local_files(folder: Path) -> list[LocalFile]:
         dirs.sort()
         for name in sorted(names):
             path = Path(root) / name
-            if path.is_file():
+            if path.is_file() and not (root == str(folder) and is_bookkeeping(name)):
                 files.append(LocalFile(path, path.relative_to(folder).as_posix(), path.stat().st_size))
     if not files:
         raise InputError(f"nothing to publish: {folder} holds no files")

@@ -1,0 +1,54 @@
+"""`st train` and `st verify` on crafted cache folders whose manifest matches every crafted file's hash.
+
+`st train` must exit 2 with one message naming the crafted file (and member), `st verify` must exit 1 reporting it as
+malformed; neither may change the cache folder.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.untrusted import TRAIN_OPTIONS, build_tiny_cache, crafted_copy, tree_bytes
+
+# The cases of the issue, plus the shared embeddings (read before the shards); the unit tests cover every case.
+# A checksum mismatch shows up only when a frame is decompressed: it too must stop st train before its first step.
+E2E_CASES = ["zstd frame declaring 64 GiB", "safetensors header of 2^62 bytes", "bad JSON member", "not a tar file",
+             "truncated tar", "shared embeddings declaring 64 GiB", "zstd checksum mismatch"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    return build_tiny_cache(tmp_path_factory.getbasetemp() / "untrusted-cache")
+
+
+def _settings() -> list[str]:
+    return [arg for option in TRAIN_OPTIONS for arg in ("--set", option)]
+
+
+def test_untouched_cache_trains_and_verifies(cli, tiny_run, tmp_path):
+    config, cache = tiny_run
+    result = cli("train", "-c", config, "-i", cache, "-o", tmp_path / "train", *_settings())
+    assert result.exit_code == 0, result.output
+    result = cli("verify", cache)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ok  ")
+
+
+@pytest.mark.parametrize("case", E2E_CASES)
+def test_crafted_cache_fails_train_with_exit_2_and_verify_with_exit_1(cli, tiny_run, tmp_path, case):
+    config, cache = tiny_run
+    crafted, rel, member = crafted_copy(cache, tmp_path / "cache", case)
+    before = tree_bytes(crafted)
+
+    result = cli("train", "-c", config, "-i", crafted, "-o", tmp_path / "train", *_settings())
+    assert result.exit_code == 2, result.output
+    assert str(crafted / rel) in result.stderr and member in result.stderr
+    assert "re-run `st cache`" in result.stderr and "Traceback" not in result.output
+    metrics = tmp_path / "train" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # stopped before its first step
+
+    result = cli("verify", crafted)
+    assert result.exit_code == 1, result.output
+    assert f"FAILED  {crafted / 'manifest.json'}" in result.stdout
+    assert f"  malformed: {rel} (" in result.stdout and member in result.stdout
+    assert tree_bytes(crafted) == before

@@ -1,0 +1,111 @@
+"""A hook script that hangs is killed, with the processes it started, after `hook_timeout` seconds."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import notify
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+from pipeline.log import get_logger
+from pipeline.notify import run_hook
+
+# Starts a child that sleeps, writes "<own pid> <child pid>" to argv[1], then sleeps itself: a hook that never ends.
+HANGING = """\
+import os, pathlib, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+tmp = pathlib.Path(sys.argv[1] + ".tmp")
+tmp.write_text(f"{os.getpid()} {child.pid}")
+tmp.rename(sys.argv[1])
+time.sleep(3600)
+"""
+
+
+def hanging_hook(tmp_path: Path, pid_file: str = "pids.txt") -> tuple[str, Path]:
+    """A command line for the hanging script, and the file where it writes its pids (`pid_file` may hold
+    placeholders)."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING)
+    pids = tmp_path / pid_file
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {shlex.quote(str(pids))}", pids
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an orphan may wait a moment for its reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(condition, limit_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture
+def records():
+    found: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            found.append(record)
+
+    logger = get_logger("notify")
+    handler, previous = Keep(level=logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield found
+    logger.removeHandler(handler)
+    logger.setLevel(previous)
+
+
+def test_a_hanging_hook_and_its_children_are_killed_after_the_timeout(tmp_path, records):
+    command, pids = hanging_hook(tmp_path)
+    # The bound leaves the script time to start and write its pids even on a busy machine.
+    assert run_hook(command, {}, name="validation_external_script", timeout=3) is None
+    script_pid, child_pid = map(int, pids.read_text().split())
+    assert not alive(script_pid)
+    assert wait_until(lambda: not alive(child_pid))
+    assert any("validation_external_script was still running after 3 s (hook_timeout) and was killed" in r.getMessage()
+               for r in records)  # fmt: skip
+
+
+def test_post_checkpoint_script_runs_in_the_background_and_is_awaited_up_to_its_bound(tmp_path, records):
+    command, pids = hanging_hook(tmp_path)
+    config = Config(post_checkpoint_script=command, hook_timeout=3)
+    assert notify.post_checkpoint(config, 3, tmp_path / "checkpoint-3") is None  # returned while the script runs
+    assert wait_until(pids.exists)
+    script_pid, child_pid = map(int, pids.read_text().split())
+    notify.wait_for_hooks()
+    assert not alive(script_pid)
+    assert wait_until(lambda: not alive(child_pid))
+    messages = [r.getMessage() for r in records]
+    assert any("post_checkpoint_script was still running after 3 s (hook_timeout) and was killed" in m
+               for m in messages)  # fmt: skip
+
+
+def test_wait_for_hooks_can_stop_them_at_once(tmp_path):
+    command, pids = hanging_hook(tmp_path)
+    notify.post_checkpoint(Config(post_checkpoint_script=command), 1, tmp_path / "checkpoint-1")  # bound: an hour
+    assert wait_until(pids.exists)
+    script_pid, _ = map(int, pids.read_text().split())
+    notify.wait_for_hooks(kill=True)
+    assert not alive(script_pid)
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")])
+def test_hook_timeout_must_be_a_positive_number_of_seconds(value):
+    with pytest.raises(ConfigError, match="option 'hook_timeout' must be a number of seconds > 0"):
+        notify.check_hooks(Config(hook_timeout=value))
