@@ -15,10 +15,6 @@ import random
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from ..log import get_logger
-
-log = get_logger("train")
-
 
 def seed_global(seed: int) -> None:
     """Seed Python's `random`, numpy's legacy global generator and torch's CPU and CUDA generators."""

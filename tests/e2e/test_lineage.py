@@ -120,7 +120,7 @@ def test_damaged_cache_files_are_refused_by_train(chain, tmp_path):
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0xFF
     shard.write_bytes(bytes(flipped))
-    with pytest.raises(UserError, match=rf"{re.escape(str(shard))} does not match the cache manifest .*`st cache`"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(shard))} does not match the manifest: expected sha256 .*`st cache`"):
         run_train(config_of(chain, *TRAIN), cache, tmp_path / "train")
 
     # Truncated: caught before anything is loaded or written.

@@ -58,7 +58,8 @@ def test_resumable_options_are_real_train_options_and_leave_the_resume_key_alone
 
 def test_the_reason_names_what_differs():
     run = run_record(learning_rate=2e-4, lora_rank=4)
-    assert differences(run_record().as_dict(), run) == "learning_rate changed 0.0001 -> 0.0002, lora_rank changed 16 -> 4"
+    expected = "learning_rate changed 0.0001 -> 0.0002, lora_rank changed 16 -> 4"
+    assert differences(run_record().as_dict(), run) == expected
     edited = replace(run_record(), parent_digest="b" * 64).as_dict()  # a caption edit re-encodes the cache
     assert differences(edited, run_record()).startswith("the cache changed (digest bbbbbbbbbbbb -> aaaaaaaaaaaa")
     assert differences({}, run) == "it records no train key (it was written by an older st)"
@@ -78,8 +79,9 @@ def test_latest_with_only_other_runs_starts_fresh_or_stops_when_strict(tmp_path,
     write_checkpoint(folder, 2, None)
     write_checkpoint(folder, 4, run_record(learning_rate=5e-4))
     assert choose_checkpoint("latest", folder, tmp_path, run_record()).path is None
-    assert "train: not resuming from checkpoint-4: learning_rate changed 0.0005 -> 0.0001; starting from step 0" in messages
-    with pytest.raises(ResumeMismatch, match="not resuming from checkpoint-4: learning_rate changed .* --resume-strict"):
+    reason = "not resuming from checkpoint-4: learning_rate changed 0.0005 -> 0.0001"
+    assert f"train: {reason}; starting from step 0" in messages
+    with pytest.raises(ResumeMismatch, match=f"{reason} \\(--resume-strict\\)"):
         choose_checkpoint("latest", folder, tmp_path, run_record(), strict=True)
     with pytest.raises(ResumeMismatch, match="checkpoint-2 belongs to another run: it records no train key"):
         choose_checkpoint("checkpoint-2", folder, tmp_path, run_record())
