@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -128,16 +129,44 @@ def test_prepare_output_may_not_overlap_a_dataset_folder(tmp_path, where):
     assert sorted(p.name for p in data.iterdir()) == ["a.txt"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to read-only folders")
-def test_a_read_only_output_is_refused(tmp_path):
+CLAIM = """
+import sys
+from pathlib import Path
+from pipeline.errors import UserError
+from pipeline.ownership import claim_output
+try:
+    with claim_output(Path(sys.argv[1]), sys.argv[2]):
+        pass
+except UserError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def _permission_prefix() -> list[str] | None:
+    """A command prefix under which permission bits apply: root loses the capability to write anywhere (its uid
+    stays 0). None when that cannot be arranged."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if shutil.which("setpriv") else None
+
+
+@pytest.mark.parametrize("stage", ["prepare", "cache", "train", "publish"])
+def test_a_read_only_output_is_refused(tmp_path, stage):
+    prefix = _permission_prefix()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: every folder is writable")
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o555)
     try:
-        with pytest.raises(OwnershipError, match="cannot write to the output folder"), claim_output(out, "train"):
-            pass
+        proc = subprocess.run([*prefix, sys.executable, "-c", CLAIM, str(out), stage], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)  # fmt: skip
     finally:
         out.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot write to the output folder {out}" in proc.stdout
+    assert list(out.iterdir()) == []
 
 
 def test_a_second_run_is_refused_naming_the_holder(tmp_path):
