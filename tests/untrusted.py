@@ -115,6 +115,14 @@ def bad_json(cache: Path) -> str:
     return replace_member(cache, "json", b'{"sample_id": "abc", "bucket": ')
 
 
+def huge_repeats(cache: Path) -> str:
+    """Metadata asking for 10^12 repeats: an epoch plan of that size would exhaust memory before the first step."""
+    path = crafted_shard(cache)
+    meta = json.loads(dict(next(read_shard(path, expected_sha256=None))[1])["json"])
+    meta["repeats"] = 10**12
+    return replace_member(cache, "json", json.dumps(meta).encode())
+
+
 def deeply_nested_json(cache: Path) -> str:
     return replace_member(cache, "json", b"[" * 100_000 + b"]" * 100_000)
 
@@ -163,6 +171,7 @@ CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "safetensors header of 2^62 bytes": (safetensors_header_2_62, "shard"),
     "zstd checksum mismatch": (zstd_checksum_mismatch, "shard"),
     "bad JSON member": (bad_json, "shard"),
+    "10^12 repeats in a sample's JSON": (huge_repeats, "shard"),
     "deeply nested JSON member": (deeply_nested_json, "shard"),
     "not a tar file": (not_a_tar, "shard"),
     "truncated tar": (truncated_tar, "shard"),

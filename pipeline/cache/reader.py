@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from ..config import OPTION_RANGES
 from ..errors import ManifestError
 from ..manifest import MANIFEST_NAME, read_manifest
 from ..shards import (
@@ -28,6 +29,9 @@ from ..shards import (
     unpack_tensors,
 )
 from ..tensorfile import SafetensorsFormatError, TensorSpec, read_header
+
+# The most a sample may repeat per epoch: the range of the `repeats` option (bounds a crafted cache's epoch plan).
+MAX_REPEATS = int(OPTION_RANGES["repeats"].high)
 
 JSON = "json"
 LATENT = "latent.safetensors.zst"
@@ -137,11 +141,16 @@ class CacheChecks:
         """The metadata st train relies on; returns the positions of the captions stored in the sample itself."""
         if not isinstance(meta, dict):
             raise malformed(where, "the sample metadata is not a JSON object")
-        expected = {"sample_id": key, "dataset_id": shard["dataset_id"], "bucket": shard["bucket"],
-                    "repeats": self.repeats.get(shard["dataset_id"])}  # fmt: skip
+        expected = {"sample_id": key, "dataset_id": shard["dataset_id"], "bucket": shard["bucket"]}
         for name, value in expected.items():
             if meta.get(name) != value or type(meta.get(name)) is not type(value):
                 raise malformed(where, f"{name} is {meta.get(name)!r}, but the shard and manifest say {value!r}")
+        # `allow_dataset_oversubscription` raises the repeats of a small bucket above its dataset's, so a sample may
+        # repeat more often than the manifest's dataset entry says, but never less, and never past the option's range.
+        least, repeats = self.repeats.get(shard["dataset_id"]), meta.get("repeats")
+        if type(repeats) is not int or type(least) is not int or not least <= repeats <= MAX_REPEATS:
+            raise malformed(where, f"repeats is {repeats!r}, but the manifest's dataset {shard['dataset_id']!r} "
+                                   f"allows {least!r} to {MAX_REPEATS}")  # fmt: skip
         for name in _SIZE_FIELDS:
             pair = meta.get(name)
             if not isinstance(pair, list) or len(pair) != 2 or not all(type(v) is int and v >= 0 for v in pair):
