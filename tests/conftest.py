@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -70,3 +71,30 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture
+def st_log():
+    """`st_log(name)` collects the records of st's `name` logger (pipeline.log.get_logger) at DEBUG until the test
+    ends; st's logger may not propagate to the root, so caplog alone does not see them."""
+    from pipeline.log import get_logger
+
+    attached = []
+
+    def watch(name: str) -> list[logging.LogRecord]:
+        found: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                found.append(record)
+
+        logger, handler = get_logger(name), Keep(level=logging.DEBUG)
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        return found
+
+    yield watch
+    for logger, handler, level in reversed(attached):
+        logger.removeHandler(handler)
+        logger.setLevel(level)

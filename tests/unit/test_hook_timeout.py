@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shlex
 import sys
 import time
@@ -13,7 +12,6 @@ import pytest
 from pipeline import notify
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.log import get_logger
 from pipeline.notify import run_hook
 
 # Starts a child that sleeps, writes "<own pid> <child pid>" to argv[1], then sleeps itself: a hook that never ends.
@@ -55,20 +53,8 @@ def wait_until(condition, limit_s: float = 30.0) -> bool:
 
 
 @pytest.fixture
-def records():
-    found: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            found.append(record)
-
-    logger = get_logger("notify")
-    handler, previous = Keep(level=logging.DEBUG), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield found
-    logger.removeHandler(handler)
-    logger.setLevel(previous)
+def records(st_log):
+    return st_log("notify")
 
 
 def test_a_hanging_hook_and_its_children_are_killed_after_the_timeout(tmp_path, records):

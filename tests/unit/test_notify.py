@@ -18,7 +18,6 @@ import pytest
 from pipeline import notify
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.log import get_logger
 from pipeline.notify import Notifier, parse_webhook_config, run_hook
 
 
@@ -88,22 +87,9 @@ def no_job_id(monkeypatch):
 
 
 @pytest.fixture
-def records():
-    """Log records of st.notify (the st logger may not propagate to the root, so caplog is not enough)."""
-    found: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            found.append(record)
-
-    logger = get_logger("notify")
-    handler = Keep(level=logging.DEBUG)
-    previous = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield found
-    logger.removeHandler(handler)
-    logger.setLevel(previous)
+def records(st_log):
+    """Log records of st.notify."""
+    return st_log("notify")
 
 
 def _json(request: dict) -> dict:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import TRAIN, Config
-from pipeline.log import get_logger
 from pipeline.train.checkpoint import CHECKPOINT_SCHEMA
 from pipeline.train.resume import RESUMABLE_OPTIONS, ResumeMismatch, RunRecord, choose_checkpoint, differences
 
@@ -32,20 +30,8 @@ def write_checkpoint(folder: Path, step: int, run: RunRecord | None) -> Path:
 
 
 @pytest.fixture
-def messages():
-    found: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            found.append(record.getMessage())
-
-    logger = get_logger("train")
-    handler, previous = Keep(level=logging.DEBUG), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield found
-    logger.removeHandler(handler)
-    logger.setLevel(previous)
+def records(st_log):
+    return st_log("train")
 
 
 def test_resumable_options_are_real_train_options_and_leave_the_resume_key_alone():
@@ -65,7 +51,7 @@ def test_the_reason_names_what_differs():
     assert differences({}, run) == "it records no train key (it was written by an older st)"
 
 
-def test_latest_takes_the_newest_checkpoint_of_this_run(tmp_path, messages):
+def test_latest_takes_the_newest_checkpoint_of_this_run(tmp_path):
     folder = tmp_path / "checkpoints"
     mine = write_checkpoint(folder, 3, run_record(max_train_steps=3))
     write_checkpoint(folder, 6, run_record(learning_rate=5e-4))
@@ -74,13 +60,13 @@ def test_latest_takes_the_newest_checkpoint_of_this_run(tmp_path, messages):
     assert plan.summary(run_record().config)["changed"] == {"max_train_steps": [3, 10]}
 
 
-def test_latest_with_only_other_runs_starts_fresh_or_stops_when_strict(tmp_path, messages):
+def test_latest_with_only_other_runs_starts_fresh_or_stops_when_strict(tmp_path, records):
     folder = tmp_path / "checkpoints"
     write_checkpoint(folder, 2, None)
     write_checkpoint(folder, 4, run_record(learning_rate=5e-4))
     assert choose_checkpoint("latest", folder, tmp_path, run_record()).path is None
     reason = "not resuming from checkpoint-4: learning_rate changed 0.0005 -> 0.0001"
-    assert f"train: {reason}; starting from step 0" in messages
+    assert f"train: {reason}; starting from step 0" in [r.getMessage() for r in records]
     with pytest.raises(ResumeMismatch, match=f"{reason} \\(--resume-strict\\)"):
         choose_checkpoint("latest", folder, tmp_path, run_record(), strict=True)
     with pytest.raises(ResumeMismatch, match="checkpoint-2 belongs to another run: it records no train key"):
