@@ -119,7 +119,7 @@ def sizes(out_dir: Path, family, scratch: Path) -> dict:
     import torch
     import zstandard
 
-    from pipeline.cache.reader import CacheReader
+    from pipeline.cache_reader import CacheReader
     from pipeline.shards import read_shard
 
     reader = CacheReader(out_dir)

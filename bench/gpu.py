@@ -361,6 +361,7 @@ def st_step_fn(case: TrainCase, env: Env, batch: Batch, **options: Any):
     from pipeline.train import adapters
     from pipeline.train.objectives import Objective
     from pipeline.train.optim import build_lr_scheduler, build_optimizer, clip_gradients, optimizer_train_mode
+    from pipeline.train.options import AdapterOptions, ObjectiveOptions, OptimizerOptions
     from pipeline.train.trainer import Trainer, _reset_accelerator_state
 
     family = get_family(case.family)
@@ -371,15 +372,16 @@ def st_step_fn(case: TrainCase, env: Env, batch: Batch, **options: Any):
     speed.check_train_options(config, device)
     model = build(case.model_class, case.config, env)
     speed.setup_denoiser(model, config)
-    params = adapters.attach(model, config, family)
+    params = adapters.attach(model, AdapterOptions.from_config(config), family)
     model.to(device)
     model.train()
     compiled = speed.compile_module(model, config)
-    objective = Objective(config, kind=family.prediction_type,
+    objective = Objective(ObjectiveOptions.from_config(config), kind=family.prediction_type,
                           scheduler_config=FLOW_SCHEDULER if family.prediction_type == "flow_matching"
                           else DDPM_SCHEDULER, default_shift=family.default_flow_shift)  # fmt: skip
-    optimizer = build_optimizer(params, config, device_type=device.type)
-    lr_scheduler = build_lr_scheduler(optimizer, config, 10_000)
+    optimizer_options = OptimizerOptions.from_config(config)
+    optimizer = build_optimizer(params, optimizer_options, device_type=device.type)
+    lr_scheduler = build_lr_scheduler(optimizer, optimizer_options, 10_000)
     model, optimizer = accelerator.prepare(model, optimizer)
     optimizer_train_mode(optimizer)
     trainer = Trainer.__new__(Trainer)  # only what _attention and _forward_loss read
@@ -392,7 +394,7 @@ def st_step_fn(case: TrainCase, env: Env, batch: Batch, **options: Any):
             loss = trainer._forward_loss(batch.latents, batch.texts, batch.meta, i)
             accelerator.backward(loss)
         value = float(loss.detach())
-        clip_gradients(trainable, config)
+        clip_gradients(trainable, optimizer_options)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=config.set_grads_to_none)

@@ -127,7 +127,7 @@ def run_st(config: Path, cache: Path, out: Path, total_steps: int, extra: list[s
 
 def load_memory(cache: Path) -> dict:
     """Every cached sample's latent and first caption's tensors (floating ones as float32, the model's dtype)."""
-    from pipeline.cache.reader import CacheReader
+    from pipeline.cache_reader import CacheReader
 
     def fp32(text: dict) -> dict:
         return {k: v.float() if v.is_floating_point() else v for k, v in text.items()}
@@ -222,7 +222,7 @@ class Plain:
 def time_loader(cache: Path, seed: int, batch: int, count: int, sampling: str) -> list[float]:
     """Process CPU seconds per `next()` of `TrainLoader.iterate` (prefetch off) over `count` batches of the st plan
     (CPU time: on a shared machine wall time of a sub-millisecond call is mostly waiting for a core)."""
-    from pipeline.cache.reader import CacheReader
+    from pipeline.cache_reader import CacheReader
     from pipeline.train.data import CacheIndex, Cursor, EpochPlanner, TrainLoader
 
     reader = CacheReader(cache)
@@ -252,11 +252,12 @@ def interleaved(config: Path, cache: Path, family, plain: "Plain", steps: int, w
     first). Returns the wall and process CPU seconds of each step of each side."""
     import torch
 
-    from pipeline.cache.reader import CacheReader
-    from pipeline.cache.stage import resolve_path
+    from pipeline.cache_reader import CacheReader
+    from pipeline.families.identity import model_sources
     from pipeline.config import load_config
     from pipeline.train.data import Cursor
     from pipeline.train.optim import clip_gradients
+    from pipeline.train.options import OptimizerOptions
     from pipeline.train.trainer import Trainer
 
     loaded = load_config(config, [*st_settings(warmup + steps), *extra])
@@ -264,7 +265,7 @@ def interleaved(config: Path, cache: Path, family, plain: "Plain", steps: int, w
     reader = CacheReader(cache)
     shared = reader.shared_embeds()
     by_text = {text: shared[k] for k, text in reader.manifest["embeds"]["prompts"].items()}
-    trainer = Trainer(config=cfg, family=family, source=resolve_path(loaded, cfg.pretrained_model_name_or_path),
+    trainer = Trainer(config=cfg, family=family, source=model_sources(loaded).model,
                       vae_source=None, cache_root=reader.root, cache_manifest=reader.manifest, shared_embeds=shared,
                       prompts_by_text=by_text, out_dir=config.parent / "interleaved",
                       base_dir=loaded.base_dir)  # fmt: skip
@@ -282,7 +283,7 @@ def interleaved(config: Path, cache: Path, family, plain: "Plain", steps: int, w
             loss = trainer._forward_loss(batch.latents, batch.texts, batch.meta, state["step"])
             trainer.accelerator.backward(loss)
         value = float(loss.detach())
-        clip_gradients([p for p in trainer.model.parameters() if p.requires_grad], cfg)
+        clip_gradients([p for p in trainer.model.parameters() if p.requires_grad], OptimizerOptions.from_config(cfg))
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         trainer.optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)

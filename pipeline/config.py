@@ -35,13 +35,15 @@ TRAIN = "train"
 PUBLISH = "publish"
 
 
-def opt(default: Any, *stages: str, choices: tuple | None = None, help: str = "", output: bool = True) -> Any:
-    """Declare an option: its default, the stages that read it, allowed choices, and whether it can change outputs.
+def opt(default: Any, *stages: str, choices: tuple | None = None, help: str = "",
+        key: bool | tuple[str, ...] = True) -> Any:  # fmt: skip
+    """Declare an option: its default, the stages that read it, allowed choices, and whether it enters stage keys.
 
-    `output=False` marks knobs (worker counts, progress) that a stage reads but that never change what it writes:
-    they stay out of the stage key.
+    `key=False` marks options that a stage reads but that never change what it writes (worker counts, checkpoint
+    intervals), or whose effect the stage hashes another way (model paths: the stage hashes the model's identity, so
+    moving a model folder re-runs nothing). `key=(CACHE,)` keeps the option in the key of those stages only.
     """
-    meta = {"stages": frozenset(stages), "choices": choices, "help": help, "output": output}
+    meta = {"stages": frozenset(stages), "choices": choices, "help": help, "key": key}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,7 +61,8 @@ class Config:
     """Every option st knows, under SimpleTuner's names, with st's defaults."""
 
     # Datasets and buckets (defaults for each dataset of data_backend_config).
-    data_backend_config: str | None = opt(None, PREPARE, help="Dataset list (SimpleTuner multidatabackend.json).")
+    data_backend_config: str | None = opt(None, PREPARE, key=False,  # its datasets' files are hashed instead
+                                          help="Dataset list (SimpleTuner multidatabackend.json).")
     resolution: float = opt(1024.0, PREPARE, help="Edge in px (pixel, pixel_area) or megapixels (area).")
     resolution_type: str = opt("pixel_area", PREPARE, choices=RESOLUTION_TYPES)
     minimum_image_size: float | None = opt(None, PREPARE, help="Smaller images are skipped (units of resolution_type).")
@@ -82,30 +85,31 @@ class Config:
     probability: float = opt(1.0, PREPARE, help="Relative sampling weight of a dataset.")
     disable_bucket_pruning: bool = opt(False, PREPARE)
     allow_dataset_oversubscription: bool = opt(False, PREPARE)
-    ignore_missing_files: bool = opt(False, PREPARE, CACHE)
+    ignore_missing_files: bool = opt(False, PREPARE, CACHE, key=(PREPARE,))
     delete_problematic_images: bool = opt(False, PREPARE)
     delete_unwanted_images: bool = opt(False, PREPARE)
     train_batch_size: int = opt(1, PREPARE, TRAIN)
     gradient_accumulation_steps: int = opt(1, PREPARE, TRAIN)
     num_processes: int = opt(1, PREPARE, TRAIN, help="Training processes (accelerate's num_processes).")
     seed: int | None = opt(None, PREPARE, CACHE, TRAIN)
-    max_workers: int | None = opt(None, PREPARE, CACHE, output=False, help="Worker processes for scans/decoding.")
+    max_workers: int | None = opt(None, PREPARE, CACHE, key=False, help="Worker processes for scans/decoding.")
 
     # Model and caches.
     model_family: str | None = opt(None, CACHE, TRAIN, choices=MODEL_FAMILIES)
+    # Model paths stay out of stage keys: stages hash the identity of the model's files instead.
     pretrained_model_name_or_path: str | None = opt(
-        None, CACHE, TRAIN, help="Local diffusers folder, single-file checkpoint, or hub id."
+        None, CACHE, TRAIN, key=False, help="Local diffusers folder, single-file checkpoint, or hub id."
     )
-    pretrained_vae_model_name_or_path: str | None = opt(None, CACHE, TRAIN)
-    pretrained_t5_model_name_or_path: str | None = opt(None, CACHE, TRAIN)
+    pretrained_vae_model_name_or_path: str | None = opt(None, CACHE, TRAIN, key=False)
+    pretrained_t5_model_name_or_path: str | None = opt(None, CACHE, TRAIN, key=False)
     revision: str | None = opt(None, CACHE, TRAIN)
     variant: str | None = opt(None, CACHE, TRAIN)
     vae_dtype: str = opt("default", CACHE, choices=("default", "fp32", "fp16", "bf16"),
                          help="default: bf16 on CUDA, fp32 elsewhere.")  # fmt: skip
-    vae_batch_size: int = opt(4, CACHE, output=False)
+    vae_batch_size: int = opt(4, CACHE, help="Sets the shape of each VAE call, so the last bits of latents.")
     tokenizer_max_length: int | None = opt(None, CACHE, TRAIN)
     t5_padding: str = opt("unmodified", CACHE, TRAIN, choices=("unmodified", "zero"))
-    offload_during_startup: bool = opt(False, CACHE, output=False, help="Keep idle encoders on the CPU.")
+    offload_during_startup: bool = opt(False, CACHE, key=False, help="Keep idle encoders on the CPU.")
     cache_dtype: str = opt("bf16", CACHE, choices=("bf16", "fp16", "fp32"), help="dtype of cached tensors.")
     cache_compression_level: int = opt(3, CACHE, help="zstd level of cached tensors (1-22).")
     cache_shard_samples: int = opt(256, CACHE, help="Most samples in one shard.")
@@ -156,8 +160,8 @@ class Config:
     input_perturbation_steps: int = opt(0, TRAIN)
     caption_dropout_probability: float = opt(0.0, TRAIN)
     data_backend_sampling: str = opt("auto-weighting", TRAIN, choices=("uniform", "auto-weighting"))
-    dataloader_prefetch: bool = opt(True, TRAIN, output=False)
-    dataloader_prefetch_qlen: int = opt(4, TRAIN, output=False)
+    dataloader_prefetch: bool = opt(True, TRAIN, key=False)
+    dataloader_prefetch_qlen: int = opt(4, TRAIN, key=False)
 
     # Optimisation.
     optimizer: str = opt("adamw_bf16", TRAIN, choices=("adamw_bf16", "optimi-adamw", "optimi-stableadamw",
@@ -184,30 +188,30 @@ class Config:
     ignore_final_epochs: bool = opt(False, TRAIN)
     mixed_precision: str = opt("no", TRAIN, choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, TRAIN)
-    set_grads_to_none: bool = opt(True, TRAIN, output=False)
+    set_grads_to_none: bool = opt(True, TRAIN, key=False)
 
     # EMA.
     use_ema: bool = opt(False, TRAIN)
     ema_decay: float = opt(0.995, TRAIN)
-    ema_device: str = opt("cpu", TRAIN, choices=("cpu", "accelerator"), output=False)
-    ema_cpu_only: bool = opt(False, TRAIN, output=False)
+    ema_device: str = opt("cpu", TRAIN, choices=("cpu", "accelerator"), key=False)
+    ema_cpu_only: bool = opt(False, TRAIN, key=False)
     ema_update_interval: int = opt(1, TRAIN)
-    ema_foreach_disable: bool = opt(False, TRAIN, output=False)
+    ema_foreach_disable: bool = opt(False, TRAIN, key=False)
     ema_validation: str = opt("comparison", TRAIN, choices=("none", "ema_only", "comparison"))
 
     # Checkpoints.
-    checkpoint_step_interval: int | None = opt(None, TRAIN, output=False)
-    checkpoint_epoch_interval: int | None = opt(None, TRAIN, output=False)
-    checkpoints_total_limit: int | None = opt(None, TRAIN, output=False)
-    checkpointing_rolling_steps: int | None = opt(None, TRAIN, output=False)
-    checkpoints_rolling_total_limit: int | None = opt(None, TRAIN, output=False)
-    resume_from_checkpoint: str | None = opt(None, TRAIN, output=False, help="A checkpoint folder, or 'latest'.")
+    checkpoint_step_interval: int | None = opt(None, TRAIN, key=False)
+    checkpoint_epoch_interval: int | None = opt(None, TRAIN, key=False)
+    checkpoints_total_limit: int | None = opt(None, TRAIN, key=False)
+    checkpointing_rolling_steps: int | None = opt(None, TRAIN, key=False)
+    checkpoints_rolling_total_limit: int | None = opt(None, TRAIN, key=False)
+    resume_from_checkpoint: str | None = opt(None, TRAIN, key=False, help="A checkpoint folder, or 'latest'.")
 
     # Validation, evaluation, tracking.
     user_prompt_library: str | None = opt(None, CACHE, TRAIN, help="JSON file of {shortname: prompt}.")
     num_validation_images: int = opt(1, TRAIN)
-    validation_step_interval: int | None = opt(None, TRAIN, output=False)
-    validation_epoch_interval: int | None = opt(None, TRAIN, output=False)
+    validation_step_interval: int | None = opt(None, TRAIN, key=False)
+    validation_epoch_interval: int | None = opt(None, TRAIN, key=False)
     validation_resolution: str = opt("256", TRAIN, help="WxH or an edge, several separated by commas.")
     validation_num_inference_steps: int = opt(30, TRAIN)
     validation_guidance: float = opt(7.5, TRAIN)
@@ -215,40 +219,40 @@ class Config:
     validation_seed: int | None = opt(None, TRAIN)
     validation_noise_scheduler: str | None = opt(None, TRAIN, choices=(None, "ddim", "ddpm", "euler", "euler-a",
                                                                        "unipc", "dpm++"))  # fmt: skip
-    validation_disable: bool = opt(False, TRAIN, output=False)
-    disable_benchmark: bool = opt(False, TRAIN, output=False)
-    eval_steps_interval: int | None = opt(None, TRAIN, output=False)
+    validation_disable: bool = opt(False, TRAIN, key=False)
+    disable_benchmark: bool = opt(False, TRAIN, key=False)
+    eval_steps_interval: int | None = opt(None, TRAIN, key=False)
     num_eval_images: int = opt(4, TRAIN)
-    report_to: str = opt("tensorboard", TRAIN, choices=("tensorboard", "wandb", "none"), output=False)
-    logging_dir: str | None = opt(None, TRAIN, output=False)
-    tracker_project_name: str = opt("st", TRAIN, output=False)
-    tracker_run_name: str | None = opt(None, TRAIN, output=False)
+    report_to: str = opt("tensorboard", TRAIN, choices=("tensorboard", "wandb", "none"), key=False)
+    logging_dir: str | None = opt(None, TRAIN, key=False)
+    tracker_project_name: str = opt("st", TRAIN, key=False)
+    tracker_run_name: str | None = opt(None, TRAIN, key=False)
 
     # Speed and memory (chosen from measurements; see BENCHMARKS.md).
-    attention_mechanism: str = opt("diffusers", CACHE, TRAIN, output=False,
+    attention_mechanism: str = opt("diffusers", CACHE, TRAIN, key=False,
                                    help="diffusers (PyTorch SDPA, auto), native-flash, native-efficient, native-math, "
                                         "cudnn.")  # fmt: skip
-    dynamo_backend: str | None = opt(None, CACHE, TRAIN, output=False,
+    dynamo_backend: str | None = opt(None, CACHE, TRAIN, key=False,
                                      help="torch.compile backend (inductor, ...); env TRAINING_DYNAMO_BACKEND.")
-    dynamo_mode: str | None = opt(None, CACHE, TRAIN, output=False)
-    dynamo_fullgraph: bool = opt(False, CACHE, TRAIN, output=False)
-    dynamo_dynamic: bool = opt(False, CACHE, TRAIN, output=False)
-    dynamo_use_regional_compilation: bool = opt(True, TRAIN, output=False)
-    fuse_qkv_projections: bool = opt(False, TRAIN, output=False)
-    gradient_checkpointing_interval: int | None = opt(None, TRAIN, output=False)
-    disable_tf32: bool = opt(False, CACHE, TRAIN, output=False)
-    vae_enable_slicing: bool = opt(False, CACHE, TRAIN, output=False)
+    dynamo_mode: str | None = opt(None, CACHE, TRAIN, key=False)
+    dynamo_fullgraph: bool = opt(False, CACHE, TRAIN, key=False)
+    dynamo_dynamic: bool = opt(False, CACHE, TRAIN, key=False)
+    dynamo_use_regional_compilation: bool = opt(True, TRAIN, key=False)
+    fuse_qkv_projections: bool = opt(False, TRAIN, key=False)
+    gradient_checkpointing_interval: int | None = opt(None, TRAIN, key=False)
+    disable_tf32: bool = opt(False, CACHE, TRAIN, key=False)
+    vae_enable_slicing: bool = opt(False, CACHE, TRAIN, key=(CACHE,))
     vae_enable_tiling: bool = opt(False, CACHE, TRAIN, help="Changes latents of images larger than a VAE tile.")
-    keep_vae_loaded: bool = opt(False, TRAIN, output=False)
-    accelerator_cache_clear_interval: int | None = opt(None, TRAIN, output=False)
+    keep_vae_loaded: bool = opt(False, TRAIN, key=False)
+    accelerator_cache_clear_interval: int | None = opt(None, TRAIN, key=False)
 
     # Publishing.
     lora_format: str = opt("diffusers", PUBLISH, choices=("diffusers", "comfyui"))
-    publishing_config: Any = opt(None, PUBLISH, output=False,
+    publishing_config: Any = opt(None, PUBLISH, key=False,
                                  help="Upload targets: JSON text, a dict, or a JSON file path (provider s3, ...).")
-    push_to_hub: bool = opt(False, PUBLISH, TRAIN, output=False)
-    push_checkpoints_to_hub: bool = opt(False, TRAIN, output=False)
-    push_to_hub_background: bool = opt(False, PUBLISH, TRAIN, output=False)
+    push_to_hub: bool = opt(False, PUBLISH, TRAIN, key=False)
+    push_checkpoints_to_hub: bool = opt(False, TRAIN, key=False)
+    push_to_hub_background: bool = opt(False, PUBLISH, TRAIN, key=False)
     hub_model_id: str | None = opt(None, PUBLISH, TRAIN)
     model_card_note: str | None = opt(None, PUBLISH)
     model_card_safe_for_work: bool = opt(False, PUBLISH)
@@ -256,31 +260,46 @@ class Config:
     license: str = opt("other", PUBLISH, help="License id for the model card (the base model's terms apply).")
 
     # Notifications and hooks.
-    webhook_config: Any = opt(None, PREPARE, CACHE, TRAIN, PUBLISH, output=False,
+    webhook_config: Any = opt(None, PREPARE, CACHE, TRAIN, PUBLISH, key=False,
                               help="Webhook targets: JSON text, a list/dict, or a JSON file path.")
-    webhook_reporting_interval: float = opt(60.0, TRAIN, output=False)
-    post_checkpoint_script: str | None = opt(None, TRAIN, output=False,
+    webhook_reporting_interval: float = opt(60.0, TRAIN, key=False)
+    post_checkpoint_script: str | None = opt(None, TRAIN, key=False,
                                              help="Runs in the background after each checkpoint; killed after "
                                                   "hook_timeout seconds.")  # fmt: skip
-    post_upload_script: str | None = opt(None, TRAIN, PUBLISH, output=False)
-    validation_method: str = opt("simpletuner-local", TRAIN, output=False,
+    post_upload_script: str | None = opt(None, TRAIN, PUBLISH, key=False)
+    validation_method: str = opt("simpletuner-local", TRAIN, key=False,
                                  choices=("simpletuner-local", "external-script"))
-    validation_external_script: str | None = opt(None, TRAIN, output=False)
-    validation_external_background: bool = opt(False, TRAIN, output=False)
-    hook_timeout: float = opt(3600.0, TRAIN, output=False,
+    validation_external_script: str | None = opt(None, TRAIN, key=False)
+    validation_external_background: bool = opt(False, TRAIN, key=False)
+    hook_timeout: float = opt(3600.0, TRAIN, key=False,
                               help="Seconds post_checkpoint_script or validation_external_script may run before it "
                                    "and its child processes are killed.")  # fmt: skip
 
-    def stage_keys(self, stage: str, *, outputs_only: bool = True) -> dict[str, Any]:
-        """The options `stage` reads (by default only those that can change its outputs), resolved."""
+    def stage_keys(self, stage: str, *, key_only: bool = True) -> dict[str, Any]:
+        """The options `stage` reads (by default only those that enter its key, see `opt`), resolved."""
         keys = {}
         for f in dataclasses.fields(self):
-            if stage in f.metadata["stages"] and (f.metadata["output"] or not outputs_only):
+            if stage not in f.metadata["stages"]:
+                continue
+            in_key = f.metadata["key"]
+            if not key_only or in_key is True or (isinstance(in_key, tuple) and stage in in_key):
                 keys[f.name] = getattr(self, f.name)
         return keys
 
 
 OPTION_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+class OptionGroup:
+    """A typed group of options, the part of `Config` one component reads (optimizer, LoRA, validation, ...).
+
+    Subclasses are frozen dataclasses whose field names are option names; `from_config` copies those options, so a
+    component receives only what it reads and a test can check that every field names a real option.
+    """
+
+    @classmethod
+    def from_config(cls, config: "Config"):
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 def known_option_names() -> list[str]:

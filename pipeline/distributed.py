@@ -1,12 +1,18 @@
-"""Process rank, world size and a barrier for runs started by `accelerate launch` or `torchrun`.
+"""Process rank, world size, a barrier and the global batch for runs started by `accelerate launch` or `torchrun`.
 
 Both launchers set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. On machines without GPUs accelerate
 does not set up a process group for such runs, so the group is created here (gloo on CPU, nccl on CUDA).
+
+`num_processes` is an option because `st prepare` runs before any launch and sizes buckets for the global batch;
+`st train` then checks it against the number of processes actually launched (`check_world_size`), so that every
+stage computes the global batch from the same number of processes.
 """
 
 from __future__ import annotations
 
 import os
+
+from .errors import ConfigError
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -33,3 +39,20 @@ def barrier() -> None:
         dist.barrier(device_ids=[local_rank()])
     else:
         dist.barrier()
+
+
+def global_batch(per_process: int, processes: int, accumulation: int = 1) -> int:
+    """Samples in one batch across all processes: per micro-step (`accumulation` 1), or per optimizer step with
+    `gradient_accumulation_steps` micro-steps."""
+    return int(per_process) * int(processes) * int(accumulation)
+
+
+def check_world_size(num_processes: int, world: int) -> None:
+    """Refuse a run whose `num_processes` differs from the number of processes launched (`world`): the buckets
+    `st prepare` kept and the `lr_scale` factor were sized for `num_processes`."""
+    if num_processes != world:
+        raise ConfigError(
+            f"num_processes is {num_processes}, but {world} process(es) were launched; set num_processes = {world} "
+            "(the number of processes launched) and re-run `st prepare` (it keeps only buckets that fill a batch of "
+            "train_batch_size x num_processes x gradient_accumulation_steps)"
+        )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import LineageError, ManifestError
-from .hashing import sha256_file
+from .filecheck import MISSING, SIZE, check_entry
 from .log import get_logger
 from .manifest import MANIFEST_NAME, read_manifest
 
@@ -38,16 +38,18 @@ def verify_outputs(manifest: dict[str, Any], folder: Path, manifest_path: Path, 
     """
     cheap = set(size_only)
     for entry in manifest.get("outputs", []):
-        file = Path(folder) / entry["path"]
-        if not file.is_file():
+        mismatch = check_entry(folder, entry, hash=entry["path"] not in cheap)
+        if mismatch is None:
+            continue
+        file = mismatch.path
+        if mismatch.kind == MISSING:
             raise LineageError(f"{file} is missing, but {manifest_path} lists it; re-run `st {writer}`")
-        if file.stat().st_size != entry["bytes"]:
-            raise LineageError(f"{file} changed after `st {writer}` wrote it (its size, {file.stat().st_size} bytes, "
+        if mismatch.kind == SIZE:
+            raise LineageError(f"{file} changed after `st {writer}` wrote it (its size, {mismatch.found_bytes} bytes, "
                                f"no longer matches the {entry['bytes']} bytes {manifest_path} records); "
                                f"re-run `st {writer}`")  # fmt: skip
-        if entry["path"] not in cheap and sha256_file(file) != entry["sha256"]:
-            raise LineageError(f"{file} changed after `st {writer}` wrote it (its sha256 no longer matches "
-                               f"{manifest_path}); re-run `st {writer}`")  # fmt: skip
+        raise LineageError(f"{file} changed after `st {writer}` wrote it (its sha256 no longer matches "
+                           f"{manifest_path}); re-run `st {writer}`")  # fmt: skip
 
 
 def recorded_parent_path(manifest: dict[str, Any]) -> str | None:

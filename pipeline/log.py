@@ -13,34 +13,35 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(LOGGER_NAME if not name else f"{LOGGER_NAME}.{name}")
 
 
-class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time of the record (test runners and CLI runners swap it)."""
+class _StderrHandler(logging.Handler):
+    """Writes each record to whatever `sys.stderr` is at the time (test and CLI runners swap it), through
+    `tqdm.write`: it clears the progress bars on stderr, writes the line and redraws them, so that a log line never
+    prints over a bar."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
 
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # noqa: ARG002 - always the current stderr
-        pass
+            tqdm.write(self.format(record), file=sys.stderr)
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
 
 
 def configure(verbose: bool = False, quiet: bool = False) -> None:
-    """Send st's log records to stderr, once per process."""
+    """Send st's log records to stderr (one handler, however often this is called).
+
+    The logger propagates, so that pytest's `caplog` and an application embedding st see its records; the command
+    line leaves the root logger without a handler, so nothing prints twice."""
     logger = logging.getLogger(LOGGER_NAME)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logger.setLevel(level)
-    for handler in list(logger.handlers):
-        if getattr(handler, "_st_handler", False):
-            logger.removeHandler(handler)
-    handler = _CurrentStderrHandler()
-    handler._st_handler = True  # type: ignore[attr-defined]
+    for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(handler)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s" if verbose else "%(message)s"))
     logger.addHandler(handler)
-    logger.propagate = False
+    logger.propagate = True
 
 
 def quiet_libraries() -> None:

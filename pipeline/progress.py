@@ -7,8 +7,8 @@ from typing import Any
 
 
 def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", **kwargs: Any):
-    """A tqdm bar on stderr that disables itself when stderr is not a terminal."""
+    """A tqdm bar on stderr; disabled when stderr is not a terminal, or when there is nothing to count (total 0)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), dynamic_ncols=True,
+    return tqdm(total=total, desc=desc, unit=unit, disable=total == 0 or not sys.stderr.isatty(), dynamic_ncols=True,
                 file=sys.stderr, **kwargs)  # fmt: skip

@@ -37,9 +37,10 @@ import contextlib
 import functools
 import gc
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from .config import OptionGroup
 from .errors import ConfigError, NotSupportedError
 from .log import get_logger
 
@@ -72,7 +73,7 @@ RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
-class SpeedOptions:
+class SpeedOptions(OptionGroup):
     """The speed options of one run (a `Config` has the same attributes; this is what `st cache`'s encoders take)."""
 
     attention_mechanism: str = "diffusers"
@@ -84,10 +85,6 @@ class SpeedOptions:
     disable_tf32: bool = False
     vae_enable_slicing: bool = False
     vae_enable_tiling: bool = False
-
-    @classmethod
-    def from_config(cls, config: Any) -> "SpeedOptions":
-        return cls(**{f.name: getattr(config, f.name, f.default) for f in fields(cls)})
 
 
 # ------------------------------------------------------------------------------------------------------- attention
@@ -143,7 +140,7 @@ def apply_tf32(disable: bool) -> None:
 
 def dynamo_backend(config: Any) -> str | None:
     """The `torch.compile` backend: `dynamo_backend`, else env TRAINING_DYNAMO_BACKEND; None when off."""
-    value = getattr(config, "dynamo_backend", None)
+    value = config.dynamo_backend
     if value is None:
         value = os.environ.get(ENV_DYNAMO_BACKEND)
     if value is None or str(value).strip().lower() in _OFF:
@@ -153,7 +150,7 @@ def dynamo_backend(config: Any) -> str | None:
 
     known = sorted(set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"})
     if backend not in known:
-        source = "dynamo_backend" if getattr(config, "dynamo_backend", None) is not None else ENV_DYNAMO_BACKEND
+        source = "dynamo_backend" if config.dynamo_backend is not None else ENV_DYNAMO_BACKEND
         raise ConfigError(f"{source} '{value}' is not a torch.compile backend; choose no or one of {', '.join(known)}")
     return backend
 
@@ -218,7 +215,7 @@ def compile_module(module: Any, config: Any, *, regional: bool | None = None) ->
     if options is None:
         return []
     _raise_recompile_limit()
-    regional = getattr(config, "dynamo_use_regional_compilation", True) if regional is None else regional
+    regional = config.dynamo_use_regional_compilation if regional is None else regional
     if regional:
         blocks = _repeated_blocks(module)
         if blocks:
@@ -393,8 +390,6 @@ def _concat_linear_class():
             return f"sources={len(self.sources)}"
 
     return _ConcatLinear
-
-
 
 
 # ------------------------------------------------------------------------------------------------------------- VAE

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from .errors import InputError, ManifestError
 from .lineage import locate, recorded_parent_path
 from .manifest import MANIFEST_NAME, read_manifest
-from .report import format_table
+from .console import format_table
 from .verify import (
     STAGES,
     Mismatch,

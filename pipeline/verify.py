@@ -2,7 +2,7 @@
 
 For a cache output it also checks structure, since a crafted folder can carry a manifest whose hashes all match: each
 shard must be a well-formed tar of well-formed samples whose every member decodes within the bounds the manifest
-implies, and the shared embeddings must decode too (see `cache.reader.CacheChecks`).
+implies, and the shared embeddings must decode too (see `cache_reader.CacheChecks`).
 
 Also home to what `st status` shares with it: turning the paths a user gives into manifest files (a manifest, a stage
 folder, or a run folder with prepare/, cache/, train/ and publish/ inside) and the per-file check of a manifest's
@@ -11,18 +11,17 @@ folder, or a run folder with prepare/, cache/, train/ and publish/ inside) and t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import ManifestError, UserError
+from .filecheck import MISSING, SHA256, SIZE, FileMismatch, check_entry
 from .manifest import MANIFEST_NAME, parse_schema_id, read_manifest
 
 STAGES = ("prepare", "cache", "train", "publish")
 LARGE_BYTES = 64 << 20  # a manifest whose outputs add up to this much gets a progress bar
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -125,37 +124,29 @@ def expand(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def _sha256(path: Path, advance: Callable[[int], Any] | None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            if advance is not None:
-                advance(len(chunk))
-    return digest.hexdigest()
+_PROBLEMS = {MISSING: "missing", SIZE: "size differs", SHA256: "sha256 differs"}
 
 
 def check_outputs(folder: Path, outputs: list[dict[str, Any]], *, rehash: bool,
                   advance: Callable[[int], Any] | None = None) -> list[Mismatch]:  # fmt: skip
     """Compare each `{path, sha256, bytes}` entry with the file under `folder`: existence and size, plus the sha256
-    when `rehash`. `advance(n)` is called with the bytes hashed (or skipped), for a progress bar."""
+    when `rehash`. `advance(n)` is called with each file's recorded bytes once it is checked, for a progress bar."""
     mismatches = []
     for entry in outputs:
-        file, hashed, mismatch = folder / entry["path"], False, None
-        if not file.is_file():
-            mismatch = Mismatch(entry["path"], "missing")
-        elif (size := file.stat().st_size) != entry["bytes"]:
-            mismatch = Mismatch(entry["path"], "size differs", f"recorded {entry['bytes']} bytes, found {size}")
-        elif rehash:
-            found, hashed = _sha256(file, advance), True
-            if found != entry["sha256"]:
-                detail = f"recorded {entry['sha256'][:12]}.., found {found[:12]}.."
-                mismatch = Mismatch(entry["path"], "sha256 differs", detail)
-        if mismatch is not None:
-            mismatches.append(mismatch)
-        if advance is not None and not hashed:
+        found = check_entry(folder, entry, hash=rehash)
+        if found is not None:
+            mismatches.append(Mismatch(entry["path"], _PROBLEMS[found.kind], _detail(found, entry)))
+        if advance is not None:
             advance(entry["bytes"])
     return mismatches
+
+
+def _detail(found: FileMismatch, entry: dict[str, Any]) -> str:
+    if found.kind == SIZE:
+        return f"recorded {entry['bytes']} bytes, found {found.found_bytes}"
+    if found.kind == SHA256:
+        return f"recorded {entry['sha256'][:12]}.."
+    return ""
 
 
 def verify_manifest(path: Path, *, progress: bool = True) -> Verification:
@@ -184,7 +175,7 @@ def check_cache_structure(folder: Path, doc: dict[str, Any], failed: set[str]) -
     """Decode every shard and the shared embeddings of a cache output in full, within the bounds its manifest
     implies; one finding per file, naming the member. Files in `failed` (already reported) are skipped; a shard whose
     hash was not just checked as one of the outputs is hash-checked as it is read."""
-    from .cache.reader import CacheChecks
+    from .cache_reader import CacheChecks
     from .shards import read_shard
 
     checks = CacheChecks(doc)

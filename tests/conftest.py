@@ -1,10 +1,11 @@
-"""Shared fixtures: an offline environment, image factories and a CLI runner."""
+"""Shared fixtures: an offline environment, tiny models, a CLI runner and st's log records (helpers that are not
+fixtures live in tests/helpers)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,41 +17,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_image(path: Path, size=(128, 96), colour=(200, 30, 30), fmt: str | None = None, exif_orientation=None) -> Path:
-    """Write a real image file; the colour makes its bytes (and so its sample id) distinct."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", size, colour)
-    fmt = fmt or ("PNG" if path.suffix.lower() == ".png" else "JPEG")
-    kwargs = {}
-    if exif_orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        kwargs["exif"] = exif
-    img.save(path, format=fmt, **kwargs)
-    return path
-
-
-def write_config(folder: Path, datasets: list[dict], **options) -> Path:
-    """Write multidatabackend.json and config.json into `folder`; returns the config path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "multidatabackend.json").write_text(json.dumps(datasets))
-    config = {"data_backend_config": "multidatabackend.json", **options}
-    path = folder / "config.json"
-    path.write_text(json.dumps(config))
-    return path
+@pytest.fixture(scope="session", autouse=True)
+def machine_state(tmp_path_factory):
+    """Stat records of up-to-date checks (pipeline/runner.py) go to this run's temporary folder, not ~/.cache; `st`
+    subprocesses inherit the variable."""
+    os.environ["ST_STATE_DIR"] = str(tmp_path_factory.mktemp("st-state"))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine extra threads make them
     many times slower; byte-for-byte comparisons with subprocesses also assume one thread (OMP_NUM_THREADS=1)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        yield
-        return
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -73,28 +52,49 @@ def cli():
     return invoke
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """`tiny_model(family, seed=0)`: the folder of a tiny random-weight model of that family (as `st tiny-model`
+    writes it), built once per test run on first use. Tests that change a model work on a copy."""
+    from pipeline.families import get_family
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[tuple[str, int], Path] = {}
+
+    def build(family: str, seed: int = 0) -> Path:
+        if (family, seed) not in built:
+            get_family(family).tiny(root / f"{family}-{seed}", seed)
+            built[(family, seed)] = root / f"{family}-{seed}"
+        return built[(family, seed)]
+
+    return build
+
+
+class LogRecords(Sequence):
+    """The records caplog holds for the current test phase from one logger and its children (a live view)."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture, name: str) -> None:
+        self._caplog, self._name = caplog, name
+
+    def _records(self) -> list[logging.LogRecord]:
+        return [r for r in self._caplog.records if r.name == self._name or r.name.startswith(self._name + ".")]
+
+    def __getitem__(self, index):
+        return self._records()[index]
+
+    def __len__(self) -> int:
+        return len(self._records())
+
+
 @pytest.fixture
-def st_log():
-    """`st_log(name)` collects the records of st's `name` logger (pipeline.log.get_logger) at DEBUG until the test
-    ends; st's logger may not propagate to the root, so caplog alone does not see them."""
+def st_log(caplog):
+    """`st_log(name)`: the records of st's `name` logger (pipeline.log.get_logger; all of st's without a name) at
+    DEBUG and above until the test ends, as a list that fills as they come."""
     from pipeline.log import get_logger
 
-    attached = []
+    def watch(name: str | None = None) -> LogRecords:
+        logger = get_logger(name)
+        caplog.set_level(logging.DEBUG, logger=logger.name)
+        return LogRecords(caplog, logger.name)
 
-    def watch(name: str) -> list[logging.LogRecord]:
-        found: list[logging.LogRecord] = []
-
-        class Keep(logging.Handler):
-            def emit(self, record):
-                found.append(record)
-
-        logger, handler = get_logger(name), Keep(level=logging.DEBUG)
-        attached.append((logger, handler, logger.level))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-        return found
-
-    yield watch
-    for logger, handler, level in reversed(attached):
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    return watch

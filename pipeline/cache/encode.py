@@ -17,9 +17,8 @@ from .. import speed as speed_options
 from ..errors import InputError
 from ..families import Family, load_components, vae_factors
 from ..hashing import sha256_bytes
-from ..log import get_logger, quiet_libraries
-
-log = get_logger("cache")
+from ..log import quiet_libraries
+from .options import CacheOptions
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TEXT_BATCH = 16
@@ -170,6 +169,13 @@ def pad_rows(batch, rows: int):
     if missing <= 0:
         return batch
     return torch.cat([batch, batch.new_zeros((missing, *batch.shape[1:]))])
+
+
+def encode_texts(encoders: Encoders, prompts: list[str], options: CacheOptions) -> list[dict[str, Any]]:
+    """Embeddings of `prompts` as cached: floating-point tensors in cache_dtype, the others (masks) as they are."""
+    dtype = torch_dtype(options.cache_dtype)
+    encoded = encoders.encode_prompts(prompts, options.tokenizer_max_length, options.t5_padding)
+    return [{name: v.to(dtype) if v.is_floating_point() else v for name, v in values.items()} for values in encoded]
 
 
 def encode_latent_batch(encoders: Encoders, pixels, sample_ids: list[str], seed: int, batch_size: int):

@@ -13,8 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..hashing import sha256_bytes, sha256_json
+from ..hashing import sha256_json
+from ..prompts import prompt_key
 from ..shards import shard_name
+from .options import CacheOptions
 
 # 2: VAE and text-encoder calls padded to a fixed batch (a sample's bytes no longer depend on its batch neighbours).
 FORMAT_VERSION = 2
@@ -22,11 +24,6 @@ PLAN_FIELDS = (
     "width", "height", "target_width", "target_height", "intermediate_width", "intermediate_height", "crop_top",
     "crop_left",
 )  # fmt: skip
-
-
-def prompt_key(text: str) -> str:
-    """The id of a prompt's embeddings in the shared embeds file."""
-    return sha256_bytes(text.encode())[:16]
 
 
 @dataclass
@@ -85,18 +82,18 @@ class CachePlan:
     text_identity: str
 
 
-def identities(model: dict[str, Any], settings: dict[str, Any]) -> tuple[str, str]:
-    """Hashes of what latents and text embeddings depend on (model identities without their paths, and settings)."""
+def identities(model: dict[str, Any], options: CacheOptions, vae_dtype: str) -> tuple[str, str]:
+    """Hashes of what latents and text embeddings depend on (model identities without their paths, and options)."""
     from ..families import without_source as strip
 
-    latent = sha256_json({"vae": strip(model["vae"]), "vae_dtype": settings["vae_dtype"], "seed": settings["seed"],
-                          "cache_dtype": settings["cache_dtype"], "encode": settings.get("vae_encode"),
+    latent = sha256_json({"vae": strip(model["vae"]), "vae_dtype": vae_dtype, "seed": options.seed,
+                          "cache_dtype": options.cache_dtype, "encode": options.vae_encode,
                           "format": FORMAT_VERSION})  # fmt: skip
     text = sha256_json({
         "text_encoders": [strip(i) for i in model["text_encoders"]],
         "tokenizers": [strip(i) for i in model["tokenizers"]],
-        "tokenizer_max_length": settings["tokenizer_max_length"], "t5_padding": settings["t5_padding"],
-        "cache_dtype": settings["cache_dtype"], "format": FORMAT_VERSION,
+        "tokenizer_max_length": options.tokenizer_max_length, "t5_padding": options.t5_padding,
+        "cache_dtype": options.cache_dtype, "format": FORMAT_VERSION,
     })  # fmt: skip
     return latent, text
 

@@ -1,4 +1,4 @@
-"""The registry of model families: `FAMILIES` by name and `get_family(name)`."""
+"""The registry of model families: `FAMILIES` by name and `get_family(name)`, and the names other code uses."""
 
 from __future__ import annotations
 
@@ -6,15 +6,9 @@ import difflib
 
 from pipeline.errors import ConfigError
 from pipeline.families import detect, flux, pixart_sigma, sd1x, sd2x, sd3, sdxl
-from pipeline.families.base import (
-    Component,
-    Family,
-    TextEncoderSpec,
-    component_identity,
-    load_components,
-    vae_factors,
-    without_source,
-)
+from pipeline.families.identity import component_identity, without_source
+from pipeline.families.loading import load_components, vae_factors
+from pipeline.families.spec import Component, Family, TextEncoderSpec
 
 FAMILIES: dict[str, Family] = {
     module.FAMILY.name: module.FAMILY for module in (sd1x, sd2x, sdxl, sd3, flux, pixart_sigma)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.families.base import Family
+from pipeline.families.spec import Family
 from pipeline.log import get_logger
 
 log = get_logger("families")

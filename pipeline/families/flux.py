@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.families import sd3, text, tiny_parts
-from pipeline.families.base import Component, Family, TextEncoderSpec
+from pipeline.families.spec import Component, Family, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer, t5_tokenizer
 
 CLIP_LENGTH = 77

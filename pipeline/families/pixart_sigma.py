@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.families import sd1x, text, tiny_parts
-from pipeline.families.base import Component, Family, TextEncoderSpec
+from pipeline.families.spec import Component, Family, TextEncoderSpec
 from pipeline.families.tokenizers import t5_tokenizer
 
 T5_LENGTH = 300

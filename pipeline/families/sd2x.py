@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.families import sd1x, text, tiny_parts
-from pipeline.families.base import Component, Family
+from pipeline.families.spec import Component, Family
 from pipeline.families.tokenizers import clip_tokenizer
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.families import text, tiny_parts
-from pipeline.families.base import Component, Family, TextEncoderSpec
+from pipeline.families.spec import Component, Family, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer, t5_tokenizer
 
 CLIP_LENGTH = 77

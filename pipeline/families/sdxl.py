@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.families import sd1x, text, tiny_parts
 from pipeline.errors import InputError
-from pipeline.families.base import Component, Family, TextEncoderSpec
+from pipeline.families import sd1x, text, tiny_parts
+from pipeline.families.spec import Component, Family, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer
 
 CLIP_LENGTH = 77

@@ -12,9 +12,6 @@ script for the last checkpoint gets to finish and none outlives the stage.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import math
 import os
 import re
 import shlex
@@ -24,14 +21,14 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config import Config, check_option_range
 from ..errors import ConfigError
 from ..log import get_logger
+from .options import HookOptions, as_text
 
 log = get_logger("notify")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-SCRIPT_OPTIONS = ("post_checkpoint_script", "post_upload_script", "validation_external_script")
-DEFAULT_TIMEOUT_S = 3600.0
 KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL
 
 _background_lock = threading.Lock()
@@ -61,7 +58,7 @@ def build_command(script: str, placeholders: Mapping[str, Any]) -> list[str]:
 
 def run_hook(script: str | None, placeholders: Mapping[str, Any] | None = None, *, background: bool = False,
              cwd: str | Path | None = None, name: str = "hook",
-             timeout: float = DEFAULT_TIMEOUT_S) -> int | None:  # fmt: skip
+             timeout: float = Config.hook_timeout) -> int | None:  # fmt: skip
     """Run `script` without a shell; its exit code, or None when it could not start, is empty, was killed after
     `timeout` seconds, or runs in the background (`background=True` returns at once and logs the outcome later;
     `wait_for_hooks` waits for it). Never raises."""
@@ -134,64 +131,40 @@ def wait_for_hooks(*, kill: bool = False) -> None:
         thread.join()
 
 
-def hook_timeout(config: Any) -> float:
-    """The `hook_timeout` option (seconds)."""
-    return float(getattr(config, "hook_timeout", DEFAULT_TIMEOUT_S))
-
-
 # ---------------------------------------------------------------------------------------------------------- values
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def base_placeholders(config: Any) -> dict[str, str]:
-    """The run-wide placeholders: tracker names, model family and type, LoRA type, hub path."""
-    model_type = _text(getattr(config, "model_type", ""))
-    return {
-        "tracker_run_name": _text(getattr(config, "tracker_run_name", None)),
-        "tracker_project_name": _text(getattr(config, "tracker_project_name", None)),
-        "model_family": _text(getattr(config, "model_family", None)),
-        "model_type": model_type,
-        "lora_type": _text(getattr(config, "lora_type", None) or ("standard" if model_type == "lora" else "")),
-        "huggingface_path": _text(getattr(config, "hub_model_id", None)),
-    }
 
 
 def checkpoint_placeholders(config: Any, step: int, path: str | Path | None, *, remote_path: str | None = None,
                             **extra: Any) -> dict[str, str]:  # fmt: skip
     """Placeholders of post_checkpoint_script / post_upload_script; `extra` adds or overrides any."""
-    values = base_placeholders(config)
-    values.update(
-        local_checkpoint_path=_text(path),
-        global_step=_text(step),
-        remote_checkpoint_path=_text(remote_path),
-    )
-    values.update({k: _text(v) for k, v in extra.items()})
+    return _checkpoint_values(HookOptions.from_config(config), step, path, remote_path, extra)
+
+
+def _checkpoint_values(hooks: HookOptions, step: int | None, path: str | Path | None, remote_path: str | None,
+                       extra: Mapping[str, Any]) -> dict[str, str]:  # fmt: skip
+    values = dict(hooks.placeholders)
+    given = {"local_checkpoint_path": path, "global_step": step, "remote_checkpoint_path": remote_path, **extra}
+    values.update({k: as_text(v) for k, v in given.items()})
     return values
 
 
 def validation_placeholders(config: Any, step: int, checkpoint_path: str | Path | None = None,
                             **extra: Any) -> dict[str, str]:  # fmt: skip
     """Placeholders of validation_external_script: the checkpoint ones plus every `validation_*` option."""
-    values = checkpoint_placeholders(config, step, checkpoint_path)
-    if dataclasses.is_dataclass(config):
-        options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    else:
-        options = dict(vars(config))
-    values.update({k: _text(v) for k, v in options.items() if k.startswith("validation_")})
-    values.update({k: _text(v) for k, v in extra.items()})
-    return values
+    hooks = HookOptions.from_config(config)
+    return _checkpoint_values(hooks, step, checkpoint_path, None, {**hooks.validation_options, **extra})
 
 
 # ---------------------------------------------------------------------------------------------------------- trainer
 
 
 def check_hooks(config: Any) -> None:
-    """ConfigError for hook options that can never run: broken quoting, or external validation without a script."""
-    for option in SCRIPT_OPTIONS:
-        script = getattr(config, option, None)
+    """ConfigError for hook options that can never run: broken quoting, a `hook_timeout` outside its range, or
+    external validation without a script."""
+    hooks = HookOptions.from_config(config)
+    scripts = {"post_checkpoint_script": hooks.post_checkpoint_script, "post_upload_script": hooks.post_upload_script,
+               "validation_external_script": hooks.validation_external_script}
+    for option, script in scripts.items():
         if script:
             try:
                 argv = shlex.split(str(script))
@@ -199,13 +172,8 @@ def check_hooks(config: Any) -> None:
                 raise ConfigError(f"option '{option}' cannot be split into arguments: {exc}") from None
             if not argv:
                 raise ConfigError(f"option '{option}' is blank")
-    timeout = getattr(config, "hook_timeout", DEFAULT_TIMEOUT_S)
-    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-        raise ConfigError(f"option 'hook_timeout' must be a number of seconds > 0, got {timeout!r}; it bounds how "
-                          f"long a hook script may run (default {DEFAULT_TIMEOUT_S:g})")  # fmt: skip
-    if getattr(config, "validation_method", None) == "external-script" and not getattr(
-        config, "validation_external_script", None
-    ):
+    check_option_range("hook_timeout", hooks.timeout)
+    if hooks.validation_method == "external-script" and not hooks.validation_external_script:
         raise ConfigError("validation_method 'external-script' needs validation_external_script")
 
 
@@ -213,23 +181,33 @@ def post_checkpoint(config: Any, step: int, path: str | Path, *, background: boo
                     cwd: str | Path | None = None, **extra: Any) -> int | None:  # fmt: skip
     """Run `post_checkpoint_script` for a checkpoint just written (no-op when unset), by default in the background
     so that training goes on; it is killed after `hook_timeout` seconds."""
-    values = checkpoint_placeholders(config, step, path, **extra)
-    return run_hook(getattr(config, "post_checkpoint_script", None), values, background=background, cwd=cwd,
-                    name="post_checkpoint_script", timeout=hook_timeout(config))  # fmt: skip
+    hooks = HookOptions.from_config(config)
+    values = _checkpoint_values(hooks, step, path, None, extra)
+    return run_hook(hooks.post_checkpoint_script, values, background=background, cwd=cwd,
+                    name="post_checkpoint_script", timeout=hooks.timeout)  # fmt: skip
 
 
-def post_upload(config: Any, step: int, path: str | Path | None, remote_path: str | None, *,
+def post_upload(config: Any, step: int | None, path: str | Path | None, remote_path: str | None, *,
                 background: bool = False, cwd: str | Path | None = None, **extra: Any) -> int | None:  # fmt: skip
     """Run `post_upload_script` after an upload; `{remote_checkpoint_path}` is where it went (no-op when unset)."""
-    values = checkpoint_placeholders(config, step, path, remote_path=remote_path, **extra)
-    return run_hook(getattr(config, "post_upload_script", None), values, background=background, cwd=cwd,
-                    name="post_upload_script", timeout=hook_timeout(config))  # fmt: skip
+    return run_post_upload(HookOptions.from_config(config), step, path, remote_path, background=background, cwd=cwd,
+                           **extra)  # fmt: skip
+
+
+def run_post_upload(hooks: HookOptions, step: int | None, path: str | Path | None, remote_path: str | None, *,
+                    background: bool = False, cwd: str | Path | None = None, **extra: Any) -> int | None:  # fmt: skip
+    """`post_upload` for the upload targets, which hold the hook options. `{local_path}` and `{remote_path}` are
+    aliases of the checkpoint placeholders; `{provider}` and `{step}` come in `extra`."""
+    values = _checkpoint_values(hooks, step, path, remote_path,
+                                {"local_path": path, "remote_path": remote_path, "step": step, **extra})
+    return run_hook(hooks.post_upload_script, values, background=background, cwd=cwd, name="post_upload_script",
+                    timeout=hooks.timeout)  # fmt: skip
 
 
 def external_validation(config: Any, step: int, checkpoint_path: str | Path | None, *,
                         cwd: str | Path | None = None, **extra: Any) -> int | None:  # fmt: skip
     """Run `validation_external_script`, in the background when `validation_external_background` is set."""
-    values = validation_placeholders(config, step, checkpoint_path, **extra)
-    return run_hook(getattr(config, "validation_external_script", None), values,
-                    background=bool(getattr(config, "validation_external_background", False)), cwd=cwd,
-                    name="validation_external_script", timeout=hook_timeout(config))  # fmt: skip
+    hooks = HookOptions.from_config(config)
+    values = _checkpoint_values(hooks, step, checkpoint_path, None, {**hooks.validation_options, **extra})
+    return run_hook(hooks.validation_external_script, values, background=hooks.validation_external_background,
+                    cwd=cwd, name="validation_external_script", timeout=hooks.timeout)  # fmt: skip

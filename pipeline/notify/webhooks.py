@@ -2,7 +2,8 @@
 
 Events are queued by the caller and posted by one background thread, so a dead or slow endpoint never slows training:
 the queue is bounded (the oldest event is dropped when it is full, counted and logged once), each request has a short
-timeout and a couple of retries, and `close()` flushes what is left within a deadline.
+timeout and is retried with st's retry policy (`pipeline.remote.retry`: WEBHOOK_ATTEMPTS tries, once for an endpoint
+already failing; 4xx answers other than 408/429 are not retried), and `close()` flushes what is left within a deadline.
 
 Levels, lowest first: debug < info < warning < error < critical. A target receives the events at or above its
 `log_level` (default "info"). Events and their levels: start, progress, validation, checkpoint, finished: info;
@@ -31,6 +32,8 @@ from typing import Any, Callable, Iterable
 
 from ..errors import ConfigError
 from ..log import get_logger
+from ..remote.retry import WEBHOOK_ATTEMPTS, WEBHOOK_MAX_DELAY, retry_call
+from .options import WebhookOptions
 
 log = get_logger("notify")
 
@@ -225,8 +228,6 @@ class Notifier:
         prefix: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         timeout: float = 5.0,
-        retries: int = 2,
-        backoff: float = 0.5,
         max_queue: int = 256,
     ) -> None:
         self.targets = list(targets)
@@ -235,8 +236,6 @@ class Notifier:
         self.interval = float(interval or 0.0)
         self.prefix = prefix
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
         self.dropped = 0
         self._lost = 0  # messages given up on at close()
         self._clock = clock
@@ -263,14 +262,14 @@ class Notifier:
     ) -> "Notifier":
         """A notifier for `config.webhook_config` (ConfigError when it is invalid); a no-op one when it is unset or
         when `main_process` is False (other ranks of a multi-process run validate the config but send nothing)."""
-        targets = parse_webhook_config(getattr(config, "webhook_config", None), base_dir)
-        prefix = getattr(config, "tracker_run_name", None) or getattr(config, "tracker_project_name", None)
+        options = WebhookOptions.from_config(config)
+        targets = parse_webhook_config(options.webhook_config, base_dir)
         return cls(
             targets if main_process else [],
             stage=stage,
             job_id=job_id_from_env(),
-            interval=getattr(config, "webhook_reporting_interval", 60.0) or 0.0,
-            prefix=prefix,
+            interval=options.reporting_interval,
+            prefix=options.run_name,
             clock=clock,
             **kwargs,
         )
@@ -412,32 +411,51 @@ class Notifier:
         return min(self.timeout, self._deadline - time.monotonic())
 
     def _deliver(self, target: Target, item: _Event) -> None:
-        requests = list(_build_requests(target, item, self.prefix))
-        for body, headers in requests:
-            attempts = 1 if target.failing else 1 + self.retries
-            error = ""
-            for attempt in range(attempts):
-                budget = self._time_left()
-                if self._abandon or budget <= 0:
-                    self._lost += 1
-                    return
-                status, error = _post(target, body, headers, budget)
-                if status is not None and 200 <= status < 300:
-                    if target.failing:
-                        log.info("webhook %s: delivering again", target.describe())
-                        target.failing = False
-                    error = ""
-                    break
-                if status is not None and 400 <= status < 500 and status not in (408, 429):
-                    break  # the endpoint rejects this request; sending it again will not help
-                if attempt + 1 < attempts:
-                    pause = min(self.backoff * (attempt + 1), max(0.0, self._time_left()))
-                    with self._cond:  # a backoff that close() cuts short
-                        self._cond.wait_for(lambda: self._abandon, timeout=pause)
-            if error:
+        """POST each request of `item` with the shared retry policy (one try for a target already failing); the
+        pauses between tries end early when close() abandons the queue."""
+        for body, headers in _build_requests(target, item, self.prefix):
+            try:
+                retry_call(lambda: self._post_once(target, body, headers), what=f"webhook {target.describe()}",
+                           attempts=1 if target.failing else WEBHOOK_ATTEMPTS, max_delay=WEBHOOK_MAX_DELAY,
+                           sleep=self._pause, quiet=True)  # fmt: skip
+            except _OutOfTime:
+                self._lost += 1
+                return
+            except WebhookError as exc:
                 level = log.debug if target.failing else log.warning
-                level("webhook %s: %s event not delivered: %s", target.describe(), item.name, error)
+                level("webhook %s: %s event not delivered: %s", target.describe(), item.name, exc)
                 target.failing = True
+                continue
+            if target.failing:
+                log.info("webhook %s: delivering again", target.describe())
+                target.failing = False
+
+    def _post_once(self, target: Target, body: bytes, headers: dict[str, str]) -> None:
+        budget = self._time_left()
+        if self._abandon or budget <= 0:
+            raise _OutOfTime()
+        _post(target, body, headers, budget)
+
+    def _pause(self, seconds: float) -> None:
+        """A backoff that close() cuts short."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._abandon, timeout=min(seconds, max(0.0, self._time_left())))
+
+
+class _OutOfTime(Exception):
+    """close()'s deadline passed, or the queue was abandoned: the message is lost (never retried)."""
+
+
+class WebhookError(Exception):
+    """A webhook request that failed; `status_code` is None when the endpoint could not be reached."""
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class WebhookUnreachable(WebhookError, ConnectionError):
+    """No HTTP answer (refused, reset, timed out): transient, retried."""
 
 
 def _build_requests(target: Target, item: _Event, default_prefix: str | None):
@@ -503,8 +521,8 @@ def _discord_multipart(content: str, images: list[Path]) -> tuple[bytes, str]:
     return body + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
 
 
-def _post(target: Target, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int | None, str]:
-    """POST once; (HTTP status or None, error text or "")."""
+def _post(target: Target, body: bytes, headers: dict[str, str], timeout: float) -> None:
+    """POST once; WebhookError unless the answer is 2xx (WebhookUnreachable when there is none)."""
     request = urllib.request.Request(target.url, data=body, headers=headers, method="POST")
     context = None
     if target.ssl_no_verify and target.url.startswith("https"):
@@ -514,9 +532,11 @@ def _post(target: Target, body: bytes, headers: dict[str, str], timeout: float) 
     try:
         with urllib.request.urlopen(request, timeout=max(timeout, 0.05), context=context) as response:
             response.read(65536)
-            return response.status, ""
+            status = response.status
     except urllib.error.HTTPError as exc:
-        return exc.code, f"HTTP {exc.code} {exc.reason}"
+        raise WebhookError(f"HTTP {exc.code} {exc.reason}", exc.code) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        return None, str(reason) or type(exc).__name__
+        raise WebhookUnreachable(str(reason) or type(exc).__name__) from None
+    if not 200 <= status < 300:
+        raise WebhookError(f"HTTP {status}", status)

@@ -13,14 +13,15 @@ from typing import Any
 
 from ..config import PREPARE, LoadedConfig
 from ..datasets import DatasetSpec, load_datasets
+from ..distributed import global_batch
 from ..errors import InputError
 from ..fsutil import atomic_path, atomic_write_text
 from ..hashing import sha256_bytes, sha256_file, sha256_json
 from ..log import get_logger
-from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
+from ..manifest import MANIFEST_NAME, output_entry, provenance
 from ..ownership import OutputClaim, claim_output
+from ..runner import StageRun
 from ..progress import progress_bar
-from ..stagekeys import explain_rerun, up_to_date
 from . import buckets as bucketing
 from .captions import MissingCaption, ParquetCaptionTable, caption_file_for, captions_for
 from .index import INDEX_NAME, load_index, reusable, save_index
@@ -36,8 +37,6 @@ FORMAT_VERSION = 1
 SAMPLES_NAME = "samples.parquet"
 SKIPPED_NAME = "skipped.jsonl"
 # Config keys that do not enter the key directly: the dataset list enters as resolved specs instead of its path.
-_KEY_EXCLUDED = ("data_backend_config",)
-
 CAPTION_SUFFIX = ".txt"
 PROBLEMATIC = frozenset({"empty_file", "not_an_image", "corrupt_image", "decompression_bomb"})
 UNWANTED = frozenset({"too_small", "aspect_ratio_out_of_range", "upscale_exceeds_threshold"})
@@ -176,8 +175,7 @@ def _caption_probe(stat: FileStat) -> Probe:
 
 
 def _stage_config(loaded: LoadedConfig) -> dict[str, Any]:
-    keys = loaded.config.stage_keys(PREPARE)
-    return {k: v for k, v in keys.items() if k not in _KEY_EXCLUDED}
+    return loaded.config.stage_keys(PREPARE)
 
 
 def _key(config: dict[str, Any], datasets: list[_DatasetFiles], probes: dict[str, Probe]) -> str:
@@ -274,7 +272,8 @@ def _check_caption_file(files: _DatasetFiles, probes: dict[str, Probe], image_pa
 
 
 def _batch_size(config) -> int:
-    return config.train_batch_size * config.num_processes * config.gradient_accumulation_steps
+    """Samples per optimizer step of the training run (`st train` checks num_processes against its launch)."""
+    return global_batch(config.train_batch_size, config.num_processes, config.gradient_accumulation_steps)
 
 
 def _prune(samples: list[Sample], specs: list[DatasetSpec], loaded: LoadedConfig) -> tuple[list[Sample], list[Skip], dict]:
@@ -432,13 +431,10 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, specs: list[DatasetSp
     stage_config = _stage_config(loaded)
     key = _key(stage_config, datasets, probes)
 
-    previous = up_to_date(out_dir, SCHEMA, key)
-    if previous.current and not force:
-        log.info("prepare: %s is up to date (key %s), nothing to do", out_dir / MANIFEST_NAME, key[:12])
-        return PrepareResult(out_dir, previous.manifest, up_to_date=True)
-    reasons = explain_rerun(previous, stage_config, extra=[_changed_files(datasets, probes, index)], force=force)
-    for reason in reasons:
-        log.info("prepare: running because %s", reason)
+    run = StageRun(PREPARE, SCHEMA_VERSION, out_dir, key, stage_config, force=force)
+    if run.up_to_date:
+        return PrepareResult(out_dir, run.previous.manifest, up_to_date=True)
+    reasons = run.reasons(extra=[_changed_files(datasets, probes, index)])
 
     samples, skips = _select(datasets, probes, config.aspect_bucket_alignment, config.aspect_bucket_rounding,
                              config.seed or 0)  # fmt: skip
@@ -485,7 +481,7 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, specs: list[DatasetSp
     doc["provenance"] = provenance(started, finished, probed_files=probe_stats["probed"],
                                    reused_files=probe_stats["reused"], forced=force,
                                    cwd=os.getcwd())  # fmt: skip
-    doc = write_manifest(out_dir, doc, "prepare", SCHEMA_VERSION)
+    doc = run.write_manifest(doc)
     log.info("prepare: %d samples in %d buckets, %d skipped -> %s", len(kept), len(doc["buckets"]), len(skips),
              out_dir / MANIFEST_NAME)  # fmt: skip
     return PrepareResult(out_dir, doc, up_to_date=False, reasons=reasons)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..families import Family
+from .options import PublishOptions
 
 LOCAL_FOLDER = "path/to/this/folder"
 
@@ -21,7 +22,7 @@ class Card:
     train: dict[str, Any]
     step: int
     base_model: str
-    options: Any  # the publish Config
+    options: PublishOptions
     widget: list[dict[str, Any]] = field(default_factory=list)  # {"text", "path", "negative"}
     grid: str | None = None
     datasets: list[dict[str, Any]] | None = None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LineageError, ManifestError
+from ..filecheck import check_entry
 from ..hashing import sha256_file
 from ..lineage import check_parent_chain, locate, verify_outputs
 from ..log import get_logger
@@ -100,9 +101,9 @@ def _checkpoint(folder: Path, train: dict[str, Any], train_dir: Path) -> Checkpo
         raise LineageError(f"{manifest_path} changed after `st train` recorded it; re-run `st train`")
     info = json.loads(manifest_path.read_text())
     for entry in info["files"]:
-        file = folder / entry["path"]
-        if not file.is_file() or file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            raise LineageError(f"{file} is missing or changed after the checkpoint was written; re-run `st train`")
+        if (mismatch := check_entry(folder, entry)) is not None:
+            raise LineageError(f"{mismatch.path} is missing or changed after the checkpoint was written; re-run "
+                               "`st train`")
     if info.get("family") != train["family"] or info.get("model_type") != train["model_type"]:
         raise LineageError(f"checkpoint {folder} is a {info.get('family')} {info.get('model_type')} checkpoint, but "
                            f"{train_dir / MANIFEST_NAME} is a {train['family']} {train['model_type']} run")  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InputError, LineageError, NotSupportedError
 from ..families import Family, component_identity
-from ..families.base import _hub_offline
+from ..families.hub import hub_offline as _hub_offline
 from ..log import get_logger
 from .lineage import Inputs
 from .weights import write_denoiser

@@ -18,16 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PUBLISH, LoadedConfig
+from ..errors import ConfigError
 from ..families import Family, check_model_family, get_family
-from ..families.base import LORA_WEIGHT_NAME
+from ..families.lora import LORA_WEIGHT_NAME
 from ..fsutil import fsync_dir
 from ..hashing import sha256_json
 from ..lineage import forced_record
 from ..log import get_logger
-from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
+from ..manifest import MANIFEST_NAME, output_entry, provenance
 from ..ownership import OutputClaim, claim_output
-from ..stagekeys import explain_rerun, up_to_date
+from ..runner import StageRun
+from ..prompts import validation_prompts
 from . import card as cards
+from .options import PublishOptions
 from .lineage import Inputs, lineage_doc, read_inputs
 
 log = get_logger("publish")
@@ -57,21 +60,15 @@ def _source(inputs: Inputs) -> dict[str, Any]:
     return {"kind": "checkpoint", "path": ckpt.rel, "step": ckpt.step, "manifest_sha256": ckpt.manifest_sha256}
 
 
-def _prompt_texts(loaded: LoadedConfig, train_config: dict[str, Any]) -> dict[str, str]:
+def _prompt_texts(options: PublishOptions, base_dir: Path | None, train_config: dict[str, Any]) -> dict[str, str]:
     """Validation image name -> prompt text (validation_prompt, and user_prompt_library's entries if readable)."""
-    texts = {}
-    if train_config.get("validation_prompt"):
-        texts["validation"] = train_config["validation_prompt"]
-    library = train_config.get("user_prompt_library") or loaded.config.user_prompt_library
-    if library:
-        try:
-            entries = json.loads(loaded.resolve_path(library).read_text())
-        except (OSError, ValueError):
-            log.warning("publish: user_prompt_library %s cannot be read; images are captioned by file name", library)
-            entries = {}
-        for name, text in entries.items() if isinstance(entries, dict) else ():
-            texts[re.sub(r"[^A-Za-z0-9_-]+", "_", str(name))] = str(text)
-    return texts
+    library = train_config.get("user_prompt_library") or options.user_prompt_library
+    try:
+        prompts = validation_prompts(train_config.get("validation_prompt"), library, base_dir)
+    except ConfigError as exc:
+        log.warning("publish: %s; images are captioned by file name", exc)
+        prompts = validation_prompts(train_config.get("validation_prompt"), None, base_dir)
+    return {prompt.name: prompt.text for prompt in prompts}
 
 
 def _validation_images(inputs: Inputs) -> list[str]:
@@ -108,7 +105,8 @@ def _key(inputs: Inputs, stage_config: dict[str, Any], prompts: dict[str, str]) 
     })  # fmt: skip
 
 
-def _weights(inputs: Inputs, family: Family, config, stage: Path) -> tuple[list[tuple[str, str]], str | None]:
+def _weights(inputs: Inputs, family: Family, options: PublishOptions,
+             stage: Path) -> tuple[list[tuple[str, str]], str | None]:  # fmt: skip
     """Write the weight files into `stage`; returns [(relative path, format)] and the ComfyUI file's name."""
     from .weights import comfyui_name, write_comfyui, write_ema, write_lora
 
@@ -117,16 +115,16 @@ def _weights(inputs: Inputs, family: Family, config, stage: Path) -> tuple[list[
     if inputs.train["model_type"] == "lora":
         lora_file = write_lora(inputs, family, stage)
         found.append((LORA_WEIGHT_NAME, "diffusers-lora"))
-        if config.lora_format == "comfyui":
+        if options.lora_format == "comfyui":
             from .model_folder import base_denoiser_config
 
-            comfy = comfyui_name(config.hub_model_id)
+            comfy = comfyui_name(options.hub_model_id)
             write_comfyui(lora_file, family, stage / comfy, base_denoiser_config(inputs.train, family))
             found.append((comfy, "comfyui-lora"))
     else:
         from .model_folder import assemble
 
-        if config.lora_format == "comfyui":
+        if options.lora_format == "comfyui":
             log.info("publish: lora_format comfyui applies to LoRA runs; the full model is a diffusers folder")
         assemble(inputs, family, stage / "model")
         sub = stage / "model" / family.denoiser.subfolder
@@ -137,7 +135,7 @@ def _weights(inputs: Inputs, family: Family, config, stage: Path) -> tuple[list[
     return found, comfy
 
 
-def _card(inputs: Inputs, family: Family, loaded: LoadedConfig, stage: Path, prompts: dict[str, str],
+def _card(inputs: Inputs, family: Family, options: PublishOptions, stage: Path, prompts: dict[str, str],
           comfy: str | None, ema: bool) -> None:  # fmt: skip
     """Copy the validation images into assets/ and write README.md."""
     train_config = inputs.train["config"]
@@ -155,7 +153,7 @@ def _card(inputs: Inputs, family: Family, loaded: LoadedConfig, stage: Path, pro
         widget.append({"text": text, "path": f"assets/{name}", "negative": negative})
     datasets, resolution = _dataset(inputs)
     content = cards.Card(family=family, train=inputs.train, step=inputs.step,
-                         base_model=inputs.train["model"]["denoiser"]["source"], options=loaded.config, widget=widget,
+                         base_model=inputs.train["model"]["denoiser"]["source"], options=options, widget=widget,
                          grid=grid, datasets=datasets, dataset_notes=inputs.notes, resolution=resolution,
                          checkpoint=inputs.checkpoint.rel if inputs.checkpoint else None, comfyui=comfy,
                          ema=ema)  # fmt: skip
@@ -182,16 +180,10 @@ def _commit(claim: OutputClaim, stage: Path, out_dir: Path, previous: dict[str, 
     return rels
 
 
-def _targets_fingerprint(config) -> str | None:
-    if not (config.publishing_config or config.push_to_hub):
-        return None
-    return sha256_json({"publishing_config": config.publishing_config, "push_to_hub": config.push_to_hub,
-                        "hub_model_id": config.hub_model_id})  # fmt: skip
-
-
-def _upload(loaded: LoadedConfig, out_dir: Path, doc: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
+def _upload(run: StageRun, loaded: LoadedConfig, doc: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
     """Send the folder to the configured targets unless this exact target set already received this output."""
-    fingerprint = _targets_fingerprint(loaded.config)
+    out_dir = run.out_dir
+    fingerprint = PublishOptions.from_config(loaded.config).targets_fingerprint()
     recorded = doc.get("provenance", {}).get("uploads") or {}
     if fingerprint is None:
         return doc, []
@@ -199,14 +191,14 @@ def _upload(loaded: LoadedConfig, out_dir: Path, doc: dict[str, Any]) -> tuple[d
         log.info("publish: already uploaded to these targets")
         return doc, recorded.get("records", [])
     try:
-        from .targets import publish_to_targets
+        from ..remote import publish_to_targets
     except ImportError as exc:
         log.warning("publish: uploading is not available in this build (%s); the folder %s is complete", exc, out_dir)
         return doc, []
     records = list(publish_to_targets(loaded.config, out_dir, loaded.base_dir) or [])
     doc = dict(doc)
     doc["provenance"] = {**doc["provenance"], "uploads": {"targets": fingerprint, "records": records}}
-    return write_manifest(out_dir, doc, "publish", SCHEMA_VERSION), records
+    return run.write_manifest(doc), records
 
 
 def run_publish(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: bool = False) -> PublishResult:
@@ -220,22 +212,21 @@ def _run_publish(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out
                  force: bool) -> PublishResult:  # fmt: skip
     started = time.time()
     config = loaded.config
+    options = PublishOptions.from_config(config)
     out_dir = Path(out_dir)
     inputs = read_inputs(Path(input_path), force=force)
     family = get_family(inputs.train["family"])
     # The base model, where it is still on disk (a LoRA publish does not need it; a full fine-tune does).
     check_model_family(family, inputs.train["model"]["denoiser"].get("source"))
     stage_config = config.stage_keys(PUBLISH)
-    prompts = _prompt_texts(loaded, inputs.train["config"])
+    prompts = _prompt_texts(options, loaded.base_dir, inputs.train["config"])
     key = _key(inputs, stage_config, prompts)
-    previous = up_to_date(out_dir, SCHEMA, key)
-    if previous.current and not force:
-        log.info("publish: %s is up to date (key %s), nothing to do", out_dir / MANIFEST_NAME, key[:12])
-        doc, records = _upload(loaded, out_dir, previous.manifest)
+    run = StageRun(PUBLISH, SCHEMA_VERSION, out_dir, key, stage_config, force=force)
+    if run.up_to_date:
+        doc, records = _upload(run, loaded, run.previous.manifest)
         return PublishResult(out_dir, doc, True, uploads=records)
-    reasons = explain_rerun(previous, stage_config, force=force)
-    for reason in reasons:
-        log.info("publish: running because %s", reason)
+    previous = run.previous
+    reasons = run.reasons()
     claim.will_write(MANIFEST_NAME, CARD_NAME, LINEAGE_NAME, folders=(STAGING,))
     out_dir.mkdir(parents=True, exist_ok=True)
     claim.remove(out_dir / MANIFEST_NAME)
@@ -243,8 +234,8 @@ def _run_publish(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out
     claim.remove(stage)
     stage.mkdir()
 
-    weights, comfy = _weights(inputs, family, config, stage)
-    _card(inputs, family, loaded, stage, prompts, comfy, any(f == "ema" for _, f in weights))
+    weights, comfy = _weights(inputs, family, options, stage)
+    _card(inputs, family, options, stage, prompts, comfy, any(f == "ema" for _, f in weights))
     described = [{**output_entry(stage, stage / rel), "format": fmt} for rel, fmt in weights]
     lineage = lineage_doc(inputs, described)
     (stage / LINEAGE_NAME).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -268,7 +259,7 @@ def _run_publish(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out
     }
     doc["provenance"] = provenance(started, time.time(), train_path=str(inputs.train_dir),
                                    **forced_record(inputs.forced))  # fmt: skip
-    doc = write_manifest(out_dir, doc, "publish", SCHEMA_VERSION)
+    doc = run.write_manifest(doc)
     log.info("publish: %d file(s) from %s -> %s", len(outputs), _source(inputs)["path"], out_dir)
-    doc, records = _upload(loaded, out_dir, doc)
+    doc, records = _upload(run, loaded, doc)
     return PublishResult(out_dir, doc, False, reasons=reasons, uploads=records)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..families import Family
-from ..families.base import LORA_WEIGHT_NAME
+from ..families.lora import LORA_WEIGHT_NAME
 from ..log import get_logger
 from ..tensorfile import save_tensors
 from . import comfyui, lora

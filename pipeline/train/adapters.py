@@ -9,44 +9,46 @@ from ..errors import ConfigError, InputError
 from ..families import Family
 from ..log import get_logger
 from ..tensorfile import normalise_file
+from .options import AdapterOptions
 
 log = get_logger("train")
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
-def lora_config(config, family: Family):
+def lora_config(options: AdapterOptions, family: Family):
+    """peft's LoraConfig for the options: the family's default targets unless peft_lora_target_modules names them."""
     from peft import LoraConfig
 
-    targets = config.peft_lora_target_modules or list(
-        family.lora_target_modules(config.flux_lora_target if family.name == "flux" else None)
+    targets = options.peft_lora_target_modules or list(
+        family.lora_target_modules(options.flux_lora_target if family.name == "flux" else None)
     )
     return LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
-        lora_dropout=config.lora_dropout,
+        r=options.lora_rank,
+        lora_alpha=options.lora_alpha if options.lora_alpha is not None else options.lora_rank,
+        lora_dropout=options.lora_dropout,
         target_modules=list(targets),
-        init_lora_weights=_INIT[config.lora_init_type],
-        use_dora=config.use_dora,
+        init_lora_weights=_INIT[options.lora_init_type],
+        use_dora=options.use_dora,
     )
 
 
-def attach(denoiser, config, family: Family) -> list[Any]:
+def attach(denoiser, options: AdapterOptions, family: Family) -> list[Any]:
     """Make the denoiser trainable as `model_type` says; returns the trainable parameters."""
-    if config.model_type == "full":
+    if options.model_type == "full":
         denoiser.requires_grad_(True)
         return [p for p in denoiser.parameters() if p.requires_grad]
     from peft import inject_adapter_in_model
 
     denoiser.requires_grad_(False)
-    cfg = lora_config(config, family)
+    cfg = lora_config(options, family)
     try:
         inject_adapter_in_model(cfg, denoiser)
     except ValueError as exc:
         raise ConfigError(f"LoRA targets {cfg.target_modules} do not fit the {family.name} denoiser: {exc}; set "
                           "peft_lora_target_modules to module names of the model") from None  # fmt: skip
-    if config.init_lora:
-        load_lora_into(denoiser, Path(config.init_lora))
+    if options.init_lora:
+        load_lora_into(denoiser, Path(options.init_lora))
     params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -78,9 +80,9 @@ def load_lora_into(denoiser, path: Path) -> None:
     log.info("started LoRA from %s", file)
 
 
-def trainable_state(denoiser, config) -> dict[str, Any]:
+def trainable_state(denoiser, model_type: str) -> dict[str, Any]:
     """The trainable weights by parameter name (what a checkpoint stores)."""
-    if config.model_type == "full":
+    if model_type == "full":
         return {k: v for k, v in denoiser.state_dict().items()}
     return {n: p.detach() for n, p in denoiser.named_parameters() if "lora_" in n}
 
@@ -99,10 +101,10 @@ def load_trainable_state(denoiser, state: dict[str, Any]) -> None:
             target.copy_(value.to(target.dtype))
 
 
-def save_final(denoiser, config, family: Family, out_dir: Path) -> list[Path]:
+def save_final(denoiser, options: AdapterOptions, family: Family, out_dir: Path) -> list[Path]:
     """LoRA: pytorch_lora_weights.safetensors in diffusers keys; full: a diffusers folder of the denoiser."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if config.model_type == "full":
+    if options.model_type == "full":
         target = out_dir / family.denoiser.subfolder
         denoiser.save_pretrained(target, safe_serialization=True)
         for weights in target.rglob("*.safetensors"):
@@ -110,7 +112,7 @@ def save_final(denoiser, config, family: Family, out_dir: Path) -> list[Path]:
         return sorted(p for p in target.rglob("*") if p.is_file())
     from peft import get_peft_model_state_dict
 
-    family.save_lora(out_dir, get_peft_model_state_dict(denoiser), config=lora_config(config, family))
+    family.save_lora(out_dir, get_peft_model_state_dict(denoiser), config=lora_config(options, family))
     path = out_dir / "pytorch_lora_weights.safetensors"
     normalise_file(path)
     return [path]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InputError, UserError
+from ..filecheck import check_entry
 from ..fsutil import atomic_write_text, fsync_dir
 from ..hashing import sha256_file
 from ..log import get_logger
@@ -113,9 +114,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if manifest.get("schema") != CHECKPOINT_SCHEMA:
         raise CheckpointError(f"checkpoint {path} has schema {manifest.get('schema')!r}, not {CHECKPOINT_SCHEMA}")
     for entry in manifest["files"]:
-        file = path / entry["path"]
-        if not file.is_file() or file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is damaged: {entry['path']} is missing or does not match its hash")
+        mismatch = check_entry(path, entry)
+        if mismatch is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {entry['path']} {mismatch.describe()}")
     names = {e["path"] for e in manifest["files"]}
     loaded = {
         "info": manifest,

@@ -10,7 +10,7 @@ depend on the number of processes as long as the global batch size is the same.
 
 Reading a sample is a seek and a read of its members (tar shards are uncompressed; each member is one zstd frame).
 Indexing also checks each sample's structure, every frame decompressed within the bounds the cache manifest implies
-(`cache.reader.CacheChecks`), so a damaged or crafted cache stops the run before its first step.
+(`cache_reader.CacheChecks`), so a damaged or crafted cache stops the run before its first step.
 Caption choice and caption dropout are seeded per (epoch, batch, sample, slot), so they too replay exactly.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..cache.reader import CacheChecks
+from ..cache_reader import CacheChecks
 from ..log import get_logger
 from ..shards import MAX_MEMBER_BYTES, read_member, scan_shard, unpack_tensors
 
@@ -165,6 +165,10 @@ class SampleReader:
         where = f"cache shard {ref.shard}, member {ref.key}.{suffix}"
         return unpack_tensors(self.read(ref, suffix), max_bytes=ref.sizes.get(suffix, MAX_MEMBER_BYTES), where=where)
 
+    def latent(self, ref: SampleRef) -> Any:
+        """A sample's latent as a float32 tensor (C x h x w)."""
+        return self.tensors(ref, "latent.safetensors.zst")["latent"].float()
+
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
@@ -205,7 +209,9 @@ class TrainLoader:
         self.prefetch = max(0, prefetch)
         self.per_rank = planner.global_batch // world
 
-    def _texts(self, ref: SampleRef, reader: SampleReader) -> list[dict[str, Any]]:
+    def captions(self, ref: SampleRef, reader: SampleReader) -> list[dict[str, Any]]:
+        """The stored text tensors of each of a sample's captions, in caption order (shared ones from the cache's
+        shared embeddings)."""
         local: dict[int, dict[str, Any]] = {}
         if "text.safetensors.zst" in ref.members:
             for name, value in reader.tensors(ref, "text.safetensors.zst").items():
@@ -225,10 +231,10 @@ class TrainLoader:
         latents, texts, metas, dropped = [], [], [], []
         for slot, key in enumerate(keys):
             ref = self.index.samples[key]
-            latents.append(reader.tensors(ref, "latent.safetensors.zst")["latent"].float())
+            latents.append(reader.latent(ref))
             rng = random.Random(f"{self.seed}:{epoch}:{batch_index}:{start + slot}:{key}")
             drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
-            options = self._texts(ref, reader)
+            options = self.captions(ref, reader)
             texts.append(self.shared_text[self.empty_key] if drop else options[rng.randrange(len(options))])
             metas.append(ref.meta)
             dropped.append(drop)

@@ -55,9 +55,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Config
 from ..errors import ConfigError
 from ..log import get_logger
+from .options import ObjectiveOptions
 
 log = get_logger("train")
 
@@ -113,18 +113,18 @@ def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
-def timestep_weights(config: Config, num_train_timesteps: int) -> Tensor:
+def timestep_weights(options: ObjectiveOptions, num_train_timesteps: int) -> Tensor:
     """Relative weight of each DDPM timestep under `timestep_bias_*` (diffusers' `generate_timestep_weights`)."""
     t_count = num_train_timesteps
     weights = torch.ones(t_count, dtype=torch.float64)
-    strategy = config.timestep_bias_strategy
+    strategy = options.timestep_bias_strategy
     if strategy == "none":
         return weights
-    multiplier = config.timestep_bias_multiplier
+    multiplier = options.timestep_bias_multiplier
     if not multiplier > 0:
         raise ConfigError(f"timestep_bias_multiplier must be > 0, got {multiplier}")
     if strategy in ("earlier", "later"):
-        portion = config.timestep_bias_portion
+        portion = options.timestep_bias_portion
         if not 0.0 < portion <= 1.0:
             raise ConfigError(f"timestep_bias_portion must be in (0, 1], got {portion}")
         count = int(portion * t_count)
@@ -133,7 +133,7 @@ def timestep_weights(config: Config, num_train_timesteps: int) -> Tensor:
             return weights
         biased = slice(0, count) if strategy == "earlier" else slice(t_count - count, t_count)
     elif strategy == "range":
-        begin, end = config.timestep_bias_begin, config.timestep_bias_end
+        begin, end = options.timestep_bias_begin, options.timestep_bias_end
         if not 0 <= begin < end <= t_count:
             raise ConfigError(
                 f"timestep_bias_begin/end must satisfy 0 <= begin < end <= {t_count}, got begin={begin}, end={end}"
@@ -183,7 +183,7 @@ class Objective:
 
     def __init__(
         self,
-        config: Config,
+        options: ObjectiveOptions,
         *,
         kind: str,
         scheduler_config: dict[str, Any] | None,
@@ -193,40 +193,40 @@ class Objective:
         """`kind` is the family's default prediction type; `scheduler_config` the model's scheduler_config.json.
 
         A DDPM scheduler config's own `prediction_type` (epsilon / v_prediction) beats `kind`, and
-        `config.prediction_type` beats both; switching between flow matching and DDPM is a ConfigError.
+        `options.prediction_type` beats both; switching between flow matching and DDPM is a ConfigError.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        self.config = config
+        self.options = options
         sched = dict(scheduler_config or {})
         self.num_train_timesteps = int(sched.get("num_train_timesteps") or num_train_timesteps)
-        self.prediction_type = self._resolve_prediction_type(config, kind, sched)
+        self.prediction_type = self._resolve_prediction_type(options, kind, sched)
         self.is_flow = self.prediction_type == "flow_matching"
         self.alphas_cumprod: Tensor | None = None
         self.weights: Tensor | None = None
         self.shift = 1.0
         if self.is_flow:
-            self._init_flow(config, default_shift)
+            self._init_flow(options, default_shift)
         else:
-            self._init_ddpm(config, sched)
-        self._init_noise(config)
-        self._init_loss(config)
+            self._init_ddpm(options, sched)
+        self._init_noise(options)
+        self._init_loss(options)
         log.info(
             "objective: %s, %d train timesteps, loss %s%s",
             self.prediction_type,
             self.num_train_timesteps,
-            config.loss_type,
+            options.loss_type,
             f", shift {'auto' if self.auto_shift else self.shift}" if self.is_flow else "",
         )
 
     # --- set-up -----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _resolve_prediction_type(config: Config, kind: str, sched: dict[str, Any]) -> str:
+    def _resolve_prediction_type(options: ObjectiveOptions, kind: str, sched: dict[str, Any]) -> str:
         resolved = kind
         if kind in DDPM_KINDS and sched.get("prediction_type") in DDPM_KINDS:
             resolved = sched["prediction_type"]
-        asked = config.prediction_type
+        asked = options.prediction_type
         if asked is None:
             return resolved
         if (asked == "flow_matching") != (kind == "flow_matching"):
@@ -240,7 +240,7 @@ class Objective:
             log.info("prediction_type %s overrides the model's %s", asked, resolved)
         return asked
 
-    def _init_ddpm(self, config: Config, sched: dict[str, Any]) -> None:
+    def _init_ddpm(self, options: ObjectiveOptions, sched: dict[str, Any]) -> None:
         from diffusers import DDPMScheduler
 
         accepted = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
@@ -248,33 +248,33 @@ class Objective:
         kwargs.update(
             num_train_timesteps=self.num_train_timesteps,
             prediction_type=self.prediction_type,
-            rescale_betas_zero_snr=config.rescale_betas_zero_snr,
-            timestep_spacing=config.training_scheduler_timestep_spacing,
+            rescale_betas_zero_snr=options.rescale_betas_zero_snr,
+            timestep_spacing=options.training_scheduler_timestep_spacing,
         )
         self.scheduler = DDPMScheduler(**kwargs)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.detach().to(torch.float32).cpu()
-        if config.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+        if options.rescale_betas_zero_snr and self.prediction_type == "epsilon":
             log.warning("rescale_betas_zero_snr with epsilon prediction: the last timestep is pure noise, where "
                         "epsilon is trivial; v_prediction is the usual pairing")  # fmt: skip
-        self.weights = timestep_weights(config, self.num_train_timesteps)
+        self.weights = timestep_weights(options, self.num_train_timesteps)
         self.cdf = torch.cumsum(self.weights, 0) / self.weights.sum()
-        self.segmented = not config.disable_segmented_timestep_sampling
+        self.segmented = not options.disable_segmented_timestep_sampling
         self.auto_shift = False
 
-    def _init_flow(self, config: Config, default_shift: float | None) -> None:
-        if config.flow_use_uniform_schedule and config.flow_use_beta_schedule:
+    def _init_flow(self, options: ObjectiveOptions, default_shift: float | None) -> None:
+        if options.flow_use_uniform_schedule and options.flow_use_beta_schedule:
             raise ConfigError("flow_use_uniform_schedule and flow_use_beta_schedule exclude each other; set one")
-        if config.flow_use_beta_schedule and not (
-            config.flow_beta_schedule_alpha > 0 and config.flow_beta_schedule_beta > 0
+        if options.flow_use_beta_schedule and not (
+            options.flow_beta_schedule_alpha > 0 and options.flow_beta_schedule_beta > 0
         ):
             raise ConfigError(
                 "flow_beta_schedule_alpha and flow_beta_schedule_beta must be > 0, got "
-                f"{config.flow_beta_schedule_alpha} and {config.flow_beta_schedule_beta}"
+                f"{options.flow_beta_schedule_alpha} and {options.flow_beta_schedule_beta}"
             )
-        if not config.flow_sigmoid_scale > 0:
-            raise ConfigError(f"flow_sigmoid_scale must be > 0, got {config.flow_sigmoid_scale}")
-        self.auto_shift = config.flow_schedule_auto_shift
-        shift = config.flow_schedule_shift
+        if not options.flow_sigmoid_scale > 0:
+            raise ConfigError(f"flow_sigmoid_scale must be > 0, got {options.flow_sigmoid_scale}")
+        self.auto_shift = options.flow_schedule_auto_shift
+        shift = options.flow_schedule_shift
         if self.auto_shift and shift is not None:
             log.warning("flow_schedule_auto_shift is set: flow_schedule_shift=%s is ignored", shift)
         if shift is None:
@@ -282,18 +282,18 @@ class Objective:
         if not shift > 0:
             raise ConfigError(f"flow_schedule_shift must be > 0, got {shift}")
         self.shift = float(shift)
-        if config.flux_guidance_mode == "random-range" and config.flux_guidance_min > config.flux_guidance_max:
+        if options.flux_guidance_mode == "random-range" and options.flux_guidance_min > options.flux_guidance_max:
             raise ConfigError(
-                f"flux_guidance_min ({config.flux_guidance_min}) must not exceed "
-                f"flux_guidance_max ({config.flux_guidance_max})"
+                f"flux_guidance_min ({options.flux_guidance_min}) must not exceed "
+                f"flux_guidance_max ({options.flux_guidance_max})"
             )
         ignored = [
             name
             for name, active in (
-                ("rescale_betas_zero_snr", config.rescale_betas_zero_snr),
-                ("timestep_bias_strategy", config.timestep_bias_strategy != "none"),
-                ("snr_gamma", bool(config.snr_gamma)),
-                ("use_soft_min_snr", config.use_soft_min_snr),
+                ("rescale_betas_zero_snr", options.rescale_betas_zero_snr),
+                ("timestep_bias_strategy", options.timestep_bias_strategy != "none"),
+                ("snr_gamma", bool(options.snr_gamma)),
+                ("use_soft_min_snr", options.use_soft_min_snr),
             )
             if active
         ]
@@ -301,23 +301,23 @@ class Objective:
             log.warning("flow matching ignores %s (DDPM-only options)", ", ".join(ignored))
         self.segmented = False
 
-    def _init_noise(self, config: Config) -> None:
-        if not 0.0 <= config.noise_offset_probability <= 1.0:
-            raise ConfigError(f"noise_offset_probability must be in [0, 1], got {config.noise_offset_probability}")
-        if config.noise_offset < 0:
-            raise ConfigError(f"noise_offset must be >= 0, got {config.noise_offset}")
-        if config.input_perturbation < 0:
-            raise ConfigError(f"input_perturbation must be >= 0, got {config.input_perturbation}")
-        if config.input_perturbation_steps < 0:
-            raise ConfigError(f"input_perturbation_steps must be >= 0, got {config.input_perturbation_steps}")
+    def _init_noise(self, options: ObjectiveOptions) -> None:
+        if not 0.0 <= options.noise_offset_probability <= 1.0:
+            raise ConfigError(f"noise_offset_probability must be in [0, 1], got {options.noise_offset_probability}")
+        if options.noise_offset < 0:
+            raise ConfigError(f"noise_offset must be >= 0, got {options.noise_offset}")
+        if options.input_perturbation < 0:
+            raise ConfigError(f"input_perturbation must be >= 0, got {options.input_perturbation}")
+        if options.input_perturbation_steps < 0:
+            raise ConfigError(f"input_perturbation_steps must be >= 0, got {options.input_perturbation_steps}")
 
-    def _init_loss(self, config: Config) -> None:
-        if config.loss_type != "l2" and not config.huber_c > 0:
-            raise ConfigError(f"huber_c must be > 0 for loss_type {config.loss_type}, got {config.huber_c}")
-        if config.snr_gamma is not None and config.snr_gamma < 0:
-            raise ConfigError(f"snr_gamma must be >= 0 (0 or unset: off), got {config.snr_gamma}")
-        if config.use_soft_min_snr and not self.is_flow:
-            sigma_data = config.soft_min_snr_sigma_data
+    def _init_loss(self, options: ObjectiveOptions) -> None:
+        if options.loss_type != "l2" and not options.huber_c > 0:
+            raise ConfigError(f"huber_c must be > 0 for loss_type {options.loss_type}, got {options.huber_c}")
+        if options.snr_gamma is not None and options.snr_gamma < 0:
+            raise ConfigError(f"snr_gamma must be >= 0 (0 or unset: off), got {options.snr_gamma}")
+        if options.use_soft_min_snr and not self.is_flow:
+            sigma_data = options.soft_min_snr_sigma_data
             if sigma_data is None or not sigma_data > 0:
                 raise ConfigError(
                     "use_soft_min_snr needs soft_min_snr_sigma_data (the latents' standard deviation, > 0), "
@@ -342,21 +342,21 @@ class Objective:
 
     def sample_sigmas(self, batch_size: int, generator: torch.Generator, shift: float = 1.0) -> Tensor:
         """Flow-matching sigmas in [0, 1] (float32, CPU) from the configured schedule, then shifted."""
-        config = self.config
-        if config.flow_use_uniform_schedule:
+        options = self.options
+        if options.flow_use_uniform_schedule:
             sigmas = torch.rand(batch_size, generator=generator, dtype=torch.float64)
-        elif config.flow_use_beta_schedule:
-            sigmas = sample_beta(config.flow_beta_schedule_alpha, config.flow_beta_schedule_beta, batch_size,
+        elif options.flow_use_beta_schedule:
+            sigmas = sample_beta(options.flow_beta_schedule_alpha, options.flow_beta_schedule_beta, batch_size,
                                  generator)  # fmt: skip
         else:
             normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
-            sigmas = torch.sigmoid(config.flow_sigmoid_scale * normal)
+            sigmas = torch.sigmoid(options.flow_sigmoid_scale * normal)
         return shift_sigmas(sigmas, shift).clamp_(0.0, 1.0).to(torch.float32)
 
     def perturbation_scale(self, step: int) -> float:
         """input_perturbation at `step`, decayed linearly to 0 over input_perturbation_steps when > 0."""
-        scale = float(self.config.input_perturbation)
-        steps = self.config.input_perturbation_steps
+        scale = float(self.options.input_perturbation)
+        steps = self.options.input_perturbation_steps
         if scale == 0.0:
             return 0.0
         if steps > 0:
@@ -374,11 +374,11 @@ class Objective:
             schedule = self.sample_sigmas(batch, generator, self.shift_for(x))
         else:
             schedule = self.sample_timesteps(batch, generator)
-        config = self.config
-        if config.noise_offset > 0:
+        options = self.options
+        if options.noise_offset > 0:
             offsets = torch.randn((batch, x.shape[1], *([1] * (x.ndim - 2))), generator=generator)
-            chosen = torch.rand(batch, generator=generator) < config.noise_offset_probability
-            noise = noise + config.noise_offset * offsets * _view(chosen.to(torch.float32), offsets)
+            chosen = torch.rand(batch, generator=generator) < options.noise_offset_probability
+            noise = noise + options.noise_offset * offsets * _view(chosen.to(torch.float32), offsets)
         noise_in = noise
         scale = self.perturbation_scale(step)
         if scale > 0:
@@ -437,24 +437,24 @@ class Objective:
         """
         if not self.is_flow:
             return None
-        config = self.config
-        if config.flux_guidance_mode == "random-range":
-            low, high = config.flux_guidance_min, config.flux_guidance_max
+        options = self.options
+        if options.flux_guidance_mode == "random-range":
+            low, high = options.flux_guidance_min, options.flux_guidance_max
             values = low + (high - low) * torch.rand(batch_size, generator=generator, dtype=torch.float32)
         else:
-            values = torch.full((batch_size,), float(config.flux_guidance_value), dtype=torch.float32)
+            values = torch.full((batch_size,), float(options.flux_guidance_value), dtype=torch.float32)
         return values if device is None else values.to(device)
 
     # --- loss -------------------------------------------------------------------------------------------------
 
     def huber_c(self, noised: Noised) -> Tensor:
         """Per-sample Huber threshold under `huber_schedule` (see the module docstring)."""
-        config = self.config
-        base = float(config.huber_c)
+        options = self.options
+        base = float(options.huber_c)
         alphas, sigmas = noised.alphas.to(torch.float32), noised.sigmas.to(torch.float32)
-        if config.huber_schedule == "constant":
+        if options.huber_schedule == "constant":
             return torch.full_like(alphas, base)
-        if config.huber_schedule == "exponential":
+        if options.huber_schedule == "exponential":
             t = noised.timesteps.to(device=alphas.device, dtype=torch.float32)
             return torch.exp(math.log(base) * t / self.num_train_timesteps)
         # snr: 1 / (1 + sigma/alpha) = alpha / (alpha + sigma), finite at alpha = 0.
@@ -463,16 +463,16 @@ class Objective:
 
     def loss_weights(self, noised: Noised) -> Tensor | None:
         """Per-sample min-SNR / soft min-SNR weights (DDPM), or None when the loss is unweighted."""
-        config = self.config
-        if self.is_flow or not (config.snr_gamma or config.use_soft_min_snr):
+        options = self.options
+        if self.is_flow or not (options.snr_gamma or options.use_soft_min_snr):
             return None
         snr = noised.snr.to(torch.float32)
-        if config.use_soft_min_snr:
-            gamma = float(config.snr_gamma) if config.snr_gamma else 1.0
-            sigma_data = float(config.soft_min_snr_sigma_data or 1.0)
+        if options.use_soft_min_snr:
+            gamma = float(options.snr_gamma) if options.snr_gamma else 1.0
+            sigma_data = float(options.soft_min_snr_sigma_data or 1.0)
             weights = gamma / (sigma_data**2 * snr + gamma)
         else:
-            gamma = float(config.snr_gamma)
+            gamma = float(options.snr_gamma)
             weights = torch.where(snr > 0, torch.clamp(gamma / snr.clamp_min(_TINY), max=1.0), torch.ones_like(snr))
         if self.prediction_type == "v_prediction":
             weights = weights * snr / (snr + 1.0)
@@ -487,7 +487,7 @@ class Objective:
         pred = prediction.to(torch.float32)
         target = noised.target.to(device=pred.device, dtype=torch.float32)
         diff = pred - target
-        loss_type = self.config.loss_type
+        loss_type = self.options.loss_type
         if loss_type == "l2":
             elementwise = diff.square()
         else:

@@ -1,6 +1,6 @@
 """Optimizers, learning-rate schedules and gradient clipping, configured by SimpleTuner's option names.
 
-`build_optimizer` turns `Config.optimizer` (+ `optimizer_config`, betas, weight decay, eps, learning rate) into a
+`build_optimizer` turns `optimizer` (+ `optimizer_config`, betas, weight decay, eps, learning rate) into a
 `torch.optim.Optimizer`; `build_lr_scheduler` gives a torch `LambdaLR` whose `state_dict` round-trips through JSON;
 `clip_gradients` applies `grad_clip_method` / `max_grad_norm`.
 """
@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..config import Config
 from ..errors import ConfigError, NotSupportedError
+from ..distributed import global_batch
 from ..log import get_logger
+from .options import OptimizerOptions
 
 log = get_logger("train.optim")
 
@@ -138,7 +139,7 @@ def _missing(package: str, optimizer: str) -> NotSupportedError:
 
 
 def optimizer_class(name: str, *, device_type: str) -> type[torch.optim.Optimizer]:
-    """The optimizer class for `Config.optimizer` value `name` on `device_type` ("cuda", "cpu", "mps")."""
+    """The optimizer class for `optimizer` value `name` on `device_type` ("cuda", "cpu", "mps")."""
     device_type = str(device_type).split(":")[0]
     if name == "adamw_bf16":
         return AdamWBF16
@@ -236,41 +237,41 @@ def _accepted_arguments(cls: type) -> tuple[set[str], bool]:
     return names, any_kwargs
 
 
-def optimizer_kwargs(config: Config, cls: type) -> dict[str, Any]:
+def optimizer_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
     """The keyword arguments for `cls`: lr, betas, weight decay, eps (where it takes them), then `optimizer_config`."""
     accepted, any_kwargs = _accepted_arguments(cls)
     betas = (
-        DEFAULT_BETAS[0] if config.optimizer_beta1 is None else float(config.optimizer_beta1),
-        DEFAULT_BETAS[1] if config.optimizer_beta2 is None else float(config.optimizer_beta2),
+        DEFAULT_BETAS[0] if options.optimizer_beta1 is None else float(options.optimizer_beta1),
+        DEFAULT_BETAS[1] if options.optimizer_beta2 is None else float(options.optimizer_beta2),
     )
     base: dict[str, Any] = {
-        "lr": effective_learning_rate(config),
+        "lr": effective_learning_rate(options),
         "betas": betas,
-        "weight_decay": float(config.adam_weight_decay),
-        "eps": float(config.adam_epsilon),
+        "weight_decay": float(options.adam_weight_decay),
+        "eps": float(options.adam_epsilon),
     }
-    if config.optimizer in SCHEDULE_FREE:
-        base["warmup_steps"] = int(config.lr_warmup_steps)  # schedule-free optimizers warm up by themselves
+    if options.optimizer in SCHEDULE_FREE:
+        base["warmup_steps"] = int(options.lr_warmup_steps)  # schedule-free optimizers warm up by themselves
     kwargs = {k: v for k, v in base.items() if any_kwargs or k in accepted}
-    extra = parse_optimizer_config(config.optimizer_config)
+    extra = parse_optimizer_config(options.optimizer_config)
     unknown = sorted(k for k in extra if not any_kwargs and k not in accepted)
     if unknown:
         raise ConfigError(
-            f"optimizer_config has {', '.join(repr(k) for k in unknown)}, which optimizer '{config.optimizer}' does "
+            f"optimizer_config has {', '.join(repr(k) for k in unknown)}, which optimizer '{options.optimizer}' does "
             f"not accept; it accepts: {', '.join(sorted(accepted))}"
         )
     kwargs.update(extra)
     return kwargs
 
 
-def build_optimizer(params: Iterable, config: Config, *, device_type: str) -> torch.optim.Optimizer:
-    """Build `config.optimizer` over `params` (tensors or param-group dicts).
+def build_optimizer(params: Iterable, options: OptimizerOptions, *, device_type: str) -> torch.optim.Optimizer:
+    """Build `options.optimizer` over `params` (tensors or param-group dicts).
 
     Schedule-free optimizers are returned in train mode (see `optimizer_train_mode`).
     """
-    name = config.optimizer
+    name = options.optimizer
     cls = optimizer_class(name, device_type=device_type)
-    kwargs = optimizer_kwargs(config, cls)
+    kwargs = optimizer_kwargs(options, cls)
     if name == "prodigy":
         lr = kwargs.get("lr", 1.0)
         if not math.isclose(float(lr), 1.0, rel_tol=0.5):
@@ -309,20 +310,20 @@ def optimizer_eval_mode(optimizer: torch.optim.Optimizer) -> None:
 # Learning rate.
 
 
-def effective_learning_rate(config: Config) -> float:
+def effective_learning_rate(options: OptimizerOptions) -> float:
     """`learning_rate`, scaled as SimpleTuner does.
 
-    With `lr_scale` it is multiplied by train_batch_size * gradient_accumulation_steps * num_processes, or by the
-    square root of that product when `lr_scale_sqrt` is also set (`lr_scale_sqrt` alone changes nothing, as in
-    SimpleTuner).
+    With `lr_scale` it is multiplied by the global batch (train_batch_size x num_processes x
+    gradient_accumulation_steps), or by its square root when `lr_scale_sqrt` is also set (`lr_scale_sqrt` alone
+    changes nothing, as in SimpleTuner). The trainer has checked num_processes against the processes launched.
     """
-    lr = float(config.learning_rate)
-    if not config.lr_scale:
-        if config.lr_scale_sqrt:
+    lr = float(options.learning_rate)
+    if not options.lr_scale:
+        if options.lr_scale_sqrt:
             log.warning("lr_scale_sqrt has no effect without lr_scale (as in SimpleTuner); set lr_scale=true too")
         return lr
-    factor = int(config.train_batch_size) * int(config.gradient_accumulation_steps) * int(config.num_processes)
-    return lr * (math.sqrt(factor) if config.lr_scale_sqrt else factor)
+    factor = global_batch(options.train_batch_size, options.num_processes, options.gradient_accumulation_steps)
+    return lr * (math.sqrt(factor) if options.lr_scale_sqrt else factor)
 
 
 def _warmup_factor(step: int, warmup: int) -> float:
@@ -349,9 +350,9 @@ def _sine_lambda(warmup: int, total_steps: int, cycles: float, floor: float) -> 
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, config: Config, total_steps: int
+    optimizer: torch.optim.Optimizer, options: OptimizerOptions, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule `config.lr_scheduler` over `total_steps` optimizer steps; call `.step()` after each.
+    """The learning-rate schedule `options.lr_scheduler` over `total_steps` optimizer steps; call `.step()` after each.
 
     - constant: the learning rate, after a linear warmup over `lr_warmup_steps` when that is > 0.
     - constant_with_warmup, linear, cosine, cosine_with_restarts (`lr_num_cycles` hard restarts): diffusers' schedules.
@@ -363,15 +364,15 @@ def build_lr_scheduler(
     """
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
-    name = config.lr_scheduler
-    warmup = int(config.lr_warmup_steps)
+    name = options.lr_scheduler
+    warmup = int(options.lr_warmup_steps)
     total_steps = int(total_steps)
     if warmup < 0:
         raise ConfigError(f"lr_warmup_steps must be >= 0, got {warmup}")
-    if config.optimizer in SCHEDULE_FREE:
+    if options.optimizer in SCHEDULE_FREE:
         if name != "constant" or warmup:
             log.info("%s schedules its own learning rate (warmup %d steps); ignoring lr_scheduler=%s",
-                     config.optimizer, warmup, name)  # fmt: skip
+                     options.optimizer, warmup, name)  # fmt: skip
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant_lambda(warmup))
@@ -380,25 +381,25 @@ def build_lr_scheduler(
     if total_steps < 1:
         raise ConfigError(f"lr_scheduler={name} needs the number of training steps, got {total_steps}")
     if name == "sine":
-        if config.lr_num_cycles <= 0:
-            raise ConfigError(f"lr_num_cycles must be > 0 for lr_scheduler=sine, got {config.lr_num_cycles}")
+        if options.lr_num_cycles <= 0:
+            raise ConfigError(f"lr_num_cycles must be > 0 for lr_scheduler=sine, got {options.lr_num_cycles}")
         lambdas = []
         for group in optimizer.param_groups:
             peak = float(group.get("initial_lr", group["lr"]))
-            floor = min(1.0, max(0.0, float(config.lr_end) / peak)) if peak > 0 else 0.0
-            lambdas.append(_sine_lambda(warmup, total_steps, float(config.lr_num_cycles), floor))
+            floor = min(1.0, max(0.0, float(options.lr_end) / peak)) if peak > 0 else 0.0
+            lambdas.append(_sine_lambda(warmup, total_steps, float(options.lr_num_cycles), floor))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     if name == "polynomial":
         try:
             return get_polynomial_decay_schedule_with_warmup(
-                optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, lr_end=float(config.lr_end),
-                power=float(config.lr_power),
+                optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, lr_end=float(options.lr_end),
+                power=float(options.lr_power),
             )  # fmt: skip
         except ValueError as exc:
             raise ConfigError(f"lr_scheduler=polynomial: {exc} (lower lr_end or raise learning_rate)") from None
     if name in ("linear", "cosine", "cosine_with_restarts"):
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                             num_cycles=int(config.lr_num_cycles), power=float(config.lr_power))  # fmt: skip
+                             num_cycles=int(options.lr_num_cycles), power=float(options.lr_power))  # fmt: skip
     raise ConfigError(f"unknown lr_scheduler '{name}'")
 
 
@@ -406,7 +407,7 @@ def build_lr_scheduler(
 # Gradient clipping.
 
 
-def clip_gradients(params: Iterable[torch.Tensor], config: Config) -> float:
+def clip_gradients(params: Iterable[torch.Tensor], options: OptimizerOptions) -> float:
     """Clip gradients by `grad_clip_method` ("value": each element to ±max_grad_norm; "norm": the global L2 norm).
 
     Returns the global L2 norm of the gradients measured before clipping; `max_grad_norm <= 0` disables clipping.
@@ -414,8 +415,8 @@ def clip_gradients(params: Iterable[torch.Tensor], config: Config) -> float:
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
-    limit = float(config.max_grad_norm)
-    method = config.grad_clip_method
+    limit = float(options.max_grad_norm)
+    method = options.grad_clip_method
     if method not in ("value", "norm"):
         raise ConfigError(f"grad_clip_method must be 'value' or 'norm', got {method!r}")
     if method == "norm" and limit > 0:

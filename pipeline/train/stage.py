@@ -5,30 +5,32 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..cache.reader import CacheReader
-from ..cache.stage import model_identity, resolve_path
+from ..cache_reader import CacheReader
 from ..config import TRAIN, LoadedConfig
+from ..distributed import rank_and_world
 from ..errors import ConfigError, LineageError
 from ..families import check_model_family, component_identity, get_family, without_source
+from ..families.identity import model_identity, model_sources
 from ..hashing import sha256_json
 from ..lineage import check_parent_chain, forced_record, verify_outputs
 from ..log import get_logger
-from ..manifest import MANIFEST_NAME, output_entry, provenance, write_manifest
+from ..manifest import MANIFEST_NAME, output_entry, provenance
 from ..ownership import OutputClaim, claim_output
-from ..stagekeys import explain_rerun, up_to_date
+from ..prompts import texts_to_encode, validation_prompts
+from ..runner import StageRun
 from .checkpoint import list_checkpoints
 from .resume import TRAINING_LENGTH, ResumePlan, RunRecord, check_target, choose_checkpoint, note_other_runs, other_runs
-from .validation import prompts_from
+
+if TYPE_CHECKING:
+    from .trainer import RunState
 
 log = get_logger("train")
 
 SCHEMA = "st.train/1"
 SCHEMA_VERSION = 1
 FORMAT_VERSION = 1
-_KEY_EXCLUDED = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path",
-                 "pretrained_t5_model_name_or_path")  # fmt: skip
 
 
 @dataclass
@@ -79,22 +81,17 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     verify_outputs(cache, reader.root, reader.manifest_path, writer="cache",
                    size_only=[s["path"] for s in cache["shards"]])  # fmt: skip
     forced = check_parent_chain(cache, reader.manifest_path, expect_stage="prepare", rerun="st cache", force=force)
-    if not config.model_family or not config.pretrained_model_name_or_path:
-        raise ConfigError("st train needs model_family and pretrained_model_name_or_path (the model the cache was "
-                          "made with)")  # fmt: skip
+    sources = model_sources(loaded)
     family = get_family(config.model_family)
-    source = resolve_path(loaded, config.pretrained_model_name_or_path)
-    vae_source = resolve_path(loaded, config.pretrained_vae_model_name_or_path)
-    t5_source = resolve_path(loaded, config.pretrained_t5_model_name_or_path)
-    model = model_identity(family, source, vae_source, t5_source, config.revision)
+    source, vae_source = sources.model, sources.vae
+    model = model_identity(family, sources)
     check_lineage(cache, family.name, model, reader.manifest_path)
     check_model_family(family, source)
     denoiser_identity = component_identity(source, family.denoiser.subfolder, config.revision)
 
-    prompts = [] if config.validation_disable else prompts_from(config, loaded.base_dir)
-    needed = [p.text for p in prompts]
-    if config.validation_negative_prompt is not None and prompts:
-        needed.append(config.validation_negative_prompt)
+    prompts = [] if config.validation_disable else validation_prompts(
+        config.validation_prompt, config.user_prompt_library, loaded.base_dir)
+    needed = texts_to_encode(prompts, config.validation_negative_prompt) if prompts else []
     cached_texts = set(cache["embeds"]["prompts"].values())
     missing = [t for t in needed if t not in cached_texts]
     if missing:
@@ -102,18 +99,15 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
                           "stores validation_prompt, validation_negative_prompt and user_prompt_library; set them "
                           "before running `st cache` (it re-encodes only the prompts)")  # fmt: skip
 
-    stage_config = {k: v for k, v in config.stage_keys(TRAIN).items() if k not in _KEY_EXCLUDED}
+    stage_config = config.stage_keys(TRAIN)
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
                        "denoiser": without_source(denoiser_identity), "family": family.name})  # fmt: skip
-    previous = up_to_date(out_dir, SCHEMA, key)
+    stage_run = StageRun(TRAIN, SCHEMA_VERSION, out_dir, key, stage_config, force=force)
     run = RunRecord(key=key, config=stage_config, parent_digest=cache["digest"],
                     denoiser=without_source(denoiser_identity), family=family.name, format=FORMAT_VERSION)  # fmt: skip
-    if previous.current and not force:
-        log.info("train: %s is up to date (key %s), nothing to do", out_dir / MANIFEST_NAME, key[:12])
-        return TrainResult(out_dir, previous.manifest, up_to_date=True)
-    reasons = explain_rerun(previous, stage_config, force=force)
-    for reason in reasons:
-        log.info("train: running because %s", reason)
+    if stage_run.up_to_date:
+        return TrainResult(out_dir, stage_run.previous.manifest, up_to_date=True)
+    reasons = stage_run.reasons()
     plan = choose_checkpoint(config.resume_from_checkpoint, out_dir / "checkpoints", loaded.base_dir, run,
                              strict=resume_strict)  # fmt: skip
     resuming = plan.path is not None
@@ -127,72 +121,100 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
             claim.remove(out_dir / stale)
 
     from .. import notify
-    from .tracking import Tracker
     from .trainer import Trainer
-    from .validation import Validator
 
     notify.check_hooks(config)
     if config.push_to_hub or config.push_checkpoints_to_hub:
-        from ..publish.targets import check_targets
+        from ..remote import check_targets
 
         check_targets(config, loaded.base_dir, storage=False)  # fail now, not after hours of training
 
     shared = reader.shared_embeds()
     by_text = {text: shared[k] for k, text in cache["embeds"]["prompts"].items()}
-    trainer = Trainer(config=config, family=family, source=source, vae_source=vae_source, cache_root=reader.root,
-                      cache_manifest=cache, shared_embeds=shared, prompts_by_text=by_text, out_dir=out_dir,
-                      base_dir=loaded.base_dir, resume_from=plan.path, run_record=run.as_dict())  # fmt: skip
-    check_target(plan, trainer.total_steps, config.resume_from_checkpoint)
-    tracker = None
-    validator = None
-    trainer.has_validation = bool(prompts)
-    if trainer.is_main:
-        logging_dir = Path(config.logging_dir) if config.logging_dir else out_dir / "logs"
-        if not logging_dir.is_absolute() and config.logging_dir:
-            logging_dir = loaded.base_dir / logging_dir
-        run_name = config.tracker_run_name or f"{family.name}-{config.model_type}"
-        tracker = Tracker(out_dir, report_to=config.report_to, logging_dir=logging_dir,
-                          project=config.tracker_project_name, run_name=run_name, config=stage_config,
-                          resume_step=plan.step if resuming else -1)  # fmt: skip
-        if prompts:
-            validator = Validator(family, config, source=source, vae_source=vae_source, denoiser=trainer.unwrapped,
-                                  prompts=prompts, embeds=by_text, out_dir=out_dir / "validation",
-                                  device=trainer.device)  # fmt: skip
-    notifier = notify.Notifier.from_config(config, loaded.base_dir, stage="train", main_process=trainer.is_main)
-    trainer.notifier = notifier
-    notifier.start({"family": family.name, "model_type": config.model_type, "max_train_steps": trainer.total_steps,
-                    "output": str(out_dir)})  # fmt: skip
+    rank, _ = rank_and_world()  # the notifier sends from the main process only
+    with notify.Notifier.from_config(config, loaded.base_dir, stage="train", main_process=rank == 0) as notifier:
+        trainer = Trainer(config=config, family=family, source=source, vae_source=vae_source, cache_root=reader.root,
+                          cache_manifest=cache, shared_embeds=shared, prompts_by_text=by_text, out_dir=out_dir,
+                          base_dir=loaded.base_dir, resume_from=plan.path, run_record=run.as_dict(),
+                          validation_prompts=prompts, notifier=notifier)  # fmt: skip
+        check_target(plan, trainer.total_steps, config.resume_from_checkpoint)
+        tracker = _tracker(loaded, out_dir, family.name, stage_config, plan) if trainer.is_main else None
+        notifier.start({"family": family.name, "model_type": config.model_type,
+                        "max_train_steps": trainer.total_steps, "output": str(out_dir)})  # fmt: skip
+        state = _train(trainer, tracker, notifier)
+        if state.interrupted:
+            notifier.send("interrupted", f"training stopped by {state.interrupted} at step {state.step}",
+                          step=state.step)  # fmt: skip
+            return TrainResult(out_dir, None, False, interrupted=state.interrupted, reasons=reasons)
+        if not trainer.is_main:
+            trainer.accelerator.wait_for_everyone()
+            return TrainResult(out_dir, None, False, reasons=reasons)
+        final = _install_final(claim, trainer, out_dir)
+        doc = _document(claim, trainer, state, out_dir, run=run, plan=plan, key=key, stage_config=stage_config,
+                        cache=cache, model={"denoiser": denoiser_identity, **model})  # fmt: skip
+        doc["provenance"] = provenance(started, time.time(), cache_path=str(reader.manifest_path.absolute()),
+                                       processes=trainer.world, device=str(trainer.device),
+                                       **forced_record(forced))  # fmt: skip
+        for upload in trainer.uploads:
+            upload.wait()
+        doc = stage_run.write_manifest(doc)
+        notifier.finished({"global_step": state.step, "final_loss": state.last_loss, "output": str(final)})
+    trainer.accelerator.wait_for_everyone()
+    log.debug("train: %d steps, final loss %s -> %s", state.step, f"{state.last_loss:.4f}" if state.last_loss else "-",
+             final)  # fmt: skip
+    return TrainResult(out_dir, doc, False, reasons=reasons)
+
+
+def _tracker(loaded: LoadedConfig, out_dir: Path, family: str, stage_config: dict[str, Any], plan: ResumePlan):
+    """metrics.jsonl and the tracker `report_to` names (main process only), trimmed to the resumed step."""
+    from .tracking import Tracker
+
+    config = loaded.config
+    logging_dir = Path(config.logging_dir) if config.logging_dir else out_dir / "logs"
+    if not logging_dir.is_absolute() and config.logging_dir:
+        logging_dir = loaded.base_dir / logging_dir
+    run_name = config.tracker_run_name or f"{family}-{config.model_type}"
+    return Tracker(out_dir, report_to=config.report_to, logging_dir=logging_dir, project=config.tracker_project_name,
+                   run_name=run_name, config=stage_config,
+                   resume_step=plan.step if plan.path is not None else -1)  # fmt: skip
+
+
+def _train(trainer, tracker, notifier) -> RunState:
+    """`trainer.run`; the hooks it started end and the tracker closes however it stops, and an error is reported."""
+    from .. import notify
+
     try:
-        state = trainer.run(tracker, validator)
+        return trainer.run(tracker)
     except BaseException as exc:
         notify.wait_for_hooks(kill=isinstance(exc, KeyboardInterrupt))
         notifier.error(f"{type(exc).__name__}: {exc}")
-        notifier.close(timeout=5)
         raise
     finally:
         notify.wait_for_hooks()  # post_checkpoint_script runs in the background; none outlives the run
         if tracker is not None:
             tracker.close()
-    if state.interrupted:
-        notifier.send("interrupted", f"training stopped by {state.interrupted} at step {state.step}", step=state.step)
-        notifier.close(timeout=5)
-        return TrainResult(out_dir, None, False, interrupted=state.interrupted, reasons=reasons)
-    if not trainer.is_main:
-        trainer.accelerator.wait_for_everyone()
-        return TrainResult(out_dir, None, False, reasons=reasons)
+
+
+def _install_final(claim: OutputClaim, trainer, out_dir: Path) -> Path:
+    """The trained weights (and EMA weights) written to final.tmp, then installed as `final`."""
+    from ..tensorfile import save_tensors
+    from .adapters import save_final
 
     final_tmp = out_dir / "final.tmp"
     claim.remove(final_tmp)
-    from .adapters import save_final
-
-    save_final(trainer.unwrapped, config, family, final_tmp)
+    save_final(trainer.unwrapped, trainer.adapter_options, trainer.family, final_tmp)
     if trainer.ema is not None:
-        from ..tensorfile import save_tensors
-
         save_tensors(final_tmp / "ema_weights.safetensors", trainer.ema.state())
     final = out_dir / "final"
     claim.install(final_tmp, final)
+    return final
 
+
+def _document(claim: OutputClaim, trainer, state: RunState, out_dir: Path, *, run: RunRecord, plan: ResumePlan,
+              key: str, stage_config: dict[str, Any], cache: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """The train manifest, without provenance: outputs, this run's checkpoints, metrics and what was trained."""
+    config = trainer.config
+    final = out_dir / "final"
     outputs = [output_entry(out_dir, p) for p in sorted(final.rglob("*")) if p.is_file() and claim.owns(p)]
     outputs.append(output_entry(out_dir, out_dir / "metrics.jsonl"))
     validation = out_dir / "validation"
@@ -206,15 +228,15 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
         entry = output_entry(out_dir, path / "manifest.json")
         checkpoints.append({"path": path.relative_to(out_dir).as_posix(), "step": step,
                             "manifest_sha256": entry["sha256"]})  # fmt: skip
-    doc = {
+    return {
         "schema": SCHEMA,
         "stage": TRAIN,
         "key": key,
         "parent": {"stage": "cache", "digest": cache["digest"]},
         "config": _trained_config(stage_config, plan, state.step),
-        "family": family.name,
+        "family": trainer.family.name,
         "model_type": config.model_type,
-        "model": {"denoiser": denoiser_identity, **model},
+        "model": model,
         "final": {"path": "final", "format": "lora" if config.model_type == "lora" else "diffusers",
                   "files": [o for o in outputs if o["path"].startswith("final/")]},  # fmt: skip
         "checkpoints": checkpoints,
@@ -222,23 +244,10 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
                     "final_eval_loss": state.last_eval},  # fmt: skip
         "validations": state.validations,
         "outputs": outputs,
-        "stats": {"steps": state.step, "samples": cache["stats"]["samples"],
-                  "batch_size": config.train_batch_size * trainer.world * trainer.accum,
+        "stats": {"steps": state.step, "samples": cache["stats"]["samples"], "batch_size": trainer.samples_per_step,
                   "steps_this_run": state.step - plan.step,
-                  "resumed_from": plan.summary(stage_config) if resuming else None},  # fmt: skip
+                  "resumed_from": plan.summary(stage_config) if plan.path is not None else None},  # fmt: skip
     }
-    doc["provenance"] = provenance(started, time.time(), cache_path=str(reader.manifest_path.absolute()),
-                                   processes=trainer.world, device=str(trainer.device),
-                                   **forced_record(forced))  # fmt: skip
-    for upload in trainer.uploads:
-        upload.wait()
-    doc = write_manifest(out_dir, doc, "train", SCHEMA_VERSION)
-    notifier.finished({"global_step": state.step, "final_loss": state.last_loss, "output": str(final)})
-    notifier.close(timeout=5)
-    trainer.accelerator.wait_for_everyone()
-    log.info("train: %d steps, final loss %s -> %s", state.step, f"{state.last_loss:.4f}" if state.last_loss else "-",
-             final)  # fmt: skip
-    return TrainResult(out_dir, doc, False, reasons=reasons)
 
 
 def _trained_config(stage_config: dict[str, Any], plan: ResumePlan, final_step: int) -> dict[str, Any]:

@@ -9,13 +9,15 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import speed
+from ..distributed import check_world_size, global_batch
 from ..errors import InputError, UserError
 from ..families import Family, load_components
 from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
+from ..prompts import ValidationPrompt
 from . import adapters
 from .checkpoint import (
     begin_checkpoint,
@@ -25,8 +27,12 @@ from .checkpoint import (
     read_checkpoint,
     save_rank_state,
 )
-from .data import CacheIndex, Cursor, EpochPlanner, TrainLoader
+from .data import CacheIndex, Cursor, EpochPlanner, SampleReader, TrainLoader
+from .options import AdapterOptions, CheckpointOptions, ObjectiveOptions, OptimizerOptions, ValidationOptions
 from .seeding import isolated_rng, seed_global
+
+if TYPE_CHECKING:
+    from ..notify import Notifier
 
 log = get_logger("train")
 
@@ -81,24 +87,32 @@ class Trainer:
     def __init__(self, *, config, family: Family, source: str, vae_source: str | None, cache_root: Path,
                  cache_manifest: dict[str, Any], shared_embeds: dict[str, dict[str, Any]],
                  prompts_by_text: dict[str, dict[str, Any]], out_dir: Path, base_dir: Path,
-                 resume_from: Path | None = None, run_record: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 resume_from: Path | None = None, run_record: dict[str, Any] | None = None,
+                 validation_prompts: Sequence[ValidationPrompt] = (),
+                 notifier: Notifier | None = None) -> None:  # fmt: skip
         """`resume_from`: the checkpoint this run continues (chosen by the stage); `run_record`: what identifies the
-        run (train key, resume key, options, cache digest), stored in every checkpoint."""
+        run (train key, resume key, options, cache digest), stored in every checkpoint. `validation_prompts`: what
+        validations render (none: no validation), with their embeddings in `prompts_by_text`. `notifier`: where
+        progress, checkpoint and validation events go (a no-op one on processes other than the main one)."""
         import torch
         from accelerate import Accelerator
 
         quiet_libraries()
         self.config, self.family, self.out_dir = config, family, out_dir
         self.source, self.vae_source, self.base_dir = source, vae_source, base_dir
+        self.adapter_options = AdapterOptions.from_config(config)
+        self.checkpoint_options = CheckpointOptions.from_config(config)
+        self.validation_options = ValidationOptions.from_config(config)
+        self.notifier = notifier
         _reset_accelerator_state()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        check_world_size(config.num_processes, self.world)
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.seed = config.seed or 0
         self.cache_manifest = cache_manifest
         self.shared = shared_embeds
-        self.prompts_by_text = prompts_by_text
         speed.check_train_options(config, self.device)
 
         parts = load_components(family, source, which=("denoiser", "scheduler"))
@@ -107,7 +121,7 @@ class Trainer:
         # TF32, QKV fusion and gradient checkpointing (every block, or every Nth) before adapters are added.
         self.speed_setup = speed.setup_denoiser(denoiser, config)
         with isolated_rng(seed=self.seed):  # the initial LoRA weights depend on `seed` only
-            self.params = adapters.attach(denoiser, config, family)
+            self.params = adapters.attach(denoiser, self.adapter_options, family)
         denoiser.to(self.device)
         denoiser.train()
         # In place, after the adapters (so that they are compiled in) and before accelerate wraps the model.
@@ -117,11 +131,12 @@ class Trainer:
         from .objectives import Objective
         from .optim import build_lr_scheduler, build_optimizer, effective_learning_rate
 
-        self.objective = Objective(config, kind=family.prediction_type, scheduler_config=self.scheduler_config,
-                                   default_shift=getattr(family, "default_flow_shift", None))  # fmt: skip
+        self.objective = Objective(ObjectiveOptions.from_config(config), kind=family.prediction_type,
+                                   scheduler_config=self.scheduler_config,
+                                   default_shift=family.default_flow_shift)  # fmt: skip
         self.index = CacheIndex(cache_root, cache_manifest)
-        self.planner = EpochPlanner(self.index, seed=self.seed, global_batch=config.train_batch_size * self.world,
-                                    sampling=config.data_backend_sampling)  # fmt: skip
+        self.planner = EpochPlanner(self.index, seed=self.seed, sampling=config.data_backend_sampling,
+                                    global_batch=global_batch(config.train_batch_size, self.world))  # fmt: skip
         micro_per_epoch = self.planner.batches_per_epoch()
         if micro_per_epoch == 0:
             sizes = ", ".join(f"{d}/{b}: {len(k)}" for (d, b), k in sorted(self.index.groups.items()))
@@ -136,9 +151,11 @@ class Trainer:
         self.epochs = max(config.num_train_epochs, math.ceil(self.total_steps / self.steps_per_epoch))
         if config.max_train_steps:
             self.epochs = math.ceil(self.total_steps / self.steps_per_epoch) + 1
-        self.learning_rate = effective_learning_rate(config)
-        optimizer = build_optimizer(self.params, config, device_type=self.device.type)
-        self.lr_scheduler = build_lr_scheduler(optimizer, config, self.total_steps)
+        # num_processes equals the world size here (check_world_size): lr_scale scales by the real global batch.
+        self.optimizer_options = OptimizerOptions.from_config(config)
+        self.learning_rate = effective_learning_rate(self.optimizer_options)
+        optimizer = build_optimizer(self.params, self.optimizer_options, device_type=self.device.type)
+        self.lr_scheduler = build_lr_scheduler(optimizer, self.optimizer_options, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(denoiser, optimizer)
         # The parameters as the prepared (possibly wrapped) model holds them, listed once: clipping runs every step.
         self.prepared_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -154,9 +171,21 @@ class Trainer:
         self.resume_from = resume_from
         self.run_record = run_record or {}
         self.state = RunState()
-        self.has_validation = False  # set by the stage; every process must agree
-        self.notifier = None  # set by the stage (a no-op notifier on other processes)
+        self.has_validation = bool(validation_prompts)  # the same on every process
+        self.validator = None  # renders on the main process only
+        if validation_prompts and self.is_main:
+            from .validation import Validator
+
+            self.validator = Validator(family, self.validation_options, source=source, vae_source=vae_source,
+                                       denoiser=self.unwrapped, prompts=list(validation_prompts),
+                                       embeds=prompts_by_text, out_dir=out_dir / "validation",
+                                       device=self.device)  # fmt: skip
         self.uploads: list[Any] = []  # checkpoint uploads to the hub (push_checkpoints_to_hub), awaited at the end
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples in one optimizer step across all processes."""
+        return global_batch(self.config.train_batch_size, self.world, self.accum)
 
     # ---------------------------------------------------------------------------------------------- helpers
 
@@ -188,7 +217,7 @@ class Trainer:
                     "family": self.family.name, "last_loss": self.state.last_loss, "run": self.run_record,
                     "threads": _intra_op_threads()}  # fmt: skip
             parts = {
-                "weights": adapters.trainable_state(self.unwrapped, self.config),
+                "weights": adapters.trainable_state(self.unwrapped, self.config.model_type),
                 "ema": self.ema.state() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.lr_scheduler.state_dict(),
@@ -199,14 +228,11 @@ class Trainer:
 
                 self.notifier.checkpoint(self.state.step, path)
                 notify.post_checkpoint(self.config, self.state.step, path, cwd=self.base_dir)
-            if self.config.push_checkpoints_to_hub and kind == "checkpoint":
-                from ..publish.targets.hub import upload_checkpoint
+            if self.checkpoint_options.push_checkpoints_to_hub and kind == "checkpoint":
+                from ..remote.hub import upload_checkpoint
 
                 self.uploads.append(upload_checkpoint(self.config, path, self.state.step, self.base_dir))
-            if kind == "checkpoint":
-                prune(self.checkpoints_dir, "checkpoint", self.config.checkpoints_total_limit, self._of_this_run)
-            else:
-                prune(self.checkpoints_dir, "rolling", self.config.checkpoints_rolling_total_limit, self._of_this_run)
+            prune(self.checkpoints_dir, kind, self.checkpoint_options.limit(kind), self._of_this_run)
             log.info("saved %s", path)
         self.accelerator.wait_for_everyone()
         return path
@@ -267,15 +293,19 @@ class Trainer:
         """The SDPA kernel choice of attention_mechanism; entered around forward and backward."""
         return speed.attention_context(self.config.attention_mechanism)
 
-    def _forward_loss(self, latents, texts, meta, step: int, *, noised=None):
-        latents = latents.to(self.device)
-        if noised is None:
-            noised = self.objective.draw(latents, self.generator, step)
-        guidance = self.objective.guidance(latents.shape[0], self.generator) if noised is not None else None
+    def forward_loss(self, noised, texts: list[dict[str, Any]], meta: list[dict[str, Any]], guidance, step: int):
+        """The objective's loss of one forward pass of the denoiser on a noised batch (training and evaluation)."""
         with self.accelerator.autocast():
             prediction = self.family.denoiser_forward(self.model, noised.noisy, noised.timesteps, self._text(texts),
                                                       meta, guidance=_to(guidance, self.device))  # fmt: skip
         return self.objective.loss(prediction.float(), noised, step)
+
+    def _forward_loss(self, latents, texts, meta, step: int):
+        """A training batch's loss: noise, timesteps and guidance drawn from the run's generator."""
+        latents = latents.to(self.device)
+        noised = self.objective.draw(latents, self.generator, step)
+        guidance = self.objective.guidance(latents.shape[0], self.generator)
+        return self.forward_loss(noised, texts, meta, guidance, step)
 
     def evaluate(self) -> float | None:
         """Mean loss over a fixed set of samples at fixed timesteps and fixed noise."""
@@ -285,8 +315,6 @@ class Trainer:
         if count <= 0:
             return None
         keys = sorted(self.index.samples)[:count]
-        from .data import SampleReader
-
         reader = SampleReader()
         losses = []
         was_training = self.model.training
@@ -296,27 +324,24 @@ class Trainer:
             with torch.no_grad(), self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device):
                 for i, key in enumerate(keys):
                     ref = self.index.samples[key]
-                    latent = reader.tensors(ref, "latent.safetensors.zst")["latent"].float()[None]
-                    texts = self.loader._texts(ref, reader)[:1]
+                    latent = reader.latent(ref)[None]
+                    texts = self.loader.captions(ref, reader)[:1]
                     g = torch.Generator(device="cpu").manual_seed(10_000 + i)
                     for fraction in EVAL_FRACTIONS:
                         noise = torch.randn(latent.shape, generator=g)
                         noised = self.objective.fixed(latent.to(self.device), torch.tensor([fraction]),
                                                       noise.to(self.device))  # fmt: skip
                         guidance = self.objective.guidance(1, torch.Generator().manual_seed(0))
-                        with self.accelerator.autocast():
-                            prediction = self.family.denoiser_forward(
-                                self.model, noised.noisy, noised.timesteps, self._text(texts), [ref.meta],
-                                guidance=_to(guidance, self.device),
-                            )  # fmt: skip
-                        losses.append(float(self.objective.loss(prediction.float(), noised, self.state.step)))
+                        loss = self.forward_loss(noised, texts, [ref.meta], guidance, self.state.step)
+                        losses.append(float(loss))
         finally:
             reader.close()
             self.model.train(was_training)
         value = sum(losses) / len(losses)
         return float(self.accelerator.reduce(torch.tensor(value, device=self.device), reduction="mean"))
 
-    def run(self, tracker, validator) -> RunState:
+    def run(self, tracker) -> RunState:
+        """Train to `total_steps` (or until SIGINT/SIGTERM); `tracker` receives metrics on the main process."""
         import torch
 
         from .optim import clip_gradients, optimizer_eval_mode, optimizer_train_mode
@@ -324,8 +349,8 @@ class Trainer:
         config = self.config
         self.resume()
         state = self.state
-        if self.has_validation and state.step == 0 and not config.disable_benchmark:
-            self._validate(validator, tracker, "base")
+        if self.has_validation and state.step == 0 and not self.validation_options.disable_benchmark:
+            self._validate(tracker, "base")
         if config.eval_steps_interval and state.step == 0:
             state.first_eval = state.last_eval = self.evaluate()
             if self.is_main and tracker:
@@ -353,7 +378,7 @@ class Trainer:
                 state.cursor = Cursor(batch.epoch, batch.index + 1)
                 if not last_micro:
                     continue
-                grad_norm = clip_gradients(self.prepared_params, config)
+                grad_norm = clip_gradients(self.prepared_params, self.optimizer_options)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
@@ -371,7 +396,7 @@ class Trainer:
                 state.last_loss = step_loss
                 record = {"step": state.step, "epoch": batch.epoch, "loss": step_loss,
                           "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                          "samples_per_s": config.train_batch_size * self.world * self.accum / max(elapsed, 1e-9)}  # fmt: skip
+                          "samples_per_s": self.samples_per_step / max(elapsed, 1e-9)}  # fmt: skip
                 if config.eval_steps_interval and state.step % config.eval_steps_interval == 0:
                     state.last_eval = self.evaluate()
                     record["eval_loss"] = state.last_eval
@@ -383,7 +408,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
                                     sps=f"{record['samples_per_s']:.1f}")  # fmt: skip
                 epoch_done = state.cursor.batch >= self.micro_per_epoch // self.accum * self.accum
-                self._periodic(state, validator, tracker, epoch_done, batch.epoch)
+                self._periodic(state, tracker, epoch_done, batch.epoch)
                 if signals.received:
                     state.interrupted = signals.received
                     optimizer_eval_mode(self.optimizer)
@@ -393,7 +418,7 @@ class Trainer:
         with open(self._order_log_path(), "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": state.step, "weights_sha256": self.weights_digest()}) + "\n")
         if state.interrupted is None and self.has_validation:
-            self._validate(validator, tracker, f"step-{state.step}")
+            self._validate(tracker, f"step-{state.step}")
         if config.eval_steps_interval and state.interrupted is None and state.step % config.eval_steps_interval:
             state.last_eval = self.evaluate()
             if self.is_main:
@@ -426,22 +451,19 @@ class Trainer:
             digest.update(param.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
 
-    def _periodic(self, state: RunState, validator, tracker, epoch_done: bool, epoch: int) -> None:
-        config = self.config
-        at_epoch_end = epoch_done and config.checkpoint_epoch_interval and (epoch + 1) % config.checkpoint_epoch_interval == 0
-        if (config.checkpoint_step_interval and state.step % config.checkpoint_step_interval == 0) or at_epoch_end:
-            self.save_checkpoint()
-        elif config.checkpointing_rolling_steps and state.step % config.checkpointing_rolling_steps == 0:
-            self.save_checkpoint("rolling")
-        wants_validation = (config.validation_step_interval and state.step % config.validation_step_interval == 0) or (
-            epoch_done and config.validation_epoch_interval and (epoch + 1) % config.validation_epoch_interval == 0)
+    def _periodic(self, state: RunState, tracker, epoch_done: bool, epoch: int) -> None:
+        """The checkpoint and validation that fall on this step (`epoch_done`: it ended epoch `epoch`)."""
+        kind = self.checkpoint_options.due(state.step, epoch_done, epoch)
+        if kind is not None:
+            self.save_checkpoint(kind)
+        wants_validation = self.validation_options.due(state.step, epoch_done, epoch)
         if self.has_validation and wants_validation and state.step < self.total_steps:
-            self._validate(validator, tracker, f"step-{state.step}")
+            self._validate(tracker, f"step-{state.step}")
 
-    def _validate(self, validator, tracker, label: str) -> None:
+    def _validate(self, tracker, label: str) -> None:
         from .optim import optimizer_eval_mode, optimizer_train_mode
 
-        if self.config.validation_method == "external-script":
+        if self.validation_options.validation_method == "external-script":
             self._external_validation(label)
             return
         if not self.is_main:
@@ -453,16 +475,18 @@ class Trainer:
         try:
             # Validation renders other shapes than training: compiled blocks run eagerly rather than recompiling.
             with self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device):
-                self._render(validator, tracker, label)
+                self._render(tracker, label)
         finally:
             self.unwrapped.train(was_training)
             optimizer_train_mode(self.optimizer)
         self.accelerator.wait_for_everyone()
 
-    def _render(self, validator, tracker, label: str) -> None:
+    def _render(self, tracker, label: str) -> None:
         """Validation images (and their EMA twins) for one label."""
-        if self.ema is not None and self.config.ema_validation in ("ema_only", "comparison") and label != "base":
-            if self.config.ema_validation == "comparison":
+        validator = self.validator
+        ema_validation = self.validation_options.ema_validation
+        if self.ema is not None and ema_validation in ("ema_only", "comparison") and label != "base":
+            if ema_validation == "comparison":
                 paths = validator.render(self.state.step, label)
                 tracker.images(f"validation/{label}", paths, self.state.step)
             with _swapped(self._named_trainable(), self.ema.state()):

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..families import Family, load_components
 from ..log import get_logger
+from .options import ValidationOptions
 
 log = get_logger("train")
 
@@ -26,12 +25,6 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ValidationPrompt:
-    name: str
-    text: str
 
 
 def parse_resolutions(value: str, alignment: int = 16) -> list[tuple[int, int]]:
@@ -50,33 +43,6 @@ def parse_resolutions(value: str, alignment: int = 16) -> list[tuple[int, int]]:
     return sizes
 
 
-def prompts_from(config, base: Path) -> list[ValidationPrompt]:
-    """validation_prompt plus the entries of user_prompt_library (a JSON object {shortname: prompt})."""
-    found = []
-    if config.validation_prompt:
-        found.append(ValidationPrompt("validation", config.validation_prompt))
-    if config.user_prompt_library:
-        path = Path(config.user_prompt_library)
-        path = path if path.is_absolute() else base / path
-        try:
-            library = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"user_prompt_library {path} cannot be read as JSON: {exc}") from None
-        if not isinstance(library, dict):
-            raise ConfigError(f"user_prompt_library {path} must be a JSON object of shortname -> prompt")
-        for name, text in library.items():
-            found.append(ValidationPrompt(re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)), str(text)))
-    return found
-
-
-def library_prompts(config, base: Path) -> list[str]:
-    """All prompt texts validation needs (the cache stage stores their embeddings)."""
-    texts = [p.text for p in prompts_from(config, base)]
-    if config.validation_negative_prompt is not None:
-        texts.append(config.validation_negative_prompt)
-    return texts
-
-
 class Validator:
     """Builds the family pipeline around the live denoiser once, then renders prompts at each validation.
 
@@ -85,19 +51,19 @@ class Validator:
     steps have its memory. On a CPU run both are the same.
     """
 
-    def __init__(self, family: Family, config, *, source: str, vae_source: str | None, denoiser, prompts,
-                 embeds: dict[str, dict[str, Any]], out_dir: Path, device) -> None:  # fmt: skip
-        self.family, self.config, self.out_dir, self.device = family, config, out_dir, device
+    def __init__(self, family: Family, options: ValidationOptions, *, source: str, vae_source: str | None, denoiser,
+                 prompts, embeds: dict[str, dict[str, Any]], out_dir: Path, device) -> None:  # fmt: skip
+        self.family, self.options, self.out_dir, self.device = family, options, out_dir, device
         self.prompts = prompts
         self.embeds = embeds
         parts = load_components(family, source, vae_source=vae_source, which=("vae", "scheduler"))
         pipeline_class = family.load_pipeline_class()
         scheduler = parts["scheduler"]
-        if config.validation_noise_scheduler:
+        if options.validation_noise_scheduler:
             import diffusers
 
-            scheduler = getattr(diffusers, SCHEDULERS[config.validation_noise_scheduler]).from_config(scheduler.config)
-        self.keep_vae = bool(getattr(config, "keep_vae_loaded", False))
+            scheduler = getattr(diffusers, SCHEDULERS[options.validation_noise_scheduler]).from_config(scheduler.config)
+        self.keep_vae = options.keep_vae_loaded
         vae = parts["vae"].to(device if self.keep_vae else "cpu")
         components = {family.denoiser.subfolder: denoiser, "vae": vae, "scheduler": scheduler}
         for spec in family.text_encoders:
@@ -111,7 +77,7 @@ class Validator:
         self.pipe = pipeline_class(**components)
         self.pipe.set_progress_bar_config(disable=True)
         self.call_params = set(inspect.signature(self.pipe.__call__).parameters)
-        self.sizes = parse_resolutions(config.validation_resolution)
+        self.sizes = parse_resolutions(options.validation_resolution)
 
     def _prompt_kwargs(self, positive: dict[str, Any], negative: dict[str, Any] | None) -> dict[str, Any]:
         names = {"prompt_embeds": "prompt_embeds", "pooled_prompt_embeds": "pooled_prompt_embeds",
@@ -136,17 +102,17 @@ class Validator:
         """Images for every prompt and resolution; returns the PNG paths (the grid last)."""
         from .grid import image_grid
 
-        config = self.config
+        options = self.options
         folder = self.out_dir / label
         folder.mkdir(parents=True, exist_ok=True)
-        negative_text = config.validation_negative_prompt if config.validation_negative_prompt is not None else ""
+        negative_text = options.validation_negative_prompt if options.validation_negative_prompt is not None else ""
         negative = self.embeds.get(negative_text)
-        seed = config.validation_seed if config.validation_seed is not None else (config.seed or 0)
+        seed = options.validation_seed if options.validation_seed is not None else (options.seed or 0)
         with self._vae_on_device():
             paths = self._render_all(folder, negative, seed)
         if paths:
             grid = folder / "grid.png"
-            image_grid(paths, columns=max(1, config.num_validation_images * len(self.sizes))).save(grid)
+            image_grid(paths, columns=max(1, options.num_validation_images * len(self.sizes))).save(grid)
             paths.append(grid)
         log.info("validation: %d image(s) at step %d -> %s", len(paths) - 1, step, folder)
         return paths
@@ -171,17 +137,17 @@ class Validator:
     def _render_all(self, folder: Path, negative: dict[str, Any] | None, seed: int) -> list[Path]:
         import torch
 
-        config = self.config
+        options = self.options
         paths: list[Path] = []
         for prompt in self.prompts:
             for width, height in self.sizes:
                 kwargs = self._prompt_kwargs(self.embeds[prompt.text], negative)
-                extra = {"num_inference_steps": config.validation_num_inference_steps,
-                         "guidance_scale": config.validation_guidance, "height": height, "width": width,
-                         "num_images_per_prompt": config.num_validation_images, "output_type": "pil",
+                extra = {"num_inference_steps": options.validation_num_inference_steps,
+                         "guidance_scale": options.validation_guidance, "height": height, "width": width,
+                         "num_images_per_prompt": options.num_validation_images, "output_type": "pil",
                          "generator": torch.Generator(device="cpu").manual_seed(seed)}  # fmt: skip
-                if config.validation_guidance_rescale and "guidance_rescale" in self.call_params:
-                    extra["guidance_rescale"] = config.validation_guidance_rescale
+                if options.validation_guidance_rescale and "guidance_rescale" in self.call_params:
+                    extra["guidance_rescale"] = options.validation_guidance_rescale
                 if "use_resolution_binning" in self.call_params:
                     extra["use_resolution_binning"] = False
                 with torch.no_grad():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image, write_config
+from tests.helpers.files import make_image, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120

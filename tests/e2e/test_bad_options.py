@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from pipeline.config import OPTION_FIELDS, OPTION_RANGES, Config
-from tests.conftest import make_image, write_config
+from tests.helpers.files import make_image, write_config
 
 
 @pytest.fixture

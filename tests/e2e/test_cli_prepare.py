@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
 
@@ -44,3 +46,25 @@ def test_console_script_runs_without_traceback_on_bad_input(tmp_path):
     assert proc.returncode == 2
     assert "missing.json does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_log_lines_print_above_the_progress_bar_and_an_empty_bar_is_not_shown(monkeypatch):
+    """On a terminal a log line clears the bar, takes a line of its own, and the bar is drawn again below it."""
+    from pipeline.log import configure, get_logger
+    from pipeline.progress import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    configure()
+    assert progress_bar(total=0, desc="nothing").disable
+    with progress_bar(total=2, desc="cache") as bar:
+        bar.update(1)
+        get_logger("cache").info("a log line")
+        bar.update(1)
+    text = terminal.getvalue()
+    assert re.search(r"\r +\ra log line\n", text), repr(text)
+    assert text.index("a log line") < text.rindex("\rcache: ") and "nothing" not in text

@@ -3,7 +3,6 @@ a caption edit. Small sizes (6 images, 2 steps, no validation images) keep each 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -94,7 +93,8 @@ def test_make_demo_runs_each_stage_once_and_again_only_downstream_of_a_change(tm
 def test_dvc_yaml_params_are_the_demo_config_keys_each_stage_reads(tmp_path):
     """dvc.yaml lists, per stage, exactly the keys of the demo config that the stage reads (Config.stage_keys);
     a listed key missing from the config would stop `dvc repro`."""
-    yaml = pytest.importorskip("yaml")
+    import yaml
+
     from pipeline.config import load_config, normalise_key, read_config_file
     from pipeline.sampledata import write_sample_dataset
 
@@ -115,7 +115,6 @@ def test_dvc_yaml_params_are_the_demo_config_keys_each_stage_reads(tmp_path):
 
 
 @needs_make
-@pytest.mark.skipif(importlib.util.find_spec("dvc") is None, reason="dvc is not installed (pip install dvc)")
 def test_dvc_repro_runs_all_then_nothing_then_from_prepare(tmp_path):
     dvc = [sys.executable, "-m", "dvc"]
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")

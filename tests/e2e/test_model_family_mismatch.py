@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.families import get_family
 from pipeline.prepare.stage import run_prepare
 from pipeline.sampledata import write_sample_dataset
 
@@ -21,25 +20,10 @@ QUICK_TRAIN = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """`tiny(family)`: a tiny model folder of that family, written once (as `st tiny-model` does)."""
-    root = tmp_path_factory.mktemp("family-models")
-    made: dict[str, Path] = {}
-
-    def build(name: str) -> Path:
-        if name not in made:
-            get_family(name).tiny(root / name, 0)
-            made[name] = root / name
-        return made[name]
-
-    return build
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny):
+def prepared(tmp_path_factory, tiny_model):
     """A small captioned dataset whose config names an sd1x model, prepared: (config, prepare folder)."""
     root = tmp_path_factory.mktemp("family-data")
-    config = write_sample_dataset(root / "data", images=4, family="sd1x", model=tiny("sd1x"))
+    config = write_sample_dataset(root / "data", images=4, family="sd1x", model=tiny_model("sd1x"))
     run_prepare(load_config(config, ["train_batch_size=1"]), root / "prepare")
     return config, root / "prepare"
 
@@ -53,9 +37,10 @@ def assert_refused(result, model: Path, given: str, looks_like: str) -> None:
 
 
 @pytest.mark.parametrize("given, actual", [("sd1x", "sdxl"), ("sdxl", "sd1x"), ("sd1x", "sd2x"), ("sd2x", "sd1x")])
-def test_cache_refuses_a_family_that_does_not_match_the_model_folder(cli, tmp_path, tiny, prepared, given, actual):
+def test_cache_refuses_a_family_that_does_not_match_the_model_folder(cli, tmp_path, tiny_model, prepared, given,
+                                                                   actual):
     config, prep = prepared
-    model = tiny(actual)
+    model = tiny_model(actual)
     result = cli("cache", "-c", config, "-i", prep, "-o", tmp_path / "cache", "--set", f'model_family="{given}"',
                  "--set", f'pretrained_model_name_or_path="{model}"')  # fmt: skip
     assert_refused(result, model, given, actual)
@@ -77,11 +62,11 @@ def test_cache_refuses_a_single_file_checkpoint_of_another_family(cli, tmp_path,
     assert "conditioner.embedders.1.model.positional_embedding" in result.stderr
 
 
-def test_train_and_publish_refuse_a_model_folder_that_is_no_longer_the_family(cli, tmp_path, tiny):
+def test_train_and_publish_refuse_a_model_folder_that_is_no_longer_the_family(cli, tmp_path, tiny_model):
     """The model folder changed into another family's layout after `st cache` (its VAE and text encoder, which the
     cache lineage checks, are untouched): train and publish read model_index.json and refuse it."""
     model = tmp_path / "model"
-    shutil.copytree(tiny("sd1x"), model)
+    shutil.copytree(tiny_model("sd1x"), model)
     config = write_sample_dataset(tmp_path / "data", images=4, family="sd1x", model=model)
     for stage, args in (("prepare", []), ("cache", ["-i", tmp_path / "prepare"])):
         result = cli(stage, "-c", config, *args, "-o", tmp_path / stage, "--set", "train_batch_size=1")

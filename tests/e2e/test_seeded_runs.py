@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.stages.test_train import _setup
+from tests.helpers.training import cached_dataset
 
 ST = str(Path(sys.executable).with_name("st"))  # the console script of this environment
 COMMON = ["validation_disable=true", "disable_benchmark=true", 'report_to="none"', "lora_dropout=0.1",
@@ -62,7 +62,7 @@ def outputs(out: Path) -> dict[str, bytes]:
 def setup(tmp_path_factory) -> tuple[Path, Path]:
     """A prepared and cached 4-image sd1x dataset with its tiny model."""
     root = tmp_path_factory.mktemp("seeded")
-    return root, _setup(root, "sd1x", images=4)
+    return root, cached_dataset(root, "sd1x", images=4)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ import json
 
 from pipeline.config import load_config
 from pipeline.train.stage import run_train
-from tests.stages.test_train import QUICK, _setup
-from tests.unit.test_hook_timeout import alive, hanging_hook, wait_until
+from tests.helpers.training import QUICK, cached_dataset
+from tests.helpers.processes import alive, hanging_hook, wait_until
 
 
 def test_training_finishes_while_a_hanging_checkpoint_hook_is_killed(tmp_path):
     root = tmp_path / "run"
-    config = _setup(root, "sd1x", images=4)
+    config = cached_dataset(root, "sd1x", images=4)
     command, _ = hanging_hook(tmp_path, "pids-{global_step}.txt")
     sets = [*QUICK, "max_train_steps=2", "checkpoint_step_interval=1", "hook_timeout=3",
             f"post_checkpoint_script={json.dumps(command)}"]  # fmt: skip

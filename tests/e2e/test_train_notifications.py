@@ -7,15 +7,15 @@ import sys
 
 from pipeline.config import load_config
 from pipeline.train.stage import run_train
-from tests.stages.test_train import QUICK, _setup
-from tests.unit.test_notify import Recorder
+from tests.helpers.training import QUICK, cached_dataset
+from tests.helpers.webhooks import Recorder
 
 
 def test_train_sends_events_and_runs_post_checkpoint_script(tmp_path, monkeypatch):
     monkeypatch.setenv("ST_JOB_ID", "job-42")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     root = tmp_path / "run"
-    config = _setup(root, "sd1x", images=4)
+    config = cached_dataset(root, "sd1x", images=4)
     recorder = Recorder()
     try:
         script = tmp_path / "hook.py"

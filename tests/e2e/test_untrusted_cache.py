@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.manifest import read_manifest
-from tests.untrusted import TRAIN_OPTIONS, build_tiny_cache, crafted_copy, tree_bytes
+from tests.helpers.untrusted import TRAIN_OPTIONS, build_tiny_cache, crafted_copy, tree_bytes
 
 # The cases of the issue, plus the shared embeddings (read before the shards); the unit tests cover every case.
 # A checksum mismatch shows up only when a frame is decompressed: it too must stop st train before its first step.

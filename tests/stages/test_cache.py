@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cache.reader import CacheReader
+from pipeline.cache_reader import CacheReader
 from pipeline.cache.stage import merge_parts, run_cache
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, InputError, ManifestError
@@ -29,7 +29,7 @@ from pipeline.families import get_family
 from pipeline.manifest import read_manifest
 from pipeline.prepare.stage import run_prepare
 from pipeline.sampledata import write_sample_dataset
-from tests.conftest import make_image
+from tests.helpers.files import make_image
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma")
@@ -100,22 +100,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """`tiny_model(family, seed=0)`: the folder of a tiny model, written on first use."""
-    root = tmp_path_factory.mktemp("models")
-    made: dict[tuple[str, int], Path] = {}
-
-    def build(family: str, seed: int = 0) -> Path:
-        if (family, seed) not in made:
-            out = root / f"{family}-{seed}"
-            get_family(family).tiny(out, seed)
-            made[(family, seed)] = out
-        return made[(family, seed)]
-
-    return build
 
 
 @pytest.fixture(scope="session")
@@ -351,47 +335,65 @@ def test_two_runs_write_identical_bytes(shapes, runs, tmp_path):
     assert first.manifest["digest"] == second.manifest["digest"]
 
 
+# Runs `st` with the arguments after the marker path; at st's "wrote shard" log line (the first shard and its sidecar
+# are under their final names) it creates the marker file and waits to be killed.
+STOP_AFTER_FIRST_SHARD = """\
+import logging, pathlib, sys, threading
+from pipeline.cli import main
+
+marker = pathlib.Path(sys.argv[1])
+
+class StopAfterFirstShard(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("wrote shard "):
+            marker.write_text(record.getMessage())
+            threading.Event().wait()
+
+logging.getLogger("st").addHandler(StopAfterFirstShard())
+sys.argv = ["st", *sys.argv[2:]]
+main()
+"""
+
+
 def test_killed_run_resumes_to_the_same_output(tmp_path, tiny_model):
     images = 8
     config = make_dataset(tmp_path / "data", tiny_model("sd1x"), images=images)
     prep = prepare(config, tmp_path / "prepare")
     sets = ["cache_shard_samples=1", "vae_batch_size=1", "max_workers=0"]
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "pipeline.cli", "-q", "cache", "-c", str(config), "-i", str(prep),
-               "-o", str(killed), *itertools.chain.from_iterable(("--set", s) for s in sets)]  # fmt: skip
+    killed, marker = tmp_path / "killed", tmp_path / "first-shard-written"
+    command = [sys.executable, "-c", STOP_AFTER_FIRST_SHARD, str(marker), "-v", "cache", "-c", str(config), "-i",
+               str(prep), "-o", str(killed), *itertools.chain.from_iterable(("--set", s) for s in sets)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as this process (see one_thread): the same bytes
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    log = tmp_path / "stderr.txt"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if (killed / "shards").is_dir() and next((killed / "shards").rglob("*.tar"), None) is not None:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, f"st cache ended before writing a shard:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "st cache wrote no shard in 300 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
     finally:
-        if proc.poll() is None and time.monotonic() >= deadline:
-            proc.kill()
-        _, stderr = proc.communicate(timeout=60)
-    was_killed = proc.returncode == -signal.SIGKILL
-    assert was_killed or proc.returncode == 0, stderr.decode(errors="replace")
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "manifest.json").exists()
+    # Whatever lies under a final shard name is a whole shard with its sidecar.
+    from pipeline.shards import read_shard
 
-    if was_killed and not (killed / "manifest.json").exists():
-        # Whatever lies under a final shard name is a whole shard with its sidecar.
-        from pipeline.shards import read_shard
-
-        finished = sorted(killed.rglob("*.tar"))
-        assert finished
-        for path in finished:
-            assert path.with_suffix(".json").is_file()
-            samples = list(read_shard(path, expected_sha256=None))
-            assert len(samples) == 1 and set(samples[0][1]) >= {"json", "latent.safetensors.zst"}
+    finished = sorted(killed.rglob("*.tar"))
+    assert finished
+    for path in finished:
+        assert path.with_suffix(".json").is_file()
+        samples = list(read_shard(path, expected_sha256=None))
+        assert len(samples) == 1 and set(samples[0][1]) >= {"json", "latent.safetensors.zst"}
 
     resumed = cache(config, prep, killed, *sets)
     reference = cache(config, prep, tmp_path / "uninterrupted", *sets)
     assert reference.encoded == images
-    if not resumed.up_to_date and was_killed:
-        assert resumed.manifest["provenance"]["kept_shards"] >= 1
-        assert resumed.encoded < images and resumed.encoded + resumed.reused == images
+    assert not resumed.up_to_date and resumed.manifest["provenance"]["kept_shards"] >= 1
+    assert resumed.encoded < images and resumed.encoded + resumed.reused == images
     assert resumed.manifest["digest"] == reference.manifest["digest"]
     assert shard_hashes(killed) == shard_hashes(reference.out_dir)
     assert not list(killed.rglob("*.tmp"))

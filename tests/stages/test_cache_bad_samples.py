@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 from pipeline.cache.images import BACKGROUND, decode_rgb
-from pipeline.cache.reader import CacheReader
+from pipeline.cache_reader import CacheReader
 from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.families import get_family
 from pipeline.manifest import read_manifest
 from pipeline.prepare.stage import run_prepare
-from tests.conftest import write_config
+from tests.helpers.files import write_config
 
 SIZE = (64, 64)  # one 64x64 bucket at resolution 64, no resize or crop: pixels reach the VAE as decoded
 

@@ -12,7 +12,7 @@ from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.families import get_family
 from pipeline.prepare.stage import run_prepare
-from tests.conftest import write_config
+from tests.helpers.files import write_config
 
 SIZE = (96, 96)  # one 64x64 bucket at resolution 64: every sample shares its shard and batches with the others
 

@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError, InputError, ManifestError, NotSupportedError
 from pipeline.manifest import read_manifest
 from pipeline.prepare.stage import run_prepare
-from tests.conftest import make_image, write_config
+from tests.helpers.files import make_image, write_config
 
 
 def run(config_path: Path, out: Path, *sets: str, **kwargs):
@@ -222,7 +222,6 @@ def test_rerun_is_up_to_date_and_writes_nothing(small_dataset, caplog):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
     caplog.set_level(logging.INFO, logger="st")
-    logging.getLogger("st").propagate = True
     (data / "img_1.txt").write_text("an edited caption\n")
     make_image(data / "img_9.jpg", colour=(9, 9, 9))
     (data / "img_9.txt").write_text("a new one")
@@ -297,7 +296,6 @@ def test_dataset_errors_name_the_problem(tmp_path):
 def test_simpletuner_dataset_list_loads_unchanged(small_dataset, caplog):
     root, data, config = small_dataset
     caplog.set_level(logging.INFO, logger="st")
-    logging.getLogger("st").propagate = True
     datasets = [
         {"id": "main", "type": "local", "instance_data_dir": "data", "caption_strategy": "textfile",
          "cache_dir_vae": "cache/vae", "vae_cache_clear_each_epoch": False, "skip_file_discovery": "",

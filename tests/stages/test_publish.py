@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.cache.reader import CacheReader
+from pipeline.cache_reader import CacheReader
 from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import LineageError
@@ -424,7 +424,7 @@ def test_upload_records_go_to_provenance(runs, tmp_path, monkeypatch):
         calls.append(sorted(p.name for p in Path(out_dir).iterdir()))
         return [{"provider": "fake", "destination": "fake://bucket/shapes", "files": 4}]
 
-    monkeypatch.setitem(sys.modules, "pipeline.publish.targets",
+    monkeypatch.setitem(sys.modules, "pipeline.remote",
                         types.SimpleNamespace(publish_to_targets=publish_to_targets))  # fmt: skip
     plain = publish(root, train_dir, tmp_path / "plain")
     target = 'publishing_config=[{provider = "fake"}]'

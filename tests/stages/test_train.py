@@ -12,32 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, InputError, LineageError
 from pipeline.families import FAMILIES, get_family
 from pipeline.manifest import read_manifest
-from pipeline.prepare.stage import run_prepare
-from pipeline.sampledata import write_sample_dataset
 from pipeline.train.stage import run_train
-
-QUICK = [
-    "validation_disable=true", "disable_benchmark=true", "report_to=\"none\"", "dataloader_prefetch=false",
-    "max_train_steps=2", "train_batch_size=1",
-]  # fmt: skip
-
-
-def _setup(root: Path, family: str, images: int = 8, **extra) -> Path:
-    get_family(family).tiny(root / "model", 0)
-    config = write_sample_dataset(root / "data", images=images, family=family, model=root / "model", resolution=96)
-    data = json.loads(config.read_text())
-    data.update({"--validation_prompt": "a red circle on a white background", "--train_batch_size": 1,
-                 "--num_validation_images": 1, **extra})  # fmt: skip
-    config.write_text(json.dumps(data))
-    loaded = load_config(config)
-    run_prepare(loaded, root / "prepare")
-    run_cache(loaded, root / "prepare", root / "cache")
-    return config
+from tests.helpers.training import QUICK, cached_dataset, train
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +28,10 @@ def cached(tmp_path_factory):
     def get(family: str) -> tuple[Path, Path]:
         if family not in built:
             root = tmp_path_factory.mktemp(f"train-{family}")
-            built[family] = (root, _setup(root, family))
+            built[family] = (root, cached_dataset(root, family))
         return built[family]
 
     return get
-
-
-def train(config: Path, cache: Path, out: Path, *sets: str):
-    return run_train(load_config(config, [*QUICK, *sets]), cache, out)
 
 
 @pytest.mark.parametrize("model_type", ["lora", "full"])
@@ -186,7 +162,7 @@ def test_two_processes_train_disjoint_data_and_end_identical(cached, tmp_path):
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "pipeline.cli", "train", "-c",
          str(config), "-i", str(root / "cache"), "-o", str(tmp_path / "out"), *sum((["--set", s] for s in QUICK), []),
-         "--set", "max_train_steps=3"],
+         "--set", "max_train_steps=3", "--set", "num_processes=2"],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

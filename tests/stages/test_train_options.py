@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 from pipeline.errors import ConfigError, NotSupportedError, UserError
 from pipeline.train.checkpoint import list_checkpoints, read_checkpoint
 from pipeline.train.trainer import TrainingDiverged
-from tests.stages.test_train import QUICK, _setup, train
+from tests.helpers.training import QUICK, cached_dataset, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +30,7 @@ def data(tmp_path_factory):
     def get(family: str) -> tuple[Path, Path]:
         if family not in built:
             root = tmp_path_factory.mktemp(f"options-{family}")
-            built[family] = (root, _setup(root, family))
+            built[family] = (root, cached_dataset(root, family))
         return built[family]
 
     return get
@@ -213,27 +212,12 @@ def test_init_lora_starts_from_the_given_weights(data, baseline, tmp_path):
 # ------------------------------------------------------------------------------------------ objective and optimizer
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record) -> None:
-        self.messages.append(record.getMessage())
-
-
-def test_v_prediction_changes_the_objective(data, baseline, tmp_path):
+def test_v_prediction_changes_the_objective(data, baseline, tmp_path, st_log):
     root, config = data("sd1x")
-    logger = logging.getLogger("st")
-    handler, level = _Collect(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        train(config, root / "cache", tmp_path / "out", 'prediction_type="v_prediction"')
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    assert any(m.startswith("objective: v_prediction") for m in handler.messages), handler.messages
+    records = st_log()
+    train(config, root / "cache", tmp_path / "out", 'prediction_type="v_prediction"')
+    messages = [r.getMessage() for r in records]
+    assert any(m.startswith("objective: v_prediction") for m in messages), messages
     v, epsilon = _losses(tmp_path / "out"), _losses(baseline)
     assert sorted(v) == [1, 2] and all(math.isfinite(x) for x in v.values())
     assert v[1] != epsilon[1]  # same seed, same batch and noise: only the target differs

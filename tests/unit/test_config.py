@@ -54,7 +54,6 @@ def test_value_outside_choices_lists_them(tmp_path):
 
 def test_simpletuner_only_keys_are_accepted_with_a_log_line(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="st")
-    logging.getLogger("st").propagate = True
     loaded = load_config(write(tmp_path, {"--cache_dir_vae": "/x", "--lycoris_config": "x.json", "--resolution": 512}))
     assert set(loaded.ignored) == {"cache_dir_vae", "lycoris_config"}
     assert "ignoring option 'cache_dir_vae'" in caplog.text
@@ -63,7 +62,7 @@ def test_simpletuner_only_keys_are_accepted_with_a_log_line(tmp_path, caplog):
 def test_stage_keys_hold_only_what_the_stage_reads():
     keys = Config().stage_keys("prepare")
     assert "resolution" in keys and "max_workers" not in keys
-    assert "max_workers" in Config().stage_keys("prepare", outputs_only=False)
+    assert "max_workers" in Config().stage_keys("prepare", key_only=False)
 
 
 def test_missing_or_broken_config_file(tmp_path):
@@ -71,3 +70,28 @@ def test_missing_or_broken_config_file(tmp_path):
         load_config(tmp_path / "nope.json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(write(tmp_path, "{broken", name="bad.json"))
+
+
+def test_every_option_group_names_real_options_and_copies_them():
+    """Each typed option group (config.OptionGroup) is a view of Config: its fields are options, copied as set."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import pipeline
+    from pipeline.config import OPTION_FIELDS, OptionGroup
+
+    for info in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
+        if not info.name.startswith("pipeline.schemas"):
+            importlib.import_module(info.name)
+    groups, todo = [], list(OptionGroup.__subclasses__())
+    while todo:
+        groups.append(todo.pop())
+        todo += groups[-1].__subclasses__()
+    assert {g.__name__ for g in groups} >= {"PublishOptions", "OptimizerOptions", "SpeedOptions"}
+    config = Config(learning_rate=3e-4, lora_format="comfyui", seed=7)
+    for group in groups:
+        names = {f.name for f in dataclasses.fields(group)}
+        assert names <= set(OPTION_FIELDS), (group.__name__, names - set(OPTION_FIELDS))
+        copied = group.from_config(config)
+        assert all(getattr(copied, n) == getattr(config, n) for n in names), group.__name__

@@ -24,29 +24,14 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """Build each family's tiny diffusers folder once, on first use."""
-    root = tmp_path_factory.mktemp("tiny_families")
-    built: dict[str, object] = {}
-
-    def build(name: str):
-        if name not in built:
-            get_family(name).tiny(root / name, 0)
-            built[name] = root / name
-        return built[name]
-
-    return build
-
-
-@pytest.fixture(scope="session")
-def tiny_pipe(tiny_folder):
+def tiny_pipe(tiny_model):
     """Each family's tiny folder loaded with its diffusers pipeline class, once."""
     pipes: dict[str, object] = {}
 
     def load(name: str):
         if name not in pipes:
             family = get_family(name)
-            pipe = family.load_pipeline_class().from_pretrained(tiny_folder(name))
+            pipe = family.load_pipeline_class().from_pretrained(tiny_model(name))
             pipe.set_progress_bar_config(disable=True)
             pipes[name] = pipe
         return pipes[name]
@@ -127,9 +112,9 @@ def test_registry_is_consistent():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tiny_folder_runs_in_its_pipeline(name, tiny_folder, tiny_pipe):
+def test_tiny_folder_runs_in_its_pipeline(name, tiny_model, tiny_pipe):
     family = get_family(name)
-    folder = tiny_folder(name)
+    folder = tiny_model(name)
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == family.pipeline_class
     assert index[family.denoiser.subfolder] == [family.denoiser.library, family.denoiser.class_name]
@@ -173,10 +158,10 @@ def _clone(module):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_encode_prompts_equals_pipeline(name, tiny_folder, tiny_pipe):
+def test_encode_prompts_equals_pipeline(name, tiny_model, tiny_pipe):
     family = get_family(name)
     pipe = tiny_pipe(name)
-    loaded = load_components(family, tiny_folder(name), which=("text_encoders",))
+    loaded = load_components(family, tiny_model(name), which=("text_encoders",))
     items = family.encode_prompts(loaded["text_encoders"], loaded["tokenizers"], PROMPTS)
     assert len(items) == 2
     for item in items:
@@ -251,8 +236,8 @@ def test_pixart_trimmed_embeddings_give_the_same_denoiser_output(tiny_pipe):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_vae_factors_come_from_the_config(name, tiny_folder):
-    vae = load_components(get_family(name), tiny_folder(name), which=("vae",))["vae"]
+def test_vae_factors_come_from_the_config(name, tiny_model):
+    vae = load_components(get_family(name), tiny_model(name), which=("vae",))["vae"]
     scale, shift = vae_factors(vae)
     assert scale == vae.config.scaling_factor
     assert shift == vae.config.shift_factor
@@ -260,11 +245,11 @@ def test_vae_factors_come_from_the_config(name, tiny_folder):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_tiny_folder_is_recognised_as_its_own_family_only(name, tiny_folder):
+def test_every_tiny_folder_is_recognised_as_its_own_family_only(name, tiny_model):
     from pipeline.families import check_model_family
     from pipeline.families.detect import detect_folder
 
-    folder = tiny_folder(name)
+    folder = tiny_model(name)
     assert detect_folder(folder, FAMILIES).families == (name,)
     check_model_family(get_family(name), str(folder))
     for other in NAMES:
@@ -273,9 +258,9 @@ def test_every_tiny_folder_is_recognised_as_its_own_family_only(name, tiny_folde
                 check_model_family(get_family(other), str(folder))
 
 
-def test_load_components_returns_what_is_asked(tiny_folder):
+def test_load_components_returns_what_is_asked(tiny_model):
     family = get_family("sd3")
-    loaded = load_components(family, tiny_folder("sd3"), which=("vae", "denoiser", "scheduler", "text_encoders"))
+    loaded = load_components(family, tiny_model("sd3"), which=("vae", "denoiser", "scheduler", "text_encoders"))
     assert type(loaded["denoiser"]).__name__ == "SD3Transformer2DModel"
     assert type(loaded["scheduler"]).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert [type(m).__name__ for m in loaded["text_encoders"]] == [
@@ -284,37 +269,37 @@ def test_load_components_returns_what_is_asked(tiny_folder):
         "T5EncoderModel",
     ]
     assert len(loaded["tokenizers"]) == 3
-    half = load_components(family, tiny_folder("sd3"), which=("vae",), dtype=torch.bfloat16)
+    half = load_components(family, tiny_model("sd3"), which=("vae",), dtype=torch.bfloat16)
     assert set(half) == {"vae"} and half["vae"].dtype == torch.bfloat16
 
 
-def test_vae_and_t5_sources_replace_components(tiny_folder):
+def test_vae_and_t5_sources_replace_components(tiny_model):
     family = get_family("pixart_sigma")
     loaded = load_components(
         family,
-        tiny_folder("pixart_sigma"),
-        vae_source=tiny_folder("sd1x") / "vae",
-        t5_source=tiny_folder("flux"),
+        tiny_model("pixart_sigma"),
+        vae_source=tiny_model("sd1x") / "vae",
+        t5_source=tiny_model("flux"),
     )
     assert loaded["vae"].config.scaling_factor == 0.18215
-    flux_t5 = load_components(get_family("flux"), tiny_folder("flux"))["text_encoders"][1]
+    flux_t5 = load_components(get_family("flux"), tiny_model("flux"))["text_encoders"][1]
     ours = loaded["text_encoders"][0]
     assert torch.equal(ours.shared.weight, flux_t5.shared.weight)
     assert type(loaded["tokenizers"][0]).__name__ == "T5Tokenizer"
 
     # A bare T5 folder (no tokenizer) keeps the model's own tokenizer.
-    bare = load_components(family, tiny_folder("pixart_sigma"), t5_source=tiny_folder("flux") / "text_encoder_2")
+    bare = load_components(family, tiny_model("pixart_sigma"), t5_source=tiny_model("flux") / "text_encoder_2")
     assert torch.equal(bare["text_encoders"][0].shared.weight, flux_t5.shared.weight)
     assert bare["tokenizers"][0] is not None
     with pytest.raises(NotSupportedError):
-        load_components(get_family("sdxl"), tiny_folder("sdxl"), t5_source=tiny_folder("flux"))
+        load_components(get_family("sdxl"), tiny_model("sdxl"), t5_source=tiny_model("flux"))
     with pytest.raises(InputError, match="holds no"):
-        load_components(family, tiny_folder("pixart_sigma"), vae_source=tiny_folder("sd1x") / "tokenizer")
+        load_components(family, tiny_model("pixart_sigma"), vae_source=tiny_model("sd1x") / "tokenizer")
 
 
-def test_missing_component_is_named(tiny_folder, tmp_path):
+def test_missing_component_is_named(tiny_model, tmp_path):
     folder = tmp_path / "sdxl"
-    shutil.copytree(tiny_folder("sdxl"), folder)
+    shutil.copytree(tiny_model("sdxl"), folder)
     shutil.rmtree(folder / "text_encoder_2")
     shutil.rmtree(folder / "vae")
     with pytest.raises(InputError) as info:
@@ -346,11 +331,11 @@ def test_single_file_unsupported_family(tmp_path):
         load_components(get_family("pixart_sigma"), checkpoint)
 
 
-def test_component_identity_follows_weights_and_config(tiny_folder, tmp_path):
+def test_component_identity_follows_weights_and_config(tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "model"
-    shutil.copytree(tiny_folder("sd1x"), folder)
+    shutil.copytree(tiny_model("sd1x"), folder)
     before = component_identity(folder, "vae")
     assert before == component_identity(folder, "vae")
     assert before["subfolder"] == "vae" and before["revision"] is None

@@ -35,21 +35,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """Each family's tiny diffusers folder, built once on first use."""
-    root = tmp_path_factory.mktemp("tiny_training")
-    built: dict[str, object] = {}
-
-    def build(name: str):
-        if name not in built:
-            get_family(name).tiny(root / name, 0)
-            built[name] = root / name
-        return built[name]
-
-    return build
-
-
 def load_pipe(name: str, folder):
     pipe = get_family(name).load_pipeline_class().from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
@@ -57,7 +42,7 @@ def load_pipe(name: str, folder):
 
 
 @pytest.fixture(scope="session")
-def trained(tiny_dir):
+def trained(tiny_model):
     """Per family: its denoiser with a LoRA adapter after one backward pass (LoRA B then set to random values so
     the adapter changes the output), the batch it saw and the gradients of that pass."""
     from peft import LoraConfig
@@ -68,7 +53,7 @@ def trained(tiny_dir):
         if name in done:
             return done[name]
         family = get_family(name)
-        folder = tiny_dir(name)
+        folder = tiny_model(name)
         loaded = load_components(family, folder, which=("denoiser", "text_encoders"))
         denoiser = loaded["denoiser"]
         text = family.collate_text(family.encode_prompts(loaded["text_encoders"], loaded["tokenizers"], PROMPTS))
@@ -138,10 +123,10 @@ def test_sd1x_forward_is_the_pipeline_call(trained):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_sdxl_time_ids_follow_the_pipeline(tiny_dir):
+def test_sdxl_time_ids_follow_the_pipeline(tiny_model):
     from pipeline.families import sdxl
 
-    pipe = load_pipe("sdxl", tiny_dir("sdxl"))
+    pipe = load_pipe("sdxl", tiny_model("sdxl"))
     ours = sdxl.time_ids(META, torch.float32, "cpu")
     for row, item in zip(ours, META, strict=True):
         (ow, oh), (top, left), (tw, th) = item["original_size"], item["crop_top_left"], item["target_size"]
@@ -153,7 +138,7 @@ def test_sdxl_time_ids_follow_the_pipeline(tiny_dir):
         get_family("sdxl").denoiser_forward(pipe.unet, torch.zeros(1, 4, 8, 8), 10, text, None)
 
 
-def test_flux_forward_is_the_pipeline_call(trained, tiny_dir):
+def test_flux_forward_is_the_pipeline_call(trained, tiny_model):
     from diffusers import FluxPipeline
 
     from pipeline.families import flux
@@ -167,7 +152,7 @@ def test_flux_forward_is_the_pipeline_call(trained, tiny_dir):
     ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     assert torch.equal(flux.image_ids(h // 2, w // 2, "cpu", torch.float32), ids)
 
-    vae_config = json.loads((tiny_dir("flux") / "vae" / "config.json").read_text())
+    vae_config = json.loads((tiny_model("flux") / "vae" / "config.json").read_text())
     vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)  # FluxPipeline.vae_scale_factor
     with torch.no_grad():
         ours = run["family"].denoiser_forward(transformer, latents, TIMESTEPS, text, None, guidance=GUIDANCE)
@@ -206,7 +191,7 @@ def test_wrong_latent_channels_is_an_error(trained):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_saved_lora_loads_into_the_pipeline(name, trained, tiny_dir, tmp_path):
+def test_saved_lora_loads_into_the_pipeline(name, trained, tiny_model, tmp_path):
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
@@ -221,7 +206,7 @@ def test_saved_lora_loads_into_the_pipeline(name, trained, tiny_dir, tmp_path):
     assert all(".lora_A." in k or ".lora_B." in k for k in keys)
     assert json.loads(header["lora_adapter_metadata"])[f"{family.denoiser.subfolder}.lora_alpha"] == 8
 
-    pipe = load_pipe(name, tiny_dir(name))
+    pipe = load_pipe(name, tiny_model(name))
     denoiser = getattr(pipe, family.denoiser.subfolder)
     args = (run["latents"], TIMESTEPS, run["text"], META)
     with torch.no_grad():
@@ -233,7 +218,7 @@ def test_saved_lora_loads_into_the_pipeline(name, trained, tiny_dir, tmp_path):
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pixart_lora_without_metadata_loads_with_alpha_equal_rank(trained, tiny_dir, tmp_path):
+def test_pixart_lora_without_metadata_loads_with_alpha_equal_rank(trained, tiny_model, tmp_path):
     from peft import get_peft_model_state_dict
 
     run = trained("pixart_sigma")
@@ -241,7 +226,7 @@ def test_pixart_lora_without_metadata_loads_with_alpha_equal_rank(trained, tiny_
     # No metadata: the loader takes alpha = rank (scale 1), so fold this adapter's scale of 2 into B.
     state = {k: v * 2 if "lora_B" in k else v for k, v in get_peft_model_state_dict(run["denoiser"]).items()}
     family.save_lora(tmp_path, state)
-    pipe = load_pipe("pixart_sigma", tiny_dir("pixart_sigma"))
+    pipe = load_pipe("pixart_sigma", tiny_model("pixart_sigma"))
     args = (run["latents"], TIMESTEPS, run["text"], None)
     with torch.no_grad():
         family.load_lora_into_pipeline(pipe, tmp_path / "pytorch_lora_weights.safetensors")
@@ -253,7 +238,7 @@ def test_pixart_lora_without_metadata_loads_with_alpha_equal_rank(trained, tiny_
 # ------------------------------------------------------------------------------------------- targets and options
 
 
-def test_flux_presets_match_modules(tiny_dir):
+def test_flux_presets_match_modules(tiny_model):
     from peft import LoraConfig, inject_adapter_in_model
 
     family = get_family("flux")
@@ -262,7 +247,7 @@ def test_flux_presets_match_modules(tiny_dir):
     assert family.lora_target_modules(None) == family.lora_targets == presets["all"]
     assert not {"to_q", "to_k", "to_v", "to_out.0"} & set(presets["context"])
     for preset in presets:
-        denoiser = load_components(family, tiny_dir("flux"), which=("denoiser",))["denoiser"]
+        denoiser = load_components(family, tiny_model("flux"), which=("denoiser",))["denoiser"]
         targets = family.lora_target_modules(preset, denoiser=denoiser)  # raises if a name matches nothing
         model = inject_adapter_in_model(LoraConfig(r=2, target_modules=list(targets)), denoiser)
         wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
@@ -285,10 +270,10 @@ def test_default_targets_match_the_denoiser(name, trained):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_flow_shift_and_lora_loader(name, tiny_dir):
+def test_flow_shift_and_lora_loader(name, tiny_model):
     family = get_family(name)
     assert family.lora_loader == hasattr(family.load_pipeline_class(), "load_lora_weights")
-    scheduler = load_components(family, tiny_dir(name), which=("scheduler",))["scheduler"]
+    scheduler = load_components(family, tiny_model(name), which=("scheduler",))["scheduler"]
     if name == "sd3":
         assert family.default_flow_shift == scheduler.config.shift == 3.0
     elif name == "flux":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -9,7 +10,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import Config
+from pipeline.config import OPTION_FIELDS, Config
+from pipeline.distributed import check_world_size, global_batch
 from pipeline.errors import ConfigError, NotSupportedError
 from pipeline.train.optim import (
     AdamWBF16,
@@ -20,6 +22,13 @@ from pipeline.train.optim import (
     optimizer_eval_mode,
     optimizer_train_mode,
     parse_optimizer_config,
+)
+from pipeline.train.options import (
+    AdapterOptions,
+    CheckpointOptions,
+    ObjectiveOptions,
+    OptimizerOptions,
+    ValidationOptions,
 )
 
 CPU_OPTIMIZERS = {
@@ -252,6 +261,28 @@ def test_lr_scale():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = build_optimizer([p], Config(lr_scale=True, **base), device_type="cpu")
     assert opt.param_groups[0]["lr"] == pytest.approx(1.6e-3)
+    options = OptimizerOptions.from_config(Config(lr_scale=True, **base))
+    assert effective_learning_rate(options) == pytest.approx(1.6e-3)
+
+
+def test_num_processes_must_match_the_processes_launched():
+    """lr_scale and st prepare's bucket pruning count num_processes; a launch with another count is refused."""
+    check_world_size(2, 2)
+    with pytest.raises(ConfigError, match=r"num_processes is 1, but 2 process\(es\) were launched; set "
+                                          r"num_processes = 2 .* re-run `st prepare`"):
+        check_world_size(1, 2)
+    assert global_batch(4, 2) == 8 and global_batch(4, 2, 3) == 24
+
+
+def test_option_groups_name_real_options():
+    for group in (OptimizerOptions, AdapterOptions, ObjectiveOptions, ValidationOptions, CheckpointOptions):
+        assert {f.name for f in dataclasses.fields(group)} <= set(OPTION_FIELDS), group.__name__
+    config = Config(checkpoint_step_interval=4, checkpointing_rolling_steps=2, checkpoint_epoch_interval=3,
+                    validation_epoch_interval=2)  # fmt: skip
+    checkpoints, validations = CheckpointOptions.from_config(config), ValidationOptions.from_config(config)
+    assert [checkpoints.due(step, False, 0) for step in (1, 2, 3, 4)] == [None, "rolling", None, "checkpoint"]
+    assert checkpoints.due(5, True, 2) == "checkpoint" and checkpoints.due(5, True, 1) is None
+    assert validations.due(5, True, 1) and not validations.due(5, True, 0) and not validations.due(4, False, 1)
 
 
 # Clipping.

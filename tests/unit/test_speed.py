@@ -348,15 +348,15 @@ def test_cache_clear_interval(monkeypatch):
 
 @pytest.fixture(scope="module")
 def sd1x_cache(tmp_path_factory):
-    from tests.stages.test_train import _setup
+    from tests.helpers.training import cached_dataset
 
     root = tmp_path_factory.mktemp("speed-train")
-    return root, _setup(root, "sd1x")
+    return root, cached_dataset(root, "sd1x")
 
 
 def test_train_runs_with_native_math_and_eager_compilation(sd1x_cache, tmp_path, monkeypatch, tf32_flags):
     from pipeline.manifest import read_manifest
-    from tests.stages.test_train import train
+    from tests.helpers.training import train
 
     seen = {"compiled": [], "cleared": [], "attention": []}
     compile_module, clear, attention = speed.compile_module, speed.maybe_clear_cache, speed.attention_context
@@ -385,7 +385,7 @@ def test_train_runs_with_native_math_and_eager_compilation(sd1x_cache, tmp_path,
 def test_train_full_with_fused_qkv_saves_unfused_weights(sd1x_cache, tmp_path):
     from safetensors.torch import load_file
 
-    from tests.stages.test_train import train
+    from tests.helpers.training import train
 
     root, config = sd1x_cache
     train(config, root / "cache", tmp_path / "out", 'model_type="full"', "fuse_qkv_projections=true")
@@ -395,7 +395,7 @@ def test_train_full_with_fused_qkv_saves_unfused_weights(sd1x_cache, tmp_path):
 
 
 def test_unsupported_attention_exits_2_from_the_cli(sd1x_cache, tmp_path, cli):
-    from tests.stages.test_train import QUICK
+    from tests.helpers.training import QUICK
 
     root, config = sd1x_cache
     sets = sum((["--set", s] for s in [*QUICK, 'attention_mechanism="xformers"']), [])

@@ -15,18 +15,18 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import boto3
 import pytest
+from moto import server as moto_server
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, InputError, NotSupportedError
-from pipeline.publish.targets import (
+from pipeline.remote import (
     HubTarget, check_targets, make_target, parse_publishing_config, publish_to_targets, upload_checkpoint,
 )
-from pipeline.publish.targets.retry import backoff_delay, is_transient, retry_call
-from pipeline.publish.targets.script import run_post_upload_script
-
-boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+from pipeline.remote.retry import backoff_delay, is_transient, retry_call
+from pipeline.notify.hooks import run_post_upload
+from pipeline.notify.options import HookOptions
 
 MB = 1024 * 1024
 
@@ -71,18 +71,9 @@ def bucket(s3):
 
 
 @pytest.fixture
-def publish_logs():
-    """Records of the `st.publish` logger (independent of propagation settings made by other tests)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.DEBUG)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("st.publish")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+def publish_logs(st_log):
+    """Records of st's loggers (publishing and the remote targets)."""
+    return st_log()
 
 
 def make_folder(root: Path) -> dict[str, bytes]:
@@ -635,29 +626,31 @@ def test_check_targets_without_push_to_hub_needs_no_token(tmp_path, monkeypatch,
 # post_upload_script ----------------------------------------------------------------------------------------------
 
 
-def test_post_upload_script_fills_placeholders_without_a_shell(tmp_path):
+def test_post_upload_script_gets_the_upload_placeholders_without_a_shell(tmp_path):
     script, args_file = recorder_script(tmp_path)
     command = (f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {shlex.quote(str(args_file))} "
-               "{local_path} --remote={remote_checkpoint_path} {huggingface_path} 'two words' {unknown} ';' '$HOME'")
-    status = run_post_upload_script(command, {"local_path": "/tmp/out", "remote_checkpoint_path": "s3://b/p",
-                                              "huggingface_path": "me/x"})
+               "{local_path} --remote={remote_checkpoint_path} {remote_path} {huggingface_path} {provider} {step} "
+               "'two words' {unknown} ';' '$HOME'")
+    hooks = HookOptions.from_config(Config(post_upload_script=command, hub_model_id="me/x"))
+    status = run_post_upload(hooks, 7, "/tmp/out", "s3://b/p", provider="s3")
     assert status == 0
     assert json.loads(args_file.read_text()) == [
-        "/tmp/out", "--remote=s3://b/p", "me/x", "two words", "{unknown}", ";", "$HOME"]
+        "/tmp/out", "--remote=s3://b/p", "s3://b/p", "me/x", "s3", "7", "two words", "{unknown}", ";", "$HOME"]
 
 
-def test_failing_post_upload_script_is_logged_not_raised(tmp_path, publish_logs):
-    failing = f"{shlex.quote(sys.executable)} -c 'import sys; sys.stderr.write(\"boom\"); sys.exit(3)'"
-    assert run_post_upload_script(failing, {}) == 3
-    assert run_post_upload_script(str(tmp_path / "no-such-program"), {}) is None
-    assert run_post_upload_script("unbalanced 'quote", {}) is None
-    warnings = [r.getMessage() for r in publish_logs if r.levelno == logging.WARNING]
-    assert any("exited with status 3: boom" in w for w in warnings)
-    assert any("could not start" in w for w in warnings)
-    assert any("cannot split" in w for w in warnings)
+def test_failing_post_upload_script_is_logged_not_raised(tmp_path, st_log):
+    records = st_log("notify")
+    failing = f"{shlex.quote(sys.executable)} -c 'import sys; sys.exit(3)'"
+    for script, status in ((failing, 3), (str(tmp_path / "no-such-program"), None), ("unbalanced 'quote", None)):
+        assert run_post_upload(HookOptions.from_config(Config(post_upload_script=script)), None, "/o", "r") == status
+    messages = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert any("post_upload_script exited with code 3" in m for m in messages)
+    assert any("could not start" in m for m in messages)
+    assert any("cannot be parsed" in m for m in messages)
 
 
-def test_failing_post_upload_script_does_not_fail_the_publish(tmp_path, fake_hub, publish_logs):
+def test_failing_post_upload_script_does_not_fail_the_publish(tmp_path, fake_hub, st_log):
+    records = st_log("notify")
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "a.bin").write_bytes(b"abc")
@@ -665,4 +658,4 @@ def test_failing_post_upload_script_does_not_fail_the_publish(tmp_path, fake_hub
                     post_upload_script=f"{shlex.quote(sys.executable)} -c 'raise SystemExit(5)' {{huggingface_path}}")
     [record] = publish_to_targets(config, folder, tmp_path)
     assert record["verified"]
-    assert any("exited with status 5" in r.getMessage() for r in publish_logs)
+    assert any("post_upload_script exited with code 5" in r.getMessage() for r in records)

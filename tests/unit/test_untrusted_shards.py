@@ -12,14 +12,14 @@ import json
 import pytest
 import zstandard
 
-from pipeline.cache.reader import CacheReader
+from pipeline.cache_reader import CacheReader
 from pipeline.errors import InputError
 from pipeline.manifest import read_manifest
 from pipeline.shards import MAX_MEMBER_BYTES, tensor_specs, unpack_tensors
 from pipeline.tensorfile import SafetensorsFormatError, header_length, read_header
 from pipeline.train.data import CacheIndex
 from pipeline.verify import verify_paths
-from tests.untrusted import (
+from tests.helpers.untrusted import (
     CASES,
     GIB,
     build_tiny_cache,

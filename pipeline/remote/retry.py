@@ -1,7 +1,10 @@
-"""Retry with exponential backoff and jitter for transient network and service errors.
+"""st's one retry policy for remote calls: uploads, listings and checks of every target, and webhook posts.
 
-Only errors known to be transient are retried (connection resets, timeouts, HTTP 5xx/408/429, S3 `SlowDown`, ...);
-auth, permission, not-found and config errors, and every `UserError`, fail at once.
+Each remote call goes through `retry_call`: at most ATTEMPTS tries (WEBHOOK_ATTEMPTS for a webhook post), with
+exponential backoff and jitter between them (BASE_DELAY doubling up to MAX_DELAY). Only errors known to be transient
+are retried (connection resets, timeouts, HTTP 5xx/408/429, S3 `SlowDown`, ...); auth, permission, not-found and
+config errors, and every `UserError`, fail at once. The SDKs' own retries are switched off where they have a switch
+(botocore, azure-core, dropbox), so that retries are never layered.
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ import random
 import time
 from typing import Callable, TypeVar
 
-from ...errors import UserError
-from ...log import get_logger
+from ..errors import UserError
+from ..log import get_logger
 
 log = get_logger("publish")
 
 T = TypeVar("T")
 
-ATTEMPTS = 5
-BASE_DELAY = 0.5
-MAX_DELAY = 30.0
+ATTEMPTS = 5  # tries per remote call of an upload target, the first included
+BASE_DELAY = 0.5  # seconds before the first retry (with jitter: between half of it and all of it), doubling after
+MAX_DELAY = 30.0  # the longest pause between two tries
+WEBHOOK_ATTEMPTS = 3  # a webhook post: a notification is worth less than the time spent retrying it
+WEBHOOK_MAX_DELAY = 2.0
 
 # Exception class names (anywhere in the MRO) that mean "try again" or "never try again", across boto3/botocore,
 # requests/httpx, azure-core, b2sdk and the dropbox SDK; matched by name so that none of them has to be imported.
@@ -93,10 +98,11 @@ def backoff_delay(attempt: int, base_delay: float = BASE_DELAY, max_delay: float
 def retry_call(fn: Callable[[], T], *, what: str = "upload", attempts: int = ATTEMPTS,
                base_delay: float = BASE_DELAY, max_delay: float = MAX_DELAY,
                sleep: Callable[[float], None] = time.sleep, rand: Callable[[], float] = random.random,
-               transient: Callable[[BaseException], bool] = is_transient) -> T:
+               transient: Callable[[BaseException], bool] = is_transient, quiet: bool = False) -> T:
     """Call `fn` until it succeeds, at most `attempts` times, sleeping with backoff after transient failures.
 
-    A permanent failure, or the last transient one, is raised as it is.
+    A permanent failure, or the last transient one, is raised as it is. Retries are logged as warnings (as debug lines
+    when `quiet`: the caller reports the outcome itself).
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -107,8 +113,9 @@ def retry_call(fn: Callable[[], T], *, what: str = "upload", attempts: int = ATT
             if attempt >= attempts or not transient(exc):
                 raise
             delay = backoff_delay(attempt, base_delay, max_delay, rand)
-            log.warning("%s failed (%s: %s); retry %d of %d in %.1f s", what, type(exc).__name__,
-                        _short(exc), attempt, attempts - 1, delay)
+            report = log.debug if quiet else log.warning
+            report("%s failed (%s: %s); retry %d of %d in %.1f s", what, type(exc).__name__, _short(exc), attempt,
+                   attempts - 1, delay)
             sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 

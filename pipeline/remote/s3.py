@@ -8,15 +8,12 @@ uploads what is missing or changed (resumable per object). After uploading, each
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ...errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 from .base import (
-    MB, POSITIVE, POSITIVE_INT, STR, LocalFile, join_key, local_files, log, make_record, normalise_entry,
-    require_key, require_sdk,
+    MB, POSITIVE, POSITIVE_INT, STR, LocalFile, StorageTarget, join_key, normalise_entry, require_key, require_sdk,
 )
-from .retry import retry_call
 
 SCHEMA = {
     "bucket": (STR, ("bucket_name",)),
@@ -61,26 +58,17 @@ def validate(entry: dict, where: str, provider: str) -> dict:
     return spec
 
 
-class S3Target:
+class S3Target(StorageTarget):
     """Uploads a folder under `s3://bucket/prefix/`."""
 
-    def __init__(self, spec: dict, *, sleep: Callable[[float], None] | None = None):
-        self.spec = spec
-        self.provider = spec["provider"]
-        self.bucket = spec["bucket"]
-        self.prefix = spec.get("prefix", "")
-        self._retry_kwargs: dict[str, Any] = {"sleep": sleep} if sleep else {}
+    scheme = "s3"
 
-    @property
-    def destination(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-
-    def __repr__(self) -> str:  # never show credentials
-        return f"S3Target({self.destination!r})"
+    def remote_name(self, f: LocalFile) -> str:
+        return f"s3://{self.location}/{join_key(self.prefix, f.rel)}"
 
     # Client --------------------------------------------------------------------------------------------------------
 
-    def _client(self, *, connect_timeout: float = 10, read_timeout: float = 120, attempts: int = 3):
+    def _client(self, *, connect_timeout: float = 10, read_timeout: float = 120):
         boto3 = require_sdk("boto3", "boto3", self.provider)
         from botocore.config import Config as BotoConfig
         from botocore.exceptions import ProfileNotFound
@@ -100,7 +88,7 @@ class S3Target:
         options: dict[str, Any] = {
             "connect_timeout": connect_timeout,
             "read_timeout": read_timeout,
-            "retries": {"max_attempts": attempts, "mode": "standard"},
+            "retries": {"total_max_attempts": 1, "mode": "standard"},  # retries are st's own (retry.py)
             "s3": {"addressing_style": self.spec.get("addressing_style", "auto")},
         }
         if self.spec.get("endpoint_url"):
@@ -127,89 +115,57 @@ class S3Target:
 
     # Operations ----------------------------------------------------------------------------------------------------
 
-    def check(self) -> str:
-        """Pre-flight: credentials present, endpoint reachable, bucket there and accessible (one quick HEAD)."""
-        client = self._client(connect_timeout=5, read_timeout=10, attempts=1)
+    def _probe(self) -> None:
         try:
-            client.head_bucket(Bucket=self.bucket)
+            self._client(connect_timeout=5, read_timeout=10).head_bucket(Bucket=self.location)
         except Exception as exc:
             raise self._explain(exc, "checking the bucket") from None
-        return f"{self.destination}: bucket reachable"
 
-    def upload(self, folder: Path, files: list[LocalFile] | None = None) -> dict:
-        """Upload every file of `folder`, skipping unchanged objects; verify and list; return the record."""
-        files = files if files is not None else local_files(folder)
+    def _open(self):
         client = self._client()
-        transfer = self._transfer_config()
-        try:
-            self._retry(lambda: client.head_bucket(Bucket=self.bucket), "checking the bucket")
-            uploaded = 0
-            for f in files:
-                key = join_key(self.prefix, f.rel)
-                if self._matches(client, key, f):
-                    log.debug("%s/%s unchanged, skipped", self.destination, f.rel)
-                    continue
-                log.info("uploading %s -> s3://%s/%s (%.1f MB)", f.rel, self.bucket, key, f.size / MB)
-                self._retry(lambda f=f, key=key: client.upload_file(
-                    str(f.path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": f.sha256}}, Config=transfer,
-                ), f"uploading {f.rel}")
-                if not self._matches(client, key, f):
-                    raise InputError(f"verification failed for s3://{self.bucket}/{key}: the stored object's size "
-                                     "or sha256 differs from the local file")
-                uploaded += 1
-            listed = self._list(client)
-        except InputError:
-            raise
-        except Exception as exc:
-            raise self._explain(exc, "uploading") from exc
-        missing = [f.rel for f in files if join_key(self.prefix, f.rel) not in listed]
-        if missing:
-            raise InputError(f"{self.destination}: uploaded objects missing from the listing: {', '.join(missing)}")
-        extra = {"remote_objects": len(listed)}
-        if self.spec.get("public_base_url"):
-            extra["url"] = join_key(self.spec["public_base_url"].rstrip("/"), self.prefix)
-        return make_record(self.provider, self.destination, files, uploaded, **extra)
+        self._retry(lambda: client.head_bucket(Bucket=self.location), "checking the bucket")
+        return client, self._transfer_config()
 
-    def _retry(self, fn, what: str):
-        return retry_call(fn, what=f"{self.destination}: {what}", **self._retry_kwargs)
+    def _put(self, session, f: LocalFile) -> None:
+        client, transfer = session
+        client.upload_file(str(f.path), self.location, join_key(self.prefix, f.rel),
+                           ExtraArgs={"Metadata": {"sha256": f.sha256}}, Config=transfer)
 
-    def _matches(self, client, key: str, f: LocalFile) -> bool:
-        """Whether the object exists with the local size and sha256 (HEAD)."""
+    def _remote(self, session, f: LocalFile) -> tuple[int, str] | None:
         from botocore.exceptions import ClientError
 
-        def head():
-            try:
-                return client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if _code(exc) in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise
+        client, _ = session
+        try:
+            head = client.head_object(Bucket=self.location, Key=join_key(self.prefix, f.rel))
+        except ClientError as exc:
+            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return head.get("ContentLength"), head.get("Metadata", {}).get("sha256")
 
-        head_result = self._retry(head, f"checking {key}")
-        if head_result is None or head_result.get("ContentLength") != f.size:
-            return False
-        return head_result.get("Metadata", {}).get("sha256") == f.sha256
-
-    def _list(self, client) -> set[str]:
+    def _listed(self, session) -> set[str]:
+        client, _ = session
         prefix = f"{self.prefix}/" if self.prefix else ""
-        keys: set[str] = set()
 
-        def list_all():
-            keys.clear()
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                keys.update(obj["Key"] for obj in page.get("Contents", []))
-            return keys
+        def list_all() -> set[str]:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.location, Prefix=prefix)
+            return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
 
         return self._retry(list_all, "listing the prefix")
 
-    def _explain(self, exc: Exception, doing: str) -> Exception:
+    def _record_extra(self) -> dict[str, Any]:
+        if self.spec.get("public_base_url"):
+            return {"url": join_key(self.spec["public_base_url"].rstrip("/"), self.prefix)}
+        return {}
+
+    def _explain(self, exc: Exception, doing: str = "uploading") -> Exception:
         """A clear user error for a failed S3 call (never mentioning credential values)."""
         if isinstance(exc, (ConfigError, InputError)):
             return exc
         code = _code(exc)
         endpoint = self.spec.get("endpoint_url") or "AWS S3"
         if code in _MISSING_BUCKET_CODES:
-            return InputError(f"{self.destination}: bucket '{self.bucket}' does not exist at {endpoint}; create it "
+            return InputError(f"{self.destination}: bucket '{self.location}' does not exist at {endpoint}; create it "
                               "or fix 'bucket' in publishing_config")
         if code in _AUTH_CODES:
             return InputError(f"{self.destination}: access denied while {doing} ({code}); check the credentials "

@@ -11,9 +11,8 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from ...errors import ConfigError, InputError
-from .base import MB, POSITIVE, STR, LocalFile, from_env, local_files, log, make_record, normalise_entry, require_sdk
-from .retry import retry_call
+from ..errors import ConfigError, InputError
+from .base import MB, POSITIVE, STR, LocalFile, StorageTarget, from_env, normalise_entry
 
 SCHEMA = {
     "token": (STR, ("access_token", "oauth2_access_token")),
@@ -48,70 +47,51 @@ def content_hash(path: Path) -> str:
     return outer.hexdigest()
 
 
-class DropboxTarget:
+class DropboxTarget(StorageTarget):
     """Uploads a folder under `dropbox:///prefix/`."""
 
+    location_key = "account"
+    sdk = ("dropbox", "dropbox")
+    hash_name = "content hash"
+
     def __init__(self, spec: dict, *, sleep: Callable[[float], None] | None = None):
-        require_sdk("dropbox", "dropbox", "dropbox")
-        self.spec = spec
-        self.provider = "dropbox"
+        super().__init__(spec, sleep=sleep)
         self.prefix = spec.get("prefix", "/")
-        self._retry_kwargs = {"sleep": sleep} if sleep else {}
+        self._chunk = int(spec.get("chunk_size_mb", 8) * MB)
+        self._hashes: dict[Path, str] = {}
 
     @property
     def destination(self) -> str:
         return f"dropbox://{self.prefix}"
 
-    def __repr__(self) -> str:
-        return f"DropboxTarget({self.destination!r})"
+    def remote_name(self, f: LocalFile) -> str:
+        return f"dropbox:{self._path(f.rel)}"
 
     def _path(self, rel: str) -> str:
         return f"{self.prefix.rstrip('/')}/{rel}"
 
-    def _client(self):
+    def _local_hash(self, f: LocalFile) -> str:
+        if f.path not in self._hashes:
+            self._hashes[f.path] = content_hash(f.path)
+        return self._hashes[f.path]
+
+    def _open(self):
         import dropbox
 
+        options = {"timeout": 120, "max_retries_on_error": 0, "max_retries_on_rate_limit": 0}  # st retries (retry.py)
         token = from_env(self.spec, "token", TOKEN_ENV)
         if token:
-            return dropbox.Dropbox(oauth2_access_token=token, timeout=120)
+            return dropbox.Dropbox(oauth2_access_token=token, **options)
         return dropbox.Dropbox(oauth2_refresh_token=self.spec["refresh_token"], app_key=self.spec["app_key"],
-                               app_secret=self.spec.get("app_secret"), timeout=120)
+                               app_secret=self.spec.get("app_secret"), **options)
 
-    def check(self) -> str:
-        try:
-            retry_call(self._client().users_get_current_account, what=f"{self.destination}: account",
-                       **self._retry_kwargs)
-        except Exception as exc:
-            raise self._explain(exc) from None
-        return f"{self.destination}: account reachable"
+    def _probe(self) -> None:
+        self._retry(self._open().users_get_current_account, "account")
 
-    def upload(self, folder: Path, files: list[LocalFile] | None = None) -> dict:
-        files = files if files is not None else local_files(folder)
-        chunk = int(self.spec.get("chunk_size_mb", 8) * MB)
-        try:
-            dbx = self._client()
-            uploaded = 0
-            for f in files:
-                path = self._path(f.rel)
-                local_hash = content_hash(f.path)
-                if self._matches(dbx, path, f, local_hash):
-                    continue
-                log.info("uploading %s -> dropbox:%s (%.1f MB)", f.rel, path, f.size / MB)
-                retry_call(lambda f=f, path=path: self._put(dbx, f, path, chunk),
-                           what=f"{self.destination}: uploading {f.rel}", **self._retry_kwargs)
-                if not self._matches(dbx, path, f, local_hash):
-                    raise InputError(f"verification failed for dropbox:{path}: size or content hash differs")
-                uploaded += 1
-        except InputError:
-            raise
-        except Exception as exc:
-            raise self._explain(exc) from exc
-        return make_record(self.provider, self.destination, files, uploaded)
-
-    def _put(self, dbx, f: LocalFile, path: str, chunk: int) -> None:
+    def _put(self, dbx, f: LocalFile) -> None:
         from dropbox.files import CommitInfo, UploadSessionCursor, WriteMode
 
-        mode = WriteMode.overwrite
+        path, chunk, mode = self._path(f.rel), self._chunk, WriteMode.overwrite
         with open(f.path, "rb") as handle:
             if f.size <= chunk:
                 dbx.files_upload(handle.read(), path, mode=mode)
@@ -124,20 +104,16 @@ class DropboxTarget:
                 cursor.offset = handle.tell()
             dbx.files_upload_session_finish(handle.read(), cursor, commit)
 
-    def _matches(self, dbx, path: str, f: LocalFile, local_hash: str) -> bool:
+    def _remote(self, dbx, f: LocalFile) -> tuple[int, str] | None:
         from dropbox.exceptions import ApiError
 
-        def metadata():
-            try:
-                return dbx.files_get_metadata(path)
-            except ApiError as exc:
-                if "not_found" in str(getattr(exc, "error", exc)):
-                    return None
-                raise
-
-        found = retry_call(metadata, what=f"{self.destination}: checking {f.rel}", **self._retry_kwargs)
-        return found is not None and getattr(found, "size", None) == f.size and \
-            getattr(found, "content_hash", None) == local_hash
+        try:
+            found = dbx.files_get_metadata(self._path(f.rel))
+        except ApiError as exc:
+            if "not_found" in str(getattr(exc, "error", exc)):
+                return None
+            raise
+        return getattr(found, "size", None), getattr(found, "content_hash", None)
 
     def _explain(self, exc: Exception) -> Exception:
         names = {cls.__name__ for cls in type(exc).__mro__}

@@ -14,10 +14,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from ...errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 from .base import LocalFile, join_key, local_files, log, log_record, make_record
+from ..notify.hooks import run_post_upload
+from .options import UploadOptions
 from .retry import retry_call
-from .script import run_post_upload_script, script_values
 
 PROVIDER = "huggingface"
 TOKEN_HINT = "set HF_TOKEN or run `huggingface-cli login` (`hf auth login`)"
@@ -104,28 +105,25 @@ class HubTarget:
 
     provider = PROVIDER
 
-    def __init__(self, repo_id: str, *, private: bool = False, background: bool = False, token: str | None = None,
-                 endpoint: str | None = None, config: Any = None, base_dir: Path | None = None,
-                 post_upload_script: str | None = None, sleep: Callable[[float], None] | None = None):
-        if not repo_id or not isinstance(repo_id, str):
+    def __init__(self, options: UploadOptions, base_dir: Path | None = None, *,
+                 sleep: Callable[[float], None] | None = None, token: str | None = None,
+                 endpoint: str | None = None):  # fmt: skip
+        if not options.hub_model_id or not isinstance(options.hub_model_id, str):
             raise ConfigError("push_to_hub needs hub_model_id (e.g. 'your-name/your-lora')")
-        self.repo_id = repo_id
-        self.private = bool(private)
-        self.background = bool(background)
+        self.repo_id = options.hub_model_id
+        self.private = options.private
+        self.background = options.background
+        self.hooks = options.hooks
+        self.base_dir = base_dir
         self._token = token
         self.endpoint = (endpoint or hub_endpoint()).rstrip("/")
-        self.config = config
-        self.base_dir = base_dir
-        self.post_upload_script = post_upload_script
         self._retry_kwargs = {"sleep": sleep} if sleep else {}
 
     @classmethod
     def from_config(cls, config: Any, base_dir: Path | None = None, *,
                     sleep: Callable[[float], None] | None = None) -> "HubTarget":
         """The target of `hub_model_id`, `model_card_private`, `push_to_hub_background`, `post_upload_script`."""
-        return cls(getattr(config, "hub_model_id", None), private=getattr(config, "model_card_private", False),
-                   background=getattr(config, "push_to_hub_background", False), config=config, base_dir=base_dir,
-                   post_upload_script=getattr(config, "post_upload_script", None), sleep=sleep)
+        return cls(UploadOptions.from_config(config), base_dir, sleep=sleep)
 
     def __repr__(self) -> str:
         return f"HubTarget({self.repo_id!r})"
@@ -183,10 +181,8 @@ class HubTarget:
         if isinstance(commit, str):
             record["commit"] = commit
         log_record(record)
-        if self.post_upload_script:
-            run_post_upload_script(self.post_upload_script, script_values(
-                self.config, folder, f"{self.url}/tree/main/{path_in_repo or ''}".rstrip("/"), provider=PROVIDER,
-                huggingface_path=self.repo_id, step=step), self.base_dir)
+        run_post_upload(self.hooks, step, folder, f"{self.url}/tree/main/{path_in_repo or ''}".rstrip("/"),
+                        cwd=self.base_dir, provider=PROVIDER, huggingface_path=self.repo_id)
         return record
 
     def submit(self, folder: Path, path_in_repo: str | None = None, *, background: bool | None = None,

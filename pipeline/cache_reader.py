@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ..config import OPTION_RANGES
-from ..errors import ManifestError
-from ..manifest import MANIFEST_NAME, read_manifest
-from ..shards import (
+from .config import OPTION_RANGES
+from .errors import ManifestError
+from .manifest import MANIFEST_NAME, read_manifest
+from .prompts import prompt_key
+from .shards import (
     MAX_MEMBER_BYTES,
     decode_json,
     decompress_frame,
@@ -28,7 +29,7 @@ from ..shards import (
     tensor_specs,
     unpack_tensors,
 )
-from ..tensorfile import SafetensorsFormatError, TensorSpec, read_header
+from .tensorfile import SafetensorsFormatError, TensorSpec, read_header
 
 # The most a sample may repeat per epoch: the range of the `repeats` option (bounds a crafted cache's epoch plan).
 MAX_REPEATS = int(OPTION_RANGES["repeats"].high)
@@ -217,7 +218,7 @@ class CacheReader:
                 raise ManifestError(f"{self.manifest_path} does not list its shared embeddings {rel} among its "
                                     "outputs; re-run `st cache`")  # fmt: skip
             data = (self.root / rel).read_bytes()
-            from ..hashing import sha256_bytes
+            from .hashing import sha256_bytes
 
             if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
                 raise ManifestError(f"{self.root / rel} does not match {self.manifest_path}; re-run `st cache`")
@@ -233,8 +234,6 @@ class CacheReader:
 
     def prompt(self, text: str) -> dict[str, Any]:
         """Embeddings of a shared prompt by its text (the empty prompt, validation prompts, ...)."""
-        from .plan import prompt_key
-
         key = prompt_key(text)
         shared = self.shared_embeds()
         if key not in shared:

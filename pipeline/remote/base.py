@@ -1,5 +1,5 @@
-"""What every upload target shares: the local file list, remote key joining, config-entry validation, SDK loading
-and the per-target record."""
+"""What every upload target shares: the local file list, remote key joining, config-entry validation, SDK loading,
+the upload loop (skip unchanged, upload, verify, list) and the per-target record."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ...config import suggest
-from ...errors import ConfigError, InputError, NotSupportedError
-from ...hashing import sha256_file
-from ...log import get_logger
-from ...ownership import is_bookkeeping
+from ..config import suggest
+from ..errors import ConfigError, InputError, NotSupportedError
+from ..hashing import sha256_file
+from ..log import get_logger
+from ..ownership import is_bookkeeping
+from .retry import retry_call
 
 log = get_logger("publish")
 
@@ -178,3 +179,109 @@ def log_record(record: dict) -> None:
         "%s: %d file(s), %.1f MB (%d uploaded, %d unchanged), verified",
         record["destination"], record["files"], record["bytes"] / MB, record["uploaded"], record["skipped"],
     )
+
+
+# The upload loop ----------------------------------------------------------------------------------------------------
+
+
+class StorageTarget:
+    """A storage provider's target: uploads each file of a folder under its prefix, skipping files already there with
+    the same size and hash, verifies each upload, and (where the provider lists) checks that all are listed.
+
+    A provider gives `destination`, `_open()` (a connected session: bucket, container, client), `_remote(session, f)`
+    (the (size, hash) stored for a file, or None), `_put(session, f)`, `_probe()` (the pre-flight request) and
+    `_explain(exc)` (a user error for a failed call); optionally `_listed(session)` (names under the prefix) and
+    `_local_hash(f)` (when the provider's hash is not the file's sha256). Every remote call goes through `_retry`.
+    """
+
+    scheme = ""  # of `destination`: scheme://location/prefix
+    location_key = "bucket"  # the spec key naming the bucket or container (and what `check` reports reachable)
+    sdk: tuple[str, str] | None = None  # (module, pip package) checked when the target is made
+    hash_name = "sha256"
+
+    def __init__(self, spec: dict, *, sleep: Callable[[float], None] | None = None):
+        self.spec = spec
+        self.provider = spec["provider"]
+        if self.sdk:
+            require_sdk(*self.sdk, self.provider)
+        self.location = spec.get(self.location_key, "")
+        self.prefix = spec.get("prefix", "")
+        self._retry_kwargs: dict[str, Any] = {"sleep": sleep} if sleep else {}
+
+    @property
+    def destination(self) -> str:
+        return f"{self.scheme}://{self.location}/{self.prefix}".rstrip("/")
+
+    def __repr__(self) -> str:  # never shows credentials
+        return f"{type(self).__name__}({self.destination!r})"
+
+    def remote_name(self, f: LocalFile) -> str:
+        return f"{self.destination}/{f.rel}"
+
+    def _retry(self, fn: Callable[[], Any], what: str) -> Any:
+        return retry_call(fn, what=f"{self.destination}: {what}", **self._retry_kwargs)
+
+    def _local_hash(self, f: LocalFile) -> str:
+        return f.sha256
+
+    def _listed(self, session: Any) -> set[str] | None:
+        return None
+
+    def _record_extra(self) -> dict[str, Any]:
+        return {}
+
+    def check(self) -> str:
+        """Pre-flight: one quick request (credentials accepted, the bucket or container there)."""
+        try:
+            self._probe()
+        except Exception as exc:
+            raise self._explain(exc) from None
+        return f"{self.destination}: {self.location_key} reachable"
+
+    def _matches(self, session: Any, f: LocalFile) -> bool:
+        found = self._retry(lambda: self._remote(session, f), f"checking {f.rel}")
+        return found is not None and found == (f.size, self._local_hash(f))
+
+    def upload(self, folder: Path, files: list[LocalFile] | None = None) -> dict:
+        """Upload every file of `folder`, skipping unchanged ones; verify (and list); return the record."""
+        files = files if files is not None else local_files(folder)
+        try:
+            session = self._open()
+            uploaded = 0
+            for f in files:
+                if self._matches(session, f):
+                    log.debug("%s unchanged, skipped", self.remote_name(f))
+                    continue
+                log.info("uploading %s -> %s (%.1f MB)", f.rel, self.remote_name(f), f.size / MB)
+                self._retry(lambda f=f: self._put(session, f), f"uploading {f.rel}")
+                if not self._matches(session, f):
+                    raise InputError(f"verification failed for {self.remote_name(f)}: the stored file's size or "
+                                     f"{self.hash_name} differs from the local file")
+                uploaded += 1
+            listed = self._listed(session)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise self._explain(exc) from exc
+        extra = self._record_extra()
+        if listed is not None:
+            missing = [f.rel for f in files if join_key(self.prefix, f.rel) not in listed]
+            if missing:
+                raise InputError(f"{self.destination}: uploaded files missing from the listing: {', '.join(missing)}")
+            extra = {"remote_objects": len(listed), **extra}
+        return make_record(self.provider, self.destination, files, uploaded, **extra)
+
+    def _open(self) -> Any:
+        raise NotImplementedError
+
+    def _remote(self, session: Any, f: LocalFile) -> tuple[int, str] | None:
+        raise NotImplementedError
+
+    def _put(self, session: Any, f: LocalFile) -> None:
+        raise NotImplementedError
+
+    def _probe(self) -> None:
+        raise NotImplementedError
+
+    def _explain(self, exc: Exception) -> Exception:
+        raise NotImplementedError

@@ -14,7 +14,8 @@ config file), holding one target object or a list of them, each with a `provider
 
 Every target uploads each file of the folder under its prefix, skips files already there with the same size and
 sha256, verifies every file after upload, and gives one record: provider, destination, files, bytes, uploaded,
-skipped, verified.
+skipped, verified. Remote calls are retried with st's one retry policy (`retry.py`); `post_upload_script` runs after
+each successful upload as a hook (`pipeline.notify.hooks`: no shell, killed after `hook_timeout`).
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ...config import suggest
-from ...errors import ConfigError
+from ..config import suggest
+from ..errors import ConfigError
 from . import azure, b2, dropbox, s3
+from ..notify.hooks import run_post_upload
 from .base import local_files, log, log_record
 from .hub import HubTarget, HubUpload, check_hub, upload_checkpoint
-from .retry import is_transient, retry_call
-from .script import run_post_upload_script, script_values
+from .options import UploadOptions
 
 __all__ = [
-    "PROVIDERS", "HubTarget", "HubUpload", "check_hub", "check_targets", "make_target", "parse_publishing_config",
-    "publish_to_targets", "retry_call", "is_transient", "run_post_upload_script", "upload_checkpoint",
+    "PROVIDERS", "HubTarget", "HubUpload", "UploadOptions", "check_hub", "check_targets", "make_target",
+    "parse_publishing_config", "publish_to_targets", "upload_checkpoint",
 ]
 
 # provider name -> (module with validate(), target class name, SDK module, pip package)
@@ -98,10 +99,6 @@ def make_target(spec: dict, *, sleep: Callable[[float], None] | None = None):
     return getattr(module, cls_name)(spec, sleep=sleep)
 
 
-def _want_hub(config: Any) -> bool:
-    return bool(getattr(config, "push_to_hub", False))
-
-
 def check_targets(config: Any, base_dir: Path | str | None = None, *, storage: bool = True,
                   timeout: float = 10.0) -> list[str]:
     """Cheap pre-flight before a long run: config valid, SDKs installed, and (when push_to_hub) the hub online with
@@ -109,11 +106,12 @@ def check_targets(config: Any, base_dir: Path | str | None = None, *, storage: b
 
     Raises ConfigError / NotSupportedError / InputError with what to fix; returns one line per checked target.
     """
-    specs = parse_publishing_config(getattr(config, "publishing_config", None), base_dir)
+    options = UploadOptions.from_config(config)
+    specs = parse_publishing_config(options.publishing_config, base_dir)
     targets = [make_target(spec) for spec in specs]
     lines = []
-    if _want_hub(config):
-        lines.append(HubTarget.from_config(config, Path(base_dir) if base_dir else None).check(timeout=timeout))
+    if options.push_to_hub:
+        lines.append(HubTarget(options, Path(base_dir) if base_dir else None).check(timeout=timeout))
     if storage:
         lines.extend(target.check() for target in targets)
     for line in lines:
@@ -127,14 +125,15 @@ def publish_to_targets(config: Any, folder: Path | str, base_dir: Path | str | N
 
     Returns one verified record per target, in config order, the hub last. With `push_to_hub_background` the hub
     upload runs in a thread alongside the storage targets and is awaited before returning. `post_upload_script`
-    runs after each successful upload (failures logged). The first failing target raises (a re-run resumes: objects
-    already uploaded are skipped).
+    runs after each successful upload (failures logged, bounded by `hook_timeout`). The first failing target raises
+    (a re-run resumes: objects already uploaded are skipped).
     """
     folder = Path(folder)
     base = Path(base_dir) if base_dir is not None else None
-    specs = parse_publishing_config(getattr(config, "publishing_config", None), base)
+    options = UploadOptions.from_config(config)
+    specs = parse_publishing_config(options.publishing_config, base)
     targets = [make_target(spec, sleep=sleep) for spec in specs]
-    hub = HubTarget.from_config(config, base, sleep=sleep) if _want_hub(config) else None
+    hub = HubTarget(options, base, sleep=sleep) if options.push_to_hub else None
     if not targets and hub is None:
         log.info("nothing to publish to: no publishing_config and push_to_hub is off")
         return []
@@ -150,8 +149,7 @@ def publish_to_targets(config: Any, folder: Path | str, base_dir: Path | str | N
             record = target.upload(folder, files)
             log_record(record)
             records.append(record)
-            run_post_upload_script(getattr(config, "post_upload_script", None), script_values(
-                config, folder, record["destination"], provider=record["provider"]), base)
+            run_post_upload(options.hooks, None, folder, record["destination"], cwd=base, provider=record["provider"])
     finally:
         if handle is not None and not handle.done():
             log.info("waiting for the background hub upload to %s", handle.description)

@@ -1,0 +1,109 @@
+"""What a cache run (or a merge of parts) works from, resolved once: the prepare manifest and its samples, the model
+and its identity (config + weight-header hashes, no model load), the options, the validation prompts and the stage
+key; then the shard plan and the encoders built from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ..config import CACHE, LoadedConfig
+from ..distributed import local_rank
+from ..families import Family, check_model_family, get_family, without_source
+from ..families.identity import ModelSources, model_identity, model_sources
+from ..hashing import sha256_json
+from ..lineage import verify_outputs
+from ..manifest import MANIFEST_NAME, read_manifest
+from ..prompts import texts_to_encode, validation_prompts
+from .encode import Encoders
+from .options import CacheOptions
+from .plan import FORMAT_VERSION, CachePlan, build_plan, identities
+
+
+@dataclass
+class CacheContext:
+    """Everything a cache run works from. The plan is built on first use: an up-to-date run never needs it."""
+
+    options: CacheOptions
+    family: Family
+    sources: ModelSources
+    vae_dtype: str  # the configured one, "default" resolved for this machine
+    parent: dict[str, Any]
+    parent_path: Path
+    rows: list[dict[str, Any]]
+    roots: dict[str, str]  # dataset id -> the folder its sample paths are relative to
+    model: dict[str, Any]
+    stage_config: dict[str, Any]
+    prompts: list[str]  # validation prompt texts, embedded once in the shared embeds file
+    key: str
+
+    @cached_property
+    def plan(self) -> CachePlan:
+        latent_id, text_id = identities(self.model, self.options, self.vae_dtype)
+        return build_plan(self.rows, latent_identity=latent_id, text_identity=text_id,
+                          shard_samples=self.options.cache_shard_samples, extra_prompts=self.prompts,
+                          compression_level=self.options.cache_compression_level)  # fmt: skip
+
+    def encoders(self, device: Any) -> Encoders:
+        """The run's encoders on `device` (nothing is loaded until first used)."""
+        sources, options = self.sources, self.options
+        return Encoders(self.family, sources.model, sources.vae, sources.t5, sources.revision, options.variant,
+                        self.vae_dtype, device, offload=options.offload_during_startup,
+                        speed=options.speed)  # fmt: skip
+
+
+def validation_prompt_texts(loaded: LoadedConfig) -> list[str]:
+    """Prompts st train renders at validation: their embeddings are cached once in the shared embeds file."""
+    config = loaded.config
+    prompts = validation_prompts(config.validation_prompt, config.user_prompt_library, loaded.base_dir)
+    return texts_to_encode(prompts, config.validation_negative_prompt)
+
+
+def encode_device():
+    """This process's GPU (its local rank's) when there is one, else the CPU."""
+    import torch
+
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _resolved_vae_dtype(configured: str) -> str:
+    if configured != "default":
+        return configured
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def _read_rows(samples_path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(samples_path).to_pylist()
+
+
+def build_context(loaded: LoadedConfig, input_path: Path) -> CacheContext:
+    """Read and check the prepare manifest at `input_path` (file or folder), identify the model and compute the key."""
+    config = loaded.config
+    options = CacheOptions.from_config(config)
+    # Absolute, because it goes into provenance: a later stage looks for this manifest there to check lineage.
+    parent_path = Path(input_path).absolute()
+    parent_path = parent_path / MANIFEST_NAME if parent_path.is_dir() else parent_path
+    parent = read_manifest(parent_path, stage="prepare")
+    verify_outputs(parent, parent_path.parent, parent_path, writer="prepare")
+    rows = _read_rows(parent_path.parent / "samples.parquet")
+    family = get_family(config.model_family) if config.model_family else None
+    sources = model_sources(loaded)
+    check_model_family(family, sources.model)
+    model = model_identity(family, sources)
+    vae_dtype = _resolved_vae_dtype(options.vae_dtype)
+    stage_config = config.stage_keys(CACHE)
+    # The prompt texts (not just the user_prompt_library path) decide what the shared embeddings hold.
+    prompts = validation_prompt_texts(loaded)
+    stripped = {part: ([without_source(i) for i in v] if isinstance(v, list) else without_source(v)) for part, v in model.items()}
+    key = sha256_json({"format": FORMAT_VERSION, "parent": parent["digest"], "config": stage_config,
+                       "model": stripped, "vae_dtype": vae_dtype, "prompts": sorted(prompts)})  # fmt: skip
+    roots = {d["id"]: d["root"] for d in parent["datasets"]}
+    return CacheContext(options, family, sources, vae_dtype, parent, parent_path, rows, roots, model, stage_config,
+                        prompts, key)  # fmt: skip

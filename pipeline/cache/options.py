@@ -1,0 +1,58 @@
+"""The options `st cache` reads, as one typed group: what the context, the encoders and the shard writer are given."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..speed import SpeedOptions
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The cache stage's options, copied from a `Config` (model paths come from `families.identity.model_sources`)."""
+
+    seed: int
+    vae_dtype: str  # as configured: "default" is resolved for the machine by the context
+    cache_dtype: str
+    cache_compression_level: int
+    cache_shard_samples: int
+    vae_batch_size: int
+    vae_enable_slicing: bool
+    vae_enable_tiling: bool
+    tokenizer_max_length: int | None
+    t5_padding: str
+    max_workers: int | None
+    ignore_missing_files: bool
+    offload_during_startup: bool
+    variant: str | None
+    speed: SpeedOptions
+
+    @classmethod
+    def from_config(cls, config: Any) -> CacheOptions:
+        """The fields of the same name copied from `config` (every one exists there); no seed samples as seed 0."""
+        copied = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in ("seed", "speed")}
+        return cls(seed=config.seed or 0, speed=SpeedOptions.from_config(config), **copied)
+
+    @property
+    def vae_encode(self) -> dict[str, Any]:
+        """The options that set the shape of each VAE call, and so the last bits of every latent."""
+        return {"vae_batch_size": self.vae_batch_size, "vae_enable_slicing": self.vae_enable_slicing,
+                "vae_enable_tiling": self.vae_enable_tiling}  # fmt: skip
+
+    @property
+    def batch(self) -> int:
+        """Images per VAE call."""
+        return max(1, self.vae_batch_size)
+
+    @property
+    def vae_rows(self) -> int:
+        """Rows of each VAE call: with slicing the VAE encodes one image per call whatever the batch, so padding
+        would only cost time."""
+        return 1 if self.vae_enable_slicing else self.batch
+
+    @property
+    def workers(self) -> int:
+        """Image-decoding processes."""
+        return self.max_workers if self.max_workers is not None else min(4, os.cpu_count() or 1)

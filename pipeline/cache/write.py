@@ -1,0 +1,150 @@
+"""Writing planned shards: entries the previous output holds are copied, the rest encoded in bucket-homogeneous
+batches; each shard's sidecar records the samples written and those rejected (with the reason)."""
+
+from __future__ import annotations
+
+import json
+from itertools import chain
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import InputError
+from ..fsutil import atomic_write_text
+from ..hashing import canonical_json
+from ..log import get_logger
+from ..shards import ShardWriter, pack_tensors
+from .encode import Encoders, encode_latent_batch, encode_texts, torch_dtype
+from .images import CORRUPT, LOADER_FAILURE, ImageJob, iterate_batches, job_for
+from .layout import sidecar_doc
+from .options import CacheOptions
+from .plan import Entry, ShardPlan
+from .reuse import PreviousEntries
+
+log = get_logger("cache")
+
+
+def _take(stream: Iterator, count: int):
+    """The next `count` items of an iterator, lazily (so decoding keeps running ahead in the loader's workers)."""
+    for _ in range(count):
+        yield next(stream)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _text_member(entry: Entry, texts: dict[str, dict[str, Any]], level: int) -> bytes | None:
+    """The sample's own caption embeddings (those not in the shared embeds file), or None when it has none."""
+    tensors = {f"{i}.{name}": value for i, caption in entry.local_captions for name, value in texts[caption].items()}
+    return pack_tensors(tensors, level) if tensors else None
+
+
+class ShardEncoder:
+    """Writes planned shards into `out_dir`; `encoded` and `reused` count the samples written each way."""
+
+    def __init__(self, options: CacheOptions, roots: dict[str, str], out_dir: Path, encoders: Encoders,
+                 previous: PreviousEntries, strict: bool = False) -> None:  # fmt: skip
+        self.options, self.roots, self.out_dir = options, roots, out_dir
+        self.encoders, self.previous, self.strict = encoders, previous, strict
+        self.cache_dtype = torch_dtype(options.cache_dtype)
+        self.encoded = self.reused = 0
+
+    def _job(self, entry: Entry) -> ImageJob:
+        return job_for(entry.row, self.roots[entry.row["dataset_id"]])
+
+    def _encode_texts(self, entries: list[Entry]) -> dict[str, dict[str, Any]]:
+        captions = sorted({c for e in entries for _, c in e.local_captions})
+        return dict(zip(captions, encode_texts(self.encoders, captions, self.options)))
+
+    def _reject(self, entry: Entry, reason: str, detail: str) -> None:
+        """Stop on a problem that must be fixed first; otherwise log the skip (the shard's sidecar records it)."""
+        dataset_id, path = entry.row["dataset_id"], entry.row["path"]
+        source = Path(self.roots[dataset_id]) / path
+        if reason == LOADER_FAILURE:
+            raise RuntimeError(f"loading {source} (dataset {dataset_id}) failed: {detail}")
+        if reason == CORRUPT:
+            if self.strict:
+                raise InputError(f"--strict: {source} (dataset {dataset_id}) {detail}; replace or remove it and re-run "
+                                 "`st prepare`, or run `st cache` without --strict to skip it")  # fmt: skip
+            log.warning("cache: skipping %s (dataset %s): %s", source, dataset_id, detail)
+        elif not self.options.ignore_missing_files:
+            raise InputError(f"{detail}; re-run `st prepare`, or set ignore_missing_files to skip it")
+
+    def write_all(self, shards: list[ShardPlan], bar) -> None:
+        """Write `shards` in order. One image loader serves the whole run, so the next shard's images decode while
+        this shard's text and latents are encoded; batches never span shards, so a shard's bytes do not depend on
+        which other shards a run writes (resume, parts and processes give the same shards)."""
+        plans: list[tuple[ShardPlan, list[Entry], int]] = []
+        batches: list[list[ImageJob]] = []
+        for shard in shards:
+            todo = [e for e in shard.entries if e.entry_key not in self.previous.where]
+            shard_batches = _chunks([self._job(e) for e in todo], self.options.batch)
+            batches.extend(shard_batches)
+            plans.append((shard, todo, len(shard_batches)))
+        stream = iterate_batches(batches, self.options.workers if len(batches) > 1 else 0)
+        for shard, todo, count in plans:
+            self._write_one(shard, todo, _take(stream, count), bar)
+
+    def _write_one(self, shard: ShardPlan, todo: list[Entry], loaded_batches, bar) -> None:
+        members: dict[str, dict[str, bytes]] = {}
+        planned = {e.sample_id for e in todo}
+        late: list[Entry] = []
+        for entry in shard.entries:
+            if entry.sample_id in planned:
+                continue
+            found = self.previous.get(entry.entry_key)
+            if found is not None:
+                members[entry.sample_id] = found
+                self.reused += 1
+                bar.update(1)
+            else:  # the previous shard holding it turned out unreadable: encode it after all
+                late.append(entry)
+        rejected: dict[str, tuple[str, str]] = {}
+        encode = todo + late
+        if encode:
+            members.update(self._encode(encode, late, loaded_batches, rejected, bar))
+        self._write_shard(shard, members, rejected)
+
+    def _encode(self, encode: list[Entry], late: list[Entry], loaded_batches, rejected: dict[str, tuple[str, str]],
+                bar) -> dict[str, dict[str, bytes]]:  # fmt: skip
+        """Members of the `encode` entries (the loaded batches, then those of `late`); rejections go to `rejected`."""
+        level = self.options.cache_compression_level
+        texts = self._encode_texts(encode)
+        self.encoders.release_text()
+        by_id = {e.sample_id: e for e in encode}
+        extra = _chunks([self._job(e) for e in late], self.options.batch)
+        members: dict[str, dict[str, bytes]] = {}
+        for ids, pixels, problems in chain(loaded_batches, iterate_batches(extra, 0)):
+            for sample_id, (reason, detail) in problems.items():
+                self._reject(by_id[sample_id], reason, detail)
+                rejected[sample_id] = (reason, detail)
+                bar.update(1)
+            if pixels is None:
+                continue
+            latents = encode_latent_batch(self.encoders, pixels, ids, self.options.seed, self.options.vae_rows)
+            for sample_id, latent in zip(ids, latents):
+                bar.update(1)
+                if not bool(latent.isfinite().all()):
+                    rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for this image")
+                    continue
+                entry = by_id[sample_id]
+                item = {"json": canonical_json(entry.metadata()),
+                        "latent.safetensors.zst": pack_tensors({"latent": latent.to(self.cache_dtype)}, level)}
+                text = _text_member(entry, texts, level)
+                if text is not None:
+                    item["text.safetensors.zst"] = text
+                members[sample_id] = item
+                self.encoded += 1
+        return members
+
+    def _write_shard(self, shard: ShardPlan, members: dict[str, dict[str, bytes]],
+                     rejected: dict[str, tuple[str, str]]) -> None:  # fmt: skip
+        written = [e.sample_id for e in shard.entries if e.sample_id in members]
+        final = self.out_dir / shard.path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with ShardWriter(final) as writer:
+            for sample_id in written:
+                writer.add(sample_id, members[sample_id])
+            # The sidecar lands before the shard's rename: a shard under its final name always has one.
+            atomic_write_text(self.out_dir / shard.sidecar,
+                              json.dumps(sidecar_doc(shard, written, rejected), sort_keys=True) + "\n")  # fmt: skip

@@ -1,0 +1,141 @@
+"""Everything `st` prints on stdout: plain-text tables and the summary line of each command.
+
+Commands in `cli.py` run a stage and hand its result here, so a change of wording is made in one place. Log lines
+go through `pipeline.log`; the reports of `st status` and `st verify` are formatted beside their checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+MANIFEST = "manifest.json"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """Columns padded to their widest cell; columns listed in `right` are right-aligned (numbers)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def bucket_table(manifest: dict[str, Any]) -> str:
+    """Buckets of a prepare manifest: one row per (dataset, bucket), with a total."""
+    rows = []
+    for dataset in manifest["datasets"]:
+        for bucket, count in dataset["buckets"].items():
+            width, height = bucket.split("x")
+            raised = dataset.get("repeats_raised", {}).get(bucket)
+            repeats = raised if raised is not None else dataset["repeats"]
+            rows.append([dataset["id"], bucket, f"{int(width) / int(height):.2f}", count, repeats])
+    rows.append(["total", f"{len(manifest['buckets'])} buckets", "", manifest["stats"]["samples"], ""])
+    return format_table(["dataset", "bucket", "aspect", "samples", "repeats"], rows, right=(2, 3, 4))
+
+
+def skipped_summary(manifest: dict[str, Any]) -> str:
+    """`skipped: none`, or the count of each reason."""
+    skipped = manifest["stats"].get("skipped") or {}
+    if not skipped:
+        return "skipped: none"
+    return "skipped: " + ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def cache_table(manifest: dict[str, Any]) -> str:
+    """Shards of a cache manifest per (dataset, bucket), with sizes."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for shard in manifest["shards"]:
+        groups.setdefault((shard["dataset_id"], shard["bucket"]), []).append(shard)
+    rows = []
+    for (dataset, bucket), shards in sorted(groups.items()):
+        samples = sum(s["samples"] for s in shards)
+        size = sum(s["bytes"] for s in shards)
+        rows.append([dataset, bucket, len(shards), samples, _size(size), _size(size // max(samples, 1))])
+    total = sum(s["bytes"] for s in manifest["shards"])
+    rows.append(["total", f"{len(groups)} groups", len(manifest["shards"]), manifest["stats"]["samples"], _size(total), ""])
+    table = format_table(["dataset", "bucket", "shards", "samples", "bytes", "per sample"], rows, right=(2, 3, 4, 5))
+    return f"{table}\n{skipped_summary(manifest)}"
+
+
+# --- what each command prints ---------------------------------------------------------------------------------------
+
+
+def _state(result: Any, wrote: str = "wrote") -> str:
+    return "up to date" if result.up_to_date else wrote
+
+
+def prepare_done(result: Any, output: Path) -> str:
+    """The buckets, the skipped samples and where the manifest is."""
+    return "\n".join([bucket_table(result.manifest), skipped_summary(result.manifest),
+                      f"prepare: {_state(result)} {output / MANIFEST}"])  # fmt: skip
+
+
+def cache_part_done(result: Any, output: Path, part: str) -> str:
+    return f"cache: part {part} written to {output} ({result.encoded} encoded, {result.reused} reused)"
+
+
+def cache_done(result: Any, output: Path) -> str:
+    """The shards per bucket and what this run encoded."""
+    state = _state(result, f"wrote ({result.encoded} encoded, {result.reused} reused)")
+    return f"{cache_table(result.manifest)}\ncache: {state} {output / MANIFEST}"
+
+
+def cache_merged(result: Any, parts: int, output: Path) -> str:
+    return f"{cache_table(result.manifest)}\ncache: merged {parts} part(s) into {output / MANIFEST}"
+
+
+def train_interrupted(result: Any, output: Path) -> str:
+    return (f"train: stopped by {result.interrupted}; a checkpoint was saved under {output / 'checkpoints'}"
+            "; resume with --set resume_from_checkpoint=latest")  # fmt: skip
+
+
+def train_done(result: Any, output: Path) -> str:
+    """Steps and losses of the run (and of the resumed part), and where the weights are."""
+    metrics, stats = result.manifest["metrics"], result.manifest["stats"]
+    loss = metrics.get("final_loss")
+    lines = [f"train: {metrics['steps']} steps, final loss {loss:.4f}" if loss is not None else "train: done"]
+    resumed = stats.get("resumed_from")
+    if resumed and not result.up_to_date:
+        lines.append(f"train: resumed from {resumed['checkpoint']} (step {resumed['step']}); "
+                     f"{stats['steps_this_run']} step(s) trained by this run")  # fmt: skip
+    if metrics.get("first_eval_loss") is not None and metrics.get("final_eval_loss") is not None:
+        lines.append(f"train: eval loss {metrics['first_eval_loss']:.4f} -> {metrics['final_eval_loss']:.4f}")
+    lines.append(f"train: {_state(result)} {output / MANIFEST} (weights in {output / 'final'})")
+    return "\n".join(lines)
+
+
+def publish_done(result: Any, output: Path) -> str:
+    """The weight files, the uploads and where the model card is."""
+    lines = [f"publish: {w['path']} ({w['format']}, {w['bytes']} bytes)" for w in result.manifest["weights"]]
+    lines += [f"publish: uploaded to {r.get('destination', r.get('provider', '?'))}" for r in result.uploads]
+    lines.append(f"publish: {_state(result)} {output / MANIFEST}")
+    lines.append(f"published model: {output.resolve()} (model card: {output / 'README.md'})")
+    return "\n".join(lines)
+
+
+def tiny_model_written(family: str, output: Path) -> str:
+    return f"tiny {family} model written to {output}"
+
+
+def sample_data_written(images: int, output: Path, config: Path) -> str:
+    return f"sample data: {images} images under {output}; config {config}"
+
+
+def status_json(rows: Sequence[Any]) -> str:
+    return json.dumps({"ok": all(r.ok for r in rows), "stages": [r.to_dict() for r in rows]}, indent=2)
+
+
+def verify_failed(failed: int, total: int) -> str:
+    return f"verify: {failed} of {total} manifest(s) failed"

@@ -1,0 +1,44 @@
+"""Telling a local path from a Hugging Face hub id, and hub failures in words (used by loading and identity)."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for no network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a string that does not exist was meant as a path (not an `org/name` hub id)."""
+    text = source.replace("\\", "/")
+    return (
+        text.startswith(("/", ".", "~"))
+        or text.count("/") > 1
+        or (len(text) > 1 and text[1] == ":")
+        or text.endswith((".safetensors", ".ckpt", ".bin", ".pt"))
+    )
+
+
+def hub_problem(error: BaseException) -> str:
+    """Why a hub load failed, in words: unreachable (offline, no network) or something else."""
+    text = str(error)
+    unreachable = (
+        hub_offline()
+        or isinstance(error, (ConnectionError, TimeoutError))
+        or any(word in text.lower() for word in ("connect", "outgoing traffic", "offline", "resolve host", "timed out"))
+    )
+    if unreachable:
+        return f"the hub could not be reached (no network or HF_HUB_OFFLINE=1) and it is not cached ({text})"
+    return f"the hub did not provide it ({text})"
+
+
+@cache
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a hub or local `from_pretrained` raises for a missing or unreachable model."""
+    from huggingface_hub import errors
+
+    names = ("HfHubHTTPError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "RepositoryNotFoundError")
+    return (OSError, ConnectionError, TimeoutError, *(getattr(errors, n) for n in names if hasattr(errors, n)))

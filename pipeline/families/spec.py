@@ -1,0 +1,165 @@
+"""What a model family is: its diffusers layout, the conventions training must follow and the functions that differ.
+
+A family is a frozen dataclass of data and builder functions, filled in by one module per family (`sd1x.py`,
+`flux.py`, ...). Loading its parts is `loading.py`, identifying them `identity.py`, its LoRA files `lora.py`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.families import lora
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One `from_pretrained` loadable part of a diffusers folder."""
+
+    subfolder: str
+    class_name: str
+    library: str  # "diffusers" or "transformers"
+
+    def load_class(self) -> type:
+        """The class named by this component (imports its library)."""
+        return getattr(importlib.import_module(self.library), self.class_name)
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """A text encoder, its tokenizer and the token length the family's pipeline pads to by default."""
+
+    model: Component
+    tokenizer: Component
+    max_length: int
+    kind: str  # "clip" or "t5"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A text-to-image model family: its diffusers layout and the conventions training must follow.
+
+    `bucket_alignment` is in pixels. `tiny(out_dir, seed)` writes a small random-weight model folder for tests.
+    `encode_prompts` and `collate_text` turn prompts into cached embeddings and cached embeddings into a batch;
+    `predict` is the denoiser call of the family's pipeline (see `denoiser_forward`). `trims_text` says whether
+    `encode_prompts` stores prompt embeddings trimmed to the real token count (lossless only because the denoiser
+    masks padded positions; `collate_text` pads them back with zeros and mask 0). `single_file` says whether the
+    pipeline class can load single-file checkpoints; `lora_loader` whether it can load LoRA weights itself.
+    """
+
+    name: str
+    pipeline_class: str
+    denoiser: Component
+    vae: Component
+    text_encoders: tuple[TextEncoderSpec, ...]
+    scheduler: Component
+    latent_channels: int
+    bucket_alignment: int
+    prediction_type: str
+    lora_targets: tuple[str, ...]
+    tiny: Callable[[Path, int], None]
+    encode_prompts: Callable[..., list[dict[str, Any]]]
+    collate_text: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    predict: Callable[..., Any]
+    single_file: bool = True
+    trims_text: bool = False
+    lora_presets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    default_flow_shift: float | None = None
+    lora_loader: bool = True
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"{self.name}: unknown prediction_type {self.prediction_type!r}")
+        if self.bucket_alignment < 16:
+            raise ValueError(f"{self.name}: bucket_alignment must be at least 16")
+
+    def load_pipeline_class(self) -> type:
+        """The diffusers pipeline class of this family."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    def denoiser_forward(
+        self,
+        denoiser: Any,
+        noisy_latents: Any,
+        timesteps: Any,
+        text: dict[str, Any],
+        meta: Sequence[dict[str, Any]] | None = None,
+        guidance: Any = None,
+    ) -> Any:
+        """The denoiser's prediction (B x C x h x w, in the denoiser's dtype) for one conditional batch, called as
+        the family's diffusers pipeline calls it in its denoising loop (no classifier-free guidance).
+
+        `noisy_latents` are scaled latents (B x C x h x w); `timesteps` are on the 0..1000 training scale (one
+        value or one per sample; flow families: sigma * 1000); `text` is `collate_text`'s batch; `meta` the cached
+        per-sample metadata (SDXL reads its sizes and crop); `guidance` the Flux guidance value(s). Latents and text
+        embeddings are cast to the denoiser's dtype and device.
+        """
+        import torch
+
+        if noisy_latents.ndim != 4 or noisy_latents.shape[1] != self.latent_channels:
+            raise InputError(
+                f"{self.name} needs latents shaped B x {self.latent_channels} x h x w, got {tuple(noisy_latents.shape)}"
+            )
+        dtype, device = _module_dtype(denoiser), noisy_latents.device
+        batch = noisy_latents.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(batch)
+        if timesteps.shape != (batch,):
+            raise InputError(f"timesteps must be one value or {batch}, got shape {tuple(timesteps.shape)}")
+        text = {
+            key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+            for key, value in text.items()
+        }
+        if meta is not None and len(meta) != batch:
+            raise InputError(f"meta has {len(meta)} entries for a batch of {batch}")
+        return self.predict(denoiser, noisy_latents.to(dtype), timesteps, text, meta, guidance)
+
+    def lora_target_modules(self, preset: str | None = None, denoiser: Any = None) -> tuple[str, ...]:
+        """Module names for `LoraConfig(target_modules=...)`: the family default, or a named preset where the family
+        has presets (Flux's `flux_lora_target`; other families ignore `preset`, as SimpleTuner does). With
+        `denoiser`, every name must match one of its modules (peft's rule: the name or a `.`-suffix of it)."""
+        presets = dict(self.lora_presets)
+        if preset is None or not presets:
+            targets = self.lora_targets
+        elif preset in presets:
+            targets = presets[preset]
+        else:
+            raise ConfigError(f"unknown {self.name} LoRA target preset {preset!r}; choose from {', '.join(presets)}")
+        if denoiser is not None:
+            names = [name for name, _ in denoiser.named_modules()]
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                raise ConfigError(
+                    f"LoRA target module(s) {', '.join(missing)} match no module of the {type(denoiser).__name__}"
+                )
+        return tuple(targets)
+
+    def add_lora(self, denoiser: Any, config: Any, adapter_name: str = "default") -> Any:
+        """Add a peft LoRA adapter to `denoiser` in place; see `lora.add_adapter`."""
+        return lora.add_adapter(denoiser, config, adapter_name)
+
+    def save_lora(self, out_dir: str | Path, state_dict: dict[str, Any], config: Any = None) -> Path:
+        """Write this family's LoRA file in `out_dir`; see `lora.save_weights`."""
+        return lora.save_weights(self, out_dir, state_dict, config)
+
+    def load_lora_into_pipeline(self, pipe: Any, path: str | Path, adapter_name: str | None = None) -> None:
+        """Load a LoRA written by `save_lora` into `pipe`'s denoiser; see `lora.load_weights`."""
+        lora.load_weights(self, pipe, path, adapter_name)
+
+
+def _module_dtype(module: Any) -> Any:
+    """A model's compute dtype: its first floating parameter's. (diffusers' `.dtype` walks every submodule, which costs
+    milliseconds per training step on large models.)"""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return getattr(module, "dtype", None)

@@ -1,0 +1,143 @@
+"""The option groups `st train`'s components read: each a frozen copy of the `Config` fields one component uses.
+
+A component takes its group (the optimizer its `OptimizerOptions`, the adapters their `AdapterOptions`, ...) rather
+than the whole config, so what it depends on is written in one place. Field names are option names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import OptionGroup
+
+
+@dataclass(frozen=True)
+class OptimizerOptions(OptionGroup):
+    """The optimizer, its learning rate (with `lr_scale`), the learning-rate schedule and gradient clipping."""
+
+    optimizer: str
+    optimizer_config: str | None
+    optimizer_beta1: float | None
+    optimizer_beta2: float | None
+    adam_weight_decay: float
+    adam_epsilon: float
+    learning_rate: float
+    lr_scale: bool
+    lr_scale_sqrt: bool
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    num_processes: int  # the run's world size: the trainer refuses a run launched with another number of processes
+    lr_scheduler: str
+    lr_warmup_steps: int
+    lr_end: float
+    lr_power: float
+    lr_num_cycles: int
+    max_grad_norm: float
+    grad_clip_method: str
+
+
+@dataclass(frozen=True)
+class AdapterOptions(OptionGroup):
+    """What is trained: LoRA adapters (their shape, targets and starting weights) or the whole denoiser."""
+
+    model_type: str
+    lora_rank: int
+    lora_alpha: float | None
+    lora_dropout: float
+    lora_init_type: str
+    use_dora: bool
+    init_lora: str | None
+    peft_lora_target_modules: list | None
+    flux_lora_target: str
+
+
+@dataclass(frozen=True)
+class ObjectiveOptions(OptionGroup):
+    """Noising, timestep/sigma sampling, loss and guidance (see `pipeline.train.objectives`)."""
+
+    prediction_type: str | None
+    rescale_betas_zero_snr: bool
+    training_scheduler_timestep_spacing: str
+    timestep_bias_strategy: str
+    timestep_bias_multiplier: float
+    timestep_bias_portion: float
+    timestep_bias_begin: int
+    timestep_bias_end: int
+    disable_segmented_timestep_sampling: bool
+    flow_use_uniform_schedule: bool
+    flow_use_beta_schedule: bool
+    flow_beta_schedule_alpha: float
+    flow_beta_schedule_beta: float
+    flow_sigmoid_scale: float
+    flow_schedule_auto_shift: bool
+    flow_schedule_shift: float | None
+    flux_guidance_mode: str
+    flux_guidance_min: float
+    flux_guidance_max: float
+    flux_guidance_value: float
+    snr_gamma: float | None
+    use_soft_min_snr: bool
+    soft_min_snr_sigma_data: float | None
+    noise_offset: float
+    noise_offset_probability: float
+    input_perturbation: float
+    input_perturbation_steps: int
+    loss_type: str
+    huber_c: float
+    huber_schedule: str
+
+
+@dataclass(frozen=True)
+class ValidationOptions(OptionGroup):
+    """How validation images are rendered, and when."""
+
+    validation_method: str
+    validation_step_interval: int | None
+    validation_epoch_interval: int | None
+    disable_benchmark: bool
+    ema_validation: str
+    validation_resolution: str
+    validation_negative_prompt: str | None
+    validation_seed: int | None
+    seed: int | None
+    num_validation_images: int
+    validation_num_inference_steps: int
+    validation_guidance: float
+    validation_guidance_rescale: float
+    validation_noise_scheduler: str | None
+    keep_vae_loaded: bool
+
+    def due(self, step: int, epoch_done: bool, epoch: int) -> bool:
+        """Whether a validation falls on optimizer step `step` (`epoch_done`: epoch `epoch` ended with it)."""
+        at_epoch = epoch_done and _every(epoch + 1, self.validation_epoch_interval)
+        return _every(step, self.validation_step_interval) or at_epoch
+
+
+@dataclass(frozen=True)
+class CheckpointOptions(OptionGroup):
+    """When checkpoints are saved, how many are kept, and whether they are pushed to the hub."""
+
+    checkpoint_step_interval: int | None
+    checkpoint_epoch_interval: int | None
+    checkpointing_rolling_steps: int | None
+    checkpoints_total_limit: int | None
+    checkpoints_rolling_total_limit: int | None
+    push_checkpoints_to_hub: bool
+
+    def due(self, step: int, epoch_done: bool, epoch: int) -> str | None:
+        """The kind of checkpoint ("checkpoint" or "rolling") that falls on optimizer step `step`, or None."""
+        at_epoch = epoch_done and _every(epoch + 1, self.checkpoint_epoch_interval)
+        if _every(step, self.checkpoint_step_interval) or at_epoch:
+            return "checkpoint"
+        if _every(step, self.checkpointing_rolling_steps):
+            return "rolling"
+        return None
+
+    def limit(self, kind: str) -> int | None:
+        """How many checkpoints of `kind` are kept (None or 0: all)."""
+        return self.checkpoints_total_limit if kind == "checkpoint" else self.checkpoints_rolling_total_limit
+
+
+def _every(count: int, interval: int | None) -> bool:
+    """Whether `count` is a multiple of `interval` (never when the interval is unset or 0)."""
+    return bool(interval) and count % interval == 0

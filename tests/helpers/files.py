@@ -1,0 +1,32 @@
+"""Image files and st config files written for a test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def make_image(path: Path, size=(128, 96), colour=(200, 30, 30), fmt: str | None = None, exif_orientation=None) -> Path:
+    """Write a real image file; the colour makes its bytes (and so its sample id) distinct."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, colour)
+    fmt = fmt or ("PNG" if path.suffix.lower() == ".png" else "JPEG")
+    kwargs = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    img.save(path, format=fmt, **kwargs)
+    return path
+
+
+def write_config(folder: Path, datasets: list[dict], **options) -> Path:
+    """Write multidatabackend.json and config.json into `folder`; returns the config path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "multidatabackend.json").write_text(json.dumps(datasets))
+    config = {"data_backend_config": "multidatabackend.json", **options}
+    path = folder / "config.json"
+    path.write_text(json.dumps(config))
+    return path
