@@ -362,30 +362,17 @@ def _convert(value: Any, kind: type) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         return _NO_MATCH
-    if kind is int:
-        if isinstance(value, bool):
-            return _NO_MATCH
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if kind in (int, float):
         if isinstance(value, str):
             try:
-                return int(value.strip())
+                return kind(value.strip())
             except ValueError:
                 return _NO_MATCH
-        return _NO_MATCH
-    if kind is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             return _NO_MATCH
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                return _NO_MATCH
-        return _NO_MATCH
+        if kind is int and isinstance(value, float):
+            return int(value) if value.is_integer() else _NO_MATCH
+        return kind(value)
     if kind is str:
         if isinstance(value, str):
             return value

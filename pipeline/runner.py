@@ -125,6 +125,17 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
+@dataclass
+class StageResult:
+    """What a stage run returns: its output folder, its manifest (None where it wrote none: a part, a process other
+    than the first), whether it was already up to date, and why it ran."""
+
+    out_dir: Path
+    manifest: dict[str, Any] | None
+    up_to_date: bool
+    reasons: list[str] = field(default_factory=list)
+
+
 class StageRun:
     """One run of a stage into `out_dir`: decides whether it must run, says why, and writes its manifest.
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import errno
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..config import CACHE, LoadedConfig
 from ..distributed import barrier, rank_and_world
@@ -22,7 +21,7 @@ from ..log import get_logger
 from ..manifest import MANIFEST_NAME
 from ..ownership import OutputClaim, claim_output
 from ..progress import progress_bar
-from ..runner import StageRun, damaged_outputs
+from ..runner import StageResult, StageRun, damaged_outputs
 from .checks import check_sources, disk_full_message, refuse_corrupt
 from .context import build_context, encode_device
 from .document import finish, skipped_records, vae_description
@@ -35,14 +34,10 @@ from .write import ShardEncoder
 log = get_logger("cache")
 
 
-@dataclass
-class CacheResult:
-    out_dir: Path
-    manifest: dict[str, Any] | None  # None for a part, or a process other than the first
-    up_to_date: bool
-    encoded: int = 0
-    reused: int = 0
-    reasons: list[str] = field(default_factory=list)
+@dataclass(kw_only=True)
+class CacheResult(StageResult):
+    encoded: int = 0  # samples encoded by this run
+    reused: int = 0  # samples copied from the previous output
 
 
 def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: str | None = None,
@@ -99,7 +94,7 @@ def _run_cache(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
         raise
     run_stats = {"encoded": shard_encoder.encoded, "reused_entries": shard_encoder.reused, "kept_shards": len(kept),
                  "part": [rank, world], "device": str(device), "loaded": encoders.loaded}  # fmt: skip
-    result = CacheResult(out_dir, None, False, shard_encoder.encoded, shard_encoder.reused, reasons)
+    result = CacheResult(out_dir, None, False, reasons, encoded=shard_encoder.encoded, reused=shard_encoder.reused)
     if explicit_part is not None:
         write_part(ctx, out_dir, rank, world, run_stats)
         return result
@@ -108,7 +103,7 @@ def _run_cache(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
         if rank != 0:
             return result
     result.manifest = finish(ctx, run, started, run_stats, vae_description(ctx, encoders), claim)
-    log.info("cache: %d samples in %d shards (%d encoded, %d reused) -> %s", result.manifest["stats"]["samples"],
+    log.debug("cache: %d samples in %d shards (%d encoded, %d reused) -> %s", result.manifest["stats"]["samples"],
              len(result.manifest["shards"]), result.encoded, result.reused, out_dir / MANIFEST_NAME)  # fmt: skip
     return result
 

@@ -20,7 +20,7 @@ from ..hashing import sha256_bytes, sha256_file, sha256_json
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance
 from ..ownership import OutputClaim, claim_output
-from ..runner import StageRun
+from ..runner import StageResult, StageRun
 from ..progress import progress_bar
 from . import buckets as bucketing
 from .captions import MissingCaption, ParquetCaptionTable, caption_file_for, captions_for
@@ -68,12 +68,7 @@ class Skip:
         return {"dataset_id": self.dataset_id, "path": self.path, "reason": self.reason, "detail": self.detail}
 
 
-@dataclass
-class PrepareResult:
-    out_dir: Path
-    manifest: dict[str, Any]
-    up_to_date: bool
-    reasons: list[str] = field(default_factory=list)
+PrepareResult = StageResult
 
 
 @dataclass
@@ -482,6 +477,6 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, specs: list[DatasetSp
                                    reused_files=probe_stats["reused"], forced=force,
                                    cwd=os.getcwd())  # fmt: skip
     doc = run.write_manifest(doc)
-    log.info("prepare: %d samples in %d buckets, %d skipped -> %s", len(kept), len(doc["buckets"]), len(skips),
+    log.debug("prepare: %d samples in %d buckets, %d skipped -> %s", len(kept), len(doc["buckets"]), len(skips),
              out_dir / MANIFEST_NAME)  # fmt: skip
     return PrepareResult(out_dir, doc, up_to_date=False, reasons=reasons)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InputError, LineageError, NotSupportedError
 from ..families import Family, component_identity
-from ..families.hub import hub_offline as _hub_offline
+from ..families.hub import hub_offline
 from ..log import get_logger
 from .lineage import Inputs
 from .weights import write_denoiser
@@ -31,7 +31,7 @@ def base_folder(source: str, revision: str | None, skip: str | None = None) -> P
                                 "published as a diffusers folder, so train from a diffusers folder of the base model")
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         index = json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision,
                                                 local_files_only=offline)).read_text())  # fmt: skip
@@ -118,7 +118,7 @@ def base_denoiser_config(train: dict[str, Any], family: Family) -> dict[str, Any
         from huggingface_hub import hf_hub_download
 
         file = hf_hub_download(source, "config.json", subfolder=sub, revision=identity.get("revision"),
-                               local_files_only=_hub_offline())  # fmt: skip
+                               local_files_only=hub_offline())  # fmt: skip
         return json.loads(Path(file).read_text())
     except Exception as exc:  # a missing config only loses what needs it (SDXL block names), reported there
         log.warning("publish: cannot read the base %s config of %s (%s)", sub, source, exc)

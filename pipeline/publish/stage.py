@@ -27,7 +27,7 @@ from ..lineage import forced_record
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance
 from ..ownership import OutputClaim, claim_output
-from ..runner import StageRun
+from ..runner import StageResult, StageRun
 from ..prompts import validation_prompts
 from . import card as cards
 from .options import PublishOptions
@@ -44,13 +44,9 @@ CARD_NAME = "README.md"
 _IMAGE = re.compile(r"(.+)-(\d+)x(\d+)-(\d+)\.png")
 
 
-@dataclass
-class PublishResult:
-    out_dir: Path
-    manifest: dict[str, Any]
-    up_to_date: bool
-    reasons: list[str] = field(default_factory=list)
-    uploads: list[dict[str, Any]] = field(default_factory=list)
+@dataclass(kw_only=True)
+class PublishResult(StageResult):
+    uploads: list[dict[str, Any]] = field(default_factory=list)  # one record per upload target
 
 
 def _source(inputs: Inputs) -> dict[str, Any]:

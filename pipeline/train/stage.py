@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from ..log import get_logger
 from ..manifest import MANIFEST_NAME, output_entry, provenance
 from ..ownership import OutputClaim, claim_output
 from ..prompts import texts_to_encode, validation_prompts
-from ..runner import StageRun
+from ..runner import StageResult, StageRun
 from .checkpoint import list_checkpoints
 from .resume import TRAINING_LENGTH, ResumePlan, RunRecord, check_target, choose_checkpoint, note_other_runs, other_runs
 
@@ -33,13 +33,9 @@ SCHEMA_VERSION = 1
 FORMAT_VERSION = 1
 
 
-@dataclass
-class TrainResult:
-    out_dir: Path
-    manifest: dict[str, Any] | None
-    up_to_date: bool
-    interrupted: str | None = None
-    reasons: list[str] = field(default_factory=list)
+@dataclass(kw_only=True)
+class TrainResult(StageResult):
+    interrupted: str | None = None  # the signal that stopped the run (a checkpoint was saved)
 
 
 def check_lineage(cache: dict[str, Any], family_name: str, model: dict[str, Any], cache_path: Path) -> None:
