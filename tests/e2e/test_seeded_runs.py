@@ -59,10 +59,10 @@ def outputs(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
+def setup(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
     """A prepared and cached 4-image sd1x dataset with its tiny model."""
     root = tmp_path_factory.mktemp("seeded")
-    return root, cached_dataset(root, "sd1x", images=4)
+    return root, cached_dataset(root, "sd1x", tiny_model("sd1x"), images=4)
 
 
 @pytest.fixture(scope="module")

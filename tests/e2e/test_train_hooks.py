@@ -10,9 +10,9 @@ from tests.helpers.training import QUICK, cached_dataset
 from tests.helpers.processes import alive, hanging_hook, wait_until
 
 
-def test_training_finishes_while_a_hanging_checkpoint_hook_is_killed(tmp_path):
+def test_training_finishes_while_a_hanging_checkpoint_hook_is_killed(tmp_path, tiny_model):
     root = tmp_path / "run"
-    config = cached_dataset(root, "sd1x", images=4)
+    config = cached_dataset(root, "sd1x", tiny_model("sd1x"), images=4)
     command, _ = hanging_hook(tmp_path, "pids-{global_step}.txt")
     sets = [*QUICK, "max_train_steps=2", "checkpoint_step_interval=1", "hook_timeout=3",
             f"post_checkpoint_script={json.dumps(command)}"]  # fmt: skip

@@ -11,11 +11,11 @@ from tests.helpers.training import QUICK, cached_dataset
 from tests.helpers.webhooks import Recorder
 
 
-def test_train_sends_events_and_runs_post_checkpoint_script(tmp_path, monkeypatch):
+def test_train_sends_events_and_runs_post_checkpoint_script(tmp_path, monkeypatch, tiny_model):
     monkeypatch.setenv("ST_JOB_ID", "job-42")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     root = tmp_path / "run"
-    config = cached_dataset(root, "sd1x", images=4)
+    config = cached_dataset(root, "sd1x", tiny_model("sd1x"), images=4)
     recorder = Recorder()
     try:
         script = tmp_path / "hook.py"

@@ -13,16 +13,15 @@ QUICK = [
 ]  # fmt: skip
 
 
-def cached_dataset(root: Path, family: str, images: int = 8, **extra) -> Path:
-    """A tiny `family` model, a sample dataset, its prepare and its cache under `root` (model/, data/, prepare/,
-    cache/); `extra` updates the config (SimpleTuner's `--name` keys). Returns the config path."""
+def cached_dataset(root: Path, family: str, model: Path, images: int = 8, **extra) -> Path:
+    """A sample dataset for the tiny `family` model at `model` (the `tiny_model` fixture's), its prepare and its cache
+    under `root` (data/, prepare/, cache/); `extra` updates the config (SimpleTuner's `--name` keys). Returns the
+    config path."""
     from pipeline.cache.stage import run_cache
-    from pipeline.families import get_family
     from pipeline.prepare.stage import run_prepare
     from pipeline.sampledata import write_sample_dataset
 
-    get_family(family).tiny(root / "model", 0)
-    config = write_sample_dataset(root / "data", images=images, family=family, model=root / "model", resolution=96)
+    config = write_sample_dataset(root / "data", images=images, family=family, model=model, resolution=96)
     data = json.loads(config.read_text())
     data.update({"--validation_prompt": "a red circle on a white background", "--train_batch_size": 1,
                  "--num_validation_images": 1, **extra})  # fmt: skip

@@ -21,14 +21,14 @@ from tests.helpers.training import QUICK, cached_dataset, train
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
+def cached(tmp_path_factory, tiny_model):
     """A cached 8-image dataset per family, built on first use."""
     built: dict[str, tuple[Path, Path]] = {}
 
     def get(family: str) -> tuple[Path, Path]:
         if family not in built:
             root = tmp_path_factory.mktemp(f"train-{family}")
-            built[family] = (root, cached_dataset(root, family))
+            built[family] = (root, cached_dataset(root, family, tiny_model(family)))
         return built[family]
 
     return get

@@ -23,14 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, tiny_model):
     """A cached 8-image dataset per family (tiny model), built on first use and shared by this module."""
     built: dict[str, tuple[Path, Path]] = {}
 
     def get(family: str) -> tuple[Path, Path]:
         if family not in built:
             root = tmp_path_factory.mktemp(f"options-{family}")
-            built[family] = (root, cached_dataset(root, family))
+            built[family] = (root, cached_dataset(root, family, tiny_model(family)))
         return built[family]
 
     return get

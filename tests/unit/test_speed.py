@@ -347,11 +347,11 @@ def test_cache_clear_interval(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def sd1x_cache(tmp_path_factory):
+def sd1x_cache(tmp_path_factory, tiny_model):
     from tests.helpers.training import cached_dataset
 
     root = tmp_path_factory.mktemp("speed-train")
-    return root, cached_dataset(root, "sd1x")
+    return root, cached_dataset(root, "sd1x", tiny_model("sd1x"))
 
 
 def test_train_runs_with_native_math_and_eager_compilation(sd1x_cache, tmp_path, monkeypatch, tf32_flags):

@@ -1,0 +1,190 @@
+"""Which images become samples: captions, duplicates and bucket plans (`select`), buckets too small for a batch
+(`prune`), and the optional deletion of skipped files inside the dataset folder."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from ..config import LoadedConfig
+from ..datasets import DatasetSpec
+from ..distributed import global_batch
+from ..errors import InputError
+from ..log import get_logger
+from . import buckets as bucketing
+from .captions import MissingCaption, caption_file_for, captions_for
+from .discover import DatasetFiles, relative_path
+from .scan import Probe
+from .walk import delete_inside
+
+log = get_logger("prepare")
+
+PROBLEMATIC = frozenset({"empty_file", "not_an_image", "corrupt_image", "decompression_bomb"})
+UNWANTED = frozenset({"too_small", "aspect_ratio_out_of_range", "upscale_exceeds_threshold"})
+
+
+@dataclass
+class Sample:
+    sample_id: str
+    dataset_id: str
+    path: str
+    captions: list[str]
+    width: int
+    height: int
+    plan: bucketing.Plan
+    orientation: int
+    format: str
+    bytes: int
+    repeats: int
+
+
+@dataclass
+class Skip:
+    dataset_id: str
+    path: str
+    reason: str
+    detail: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"dataset_id": self.dataset_id, "path": self.path, "reason": self.reason, "detail": self.detail}
+
+
+def select(
+    datasets: list[DatasetFiles], probes: dict[str, Probe], alignment: int, rounding: int, seed: int
+) -> tuple[list[Sample], list[Skip]]:
+    samples: list[Sample] = []
+    skips: list[Skip] = []
+    seen: dict[str, tuple[str, str]] = {}
+    for files in datasets:
+        spec = files.spec
+        skips.extend(Skip(spec.id, relative_path(spec.root, k.path), k.reason, k.detail) for k in files.unlisted)
+        for stat in files.images:
+            probe = probes[stat.path]
+            rel = relative_path(spec.root, stat.path)
+            if probe.error:
+                skips.append(Skip(spec.id, rel, probe.error, probe.detail))
+                continue
+            if probe.sha256 in seen:
+                first_ds, first_path = seen[probe.sha256]
+                skips.append(Skip(spec.id, rel, "duplicate", f"same bytes as {first_path} in dataset '{first_ds}'"))
+                continue
+            try:
+                check_caption_file(files, probes, stat.path)
+                captions = captions_for(spec, rel, stat.path, files.table)
+            except MissingCaption as exc:
+                skips.append(Skip(spec.id, rel, "missing_caption", str(exc)))
+                continue
+            try:
+                plan = bucketing.plan(
+                    probe.width, probe.height, spec, alignment=alignment, rounding=rounding, seed=seed,
+                    sample_id=probe.sha256,
+                )  # fmt: skip
+            except bucketing.Rejected as exc:
+                skips.append(Skip(spec.id, rel, exc.reason, exc.detail))
+                continue
+            seen[probe.sha256] = (spec.id, rel)
+            samples.append(
+                Sample(
+                    probe.sha256, spec.id, rel, captions, probe.width, probe.height, plan, probe.orientation,
+                    probe.format, probe.size, spec.repeats,
+                )  # fmt: skip
+            )
+    return samples, skips
+
+
+def check_caption_file(files: DatasetFiles, probes: dict[str, Probe], image_path: str) -> None:
+    """Raise MissingCaption when the image's caption file was refused by the walk or could not be read."""
+    if files.spec.caption_strategy != "textfile" or files.spec.only_instance_prompt:
+        return
+    path = caption_file_for(image_path)
+    name = os.path.basename(path)
+    refused = files.refused_captions.get(path)
+    if refused is not None:
+        raise MissingCaption(f"caption file {name} was left out ({refused.reason}: {refused.detail})")
+    probe = probes.get(path)
+    if probe is not None and probe.error:
+        raise MissingCaption(f"caption file {name} cannot be read ({probe.detail})")
+
+
+def batch_size(config) -> int:
+    """Samples per optimizer step of the training run (`st train` checks num_processes against its launch)."""
+    return global_batch(config.train_batch_size, config.num_processes, config.gradient_accumulation_steps)
+
+
+def prune(samples: list[Sample], specs: list[DatasetSpec],
+          loaded: LoadedConfig) -> tuple[list[Sample], list[Skip], dict]:  # fmt: skip
+    """Drop (or, with allow_dataset_oversubscription, repeat) buckets too small for one batch."""
+    config = loaded.config
+    batch = batch_size(config)
+    by_bucket: dict[tuple[str, str], list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_bucket[(s.dataset_id, s.plan.bucket)].append(s)
+    spec_by_id = {s.id: s for s in specs}
+    kept: list[Sample] = []
+    skips: list[Skip] = []
+    raised: dict[str, dict[str, int]] = defaultdict(dict)
+    for (dataset_id, bucket), members in by_bucket.items():
+        spec = spec_by_id[dataset_id]
+        effective = len(members) * (spec.repeats + 1)
+        if effective >= batch or config.disable_bucket_pruning:
+            kept.extend(members)
+            continue
+        if config.allow_dataset_oversubscription and not spec.repeats_explicit:
+            repeats = math.ceil(batch / len(members)) - 1
+            for s in members:
+                s.repeats = repeats
+            raised[dataset_id][bucket] = repeats
+            log.info(
+                "dataset '%s': bucket %s has %d image(s), fewer than a batch of %d; repeats raised to %d",
+                dataset_id, bucket, len(members), batch, repeats,
+            )  # fmt: skip
+            kept.extend(members)
+            continue
+        for s in members:
+            skips.append(
+                Skip(dataset_id, s.path, "bucket_pruned",
+                     f"bucket {bucket} has {effective} sample(s) with repeats, fewer than one batch of {batch}")
+            )  # fmt: skip
+    order = {(s.dataset_id, s.path): i for i, s in enumerate(samples)}
+    kept.sort(key=lambda s: order[(s.dataset_id, s.path)])
+    if not kept and samples:
+        sizes = Counter(s.plan.bucket for s in samples)
+        listing = ", ".join(f"{b}: {n}" for b, n in sorted(sizes.items()))
+        raise InputError(
+            f"no bucket holds enough images for one batch of {batch} (train_batch_size {config.train_batch_size} x "
+            f"num_processes {config.num_processes} x gradient_accumulation_steps {config.gradient_accumulation_steps}); "
+            f"images per bucket: {listing}. Lower train_batch_size, set allow_dataset_oversubscription = true, "
+            "raise repeats, or use crop = true with crop_aspect = \"square\" to gather images into fewer buckets"
+        )
+    return kept, skips, dict(raised)
+
+
+def refuse_empty(skips: list[Skip], by_reason: dict[str, int]) -> None:
+    """No image survived: an empty output would only fail later, in `st cache` or `st train`."""
+    listing = ", ".join(f"{reason}: {n}" for reason, n in by_reason.items()) or "no image files"
+    first = f"; first: {skips[0].dataset_id}/{skips[0].path} ({skips[0].reason}: {skips[0].detail})" if skips else ""
+    raise InputError(f"no usable image in any dataset ({listing}){first}. Fix the images or the options that "
+                     "skip them (resolution, minimum_image_size, aspect ratio limits)")  # fmt: skip
+
+
+def delete_files(skips: list[Skip], specs: list[DatasetSpec], config) -> int:
+    roots = {s.id: s.root for s in specs}
+    doomed = set()
+    if config.delete_problematic_images:
+        doomed |= PROBLEMATIC
+    if config.delete_unwanted_images:
+        doomed |= UNWANTED
+    deleted = 0
+    for skip in skips:
+        if skip.reason in doomed:
+            # Only a regular file whose folder resolves inside the dataset folder: never a link, never outside.
+            try:
+                path = delete_inside(roots[skip.dataset_id], skip.path)
+                deleted += 1
+                log.warning("deleted %s (%s) because delete_%s_images is set", path, skip.reason,
+                            "problematic" if skip.reason in PROBLEMATIC else "unwanted")  # fmt: skip
+            except OSError as exc:
+                log.warning("left %s/%s in place: %s", skip.dataset_id, skip.path, exc)
+    return deleted
