@@ -15,7 +15,7 @@ from typing import Annotated, List, Optional
 import typer
 from typer.core import TyperGroup
 
-from . import console
+from . import __version__, console
 from .errors import UserError
 from .log import configure
 
@@ -29,9 +29,18 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when the outpu
 NO_SETS: List[str] = []  # the default of --set (never mutated)
 
 
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet", "-V", "--version")
+
+
 class _Commands(TyperGroup):
     """Runs the chosen command: a user error prints `error: <message>` on stderr and exits with the error's code
-    (-v adds the traceback); Ctrl-C exits 130. Anything else is a bug: exit 1 with the traceback."""
+    (-v adds the traceback); Ctrl-C exits 130. Anything else is a bug: exit 1 with the traceback.
+
+    The global flags (GLOBAL_FLAGS) may follow the command too (`st prepare -c x -o y -v`): they are moved in front
+    of it before parsing."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _global_flags_first(args))
 
     def invoke(self, ctx: typer.Context):
         try:
@@ -46,9 +55,25 @@ class _Commands(TyperGroup):
             raise typer.Exit(130) from None
 
 
+def _global_flags_first(args: list[str]) -> list[str]:
+    """`args` with the global flags moved to the front (up to a `--`). An option's value never looks like one of
+    them: click refuses a value that starts with a dash."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [arg for arg in args[:end] if arg in GLOBAL_FLAGS]
+    return flags + [arg for arg in args[:end] if arg not in GLOBAL_FLAGS] + args[end:]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"st {__version__}")
+        raise typer.Exit()
+
+
 def main_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and tracebacks for errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True,
+                                          help="Print st's version and exit.")] = False,  # fmt: skip
 ) -> None:
     if not verbose:
         # transformers warns at import time about optional image-processor backends st never uses.
@@ -198,6 +223,19 @@ def publish(
     return result
 
 
+def check(config: ConfigOpt, set_: SetOpt = NO_SETS):
+    """Check a config, its dataset list and its model without running a stage (nothing is decoded or downloaded).
+
+    Lists every problem at once, each with its fix, and exits 2 when there is any; output folders are not checked."""
+    from .check import run_check
+
+    report = run_check(config, set_)
+    typer.echo(console.check_report(report))
+    if not report.ok:
+        raise typer.Exit(2)
+    return report
+
+
 def tiny_model(
     family: Annotated[str, typer.Argument(help="Model family: sd1x, sd2x, sdxl, sd3, flux, pixart_sigma.")],
     output: Annotated[Path, typer.Argument(help="Folder to write the diffusers-layout model into.")],
@@ -285,6 +323,7 @@ cache_app.callback()(cache)
 cache_app.command("merge")(cache_merge)
 
 COMMANDS = {
+    "check": check,
     "prepare": prepare,
     "cache": cache_app,
     "train": train,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import tomllib
@@ -25,7 +26,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .log import get_logger
-from .simpletuner import SIMPLETUNER_ONLY_OPTIONS
+from .simpletuner import OPTION_STATES, Accepted, Alias, Refused
 
 log = get_logger("config")
 
@@ -141,8 +142,8 @@ class Config:
     flow_use_beta_schedule: bool = opt(False, TRAIN)
     flow_beta_schedule_alpha: float = opt(2.0, TRAIN)
     flow_beta_schedule_beta: float = opt(2.0, TRAIN)
-    flow_schedule_shift: float | None = opt(None, TRAIN,
-                                            help="Timestep shift; default: the family's (SD3 3.0, others 1.0).")
+    flow_schedule_shift: float | None = opt(
+        None, TRAIN, help="Timestep shift (0: none); default: the family's (SD3 and Flux 3.0, others 1.0).")
     flow_schedule_auto_shift: bool = opt(False, TRAIN)
     flux_guidance_mode: str = opt("constant", TRAIN, choices=("constant", "random-range"))
     flux_guidance_value: float = opt(1.0, TRAIN)
@@ -156,6 +157,7 @@ class Config:
     soft_min_snr_sigma_data: float | None = opt(None, TRAIN)
     noise_offset: float = opt(0.0, TRAIN)
     noise_offset_probability: float = opt(0.25, TRAIN)
+    offset_noise: bool = opt(False, TRAIN)
     input_perturbation: float = opt(0.0, TRAIN)
     input_perturbation_steps: int = opt(0, TRAIN)
     caption_dropout_probability: float = opt(0.0, TRAIN)
@@ -538,7 +540,7 @@ OPTION_RANGES: dict[str, Range] = {
     "flow_sigmoid_scale": _POSITIVE,
     "flow_beta_schedule_alpha": _POSITIVE,
     "flow_beta_schedule_beta": _POSITIVE,
-    "flow_schedule_shift": _POSITIVE,
+    "flow_schedule_shift": _NON_NEGATIVE,  # 0: no shift (SimpleTuner's meaning)
     "flux_guidance_value": _NON_NEGATIVE,
     "flux_guidance_min": _NON_NEGATIVE,
     "flux_guidance_max": _NON_NEGATIVE,
@@ -646,27 +648,89 @@ def check_config_ranges(config: Config, where: str = "", overridden: typing.Coll
 def build_config(
     raw: dict[str, Any], where: str = "", overridden: typing.Collection[str] = ()
 ) -> tuple[Config, dict[str, Any]]:
-    """Validate a dict of options into a `Config`; returns it and the SimpleTuner-only keys that were ignored."""
+    """Validate a dict of options into a `Config`; returns it and the SimpleTuner-only keys it set aside.
+
+    A key is a Config field or a SimpleTuner option of `OPTION_STATES`: an alias sets its target (exit 2 when both
+    are set to different values), an accepted option is set aside, a refused one stops here unless at its default.
+    """
+    given = {normalise_key(str(k)): v for k, v in raw.items()}
     values: dict[str, Any] = {}
     ignored: dict[str, Any] = {}
-    hints = typing.get_type_hints(Config)
-    for raw_key, value in raw.items():
-        key = normalise_key(str(raw_key))
+    for key, value in given.items():
+        state = OPTION_STATES.get(key)
         if key in OPTION_FIELDS:
-            f = OPTION_FIELDS[key]
-            values[key] = coerce(key, value, hints[key], f.metadata["choices"], where)
-        elif key in SIMPLETUNER_ONLY_OPTIONS:
+            values[key] = _coerce_option(key, value, where)
+        elif isinstance(state, Refused) and not state.is_default(value):
+            raise ConfigError(state.message(key, value) + _place(where))
+        elif state is not None and not isinstance(state, Alias):
             ignored[key] = value
-        else:
-            place = f" (in {where})" if where else ""
-            raise ConfigError(f"unknown option '{key}'{suggest(key, OPTION_FIELDS)}{place}")
+        elif state is None:
+            raise ConfigError(f"unknown option '{key}'{suggest(key, OPTION_FIELDS)}{_place(where)}")
+    for alias, (target, value) in _alias_values(given, where).items():
+        if target in overridden and alias not in overridden:
+            continue  # `--set target=...` wins over the file's alias
+        if target in values and values[target] != value and (alias in overridden) == (target in overridden):
+            raise ConfigError(f"options '{alias}' (SimpleTuner's older name for '{target}') and '{target}' are both "
+                              f"set, to different values: {given[alias]!r} and {values[target]!r}; keep one"
+                              f"{_place(where)}")  # fmt: skip
+        values[target] = value
     config = Config(**values)
     check_config_ranges(config, where, overridden)
     return config, ignored
 
 
+@functools.cache
+def _option_types() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _coerce_option(key: str, value: Any, where: str) -> Any:
+    return coerce(key, value, _option_types()[key], OPTION_FIELDS[key].metadata["choices"], where)
+
+
+def _alias_values(given: dict[str, Any], where: str = "") -> dict[str, tuple[str, Any]]:
+    """alias -> (target option, the value it gives the target), for each alias in `given` that sets something."""
+    found = {}
+    for alias, value in given.items():
+        state = OPTION_STATES.get(alias)
+        if not isinstance(state, Alias):
+            continue
+        try:
+            target_value = state.target_value(value)
+        except ValueError as exc:
+            raise ConfigError(f"option '{alias}'{_place(where)}: {exc}") from None
+        if target_value is not None or state.values is None:
+            found[alias] = (state.target, _coerce_option(state.target, target_value, where))
+    return found
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> LoadedConfig:
-    """Read `path` (JSON/TOML), apply `--set` overrides, validate, and log the SimpleTuner keys st ignores."""
+    """Read `path` (JSON/TOML), apply `--set` overrides, validate, and log the SimpleTuner keys st ignores.
+
+    An error caused by a `--set` item names that item (`--set key=value: ...`), not the config file."""
+    try:
+        return _load_config(path, overrides)
+    except ConfigError as exc:
+        if SET_ORIGIN in str(exc):  # already names --set (a value out of range)
+            raise
+        for item in overrides:
+            problem = set_problem(item)
+            if problem is not None:
+                raise ConfigError(problem) from None
+        raise
+
+
+def set_problem(item: str) -> str | None:
+    """Why one `--set key=value` fails on its own, naming `--set`; None when it passes."""
+    key, value = parse_set(item)  # its errors already name --set
+    try:
+        build_config({key: value})
+    except ConfigError as exc:
+        return f"{SET_ORIGIN} {item}: {exc}"
+    return None
+
+
+def _load_config(path: str | Path | None, overrides: typing.Sequence[str]) -> LoadedConfig:
     raw: dict[str, Any] = {}
     file_path = Path(path).resolve() if path else None
     if file_path is not None:
@@ -678,6 +742,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         overridden.add(key)
     config, ignored = build_config(raw, where=str(file_path) if file_path else "", overridden=overridden)
     for key in sorted(ignored):
-        log.info("ignoring option '%s': %s", key, SIMPLETUNER_ONLY_OPTIONS[key])
-    explicit = frozenset(k for k in raw if k in OPTION_FIELDS)
+        state = OPTION_STATES[key]
+        if isinstance(state, Accepted):
+            log.info("ignoring option '%s': %s", key, state.reason)
+    explicit = frozenset(k for k in raw if k in OPTION_FIELDS) | {t for t, _ in _alias_values(raw).values()}
     return LoadedConfig(config=config, path=file_path, ignored=ignored, explicit=explicit)

@@ -139,3 +139,12 @@ def status_json(rows: Sequence[Any]) -> str:
 
 def verify_failed(failed: int, total: int) -> str:
     return f"verify: {failed} of {total} manifest(s) failed"
+
+
+def check_report(report: Any) -> str:
+    """What `st check` looked at, then each problem with its fix, or the ok line."""
+    if report.ok:
+        return f"check: ok ({'; '.join(report.checked)})"
+    lines = [f"check: {len(report.problems)} problem(s) in {report.config}:"]
+    lines += [f"  - {problem}" for problem in report.problems]
+    return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Each entry's options default to the global options of the same name. Entries SimpleTuner needs but st does not
 (`dataset_type: text_embeds` / `image_embeds`, cache paths, ...) are accepted with one log line saying why they are
-ignored; keys neither tool knows are errors.
+ignored; keys of features st lacks are refused unless at their default (`pipeline.simpletuner`); keys neither tool
+knows are errors.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .config import (
 )
 from .errors import ConfigError, InputError, NotSupportedError
 from .log import get_logger
-from .simpletuner import SIMPLETUNER_ONLY_DATASET_KEYS
+from .simpletuner import DATASET_KEY_STATES, Refused
 
 log = get_logger("datasets")
 
@@ -98,7 +99,7 @@ class DatasetSpec:
         return out
 
 
-def _read_list(path: Path) -> list[Any]:
+def read_dataset_list(path: Path) -> list[Any]:
     if not path.is_file():
         raise ConfigError(f"data_backend_config {path} does not exist; point it at your multidatabackend.json")
     try:
@@ -173,8 +174,13 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
     for key in entry:
         if key in ENTRY_KEYS:
             continue
-        if key in SIMPLETUNER_ONLY_DATASET_KEYS:
-            log.info("dataset '%s': ignoring '%s': %s", ident, key, SIMPLETUNER_ONLY_DATASET_KEYS[key])
+        state = DATASET_KEY_STATES.get(key)
+        if isinstance(state, Refused):
+            if not state.is_default(entry[key]):
+                raise ConfigError(f"{where}: {state.message(key, entry[key], kind='dataset key')}")
+            continue
+        if state is not None:
+            log.info("dataset '%s': ignoring '%s': %s", ident, key, state.reason)
             continue
         raise ConfigError(f"{where}: unknown dataset key '{key}'{suggest(key, ENTRY_KEYS)}")
     if coerce("disabled", entry.get("disabled", False), bool, where=where):
@@ -229,7 +235,7 @@ def load_datasets(loaded: LoadedConfig) -> list[DatasetSpec]:
     list_path = loaded.resolve_path(loaded.config.data_backend_config).resolve()
     specs: list[DatasetSpec] = []
     seen: set[str] = set()
-    for index, entry in enumerate(_read_list(list_path)):
+    for index, entry in enumerate(read_dataset_list(list_path)):
         spec = parse_entry(entry, loaded, list_path, index)
         if spec is None:
             continue

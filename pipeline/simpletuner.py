@@ -1,57 +1,245 @@
-"""SimpleTuner options that st accepts but does not use, each with the reason given in the log.
+"""The state of every SimpleTuner option that is not a `Config` field: accepted, refused, or an alias.
 
-A SimpleTuner user's config.json and multidatabackend.json must load unchanged: their keys are either st options
-(pipeline.config.Config) or listed here. Only keys that neither tool knows are errors. When st starts honouring one of
-these options it becomes a Config field, which takes precedence over this table.
+A SimpleTuner config.json must load unchanged and keep its meaning, so each option of SimpleTuner's reference is in
+exactly one state:
+- implemented: a `pipeline.config.Config` field with SimpleTuner's meaning (not listed here);
+- an `Alias` of an implemented option (SimpleTuner's older or shorter name);
+- `Accepted`: it cannot change the trained weights or any output (cache folders, worker counts, debug printing, or an
+  option read only when another, refused, option is on); the reason is logged;
+- `Refused`: a feature st lacks. At its default (or absent) it loads silently; any other value stops every stage with
+  exit 2, so nothing that changes what is trained is ever ignored.
+Dataset-list keys (`DATASET_KEY_STATES`) follow the same rules.
 """
 
 from __future__ import annotations
 
-_CACHE_PATHS = "st keeps every cache inside the output folder of `st cache`, so SimpleTuner's cache paths are not used"
-_LATER = "this SimpleTuner option is not implemented by st yet"
-_RUNTIME = "st decides this itself"
+from dataclasses import dataclass, field
+from typing import Any
 
-_NOT_YET = """
-model_flavour pretrained_transformer_model_name_or_path pretrained_transformer_subfolder
-pretrained_unet_model_name_or_path pretrained_unet_subfolder snr_weight inference_scheduler_timestep_spacing
-refiner_training refiner_training_invert_schedule refiner_training_strength output_dir seed_for_each_device
-train_text_encoder checkpointing_steps text_encoder_lr non_ema_revision optimizer_release_gradient adam_beta1
-adam_beta2 prodigy_steps validation_on_startup validation_seed_source validation_torch_compile
-validation_torch_compile_mode allow_tf32 validation_using_datasets tracker_image_layout validation_prompt_library
-validation_steps eval_timesteps eval_dataset_id validation_disable_unconditional validation_guidance_real
-validation_no_cfg_until_timestep validation_randomize validation_multigpu validation_lycoris_strength
-validation_adapter_path enable_watermark gradient_precision quantize_via base_model_precision quantize_activations
-base_model_default_dtype text_encoder_1_precision text_encoder_2_precision text_encoder_3_precision
-text_encoder_4_precision sageattention_usage enable_xformers_memory_efficient_attention fully_unload_text_encoder
-freeze_encoder freeze_encoder_before freeze_encoder_after freeze_encoder_strategy layer_freeze_strategy
-unet_attention_slice save_text_encoder text_encoder_limit data_aesthetic_score sd3_clip_uncond_behaviour
-sd3_t5_uncond_behaviour lora_type lycoris_config init_lokr_norm flux_attention_masked_training flux_fast_schedule
-controlnet controlnet_model_name_or_path controlnet_custom_config tread_config masked_loss_probability
-vae_enable_patch_conv distillation_method distillation_config evaluation_type
-pretrained_evaluation_model_name_or_path trust_remote_code sana_complex_human_instruction compress_disk_cache
-vae_cache_ondemand use_8bit_adam use_adafactor_optimizer adafactor_relative_step offload_param_path
-validation_guidance_skip_layers validation_guidance_skip_layers_start validation_guidance_skip_layers_stop
-validation_guidance_skip_scale
-"""
 
-_CACHE = "cache_dir cache_dir_text cache_dir_vae cache_clear_validation_prompts vae_cache_scan_behaviour"
-_RUN = """
-write_batch_size read_batch_size image_processing_batch_size enable_multiprocessing aws_max_pool_connections
-torch_num_threads aspect_bucket_worker_count aspect_bucket_disable_rebuild preserve_data_backend_cache
-skip_file_discovery override_dataset_config local_rank print_filenames print_sampler_statistics
-metadata_update_interval debug_aspect_buckets debug_dataset_loader i_know_what_i_am_doing vae_cache_disable
-"""
-_DATASET_RUN = """
-default text_embeds image_embeds vae_cache_clear_each_epoch skip_file_discovery preserve_data_backend_cache
-metadata_backend write_batch_size hash_filenames scan_for_errors cache_file_suffix is_regularisation_data
-caption_filter_list disable_validation
-"""
+@dataclass(frozen=True)
+class Accepted:
+    reason: str
 
-SIMPLETUNER_ONLY_OPTIONS: dict[str, str] = {}
-SIMPLETUNER_ONLY_OPTIONS.update({k: _LATER for k in _NOT_YET.split()})
-SIMPLETUNER_ONLY_OPTIONS.update({k: _CACHE_PATHS for k in _CACHE.split()})
-SIMPLETUNER_ONLY_OPTIONS.update({k: _RUNTIME for k in _RUN.split()})
 
-# Keys of a multidatabackend.json entry that st accepts and ignores.
-SIMPLETUNER_ONLY_DATASET_KEYS: dict[str, str] = {k: _RUNTIME for k in _DATASET_RUN.split()}
-SIMPLETUNER_ONLY_DATASET_KEYS.update({k: _CACHE_PATHS for k in ("cache_dir", "cache_dir_vae", "cache_dir_text")})
+@dataclass(frozen=True)
+class Refused:
+    feature: str
+    default: Any = None
+
+    def is_default(self, value: Any) -> bool:
+        """Unset (null, ""; also false where the default is None) or the stated default, as a file spells them."""
+        value = _plain(value)
+        if value is None or value == "" or (value is False and self.default is None):
+            return True
+        return isinstance(value, bool) == isinstance(self.default, bool) and value == self.default
+
+    def message(self, name: str, value: Any, kind: str = "option") -> str:
+        return (f"st does not implement `{name}` (a SimpleTuner {kind}) yet: {self.feature}; it is set to {value!r}: "
+                f"remove it or set it to its default {self.default!r}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another name for `target`. `values` maps the alias's value to the target's (a flag such as use_8bit_adam that
+    selects a choice); a value mapped to None sets nothing."""
+
+    target: str
+    values: dict[Any, Any] | None = field(default=None, hash=False)
+
+    def target_value(self, value: Any) -> Any:
+        if self.values is None:
+            return value
+        plain = _plain(value)
+        if plain not in self.values:
+            raise ValueError(f"expected one of {', '.join(map(repr, self.values))}, got {value!r}")
+        return self.values[plain]
+
+
+OptionState = Accepted | Refused | Alias
+
+
+def _plain(value: Any) -> Any:
+    """A file's spelling of a value as Python: "true" -> True, "null" -> None, "0.5" -> 0.5."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    lowered = text.lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _accepted(reason: str, names: str) -> dict[str, Accepted]:
+    return {name: Accepted(reason) for name in names.split()}
+
+
+def _refused(feature: str, names: str, default: Any = None) -> dict[str, Refused]:
+    return {name: Refused(feature, default) for name in names.split()}
+
+
+def _only_with(switch: str, names: str) -> dict[str, Accepted]:
+    """Options read only when `switch` is on, which st refuses: they cannot change anything while it is off."""
+    return _accepted(f"read only with `{switch}`, which st does not implement yet", names)
+
+
+def _only_for(families: str, names: str) -> dict[str, Accepted]:
+    return _accepted(f"read only for model_family {families}, which st does not train", names)
+
+
+_CACHE = "st keeps every cache inside the output folder of `st cache` and checks it itself"
+_WORKERS = "sets how work is spread over workers or batches, not what it computes"
+_DEBUG = "debug printing only"
+_MEMORY = "moves or frees weights to save memory; the values trained are the same, and st does not offload"
+_SPEED = "speed only; st chooses its own kernels (see attention_mechanism and the dynamo options)"
+
+_QUANTISATION = "quantisation (st trains and saves the base model's own precision)"
+_VALIDATION = "this validation setting (it changes the validation images)"
+
+# fmt: off
+OPTION_STATES: dict[str, OptionState] = {
+    # Aliases: SimpleTuner's older names for options st implements.
+    "checkpointing_steps": Alias("checkpoint_step_interval"),
+    "validation_steps": Alias("validation_step_interval"),
+    "adam_beta1": Alias("optimizer_beta1"),
+    "adam_beta2": Alias("optimizer_beta2"),
+    "use_8bit_adam": Alias("optimizer", {True: "bnb-adamw8bit", False: None}),
+    "allow_tf32": Alias("disable_tf32", {True: False, False: True}),
+    "fused_qkv_projections": Alias("fuse_qkv_projections"),
+    # Accepted: cannot change the trained weights or any output.
+    **_accepted(_CACHE, "cache_dir cache_dir_text cache_dir_vae cache_clear_validation_prompts vae_cache_scan_behaviour "
+                        "compress_disk_cache preserve_data_backend_cache override_dataset_config skip_file_discovery "
+                        "aspect_bucket_disable_rebuild metadata_update_interval"),
+    **_accepted(_WORKERS, "write_batch_size read_batch_size image_processing_batch_size enable_multiprocessing "
+                          "aws_max_pool_connections torch_num_threads aspect_bucket_worker_count local_rank "
+                          "validation_multigpu"),
+    **_accepted(_DEBUG, "print_filenames print_sampler_statistics debug_aspect_buckets debug_dataset_loader"),
+    **_accepted(_MEMORY, "enable_group_offload musubi_blocks_to_swap musubi_block_swap_device ramtorch "
+                         "offload_during_save enable_model_cpu_offload offload_param_path fully_unload_text_encoder "
+                         "unet_attention_slice vae_enable_patch_conv optimizer_cpu_offload_method "
+                         "optimizer_offload_gradients"),
+    **_only_with("enable_group_offload", "group_offload_type group_offload_blocks_per_group group_offload_use_stream "
+                                         "group_offload_to_disk_path"),
+    **_only_with("ramtorch", "ramtorch_target_modules ramtorch_text_encoder ramtorch_vae ramtorch_controlnet"),
+    **_accepted(_SPEED, "enable_xformers_memory_efficient_attention validation_torch_compile "
+                        "validation_torch_compile_mode"),
+    "sageattention_usage": Accepted("read only with a sageattention attention_mechanism, which st does not offer"),
+    "sla_config": Accepted("read only with attention_mechanism sla, which st does not offer"),
+    "output_dir": Accepted("st writes each stage's outputs where its `-o/--output` points"),
+    "checkpointing_use_tempdir": Accepted("st always writes checkpoints under a temporary name and renames them"),
+    "delete_model_after_load": Accepted("st never deletes model files; this only frees disk space"),
+    "i_know_what_i_am_doing": Accepted("st's checks cannot be switched off; this only silences SimpleTuner's"),
+    "tracker_image_layout": Accepted("how the tracker's page lays out the same validation images"),
+    "quantize_via": Accepted("read only with quantisation (base_model_precision), which st does not implement yet"),
+    "model_flavour": Accepted("st loads `pretrained_model_name_or_path`; a flavour only names SimpleTuner's default "
+                              "for it, and without that path st stops instead of guessing"),
+    **_only_with("lora_type lycoris", "lycoris_config init_lokr_norm validation_lycoris_strength"),
+    **_only_with("peft_lora_mode singlora", "singlora_ramp_up_steps"),
+    **_only_with("train_text_encoder", "text_encoder_lr freeze_encoder freeze_encoder_before freeze_encoder_after "
+                                       "freeze_encoder_strategy save_text_encoder text_encoder_limit"),
+    **_only_with("controlnet / control", "controlnet_model_name_or_path controlnet_custom_config "
+                                         "conditioning_multidataset_sampling validation_stitch_input_location"),
+    **_only_with("distillation_method", "distillation_config"),
+    **_only_with("evaluation_type", "pretrained_evaluation_model_name_or_path"),
+    **_only_with("refiner_training", "refiner_training_invert_schedule refiner_training_strength"),
+    **_only_with("use_adafactor_optimizer", "adafactor_relative_step"),
+    **_only_with("validation_adapter_path", "validation_adapter_name validation_adapter_strength "
+                                            "validation_adapter_mode validation_adapter_config"),
+    **_only_with("validation_guidance_skip_layers", "validation_guidance_skip_layers_start "
+                                                    "validation_guidance_skip_layers_stop validation_guidance_skip_scale"),
+    **_only_with("validation_preview", "validation_preview_steps"),
+    **_only_with("crepa_enabled", "crepa_block_index crepa_lambda crepa_adjacent_distance crepa_adjacent_tau "
+                                  "crepa_cumulative_neighbors crepa_normalize_by_frames crepa_spatial_align crepa_model "
+                                  "crepa_use_backbone_features crepa_teacher_block_index crepa_encoder_image_size"),
+    **_only_with("layersync_enabled", "layersync_student_block layersync_teacher_block layersync_lambda"),
+    **_only_with("scheduled_sampling_max_step_offset",
+                 "scheduled_sampling_strategy scheduled_sampling_probability scheduled_sampling_prob_start "
+                 "scheduled_sampling_prob_end scheduled_sampling_ramp_steps scheduled_sampling_start_step "
+                 "scheduled_sampling_ramp_shape scheduled_sampling_sampler scheduled_sampling_order "
+                 "scheduled_sampling_reflexflow scheduled_sampling_reflexflow_alpha "
+                 "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
+    **_only_for("ltxvideo", "ltx_train_mode ltx_i2v_prob ltx_partial_noise_fraction ltx_protect_first_frame"),
+    **_only_for("hidream", "hidream_use_load_balancing_loss hidream_load_balancing_loss_weight"),
+    **_only_for("sana", "sana_complex_human_instruction"),
+    **_only_for("video families (wan, ltxvideo, ...)", "validation_num_video_frames framerate"),
+    # Refused: a feature st lacks; loads only at its default.
+    **_refused(_QUANTISATION, "base_model_precision text_encoder_1_precision text_encoder_2_precision "
+                              "text_encoder_3_precision text_encoder_4_precision", default="no_change"),
+    **_refused(_QUANTISATION, "quantization_config quantize_activations"),
+    **_refused("loading the denoiser from another model or folder",
+               "pretrained_transformer_model_name_or_path pretrained_transformer_subfolder "
+               "pretrained_unet_model_name_or_path pretrained_unet_subfolder"),
+    "base_model_default_dtype": Refused("choosing the base model's load dtype", "bf16"),
+    "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
+    "lora_type": Refused("LyCORIS adapters (lora_type lycoris)", "standard"),
+    "peft_lora_mode": Refused("SingLoRA adapters (peft_lora_mode singlora)", "standard"),
+    "slider_lora_target": Refused("slider LoRA training"),
+    "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
+    "train_text_encoder": Refused("text-encoder training"),
+    **_refused("ControlNet / control conditioning training", "controlnet control"),
+    "tread_config": Refused("TREAD token routing"),
+    "masked_loss_probability": Refused("masked loss (mask conditioning datasets)", 1.0),
+    **_refused("distillation", "distillation_method"),
+    "evaluation_type": Refused("CLIP evaluation", "none"),
+    **_refused("evaluation datasets", "eval_dataset_id eval_dataset_pooling eval_epoch_interval"),
+    "eval_timesteps": Refused("choosing the evaluation timesteps", 28),
+    **_refused("SDXL refiner training", "refiner_training sdxl_refiner_uses_full_range"),
+    "data_aesthetic_score": Refused("SDXL refiner aesthetic-score conditioning", 7.0),
+    "snr_weight": Refused("an SNR-weight multiplier", 1.0),
+    "inference_scheduler_timestep_spacing": Refused("choosing the validation scheduler's timestep spacing",
+                                                    "trailing"),
+    "sd3_clip_uncond_behaviour": Refused("SD3 unconditional-embedding choices", "empty_string"),
+    "sd3_t5_uncond_behaviour": Refused("SD3 unconditional-embedding choices"),
+    "flux_attention_masked_training": Refused("Flux attention-masked training"),
+    "flux_fast_schedule": Refused("Flux Schnell's fast schedule"),
+    **_refused("on-demand VAE encoding (st always caches latents with `st cache`)",
+               "vae_cache_ondemand vae_cache_disable"),
+    **_refused("fused optimizer steps during the backward pass",
+               "fuse_optimizer optimizer_release_gradients optimizer_release_gradient"),
+    "prodigy_steps": Refused("Prodigy's prodigy_steps"),
+    "use_adafactor_optimizer": Refused("the Adafactor optimizer"),
+    "seed_for_each_device": Refused("one shared seed on every device", True),
+    "trust_remote_code": Refused("model code from the hub"),
+    "non_ema_revision": Refused("a separate non-EMA model revision"),
+    **_refused("the global parquet columns (set them in the dataset's parquet block)",
+               "parquet_caption_column parquet_filename_column"),
+    **_refused("CREPA regularisation", "crepa_enabled"),
+    **_refused("LayerSync regularisation", "layersync_enabled"),
+    **_refused("Diff2Flow", "diff2flow_enabled diff2flow_loss"),
+    "scheduled_sampling_max_step_offset": Refused("scheduled sampling", 0),
+    "enable_watermark": Refused(_VALIDATION + ": an invisible watermark"),
+    "validation_on_startup": Refused(_VALIDATION + ": validation before the first step"),
+    "validation_seed_source": Refused(_VALIDATION + ": the generator's device", "cpu"),
+    "validation_using_datasets": Refused(_VALIDATION + ": validation from dataset images"),
+    "validation_guidance_real": Refused(_VALIDATION + ": real CFG for distilled models", 1.0),
+    "validation_no_cfg_until_timestep": Refused(_VALIDATION + ": skipping CFG for the first timesteps", 2),
+    "validation_randomize": Refused(_VALIDATION + ": random validation seeds"),
+    "validation_disable_unconditional": Refused(_VALIDATION + ": no unconditional validation image"),
+    "validation_prompt_library": Refused(_VALIDATION + ": SimpleTuner's built-in prompt library"),
+    "validation_adapter_path": Refused(_VALIDATION + ": an extra adapter during validation"),
+    "validation_guidance_skip_layers": Refused(_VALIDATION + ": skip-layer guidance"),
+    "validation_preview": Refused(_VALIDATION + ": step-by-step previews"),
+}
+# fmt: on
+
+_DATASET_RUNTIME = "sets how SimpleTuner reads or caches the dataset, not what st trains on"
+
+# Keys of a multidatabackend.json entry that are not st's own dataset keys.
+# fmt: off
+DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
+    **_accepted(_DATASET_RUNTIME, "default text_embeds image_embeds vae_cache_clear_each_epoch skip_file_discovery "
+                                  "preserve_data_backend_cache metadata_backend write_batch_size hash_filenames "
+                                  "scan_for_errors cache_file_suffix"),
+    **_accepted(_CACHE, "cache_dir cache_dir_vae cache_dir_text"),
+    "disable_validation": Accepted("read only with `validation_using_datasets`, which st does not implement yet"),
+    "is_regularisation_data": Refused("regularisation datasets"),
+    "caption_filter_list": Refused("caption filter lists"),
+}
+# fmt: on

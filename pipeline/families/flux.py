@@ -197,5 +197,5 @@ FAMILY = Family(
     collate_text=text.collate,
     predict=predict,
     lora_presets=LORA_PRESETS,
-    default_flow_shift=None,  # the scheduler shifts by resolution (use_dynamic_shifting): auto shift
+    default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default; flow_schedule_auto_shift for Flux's line
 )

@@ -9,34 +9,40 @@ DDPM families (epsilon / v_prediction)
     from the model's scheduler config, with `rescale_betas_zero_snr` (diffusers' `rescale_zero_terminal_snr`: the
     last abar is exactly 0). `training_scheduler_timestep_spacing` is recorded on that scheduler; it only shapes an
     inference schedule and never the training draws.
-    Timesteps are integers in [0, T) drawn from diffusers' `generate_timestep_weights` distribution
+    Timesteps are integers in [0, T) drawn from SimpleTuner's `generate_timestep_weights` distribution
     (`timestep_bias_*`: "earlier"/"later" multiply the first/last `portion * T` weights, "range" multiplies
     [begin, end); timesteps outside stay possible, only `multiplier`-times less likely).
-    Segmented sampling (on unless `disable_segmented_timestep_sampling`) stratifies a batch of B: sample i takes
-    quantile segment [i/B, (i+1)/B) of that distribution, so without a bias sample i lies in
-    [i*T/B, (i+1)*T/B). SimpleTuner stratifies equal-width segments and applies the bias only inside each one, which
-    cancels most of a bias; st stratifies quantiles so the bias keeps its full effect.
+    Segmented sampling (on unless `disable_segmented_timestep_sampling`, batches of B > 1) is SimpleTuner's
+    `segmented_timestep_selection`: equal-width segments of s = T // B timesteps counted down from T - 1, sample i
+    drawn from [T - 1 - (i + 1)s, T - 1 - is] (the last one reaches down to 0) by the bias weights inside it. A
+    bias therefore only reshapes each segment. Adjacent segments share their boundary timestep, and SimpleTuner
+    normalises each segment's weights in place, so the lower segment sees the shared one at its already normalised
+    weight; st reproduces that too (weights are normalised to sum 1 first when a bias is set, as there).
 
 Flow matching families
     noisy = (1 - sigma) * x + sigma * noise; target = noise - x; the denoiser gets sigma * T (T = 1000).
     sigma ~ sigmoid(flow_sigmoid_scale * N(0, 1)) by default, U[0, 1) with `flow_use_uniform_schedule`, or
     Beta(flow_beta_schedule_alpha, flow_beta_schedule_beta) with `flow_use_beta_schedule`; then shifted:
-    sigma' = s * sigma / (1 + (s - 1) * sigma) with s = `flow_schedule_shift` (else the family's default, else 1).
-    `flow_schedule_auto_shift` takes s = exp(mu), mu linear in `image_seq_len` (256 -> 0.5, 4096 -> 1.15, Flux's
-    `calculate_shift`); it wins over `flow_schedule_shift`. Timestep bias and segmentation apply to DDPM only.
+    sigma' = s * sigma / (1 + (s - 1) * sigma) with s = `flow_schedule_shift` (else the family's default, else 1;
+    0 means no shift, as in SimpleTuner). `flow_schedule_auto_shift` takes s = exp(mu), mu linear in `image_seq_len`
+    (256 -> 0.5, 4096 -> 1.15, Flux's `calculate_shift`); it wins over `flow_schedule_shift`. Timestep bias and
+    segmentation apply to DDPM only.
 
 Noise
-    noise_offset: with probability `noise_offset_probability` per sample, noise += noise_offset * N(0, 1) of shape
-    (C, 1, 1) (one constant per channel). The target sees the offset noise.
+    Offset noise (SimpleTuner's `offset_noise`, DDPM only): with `offset_noise` true and `noise_offset` > 0, one
+    coin per batch with probability `noise_offset_probability` decides whether noise += noise_offset * N(0, 1) of
+    shape (B, C, 1, 1) (one constant per sample and channel). The target sees the offset noise. Without
+    `offset_noise`, `noise_offset` does nothing; flow matching never uses it (both as in SimpleTuner).
     input_perturbation: the noisy input uses noise + p * N(0, 1) with p = input_perturbation, decayed linearly to 0
     over `input_perturbation_steps` when > 0; the target keeps the unperturbed noise.
 
 Loss (float32, mean over each sample, times the sample's weight, mean over the batch)
-    l2: d^2. huber: torch's `huber_loss` (delta = c). smooth_l1: torch's `smooth_l1_loss` (beta = c), d = pred - target.
-    c per sample (diffusers' scheduled Huber): constant: c = huber_c; exponential: c = huber_c ** (t / T) (1 at t = 0,
-    huber_c at t = T; flow uses t = sigma * T); snr: c = (1 - huber_c) / (1 + r)^2 + huber_c, r the noise/signal
-    scale ratio (sqrt((1 - abar) / abar) for DDPM, sigma / (1 - sigma) for flow), computed in closed form so that
-    zero-terminal SNR stays finite.
+    d = pred - target. l2: d^2. SimpleTuner's pseudo-Huber forms (`conditional_loss`): huber: 2c(sqrt(d^2 + c^2) - c);
+    smooth_l1: 2(sqrt(d^2 + c^2) - c).
+    c per sample (SimpleTuner's `compute_scheduled_huber_c`): constant: c = huber_c; exponential:
+    c = huber_c ** (t / T) (1 at t = 0, huber_c at t = T; flow uses t = sigma * T); snr: c = (1 - huber_c) / (1 + r)^2
+    + huber_c, with r = sqrt((1 - abar) / abar) for DDPM (computed in closed form, so zero-terminal SNR stays finite:
+    c = huber_c there) and r = sqrt((1 - sigma) / (sigma + 1e-4)) for flow matching (c grows with sigma).
     min-SNR (`snr_gamma`, DDPM): w = min(SNR, gamma) / SNR (epsilon; 1 at SNR 0), min(SNR, gamma) / (SNR + 1) (v).
     soft min-SNR (`use_soft_min_snr`, needs `soft_min_snr_sigma_data` = sd): the hard minimum in the x0-space weight
     becomes the soft minimum 1 / (1 / SNR_d + 1 / gamma) with SNR_d = sd^2 * SNR (the data's SNR), normalised so the
@@ -143,6 +149,27 @@ def timestep_weights(options: ObjectiveOptions, num_train_timesteps: int) -> Ten
         raise ConfigError(f"unknown timestep_bias_strategy {strategy!r}")
     weights[biased] *= multiplier
     return weights
+
+
+def segment_distributions(weights: Tensor, batch_size: int, biased: bool) -> list[tuple[int, Tensor]]:
+    """SimpleTuner's segments for a batch: (lowest timestep, probabilities of it and the ones above) per sample.
+
+    `biased`: the weights carry a timestep bias, which SimpleTuner normalises to sum 1 before segmenting (that
+    changes how much weight the shared boundary timesteps keep; see the module docstring).
+    """
+    count = weights.numel()
+    working = weights.to(torch.float64).clone()
+    if biased:
+        working /= working.sum()
+    size = max(count // batch_size, 1)
+    segments = []
+    for i in range(batch_size):
+        top = max(count - 1 - i * size, 0)
+        bottom = 0 if i == batch_size - 1 else max(top - size, 0)
+        segment = working[bottom : top + 1]
+        segment /= segment.sum()  # in place, as SimpleTuner does: the next segment sees this boundary weight
+        segments.append((bottom, segment.clone()))
+    return segments
 
 
 def _sample_gamma(shape: float, count: int, generator: torch.Generator) -> Tensor:
@@ -259,6 +286,7 @@ class Objective:
         self.weights = timestep_weights(options, self.num_train_timesteps)
         self.cdf = torch.cumsum(self.weights, 0) / self.weights.sum()
         self.segmented = not options.disable_segmented_timestep_sampling
+        self._segments: dict[int, list[tuple[int, Tensor]]] = {}
         self.auto_shift = False
 
     def _init_flow(self, options: ObjectiveOptions, default_shift: float | None) -> None:
@@ -279,9 +307,9 @@ class Objective:
             log.warning("flow_schedule_auto_shift is set: flow_schedule_shift=%s is ignored", shift)
         if shift is None:
             shift = default_shift if default_shift is not None else 1.0
-        if not shift > 0:
-            raise ConfigError(f"flow_schedule_shift must be > 0, got {shift}")
-        self.shift = float(shift)
+        if shift < 0:
+            raise ConfigError(f"flow_schedule_shift must be >= 0 (0: no shift), got {shift}")
+        self.shift = float(shift) if shift > 0 else 1.0
         if options.flux_guidance_mode == "random-range" and options.flux_guidance_min > options.flux_guidance_max:
             raise ConfigError(
                 f"flux_guidance_min ({options.flux_guidance_min}) must not exceed "
@@ -294,6 +322,7 @@ class Objective:
                 ("timestep_bias_strategy", options.timestep_bias_strategy != "none"),
                 ("snr_gamma", bool(options.snr_gamma)),
                 ("use_soft_min_snr", options.use_soft_min_snr),
+                ("offset_noise", options.offset_noise),
             )
             if active
         ]
@@ -331,10 +360,18 @@ class Objective:
         if self.is_flow:
             raise RuntimeError("sample_timesteps is for DDPM objectives; flow matching samples sigmas")
         u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
-        if self.segmented and batch_size > 1:
-            u = (torch.arange(batch_size, dtype=torch.float64) + u) / batch_size
-        index = torch.searchsorted(self.cdf, u, right=True)
-        return index.clamp_(0, self.num_train_timesteps - 1).to(torch.int64)
+        if not (self.segmented and batch_size > 1):
+            index = torch.searchsorted(self.cdf, u, right=True)
+            return index.clamp_(0, self.num_train_timesteps - 1).to(torch.int64)
+        if batch_size not in self._segments:
+            biased = self.options.timestep_bias_strategy != "none"
+            self._segments[batch_size] = segment_distributions(self.weights, batch_size, biased)
+        drawn = []
+        for (bottom, probabilities), value in zip(self._segments[batch_size], u.tolist()):
+            cdf = torch.cumsum(probabilities, 0)
+            offset = int(torch.searchsorted(cdf, value * float(cdf[-1]), right=True).clamp(max=cdf.numel() - 1))
+            drawn.append(bottom + offset)
+        return torch.tensor(drawn, dtype=torch.int64)
 
     def shift_for(self, latents: Tensor) -> float:
         """The flow shift used for `latents` (auto-shift depends on their size)."""
@@ -375,10 +412,11 @@ class Objective:
         else:
             schedule = self.sample_timesteps(batch, generator)
         options = self.options
-        if options.noise_offset > 0:
-            offsets = torch.randn((batch, x.shape[1], *([1] * (x.ndim - 2))), generator=generator)
-            chosen = torch.rand(batch, generator=generator) < options.noise_offset_probability
-            noise = noise + options.noise_offset * offsets * _view(chosen.to(torch.float32), offsets)
+        if options.offset_noise and options.noise_offset > 0 and not self.is_flow:
+            coin = float(torch.rand(1, generator=generator, dtype=torch.float64))
+            if options.noise_offset_probability == 1.0 or coin < options.noise_offset_probability:
+                offsets = torch.randn((batch, x.shape[1], *([1] * (x.ndim - 2))), generator=generator)
+                noise = noise + options.noise_offset * offsets
         noise_in = noise
         scale = self.perturbation_scale(step)
         if scale > 0:
@@ -457,9 +495,12 @@ class Objective:
         if options.huber_schedule == "exponential":
             t = noised.timesteps.to(device=alphas.device, dtype=torch.float32)
             return torch.exp(math.log(base) * t / self.num_train_timesteps)
-        # snr: 1 / (1 + sigma/alpha) = alpha / (alpha + sigma), finite at alpha = 0.
-        ratio = alphas / (alphas + sigmas).clamp_min(_TINY)
-        return (1.0 - base) * ratio.square() + base
+        if self.is_flow:
+            ratio = ((1.0 - sigmas) / (sigmas + 1e-4)).sqrt()
+            return (1.0 - base) / (1.0 + ratio).square() + base
+        # DDPM: 1 / (1 + sigma/alpha) = alpha / (alpha + sigma), finite at alpha = 0.
+        share = alphas / (alphas + sigmas).clamp_min(_TINY)
+        return (1.0 - base) * share.square() + base
 
     def loss_weights(self, noised: Noised) -> Tensor | None:
         """Per-sample min-SNR / soft min-SNR weights (DDPM), or None when the loss is unweighted."""
@@ -492,11 +533,8 @@ class Objective:
             elementwise = diff.square()
         else:
             c = _view(self.huber_c(noised).to(pred.device), diff)
-            magnitude = diff.abs()
-            if loss_type == "huber":
-                elementwise = torch.where(magnitude < c, 0.5 * diff.square(), c * (magnitude - 0.5 * c))
-            else:  # smooth_l1
-                elementwise = torch.where(magnitude < c, 0.5 * diff.square() / c, magnitude - 0.5 * c)
+            pseudo_huber = 2.0 * ((diff.square() + c.square()).sqrt() - c)
+            elementwise = c * pseudo_huber if loss_type == "huber" else pseudo_huber
         per_sample = elementwise.reshape(elementwise.shape[0], -1).mean(dim=1)
         weights = self.loss_weights(noised)
         if weights is not None:

@@ -326,27 +326,43 @@ def effective_learning_rate(options: OptimizerOptions) -> float:
     return lr * (math.sqrt(factor) if options.lr_scale_sqrt else factor)
 
 
-def _warmup_factor(step: int, warmup: int) -> float:
-    return float(step) / float(max(1, warmup))
-
-
 def _constant_lambda(warmup: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
-        return _warmup_factor(step, warmup) if step < warmup else 1.0
+        return step / warmup if step < warmup else 1.0
 
     return factor
 
 
-def _sine_lambda(warmup: int, total_steps: int, cycles: float, floor: float) -> Callable[[int], float]:
-    span = max(1, total_steps - warmup)
+# SimpleTuner's own waves (`custom_schedule.Cosine` / `Sine`): lr = lr_end + (lr - lr_end) * wave(step / period).
+_WAVES: dict[str, Callable[[float], float]] = {
+    "cosine": lambda phase: 0.5 * (1.0 + math.cos(math.pi * phase)),
+    "sine": lambda phase: 0.5 * (1.0 + math.sin(math.pi * phase)),
+    "cosine_with_restarts": lambda phase: 0.5 * (1.0 + math.cos(math.pi * (phase % 1.0))),
+}
+COSINE_DEFAULT_PERIOD = 1000  # SimpleTuner's Cosine falls back to this when lr_warmup_steps is 0
 
+
+def _wave_lambda(wave: Callable[[float], float], period: int, floor: float) -> Callable[[int], float]:
     def factor(step: int) -> float:
-        if step < warmup:
-            return _warmup_factor(step, warmup)
-        progress = (step - warmup) / span
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.sin(math.pi / 2 + 2.0 * math.pi * cycles * progress))
+        return floor + (1.0 - floor) * wave(step / period)
 
     return factor
+
+
+def _wave_period(name: str, warmup: int) -> int:
+    """The half-period of SimpleTuner's cosine / sine / cosine_with_restarts schedules: `lr_warmup_steps`.
+
+    SimpleTuner passes `lr_warmup_steps * num_processes` and accelerate steps the schedule once per process each
+    optimizer step, so in optimizer steps the half-period is `lr_warmup_steps`; these schedules have no warmup.
+    """
+    if warmup > 0:
+        return warmup
+    if name == "cosine":
+        log.warning("lr_scheduler=cosine takes lr_warmup_steps as its half-period; it is 0, so %d steps are used "
+                    "(as in SimpleTuner)", COSINE_DEFAULT_PERIOD)  # fmt: skip
+        return COSINE_DEFAULT_PERIOD
+    raise ConfigError(f"lr_scheduler={name} takes lr_warmup_steps as its half-period (as in SimpleTuner); "
+                      "set lr_warmup_steps > 0")  # fmt: skip
 
 
 def build_lr_scheduler(
@@ -355,10 +371,17 @@ def build_lr_scheduler(
     """The learning-rate schedule `options.lr_scheduler` over `total_steps` optimizer steps; call `.step()` after each.
 
     - constant: the learning rate, after a linear warmup over `lr_warmup_steps` when that is > 0.
-    - constant_with_warmup, linear, cosine, cosine_with_restarts (`lr_num_cycles` hard restarts): diffusers' schedules.
+    - constant_with_warmup, linear: diffusers' schedules.
     - polynomial: diffusers' decay from the learning rate to `lr_end` with exponent `lr_power`.
-    - sine: linear warmup, then a raised sine wave with `lr_num_cycles` full periods over the remaining steps: it
-      starts at the learning rate, dips to `lr_end` half-way through each period and climbs back.
+    - cosine, sine: SimpleTuner's SGDR-style waves with half-period P = `lr_warmup_steps` (no warmup; P = 1000 when
+      it is 0 for cosine, required for sine), running for the whole run between the learning rate and the floor
+      `lr_end`: cosine lr_end + (lr - lr_end)(1 + cos(pi t / P)) / 2 starts at the learning rate; sine
+      lr_end + (lr - lr_end)(1 + sin(pi t / P)) / 2 starts half-way and peaks at t = P / 2.
+    - cosine_with_restarts: the SGDR schedule SimpleTuner's `CosineAnnealingHardRestarts` defines, with cycle
+      T = `lr_warmup_steps`: lr_end + (lr - lr_end)(1 + cos(pi (t mod T) / T)) / 2, back to the learning rate at each
+      restart. (SimpleTuner's launcher never advances that class's cycle, so there the rate stays constant, with a
+      warning that it misbehaves; st runs the schedule the class describes.)
+    SimpleTuner also truncates each learning rate to 9 decimals; st does not. `lr_num_cycles` is used by none.
 
     Schedule-free optimizers carry their own warmup and need no decay, so they always get a flat schedule.
     """
@@ -378,17 +401,16 @@ def build_lr_scheduler(
         return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant_lambda(warmup))
     if name == "constant_with_warmup":
         return get_scheduler(name, optimizer, num_warmup_steps=warmup)
-    if total_steps < 1:
-        raise ConfigError(f"lr_scheduler={name} needs the number of training steps, got {total_steps}")
-    if name == "sine":
-        if options.lr_num_cycles <= 0:
-            raise ConfigError(f"lr_num_cycles must be > 0 for lr_scheduler=sine, got {options.lr_num_cycles}")
+    if name in _WAVES:
+        period = _wave_period(name, warmup)
         lambdas = []
         for group in optimizer.param_groups:
             peak = float(group.get("initial_lr", group["lr"]))
-            floor = min(1.0, max(0.0, float(options.lr_end) / peak)) if peak > 0 else 0.0
-            lambdas.append(_sine_lambda(warmup, total_steps, float(options.lr_num_cycles), floor))
+            floor = float(options.lr_end) / peak if peak > 0 else 0.0
+            lambdas.append(_wave_lambda(_WAVES[name], period, floor))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    if total_steps < 1:
+        raise ConfigError(f"lr_scheduler={name} needs the number of training steps, got {total_steps}")
     if name == "polynomial":
         try:
             return get_polynomial_decay_schedule_with_warmup(
@@ -397,9 +419,8 @@ def build_lr_scheduler(
             )  # fmt: skip
         except ValueError as exc:
             raise ConfigError(f"lr_scheduler=polynomial: {exc} (lower lr_end or raise learning_rate)") from None
-    if name in ("linear", "cosine", "cosine_with_restarts"):
-        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                             num_cycles=int(options.lr_num_cycles), power=float(options.lr_power))  # fmt: skip
+    if name == "linear":
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     raise ConfigError(f"unknown lr_scheduler '{name}'")
 
 

@@ -80,6 +80,7 @@ class ObjectiveOptions(OptionGroup):
     soft_min_snr_sigma_data: float | None
     noise_offset: float
     noise_offset_probability: float
+    offset_noise: bool
     input_perturbation: float
     input_perturbation_steps: int
     loss_type: str

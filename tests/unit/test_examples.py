@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, load_config, normalise_key, read_config_file
-from pipeline.datasets import DatasetSpec, _read_list, parse_entry
+from pipeline.datasets import DatasetSpec, read_dataset_list, parse_entry
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*/config.json"))
@@ -17,7 +17,7 @@ CONFIGS = sorted(EXAMPLES.glob("*/config.json"))
 def _datasets(loaded):
     """Every entry of the example's dataset list through parse_entry (the image folders need not exist)."""
     list_path = loaded.resolve_path(loaded.config.data_backend_config).resolve()
-    specs = [parse_entry(entry, loaded, list_path, i) for i, entry in enumerate(_read_list(list_path))]
+    specs = [parse_entry(entry, loaded, list_path, i) for i, entry in enumerate(read_dataset_list(list_path))]
     return [s for s in specs if s is not None]
 
 

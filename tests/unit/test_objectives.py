@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.train.objectives import Objective, auto_shift, image_seq_len, timestep_weights
+from pipeline.train.objectives import Objective, auto_shift, image_seq_len, segment_distributions, timestep_weights
 
 SD_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -130,6 +130,13 @@ def test_family_default_shift_applies_when_unset_and_config_wins():
     assert flow().shift == 1.0
 
 
+def test_flux_and_sd3_default_to_simpletuners_shift_3():
+    # SimpleTuner's flow_schedule_shift defaults to 3.0 for every flow family it shares with st.
+    from pipeline.families import flux, sd3
+
+    assert flux.FAMILY.default_flow_shift == 3.0 and sd3.FAMILY.default_flow_shift == 3.0
+
+
 def test_auto_shift_follows_flux_line():
     assert auto_shift(256) == pytest.approx(math.exp(0.5))
     assert auto_shift(4096) == pytest.approx(math.exp(1.15))
@@ -163,18 +170,26 @@ def test_flux_guidance_constant_and_random_range():
 
 
 def test_later_bias_draws_larger_timesteps_and_earlier_smaller():
-    for segmented in (False, True):
-        options = {"disable_segmented_timestep_sampling": not segmented, "timestep_bias_multiplier": 3.0}
-        none = many_timesteps(ddpm(**options)).float().mean()
-        later = many_timesteps(ddpm(timestep_bias_strategy="later", **options)).float().mean()
-        earlier = many_timesteps(ddpm(timestep_bias_strategy="earlier", **options)).float().mean()
-        assert later > none + 50 and earlier < none - 50
+    options = {"disable_segmented_timestep_sampling": True, "timestep_bias_multiplier": 3.0}
+    none = many_timesteps(ddpm(**options)).float().mean()
+    later = many_timesteps(ddpm(timestep_bias_strategy="later", **options)).float().mean()
+    earlier = many_timesteps(ddpm(timestep_bias_strategy="earlier", **options)).float().mean()
+    assert later > none + 50 and earlier < none - 50
+    # Segmented (batch 2: segments [499, 999] and [0, 499]), the bias acts inside the segment it overlaps.
+    segmented = {"timestep_bias_multiplier": 3.0}
+    none = many_timesteps(ddpm(**segmented), batch=2).float()
+    later = many_timesteps(ddpm(timestep_bias_strategy="later", **segmented), batch=2).float()
+    earlier = many_timesteps(ddpm(timestep_bias_strategy="earlier", **segmented), batch=2).float()
+    assert later[:, 0].mean() > none[:, 0].mean() + 50 and later[:, 1].mean() == pytest.approx(none[:, 1].mean(), abs=25)
+    assert earlier[:, 1].mean() < none[:, 1].mean() - 50
 
 
 def test_range_bias_weights_the_range_by_the_multiplier():
     options = {"timestep_bias_strategy": "range", "timestep_bias_begin": 200, "timestep_bias_end": 300}
     weights = timestep_weights(Config(**options, timestep_bias_multiplier=9.0), 1000)
     assert torch.all(weights[200:300] == 9.0) and torch.all(weights[:200] == 1.0) and torch.all(weights[300:] == 1.0)
+    # Unsegmented: segments (SimpleTuner's) each keep their share of draws, whatever the bias outside them.
+    options["disable_segmented_timestep_sampling"] = True
     drawn = many_timesteps(ddpm(**options, timestep_bias_multiplier=9.0))
     inside = ((drawn >= 200) & (drawn < 300)).float().mean()
     assert inside == pytest.approx(900 / 1800, abs=0.03)  # 100 steps x 9 against 900 steps x 1
@@ -192,12 +207,41 @@ def test_bad_bias_options_are_config_errors():
 
 
 def test_segmented_sampling_puts_one_timestep_in_each_segment():
+    # SimpleTuner's segmented_timestep_selection: segments of 1000 // 8 = 125 counted down from 999, sample i in
+    # [874 - 125 i, 999 - 125 i] (the last down to 0); neighbours share their boundary timestep.
     drawn = many_timesteps(ddpm(), batch=8)
-    segment = drawn // 125
-    assert torch.equal(segment, torch.arange(8).expand_as(segment))
+    tops = 999 - 125 * torch.arange(8)
+    bottoms = (tops - 125).clamp_min(0)
+    bottoms[-1] = 0
+    assert torch.all((drawn >= bottoms) & (drawn <= tops))
+    assert torch.equal(drawn.min(dim=0).values, bottoms)  # every timestep of a segment is reachable
     unsegmented = many_timesteps(ddpm(disable_segmented_timestep_sampling=True), batch=8)
-    assert not torch.equal(unsegmented // 125, torch.arange(8).expand_as(unsegmented))
+    assert not torch.all((unsegmented >= bottoms) & (unsegmented <= tops))
     assert unsegmented.min() >= 0 and unsegmented.max() < 1000
+
+
+def test_segment_distributions_follow_simpletuner_by_hand():
+    # SimpleTuner custom_schedule.segmented_timestep_selection with T = 8, batch 2: segment size 4, segments [3, 7]
+    # and [0, 3]; each segment's weights are normalised in place, so timestep 3 enters the second segment with the
+    # weight the first gave it. Unbiased weights are ones: 3 keeps 1/5, giving [1, 1, 1, 0.2] / 3.2.
+    unbiased = segment_distributions(torch.ones(8), 2, biased=False)
+    assert [bottom for bottom, _ in unbiased] == [3, 0]
+    torch.testing.assert_close(unbiased[0][1], torch.full((5,), 0.2, dtype=torch.float64))
+    torch.testing.assert_close(unbiased[1][1], torch.tensor([0.3125, 0.3125, 0.3125, 0.0625], dtype=torch.float64))
+    # "later", portion 0.5, x2: weights [1, 1, 1, 1, 2, 2, 2, 2] / 12 (normalised first when biased). First segment
+    # [1, 2, 2, 2, 2] / 9; timestep 3 keeps 1/9, so the second is [1/12, 1/12, 1/12, 1/9] / (13/36) = [3, 3, 3, 4] / 13.
+    weights = timestep_weights(Config(timestep_bias_strategy="later", timestep_bias_portion=0.5,
+                                      timestep_bias_multiplier=2.0), 8)  # fmt: skip
+    later = segment_distributions(weights, 2, biased=True)
+    torch.testing.assert_close(later[0][1], torch.tensor([1, 2, 2, 2, 2], dtype=torch.float64) / 9)
+    torch.testing.assert_close(later[1][1], torch.tensor([3, 3, 3, 4], dtype=torch.float64) / 13)
+
+
+def test_segmented_later_bias_keeps_a_quarter_above_750_at_batch_4():
+    # Issue 12's check: later x2 (portion 0.25), batch 4. Segment 0 is [749, 999]: all but 749 are biased, so
+    # P(t >= 750) = 1/4 * 500/501 (st's former quantile stratification gave 0.40).
+    drawn = many_timesteps(ddpm(timestep_bias_strategy="later", timestep_bias_multiplier=2.0), batch=4, rounds=2000)
+    assert (drawn >= 750).float().mean() == pytest.approx(0.25 * 500 / 501, abs=0.005)
 
 
 # --- Zero terminal SNR ----------------------------------------------------------------------------------------
@@ -269,15 +313,23 @@ def test_flow_loss_is_plain_mse():
     torch.testing.assert_close(objective.loss(prediction, noised, step=0), F.mse_loss(prediction, noised.target))
 
 
-@pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
-def test_huber_and_smooth_l1_equal_torch_at_constant_schedule(loss_type):
+@pytest.mark.parametrize(("loss_type", "expected"), [
+    # SimpleTuner models/common.py conditional_loss (pseudo-Huber), c = 0.3, |d| = 0.4 and 0: sqrt(0.16 + 0.09) = 0.5.
+    ("huber", [2 * 0.3 * (0.5 - 0.3), 0.0]),  # 2c(sqrt(d^2 + c^2) - c) = 0.12
+    ("smooth_l1", [2 * (0.5 - 0.3), 0.0]),  # 2(sqrt(d^2 + c^2) - c) = 0.4
+])  # fmt: skip
+def test_huber_and_smooth_l1_are_simpletuners_pseudo_huber(loss_type, expected):
     objective = ddpm(loss_type=loss_type, huber_schedule="constant", huber_c=0.3)
-    x = latents()
+    x = latents(batch=2)
     noised = objective.draw(x, gen(), step=0)
-    prediction = noised.target + torch.randn(x.shape, generator=gen(9))
-    expected = (F.huber_loss(prediction, noised.target, delta=0.3) if loss_type == "huber"
-                else F.smooth_l1_loss(prediction, noised.target, beta=0.3))  # fmt: skip
-    torch.testing.assert_close(objective.loss(prediction, noised, step=0), expected)
+    offset = torch.tensor([0.4, 0.0]).view(2, 1, 1, 1)
+    prediction = noised.target + offset.expand_as(x)
+    torch.testing.assert_close(objective.loss(prediction, noised, step=0), torch.tensor(sum(expected) / 2))
+    # Elementwise over a random residual: plain torch, mean over all elements.
+    diff = torch.randn(x.shape, generator=gen(9))
+    pseudo = 2 * (torch.sqrt(diff**2 + 0.09) - 0.3)
+    reference = (0.3 * pseudo if loss_type == "huber" else pseudo).mean()
+    torch.testing.assert_close(objective.loss(noised.target + diff, noised, step=0), reference)
 
 
 def test_huber_schedules():
@@ -295,6 +347,16 @@ def test_huber_schedules():
     assert c[0] > c[1] > c[2]
 
 
+def test_flow_huber_snr_schedule_is_simpletuners():
+    # SimpleTuner models/common.py compute_scheduled_huber_c, flow matching: r = sqrt((1 - s) / (s + 1e-4)),
+    # c = (1 - c0) / (1 + r)^2 + c0. By hand for c0 = 0.1: s = 0.5: r = sqrt(0.5 / 0.5001) = 0.99990, c = 0.9 / 3.99960
+    # + 0.1 = 0.325022; s = 1: r = 0, c = 1; s = 0: r = 100, c = 0.9 / 10201 + 0.1 = 0.100088 (grows with sigma).
+    objective = flow(loss_type="huber", huber_schedule="snr", huber_c=0.1)
+    x, noise = latents(batch=3), latents(batch=3, seed=2)
+    c = objective.huber_c(objective.fixed(x, torch.tensor([0.5, 1.0, 0.0]), noise))
+    torch.testing.assert_close(c, torch.tensor([0.325022, 1.0, 0.100088]), atol=2e-6, rtol=0)
+
+
 def test_loss_is_a_float32_scalar_for_bf16_inputs():
     objective = ddpm()
     noised = objective.draw(latents().to(torch.bfloat16), gen(), step=0)
@@ -305,18 +367,42 @@ def test_loss_is_a_float32_scalar_for_bf16_inputs():
 # --- Noise options and determinism ----------------------------------------------------------------------------
 
 
-def test_noise_offset_probability_zero_changes_nothing():
+@pytest.mark.parametrize("make", [
+    lambda: ddpm(offset_noise=True, noise_offset=0.1, noise_offset_probability=0.0),
+    lambda: ddpm(offset_noise=False, noise_offset=0.1, noise_offset_probability=1.0),  # SimpleTuner needs offset_noise
+])  # fmt: skip
+def test_noise_offset_off_changes_nothing(make):
     x = latents()
     base = ddpm().draw(x, gen(), step=0)
-    offset = ddpm(noise_offset=0.1, noise_offset_probability=0.0).draw(x, gen(), step=0)
+    offset = make().draw(x, gen(), step=0)
     for field in ("noisy", "target", "timesteps", "noise"):
         assert torch.equal(getattr(base, field), getattr(offset, field))
+
+
+def test_flow_matching_never_uses_offset_noise(caplog):
+    x = latents()
+    objective = flow(offset_noise=True, noise_offset=0.1, noise_offset_probability=1.0)
+    assert "offset_noise" in caplog.text  # ignored with a warning, as for the other DDPM-only options
+    assert torch.equal(objective.draw(x, gen(), step=0).noise, flow().draw(x, gen(), step=0).noise)
+
+
+def test_noise_offset_is_one_coin_per_batch():
+    # SimpleTuner models/common.py: one random() < noise_offset_probability per batch, not per sample.
+    objective = ddpm(offset_noise=True, noise_offset=0.1, noise_offset_probability=0.5)
+    x = latents()
+    offsets_seen = []
+    for seed in range(40):
+        delta = objective.draw(x, gen(seed), step=0).noise - ddpm().draw(x, gen(seed), step=0).noise
+        moved = delta.flatten(1).abs().amax(dim=1) > 0
+        assert bool(moved.all()) or not bool(moved.any())  # every sample or none
+        offsets_seen.append(bool(moved.any()))
+    assert 5 < sum(offsets_seen) < 35
 
 
 def test_noise_offset_probability_one_adds_a_per_channel_constant():
     x = latents()
     base = ddpm().draw(x, gen(), step=0)
-    offset = ddpm(noise_offset=0.1, noise_offset_probability=1.0).draw(x, gen(), step=0)
+    offset = ddpm(offset_noise=True, noise_offset=0.1, noise_offset_probability=1.0).draw(x, gen(), step=0)
     assert torch.equal(base.timesteps, offset.timesteps)
     delta = offset.noise - base.noise
     per_channel = delta.mean(dim=(2, 3), keepdim=True)
@@ -347,7 +433,7 @@ def test_input_perturbation_decays_to_zero_over_its_steps():
     assert torch.equal(late.noisy, ddpm().draw(x, gen(), step=150).noisy)
 
 
-@pytest.mark.parametrize("make", [lambda: ddpm(noise_offset=0.1, input_perturbation=0.1), lambda: flow(
+@pytest.mark.parametrize("make", [lambda: ddpm(offset_noise=True, noise_offset=0.1, input_perturbation=0.1), lambda: flow(
     flow_use_beta_schedule=True, flow_schedule_auto_shift=True, noise_offset=0.1)])
 def test_same_seed_gives_identical_draws(make):
     x = latents()

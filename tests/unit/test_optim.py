@@ -180,21 +180,50 @@ def test_constant_and_warmup():
 
 
 def test_decaying_schedules():
-    got = lrs("cosine", [0, 10, 55, 99], lr_warmup_steps=10)
-    assert got[0] == 0.0 and got[10] == pytest.approx(1.0) and got[55] == pytest.approx(0.5) and got[99] < 1e-3
     got = lrs("linear", [0, 50, 100])
     assert got[0] == 1.0 and got[50] == pytest.approx(0.5) and got[100] == pytest.approx(0.0)
     got = lrs("polynomial", [0, 50, 100], lr_end=1e-3, lr_power=2.0)
     assert got[0] == 1.0 and got[50] == pytest.approx(1e-3 + (1 - 1e-3) * 0.25) and got[100] == pytest.approx(1e-3)
-    got = lrs("cosine_with_restarts", [0, 25, 49, 50], lr_num_cycles=2)
-    assert got[0] == 1.0 and got[25] == pytest.approx(0.5) and got[49] < 0.01 and got[50] == pytest.approx(1.0)
 
 
-def test_sine_oscillates_between_lr_and_lr_end():
-    got = lrs("sine", [0, 5, 10, 35, 60, 85, 110], total=110, lr_warmup_steps=10, lr_num_cycles=2, lr_end=0.1)
-    assert got[0] == 0.0 and got[5] == pytest.approx(0.5)
-    assert got[10] == pytest.approx(1.0) and got[35] == pytest.approx(0.1) and got[60] == pytest.approx(1.0)
-    assert got[85] == pytest.approx(0.1) and got[110] == pytest.approx(1.0)
+def test_cosine_is_simpletuners_wave_between_lr_and_lr_end():
+    # SimpleTuner custom_schedule.Cosine: lr_end + (lr - lr_end)(1 + cos(pi t / P)) / 2 with P = lr_warmup_steps, no
+    # warmup, for the whole run. lr 1, lr_end 0.1, P 10: t = 0: 1; t = 5: 0.55; t = 10: 0.1; t = 15: 0.55; t = 20: 1;
+    # t = 250 (past the 100 planned steps, the wave goes on): cos(25 pi) = -1 -> 0.1.
+    got = lrs("cosine", [0, 5, 10, 15, 20, 250], lr_warmup_steps=10, lr_end=0.1)
+    expected = {0: 1.0, 5: 0.55, 10: 0.1, 15: 0.55, 20: 1.0, 250: 0.1}
+    assert got == pytest.approx(expected)
+
+
+def test_cosine_without_warmup_steps_uses_a_half_period_of_1000(caplog):
+    # SimpleTuner's Cosine falls back to T_0 = 1000 (with a warning) when lr_warmup_steps is 0: t = 500 is half-way.
+    got = lrs("cosine", [0, 500, 1000], lr_end=0.0)
+    assert got == pytest.approx({0: 1.0, 500: 0.5, 1000: 0.0}, abs=1e-12)
+    assert "half-period" in caplog.text
+
+
+def test_sine_is_simpletuners_wave_between_lr_and_lr_end():
+    # SimpleTuner custom_schedule.Sine: lr_end + (lr - lr_end)(1 + sin(pi t / P)) / 2, P = lr_warmup_steps.
+    # lr 1, lr_end 0.1, P 10: t = 0: 0.55 (half-way); t = 5: 1; t = 10: 0.55; t = 15: 0.1; t = 20: 0.55.
+    got = lrs("sine", [0, 5, 10, 15, 20], lr_warmup_steps=10, lr_end=0.1)
+    assert got == pytest.approx({0: 0.55, 5: 1.0, 10: 0.55, 15: 0.1, 20: 0.55})
+
+
+def test_cosine_with_restarts_is_the_sgdr_schedule_of_simpletuners_class():
+    # SimpleTuner's CosineAnnealingHardRestarts (SGDR, T_mult 1): eta_min + (eta_max - eta_min)(1 + cos(pi T_cur / T))
+    # / 2 with T_cur = t mod T, T = lr_warmup_steps. lr 1, lr_end 0.1, T 4: t = 0: 1; t = 2: 0.55; t = 3:
+    # 0.1 + 0.9 (1 + cos(3 pi / 4)) / 2 = 0.1 + 0.45 (1 - 0.70711) = 0.23180; t = 4 (restart): 1; t = 6: 0.55.
+    got = lrs("cosine_with_restarts", [0, 2, 3, 4, 6], lr_warmup_steps=4, lr_end=0.1)
+    assert got == pytest.approx({0: 1.0, 2: 0.55, 3: 0.2318019, 4: 1.0, 6: 0.55})
+
+
+@pytest.mark.parametrize("name", ["sine", "cosine_with_restarts"])
+def test_waves_without_a_period_are_config_errors(name):
+    p = torch.nn.Parameter(torch.zeros(1))
+    config = Config(learning_rate=1.0, lr_scheduler=name)
+    opt = build_optimizer([p], config, device_type="cpu")
+    with pytest.raises(ConfigError, match="lr_warmup_steps"):
+        build_lr_scheduler(opt, config, 100)
 
 
 def test_polynomial_lr_end_above_lr_is_a_config_error():

@@ -1,0 +1,192 @@
+"""`st check`: every problem of a config, its dataset list and its model, found at once without running a stage.
+
+Each check runs on its own; a `UserError` it raises becomes one problem in the report (its message says what failed
+and the fix), and the next check still runs. Only a config that cannot be read at all stops the rest. Nothing is
+decoded or downloaded: dataset folders are listed, model folders are read through their metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .config import (
+    LoadedConfig,
+    build_config,
+    load_config,
+    normalise_key,
+    parse_set,
+    read_config_file,
+    set_problem,
+)
+from .errors import InputError, UserError
+
+if TYPE_CHECKING:
+    from .datasets import DatasetSpec
+
+
+@dataclass
+class CheckReport:
+    """The problems found (each a message with its fix) and what was checked, in words."""
+
+    config: Path
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def attempt(self, check: Callable[..., None], *args: object) -> None:
+        """Run one check; a user error it raises is recorded as a problem instead of stopping the others."""
+        try:
+            check(*args)
+        except UserError as exc:
+            self.problems.append(str(exc))
+
+
+def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
+    """Load the config, then check its model, its datasets and its prompt library, each independently."""
+    report = CheckReport(config_path)
+    loaded = _load(config_path, sets, report)
+    if loaded is None:
+        return report
+    report.checked.append(f"config {loaded.path}")
+    report.attempt(_check_model, loaded, report)
+    report.attempt(_check_datasets, loaded, report)
+    report.attempt(_check_prompt_library, loaded)
+    return report
+
+
+def _load(path: Path, sets: Sequence[str], report: CheckReport) -> LoadedConfig | None:
+    """The loaded config; when it fails, every option that fails on its own is a problem, and the options that pass
+    still make a config for the other checks (None when not even that can be built)."""
+    try:
+        return load_config(path, sets)
+    except UserError as exc:
+        failure = str(exc)
+    loaded, problems = _salvage(path, sets)
+    report.problems.extend(problems or [failure])
+    return loaded
+
+
+def _salvage(path: Path, sets: Sequence[str]) -> tuple[LoadedConfig | None, list[str]]:
+    """Validate the file's options and each `--set` one at a time: (a config of those that pass, the failures)."""
+    try:
+        raw = {normalise_key(str(k)): v for k, v in read_config_file(path.resolve()).items()}
+    except UserError:
+        return None, []
+    problems, good = [], {}
+    for key, value in raw.items():
+        try:
+            build_config({key: value}, where=str(path))
+            good[key] = value
+        except UserError as exc:
+            problems.append(str(exc))
+    for item in sets:
+        try:
+            problem = set_problem(item)
+        except UserError as exc:  # not key=value at all
+            problem = str(exc)
+        if problem is None:
+            key, value = parse_set(item)
+            good[key] = value
+        else:
+            problems.append(problem)
+    try:
+        config, _ = build_config(good, where=str(path))
+    except UserError as exc:
+        return None, [*problems, str(exc)]
+    return LoadedConfig(config=config, path=path.resolve()), problems
+
+
+def _check_model(loaded: LoadedConfig, report: CheckReport) -> None:
+    """model_family is set and known; a local model exists and is of that family; a hub id is noted (not fetched)."""
+    from .families import check_model_family, get_family
+    from .families.hub import hub_offline, looks_like_path
+    from .families.identity import model_sources
+
+    sources = model_sources(loaded)
+    family = get_family(loaded.config.model_family)
+    model = Path(sources.model)
+    if model.exists():
+        check_model_family(family, sources.model)
+        report.checked.append(f"model {model} ({family.name})")
+    elif looks_like_path(sources.model):
+        raise InputError(f"pretrained_model_name_or_path {loaded.resolve_path(sources.model)} does not exist; point "
+                         "it at a diffusers folder, a .safetensors checkpoint or a hub id")  # fmt: skip
+    else:
+        offline = ", which HF_HUB_OFFLINE=1 allows only from the hub cache" if hub_offline() else ""
+        report.checked.append(f"model {sources.model} ({family.name}; a hub id, downloaded by `st cache`{offline})")
+    for option, source in (("pretrained_vae_model_name_or_path", sources.vae),
+                           ("pretrained_t5_model_name_or_path", sources.t5)):  # fmt: skip
+        if source is not None and not Path(source).exists() and looks_like_path(source):
+            raise InputError(f"{option} {loaded.resolve_path(source)} does not exist; point it at a local folder or "
+                             "a hub id, or remove the option")  # fmt: skip
+
+
+def _check_datasets(loaded: LoadedConfig, report: CheckReport) -> None:
+    """The dataset list by the stages' own rules; when they refuse it, each entry on its own, so that every bad
+    entry and every missing folder is listed. Each image folder must be a readable folder."""
+    from .datasets import load_datasets
+
+    try:
+        specs = load_datasets(loaded)
+    except UserError:
+        if not _each_entry(loaded, report):
+            raise
+        return
+    for spec in specs:
+        report.attempt(_check_folder, spec)
+    report.checked.append(f"{len(specs)} dataset(s): {', '.join(spec.id for spec in specs)}")
+
+
+def _each_entry(loaded: LoadedConfig, report: CheckReport) -> bool:
+    """Check every entry of the dataset list and its folder separately; whether that found any problem."""
+    from .datasets import read_dataset_list, parse_entry
+
+    if not loaded.config.data_backend_config:
+        return False
+    list_path = loaded.resolve_path(loaded.config.data_backend_config).resolve()
+    before = len(report.problems)
+    try:
+        entries = read_dataset_list(list_path)
+    except UserError as exc:
+        report.problems.append(str(exc))
+        return True
+    for index, entry in enumerate(entries):
+        try:
+            spec = parse_entry(entry, loaded, list_path, index)
+        except UserError as exc:
+            report.problems.append(str(exc))
+            continue
+        if spec is not None:
+            report.attempt(_check_folder, spec)
+    return len(report.problems) > before
+
+
+def _check_folder(spec: DatasetSpec) -> None:
+    """The image folder exists and can be listed; a parquet caption file exists (no image is opened)."""
+    if not spec.root.is_dir():
+        raise InputError(f"dataset '{spec.id}': instance_data_dir {spec.root} does not exist or is not a folder; "
+                         "create it or fix instance_data_dir in the dataset list")  # fmt: skip
+    try:
+        with os.scandir(spec.root) as entries:
+            next(entries, None)
+    except OSError as exc:
+        raise InputError(f"dataset '{spec.id}': cannot read instance_data_dir {spec.root} ({exc.strerror}); give "
+                         "this user read access to it") from None  # fmt: skip
+    if spec.parquet is not None and not spec.parquet.path.is_file():
+        raise InputError(f"dataset '{spec.id}': parquet file {spec.parquet.path} does not exist; fix parquet.path "
+                         "in the dataset list")  # fmt: skip
+
+
+def _check_prompt_library(loaded: LoadedConfig) -> None:
+    """user_prompt_library, when set, is a readable prompt file."""
+    from .prompts import validation_prompts
+
+    config = loaded.config
+    if config.user_prompt_library:
+        validation_prompts(None, config.user_prompt_library, loaded.base_dir)
