@@ -149,6 +149,18 @@ def _dataset(card: Card) -> list[str]:
     return _table(["dataset", "samples", "buckets (WxH: samples)", "caption strategy", "repeats"], rows)
 
 
+def base_model_name(source: str) -> str:
+    """How the card names the base model: a hub id as it is; a local folder or checkpoint by its name only (an
+    absolute path says where it was on the training machine, which is nobody else's business and no use to them)."""
+    path = Path(source)
+    return path.name if path.is_absolute() or path.exists() else source
+
+
+# The snippet runs where it is pasted: on the GPU when there is one, else on the CPU in fp32.
+_DEVICE_LINES = ['device = "cuda" if torch.cuda.is_available() else "cpu"',
+                 'dtype = torch.bfloat16 if device == "cuda" else torch.float32']
+
+
 def snippet(card: Card) -> str:
     """A diffusers snippet that loads this publication (local folder, or `hub_model_id` when set)."""
     options, family = card.options, card.family
@@ -160,16 +172,16 @@ def snippet(card: Card) -> str:
     single = Path(card.base_model).suffix == ".safetensors"
     cls = family.pipeline_class if single or not family.lora_loader else "DiffusionPipeline"
     load = "from_single_file" if single else "from_pretrained"
-    lines = ["import torch", f"from diffusers import {cls}", ""]
+    lines = ["import torch", f"from diffusers import {cls}", "", *_DEVICE_LINES]
     if card.train["model_type"] == "full":
         if hub:
             lines[2:2] = ["from huggingface_hub import snapshot_download"]
             lines += [f"folder = snapshot_download({_py(hub)})",
-                      f'pipe = {cls}.from_pretrained(f"{{folder}}/model", torch_dtype=torch.bfloat16).to("cuda")']
+                      f'pipe = {cls}.from_pretrained(f"{{folder}}/model", torch_dtype=dtype).to(device)']
         else:
-            lines += [f'pipe = {cls}.from_pretrained("{LOCAL_FOLDER}/model", torch_dtype=torch.bfloat16).to("cuda")']
+            lines += [f'pipe = {cls}.from_pretrained("{LOCAL_FOLDER}/model", torch_dtype=dtype).to(device)']
     elif family.lora_loader:
-        lines += [f'pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=torch.bfloat16).to("cuda")',
+        lines += [f'pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=dtype).to(device)',
                   f"pipe.load_lora_weights({_py(hub or LOCAL_FOLDER)})"]
     else:
         prefix = family.denoiser.subfolder
@@ -180,7 +192,7 @@ def snippet(card: Card) -> str:
                  "from safetensors import safe_open"]  # fmt: skip
         if hub:
             lines.append("from huggingface_hub import hf_hub_download")
-        lines += ["", f'pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=torch.bfloat16).to("cuda")',
+        lines += ["", *_DEVICE_LINES, f'pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=dtype).to(device)',
                   f"with safe_open({weights}, framework=\"pt\") as f:",
                   '    options = json.loads(f.metadata()["lora_adapter_metadata"])',
                   f'    state = {{k.removeprefix("{prefix}."): f.get_tensor(k) for k in f.keys()}}',

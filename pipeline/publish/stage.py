@@ -149,7 +149,8 @@ def _card(inputs: Inputs, family: Family, options: PublishOptions, stage: Path, 
         widget.append({"text": text, "path": f"assets/{name}", "negative": negative})
     datasets, resolution = _dataset(inputs)
     content = cards.Card(family=family, train=inputs.train, step=inputs.step,
-                         base_model=inputs.train["model"]["denoiser"]["source"], options=options, widget=widget,
+                         base_model=cards.base_model_name(inputs.train["model"]["denoiser"]["source"]),
+                         options=options, widget=widget,
                          grid=grid, datasets=datasets, dataset_notes=inputs.notes, resolution=resolution,
                          checkpoint=inputs.checkpoint.rel if inputs.checkpoint else None, comfyui=comfy,
                          ema=ema)  # fmt: skip
