@@ -23,6 +23,7 @@ from ..runner import StageResult, StageRun
 from .discover import DatasetFiles, changed_files, dataset_key, discover, probe_all
 from .document import SAMPLES_NAME, SKIPPED_NAME, dataset_entries, write_samples, write_skipped
 from .index import INDEX_NAME, load_index, save_index
+from .notices import warn_about
 from .scan import Probe
 from .select import batch_size, delete_files, prune, refuse_empty, select
 
@@ -84,6 +85,7 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, specs: list[DatasetSp
         )
     if not kept:
         refuse_empty(skips, by_reason)
+    warn_about(specs, {d.spec.id: len(d.images) for d in datasets}, kept, skips)
     deleted = delete_files(skips, specs, config) if (config.delete_problematic_images or
                                                       config.delete_unwanted_images) else 0  # fmt: skip
 
