@@ -189,4 +189,4 @@ def _check_prompt_library(loaded: LoadedConfig) -> None:
 
     config = loaded.config
     if config.user_prompt_library:
-        validation_prompts(None, config.user_prompt_library, loaded.base_dir)
+        validation_prompts(None, config.user_prompt_library, loaded.resolve_path)

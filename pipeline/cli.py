@@ -26,6 +26,7 @@ InputOpt = Annotated[Path, typer.Option("--input", "-i", help="The previous stag
 SetOpt = Annotated[List[str], typer.Option("--set",
                                            help="Override an option: --set key=value (value read as a TOML literal).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when the output is up to date.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the same data as JSON.")]
 NO_SETS: List[str] = []  # the default of --set (never mutated)
 
 
@@ -236,6 +237,43 @@ def check(config: ConfigOpt, set_: SetOpt = NO_SETS):
     return report
 
 
+def options(
+    stage: Annotated[Optional[str], typer.Option(
+        "--stage", help="Only the options this stage reads: prepare, cache, train or publish.")] = None,
+    search: Annotated[Optional[str], typer.Option(
+        "--search", help="Only options whose name, help or SimpleTuner state contains this word.")] = None,
+    as_json: JsonOpt = False,
+):
+    """List every option with its type, default, stages and SimpleTuner state.
+
+    Columns: the stages that read it and whether it enters their keys; its SimpleTuner state (implemented, alias of
+    another option, accepted and ignored with the reason, refused with the feature st lacks).
+
+    With --stage, options no stage reads (accepted and refused ones) are left out."""
+    from .option_list import list_options
+
+    rows = list_options(stage, search)
+    typer.echo(console.as_json([row.to_dict() for row in rows]) if as_json else console.options_table(rows))
+    return rows
+
+
+def config_show(
+    config: ConfigOpt,
+    set_: SetOpt = NO_SETS,
+    everything: Annotated[bool, typer.Option("--all", help="Every option, also those at their default.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Print the effective config: each option given or not at its default, with where its value came from.
+
+    Origins: default, file, --set, alias X (file), alias X (--set), derived (computed while loading). Then the
+    SimpleTuner options the config carries that st reads nowhere."""
+    from .option_list import effective_config
+
+    effective = effective_config(config, set_, everything=everything)
+    typer.echo(console.as_json(effective.to_dict()) if as_json else console.effective_config(effective))
+    return effective
+
+
 def tiny_model(
     family: Annotated[str, typer.Argument(help="Model family: sd1x, sd2x, sdxl, sd3, flux, pixart_sigma.")],
     output: Annotated[Path, typer.Argument(help="Folder to write the diffusers-layout model into.")],
@@ -272,7 +310,7 @@ def status(
                                                      "cache/, train/, publish/.")],  # fmt: skip
     verify: Annotated[bool, typer.Option(
         "--verify", help="Also re-hash every output file (slow for large outputs).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the same data as JSON.")] = False,
+    as_json: JsonOpt = False,
 ):
     """Show the lineage chain and whether each stage is up to date with its parent, from the manifests alone.
 
@@ -322,8 +360,13 @@ cache_app = typer.Typer(
 cache_app.callback()(cache)
 cache_app.command("merge")(cache_merge)
 
+config_app = typer.Typer(help="Show a config as st reads it.", no_args_is_help=True)
+config_app.command("show")(config_show)
+
 COMMANDS = {
     "check": check,
+    "options": options,
+    "config": config_app,
     "prepare": prepare,
     "cache": cache_app,
     "train": train,

@@ -4,8 +4,9 @@ One dataclass holds every option under its SimpleTuner name. Each field declares
 manifest key hashes only the keys that stage reads and that can change its outputs, so changing `learning_rate` never
 invalidates `st prepare` or `st cache`.
 
-Config files are JSON or TOML; a leading `--` on keys is tolerated (SimpleTuner's config.json style), strings such as
-"true" or "1024" are coerced to the field's type, and `--set key=value` overrides are parsed as TOML literals.
+Config files are JSON (trailing commas allowed), TOML or SimpleTuner's shell-style `config.env`; a leading `--` on keys
+is tolerated (SimpleTuner's config.json style), strings such as "true" or "1024" are coerced to the field's type, and
+`--set key=value` overrides are parsed as TOML literals. Relative paths follow `LoadedConfig.resolve_path`.
 Every numeric option is checked against its range (`OPTION_RANGES`: finite, bounded, positive sizes) when the config
 is loaded, so a bad value stops every stage before it reads or writes anything.
 """
@@ -17,6 +18,10 @@ import difflib
 import functools
 import json
 import math
+import os
+import re
+import shlex
+import string
 import tomllib
 import types
 import typing
@@ -97,6 +102,8 @@ class Config:
 
     # Model and caches.
     model_family: str | None = opt(None, CACHE, TRAIN, choices=MODEL_FAMILIES)
+    model_flavour: str | None = opt(None, CACHE, TRAIN, key=False, help="A named base model of model_family "
+                                    "(SimpleTuner's flavours); used when pretrained_model_name_or_path is not set.")  # fmt: skip
     # Model paths stay out of stage keys: stages hash the identity of the model's files instead.
     pretrained_model_name_or_path: str | None = opt(
         None, CACHE, TRAIN, key=False, help="Local diffusers folder, single-file checkpoint, or hub id."
@@ -406,10 +413,7 @@ def _convert(value: Any, kind: type) -> Any:
 
 def normalise_key(key: str) -> str:
     """`--resolution` and `resolution` name the same option; SimpleTuner's CLI also allows dashes."""
-    key = key.strip()
-    if key.startswith("--"):
-        key = key[2:]
-    return key.replace("-", "_")
+    return key.strip().removeprefix("--").replace("-", "_")
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -425,20 +429,157 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a JSON or TOML config file into a plain dict (no validation yet)."""
+    """Read a JSON, TOML or SimpleTuner `config.env` file into a plain dict (no validation yet)."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with a JSON or TOML file")
+        raise ConfigError(f"config file {path} does not exist; pass --config with a JSON, TOML or config.env file")
     text = path.read_text()
+    if path.suffix.lower() == ".env":
+        return read_env_config(text, path)
     try:
         if path.suffix.lower() == ".toml":
             data = tomllib.loads(text)
         else:
-            data = json.loads(text)
+            data = json.loads(strip_trailing_commas(text))
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold an object of option names to values, not {type(data).__name__}")
     return data
+
+
+_CLOSING = re.compile(r"\s*[}\]]")
+
+
+def strip_trailing_commas(text: str) -> str:
+    """Drop each comma that directly precedes `}` or `]` outside strings (SimpleTuner's example configs have them)."""
+    out: list[str] = []
+    in_string = escaped = False
+    for index, char in enumerate(text):
+        if in_string:
+            in_string = escaped or char != '"'
+            escaped = char == "\\" and not escaped
+            out.append(char)
+            continue
+        if char == '"':
+            in_string = True
+        elif char == "," and _CLOSING.match(text, index + 1):
+            continue
+        out.append(char)
+    return "".join(out)
+
+
+# SimpleTuner's launcher variables (simpletuner/helpers/configuration/env_file.py) -> the option each one sets;
+# TRAINER_EXTRA_ARGS holds further `--option=value` arguments, which win over these.
+ENV_VARIABLE_OPTIONS = {
+    "RESUME_CHECKPOINT": "resume_from_checkpoint", "DATALOADER_CONFIG": "data_backend_config",
+    "ASPECT_BUCKET_ROUNDING": "aspect_bucket_rounding", "TRAINING_SEED": "seed", "USE_EMA": "use_ema",
+    "MINIMUM_RESOLUTION": "minimum_image_size", "OUTPUT_DIR": "output_dir", "USE_DORA": "use_dora",
+    "LORA_TYPE": "lora_type", "LYCORIS_CONFIG": "lycoris_config", "PUSH_TO_HUB": "push_to_hub",
+    "PUSH_TO_HUB_BACKGROUND": "push_to_hub_background", "PUSH_CHECKPOINTS": "push_checkpoints_to_hub",
+    "PUBLISHING_CONFIG": "publishing_config", "MAX_NUM_STEPS": "max_train_steps", "NUM_EPOCHS": "num_train_epochs",
+    "CHECKPOINTING_STEPS": "checkpoint_step_interval", "CHECKPOINT_STEP_INTERVAL": "checkpoint_step_interval",
+    "CHECKPOINT_EPOCH_INTERVAL": "checkpoint_epoch_interval", "CHECKPOINTING_LIMIT": "checkpoints_total_limit",
+    "HUB_MODEL_NAME": "hub_model_id", "MODEL_CARD_SAFE_FOR_WORK": "model_card_safe_for_work",
+    "TRACKER_PROJECT_NAME": "tracker_project_name", "TRACKER_RUN_NAME": "tracker_run_name",
+    "MODEL_TYPE": "model_type", "MODEL_NAME": "pretrained_model_name_or_path", "MODEL_FAMILY": "model_family",
+    "TRAIN_BATCH_SIZE": "train_batch_size", "USE_GRADIENT_CHECKPOINTING": "gradient_checkpointing",
+    "CAPTION_DROPOUT_PROBABILITY": "caption_dropout_probability", "RESOLUTION_TYPE": "resolution_type",
+    "RESOLUTION": "resolution", "VALIDATION_SEED": "validation_seed", "VALIDATION_STEPS": "validation_step_interval",
+    "VALIDATION_STEP_INTERVAL": "validation_step_interval", "VALIDATION_EPOCH_INTERVAL": "validation_epoch_interval",
+    "VALIDATION_RESOLUTION": "validation_resolution", "VALIDATION_GUIDANCE": "validation_guidance",
+    "VALIDATION_METHOD": "validation_method", "VALIDATION_EXTERNAL_SCRIPT": "validation_external_script",
+    "VALIDATION_EXTERNAL_BACKGROUND": "validation_external_background",
+    "POST_CHECKPOINT_SCRIPT": "post_checkpoint_script", "POST_UPLOAD_SCRIPT": "post_upload_script",
+    "VALIDATION_GUIDANCE_RESCALE": "validation_guidance_rescale",
+    "VALIDATION_NUM_INFERENCE_STEPS": "validation_num_inference_steps", "VALIDATION_PROMPT": "validation_prompt",
+    "ALLOW_TF32": "allow_tf32", "MIXED_PRECISION": "mixed_precision", "OPTIMIZER": "optimizer",
+    "LEARNING_RATE": "learning_rate", "LR_SCHEDULE": "lr_scheduler", "LR_WARMUP_STEPS": "lr_warmup_steps",
+    "BASE_MODEL_PRECISION": "base_model_precision", "TRAINING_NUM_PROCESSES": "num_processes",
+    "TRAINING_SCHEDULER_TIMESTEP_SPACING": "training_scheduler_timestep_spacing",
+    "GRADIENT_ACCUMULATION_STEPS": "gradient_accumulation_steps", "LR_END": "lr_end",
+    "FLUX_GUIDANCE_VALUE": "flux_guidance_value", "FLUX_LORA_TARGET": "flux_lora_target",
+    "VALIDATION_NEGATIVE_PROMPT": "validation_negative_prompt", "DISABLE_BENCHMARK": "disable_benchmark",
+}  # fmt: skip
+EXTRA_ARGS_VARIABLE = "TRAINER_EXTRA_ARGS"
+
+
+def read_env_config(text: str, path: Path) -> dict[str, Any]:
+    """Options of a SimpleTuner `config.env`: shell-style `KEY=value` lines, read as its launcher reads them.
+
+    Known variables (ENV_VARIABLE_OPTIONS) set their option; "false" leaves the default, as SimpleTuner passes no
+    flag then. `TRAINER_EXTRA_ARGS` holds `--option=value`, `--option value` or `--flag` arguments, which win.
+    `$NAME` / `${NAME}` expand from earlier lines and the environment. Other variables are not options."""
+    variables = _env_assignments(text, path)
+    options: dict[str, Any] = {}
+    for name, value in variables.items():
+        option = ENV_VARIABLE_OPTIONS.get(name)
+        if option is None:
+            if name != EXTRA_ARGS_VARIABLE:
+                log.info("%s: ignoring variable %s: it sets no option", path, name)
+        elif value.lower() != "false" and value != "":
+            options[option] = True if value.lower() == "true" else value
+    options.update(_extra_args(variables.get(EXTRA_ARGS_VARIABLE, ""), path))
+    return options
+
+
+def _env_assignments(text: str, path: Path) -> dict[str, str]:
+    variables: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        append = line.split("=", 1)[0].endswith("+")
+        name, sep, raw = line.partition("+=" if append else "=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ConfigError(f"{path} line {number}: expected a shell assignment NAME=value, got {line!r}")
+        try:
+            words = shlex.split(raw, comments=True)
+        except ValueError as exc:
+            raise ConfigError(f"{path} line {number}: {exc} in {line!r}") from None
+        value = string.Template(" ".join(words)).safe_substitute({**os.environ, **variables})
+        variables[name] = f"{variables.get(name, '')} {value}".strip() if append else value
+    return variables
+
+
+def _extra_args(text: str, path: Path) -> dict[str, Any]:
+    """`--option=value --flag --option value` -> {option: value}; a bare `--flag` is true."""
+    options: dict[str, Any] = {}
+    words = shlex.split(text)
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if not word.startswith("--"):
+            raise ConfigError(f"{path}: {EXTRA_ARGS_VARIABLE} holds {word!r}, which is not an --option")
+        name, sep, value = word.partition("=")
+        if not sep:
+            has_value = index + 1 < len(words) and not words[index + 1].startswith("--")
+            value = words[index + 1] if has_value else True
+            index += has_value
+        options[normalise_key(name)] = value
+        index += 1
+    return options
+
+
+CONFIG_NAMES = ("config.json", "config.toml", "config.env")
+
+
+def simpletuner_config_path(environ: typing.Mapping[str, str], cwd: Path) -> Path:
+    """The config SimpleTuner's launcher picks without --config: `config/<ENV>/` (or `config/` when ENV is unset or
+    "default"), `config.<CONFIG_BACKEND>` when that is set, else the first of config.json, .toml, .env that exists."""
+    env = environ.get("SIMPLETUNER_ENVIRONMENT") or environ.get("SIMPLETUNER_ENV") or environ.get("ENV") or "default"
+    folder = cwd / "config" if env == "default" else cwd / "config" / env
+    backend = environ.get("SIMPLETUNER_CONFIG_BACKEND") or environ.get("CONFIG_BACKEND") or environ.get("CONFIG_TYPE")
+    if backend:
+        name = f"config.{backend.lower()}"
+        if name not in CONFIG_NAMES:
+            raise ConfigError(f"CONFIG_BACKEND {backend!r} is not one of json, toml, env")
+        return folder / name
+    found = [folder / name for name in CONFIG_NAMES if (folder / name).is_file()]
+    if not found:
+        raise ConfigError(f"no config.json, config.toml or config.env in {folder}; pass --config")
+    return found[0]
 
 
 @dataclass
@@ -452,12 +593,24 @@ class LoadedConfig:
 
     @property
     def base_dir(self) -> Path:
-        """Relative paths in the config (data_backend_config, ...) are relative to the config file."""
+        """The config file's folder: where a relative path that is not in the working folder is looked up."""
         return self.path.parent if self.path else Path.cwd()
 
-    def resolve_path(self, value: str) -> Path:
+    def resolve_path(self, value: str, base: Path | None = None) -> Path:
+        """A relative path as SimpleTuner reads it, from the working folder, when it exists there; otherwise from
+        `base` (the config file's folder unless given: a dataset list passes its own). Exit 2 when it exists in
+        both and they differ, since the two tools would read different files."""
         candidate = Path(value).expanduser()
-        return candidate if candidate.is_absolute() else (self.base_dir / candidate)
+        if candidate.is_absolute():
+            return candidate
+        from_cwd, from_base = Path.cwd() / candidate, (base or self.base_dir) / candidate
+        if not from_cwd.exists():
+            return from_base
+        if from_base.exists() and not from_cwd.samefile(from_base):
+            raise ConfigError(f"relative path {value!r} names two different things: {from_cwd} (from the working "
+                              f"folder, which SimpleTuner reads) and {from_base} (beside the config); make it "
+                              f"absolute or remove one")  # fmt: skip
+        return from_cwd
 
 
 # ---------------------------------------------------------------------------------------------------- ranges

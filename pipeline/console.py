@@ -24,6 +24,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: S
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
+def show_value(value: Any) -> str:
+    """An option's value as a config.json spells it (null, true, 0.0001, [...]); strings without quotes."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def bucket_table(manifest: dict[str, Any]) -> str:
     """Buckets of a prepare manifest: one row per (dataset, bucket), with a total."""
     rows = []
@@ -134,7 +139,7 @@ def sample_data_written(images: int, output: Path, config: Path) -> str:
 
 
 def status_json(rows: Sequence[Any]) -> str:
-    return json.dumps({"ok": all(r.ok for r in rows), "stages": [r.to_dict() for r in rows]}, indent=2)
+    return as_json({"ok": all(r.ok for r in rows), "stages": [r.to_dict() for r in rows]})
 
 
 def verify_failed(failed: int, total: int) -> str:
@@ -148,3 +153,31 @@ def check_report(report: Any) -> str:
     lines = [f"check: {len(report.problems)} problem(s) in {report.config}:"]
     lines += [f"  - {problem}" for problem in report.problems]
     return "\n".join(lines)
+
+
+def options_table(rows: Sequence[Any]) -> str:
+    """`st options`: one row per option (see `pipeline.option_list.OptionInfo`), then the count."""
+
+    def default(row: Any) -> str:  # an option no stage reads has no default unless the reference names one
+        return "-" if row.default is None and row.type == "-" else show_value(row.default)
+
+    table = format_table(["option", "type", "default", "stages", "key", "simpletuner", "notes"],
+                         [[r.name, r.type, default(r), ",".join(r.stages) or "-", r.in_key, r.state, r.notes]
+                          for r in rows])  # fmt: skip
+    return f"{table}\n{len(rows)} option(s)" if rows else "no option matches"
+
+
+def effective_config(effective: Any) -> str:
+    """`st config show`: each option's value and origin, then the SimpleTuner options st sets aside."""
+    rows = [[o.name, show_value(o.value), o.origin] for o in effective.options]
+    lines = [f"config: {effective.config}",
+             format_table(["option", "value", "origin"], rows) if rows else "every option at its default"]  # fmt: skip
+    if effective.set_aside:
+        lines.append("set aside (st reads them nowhere):")
+        lines += [f"  {s.name} = {show_value(s.value)} ({s.origin}): {s.reason}" for s in effective.set_aside]
+    return "\n".join(lines)
+
+
+def as_json(data: Any) -> str:
+    """JSON for `--json` (values JSON cannot hold, such as paths, as strings)."""
+    return json.dumps(data, indent=2, default=str)

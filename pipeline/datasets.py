@@ -1,6 +1,8 @@
 """The dataset list (`data_backend_config`, SimpleTuner's multidatabackend.json) as typed specs.
 
-Each entry's options default to the global options of the same name. Entries SimpleTuner needs but st does not
+Each entry's options default to the global options of the same name; relative folders resolve as
+`LoadedConfig.resolve_path` says (the working folder first, then the list's folder). An entry's `dataset_type` and
+storage `type` are checked before its other keys. Entries SimpleTuner needs but st does not
 (`dataset_type: text_embeds` / `image_embeds`, cache paths, ...) are accepted with one log line saying why they are
 ignored; keys of features st lacks are refused unless at their default (`pipeline.simpletuner`); keys neither tool
 knows are errors.
@@ -23,6 +25,7 @@ from .config import (
     check_resolution,
     coerce,
     normalise_key,
+    strip_trailing_commas,
     suggest,
 )
 from .errors import ConfigError, InputError, NotSupportedError
@@ -103,7 +106,7 @@ def read_dataset_list(path: Path) -> list[Any]:
     if not path.is_file():
         raise ConfigError(f"data_backend_config {path} does not exist; point it at your multidatabackend.json")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(strip_trailing_commas(path.read_text()))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from None
     if isinstance(data, dict):
@@ -113,13 +116,13 @@ def read_dataset_list(path: Path) -> list[Any]:
     return data
 
 
-def _parquet_spec(raw: Any, base: Path, where: str) -> ParquetCaptions:
+def _parquet_spec(raw: Any, loaded: LoadedConfig, base: Path, where: str) -> ParquetCaptions:
     if not isinstance(raw, dict) or "path" not in raw:
         raise ConfigError(f"{where}: 'parquet' must be an object with at least a 'path' (the .parquet file)")
     unknown = [k for k in raw if k not in PARQUET_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown parquet key '{unknown[0]}'{suggest(unknown[0], PARQUET_KEYS)}")
-    path = Path(str(raw["path"])).expanduser()
+    path = loaded.resolve_path(str(raw["path"]), base=base)
     kwargs = {k: raw[k] for k in PARQUET_KEYS if k in raw and k != "path"}
     if "identifier_includes_extension" in kwargs:
         kwargs["identifier_includes_extension"] = coerce(
@@ -128,7 +131,7 @@ def _parquet_spec(raw: Any, base: Path, where: str) -> ParquetCaptions:
     for key, value in kwargs.items():
         if key != "identifier_includes_extension" and not (value is None or isinstance(value, str)):
             raise ConfigError(f"{where}: parquet.{key} must be a column name, got {value!r}")
-    return ParquetCaptions(path=path if path.is_absolute() else base / path, **kwargs)
+    return ParquetCaptions(path=path, **kwargs)
 
 
 def _normalise_aspect_buckets(value: Any, where: str) -> tuple | None:
@@ -155,40 +158,46 @@ def _normalise_aspect_buckets(value: Any, where: str) -> tuple | None:
     return tuple(items)
 
 
+def _check_entry_keys(entry: dict[str, Any], ident: str, where: str) -> None:
+    """Every key is st's, or a SimpleTuner dataset key that is accepted, or refused but at its default."""
+    for key, value in entry.items():
+        if key in ENTRY_KEYS:
+            continue
+        state = DATASET_KEY_STATES.get(key)
+        if isinstance(state, Refused):
+            if not state.is_default(value):
+                raise ConfigError(f"{where}: {state.message(key, value, kind='dataset key')}")
+            continue
+        if state is not None:
+            log.info("dataset '%s': ignoring '%s': %s", ident, key, state.reason)
+            continue
+        raise ConfigError(f"{where}: unknown dataset key '{key}'{suggest(key, ENTRY_KEYS)}")
+
+
 def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, index: int) -> DatasetSpec | None:
     """Turn one multidatabackend entry into a DatasetSpec; None for entries st ignores."""
     config: Config = loaded.config
     entry = {normalise_key(str(k)): v for k, v in entry.items()}
     ident = entry.get("id")
     where = f"{list_path} entry {index}" + (f" (id '{ident}')" if ident else "")
-    if not isinstance(ident, str) or not ident:
-        raise ConfigError(f"{where}: every dataset needs a non-empty string 'id'")
-    if "." in ident or "/" in ident:
-        raise ConfigError(f"{where}: dataset id {ident!r} may not contain '.' or '/'")
     dataset_type = entry.get("dataset_type", "image")
-    if dataset_type in IGNORED_DATASET_TYPES:
-        log.info("ignoring dataset '%s' (dataset_type %s): %s", ident, dataset_type, IGNORED_DATASET_TYPES[dataset_type])
+    if dataset_type in IGNORED_DATASET_TYPES:  # before the id checks: SimpleTuner's embed ids may hold dots
+        log.info("ignoring dataset '%s' (dataset_type %s): %s", ident, dataset_type,
+                 IGNORED_DATASET_TYPES[dataset_type])  # fmt: skip
         return None
     if dataset_type != "image":
         raise NotSupportedError(f"{where}: dataset_type '{dataset_type}' is not supported yet (st reads 'image')")
-    for key in entry:
-        if key in ENTRY_KEYS:
-            continue
-        state = DATASET_KEY_STATES.get(key)
-        if isinstance(state, Refused):
-            if not state.is_default(entry[key]):
-                raise ConfigError(f"{where}: {state.message(key, entry[key], kind='dataset key')}")
-            continue
-        if state is not None:
-            log.info("dataset '%s': ignoring '%s': %s", ident, key, state.reason)
-            continue
-        raise ConfigError(f"{where}: unknown dataset key '{key}'{suggest(key, ENTRY_KEYS)}")
     if coerce("disabled", entry.get("disabled", False), bool, where=where):
         log.info("dataset '%s' is disabled; skipping it", ident)
         return None
     storage = entry.get("type", "local")
-    if storage != "local":
+    if storage != "local":  # before the other keys: each storage type has keys of its own
         raise NotSupportedError(f"{where}: storage type '{storage}' is not supported yet; st reads type 'local'")
+    if not isinstance(ident, str) or not ident:
+        raise ConfigError(f"{where}: every dataset needs a non-empty string 'id'")
+    if "." in ident or "/" in ident:
+        raise ConfigError(f"{where}: dataset id {ident!r} may not contain '.' or '/'")
+    _check_entry_keys(entry, ident, where)
     if "instance_data_dir" not in entry:
         raise ConfigError(f"{where}: 'instance_data_dir' (the image folder) is required")
 
@@ -200,17 +209,15 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         else:
             values[key] = getattr(config, key)
     values["crop_aspect_buckets"] = _normalise_aspect_buckets(values["crop_aspect_buckets"], where)
-    base = list_path.parent
-    root = Path(str(entry["instance_data_dir"])).expanduser()
-    root = (root if root.is_absolute() else base / root).resolve()
-    parquet = _parquet_spec(entry["parquet"], base, where) if "parquet" in entry else None
+    root = loaded.resolve_path(str(entry["instance_data_dir"]), base=list_path.parent).resolve()
+    parquet = _parquet_spec(entry["parquet"], loaded, list_path.parent, where) if "parquet" in entry else None
     if values["caption_strategy"] == "parquet" and parquet is None:
         raise ConfigError(f"{where}: caption_strategy 'parquet' needs a 'parquet' object with the file's 'path'")
-    if values["caption_strategy"] == "instanceprompt" or values["prepend_instance_prompt"] or values["only_instance_prompt"]:
-        if not values["instance_prompt"]:
-            raise ConfigError(
-                f"{where}: caption_strategy '{values['caption_strategy']}' with instance prompts needs 'instance_prompt'"
-            )
+    instance_prompted = values["prepend_instance_prompt"] or values["only_instance_prompt"]
+    if (values["caption_strategy"] == "instanceprompt" or instance_prompted) and not values["instance_prompt"]:
+        raise ConfigError(
+            f"{where}: caption_strategy '{values['caption_strategy']}' with instance prompts needs 'instance_prompt'"
+        )
     if values["crop_aspect"] in ("closest", "random") and values["crop"] and not values["crop_aspect_buckets"]:
         raise ConfigError(f"{where}: crop_aspect '{values['crop_aspect']}' needs 'crop_aspect_buckets'")
     _check_ranges(values, where)

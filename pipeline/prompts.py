@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import ConfigError
 from .hashing import sha256_bytes
@@ -43,14 +44,14 @@ def read_prompt_library(path: Path) -> dict[str, str]:
 
 
 def validation_prompts(validation_prompt: str | None, user_prompt_library: str | None,
-                       base: Path) -> list[ValidationPrompt]:  # fmt: skip
-    """validation_prompt plus the entries of user_prompt_library (a relative path is resolved against `base`)."""
+                       resolve: Callable[[str], Path]) -> list[ValidationPrompt]:  # fmt: skip
+    """validation_prompt plus the entries of user_prompt_library (its path resolved by `resolve`: the loaded config's
+    `resolve_path`, so that it is found where every other relative path of the config is)."""
     found = []
     if validation_prompt:
         found.append(ValidationPrompt("validation", validation_prompt))
     if user_prompt_library:
-        path = Path(user_prompt_library)
-        path = path if path.is_absolute() else Path(base) / path
+        path = resolve(user_prompt_library)
         found += [ValidationPrompt(_safe_name(name), text) for name, text in read_prompt_library(path).items()]
     return found
 

@@ -138,8 +138,6 @@ OPTION_STATES: dict[str, OptionState] = {
     "i_know_what_i_am_doing": Accepted("st's checks cannot be switched off; this only silences SimpleTuner's"),
     "tracker_image_layout": Accepted("how the tracker's page lays out the same validation images"),
     "quantize_via": Accepted("read only with quantisation (base_model_precision), which st does not implement yet"),
-    "model_flavour": Accepted("st loads `pretrained_model_name_or_path`; a flavour only names SimpleTuner's default "
-                              "for it, and without that path st stops instead of guessing"),
     **_only_with("lora_type lycoris", "lycoris_config init_lokr_norm validation_lycoris_strength"),
     **_only_with("peft_lora_mode singlora", "singlora_ramp_up_steps"),
     **_only_with("train_text_encoder", "text_encoder_lr freeze_encoder freeze_encoder_before freeze_encoder_after "

@@ -58,7 +58,7 @@ class CacheContext:
 def validation_prompt_texts(loaded: LoadedConfig) -> list[str]:
     """Prompts st train renders at validation: their embeddings are cached once in the shared embeds file."""
     config = loaded.config
-    prompts = validation_prompts(config.validation_prompt, config.user_prompt_library, loaded.base_dir)
+    prompts = validation_prompts(config.validation_prompt, config.user_prompt_library, loaded.resolve_path)
     return texts_to_encode(prompts, config.validation_negative_prompt)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.families import sd3, text, tiny_parts
-from pipeline.families.spec import Component, Family, TextEncoderSpec
+from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer, t5_tokenizer
 
 CLIP_LENGTH = 77
@@ -181,6 +181,19 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir, clip_tokenizers=("tokenizer",))
 
 
+# SimpleTuner's Flux flavours (models/flux/model.py HUGGINGFACE_PATHS); its default is "krea".
+FLAVOURS = (
+    Flavour("dev", "black-forest-labs/flux.1-dev"),
+    Flavour("krea", "black-forest-labs/flux.1-krea-dev"),
+    Flavour("schnell", "black-forest-labs/flux.1-schnell",
+            needs="Flux Schnell's fast schedule and training adapter (flux_fast_schedule, assistant LoRA)"),
+    Flavour("kontext", "black-forest-labs/flux.1-kontext-dev",
+            needs="Flux Kontext image conditioning (FluxKontextPipeline)"),
+    Flavour("fluxbooru", "terminusresearch/fluxbooru-v0.3",
+            needs="real classifier-free guidance validation (validation_guidance_real)"),
+    Flavour("libreflux", "jimmycarter/LibreFlux-SimpleTuner", needs="Flux attention-masked training"),
+)  # fmt: skip
+
 FAMILY = Family(
     name="flux",
     pipeline_class="FluxPipeline",
@@ -198,4 +211,6 @@ FAMILY = Family(
     predict=predict,
     lora_presets=LORA_PRESETS,
     default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default; flow_schedule_auto_shift for Flux's line
+    flavours=FLAVOURS,
+    default_flavour="krea",
 )

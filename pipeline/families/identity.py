@@ -1,8 +1,8 @@
 """Which model a run uses, and the identity of its parts: what `st cache` records and `st train` checks against.
 
-A model is named by `pretrained_model_name_or_path` with optional VAE and T5 overrides. Paths in a config file are
-relative to the config's folder; anything that is not a path on disk (a hub id) is kept as written. The identity of
-each component comes from its configs and weight headers; nothing is loaded.
+A model is named by `pretrained_model_name_or_path` (or the family's `model_flavour`) with optional VAE and T5
+overrides. Relative paths resolve as `LoadedConfig.resolve_path` says; anything that is not a path on disk (a hub id)
+is kept as written. The identity of each component comes from its configs and weight headers; nothing is loaded.
 """
 
 from __future__ import annotations
@@ -46,17 +46,26 @@ def _resolve(loaded, value: str | None) -> str | None:
 
 
 def model_sources(loaded) -> ModelSources:
-    """The run's model sources; ConfigError naming the option when model_family or the model is not set."""
+    """The run's model sources. The model is `pretrained_model_name_or_path` when set, else the hub id of
+    `model_flavour` (the family's default flavour when unset), as SimpleTuner picks it. ConfigError when model_family
+    is not set, or for a flavour the family lacks or st cannot train yet (checked even beside a path: SimpleTuner's
+    flavour also changes how it trains)."""
+    from pipeline.families import get_family  # the registry imports this module
+
     config = loaded.config
     if not config.model_family:
         raise ConfigError(f"option 'model_family' is not set; choose one of {', '.join(MODEL_FAMILIES)}")
-    if not config.pretrained_model_name_or_path:
+    family = get_family(config.model_family)
+    model = _resolve(loaded, config.pretrained_model_name_or_path)
+    if config.model_flavour is not None or (model is None and family.flavours):
+        flavour_model = family.flavour_hub_id(config.model_flavour)  # also refuses a flavour beside a path
+        model = model or flavour_model
+    if model is None:
         raise ConfigError(
             "option 'pretrained_model_name_or_path' is not set; point it at a diffusers folder, a "
             ".safetensors checkpoint or a hub id (`st tiny-model FAMILY DIR` writes a small test model)"
         )
-    return ModelSources(_resolve(loaded, config.pretrained_model_name_or_path),
-                        _resolve(loaded, config.pretrained_vae_model_name_or_path),
+    return ModelSources(model, _resolve(loaded, config.pretrained_vae_model_name_or_path),
                         _resolve(loaded, config.pretrained_t5_model_name_or_path), config.revision)  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.families import sd1x, text, tiny_parts
-from pipeline.families.spec import Component, Family, TextEncoderSpec
+from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 from pipeline.families.tokenizers import t5_tokenizer
 
 T5_LENGTH = 300
@@ -100,6 +100,18 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir)
 
 
+# SimpleTuner's PixArt Sigma flavours (models/pixart/model.py HUGGINGFACE_PATHS); its default is
+# "900M-1024-v0.6". The v0.7 stage models are eDiffi-style stage experts that SimpleTuner trains with refiner_training.
+_STAGE_TRAINING = "refiner_training (the eDiffi stage experts)"
+FLAVOURS = (
+    Flavour("900M-1024-v0.6", "terminusresearch/pixart-900m-1024-ft-v0.6"),
+    Flavour("900M-1024-v0.7-stage1", "terminusresearch/pixart-900m-1024-ft-v0.7-stage1", needs=_STAGE_TRAINING),
+    Flavour("900M-1024-v0.7-stage2", "terminusresearch/pixart-900m-1024-ft-v0.7-stage2", needs=_STAGE_TRAINING),
+    Flavour("600M-512", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"),
+    Flavour("600M-1024", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
+    Flavour("600M-2048", "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS"),
+)
+
 FAMILY = Family(
     name="pixart_sigma",
     pipeline_class="PixArtSigmaPipeline",
@@ -118,4 +130,6 @@ FAMILY = Family(
     trims_text=True,
     predict=predict,
     lora_loader=False,  # PixArtSigmaPipeline has no load_lora_weights: LoRAs load through peft
+    flavours=FLAVOURS,
+    default_flavour="900M-1024-v0.6",
 )

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.families import text, tiny_parts
-from pipeline.families.spec import Component, Family, TextEncoderSpec
+from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer
 
 CLIP_LENGTH = 77
@@ -106,6 +106,15 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir, clip_tokenizers=("tokenizer",))
 
 
+# SimpleTuner's SD 1.x flavours (models/sd1x/model.py HUGGINGFACE_PATHS); its default is "dreamshaper". Its
+# "realvis" names an SDXL model, which an SD 1.x run cannot load.
+FLAVOURS = (
+    Flavour("1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    Flavour("1.4", "CompVis/stable-diffusion-v1-4"),
+    Flavour("dreamshaper", "Lykon/dreamshaper-8"),
+    Flavour("realvis", "SG161222/RealVisXL_V5.0", needs="model_family sdxl (it is an SDXL model)"),
+)
+
 FAMILY = Family(
     name="sd1x",
     pipeline_class="StableDiffusionPipeline",
@@ -121,4 +130,6 @@ FAMILY = Family(
     encode_prompts=encode_clip_last,
     collate_text=text.collate,
     predict=predict_unet,
+    flavours=FLAVOURS,
+    default_flavour="dreamshaper",
 )

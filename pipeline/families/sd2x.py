@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.families import sd1x, text, tiny_parts
-from pipeline.families.spec import Component, Family
+from pipeline.families.spec import Component, Family, Flavour
 from pipeline.families.tokenizers import clip_tokenizer
 
 
@@ -47,6 +47,16 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir, clip_tokenizers=("tokenizer",))
 
 
+# SimpleTuner's SD 2.x flavours (models/sd1x/model.py, StableDiffusion2.HUGGINGFACE_PATHS); its default is
+# "pseudoflex-v2".
+FLAVOURS = (
+    Flavour("digitaldiffusion", "Junglerally/Digital-Diffusion"),
+    Flavour("pseudoflex-v2", "bghira/pseudo-flex-v2"),
+    Flavour("pseudojourney", "bghira/pseudo-journey-v2"),
+    Flavour("2.1", "stabilityai/stable-diffusion-2-1"),
+    Flavour("2.0", "stabilityai/stable-diffusion-2-0"),
+)
+
 FAMILY = Family(
     name="sd2x",
     pipeline_class="StableDiffusionPipeline",
@@ -62,4 +72,6 @@ FAMILY = Family(
     encode_prompts=sd1x.encode_clip_last,
     collate_text=text.collate,
     predict=sd1x.predict_unet,
+    flavours=FLAVOURS,
+    default_flavour="pseudoflex-v2",
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.families import text, tiny_parts
-from pipeline.families.spec import Component, Family, TextEncoderSpec
+from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer, t5_tokenizer
 
 CLIP_LENGTH = 77
@@ -142,6 +142,12 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir, clip_tokenizers=("tokenizer", "tokenizer_2"))
 
 
+# SimpleTuner's SD3 flavours (models/sd3/model.py HUGGINGFACE_PATHS); its default is "medium".
+FLAVOURS = (
+    Flavour("medium", "stabilityai/stable-diffusion-3.5-medium"),
+    Flavour("large", "stabilityai/stable-diffusion-3.5-large"),
+)
+
 FAMILY = Family(
     name="sd3",
     pipeline_class="StableDiffusion3Pipeline",
@@ -158,4 +164,6 @@ FAMILY = Family(
     collate_text=text.collate,
     predict=predict,
     default_flow_shift=3.0,  # the shift of SD3's FlowMatchEulerDiscreteScheduler config
+    flavours=FLAVOURS,
+    default_flavour="medium",
 )

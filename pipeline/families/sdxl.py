@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.families import sd1x, text, tiny_parts
-from pipeline.families.spec import Component, Family, TextEncoderSpec
+from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer
 
 CLIP_LENGTH = 77
@@ -134,6 +134,14 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir, clip_tokenizers=("tokenizer", "tokenizer_2"))
 
 
+# SimpleTuner's SDXL flavours (models/sdxl/model.py HUGGINGFACE_PATHS); its default is "base-1.0".
+FLAVOURS = (
+    Flavour("base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
+    Flavour("refiner-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0", needs="SDXL refiner training"),
+    Flavour("base-0.9", "stabilityai/stable-diffusion-xl-base-0.9"),
+    Flavour("refiner-0.9", "stabilityai/stable-diffusion-xl-refiner-0.9", needs="SDXL refiner training"),
+)
+
 FAMILY = Family(
     name="sdxl",
     pipeline_class="StableDiffusionXLPipeline",
@@ -149,4 +157,6 @@ FAMILY = Family(
     encode_prompts=encode_prompts,
     collate_text=text.collate,
     predict=predict,
+    flavours=FLAVOURS,
+    default_flavour="base-1.0",
 )

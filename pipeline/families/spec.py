@@ -42,6 +42,16 @@ class TextEncoderSpec:
 
 
 @dataclass(frozen=True)
+class Flavour:
+    """A named base model of a family (SimpleTuner's `model_flavour`): its hub id, and `needs`, the feature st lacks
+    to train it as SimpleTuner does (None when st trains it)."""
+
+    name: str
+    hub_id: str
+    needs: str | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """A text-to-image model family: its diffusers layout and the conventions training must follow.
 
@@ -51,6 +61,7 @@ class Family:
     `encode_prompts` stores prompt embeddings trimmed to the real token count (lossless only because the denoiser
     masks padded positions; `collate_text` pads them back with zeros and mask 0). `single_file` says whether the
     pipeline class can load single-file checkpoints; `lora_loader` whether it can load LoRA weights itself.
+    `flavours` and `default_flavour` are SimpleTuner's flavour table and default for the family.
     """
 
     name: str
@@ -72,12 +83,30 @@ class Family:
     lora_presets: tuple[tuple[str, tuple[str, ...]], ...] = ()
     default_flow_shift: float | None = None
     lora_loader: bool = True
+    flavours: tuple[Flavour, ...] = ()
+    default_flavour: str | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"{self.name}: unknown prediction_type {self.prediction_type!r}")
         if self.bucket_alignment < 16:
             raise ValueError(f"{self.name}: bucket_alignment must be at least 16")
+        if self.flavours and not any(f.name == self.default_flavour and not f.needs for f in self.flavours):
+            raise ValueError(f"{self.name}: default_flavour {self.default_flavour!r} is not a flavour st trains")
+
+    def flavour_hub_id(self, name: str | None) -> str:
+        """The hub id of flavour `name` (None: the default flavour); ConfigError for an unknown flavour or one that
+        needs a feature st does not have."""
+        name = self.default_flavour if name is None else name
+        flavour = next((f for f in self.flavours if f.name == name), None)
+        if flavour is None:
+            known = ", ".join(f.name for f in self.flavours) or "none"
+            raise ConfigError(f"unknown model_flavour {name!r} for model_family {self.name}; its flavours: {known} "
+                              "(or set pretrained_model_name_or_path)")  # fmt: skip
+        if flavour.needs:
+            raise ConfigError(f"{self.name} flavour {name!r} ({flavour.hub_id}) needs {flavour.needs}, not supported "
+                              "yet")  # fmt: skip
+        return flavour.hub_id
 
     def load_pipeline_class(self) -> type:
         """The diffusers pipeline class of this family."""

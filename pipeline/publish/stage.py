@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import PUBLISH, LoadedConfig
 from ..errors import ConfigError
@@ -56,14 +56,15 @@ def _source(inputs: Inputs) -> dict[str, Any]:
     return {"kind": "checkpoint", "path": ckpt.rel, "step": ckpt.step, "manifest_sha256": ckpt.manifest_sha256}
 
 
-def _prompt_texts(options: PublishOptions, base_dir: Path | None, train_config: dict[str, Any]) -> dict[str, str]:
+def _prompt_texts(options: PublishOptions, resolve: Callable[[str], Path],
+                  train_config: dict[str, Any]) -> dict[str, str]:  # fmt: skip
     """Validation image name -> prompt text (validation_prompt, and user_prompt_library's entries if readable)."""
     library = train_config.get("user_prompt_library") or options.user_prompt_library
     try:
-        prompts = validation_prompts(train_config.get("validation_prompt"), library, base_dir)
+        prompts = validation_prompts(train_config.get("validation_prompt"), library, resolve)
     except ConfigError as exc:
         log.warning("publish: %s; images are captioned by file name", exc)
-        prompts = validation_prompts(train_config.get("validation_prompt"), None, base_dir)
+        prompts = validation_prompts(train_config.get("validation_prompt"), None, resolve)
     return {prompt.name: prompt.text for prompt in prompts}
 
 
@@ -216,7 +217,7 @@ def _run_publish(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out
     # The base model, where it is still on disk (a LoRA publish does not need it; a full fine-tune does).
     check_model_family(family, inputs.train["model"]["denoiser"].get("source"))
     stage_config = config.stage_keys(PUBLISH)
-    prompts = _prompt_texts(options, loaded.base_dir, inputs.train["config"])
+    prompts = _prompt_texts(options, loaded.resolve_path, inputs.train["config"])
     key = _key(inputs, stage_config, prompts)
     run = StageRun(PUBLISH, SCHEMA_VERSION, out_dir, key, stage_config, force=force)
     if run.up_to_date:

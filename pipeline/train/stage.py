@@ -86,7 +86,7 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     denoiser_identity = component_identity(source, family.denoiser.subfolder, config.revision)
 
     prompts = [] if config.validation_disable else validation_prompts(
-        config.validation_prompt, config.user_prompt_library, loaded.base_dir)
+        config.validation_prompt, config.user_prompt_library, loaded.resolve_path)
     needed = texts_to_encode(prompts, config.validation_negative_prompt) if prompts else []
     cached_texts = set(cache["embeds"]["prompts"].values())
     missing = [t for t in needed if t not in cached_texts]

@@ -1,0 +1,146 @@
+"""`model_flavour`: SimpleTuner's flavour table per family picks the model when `pretrained_model_name_or_path` is
+not set; unknown flavours and flavours st cannot train yet stop with exit 2; the flavour stays out of stage keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.check import run_check
+from pipeline.config import CACHE, TRAIN, load_config
+from pipeline.errors import ConfigError, InputError
+from pipeline.families import FAMILIES, get_family
+from pipeline.families.identity import model_identity, model_sources
+from pipeline.sampledata import write_sample_dataset
+
+# SimpleTuner's DEFAULT_MODEL_FLAVOUR and its hub id per family (simpletuner/helpers/models/<family>/model.py).
+DEFAULTS = {
+    "flux": ("krea", "black-forest-labs/flux.1-krea-dev"),
+    "sd3": ("medium", "stabilityai/stable-diffusion-3.5-medium"),
+    "sdxl": ("base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
+    "sd1x": ("dreamshaper", "Lykon/dreamshaper-8"),
+    "sd2x": ("pseudoflex-v2", "bghira/pseudo-flex-v2"),
+    "pixart_sigma": ("900M-1024-v0.6", "terminusresearch/pixart-900m-1024-ft-v0.6"),
+}
+# Flavours SimpleTuner trains with features st lacks: (family, flavour, the feature named in the error).
+NOT_YET = [
+    ("flux", "kontext", "Flux Kontext image conditioning"),
+    ("flux", "schnell", "fast schedule"),
+    ("flux", "libreflux", "attention-masked training"),
+    ("flux", "fluxbooru", "validation_guidance_real"),
+    ("sdxl", "refiner-1.0", "SDXL refiner training"),
+    ("sd1x", "realvis", "model_family sdxl"),
+    ("pixart_sigma", "900M-1024-v0.7-stage1", "refiner_training"),
+]
+
+
+def load(tmp_path, **options):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({f"--{k}": v for k, v in options.items()}))
+    return load_config(path)
+
+
+def test_every_family_has_simpletuners_default_flavour():
+    assert set(DEFAULTS) == set(FAMILIES)
+    for name, (flavour, hub_id) in DEFAULTS.items():
+        family = get_family(name)
+        assert family.default_flavour == flavour
+        assert family.flavour_hub_id(None) == hub_id
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_without_a_path_the_default_flavour_names_the_model(tmp_path, name):
+    sources = model_sources(load(tmp_path, model_family=name))
+    assert sources.model == DEFAULTS[name][1]
+
+
+@pytest.mark.parametrize(
+    ("family", "flavour", "hub_id"),
+    [
+        ("flux", "dev", "black-forest-labs/flux.1-dev"),
+        ("sd3", "large", "stabilityai/stable-diffusion-3.5-large"),
+        ("sdxl", "base-0.9", "stabilityai/stable-diffusion-xl-base-0.9"),
+        ("sd1x", "1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ("sd2x", "2.1", "stabilityai/stable-diffusion-2-1"),
+        ("pixart_sigma", "600M-512", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"),
+    ],
+)
+def test_a_flavour_names_its_hub_id(tmp_path, family, flavour, hub_id):
+    assert model_sources(load(tmp_path, model_family=family, model_flavour=flavour)).model == hub_id
+
+
+def test_a_path_wins_over_the_flavour(tmp_path, tiny_model):
+    model = tiny_model("sd1x")
+    sources = model_sources(load(tmp_path, model_family="sd1x", model_flavour="1.5",
+                                 pretrained_model_name_or_path=str(model)))  # fmt: skip
+    assert sources.model == str(model.resolve())
+
+
+def test_an_unknown_flavour_lists_the_familys_flavours(tmp_path):
+    loaded = load(tmp_path, model_family="sd3", model_flavour="huge")
+    with pytest.raises(ConfigError, match=r"unknown model_flavour 'huge' for model_family sd3; its flavours: medium, "
+                                          r"large"):  # fmt: skip
+        model_sources(loaded)
+
+
+@pytest.mark.parametrize(("family", "flavour", "feature"), NOT_YET)
+def test_a_flavour_st_cannot_train_yet_is_refused(tmp_path, family, flavour, feature):
+    loaded = load(tmp_path, model_family=family, model_flavour=flavour)
+    with pytest.raises(ConfigError, match=f"{family} flavour '{flavour}' .* needs .*not supported yet") as error:
+        model_sources(loaded)
+    assert feature in str(error.value)
+
+
+def test_a_refused_flavour_is_refused_beside_a_path_too(tmp_path, tiny_model):
+    """SimpleTuner's kontext flavour changes how it trains whatever model the path names."""
+    loaded = load(tmp_path, model_family="flux", model_flavour="kontext",
+                  pretrained_model_name_or_path=str(tiny_model("sd1x")))  # fmt: skip
+    with pytest.raises(ConfigError, match="Flux Kontext"):
+        model_sources(loaded)
+
+
+def test_the_flavour_stays_out_of_stage_keys(tmp_path):
+    """The stages hash the model's files, so naming the same model by flavour or by hub id keys the same."""
+    config = load(tmp_path, model_family="flux", model_flavour="dev").config
+    assert config.model_flavour == "dev"
+    for stage in (CACHE, TRAIN):
+        assert "model_flavour" in config.stage_keys(stage, key_only=False)
+        assert "model_flavour" not in config.stage_keys(stage)
+
+
+def test_offline_the_identity_error_names_the_flavours_hub_id(tmp_path, monkeypatch):
+    """What `st cache` and `st train` do first with the model: identify it (here offline, with an empty hub cache)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load(tmp_path, model_family="sd3", model_flavour="large")
+    with pytest.raises(InputError, match="could not identify 'stabilityai/stable-diffusion-3.5-large' on the Hugging"):
+        model_identity(get_family("sd3"), model_sources(loaded))
+
+
+def test_check_names_the_flavours_hub_id(tmp_path):
+    config = write_sample_dataset(tmp_path, images=2, family="flux")
+    report = run_check(config, ["model_flavour=dev"])
+    assert report.ok, report.problems
+    assert any(line.startswith("model black-forest-labs/flux.1-dev (flux; a hub id") for line in report.checked)
+
+
+def test_check_reports_a_refused_flavour(tmp_path):
+    config = write_sample_dataset(tmp_path, images=2, family="flux")
+    report = run_check(config, ["model_flavour=kontext"])
+    assert [p for p in report.problems if "flavour 'kontext'" in p and "not supported yet" in p]
+
+
+def test_cache_stops_offline_naming_the_hub_id(cli, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = write_sample_dataset(tmp_path / "data", images=4, family="sd1x")
+    prepared = cli("prepare", "-c", config, "-o", tmp_path / "prepare")
+    assert prepared.exit_code == 0, prepared.output
+    result = cli("cache", "-c", config, "-i", tmp_path / "prepare", "-o", tmp_path / "cache",
+                 "--set", "model_flavour=1.4")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "'CompVis/stable-diffusion-v1-4'" in result.output
