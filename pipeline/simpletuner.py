@@ -219,7 +219,8 @@ OPTION_STATES: dict[str, OptionState] = {
     "validation_guidance_real": Refused(_VALIDATION + ": real CFG for distilled models", 1.0),
     "validation_no_cfg_until_timestep": Refused(_VALIDATION + ": skipping CFG for the first timesteps", 2),
     "validation_randomize": Refused(_VALIDATION + ": random validation seeds"),
-    "validation_disable_unconditional": Refused(_VALIDATION + ": no unconditional validation image"),
+    # st's validation never renders an extra unconditional image: it always does what `true` asks for.
+    "validation_disable_unconditional": Accepted("st renders no unconditional validation image either way"),
     "validation_prompt_library": Refused(_VALIDATION + ": SimpleTuner's built-in prompt library"),
     "validation_adapter_path": Refused(_VALIDATION + ": an extra adapter during validation"),
     "validation_guidance_skip_layers": Refused(_VALIDATION + ": skip-layer guidance"),
