@@ -19,8 +19,9 @@ from . import __version__, console
 from .errors import UserError
 from .log import configure
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c",
-                                         help="config.json / config.toml with SimpleTuner option names.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="config.json / .toml / .env with SimpleTuner option names (default: as SimpleTuner's "
+                           "launcher finds it: config/<ENV>/config.json|toml|env, CONFIG_BACKEND picks the type).")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder this stage writes (created if needed).")]
 InputOpt = Annotated[Path, typer.Option("--input", "-i", help="The previous stage's manifest.json (or its folder).")]
 SetOpt = Annotated[List[str], typer.Option("--set",
@@ -106,8 +107,8 @@ def stage_notifications(loaded, stage: str):
 
 
 def prepare(
-    config: ConfigOpt,
     output: OutputOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = NO_SETS,
     strict: Annotated[bool, typer.Option("--strict", help="Fail instead of skipping unusable images.")] = False,
     force: ForceOpt = False,
@@ -116,7 +117,7 @@ def prepare(
     from .config import load_config
     from .prepare.stage import run_prepare
 
-    loaded = load_config(config, set_)
+    loaded = load_config(_config_path(config), set_)
     with stage_notifications(loaded, "prepare"):
         result = run_prepare(loaded, output, strict=strict, force=force)
     typer.echo(console.prepare_done(result, output))
@@ -125,7 +126,7 @@ def prepare(
 
 def cache(
     ctx: typer.Context,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="config.json / config.toml.")] = None,
+    config: ConfigOpt = None,
     input: Annotated[Optional[Path],
                      typer.Option("--input", "-i", help="The prepare manifest.json (or its folder).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder this stage writes.")] = None,
@@ -143,8 +144,8 @@ def cache(
     from .cache.stage import run_cache
     from .config import load_config
 
-    _require(config=config, input=input, output=output)
-    loaded = load_config(config, set_)
+    _require(input=input, output=output)
+    loaded = load_config(_config_path(config), set_)
     with stage_notifications(loaded, "cache"):
         result = run_cache(loaded, input, output, part=part, force=force, strict=strict)
     typer.echo(console.cache_done(result, output) if result.manifest else console.cache_part_done(result, output, part))
@@ -166,10 +167,19 @@ def cache_merge(
 
     group = ctx.obj or {}
     config, input = config or group.get("config"), input or group.get("input")
-    _require(config=config, input=input)
-    result = merge_parts(load_config(config, [*group.get("set", []), *set_]), input, parts, output)
+    _require(input=input)
+    result = merge_parts(load_config(_config_path(config), [*group.get("set", []), *set_]), input, parts, output)
     typer.echo(console.cache_merged(result, len(parts), output))
     return result
+
+
+def _config_path(config: Path | None) -> Path:
+    """--config, else the config SimpleTuner's launcher would use (config/<ENV>/config.json|toml|env)."""
+    if config is not None:
+        return config
+    from .config import simpletuner_config_path
+
+    return simpletuner_config_path(os.environ, Path.cwd())
 
 
 def _require(**values: object) -> None:
@@ -181,9 +191,9 @@ def _require(**values: object) -> None:
 
 
 def train(
-    config: ConfigOpt,
     input: InputOpt,
     output: OutputOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = NO_SETS,
     force: ForceOpt = False,
     resume_strict: Annotated[bool, typer.Option(
@@ -197,7 +207,8 @@ def train(
     from .config import load_config
     from .train.stage import run_train
 
-    result = run_train(load_config(config, set_), input, output, force=force, resume_strict=resume_strict)
+    loaded = load_config(_config_path(config), set_)
+    result = run_train(loaded, input, output, force=force, resume_strict=resume_strict)
     if result.interrupted:
         typer.echo(console.train_interrupted(result, output))
         raise typer.Exit(130)
@@ -207,9 +218,9 @@ def train(
 
 
 def publish(
-    config: ConfigOpt,
     input: InputOpt,
     output: OutputOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = NO_SETS,
     force: ForceOpt = False,
 ):
@@ -217,20 +228,20 @@ def publish(
     from .config import load_config
     from .publish.stage import run_publish
 
-    loaded = load_config(config, set_)
+    loaded = load_config(_config_path(config), set_)
     with stage_notifications(loaded, "publish"):
         result = run_publish(loaded, input, output, force=force)
     typer.echo(console.publish_done(result, output))
     return result
 
 
-def check(config: ConfigOpt, set_: SetOpt = NO_SETS):
+def check(config: ConfigOpt = None, set_: SetOpt = NO_SETS):
     """Check a config, its dataset list and its model without running a stage (nothing is decoded or downloaded).
 
     Lists every problem at once, each with its fix, and exits 2 when there is any; output folders are not checked."""
     from .check import run_check
 
-    report = run_check(config, set_)
+    report = run_check(_config_path(config), set_)
     typer.echo(console.check_report(report))
     if not report.ok:
         raise typer.Exit(2)
@@ -258,7 +269,7 @@ def options(
 
 
 def config_show(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = NO_SETS,
     everything: Annotated[bool, typer.Option("--all", help="Every option, also those at their default.")] = False,
     as_json: JsonOpt = False,
@@ -269,7 +280,7 @@ def config_show(
     SimpleTuner options the config carries that st reads nowhere."""
     from .option_list import effective_config
 
-    effective = effective_config(config, set_, everything=everything)
+    effective = effective_config(_config_path(config), set_, everything=everything)
     typer.echo(console.as_json(effective.to_dict()) if as_json else console.effective_config(effective))
     return effective
 
