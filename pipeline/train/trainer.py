@@ -349,71 +349,74 @@ class Trainer:
         config = self.config
         self.resume()
         state = self.state
-        if self.has_validation and state.step == 0 and not self.validation_options.disable_benchmark:
-            self._validate(tracker, "base")
-        if config.eval_steps_interval and state.step == 0:
-            state.first_eval = state.last_eval = self.evaluate()
-            if self.is_main and tracker:
-                tracker.log({"step": 0, "eval_loss": state.last_eval})
-        optimizer_train_mode(self.optimizer)
-        bar = progress_bar(total=self.total_steps, desc="train", unit="step", initial=state.step) if self.is_main \
-            else nullcontext()  # fmt: skip
-        micro = 0
-        losses: list[float] = []
-        step_started = time.perf_counter()
-        order_log = self._open_order_log()
-        with _Signals() as signals, bar, order_log:
-            for batch in self.loader.iterate(state.cursor, self.epochs):
-                if state.step >= self.total_steps:
-                    break
-                order_log.write(json.dumps({"step": state.step + 1, "epoch": batch.epoch, "batch": batch.index,
-                                            "keys": batch.keys, "dropped": batch.dropped}) + "\n")  # fmt: skip
-                last_micro = (micro + 1) % self.accum == 0
-                sync = nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.model)
-                with sync, self._attention():
-                    loss = self._forward_loss(batch.latents, batch.texts, batch.meta, state.step)
-                    self.accelerator.backward(loss / self.accum)
-                losses.append(float(loss.detach()))
-                micro += 1
-                state.cursor = Cursor(batch.epoch, batch.index + 1)
-                if not last_micro:
-                    continue
-                grad_norm = clip_gradients(self.prepared_params, self.optimizer_options)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
-                state.step += 1
-                speed.maybe_clear_cache(state.step, config.accelerator_cache_clear_interval)
-                step_loss = float(self.accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=self.device),
-                                                          reduction="mean"))  # fmt: skip
-                losses = []
-                if not math.isfinite(step_loss):
-                    self._diverged(state)
-                if self.ema and state.step % max(1, config.ema_update_interval) == 0:
-                    self.ema.update(self._named_trainable())
-                elapsed = time.perf_counter() - step_started
-                step_started = time.perf_counter()
-                state.last_loss = step_loss
-                record = {"step": state.step, "epoch": batch.epoch, "loss": step_loss,
-                          "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                          "samples_per_s": self.samples_per_step / max(elapsed, 1e-9)}  # fmt: skip
-                if config.eval_steps_interval and state.step % config.eval_steps_interval == 0:
-                    state.last_eval = self.evaluate()
-                    record["eval_loss"] = state.last_eval
-                if self.is_main:
-                    tracker.log(record)
-                    if self.notifier is not None:
-                        self.notifier.progress(state.step, self.total_steps, record)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                    sps=f"{record['samples_per_s']:.1f}")  # fmt: skip
-                epoch_done = state.cursor.batch >= self.micro_per_epoch // self.accum * self.accum
-                self._periodic(state, tracker, epoch_done, batch.epoch)
-                if signals.received:
-                    state.interrupted = signals.received
-                    optimizer_eval_mode(self.optimizer)
-                    self.save_checkpoint()
-                    break
+        # Signals are caught from here on: one that arrives during the first validation or evaluation stops the run
+        # after its first step, with a checkpoint, like one that arrives during training.
+        with _Signals() as signals:
+            if self.has_validation and state.step == 0 and not self.validation_options.disable_benchmark:
+                self._validate(tracker, "base")
+            if config.eval_steps_interval and state.step == 0:
+                state.first_eval = state.last_eval = self.evaluate()
+                if self.is_main and tracker:
+                    tracker.log({"step": 0, "eval_loss": state.last_eval})
+            optimizer_train_mode(self.optimizer)
+            bar = progress_bar(total=self.total_steps, desc="train", unit="step", initial=state.step) if self.is_main \
+                else nullcontext()  # fmt: skip
+            micro = 0
+            losses: list[float] = []
+            step_started = time.perf_counter()
+            order_log = self._open_order_log()
+            with bar, order_log:
+                for batch in self.loader.iterate(state.cursor, self.epochs):
+                    if state.step >= self.total_steps:
+                        break
+                    order_log.write(json.dumps({"step": state.step + 1, "epoch": batch.epoch, "batch": batch.index,
+                                                "keys": batch.keys, "dropped": batch.dropped}) + "\n")  # fmt: skip
+                    last_micro = (micro + 1) % self.accum == 0
+                    sync = nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.model)
+                    with sync, self._attention():
+                        loss = self._forward_loss(batch.latents, batch.texts, batch.meta, state.step)
+                        self.accelerator.backward(loss / self.accum)
+                    losses.append(float(loss.detach()))
+                    micro += 1
+                    state.cursor = Cursor(batch.epoch, batch.index + 1)
+                    if not last_micro:
+                        continue
+                    grad_norm = clip_gradients(self.prepared_params, self.optimizer_options)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
+                    state.step += 1
+                    speed.maybe_clear_cache(state.step, config.accelerator_cache_clear_interval)
+                    mean_loss = torch.tensor(sum(losses) / len(losses), device=self.device)
+                    step_loss = float(self.accelerator.reduce(mean_loss, reduction="mean"))
+                    losses = []
+                    if not math.isfinite(step_loss):
+                        self._diverged(state)
+                    if self.ema and state.step % max(1, config.ema_update_interval) == 0:
+                        self.ema.update(self._named_trainable())
+                    elapsed = time.perf_counter() - step_started
+                    step_started = time.perf_counter()
+                    state.last_loss = step_loss
+                    record = {"step": state.step, "epoch": batch.epoch, "loss": step_loss,
+                              "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                              "samples_per_s": self.samples_per_step / max(elapsed, 1e-9)}  # fmt: skip
+                    if config.eval_steps_interval and state.step % config.eval_steps_interval == 0:
+                        state.last_eval = self.evaluate()
+                        record["eval_loss"] = state.last_eval
+                    if self.is_main:
+                        tracker.log(record)
+                        if self.notifier is not None:
+                            self.notifier.progress(state.step, self.total_steps, record)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                        sps=f"{record['samples_per_s']:.1f}")  # fmt: skip
+                    epoch_done = state.cursor.batch >= self.micro_per_epoch // self.accum * self.accum
+                    self._periodic(state, tracker, epoch_done, batch.epoch)
+                    if signals.received:
+                        state.interrupted = signals.received
+                        optimizer_eval_mode(self.optimizer)
+                        self.save_checkpoint()
+                        break
         optimizer_eval_mode(self.optimizer)
         with open(self._order_log_path(), "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": state.step, "weights_sha256": self.weights_digest()}) + "\n")
