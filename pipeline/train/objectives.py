@@ -335,6 +335,10 @@ class Objective:
             raise ConfigError(f"noise_offset_probability must be in [0, 1], got {options.noise_offset_probability}")
         if options.noise_offset < 0:
             raise ConfigError(f"noise_offset must be >= 0, got {options.noise_offset}")
+        if options.noise_offset > 0 and not options.offset_noise and not self.is_flow:
+            # SimpleTuner reads noise_offset only with offset_noise on; say so rather than train without it silently.
+            log.warning("noise_offset %g has no effect without offset_noise = true (as in SimpleTuner); set "
+                        "offset_noise = true to train with offset noise", options.noise_offset)  # fmt: skip
         if options.input_perturbation < 0:
             raise ConfigError(f"input_perturbation must be >= 0, got {options.input_perturbation}")
         if options.input_perturbation_steps < 0:

@@ -379,6 +379,11 @@ def test_noise_offset_off_changes_nothing(make):
         assert torch.equal(getattr(base, field), getattr(offset, field))
 
 
+def test_noise_offset_without_offset_noise_is_a_warning(caplog):
+    ddpm(offset_noise=False, noise_offset=0.1)
+    assert "noise_offset 0.1 has no effect without offset_noise = true" in caplog.text
+
+
 def test_flow_matching_never_uses_offset_noise(caplog):
     x = latents()
     objective = flow(offset_noise=True, noise_offset=0.1, noise_offset_probability=1.0)
