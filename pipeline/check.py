@@ -34,6 +34,7 @@ class CheckReport:
     config: Path
     problems: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
+    rejected_options: set[str] = field(default_factory=set)  # options already reported, left unset for the rest
 
     @property
     def ok(self) -> bool:
@@ -57,7 +58,23 @@ def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
     report.attempt(_check_model, loaded, report)
     report.attempt(_check_datasets, loaded, report)
     report.attempt(_check_prompt_library, loaded)
+    report.attempt(_check_lycoris_settings, loaded)
+    report.attempt(_check_base_precision, loaded)
     return report
+
+
+def _check_lycoris_settings(loaded: LoadedConfig) -> None:
+    """The lycoris_config file of a LyCORIS run, as `st train` reads it."""
+    from .lycoris_settings import key_content
+
+    key_content(loaded.config, loaded.base_dir)
+
+
+def _check_base_precision(loaded: LoadedConfig) -> None:
+    """Whether this machine (and st) can run base_model_precision, as `st train` checks before any work."""
+    from .quantise import check
+
+    check(loaded.config)
 
 
 def _load(path: Path, sets: Sequence[str], report: CheckReport) -> LoadedConfig | None:
@@ -67,12 +84,12 @@ def _load(path: Path, sets: Sequence[str], report: CheckReport) -> LoadedConfig 
         return load_config(path, sets)
     except UserError as exc:
         failure = str(exc)
-    loaded, problems = _salvage(path, sets)
+    loaded, problems = _salvage(path, sets, report.rejected_options)
     report.problems.extend(problems or [failure])
     return loaded
 
 
-def _salvage(path: Path, sets: Sequence[str]) -> tuple[LoadedConfig | None, list[str]]:
+def _salvage(path: Path, sets: Sequence[str], rejected: set[str]) -> tuple[LoadedConfig | None, list[str]]:
     """Validate the file's options and each `--set` one at a time: (a config of those that pass, the failures)."""
     try:
         raw = {normalise_key(str(k)): v for k, v in read_config_file(path.resolve()).items()}
@@ -85,6 +102,7 @@ def _salvage(path: Path, sets: Sequence[str]) -> tuple[LoadedConfig | None, list
             good[key] = value
         except UserError as exc:
             problems.append(str(exc))
+            rejected.add(key)
     for item in sets:
         try:
             problem = set_problem(item)
@@ -108,6 +126,8 @@ def _check_model(loaded: LoadedConfig, report: CheckReport) -> None:
     from .families.hub import hub_offline, looks_like_path
     from .families.identity import model_sources
 
+    if loaded.config.model_family is None and "model_family" in report.rejected_options:
+        return  # its value was reported already; "is not set" would be a second problem for one cause
     sources = model_sources(loaded)
     family = get_family(loaded.config.model_family)
     model = Path(sources.model)
@@ -145,7 +165,7 @@ def _check_datasets(loaded: LoadedConfig, report: CheckReport) -> None:
 
 def _each_entry(loaded: LoadedConfig, report: CheckReport) -> bool:
     """Check every entry of the dataset list and its folder separately; whether that found any problem."""
-    from .datasets import read_dataset_list, parse_entry
+    from .datasets import embed_ids, parse_entry, read_dataset_list
 
     if not loaded.config.data_backend_config:
         return False
@@ -158,7 +178,7 @@ def _each_entry(loaded: LoadedConfig, report: CheckReport) -> bool:
         return True
     for index, entry in enumerate(entries):
         try:
-            spec = parse_entry(entry, loaded, list_path, index)
+            spec = parse_entry(entry, loaded, list_path, index, embed_ids(entries))
         except UserError as exc:
             report.problems.append(str(exc))
             continue

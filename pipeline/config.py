@@ -94,7 +94,7 @@ class Config:
     ignore_missing_files: bool = opt(False, PREPARE, CACHE, key=(PREPARE,))
     delete_problematic_images: bool = opt(False, PREPARE)
     delete_unwanted_images: bool = opt(False, PREPARE)
-    train_batch_size: int = opt(1, PREPARE, TRAIN)
+    train_batch_size: int = opt(4, PREPARE, TRAIN)
     gradient_accumulation_steps: int = opt(1, PREPARE, TRAIN)
     num_processes: int = opt(1, PREPARE, TRAIN, help="Training processes (accelerate's num_processes).")
     seed: int | None = opt(None, PREPARE, CACHE, TRAIN)
@@ -112,8 +112,9 @@ class Config:
     pretrained_t5_model_name_or_path: str | None = opt(None, CACHE, TRAIN, key=False)
     revision: str | None = opt(None, CACHE, TRAIN)
     variant: str | None = opt(None, CACHE, TRAIN)
-    vae_dtype: str = opt("default", CACHE, choices=("default", "fp32", "fp16", "bf16"),
-                         help="default: bf16 on CUDA, fp32 elsewhere.")  # fmt: skip
+    vae_dtype: str = opt("bf16", CACHE, choices=("default", "fp32", "fp16", "bf16"),
+                         help="default: bf16 on CUDA, fp32 elsewhere; the default bf16 becomes fp32 on a device "
+                              "without bf16.")  # fmt: skip
     vae_batch_size: int = opt(4, CACHE, help="Sets the shape of each VAE call, so the last bits of latents.")
     tokenizer_max_length: int | None = opt(None, CACHE, TRAIN)
     t5_padding: str = opt("unmodified", CACHE, TRAIN, choices=("unmodified", "zero"))
@@ -122,19 +123,26 @@ class Config:
     cache_compression_level: int = opt(3, CACHE, help="zstd level of cached tensors (1-22).")
     cache_shard_samples: int = opt(256, CACHE, help="Most samples in one shard.")
     validation_prompt: str | None = opt(None, CACHE, TRAIN)
-    validation_negative_prompt: str | None = opt(None, CACHE, TRAIN)
+    validation_negative_prompt: str | None = opt("blurry, cropped, ugly", CACHE, TRAIN)
 
     # Training: what is trained and how (SimpleTuner's names and meanings).
     model_type: str = opt("lora", TRAIN, choices=("lora", "full"))
     lora_rank: int = opt(16, TRAIN)
     lora_alpha: float | None = opt(None, TRAIN, help="Defaults to lora_rank (scale 1).")
-    lora_dropout: float = opt(0.0, TRAIN)
+    lora_dropout: float = opt(0.1, TRAIN)
     lora_init_type: str = opt("default", TRAIN, choices=("default", "gaussian", "pissa", "olora"))
     peft_lora_target_modules: list | None = opt(None, TRAIN, help="Module names; default: the family's attention.")
-    flux_lora_target: str = opt("all", TRAIN, choices=("mmdit", "context", "context+ffs", "all", "all+ffs", "tiny",
-                                                       "nano"))  # fmt: skip
+    flux_lora_target: str = opt("all", TRAIN, choices=("mmdit", "context", "context+ffs", "all", "all+ffs",
+                                                       "all+ffs+embedder", "ai-toolkit", "tiny", "nano"))  # fmt: skip
+    slider_lora_target: bool = opt(False, TRAIN, help="SimpleTuner's slider targets (self-attention, projections, "
+                                   "convolutions in and out, time embedding) instead of the family's default.")
     use_dora: bool = opt(False, TRAIN)
     init_lora: str | None = opt(None, TRAIN, help="LoRA weights (safetensors) to start from.")
+    # LyCORIS adapters (lora_type lycoris), built by the lycoris-lora library from lycoris_config.
+    lora_type: str = opt("standard", TRAIN, choices=("standard", "lycoris"))
+    lycoris_config: str | None = opt(None, TRAIN, help="LyCORIS JSON (algo, linear_dim, apply_preset, ...).")
+    init_lokr_norm: float | None = opt(None, TRAIN, help="LoKr: w1 = 1, w2 perturbed normal at this scale.")
+    validation_lycoris_strength: float = opt(1.0, TRAIN, help="LyCORIS multiplier while validating.")
     prediction_type: str | None = opt(None, TRAIN, choices=(None, "epsilon", "v_prediction", "flow_matching"))
     rescale_betas_zero_snr: bool = opt(False, TRAIN)
     training_scheduler_timestep_spacing: str = opt("trailing", TRAIN, choices=("leading", "linspace", "trailing"))
@@ -162,12 +170,12 @@ class Config:
     snr_gamma: float | None = opt(None, TRAIN)
     use_soft_min_snr: bool = opt(False, TRAIN)
     soft_min_snr_sigma_data: float | None = opt(None, TRAIN)
-    noise_offset: float = opt(0.0, TRAIN)
+    noise_offset: float = opt(0.1, TRAIN, help="Used only with offset_noise (as in SimpleTuner).")
     noise_offset_probability: float = opt(0.25, TRAIN)
     offset_noise: bool = opt(False, TRAIN)
     input_perturbation: float = opt(0.0, TRAIN)
     input_perturbation_steps: int = opt(0, TRAIN)
-    caption_dropout_probability: float = opt(0.0, TRAIN)
+    caption_dropout_probability: float = opt(0.1, TRAIN)
     data_backend_sampling: str = opt("auto-weighting", TRAIN, choices=("uniform", "auto-weighting"))
     dataloader_prefetch: bool = opt(True, TRAIN, key=False)
     dataloader_prefetch_qlen: int = opt(4, TRAIN, key=False)
@@ -183,9 +191,10 @@ class Config:
     adam_epsilon: float = opt(1e-8, TRAIN)
     max_grad_norm: float = opt(2.0, TRAIN)
     grad_clip_method: str = opt("value", TRAIN, choices=("value", "norm"))
-    learning_rate: float = opt(1e-4, TRAIN)
-    lr_scheduler: str = opt("constant", TRAIN, choices=("constant", "constant_with_warmup", "cosine",
-                                                        "cosine_with_restarts", "polynomial", "linear", "sine"))  # fmt: skip
+    learning_rate: float = opt(4e-7, TRAIN, help="SimpleTuner's default 4e-7 suits full tuning; LoRA runs usually "
+                                                 "want 1e-5 to 1e-3.")
+    lr_scheduler: str = opt("constant_with_warmup", TRAIN, choices=(
+        "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial", "linear", "sine"))
     lr_warmup_steps: int = opt(0, TRAIN)
     lr_num_cycles: int = opt(1, TRAIN)
     lr_power: float = opt(0.8, TRAIN)
@@ -195,8 +204,16 @@ class Config:
     num_train_epochs: int = opt(1, TRAIN)
     max_train_steps: int | None = opt(None, TRAIN)
     ignore_final_epochs: bool = opt(False, TRAIN)
-    mixed_precision: str = opt("no", TRAIN, choices=("no", "fp16", "bf16"))
-    gradient_checkpointing: bool = opt(False, TRAIN)
+    mixed_precision: str = opt("bf16", TRAIN, choices=("no", "fp16", "bf16"),
+                                 help="The default bf16 becomes no (fp32) on a device without bf16.")
+    # The frozen base model's precision (pipeline.quantise): quantised weights, and their dtype.
+    base_model_precision: str = opt("no_change", TRAIN, choices=(
+        "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto", "int8-torchao",
+        "int4-torchao", "fp8-torchao", "nf4-bnb"), help="Quantise the frozen denoiser (optimum-quanto presets).")
+    base_model_default_dtype: str = opt("bf16", TRAIN, choices=("bf16", "fp32"),
+                                        help="The dtype of a quantised base's unquantised weights.")
+    quantize_via: str = opt("cpu", TRAIN, choices=("cpu", "accelerator", "pipeline"), key=False)
+    gradient_checkpointing: bool = opt(True, TRAIN)
     set_grads_to_none: bool = opt(True, TRAIN, key=False)
 
     # EMA.
@@ -209,17 +226,18 @@ class Config:
     ema_validation: str = opt("comparison", TRAIN, choices=("none", "ema_only", "comparison"))
 
     # Checkpoints.
-    checkpoint_step_interval: int | None = opt(None, TRAIN, key=False)
+    checkpoint_step_interval: int | None = opt(500, TRAIN, key=False)
     checkpoint_epoch_interval: int | None = opt(None, TRAIN, key=False)
-    checkpoints_total_limit: int | None = opt(None, TRAIN, key=False)
+    checkpoints_total_limit: int | None = opt(5, TRAIN, key=False)
     checkpointing_rolling_steps: int | None = opt(None, TRAIN, key=False)
     checkpoints_rolling_total_limit: int | None = opt(None, TRAIN, key=False)
-    resume_from_checkpoint: str | None = opt(None, TRAIN, key=False, help="A checkpoint folder, or 'latest'.")
+    resume_from_checkpoint: str | None = opt("latest", TRAIN, key=False,
+                                              help="A checkpoint folder, 'latest' (this run's newest) or none.")
 
     # Validation, evaluation, tracking.
     user_prompt_library: str | None = opt(None, CACHE, TRAIN, help="JSON file of {shortname: prompt}.")
     num_validation_images: int = opt(1, TRAIN)
-    validation_step_interval: int | None = opt(None, TRAIN, key=False)
+    validation_step_interval: int | None = opt(100, TRAIN, key=False)
     validation_epoch_interval: int | None = opt(None, TRAIN, key=False)
     validation_resolution: str = opt("256", TRAIN, help="WxH or an edge, several separated by commas.")
     validation_num_inference_steps: int = opt(30, TRAIN)
@@ -232,7 +250,7 @@ class Config:
     disable_benchmark: bool = opt(False, TRAIN, key=False)
     eval_steps_interval: int | None = opt(None, TRAIN, key=False)
     num_eval_images: int = opt(4, TRAIN)
-    report_to: str = opt("tensorboard", TRAIN, choices=("tensorboard", "wandb", "none"), key=False)
+    report_to: str = opt("none", TRAIN, choices=("tensorboard", "wandb", "none"), key=False)
     logging_dir: str | None = opt(None, TRAIN, key=False)
     tracker_project_name: str = opt("st", TRAIN, key=False)
     tracker_run_name: str | None = opt(None, TRAIN, key=False)
@@ -265,7 +283,7 @@ class Config:
     hub_model_id: str | None = opt(None, PUBLISH, TRAIN)
     model_card_note: str | None = opt(None, PUBLISH)
     model_card_safe_for_work: bool = opt(False, PUBLISH)
-    model_card_private: bool = opt(False, PUBLISH)
+    model_card_private: bool = opt(True, PUBLISH)
     license: str = opt("other", PUBLISH, help="License id for the model card (the base model's terms apply).")
 
     # Notifications and hooks.
@@ -349,10 +367,23 @@ def coerce(key: str, value: Any, annotation: Any, choices: tuple | None = None, 
         names = " or ".join(k.__name__ for k in allowed) + (" or null" if nullable else "")
         raise ConfigError(f"option '{key}'{place} must be {names}, got {value!r}")
     if choices is not None and result not in choices:
-        raise ConfigError(
-            f"option '{key}'{place} has value {result!r}, which is not one of: {', '.join(map(str, choices))}"
-        )
+        raise _choice_error(key, result, choices, where)
     return result
+
+
+def _choice_error(key: str, value: Any, choices: tuple, where: str) -> Exception:
+    """A value outside the choices: a refusal naming the feature when it is a SimpleTuner value st lacks, SimpleTuner's
+    own name for it when SimpleTuner spells it differently, else the list of choices."""
+    from .errors import NotSupportedError
+    from .simpletuner import choice_problem
+
+    known = choice_problem(key, value, where)
+    if known is not None:
+        refused, message = known
+        return NotSupportedError(message) if refused else ConfigError(message)
+    place = f" in {where}" if where else ""
+    listed = ", ".join(map(str, choices))
+    return ConfigError(f"option '{key}'{place} has value {value!r}, which is not one of: {listed}")
 
 
 _NO_MATCH = object()
@@ -686,6 +717,8 @@ OPTION_RANGES: dict[str, Range] = {
     "lora_rank": Range(1, 65_536),
     "lora_alpha": _POSITIVE,
     "lora_dropout": Range(0, 1, high_open=True),
+    "init_lokr_norm": _POSITIVE,
+    "validation_lycoris_strength": Range(),
     "timestep_bias_begin": Range(0, 1000),
     "timestep_bias_end": Range(0, 1000),
     "timestep_bias_multiplier": _POSITIVE,

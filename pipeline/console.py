@@ -103,7 +103,7 @@ def cache_merged(result: Any, parts: int, output: Path) -> str:
 
 def train_interrupted(result: Any, output: Path) -> str:
     return (f"train: stopped by {result.interrupted}; a checkpoint was saved under {output / 'checkpoints'}"
-            "; resume with --set resume_from_checkpoint=latest")  # fmt: skip
+            "; run the same `st train` again to continue from it")  # fmt: skip
 
 
 def train_done(result: Any, output: Path) -> str:

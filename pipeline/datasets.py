@@ -174,13 +174,28 @@ def _check_entry_keys(entry: dict[str, Any], ident: str, where: str) -> None:
         raise ConfigError(f"{where}: unknown dataset key '{key}'{suggest(key, ENTRY_KEYS)}")
 
 
-def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, index: int) -> DatasetSpec | None:
-    """Turn one multidatabackend entry into a DatasetSpec; None for entries st ignores."""
+def embed_ids(entries: list[Any]) -> dict[str, str]:
+    """The ids other entries name as their `text_embeds` / `image_embeds` cache -> that dataset type: SimpleTuner
+    treats such an entry as that cache even without a `dataset_type`."""
+    named = {}
+    for entry in entries:
+        for dataset_type in IGNORED_DATASET_TYPES:
+            if isinstance(entry, dict) and isinstance(entry.get(dataset_type), str):
+                named[entry[dataset_type]] = dataset_type
+    return named
+
+
+def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, index: int,
+                embeds: dict[str, str] | None = None) -> DatasetSpec | None:  # fmt: skip
+    """Turn one multidatabackend entry into a DatasetSpec; None for entries st ignores. `embeds`: `embed_ids` of the
+    whole list."""
     config: Config = loaded.config
     entry = {normalise_key(str(k)): v for k, v in entry.items()}
+    if "disable" in entry and "disabled" not in entry:  # SimpleTuner reads either spelling
+        entry["disabled"] = entry.pop("disable")
     ident = entry.get("id")
     where = f"{list_path} entry {index}" + (f" (id '{ident}')" if ident else "")
-    dataset_type = entry.get("dataset_type", "image")
+    dataset_type = entry.get("dataset_type", (embeds or {}).get(ident, "image"))
     if dataset_type in IGNORED_DATASET_TYPES:  # before the id checks: SimpleTuner's embed ids may hold dots
         log.info("ignoring dataset '%s' (dataset_type %s): %s", ident, dataset_type,
                  IGNORED_DATASET_TYPES[dataset_type])  # fmt: skip
@@ -242,8 +257,9 @@ def load_datasets(loaded: LoadedConfig) -> list[DatasetSpec]:
     list_path = loaded.resolve_path(loaded.config.data_backend_config).resolve()
     specs: list[DatasetSpec] = []
     seen: set[str] = set()
-    for index, entry in enumerate(read_dataset_list(list_path)):
-        spec = parse_entry(entry, loaded, list_path, index)
+    entries = read_dataset_list(list_path)
+    for index, entry in enumerate(entries):
+        spec = parse_entry(entry, loaded, list_path, index, embed_ids(entries))
         if spec is None:
             continue
         if spec.id in seen:

@@ -91,6 +91,8 @@ def write_sample_dataset(
         "--aspect_bucket_alignment": 32,
         "--train_batch_size": 2,
         "--seed": seed,
+        # A tiny model on a CPU: memory is no concern, time is (SimpleTuner's default recomputes activations).
+        "--gradient_checkpointing": False,
     }
     if family:
         config["--model_family"] = family

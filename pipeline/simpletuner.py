@@ -100,7 +100,7 @@ _DEBUG = "debug printing only"
 _MEMORY = "moves or frees weights to save memory; the values trained are the same, and st does not offload"
 _SPEED = "speed only; st chooses its own kernels (see attention_mechanism and the dynamo options)"
 
-_QUANTISATION = "quantisation (st trains and saves the base model's own precision)"
+_QUANTISATION = "this quantisation (st quantises the denoiser only, with base_model_precision)"
 _VALIDATION = "this validation setting (it changes the validation images)"
 
 # fmt: off
@@ -137,8 +137,6 @@ OPTION_STATES: dict[str, OptionState] = {
     "delete_model_after_load": Accepted("st never deletes model files; this only frees disk space"),
     "i_know_what_i_am_doing": Accepted("st's checks cannot be switched off; this only silences SimpleTuner's"),
     "tracker_image_layout": Accepted("how the tracker's page lays out the same validation images"),
-    "quantize_via": Accepted("read only with quantisation (base_model_precision), which st does not implement yet"),
-    **_only_with("lora_type lycoris", "lycoris_config init_lokr_norm validation_lycoris_strength"),
     **_only_with("peft_lora_mode singlora", "singlora_ramp_up_steps"),
     **_only_with("train_text_encoder", "text_encoder_lr freeze_encoder freeze_encoder_before freeze_encoder_after "
                                        "freeze_encoder_strategy save_text_encoder text_encoder_limit"),
@@ -168,17 +166,14 @@ OPTION_STATES: dict[str, OptionState] = {
     **_only_for("sana", "sana_complex_human_instruction"),
     **_only_for("video families (wan, ltxvideo, ...)", "validation_num_video_frames framerate"),
     # Refused: a feature st lacks; loads only at its default.
-    **_refused(_QUANTISATION, "base_model_precision text_encoder_1_precision text_encoder_2_precision "
-                              "text_encoder_3_precision text_encoder_4_precision", default="no_change"),
+    **_refused(_QUANTISATION, "text_encoder_1_precision text_encoder_2_precision text_encoder_3_precision "
+                              "text_encoder_4_precision", default="no_change"),
     **_refused(_QUANTISATION, "quantization_config quantize_activations"),
     **_refused("loading the denoiser from another model or folder",
                "pretrained_transformer_model_name_or_path pretrained_transformer_subfolder "
                "pretrained_unet_model_name_or_path pretrained_unet_subfolder"),
-    "base_model_default_dtype": Refused("choosing the base model's load dtype", "bf16"),
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
-    "lora_type": Refused("LyCORIS adapters (lora_type lycoris)", "standard"),
     "peft_lora_mode": Refused("SingLoRA adapters (peft_lora_mode singlora)", "standard"),
-    "slider_lora_target": Refused("slider LoRA training"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
     "train_text_encoder": Refused("text-encoder training"),
     **_refused("ControlNet / control conditioning training", "controlnet control"),
@@ -238,7 +233,57 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
                                   "scan_for_errors cache_file_suffix"),
     **_accepted(_CACHE, "cache_dir cache_dir_vae cache_dir_text"),
     "disable_validation": Accepted("read only with `validation_using_datasets`, which st does not implement yet"),
+    **_accepted(_WORKERS, "text_encoder_batch_size"),
+    **_accepted("st never deletes dataset files; it skips such images and `st prepare` reports them",
+                "delete_unwanted_images delete_problematic_images"),
     "is_regularisation_data": Refused("regularisation datasets"),
     "caption_filter_list": Refused("caption filter lists"),
+    "train_batch_size": Refused("a batch size per dataset (set the global train_batch_size)"),
+    "disable_multiline_split": Refused("keeping a multi-line caption file as one caption (st reads each line as "
+                                       "one caption, SimpleTuner's default)"),
+    "caption_shuffle": Refused("caption shuffling"),
+    **_refused("dataset scheduling (start/end epoch or step)", "start_step end_epoch end_step"),
+    "start_epoch": Refused("dataset scheduling (start/end epoch or step)", 1),
+    "max_num_samples": Refused("capping a dataset's sample count"),
+    "delete_nsfw_images": Refused("NSFW filtering"),
+    "grounding": Refused("spatial grounding (bounding boxes and masks)"),
+    "slider_strength": Refused("slider LoRA training"),
+    "timestep_sampling_offset": Refused("a timestep offset per dataset"),
+    **_refused("conditioning datasets (ControlNet / control training)",
+               "conditioning conditioning_type conditioning_data source_dataset_id conditioning_image_embeds"),
+    **_refused("on-demand text encoding (st always caches embeddings with `st cache`)",
+               "text_cache_ondemand text_cache_disable"),
+    **_refused("on-demand VAE encoding (st always caches latents with `st cache`)",
+               "vae_cache_ondemand vae_cache_disable"),
 }
 # fmt: on
+
+# Values of an implemented option that SimpleTuner offers and st does not implement yet: option -> value -> feature.
+REFUSED_CHOICES: dict[str, dict[str, str]] = {
+    "flux_lora_target": {
+        "controlnet": "ControlNet / control conditioning training",
+        "all+ffs+embedder+controlnet": "ControlNet / control conditioning training",
+    },
+    "lora_init_type": {"loftq": "LoftQ initialisation needs a quantised base model (base_model_precision), which st "
+                                "does not implement yet"},
+}
+
+# Values SimpleTuner does not accept either, and the name SimpleTuner uses: option -> value -> SimpleTuner's value.
+RENAMED_CHOICES: dict[str, dict[str, str]] = {
+    "model_family": {"pixart": "pixart_sigma"},
+}
+
+
+def choice_problem(key: str, value: Any, where: str = "") -> tuple[bool, str] | None:
+    """For a value outside an option's choices that SimpleTuner knows: (whether it is a refusal, the message);
+    None for a value neither tool knows."""
+    place = f" in {where}" if where else ""
+    feature = REFUSED_CHOICES.get(key, {}).get(value)
+    if feature is not None:
+        return True, (f"st does not implement {key} {value!r} (a SimpleTuner preset) yet: {feature}{place}; "
+                      "choose another value or remove the option")  # fmt: skip
+    renamed = RENAMED_CHOICES.get(key, {}).get(value)
+    if renamed is not None:
+        return False, (f"option '{key}'{place} has value {value!r}, which SimpleTuner does not accept either: "
+                       f"SimpleTuner names that family {renamed!r}; set {key} to {renamed!r}")  # fmt: skip
+    return None

@@ -17,6 +17,7 @@ from ..families.identity import ModelSources, model_identity, model_sources
 from ..hashing import sha256_json
 from ..lineage import verify_outputs
 from ..manifest import MANIFEST_NAME, read_manifest
+from ..precision import default_bf16_on_device
 from ..prompts import texts_to_encode, validation_prompts
 from .encode import Encoders
 from .options import CacheOptions
@@ -85,6 +86,7 @@ def _read_rows(samples_path: Path) -> list[dict[str, Any]]:
 
 def build_context(loaded: LoadedConfig, input_path: Path) -> CacheContext:
     """Read and check the prepare manifest at `input_path` (file or folder), identify the model and compute the key."""
+    loaded = default_bf16_on_device(loaded, "vae_dtype", "fp32")
     config = loaded.config
     options = CacheOptions.from_config(config)
     # Absolute, because it goes into provenance: a later stage looks for this manifest there to check lineage.

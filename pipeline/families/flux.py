@@ -19,6 +19,8 @@ T5_LENGTH = 512
 
 # SimpleTuner's `flux_lora_target` presets (peft names: a module's name or a `.`-suffix of it). Note that "to_q",
 # "to_k" and "to_v" also match the single-stream blocks' attention, and "proj_out" the final output projection.
+# SimpleTuner's lists also name `to_qkv` / `add_qkv_proj`, which exist only after diffusers fuses the projections
+# (st never does), so they match nothing and are left out.
 _ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
 _CONTEXT = ("add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
 _FFS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")

@@ -18,6 +18,8 @@ from pipeline.families.tokenizers import EOS, clip_tokenizer, t5_tokenizer
 CLIP_LENGTH = 77
 T5_LENGTH = 256
 MMDIT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
+# SimpleTuner's SD3 default (DEFAULT_LORA_TARGET): the image stream's attention only, not the context stream's.
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 TEXT_ENCODERS = (
     TextEncoderSpec(
@@ -158,7 +160,7 @@ FAMILY = Family(
     latent_channels=16,
     bucket_alignment=16,
     prediction_type="flow_matching",
-    lora_targets=MMDIT_LORA_TARGETS,
+    lora_targets=LORA_TARGETS,
     tiny=tiny,
     encode_prompts=encode_prompts,
     collate_text=text.collate,

@@ -110,7 +110,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def _settings(card: Card) -> list[list[Any]]:
     config, train = card.train["config"], card.train
     rows: list[list[Any]] = [["family", card.family.name], ["model_type", train["model_type"]]]
-    if train["model_type"] == "lora":
+    if train["model_type"] == "lora" and config.get("lora_type") == "lycoris":
+        rows.append(["lora_type", "lycoris (its settings: the `lycoris_config` header entry of the weight file)"])
+    elif train["model_type"] == "lora":
         rank = config.get("lora_rank")
         alpha = config.get("lora_alpha") if config.get("lora_alpha") is not None else rank
         rows.append(["lora_rank / lora_alpha", f"{rank} / {number(alpha)}"])
@@ -131,6 +133,7 @@ def _settings(card: Card) -> list[list[Any]]:
         ["resolution", card.resolution or "unknown"],
         ["prediction_type", config.get("prediction_type") or card.family.prediction_type],
         ["mixed_precision", config.get("mixed_precision")],
+        ["base_model_precision", config.get("base_model_precision") or "no_change"],
         ["seed", config.get("seed")],
     ]  # fmt: skip
     if config.get("use_ema"):
@@ -180,6 +183,8 @@ def snippet(card: Card) -> str:
                       f'pipe = {cls}.from_pretrained(f"{{folder}}/model", torch_dtype=dtype).to(device)']
         else:
             lines += [f'pipe = {cls}.from_pretrained("{LOCAL_FOLDER}/model", torch_dtype=dtype).to(device)']
+    elif config.get("lora_type") == "lycoris":
+        lines = _lycoris_lines(card, cls, load)
     elif family.lora_loader:
         lines += [f'pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=dtype).to(device)',
                   f"pipe.load_lora_weights({_py(hub or LOCAL_FOLDER)})"]
@@ -203,6 +208,20 @@ def snippet(card: Card) -> str:
     return "\n".join(lines)
 
 
+def _lycoris_lines(card: Card, cls: str, load: str) -> list[str]:
+    """Loading a LyCORIS file: the lycoris-lora library wraps the pipeline's denoiser with the saved modules."""
+    hub, prefix = card.options.hub_model_id, card.family.denoiser.subfolder
+    weights = (f'hf_hub_download({_py(hub)}, "pytorch_lora_weights.safetensors")' if hub
+               else f'"{LOCAL_FOLDER}/pytorch_lora_weights.safetensors"')  # fmt: skip
+    lines = ["import torch", f"from diffusers import {cls}", "from lycoris import create_lycoris_from_weights"]
+    if hub:
+        lines.append("from huggingface_hub import hf_hub_download")
+    return lines + ["", *_DEVICE_LINES, f"pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=dtype).to(device)",
+                    f"network, _ = create_lycoris_from_weights(1.0, {weights}, pipe.{prefix})",
+                    "network.apply_to()  # the multiplier (1.0) is the adapter's strength",
+                    "network.to(device, dtype=dtype)"]  # fmt: skip
+
+
 def render(card: Card) -> str:
     """The whole README.md."""
     options, train = card.options, card.train
@@ -216,6 +235,10 @@ def render(card: Card) -> str:
     out.append(f"A {kind} of `{card.base_model}` ({card.family.name}), trained with st for {card.step} step{'s' if card.step != 1 else ''}.")
     if card.checkpoint:
         out[-1] += f" These are the weights of the checkpoint `{card.checkpoint}`, not the run's final weights."
+    precision = train["config"].get("base_model_precision") or "no_change"
+    if precision != "no_change":
+        out[-1] += (f" It was trained on a **{precision}** quantised base model (optimum-quanto); the LoRA itself is "
+                    "full precision and loads onto the unquantised base.")  # fmt: skip
     out.append("")
     if card.grid or card.widget:
         out += ["## Validation images", ""]
@@ -226,7 +249,11 @@ def render(card: Card) -> str:
     out += ["## Use with diffusers", "", "```python", snippet(card), "```", ""]
     if not options.hub_model_id:
         out += [f"Replace `{LOCAL_FOLDER}` with where this folder is (or its Hugging Face repository id).", ""]
-    if card.comfyui:
+    if train["model_type"] == "lora" and train["config"].get("lora_type") == "lycoris":
+        out += ["## Use with ComfyUI", "", f"`{card.comfyui or 'pytorch_lora_weights.safetensors'}` is a LyCORIS file "
+                "(`lycoris_*` keys, the layout the LyCORIS library saves); ComfyUI's LoRA loader reads it as it is for "
+                "SD 1.x, SDXL and Flux: put it in `models/loras` and load it with a LoRA loader node.", ""]  # fmt: skip
+    elif card.comfyui:
         out += ["## Use with ComfyUI", "", f"`{card.comfyui}` holds the same LoRA in ComfyUI's layout; put it in "
                 "`models/loras` and load it with a LoRA loader node.", ""]  # fmt: skip
     if card.ema:

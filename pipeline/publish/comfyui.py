@@ -6,10 +6,18 @@ names. ComfyUI scales a LoRA by `alpha / rank` of the file, so each `.alpha` is 
 `up` is rescaled only where that alone would not reproduce peft's scale (rsLoRA, or a fused module whose rank is the
 sum of its parts' ranks). A fused module's `down` stacks its parts' `down` matrices and its `up` is block-diagonal,
 with zero rows for slots no LoRA targeted, so its product equals the parts' products in their row ranges exactly.
+
+DoRA (peft's `lora_magnitude_vector`, one magnitude per output row) becomes `.dora_scale`, shaped (out, 1, ...) so
+that ComfyUI's `weight_decompose` treats it as output-axis. On that axis ComfyUI divides by the row norms of the
+*base* weight, where peft divides by those of the merged weight, so the exported scale is
+`magnitude * (|W0| + eps) / |W0 + scale * up @ down|`: applied by ComfyUI it reproduces peft's weight exactly. That
+needs the base denoiser's weights (`base`, by diffusers module name); rows of fused slots no LoRA targeted get
+`|W0| + eps` and stay unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import NotSupportedError
@@ -21,14 +29,22 @@ log = get_logger("publish")
 
 UNET_FAMILIES = {"sd1x": False, "sd2x": False, "sdxl": True}  # family -> Kohya names in SGM layout
 TRANSFORMER_FAMILIES = ("flux", "sd3", "pixart_sigma")
+COMFY_EPS = 1.1920928955078125e-07  # torch.finfo(float32).eps: ComfyUI adds it to the norm, patching in float32
+
+BaseWeights = Callable[[str], Any]  # diffusers module name -> its base weight tensor
 
 
-def convert(family: str, mods: list[LoraModule], denoiser_config: dict[str, Any] | None) -> dict[str, Any]:
-    """ComfyUI tensors for the LoRA `mods` of a `family` denoiser (its diffusers config names SDXL's blocks)."""
+def convert(family: str, mods: list[LoraModule], denoiser_config: dict[str, Any] | None,
+            base: BaseWeights | None = None) -> dict[str, Any]:  # fmt: skip
+    """ComfyUI tensors for the LoRA `mods` of a `family` denoiser (its diffusers config names SDXL's blocks);
+    `base` is needed only for DoRA (see the module docstring)."""
+    if base is None and any(m.magnitude is not None for m in mods):
+        raise NotSupportedError("exporting a DoRA LoRA to the ComfyUI layout needs the base model's weights; "
+                                "publish with lora_format = \"diffusers\" or make the base model readable")  # fmt: skip
     if family in UNET_FAMILIES:
-        return _kohya(mods, UNET_FAMILIES[family], denoiser_config or {})
+        return _kohya(mods, UNET_FAMILIES[family], denoiser_config or {}, base)
     if family in TRANSFORMER_FAMILIES:
-        return _native(family, mods, denoiser_config or {})
+        return _native(family, mods, denoiser_config or {}, base)
     raise NotSupportedError(f"no ComfyUI LoRA layout is known for {family}; publish with lora_format = \"diffusers\"")
 
 
@@ -47,7 +63,21 @@ def _unmapped(family: str, module: str) -> NotSupportedError:
                              "layout; publish with lora_format = \"diffusers\" or train other targets")  # fmt: skip
 
 
-def _kohya(mods: list[LoraModule], sgm: bool, config: dict[str, Any]) -> dict[str, Any]:
+def _dora_rows(mod: LoraModule | None, weight: Any) -> Any:
+    """ComfyUI's output-axis `dora_scale` rows for one module (float32); without `mod`, rows that keep `weight`."""
+    w0 = weight.float().reshape(weight.shape[0], -1)
+    base_norm = w0.norm(dim=1) + COMFY_EPS
+    if mod is None:
+        return base_norm
+    delta = mod.up.float().reshape(mod.up.shape[0], -1) @ mod.down.float().reshape(mod.rank, -1)
+    return mod.magnitude.float().reshape(-1) * base_norm / (w0 + mod.scale * delta).norm(dim=1)
+
+
+def _dora_scale(rows: Any, weight: Any) -> Any:
+    return rows.reshape(rows.shape[0], *[1] * (weight.dim() - 1)).contiguous()
+
+
+def _kohya(mods: list[LoraModule], sgm: bool, config: dict[str, Any], base: BaseWeights | None) -> dict[str, Any]:
     if sgm and "down_block_types" not in config:
         log.warning("publish: the base UNet config is unknown; naming SGM blocks as in SDXL 1.0's UNet")
         config = keymaps.SDXL_UNET
@@ -61,10 +91,13 @@ def _kohya(mods: list[LoraModule], sgm: bool, config: dict[str, Any]) -> dict[st
         out[f"{name}.lora_down.weight"] = mod.down
         out[f"{name}.lora_up.weight"] = _scaled(mod.up, mod.scale * mod.rank / mod.alpha)
         out[f"{name}.alpha"] = _alpha_tensor(mod.alpha)
+        if mod.magnitude is not None:
+            weight = base(mod.name)
+            out[f"{name}.dora_scale"] = _dora_scale(_dora_rows(mod, weight), weight)
     return out
 
 
-def _native(family: str, mods: list[LoraModule], config: dict[str, Any]) -> dict[str, Any]:
+def _native(family: str, mods: list[LoraModule], config: dict[str, Any], base: BaseWeights | None) -> dict[str, Any]:
     groups: dict[str, list[tuple[keymaps.Target, LoraModule]]] = {}
     for mod in mods:
         target = keymaps.native_target(family, mod.name, config)
@@ -77,7 +110,27 @@ def _native(family: str, mods: list[LoraModule], config: dict[str, Any]) -> dict
         out[f"diffusion_model.{native}.lora_A.weight"] = down
         out[f"diffusion_model.{native}.lora_B.weight"] = up
         out[f"diffusion_model.{native}.alpha"] = _alpha_tensor(alpha)
+        if any(m.magnitude is not None for _, m in groups[native]):
+            out[f"diffusion_model.{native}.dora_scale"] = _fused_dora_scale(native, groups[native], base)
     return out
+
+
+def _fused_dora_scale(native: str, parts: list[tuple[keymaps.Target, LoraModule]], base: BaseWeights) -> Any:
+    """The `dora_scale` of a native module: each slot's rows in slot order (base rows for slots without a LoRA)."""
+    import torch
+
+    first = parts[0][0]
+    if len(first.slots) == 1:
+        target, mod = parts[0]
+        weight = base(mod.name)
+        rows = _dora_rows(mod, weight)
+        return _dora_scale(_swap_halves(rows) if target.swap_halves else rows, weight)
+    by_slot = {t.slot: m for t, m in parts}
+    if len(first.parts) != len(first.slots):
+        raise NotSupportedError(f"the diffusers modules fused into {native} are unknown; cannot export its DoRA")
+    weights = [base(name) for name in first.parts]
+    rows = torch.cat([_dora_rows(by_slot.get(i), w) for i, w in enumerate(weights)])
+    return _dora_scale(rows, weights[0])
 
 
 def _fuse(native: str, parts: list[tuple[keymaps.Target, LoraModule]]) -> tuple[Any, Any, float]:

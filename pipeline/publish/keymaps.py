@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-_QKV = {"q": 0, "k": 1, "v": 2}
 # The SDXL base UNet's block layout, for when the base model's config cannot be read (a single-file checkpoint).
 SDXL_UNET = {"layers_per_block": 2, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}  # fmt: skip
@@ -27,12 +26,20 @@ SDXL_UNET = {"layers_per_block": 2, "down_block_types": ["DownBlock2D", "CrossAt
 
 @dataclass(frozen=True)
 class Target:
-    """A native module; for fused modules, the slot this diffusers module fills and every slot's relative size."""
+    """A native module; for fused modules, the slot this diffusers module fills, every slot's relative size and the
+    diffusers module of every slot (`parts`: DoRA's export reads the base weights of slots no LoRA targeted)."""
 
     module: str
     slot: int = 0
     slots: tuple[int, ...] = (1,)
     swap_halves: bool = False  # final AdaLN layers store (scale, shift) where diffusers has (shift, scale)
+    parts: tuple[str, ...] = ()
+
+
+def _qkv(native: str, prefix: str, letter: str, pattern: str, letters: str = "qkv") -> Target:
+    """The `letter` slot of a fused projection whose diffusers parts are `prefix + pattern.format(letter)`."""
+    parts = tuple(prefix + pattern.format(c) for c in letters)
+    return Target(native, letters.index(letter), (1,) * len(letters), parts=parts)
 
 
 # --------------------------------------------------------------------------------------------------- UNets (Kohya)
@@ -143,15 +150,17 @@ def native_target(family: str, module: str, config: dict[str, Any] | None = None
 def _flux(module: str) -> Target | None:
     if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
         base, rest = f"double_blocks.{m[1]}", m[2]
+        prefix = f"transformer_blocks.{m[1]}."
         if a := re.fullmatch(r"attn\.to_([qkv])", rest):
-            return Target(f"{base}.img_attn.qkv", _QKV[a[1]], (1, 1, 1))
+            return _qkv(f"{base}.img_attn.qkv", prefix, a[1], "attn.to_{}")
         if a := re.fullmatch(r"attn\.add_([qkv])_proj", rest):
-            return Target(f"{base}.txt_attn.qkv", _QKV[a[1]], (1, 1, 1))
+            return _qkv(f"{base}.txt_attn.qkv", prefix, a[1], "attn.add_{}_proj")
         return Target(f"{base}.{_FLUX_DOUBLE[rest]}") if rest in _FLUX_DOUBLE else None
     if m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module):
         base, rest = f"single_blocks.{m[1]}", m[2]
         if rest in _FLUX_SINGLE_LINEAR1:
-            return Target(f"{base}.linear1", _FLUX_SINGLE_LINEAR1[rest], (1, 1, 1, 4))
+            parts = tuple(f"single_transformer_blocks.{m[1]}.{name}" for name in _FLUX_SINGLE_LINEAR1)
+            return Target(f"{base}.linear1", _FLUX_SINGLE_LINEAR1[rest], (1, 1, 1, 4), parts=parts)
         return Target(f"{base}.{_FLUX_SINGLE[rest]}") if rest in _FLUX_SINGLE else None
     if module == "norm_out.linear":
         return Target("final_layer.adaLN_modulation.1", swap_halves=True)
@@ -161,13 +170,13 @@ def _flux(module: str) -> Target | None:
 def _sd3(module: str, config: dict[str, Any]) -> Target | None:
     if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
         index, rest = int(m[1]), m[2]
-        base = f"joint_blocks.{index}"
+        base, prefix = f"joint_blocks.{index}", f"transformer_blocks.{index}."
         if a := re.fullmatch(r"attn\.to_([qkv])", rest):
-            return Target(f"{base}.x_block.attn.qkv", _QKV[a[1]], (1, 1, 1))
+            return _qkv(f"{base}.x_block.attn.qkv", prefix, a[1], "attn.to_{}")
         if a := re.fullmatch(r"attn\.add_([qkv])_proj", rest):
-            return Target(f"{base}.context_block.attn.qkv", _QKV[a[1]], (1, 1, 1))
+            return _qkv(f"{base}.context_block.attn.qkv", prefix, a[1], "attn.add_{}_proj")
         if a := re.fullmatch(r"attn2\.to_([qkv])", rest):
-            return Target(f"{base}.x_block.attn2.qkv", _QKV[a[1]], (1, 1, 1))
+            return _qkv(f"{base}.x_block.attn2.qkv", prefix, a[1], "attn2.to_{}")
         if rest not in _SD3_BLOCK:
             return None
         # The last block's context norm is a pre-only AdaLayerNormContinuous: (scale, shift) in the original.
@@ -182,10 +191,10 @@ def _sd3(module: str, config: dict[str, Any]) -> Target | None:
 
 def _pixart(module: str) -> Target | None:
     if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
-        base, rest = f"blocks.{m[1]}", m[2]
+        base, rest, prefix = f"blocks.{m[1]}", m[2], f"transformer_blocks.{m[1]}."
         if a := re.fullmatch(r"attn1\.to_([qkv])", rest):
-            return Target(f"{base}.attn.qkv", _QKV[a[1]], (1, 1, 1))
+            return _qkv(f"{base}.attn.qkv", prefix, a[1], "attn1.to_{}")
         if a := re.fullmatch(r"attn2\.to_([kv])", rest):
-            return Target(f"{base}.cross_attn.kv_linear", _QKV[a[1]] - 1, (1, 1))
+            return _qkv(f"{base}.cross_attn.kv_linear", prefix, a[1], "attn2.to_{}", letters="kv")
         return Target(f"{base}.{_PIXART_BLOCK[rest]}") if rest in _PIXART_BLOCK else None
     return Target(_PIXART_TOP[module]) if module in _PIXART_TOP else None

@@ -21,13 +21,15 @@ METADATA_KEY = "lora_adapter_metadata"
 
 @dataclass
 class LoraModule:
-    """One adapted module: `down` (lora_A, r x in) and `up` (lora_B, out x r) and the scale peft applies."""
+    """One adapted module: `down` (lora_A, r x in) and `up` (lora_B, out x r) and the scale peft applies; for DoRA,
+    `magnitude` is peft's per-output-row magnitude vector (one value per output channel)."""
 
     name: str
     down: Any
     up: Any
     alpha: float
     scale: float
+    magnitude: Any = None
 
     @property
     def rank(self) -> int:
@@ -69,32 +71,60 @@ def _pattern_value(patterns: dict[str, Any] | None, module: str) -> Any:
 
 
 def modules(tensors: dict[str, Any], metadata: dict[str, str], prefix: str) -> list[LoraModule]:
-    """Group `prefix.<module>.lora_A.weight` / `.lora_B.weight` pairs; anything else (DoRA magnitudes, embeddings,
-    biases) cannot be expressed as a plain LoRA and is refused."""
+    """Group `prefix.<module>.lora_A.weight` / `.lora_B.weight` pairs and DoRA's `.lora_magnitude_vector`; anything
+    else (embeddings, biases) cannot be expressed as a LoRA and is refused."""
     options = lora_options(metadata, prefix)
     pairs: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         if not key.startswith(prefix + "."):
             raise InputError(f"LoRA key {key!r} is not under the denoiser prefix {prefix!r}")
-        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key[len(prefix) + 1 :])
+        m = re.fullmatch(r"(.+)\.(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?)", key[len(prefix) + 1 :])
         if m is None:
-            raise NotSupportedError(f"LoRA weight {key!r} (DoRA or another adapter type) has no ComfyUI equivalent; "
+            raise NotSupportedError(f"LoRA weight {key!r} (another adapter type) has no ComfyUI equivalent; "
                                     "publish with lora_format = \"diffusers\"")  # fmt: skip
-        pairs.setdefault(m[1], {})[m[2]] = value
+        pairs.setdefault(m[1], {})[m[2] or m[3]] = value
     found = []
     for name in sorted(pairs):
         pair = pairs[name]
+        magnitude = pair.pop("magnitude", None)
         if set(pair) != {"A", "B"}:
             raise InputError(f"LoRA module {name!r} lacks its lora_{'B' if 'A' in pair else 'A'} weight")
         rank = int(pair["A"].shape[0])
         alpha = _pattern_value(options.get("alpha_pattern"), name)
         if alpha is None:
             alpha = options.get("lora_alpha", rank)
-        if _pattern_value(options.get("rank_pattern"), name) not in (None, rank):
-            raise InputError(f"LoRA module {name!r} has rank {rank}, but its metadata says otherwise")
+        stated = _pattern_value(options.get("rank_pattern"), name) or options.get("r")
+        if stated not in (None, rank):
+            raise InputError(f"LoRA module {name!r} has rank {rank}, but the file's metadata says {stated}; the "
+                             "weights do not belong to that header")  # fmt: skip
         alpha = float(alpha)
         scale = alpha / math.sqrt(rank) if options.get("use_rslora") else alpha / rank
-        found.append(LoraModule(name, pair["A"], pair["B"], alpha, scale))
+        found.append(LoraModule(name, pair["A"], pair["B"], alpha, scale, magnitude))
     if not found:
         raise InputError("the LoRA file holds no lora_A / lora_B weights")
     return found
+
+
+def base_weights(folder: Path):
+    """A reader of the base denoiser's weights by diffusers module name (`<module>.weight`), from the safetensors
+    files of its diffusers folder (sharded or not); DoRA's ComfyUI export needs them. Nothing is read before the
+    first call."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+
+    def read(module: str) -> Any:
+        if not where:
+            files = sorted(Path(folder).glob("*.safetensors"))
+            if not files:
+                raise InputError(f"{folder} holds no safetensors weights of the base denoiser")
+            for file in files:
+                with safe_open(str(file), framework="pt") as handle:
+                    where.update(dict.fromkeys(handle.keys(), file))
+        key = f"{module}.weight"
+        if key not in where:
+            raise InputError(f"the base denoiser in {folder} has no weight {key!r}")
+        with safe_open(str(where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    return read

@@ -105,6 +105,36 @@ def assemble(inputs: Inputs, family: Family, target: Path) -> None:
     log.info("publish: assembled the full model from %s with the trained %s", base, family.denoiser.subfolder)
 
 
+def base_denoiser_weights(train: dict[str, Any], family: Family):
+    """A lazy reader of the base denoiser's weights (`publish.lora.base_weights`) for DoRA's ComfyUI export: the
+    local diffusers folder, or its safetensors from the hub (cache first); None for a single-file checkpoint."""
+    from .lora import base_weights
+
+    identity = train["model"]["denoiser"]
+    source, sub = identity["source"], identity.get("subfolder") or family.denoiser.subfolder
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return base_weights(path / sub)
+    if path.is_file():
+        return None
+
+    def from_hub():
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(source, allow_patterns=[f"{sub}/*.safetensors"], revision=identity.get("revision"),
+                                   local_files_only=hub_offline())  # fmt: skip
+        return base_weights(Path(folder) / sub)
+
+    reader = None
+
+    def read(module: str) -> Any:  # downloads nothing unless a DoRA export asks for a weight
+        nonlocal reader
+        reader = reader or from_hub()
+        return reader(module)
+
+    return read
+
+
 def base_denoiser_config(train: dict[str, Any], family: Family) -> dict[str, Any] | None:
     """The base denoiser's config.json (local folder, or the hub cache), or None when it cannot be read."""
     identity = train["model"]["denoiser"]

@@ -113,10 +113,11 @@ def _weights(inputs: Inputs, family: Family, options: PublishOptions,
         lora_file = write_lora(inputs, family, stage)
         found.append((LORA_WEIGHT_NAME, "diffusers-lora"))
         if options.lora_format == "comfyui":
-            from .model_folder import base_denoiser_config
+            from .model_folder import base_denoiser_config, base_denoiser_weights
 
             comfy = comfyui_name(options.hub_model_id)
-            write_comfyui(lora_file, family, stage / comfy, base_denoiser_config(inputs.train, family))
+            write_comfyui(lora_file, family, stage / comfy, base_denoiser_config(inputs.train, family),
+                          base_denoiser_weights(inputs.train, family))  # fmt: skip
             found.append((comfy, "comfyui-lora"))
     else:
         from .model_folder import assemble

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, NotSupportedError
 from ..families import Family
 from ..families.lora import LORA_WEIGHT_NAME
 from ..log import get_logger
+from ..lycoris_format import CHECKPOINT_PREFIX, is_lycoris_keys
 from ..tensorfile import save_tensors
 from . import comfyui, lora
 from .lineage import Inputs
@@ -36,9 +37,16 @@ def write_lora(inputs: Inputs, family: Family, stage: Path) -> Path:
     if inputs.checkpoint is None:
         shutil.copyfile(final, target)
         return target
+    init = (inputs.train.get("config") or {}).get("lora_init_type")
+    if init in ("pissa", "olora"):  # the checkpoint's adapter is relative to the base its initialisation changed
+        raise NotSupportedError(f"publishing a checkpoint of a lora_init_type {init} run is not supported yet: its "
+                                "adapter applies to the base weights that initialisation changed; publish the run's "
+                                "final weights (without --checkpoint)")  # fmt: skip
+    tensors = lora.load_tensors(inputs.checkpoint.path / "weights.safetensors")
+    if is_lycoris(final):
+        return _lycoris_from_checkpoint(inputs, final, tensors, target)
     prefix = family.denoiser.subfolder
     wanted = {k[len(prefix) + 1 :] for k in _keys(final)}
-    tensors = lora.load_tensors(inputs.checkpoint.path / "weights.safetensors")
     renamed = {}
     for key, value in tensors.items():
         # peft names parameters `<module>.lora_A.<adapter>.weight`; its state dict (and diffusers) drop the adapter.
@@ -54,6 +62,23 @@ def write_lora(inputs: Inputs, family: Family, stage: Path) -> Path:
     return target
 
 
+def is_lycoris(path: Path) -> bool:
+    """Whether a weight file is a LyCORIS network's (`lycoris_*` keys, lora_type lycoris)."""
+    return is_lycoris_keys(_keys(path))
+
+
+def _lycoris_from_checkpoint(inputs: Inputs, final: Path, tensors: dict[str, Any], target: Path) -> Path:
+    """A checkpoint's LyCORIS weights under the library's names (the checkpoint prefixes them with the submodule
+    that holds the network), with the header of train's final file."""
+    prefix = CHECKPOINT_PREFIX
+    renamed = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if set(renamed) != set(_keys(final)) or len(renamed) != len(tensors):
+        raise InputError(f"{inputs.checkpoint.path} does not hold the LyCORIS weights of {final}; was the checkpoint "
+                         "written by another run?")  # fmt: skip
+    save_tensors(target, renamed, metadata=lora.read_header(final))
+    return target
+
+
 def comfyui_name(hub_model_id: str | None) -> str:
     """`<name>_comfyui.safetensors`: the hub repository's name, else the diffusers weight file's stem."""
     name = (hub_model_id or "").rstrip("/").split("/")[-1]
@@ -61,10 +86,15 @@ def comfyui_name(hub_model_id: str | None) -> str:
     return f"{name}_comfyui.safetensors"
 
 
-def write_comfyui(source: Path, family: Family, target: Path, denoiser_config: dict[str, Any] | None) -> Path:
-    """The LoRA in `source` converted to ComfyUI's layout at `target`."""
+def write_comfyui(source: Path, family: Family, target: Path, denoiser_config: dict[str, Any] | None,
+                  base: Any = None) -> Path:  # fmt: skip
+    """The LoRA in `source` converted to ComfyUI's layout at `target` (a LyCORIS file is copied: ComfyUI's LoRA loader
+    reads its `lycoris_*` keys as they are); `base` reads the base denoiser's weights (needed for DoRA only)."""
+    if is_lycoris(source):
+        shutil.copyfile(source, target)
+        return target
     mods = lora.modules(lora.load_tensors(source), lora.read_header(source), family.denoiser.subfolder)
-    tensors = comfyui.convert(family.name, mods, denoiser_config)
+    tensors = comfyui.convert(family.name, mods, denoiser_config, base)
     save_tensors(target, tensors, metadata={"format": "pt"})
     return target
 

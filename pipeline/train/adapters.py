@@ -7,46 +7,84 @@ from typing import Any
 
 from ..errors import ConfigError, InputError
 from ..families import Family
+from ..families.lora import LORA_WEIGHT_NAME
 from ..log import get_logger
+from ..lycoris_settings import read_config, resolve_config_path
 from ..tensorfile import normalise_file
+from . import lycoris
 from .options import AdapterOptions
 
 log = get_logger("train")
 
+# lora_init_type -> peft's init_lora_weights, as SimpleTuner passes it (pissa is peft's exact-SVD PiSSA).
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# PiSSA and OLoRA move the adapter's initial product out of the base weights, so the trained adapter is relative to a
+# changed base. The saved file is made relative to the original base: (B, A) becomes ([B, -B0], [A; A0]), rank 2r
+# and alpha 2*alpha (the same scale), as peft's `path_initial_model_for_weight_conversion` does.
+_MUTATES_BASE = ("pissa", "olora")
+_INITIAL_ATTR = "_st_initial_lora"
 
 
-def lora_config(options: AdapterOptions, family: Family):
-    """peft's LoraConfig for the options: the family's default targets unless peft_lora_target_modules names them."""
+# SimpleTuner's slider LoRA targets (`slider_lora_target`), per family where it sets its own. Its lists also name the
+# fused `to_qkv`, which exists only after fusing projections; st never fuses them while training.
+SLIDER_TARGETS: dict[str | None, tuple[str, ...]] = {
+    None: ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "proj_in", "proj_out", "conv_in", "conv_out",
+           "time_embedding.linear_1", "time_embedding.linear_2"),
+    "flux": ("to_k", "to_q", "to_v", "to_out.0"),
+    "sd3": ("to_k", "to_q", "to_v", "to_out.0"),
+}
+
+
+def lora_config(options: AdapterOptions, family: Family, saved: bool = False, converted: bool = False):
+    """peft's LoraConfig for the options: the family's default targets unless peft_lora_target_modules names them.
+    `saved`: the config written into the file, without dropout (loaders build their layers from it, and a dropout
+    layer added to a model in eval mode would still drop at inference). `converted`: a PiSSA/OLoRA adapter as saved
+    (twice the rank and alpha, plain initialisation)."""
     from peft import LoraConfig
 
-    targets = options.peft_lora_target_modules or list(
-        family.lora_target_modules(options.flux_lora_target if family.name == "flux" else None)
-    )
+    if options.use_dora and options.lora_init_type in _MUTATES_BASE:
+        raise ConfigError(f"lora_init_type {options.lora_init_type!r} cannot be combined with use_dora: its adapter "
+                          "could not be saved relative to the original base weights; choose one of them")  # fmt: skip
+    if options.peft_lora_target_modules:
+        targets = options.peft_lora_target_modules
+    elif options.slider_lora_target:
+        targets = SLIDER_TARGETS.get(family.name, SLIDER_TARGETS[None])
+    else:
+        targets = family.lora_target_modules(options.flux_lora_target if family.name == "flux" else None)
+    factor = 2 if converted else 1
+    alpha = options.lora_alpha if options.lora_alpha is not None else options.lora_rank
     return LoraConfig(
-        r=options.lora_rank,
-        lora_alpha=options.lora_alpha if options.lora_alpha is not None else options.lora_rank,
-        lora_dropout=options.lora_dropout,
+        r=options.lora_rank * factor,
+        lora_alpha=alpha * factor,
+        lora_dropout=0.0 if saved else options.lora_dropout,
         target_modules=list(targets),
-        init_lora_weights=_INIT[options.lora_init_type],
+        init_lora_weights=True if converted else _INIT[options.lora_init_type],
         use_dora=options.use_dora,
     )
 
 
-def attach(denoiser, options: AdapterOptions, family: Family) -> list[Any]:
-    """Make the denoiser trainable as `model_type` says; returns the trainable parameters."""
+def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | None = None) -> list[Any]:
+    """Make the denoiser trainable as `model_type` and `lora_type` say; returns the trainable parameters.
+    `base_dir`: where relative `lycoris_config` / `init_lora` paths are looked up after the working folder."""
     if options.model_type == "full":
         denoiser.requires_grad_(True)
         return [p for p in denoiser.parameters() if p.requires_grad]
+    denoiser.requires_grad_(False)
+    if options.lora_type == "lycoris":
+        return _attach_lycoris(denoiser, options, base_dir)
     from peft import inject_adapter_in_model
 
-    denoiser.requires_grad_(False)
     cfg = lora_config(options, family)
     try:
         inject_adapter_in_model(cfg, denoiser)
     except ValueError as exc:
         raise ConfigError(f"LoRA targets {cfg.target_modules} do not fit the {family.name} denoiser: {exc}; set "
                           "peft_lora_target_modules to module names of the model") from None  # fmt: skip
+    if options.lora_init_type in _MUTATES_BASE:
+        from peft import get_peft_model_state_dict
+
+        initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(denoiser).items()}
+        object.__setattr__(denoiser, _INITIAL_ATTR, initial)  # a plain attribute, not a registered submodule/buffer
     if options.init_lora:
         load_lora_into(denoiser, Path(options.init_lora))
     params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
@@ -55,6 +93,21 @@ def attach(denoiser, options: AdapterOptions, family: Family) -> list[Any]:
     if not params:
         raise ConfigError("no LoRA parameters were created; check peft_lora_target_modules / flux_lora_target")
     return params
+
+
+def _attach_lycoris(denoiser, options: AdapterOptions, base_dir: Path | None) -> list[Any]:
+    peft_only = {"use_dora": options.use_dora, "lora_init_type": options.lora_init_type != "default",
+                 "peft_lora_target_modules": options.peft_lora_target_modules}  # fmt: skip
+    for name in (n for n, value in peft_only.items() if value):
+        log.warning("%s applies to lora_type standard (peft) only; a LyCORIS network takes its shape from "
+                    "lycoris_config (as in SimpleTuner)", name)  # fmt: skip
+    path = resolve_config_path(options.lycoris_config, base_dir)
+    settings = read_config(path)
+    init = resolve_config_path(options.init_lora, base_dir) if options.init_lora else None
+    network = lycoris.build(denoiser, settings, source=str(path), init_lora=init,
+                            init_lokr_norm=options.init_lokr_norm)  # fmt: skip
+    network.st_settings = settings  # written into the final file's header
+    return [p for p in network.parameters() if p.requires_grad]
 
 
 def load_lora_into(denoiser, path: Path) -> None:
@@ -84,6 +137,9 @@ def trainable_state(denoiser, model_type: str) -> dict[str, Any]:
     """The trainable weights by parameter name (what a checkpoint stores)."""
     if model_type == "full":
         return {k: v for k, v in denoiser.state_dict().items()}
+    network = lycoris.network_of(denoiser)
+    if network is not None:
+        return {f"{lycoris.NETWORK_ATTR}.{k}": v for k, v in lycoris.state(network).items()}
     return {n: p.detach() for n, p in denoiser.named_parameters() if "lora_" in n}
 
 
@@ -110,12 +166,35 @@ def save_final(denoiser, options: AdapterOptions, family: Family, out_dir: Path)
         for weights in target.rglob("*.safetensors"):
             normalise_file(weights)
         return sorted(p for p in target.rglob("*") if p.is_file())
+    path = out_dir / LORA_WEIGHT_NAME
+    network = lycoris.network_of(denoiser)
+    if network is not None:
+        return [lycoris.save(network, path, network.st_settings)]
     from peft import get_peft_model_state_dict
 
-    family.save_lora(out_dir, get_peft_model_state_dict(denoiser), config=lora_config(options, family))
-    path = out_dir / "pytorch_lora_weights.safetensors"
+    state = get_peft_model_state_dict(denoiser)
+    initial = getattr(denoiser, _INITIAL_ATTR, None)
+    if initial is not None:
+        state = relative_to_original_base(state, initial)
+    family.save_lora(out_dir, state, config=lora_config(options, family, saved=True, converted=initial is not None))
     normalise_file(path)
     return [path]
+
+
+def relative_to_original_base(state: dict[str, Any], initial: dict[str, Any]) -> dict[str, Any]:
+    """A PiSSA/OLoRA adapter (`state`, started at `initial`) as a LoRA on the unchanged base: since the base lost
+    scale * B0 @ A0, the delta to the original base is scale * (B @ A - B0 @ A0) = scale * [B, -B0] @ [A; A0]."""
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key:
+            out[key] = torch.cat([value, initial[key].to(value.dtype)], dim=0)
+        elif ".lora_B." in key:
+            out[key] = torch.cat([value, -initial[key].to(value.dtype)], dim=1)
+        else:
+            out[key] = value
+    return out
 
 
 class EMA:

@@ -134,8 +134,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def resolve_resume(value: str | None, checkpoints_dir: Path, base: Path) -> Path | None:
-    """The checkpoint `resume_from_checkpoint` names: a path, or "latest" (None when there is none yet)."""
-    if not value:
+    """The checkpoint `resume_from_checkpoint` names: a path, or "latest" (None when there is none yet, or for the
+    value "none")."""
+    if not value or value.lower() == "none":
         return None
     if value == "latest":
         found = list_checkpoints(checkpoints_dir)
@@ -150,7 +151,7 @@ def resolve_resume(value: str | None, checkpoints_dir: Path, base: Path) -> Path
         if alt.is_dir():
             return alt
         raise InputError(f"resume_from_checkpoint {value!r}: no checkpoint at {path}; a missing checkpoint is never "
-                         "replaced by a fresh start (remove the option to start from step 0)")  # fmt: skip
+                         "replaced by a fresh start (set it to \"none\" to start from step 0)")  # fmt: skip
     return path
 
 

@@ -61,11 +61,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import OPTION_FIELDS
 from ..errors import ConfigError
 from ..log import get_logger
 from .options import ObjectiveOptions
 
 log = get_logger("train")
+NOISE_OFFSET_DEFAULT = OPTION_FIELDS["noise_offset"].default
 
 KINDS = ("epsilon", "v_prediction", "flow_matching")
 DDPM_KINDS = ("epsilon", "v_prediction")
@@ -335,8 +337,9 @@ class Objective:
             raise ConfigError(f"noise_offset_probability must be in [0, 1], got {options.noise_offset_probability}")
         if options.noise_offset < 0:
             raise ConfigError(f"noise_offset must be >= 0, got {options.noise_offset}")
-        if options.noise_offset > 0 and not options.offset_noise and not self.is_flow:
-            # SimpleTuner reads noise_offset only with offset_noise on; say so rather than train without it silently.
+        if options.noise_offset not in (0.0, NOISE_OFFSET_DEFAULT) and not options.offset_noise and not self.is_flow:
+            # SimpleTuner reads noise_offset only with offset_noise on; say so rather than train without it silently
+            # (its default 0.1, set in nearly every config, is left unremarked).
             log.warning("noise_offset %g has no effect without offset_noise = true (as in SimpleTuner); set "
                         "offset_noise = true to train with offset noise", options.noise_offset)  # fmt: skip
         if options.input_perturbation < 0:

@@ -49,6 +49,10 @@ class AdapterOptions(OptionGroup):
     init_lora: str | None
     peft_lora_target_modules: list | None
     flux_lora_target: str
+    slider_lora_target: bool
+    lora_type: str
+    lycoris_config: str | None
+    init_lokr_norm: float | None
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class ValidationOptions(OptionGroup):
     validation_guidance_rescale: float
     validation_noise_scheduler: str | None
     keep_vae_loaded: bool
+    validation_lycoris_strength: float
 
     def due(self, step: int, epoch_done: bool, epoch: int) -> bool:
         """Whether a validation falls on optimizer step `step` (`epoch_done`: epoch `epoch` ended with it)."""

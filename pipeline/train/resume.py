@@ -43,6 +43,7 @@ RESUMABLE_OPTIONS = (
     "validation_seed",
     "validation_noise_scheduler",
     "ema_validation",
+    "validation_lycoris_strength",
     "num_eval_images",
     "hub_model_id",
 )

@@ -16,9 +16,12 @@ from ..families.identity import model_identity, model_sources
 from ..hashing import sha256_json
 from ..lineage import check_parent_chain, forced_record, verify_outputs
 from ..log import get_logger
+from ..lycoris_settings import key_content as lycoris_key_content
 from ..manifest import MANIFEST_NAME, output_entry, provenance
 from ..ownership import OutputClaim, claim_output
+from ..precision import default_bf16_on_device
 from ..prompts import texts_to_encode, validation_prompts
+from ..quantise import check as check_precision
 from ..runner import StageResult, StageRun
 from .checkpoint import list_checkpoints
 from .resume import TRAINING_LENGTH, ResumePlan, RunRecord, check_target, choose_checkpoint, note_other_runs, other_runs
@@ -68,7 +71,9 @@ def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: b
 def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_dir: Path, *,
                force: bool, resume_strict: bool = False) -> TrainResult:  # fmt: skip
     started = time.time()
+    loaded = default_bf16_on_device(loaded, "mixed_precision", "no")
     config = loaded.config
+    check_precision(config)  # a preset this machine cannot run stops here, before any work
     out_dir = Path(out_dir)
     reader = CacheReader(input_path)
     cache = reader.manifest
@@ -96,6 +101,9 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
                           "before running `st cache` (it re-encodes only the prompts)")  # fmt: skip
 
     stage_config = config.stage_keys(TRAIN)
+    lycoris_settings = lycoris_key_content(config, loaded.base_dir)
+    if lycoris_settings is not None:  # the file's settings, not its path: editing the file re-runs training
+        stage_config["lycoris_config"] = lycoris_settings
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
                        "denoiser": without_source(denoiser_identity), "family": family.name})  # fmt: skip
     stage_run = StageRun(TRAIN, SCHEMA_VERSION, out_dir, key, stage_config, force=force)
@@ -241,9 +249,16 @@ def _document(claim: OutputClaim, trainer, state: RunState, out_dir: Path, *, ru
         "validations": state.validations,
         "outputs": outputs,
         "stats": {"steps": state.step, "samples": cache["stats"]["samples"], "batch_size": trainer.samples_per_step,
-                  "steps_this_run": state.step - plan.step,
+                  "steps_this_run": state.step - plan.step, "denoiser": _denoiser_record(trainer),
                   "resumed_from": plan.summary(stage_config) if plan.path is not None else None},  # fmt: skip
     }
+
+
+def _denoiser_record(trainer) -> dict[str, Any]:
+    """How the frozen denoiser was held while training: quantisation preset, dtype and parameter bytes."""
+    precision = trainer.base_precision
+    return {"base_model_precision": precision.preset, "dtype": precision.dtype,
+            "parameter_bytes": trainer.denoiser_bytes}  # fmt: skip
 
 
 def _trained_config(stage_config: dict[str, Any], plan: ResumePlan, final_step: int) -> dict[str, Any]:

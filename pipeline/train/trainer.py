@@ -17,6 +17,7 @@ from ..errors import InputError, UserError
 from ..families import Family, load_components
 from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
+from ..quantise import BasePrecision, parameter_bytes, quantise, upcast_trainable
 from ..prompts import ValidationPrompt
 from . import adapters
 from .checkpoint import (
@@ -115,13 +116,18 @@ class Trainer:
         self.shared = shared_embeds
         speed.check_train_options(config, self.device)
 
-        parts = load_components(family, source, which=("denoiser", "scheduler"))
+        # Frozen weights in the training dtype (quantised when base_model_precision says so), trainable ones in fp32.
+        self.base_precision = BasePrecision.from_config(config)
+        parts = load_components(family, source, which=("denoiser", "scheduler"), dtype=self.base_precision.torch_dtype())
         denoiser = parts["denoiser"]
         self.scheduler_config = dict(parts["scheduler"].config)
         # TF32, QKV fusion and gradient checkpointing (every block, or every Nth) before adapters are added.
         self.speed_setup = speed.setup_denoiser(denoiser, config)
+        quantise(denoiser, self.base_precision, family.name, self.device)
+        self.denoiser_bytes = parameter_bytes(denoiser)
         with isolated_rng(seed=self.seed):  # the initial LoRA weights depend on `seed` only
-            self.params = adapters.attach(denoiser, self.adapter_options, family)
+            self.params = adapters.attach(denoiser, self.adapter_options, family, base_dir=self.base_dir)
+        upcast_trainable(self.params)
         denoiser.to(self.device)
         denoiser.train()
         # In place, after the adapters (so that they are compiled in) and before accelerate wraps the model.

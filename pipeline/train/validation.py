@@ -56,6 +56,7 @@ class Validator:
         self.family, self.options, self.out_dir, self.device = family, options, out_dir, device
         self.prompts = prompts
         self.embeds = embeds
+        self.denoiser = denoiser
         parts = load_components(family, source, vae_source=vae_source, which=("vae", "scheduler"))
         pipeline_class = family.load_pipeline_class()
         scheduler = parts["scheduler"]
@@ -108,7 +109,7 @@ class Validator:
         negative_text = options.validation_negative_prompt if options.validation_negative_prompt is not None else ""
         negative = self.embeds.get(negative_text)
         seed = options.validation_seed if options.validation_seed is not None else (options.seed or 0)
-        with self._vae_on_device():
+        with self._vae_on_device(), self._lycoris_strength():
             paths = self._render_all(folder, negative, seed)
         if paths:
             grid = folder / "grid.png"
@@ -116,6 +117,22 @@ class Validator:
             paths.append(grid)
         log.info("validation: %d image(s) at step %d -> %s", len(paths) - 1, step, folder)
         return paths
+
+    @contextlib.contextmanager
+    def _lycoris_strength(self):
+        """A LyCORIS network renders at `validation_lycoris_strength`, and trains on at its own multiplier."""
+        from .lycoris import network_of
+
+        network = network_of(self.denoiser)
+        if network is None:
+            yield
+            return
+        trained = network.multiplier
+        network.set_multiplier(self.options.validation_lycoris_strength)
+        try:
+            yield
+        finally:
+            network.set_multiplier(trained)
 
     @contextlib.contextmanager
     def _vae_on_device(self):

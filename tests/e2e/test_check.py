@@ -107,3 +107,16 @@ def test_help_does_not_import_torch():
     code = ("import sys; from pipeline.cli import app\ntry: app(['--help'])\nexcept SystemExit: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_check_reports_a_bad_lycoris_file_and_a_precision_this_machine_cannot_run(cli, sample, tmp_path):
+    import torch
+
+    config, _ = sample
+    (tmp_path / "lycoris.json").write_text(json.dumps({"algo": "lokr", "factr": 16}))
+    result = cli("check", "-c", config, "--set", 'lora_type="lycoris"', "--set",
+                 f'lycoris_config="{tmp_path / "lycoris.json"}"', "--set", 'base_model_precision="nf4-bnb"')  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"lycoris_config {tmp_path / 'lycoris.json'}: key 'factr' is not a LyCORIS setting" in result.stdout
+    if not torch.cuda.is_available():
+        assert "base_model_precision nf4-bnb" in result.stdout and "needs a CUDA GPU" in result.stdout

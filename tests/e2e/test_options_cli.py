@@ -23,7 +23,7 @@ def _row(output: str, name: str) -> list[str]:
 def test_search_finds_an_option_with_its_default(cli):
     result = cli("options", "--search", "learning_rate")
     assert result.exit_code == 0, result.output
-    assert _row(result.stdout, "learning_rate")[:6] == ["learning_rate", "float", "0.0001", "train", "yes",
+    assert _row(result.stdout, "learning_rate")[:6] == ["learning_rate", "float", "4e-07", "train", "yes",
                                                         "implemented"]  # fmt: skip
     assert "lora_rank" not in result.stdout
 
@@ -47,9 +47,11 @@ def test_refused_accepted_and_aliases_are_listed(cli):
     result = cli("options", "--json")
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)}
-    refused = rows["base_model_precision"]
-    assert refused["state"] == "refused" and refused["default"] == "no_change"
+    refused = rows["quantize_activations"]
+    assert refused["state"] == "refused"
     assert "quantisation" in refused["notes"]
+    precision = rows["base_model_precision"]
+    assert precision["state"] == "implemented" and precision["default"] == "no_change"
     assert rows["cache_dir_vae"]["state"] == "accepted" and "cache" in rows["cache_dir_vae"]["notes"]
     alias = rows["checkpointing_steps"]
     assert alias["state"] == "alias of checkpoint_step_interval" and alias["stages"] == ["train"]
@@ -57,10 +59,10 @@ def test_refused_accepted_and_aliases_are_listed(cli):
 
 
 def test_refused_option_shows_its_feature_in_the_table(cli):
-    result = cli("options", "--search", "lora_type")
+    result = cli("options", "--search", "peft_lora_mode")
     assert result.exit_code == 0, result.output
-    row = next(line for line in result.stdout.splitlines() if line.startswith("lora_type "))
-    assert "refused" in row and "LyCORIS adapters" in row and "standard" in row
+    row = next(line for line in result.stdout.splitlines() if line.startswith("peft_lora_mode "))
+    assert "refused" in row and "SingLoRA adapters" in row and "standard" in row
 
 
 def test_unknown_stage_is_a_usage_error(cli):
@@ -94,7 +96,7 @@ def test_config_show_set_wins_over_a_file_alias(cli, config):
     result = cli("config", "show", "-c", config, "--set", "checkpoint_step_interval=7", "--json")
     assert result.exit_code == 0, result.output
     options = json.loads(result.stdout)["options"]
-    assert options["checkpoint_step_interval"] == {"value": 7, "origin": "--set", "default": None}
+    assert options["checkpoint_step_interval"] == {"value": 7, "origin": "--set", "default": 500}
 
 
 def test_config_show_all_lists_defaults(cli, config):

@@ -7,46 +7,27 @@ Every run here is a separate `st train` process at the default thread count with
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.training import cached_dataset
+from tests.helpers.training import WEIGHTS, cached_dataset, losses, run_st_train, st_env, st_train_args
 
-ST = str(Path(sys.executable).with_name("st"))  # the console script of this environment
 COMMON = ["validation_disable=true", "disable_benchmark=true", 'report_to="none"', "lora_dropout=0.1",
           "caption_dropout_probability=0.3", "checkpoint_step_interval=3", "learning_rate=0.001"]  # fmt: skip
-WEIGHTS = Path("final") / "pytorch_lora_weights.safetensors"
 OUTPUTS = ("manifest.json", "metrics.jsonl", "final/*", "checkpoints/*/*")
 
 
-def _env() -> dict[str, str]:
-    """The test process pins OMP_NUM_THREADS=1; the runs here use the default thread count."""
-    env = dict(os.environ)
-    env.pop("OMP_NUM_THREADS", None)
-    return env
-
-
 def _args(setup: tuple[Path, Path], out: Path, *sets: str, flags: tuple[str, ...] = ()) -> list[str]:
-    root, config = setup
-    options = [item for s in (*COMMON, *sets) for item in ("--set", s)]
-    return [ST, "train", "-c", str(config), "-i", str(root / "cache"), "-o", str(out), *options, *flags]
+    return st_train_args(setup, out, *COMMON, *sets, flags=flags)
 
 
 def st_train(setup, out: Path, *sets: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(_args(setup, out, *sets, flags=flags), env=_env(), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-
-
-def losses(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return run_st_train(setup, out, *COMMON, *sets, flags=flags)
 
 
 def manifest(out: Path) -> dict:
@@ -115,7 +96,7 @@ def test_sigkill_before_the_first_checkpoint_then_rerun_equals_the_uninterrupted
     # random generators and in eval mode, so it does not change the trajectory (the re-run is compared with a run
     # that never evaluated).
     sets = ("max_train_steps=6", "eval_steps_interval=1", "num_eval_images=2")
-    process = subprocess.Popen(_args(setup, out, *sets), env=_env(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_args(setup, out, *sets), env=st_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         _wait_for_step(out / "metrics.jsonl", 1, process)

@@ -22,11 +22,16 @@ def make_image(path: Path, size=(128, 96), colour=(200, 30, 30), fmt: str | None
     return path
 
 
+# What these tests' configs rely on unless they set it: one sample per step and no recomputed activations (tiny
+# models on a CPU), where SimpleTuner's defaults are 4 and true.
+TEST_DEFAULTS = {"train_batch_size": 1, "gradient_checkpointing": False}
+
+
 def write_config(folder: Path, datasets: list[dict], **options) -> Path:
     """Write multidatabackend.json and config.json into `folder`; returns the config path."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "multidatabackend.json").write_text(json.dumps(datasets))
-    config = {"data_backend_config": "multidatabackend.json", **options}
+    config = {"data_backend_config": "multidatabackend.json", **TEST_DEFAULTS, **options}
     path = folder / "config.json"
     path.write_text(json.dumps(config))
     return path

@@ -299,7 +299,11 @@ def test_comfyui_transformer_layouts(tmp_path, family_name):
     family = get_family(family_name)
     family.tiny(tmp_path / "model", 0)
     denoiser = family.denoiser.load_class().from_pretrained(str(tmp_path / "model"), subfolder="transformer")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(family.lora_targets))
+    from pipeline.families.sd3 import MMDIT_LORA_TARGETS
+
+    # SD3: both streams (SimpleTuner's default targets only the image stream), to check every fused layout.
+    targets = MMDIT_LORA_TARGETS if family_name == "sd3" else family.lora_targets
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets))
     family.add_lora(denoiser, config)
     torch.manual_seed(0)
     for n, p in denoiser.named_parameters():

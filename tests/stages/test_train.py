@@ -17,21 +17,8 @@ from pipeline.errors import ConfigError, InputError, LineageError
 from pipeline.families import FAMILIES, get_family
 from pipeline.manifest import read_manifest
 from pipeline.train.stage import run_train
-from tests.helpers.training import QUICK, cached_dataset, train
+from tests.helpers.training import QUICK, train
 
-
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory, tiny_model):
-    """A cached 8-image dataset per family, built on first use."""
-    built: dict[str, tuple[Path, Path]] = {}
-
-    def get(family: str) -> tuple[Path, Path]:
-        if family not in built:
-            root = tmp_path_factory.mktemp(f"train-{family}")
-            built[family] = (root, cached_dataset(root, family, tiny_model(family)))
-        return built[family]
-
-    return get
 
 
 @pytest.mark.parametrize("model_type", ["lora", "full"])

@@ -17,23 +17,15 @@ import pytest
 from pipeline.errors import ConfigError, NotSupportedError, UserError
 from pipeline.train.checkpoint import list_checkpoints, read_checkpoint
 from pipeline.train.trainer import TrainingDiverged
-from tests.helpers.training import QUICK, cached_dataset, train
+from tests.helpers.training import QUICK, train
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_model):
-    """A cached 8-image dataset per family (tiny model), built on first use and shared by this module."""
-    built: dict[str, tuple[Path, Path]] = {}
-
-    def get(family: str) -> tuple[Path, Path]:
-        if family not in built:
-            root = tmp_path_factory.mktemp(f"options-{family}")
-            built[family] = (root, cached_dataset(root, family, tiny_model(family)))
-        return built[family]
-
-    return get
+def data(cached):
+    """The shared cached sample dataset per family (tests/stages/conftest.py)."""
+    return cached
 
 
 @pytest.fixture(scope="module")

@@ -54,8 +54,8 @@ def test_value_outside_choices_lists_them(tmp_path):
 
 def test_simpletuner_only_keys_are_accepted_with_a_log_line(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="st")
-    loaded = load_config(write(tmp_path, {"--cache_dir_vae": "/x", "--lycoris_config": "x.json", "--resolution": 512}))
-    assert set(loaded.ignored) == {"cache_dir_vae", "lycoris_config"}
+    loaded = load_config(write(tmp_path, {"--cache_dir_vae": "/x", "--cache_dir_text": "/y", "--resolution": 512}))
+    assert set(loaded.ignored) == {"cache_dir_vae", "cache_dir_text"}
     assert "ignoring option 'cache_dir_vae'" in caplog.text
 
 

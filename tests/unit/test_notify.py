@@ -312,7 +312,8 @@ def test_background_hook_returns_immediately(tmp_path):
 
 def test_placeholder_helpers_follow_the_config():
     config = Config(model_family="flux", model_type="lora", hub_model_id="me/model", tracker_run_name="run one",
-                    tracker_project_name="proj", validation_prompt="a dog", validation_seed=3)  # fmt: skip
+                    tracker_project_name="proj", validation_prompt="a dog", validation_seed=3,
+                    validation_negative_prompt=None)  # fmt: skip
     values = notify.checkpoint_placeholders(config, 100, Path("/o/checkpoint-100"), remote_path="s3://b/k")
     assert values == {"tracker_run_name": "run one", "tracker_project_name": "proj", "model_family": "flux",
                       "model_type": "lora", "lora_type": "standard", "huggingface_path": "me/model",

@@ -380,8 +380,13 @@ def test_noise_offset_off_changes_nothing(make):
 
 
 def test_noise_offset_without_offset_noise_is_a_warning(caplog):
-    ddpm(offset_noise=False, noise_offset=0.1)
-    assert "noise_offset 0.1 has no effect without offset_noise = true" in caplog.text
+    ddpm(offset_noise=False, noise_offset=0.05)
+    assert "noise_offset 0.05 has no effect without offset_noise = true" in caplog.text
+
+
+def test_simpletuners_default_noise_offset_without_offset_noise_is_not_remarked(caplog):
+    ddpm(offset_noise=False, noise_offset=0.1)  # SimpleTuner's default, in nearly every config it ships
+    assert "noise_offset" not in caplog.text
 
 
 def test_flow_matching_never_uses_offset_noise(caplog):

@@ -270,7 +270,7 @@ def test_scheduler_state_dict_round_trip_continues_identically(name, tmp_path):
 
 def test_schedule_free_gets_a_flat_schedule_and_its_warmup():
     p = torch.nn.Parameter(torch.zeros(1))
-    config = Config(optimizer="adamw_schedulefree", lr_scheduler="cosine", lr_warmup_steps=7)
+    config = Config(optimizer="adamw_schedulefree", lr_scheduler="cosine", lr_warmup_steps=7, learning_rate=1e-4)
     opt = build_optimizer([p], config, device_type="cpu")
     assert opt.param_groups[0]["warmup_steps"] == 7
     scheduler = build_lr_scheduler(opt, config, 10)

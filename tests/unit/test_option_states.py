@@ -100,10 +100,10 @@ def test_an_accepted_option_loads_with_any_value_and_changes_nothing(tmp_path, n
 def test_refusal_reads_values_as_a_file_spells_them(tmp_path):
     for value in ("standard", "Standard ", None, ""):
         if value == "Standard ":
-            with pytest.raises(ConfigError, match="LyCORIS"):
-                load_config(write(tmp_path, {"lora_type": value}))
+            with pytest.raises(ConfigError, match="SingLoRA"):
+                load_config(write(tmp_path, {"peft_lora_mode": value}))
             continue
-        load_config(write(tmp_path, {"lora_type": value}))
+        load_config(write(tmp_path, {"peft_lora_mode": value}))
     load_config(write(tmp_path, {"train_text_encoder": "false", "masked_loss_probability": "1.0"}))
     with pytest.raises(ConfigError, match="one shared seed on every device"):
         load_config(write(tmp_path, {"seed_for_each_device": False}))
@@ -174,11 +174,11 @@ def test_a_refused_dataset_key_stops_and_an_accepted_one_loads(tmp_path):
                 parse_entry({**entry, key: non_default(state)}, loaded, tmp_path / "multidatabackend.json", 0)
 
 
-def test_prepare_refuses_lycoris_with_exit_2(cli, tmp_path):
+def test_prepare_refuses_singlora_with_exit_2(cli, tmp_path):
     make_image(tmp_path / "images" / "a.png", size=(64, 64))
     config = write_config(tmp_path, [{"id": "d", "instance_data_dir": "images"}], resolution=64)
-    config.write_text(json.dumps({**json.loads(config.read_text()), "--lora_type": "lycoris"}))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "--peft_lora_mode": "singlora"}))
     result = cli("prepare", "-c", config, "-o", tmp_path / "out")
     assert result.exit_code == 2, result.output
-    assert "st does not implement `lora_type` (a SimpleTuner option) yet: LyCORIS" in result.stderr
+    assert "st does not implement `peft_lora_mode` (a SimpleTuner option) yet: SingLoRA" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -248,7 +248,7 @@ def test_gradient_checkpointing_interval_must_be_positive():
 
 def test_interval_without_checkpointing_is_ignored():
     model = _unet()
-    speed.setup_denoiser(model, Config(gradient_checkpointing_interval=2))
+    speed.setup_denoiser(model, Config(gradient_checkpointing=False, gradient_checkpointing_interval=2))
     assert not model.is_gradient_checkpointing
     speed.setup_denoiser(model, Config(gradient_checkpointing=True, gradient_checkpointing_interval=2))
     assert model.is_gradient_checkpointing
