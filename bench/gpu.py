@@ -604,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("st").setLevel(logging.WARNING)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # An indexed device: torch.cuda.set_device refuses a bare "cuda" on PyTorch 2.11.
+    default = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device or default)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         if not args.allow_cudnn_sdp:
