@@ -628,20 +628,25 @@ class LoadedConfig:
         return self.path.parent if self.path else Path.cwd()
 
     def resolve_path(self, value: str, base: Path | None = None) -> Path:
-        """A relative path as SimpleTuner reads it, from the working folder, when it exists there; otherwise from
-        `base` (the config file's folder unless given: a dataset list passes its own). Exit 2 when it exists in
-        both and they differ, since the two tools would read different files."""
-        candidate = Path(value).expanduser()
-        if candidate.is_absolute():
-            return candidate
-        from_cwd, from_base = Path.cwd() / candidate, (base or self.base_dir) / candidate
-        if not from_cwd.exists():
-            return from_base
-        if from_base.exists() and not from_cwd.samefile(from_base):
-            raise ConfigError(f"relative path {value!r} names two different things: {from_cwd} (from the working "
-                              f"folder, which SimpleTuner reads) and {from_base} (beside the config); make it "
-                              f"absolute or remove one")  # fmt: skip
-        return from_cwd
+        """`resolve_relative_path` from the config file's folder (unless `base` is given: a dataset list passes its
+        own)."""
+        return resolve_relative_path(value, base or self.base_dir)
+
+
+def resolve_relative_path(value: str, base: Path) -> Path:
+    """A relative path as SimpleTuner reads it, from the working folder, when it exists there; otherwise from `base`.
+    Exit 2 when it exists in both and they differ, since the two tools would read different files."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    from_cwd, from_base = Path.cwd() / candidate, base / candidate
+    if not from_cwd.exists():
+        return from_base
+    if from_base.exists() and not from_cwd.samefile(from_base):
+        raise ConfigError(f"relative path {value!r} names two different things: {from_cwd} (from the working "
+                          f"folder, which SimpleTuner reads) and {from_base} (beside the config); make it "
+                          f"absolute or remove one")  # fmt: skip
+    return from_cwd
 
 
 # ---------------------------------------------------------------------------------------------------- ranges

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .config import resolve_relative_path
 from .errors import ConfigError
 
 # create_lycoris's keywords (deprecated spellings included); anything else in the file is a typo or another tool's.
@@ -20,15 +21,15 @@ NETWORK_KEYS = frozenset(
     "constrain".split()
 )
 INTEGER_KEYS = ("multiplier", "linear_dim", "linear_alpha")
+
+
 def resolve_config_path(value: str | None, base_dir: Path | None) -> Path:
-    """Where `lycoris_config` points: as SimpleTuner reads it, from the working folder first, else beside the config."""
+    """Where `lycoris_config` (or a LyCORIS `init_lora`) points: read like every other path of the config (from the
+    working folder first, else beside the config; exit 2 when both exist and differ)."""
     if not value:
         raise ConfigError("lora_type lycoris needs lycoris_config: the path of a LyCORIS JSON file (see "
                           "SimpleTuner's config/lycoris_config.json.example)")  # fmt: skip
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists() or base_dir is None:
-        return path
-    return base_dir / path
+    return resolve_relative_path(value, base_dir or Path.cwd())
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -114,4 +114,3 @@ def save(network, path: Path, settings: dict[str, Any]) -> Path:
     tensors = {k: v.contiguous() for k, v in state(network).items()}
     save_tensors(path, tensors, metadata={HEADER_KEY: json.dumps(settings, sort_keys=True)})
     return path
-
