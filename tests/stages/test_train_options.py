@@ -243,20 +243,6 @@ def test_cosine_schedule_is_simpletuners_wave(data, tmp_path):
     assert lrs == pytest.approx([5e-5, 0.0, 5e-5, 1e-4], abs=1e-12)
 
 
-def test_bf16_mixed_precision_trains_on_cpu(data, tmp_path):
-    # Through the CLI in its own process, as a user runs it: accelerate's AcceleratorState is a per-process
-    # singleton, so an in-process run with another mixed_precision would clash with the other tests' runs.
-    root, config = data("sd1x")
-    out = tmp_path / "out"
-    proc = subprocess.run(_cli(config, root / "cache", out, 'mixed_precision="bf16"'), cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["metrics"]["steps"] == 2 and manifest["config"]["mixed_precision"] == "bf16"
-    losses = _losses(out)
-    assert sorted(losses) == [1, 2] and all(math.isfinite(x) and x > 0 for x in losses.values())
-
-
 def test_gradient_accumulation_consumes_two_batches_per_step(data, tmp_path):
     root, config = data("sd1x")
     result = train(config, root / "cache", tmp_path / "out", "gradient_accumulation_steps=2")
@@ -327,7 +313,11 @@ def test_one_process_can_train_with_different_precisions(data, tmp_path):
     root, config = data("sd1x")
     bf16 = train(config, root / "cache", tmp_path / "bf16", 'mixed_precision="bf16"')
     plain = train(config, root / "cache", tmp_path / "plain", 'mixed_precision="no"')
-    assert bf16.manifest["config"]["mixed_precision"] == "bf16" and plain.manifest["metrics"]["steps"] == 2
+    # An explicit bf16 is kept on a CPU without native bf16 (emulated: slow, but what the user asked for).
+    assert bf16.manifest["config"]["mixed_precision"] == "bf16" and bf16.manifest["metrics"]["steps"] == 2
+    losses = _losses(tmp_path / "bf16")
+    assert sorted(losses) == [1, 2] and all(math.isfinite(x) and x > 0 for x in losses.values())
+    assert plain.manifest["config"]["mixed_precision"] == "no" and plain.manifest["metrics"]["steps"] == 2
 
 
 def test_push_to_hub_without_a_reachable_hub_fails_before_training(data, tmp_path):
