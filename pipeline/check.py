@@ -71,10 +71,16 @@ def _check_lycoris_settings(loaded: LoadedConfig) -> None:
 
 
 def _check_base_precision(loaded: LoadedConfig) -> None:
-    """Whether this machine (and st) can run base_model_precision, as `st train` checks before any work."""
+    """Whether this machine (and st) can run base_model_precision and the text encoders' precisions, as `st train`
+    and `st cache` check before any work."""
+    from .families import get_family
     from .quantise import check
+    from .quantise_modules import check_text_encoder_precisions, text_encoder_precisions
 
-    check(loaded.config)
+    config = loaded.config
+    check(config, base_dir=loaded.base_dir)
+    check_text_encoder_precisions(text_encoder_precisions(config), get_family(config.model_family),
+                                  trained=config.train_text_encoder)  # fmt: skip
 
 
 def _load(path: Path, sets: Sequence[str], report: CheckReport) -> LoadedConfig | None:

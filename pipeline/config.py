@@ -60,6 +60,9 @@ RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma")
 CROP_STYLES = ("center", "centre", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
+# SimpleTuner's quantisation presets (base_model_precision, text_encoder_N_precision).
+QUANTISATION_PRESETS = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
+                        "int8-torchao", "int4-torchao", "fp8-torchao", "nf4-bnb")
 
 
 @dataclass
@@ -131,6 +134,9 @@ class Config:
     lora_alpha: float | None = opt(None, TRAIN, help="Defaults to lora_rank (scale 1).")
     lora_dropout: float = opt(0.1, TRAIN)
     lora_init_type: str = opt("default", TRAIN, choices=("default", "gaussian", "pissa", "olora"))
+    peft_lora_mode: str = opt("standard", TRAIN, choices=("standard", "singlora"),
+                              help="singlora: one matrix A per Linear layer (peft-singlora), update A A^T.")
+    singlora_ramp_up_steps: int = opt(0, TRAIN, help="SingLoRA's update ramps in over this many steps (0: 100).")
     peft_lora_target_modules: list | None = opt(None, TRAIN, help="Module names; default: the family's attention.")
     flux_lora_target: str = opt("all", TRAIN, choices=("mmdit", "context", "context+ffs", "all", "all+ffs",
                                                        "all+ffs+embedder", "ai-toolkit", "tiny", "nano"))  # fmt: skip
@@ -138,6 +144,12 @@ class Config:
                                    "convolutions in and out, time embedding) instead of the family's default.")
     use_dora: bool = opt(False, TRAIN)
     init_lora: str | None = opt(None, TRAIN, help="LoRA weights (safetensors) to start from.")
+    # Text-encoder training (sd1x, sdxl): st cache also stores token ids, so it enters the cache key only when true.
+    train_text_encoder: bool = opt(False, CACHE, TRAIN, key=(TRAIN,),
+                                   help="Also train the CLIP text encoder(s): a LoRA on them in LoRA runs.")
+    text_encoder_lr: float | None = opt(None, TRAIN, help="Learning rate of the text encoders (default: "
+                                        "learning_rate).")  # fmt: skip
+    text_encoder_limit: int = opt(100, TRAIN, help="Steps after which the text encoders stop training.")
     # LyCORIS adapters (lora_type lycoris), built by the lycoris-lora library from lycoris_config.
     lora_type: str = opt("standard", TRAIN, choices=("standard", "lycoris"))
     lycoris_config: str | None = opt(None, TRAIN, help="LyCORIS JSON (algo, linear_dim, apply_preset, ...).")
@@ -209,10 +221,27 @@ class Config:
     # The frozen base model's precision (pipeline.quantise): quantised weights, and their dtype.
     base_model_precision: str = opt("no_change", TRAIN, choices=(
         "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto", "int8-torchao",
-        "int4-torchao", "fp8-torchao", "nf4-bnb"), help="Quantise the frozen denoiser (optimum-quanto presets).")
+        "int4-torchao", "fp8-torchao", "nf4-bnb"),
+        help="Quantise the frozen denoiser (optimum-quanto, torchao; nf4-bnb and int4-torchao while loading).")
     base_model_default_dtype: str = opt("bf16", TRAIN, choices=("bf16", "fp32"),
                                         help="The dtype of a quantised base's unquantised weights.")
-    quantize_via: str = opt("cpu", TRAIN, choices=("cpu", "accelerator", "pipeline"), key=False)
+    quantize_via: str = opt("cpu", TRAIN, choices=("cpu", "accelerator", "pipeline"),
+                            help="Quantise after loading on the cpu or accelerator, or while loading (pipeline: "
+                                 "diffusers' quantization_config).")  # fmt: skip
+    quantization_config: Any = opt(None, TRAIN, help="diffusers quantization settings per component (unet, "
+                                   "transformer, default): a JSON object, JSON text or a JSON file path.")  # fmt: skip
+    quantize_activations: bool = opt(False, TRAIN, help="Quantise activations too (8-bit optimum-quanto presets).")
+    pretrained_transformer_model_name_or_path: str | None = opt(None, TRAIN, key=False,  # its file is hashed instead
+        help="A .gguf transformer (flux, sd3), loaded quantised by diffusers' GGUF loader.")  # fmt: skip
+    # The text encoders that compute st cache's embeddings (pipeline.quantise_modules): N is the family's Nth encoder.
+    text_encoder_1_precision: str = opt("no_change", CACHE, choices=QUANTISATION_PRESETS,
+                                        help="Quantise text encoder 1 in st cache (CLIP-L; pixart_sigma: T5).")
+    text_encoder_2_precision: str = opt("no_change", CACHE, choices=QUANTISATION_PRESETS,
+                                        help="Quantise text encoder 2 in st cache (flux: T5; sdxl, sd3: CLIP-bigG).")
+    text_encoder_3_precision: str = opt("no_change", CACHE, choices=QUANTISATION_PRESETS,
+                                        help="Quantise text encoder 3 in st cache (sd3: T5).")
+    text_encoder_4_precision: str = opt("no_change", CACHE, choices=QUANTISATION_PRESETS,
+                                        help="Quantise text encoder 4 in st cache (no family st trains has four).")
     gradient_checkpointing: bool = opt(True, TRAIN)
     set_grads_to_none: bool = opt(True, TRAIN, key=False)
 
@@ -272,6 +301,20 @@ class Config:
     vae_enable_tiling: bool = opt(False, CACHE, TRAIN, help="Changes latents of images larger than a VAE tile.")
     keep_vae_loaded: bool = opt(False, TRAIN, key=False)
     accelerator_cache_clear_interval: int | None = opt(None, TRAIN, key=False)
+    # Where the frozen denoiser waits between uses (pipeline.train.offload, block_swap): memory only, never results.
+    enable_group_offload: bool = opt(False, TRAIN, key=False,
+                                     help="diffusers group offloading of the denoiser (training and validation).")
+    group_offload_type: str = opt("block_level", TRAIN, key=False, choices=("block_level", "leaf_level"))
+    group_offload_blocks_per_group: int = opt(1, TRAIN, key=False, help="Blocks per group (block_level).")
+    group_offload_use_stream: bool = opt(False, TRAIN, key=False, help="Overlap transfers on a CUDA stream (CUDA).")
+    group_offload_to_disk_path: str | None = opt(None, TRAIN, key=False,
+                                                 help="Spill groups to a temporary subfolder of this folder.")
+    musubi_blocks_to_swap: int = opt(0, TRAIN, key=False,
+                                     help="Keep the last N transformer blocks on musubi_block_swap_device.")
+    musubi_block_swap_device: str = opt("cpu", TRAIN, key=False)
+    offload_during_save: bool = opt(False, TRAIN, key=False, help="Move the denoiser to the CPU while saving.")
+    enable_model_cpu_offload: bool = opt(False, TRAIN, key=False,
+                                         help="diffusers model CPU offload while validating (CUDA; a no-op on CPU).")
 
     # Publishing.
     lora_format: str = opt("diffusers", PUBLISH, choices=("diffusers", "comfyui"))
@@ -721,9 +764,12 @@ OPTION_RANGES: dict[str, Range] = {
     # train
     "lora_rank": Range(1, 65_536),
     "lora_alpha": _POSITIVE,
+    "text_encoder_lr": _POSITIVE,
+    "text_encoder_limit": Range(0),
     "lora_dropout": Range(0, 1, high_open=True),
     "init_lokr_norm": _POSITIVE,
     "validation_lycoris_strength": Range(),
+    "singlora_ramp_up_steps": _NON_NEGATIVE,
     "timestep_bias_begin": Range(0, 1000),
     "timestep_bias_end": Range(0, 1000),
     "timestep_bias_multiplier": _POSITIVE,
@@ -774,6 +820,8 @@ OPTION_RANGES: dict[str, Range] = {
     "num_eval_images": _COUNT,
     "gradient_checkpointing_interval": _COUNT,
     "accelerator_cache_clear_interval": _COUNT,
+    "group_offload_blocks_per_group": _COUNT,
+    "musubi_blocks_to_swap": _NON_NEGATIVE,
     # notifications
     "webhook_reporting_interval": Range(0, note="seconds"),
     "hook_timeout": Range(0, low_open=True, note="seconds"),
@@ -821,11 +869,25 @@ def check_resolution(resolution: float, resolution_type: str, where: str = "") -
 
 def _check_relations(config: Config, where: str) -> None:
     check_resolution(config.resolution, config.resolution_type, where)
+    if config.train_text_encoder:
+        _check_text_encoder_training(config, where)
     pairs = [("minimum_aspect_ratio", "maximum_aspect_ratio"), ("flux_guidance_min", "flux_guidance_max")]
     for low_key, high_key in pairs:
         low, high = getattr(config, low_key), getattr(config, high_key)
         if low is not None and high is not None and low > high:
             raise ConfigError(f"option '{low_key}' ({low:g}) is larger than '{high_key}' ({high:g}){_place(where)}")
+
+
+def _check_text_encoder_training(config: Config, where: str) -> None:
+    """train_text_encoder: the families and adapters SimpleTuner trains text encoders with."""
+    if config.model_family is not None and config.model_family not in ("sd1x", "sdxl"):
+        raise ConfigError(f"train_text_encoder is true, but st trains the text encoders of model_family sd1x and "
+                          f"sdxl only (as SimpleTuner), not {config.model_family!r}; set train_text_encoder false"
+                          f"{_place(where)}")  # fmt: skip
+    if config.lora_type == "lycoris":
+        raise ConfigError("train_text_encoder is true with lora_type lycoris, which SimpleTuner refuses (a LyCORIS "
+                          "network is not combined with text-encoder training); set one of them to its default"
+                          f"{_place(where)}")  # fmt: skip
 
 
 def check_config_ranges(config: Config, where: str = "", overridden: typing.Collection[str] = ()) -> None:
@@ -895,6 +957,13 @@ def _alias_values(given: dict[str, Any], where: str = "") -> dict[str, tuple[str
     return found
 
 
+# Options read only when another option has a value: set without it, they change nothing (one warning says so).
+READ_ONLY_WITH = {
+    "validation_lycoris_strength": ("lora_type", "lycoris"),
+    "singlora_ramp_up_steps": ("peft_lora_mode", "singlora"),
+}
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> LoadedConfig:
     """Read `path` (JSON/TOML), apply `--set` overrides, validate, and log the SimpleTuner keys st ignores.
 
@@ -936,5 +1005,8 @@ def _load_config(path: str | Path | None, overrides: typing.Sequence[str]) -> Lo
         state = OPTION_STATES[key]
         if isinstance(state, Accepted):
             log.info("ignoring option '%s': %s", key, state.reason)
+    for key, (switch, value) in READ_ONLY_WITH.items():
+        if getattr(config, key) != OPTION_FIELDS[key].default and getattr(config, switch) != value:
+            log.warning("ignoring option '%s': SimpleTuner reads it only with %s %s", key, switch, value)
     explicit = frozenset(k for k in raw if k in OPTION_FIELDS) | {t for t, _ in _alias_values(raw).values()}
     return LoadedConfig(config=config, path=file_path, ignored=ignored, explicit=explicit)

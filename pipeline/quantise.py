@@ -2,17 +2,21 @@
 
 As in SimpleTuner, frozen weights live in the training dtype (mixed_precision bf16 -> bf16, fp16 -> fp16) and only
 what is trained is fp32; a quantised base keeps its unquantised parts in `base_model_default_dtype`. Quantisation is
-optimum-quanto's (weights only): every preset st cannot run on this device or has not implemented stops the stage
-with exit 2 before any work, never falling back to another precision.
+optimum-quanto's or torchao's after loading (quantize_via cpu / accelerator), or diffusers' while loading
+(quantize_via pipeline, nf4-bnb, int4-torchao, quantization_config: pipeline.quantise_pipeline). Every preset this
+device cannot run stops the stage with exit 2 before any work, never falling back to another precision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, NotSupportedError
 from .log import get_logger
+from .quantise_gguf import gguf_path
+from .quantise_pipeline import PIPELINE_ONLY, LoadQuantisation, read_quantization_config, resolve
 
 log = get_logger("quantise")
 
@@ -20,10 +24,12 @@ NO_CHANGE = "no_change"
 # optimum-quanto weight types by preset (the names SimpleTuner uses).
 QUANTO_WEIGHTS = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2", "fp8-quanto": "qfloat8",
                   "fp8uz-quanto": "qfloat8_e4m3fnuz"}  # fmt: skip
+# quanto quantises activations only to 8-bit types (SimpleTuner uses the weights' type for them).
+QUANTO_ACTIVATION_PRESETS = ("int8-quanto", "fp8-quanto", "fp8uz-quanto")
+TORCHAO_PRESETS = ("int8-torchao", "int4-torchao", "fp8-torchao")
 # Presets whose kernels exist only on CUDA.
-CUDA_ONLY = {"nf4-bnb": "bitsandbytes NF4", "fp8-torchao": "torchao fp8 (Hopper or newer)",
-             "int4-torchao": "torchao int4 (tinygemm)"}  # fmt: skip
-NOT_IMPLEMENTED = {"int8-torchao": "torchao int8 weight-only quantisation"}
+CUDA_ONLY = {"nf4-bnb": "bitsandbytes NF4", "fp8-torchao": "torchao fp8 (compute capability 8.9 or newer)",
+             "int4-torchao": "torchao int4 (tinygemm, with the mslk package)"}  # fmt: skip
 # Modules SimpleTuner leaves unquantised (norms, embedders and the output projection are sensitive to rounding).
 QUANTO_EXCLUDE = {
     "flux": ["*.norm", "*.norm1", "*.norm2", "*.norm2_context", "proj_out", "x_embedder", "norm_out",
@@ -36,86 +42,251 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "no": "floa
 @dataclass(frozen=True)
 class BasePrecision:
     """How the frozen denoiser is held: `preset` (a base_model_precision), `dtype` (torch dtype name of its
-    unquantised weights) and `quantize_via` (where quantisation runs: "cpu" or "accelerator")."""
+    unquantised weights), `quantize_via` (where quantisation runs: cpu, accelerator or pipeline), `activations`
+    (quantize_activations) and `load` (the diffusers quantisation applied while loading, if any)."""
 
     preset: str = NO_CHANGE
     dtype: str = "float32"
     quantize_via: str = "cpu"
+    activations: bool = False
+    load: LoadQuantisation | None = field(default=None)
+    gguf: str | None = None  # the path of a GGUF transformer (already quantised)
 
     @property
     def quantised(self) -> bool:
-        return self.preset != NO_CHANGE
+        return self.preset != NO_CHANGE or self.load is not None or self.gguf is not None
 
     @classmethod
-    def from_config(cls, config: Any) -> "BasePrecision":
-        """The precision of `config` (after `check`): fp32 for model_type full, else the training dtype."""
+    def from_config(cls, config: Any, base_dir: Path | None = None) -> "BasePrecision":
+        """The precision of `config` (after `check`): fp32 for model_type full, else the training dtype.
+        `base_dir`: where a relative quantization_config path is read from (the config file's folder)."""
+        from .families import get_family
+
         preset = config.base_model_precision
+        settings = read_quantization_config(config.quantization_config, base_dir or Path.cwd())
+        load = resolve(preset, config.quantize_via, settings, get_family(config.model_family).denoiser.subfolder)
+        gguf = gguf_path(config, base_dir)
         if config.model_type == "full" or config.mixed_precision == "no":
             dtype = "fp32"
-        elif preset != NO_CHANGE and config.mixed_precision == "bf16":
+        elif (preset != NO_CHANGE or load is not None or gguf) and config.mixed_precision == "bf16":
             dtype = config.base_model_default_dtype
         else:
             dtype = config.mixed_precision
-        return cls(preset=preset, dtype=_DTYPES[dtype], quantize_via=config.quantize_via)
+        return cls(preset=preset, dtype=_DTYPES[dtype], quantize_via=config.quantize_via,
+                   activations=config.quantize_activations, load=load, gguf=gguf and str(gguf))  # fmt: skip
+
+    @property
+    def backend(self) -> str:
+        """The library that quantises: optimum-quanto, torchao or bitsandbytes."""
+        if self.gguf is not None:
+            return "gguf"
+        if self.load is not None:
+            return {"quanto": "optimum-quanto"}.get(self.load.backend, self.load.backend)
+        return "torchao" if self.preset in TORCHAO_PRESETS else "optimum-quanto"
+
+    @property
+    def described(self) -> str:
+        """The option that quantises, for messages."""
+        if self.gguf is not None:
+            return f"the GGUF transformer {Path(self.gguf).name}"
+        return f"base_model_precision {self.preset}" if self.preset != NO_CHANGE else "quantization_config"
 
     def torch_dtype(self):
         import torch
 
         return getattr(torch, self.dtype)
 
+    def record(self) -> dict[str, Any]:
+        """What the train manifest and model card say about the base (beside its parameter bytes)."""
+        record: dict[str, Any] = {"base_model_precision": self.preset, "dtype": self.dtype}
+        if self.quantised:
+            record["backend"] = self.backend
+            record["quantize_via"] = "pipeline" if self.load is not None or self.gguf else self.quantize_via
+            record["quantize_activations"] = self.activations
+        if self.load is not None:
+            record["quantization_config"] = self.load.record()
+        if self.gguf is not None:
+            record["gguf"] = Path(self.gguf).name
+        return record
 
-def check(config: Any, cuda: bool | None = None) -> None:
+
+def check(config: Any, cuda: bool | None = None, base_dir: Path | None = None) -> None:
     """Refuse, before any work, a base_model_precision this device or st cannot run (exit 2 naming why)."""
-    preset = config.base_model_precision
-    if preset == NO_CHANGE:
+    if config.quantization_config not in (None, "") and config.model_type != "lora":
+        raise ConfigError("quantization_config is only supported for LoRA training (SimpleTuner's rule); set "
+                          "model_type lora or remove quantization_config")  # fmt: skip
+    precision = BasePrecision.from_config(config, base_dir)
+    preset = precision.preset
+    if not precision.quantised:
+        if config.quantize_activations:
+            raise ConfigError("quantize_activations quantises the activations of a quanto-quantised base; set "
+                              "base_model_precision to int8-quanto, fp8-quanto or fp8uz-quanto, or remove it")  # fmt: skip
         return
     if cuda is None:
         import torch
 
-        cuda = torch.cuda.is_available()
-    if preset in CUDA_ONLY and not cuda:
-        raise ConfigError(f"base_model_precision {preset} ({CUDA_ONLY[preset]}) needs a CUDA GPU and none is present; "
-                          "on this machine use int8-quanto, int4-quanto, int2-quanto or fp8-quanto, or no_change")  # fmt: skip
-    if preset not in QUANTO_WEIGHTS:
-        feature = CUDA_ONLY.get(preset) or NOT_IMPLEMENTED.get(preset, preset)
-        raise ConfigError(f"base_model_precision {preset}: st does not implement {feature} yet; use one of "
-                          f"{', '.join(QUANTO_WEIGHTS)} (optimum-quanto), or no_change")  # fmt: skip
-    if config.quantize_via == "pipeline":
-        raise ConfigError(f"quantize_via pipeline (diffusers' quantization_config) is not implemented; the quanto "
-                          f"preset {preset} quantises with quantize_via cpu or accelerator")  # fmt: skip
+        cuda = torch.cuda.is_available() and (preset != "fp8-torchao" or torch.cuda.get_device_capability() >= (8, 9))
+    requirement = precision.load.cuda_requirement if precision.load else CUDA_ONLY.get(preset)
+    if requirement and not cuda:
+        raise ConfigError(f"base_model_precision {preset} ({requirement}) needs a CUDA GPU and none is present; on "
+                          "this machine use int8-quanto, int4-quanto, int2-quanto, fp8-quanto or int8-torchao, "
+                          "or no_change")  # fmt: skip
+    if precision.load is not None and preset not in (NO_CHANGE, *PIPELINE_ONLY) and config.quantize_via != "pipeline":
+        raise ConfigError(f"quantization_config quantises the denoiser while loading, and base_model_precision "
+                          f"{preset} with quantize_via {config.quantize_via} would quantise it again; set "
+                          f"quantize_via pipeline (the preset then gives the config's defaults) or remove "
+                          "quantization_config")  # fmt: skip
+    if config.quantize_activations and (precision.load is not None or preset not in QUANTO_ACTIVATION_PRESETS):
+        raise ConfigError(f"quantize_activations needs optimum-quanto 8-bit weights ({', '.join(QUANTO_ACTIVATION_PRESETS)}"
+                          f" with quantize_via cpu or accelerator); base_model_precision {preset} cannot quantise "
+                          "activations: remove quantize_activations")  # fmt: skip
     if config.model_type == "full":
-        raise ConfigError(f"base_model_precision {preset} quantises the frozen base for LoRA training; model_type "
-                          "full trains every weight, which cannot be quantised: use model_type lora, or no_change")  # fmt: skip
-    if config.lora_type != "standard":
-        raise NotSupportedError(f"st does not implement base_model_precision {preset} with lora_type "
-                                f"{config.lora_type} yet: LyCORIS on a quantised base; set lora_type standard or "
-                                "base_model_precision no_change")  # fmt: skip
-    try:
-        import optimum.quanto  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(f"base_model_precision {preset} needs the optimum-quanto package: "
-                          f"pip install optimum-quanto ({exc})") from None  # fmt: skip
+        raise ConfigError(f"{precision.described} quantises the frozen base for LoRA training; model_type full "
+                          "trains every weight, which cannot be quantised: use model_type lora, or an unquantised base")  # fmt: skip
+    if config.lora_type != "standard" and precision.backend != "optimum-quanto":
+        raise NotSupportedError(f"st does not implement {precision.described} with lora_type {config.lora_type} yet: "
+                                f"LyCORIS on a {precision.backend} base (optimum-quanto presets work); set lora_type "
+                                "standard, use a *-quanto preset or an unquantised base")  # fmt: skip
+    _require_backend(preset, precision.backend)
+
+
+def _require_backend(preset: str, backend: str) -> None:
+    """The package the chosen backend needs, or exit 2 naming the pip install."""
+    from importlib.util import find_spec
+
+    if find_spec("optimum.quanto" if backend == "optimum-quanto" else backend) is None:
+        raise ConfigError(f"base_model_precision {preset} needs the {backend} package: pip install {backend}")
+
+
+def key_content(config: Any, base_dir: Path) -> dict[str, Any]:
+    """What the train stage key holds for quantisation files: the settings of a quantization_config and the
+    weights of a GGUF transformer, not their paths (editing the file re-runs training, moving it does not)."""
+    from .families import component_identity, without_source
+    from .quantise_gguf import OPTION as GGUF_OPTION
+
+    content: dict[str, Any] = {}
+    if config.quantization_config is not None:
+        content["quantization_config"] = read_quantization_config(config.quantization_config, base_dir)
+    gguf = gguf_path(config, base_dir)
+    if gguf is not None:
+        content[GGUF_OPTION] = without_source(component_identity(gguf, None))
+    return content
+
+
+def load_base(family: Any, source: str, precision: BasePrecision) -> dict[str, Any]:
+    """The frozen denoiser (quantised while loading where `precision` says so) and the scheduler of `source`."""
+    from .families import load_components
+
+    if precision.gguf is not None:
+        from .quantise_gguf import load_gguf_denoiser
+
+        parts = load_components(family, source, which=("scheduler",))
+        return {**parts, "denoiser": load_gguf_denoiser(family, Path(precision.gguf), source, precision.torch_dtype())}
+    return load_components(family, source, which=("denoiser", "scheduler"), dtype=precision.torch_dtype(),
+                           quantization_config=load_quantisation(precision))  # fmt: skip
+
+
+def load_quantisation(precision: BasePrecision) -> Any:
+    """The diffusers quantization_config to load the denoiser with (None: quantised after loading, or not at all)."""
+    if precision.load is None:
+        return None
+    from .quantise_pipeline import build
+
+    return build(precision.load, precision.torch_dtype())
 
 
 def quantise(denoiser: Any, precision: BasePrecision, family: str, device: Any) -> Any:
-    """Quantise `denoiser`'s weights in place (frozen: its float weights are dropped) on the CPU or on `device`."""
-    if not precision.quantised:
+    """Quantise `denoiser`'s weights in place (frozen: its float weights are dropped) on the CPU or on `device`.
+    A denoiser quantised while loading (precision.load, precision.gguf) is returned as it is."""
+    if not precision.quantised or precision.load is not None or precision.gguf is not None:
         return denoiser
-    import optimum.quanto as quanto
-
     if precision.quantize_via == "accelerator":
         denoiser.to(device)
-    weights = getattr(quanto, QUANTO_WEIGHTS[precision.preset])
-    exclude = QUANTO_EXCLUDE.get(family)
     before = parameter_bytes(denoiser)
-    quanto.quantize(denoiser, weights=weights, exclude=exclude)
+    if precision.preset in TORCHAO_PRESETS:
+        _torchao(denoiser, precision.preset)
+        backend = "torchao"
+    else:
+        _quanto(denoiser, precision, family)
+        backend = "optimum-quanto, activations too" if precision.activations else "optimum-quanto"
+    log.info("quantised the %s denoiser to %s (%s, on %s): %.1f MiB -> %.1f MiB of weights", family,
+             precision.preset, backend, precision.quantize_via, before / 2**20,
+             parameter_bytes(denoiser) / 2**20)  # fmt: skip
+    return denoiser
+
+
+def _quanto(denoiser: Any, precision: BasePrecision, family: str) -> None:
+    import optimum.quanto as quanto
+
+    weights = getattr(quanto, QUANTO_WEIGHTS[precision.preset])
+    quanto.quantize(denoiser, weights=weights, activations=weights if precision.activations else None,
+                    exclude=QUANTO_EXCLUDE.get(family))  # fmt: skip
     quanto.freeze(denoiser)
     for module in denoiser.modules():
         if isinstance(module, quanto.QLinear):
             module.register_forward_pre_hook(_contiguous_input)
-    log.info("quantised the %s denoiser to %s (optimum-quanto, on %s): %.1f MiB -> %.1f MiB of weights", family,
-             precision.preset, precision.quantize_via, before / 2**20, parameter_bytes(denoiser) / 2**20)  # fmt: skip
-    return denoiser
+
+
+def _torchao(denoiser: Any, preset: str) -> None:
+    """SimpleTuner's torchao presets: int8 weights for training (every linear), fp8 dynamic activations and weights
+    (linears whose sizes are multiples of 16)."""
+    from torchao.quantization import quantize_
+
+    if preset == "int8-torchao":
+        from torchao.prototype.quantized_training import int8_weight_only_quantized_training
+
+        quantize_(denoiser, int8_weight_only_quantized_training())
+        import torch
+
+        for module in denoiser.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(_contiguous_input)
+                module.register_forward_hook(_contiguous_grad)
+    else:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+
+        quantize_(denoiser, Float8DynamicActivationFloat8WeightConfig(), filter_fn=_fp8_linear)
+
+
+def _contiguous_grad(module: Any, args: tuple, output: Any) -> Any:
+    """torchao's int8 training backward views the output gradient, which fails when the next op made it a strided
+    view (SDXL's proj_out is followed by a permute): hand it a contiguous gradient."""
+    return _ContiguousGrad.apply(output)
+
+
+def _contiguous_grad_function():
+    import torch
+
+    class ContiguousGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, tensor):
+            return tensor.view_as(tensor)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.contiguous()
+
+    return ContiguousGrad
+
+
+class _LazyFunction:
+    """The autograd function, built on first use so that importing this module does not import torch."""
+
+    _function = None
+
+    def apply(self, tensor):
+        if _LazyFunction._function is None:
+            _LazyFunction._function = _contiguous_grad_function()
+        return _LazyFunction._function.apply(tensor)
+
+
+_ContiguousGrad = _LazyFunction()
+
+
+def _fp8_linear(module: Any, name: str) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def _contiguous_input(module: Any, args: tuple) -> tuple:

@@ -97,10 +97,8 @@ def _only_for(families: str, names: str) -> dict[str, Accepted]:
 _CACHE = "st keeps every cache inside the output folder of `st cache` and checks it itself"
 _WORKERS = "sets how work is spread over workers or batches, not what it computes"
 _DEBUG = "debug printing only"
-_MEMORY = "moves or frees weights to save memory; the values trained are the same, and st does not offload"
 _SPEED = "speed only; st chooses its own kernels (see attention_mechanism and the dynamo options)"
 
-_QUANTISATION = "this quantisation (st quantises the denoiser only, with base_model_precision)"
 _VALIDATION = "this validation setting (it changes the validation images)"
 
 # fmt: off
@@ -121,12 +119,16 @@ OPTION_STATES: dict[str, OptionState] = {
                           "aws_max_pool_connections torch_num_threads aspect_bucket_worker_count local_rank "
                           "validation_multigpu"),
     **_accepted(_DEBUG, "print_filenames print_sampler_statistics debug_aspect_buckets debug_dataset_loader"),
-    **_accepted(_MEMORY, "enable_group_offload musubi_blocks_to_swap musubi_block_swap_device ramtorch "
-                         "offload_during_save enable_model_cpu_offload offload_param_path fully_unload_text_encoder "
-                         "unet_attention_slice vae_enable_patch_conv optimizer_cpu_offload_method "
-                         "optimizer_offload_gradients"),
-    **_only_with("enable_group_offload", "group_offload_type group_offload_blocks_per_group group_offload_use_stream "
-                                         "group_offload_to_disk_path"),
+    # Memory (group offload, block swap, offload_during_save, enable_model_cpu_offload are Config fields).
+    "fully_unload_text_encoder": Accepted("st train loads no text encoder (st cache encodes every prompt), so there is "
+                                          "none to unload"),
+    "offload_param_path": Accepted("a DeepSpeed parameter-offload folder; st does not run DeepSpeed"),
+    "vae_enable_patch_conv": Accepted("read only for HunyuanVideo's VAE, which st does not train"),
+    "optimizer_cpu_offload_method": Accepted("its only choice is none"),
+    **_refused("attention slicing of the UNet (saves memory while validating)", "unet_attention_slice"),
+    **_refused("moving the optimizer's gradients to the CPU", "optimizer_offload_gradients"),
+    "ramtorch": Refused("RamTorch Linear streaming (it needs a CUDA or ROCm GPU; to fit a model on a small GPU use "
+                        "musubi_blocks_to_swap or enable_group_offload)", False),
     **_only_with("ramtorch", "ramtorch_target_modules ramtorch_text_encoder ramtorch_vae ramtorch_controlnet"),
     **_accepted(_SPEED, "enable_xformers_memory_efficient_attention validation_torch_compile "
                         "validation_torch_compile_mode"),
@@ -134,12 +136,17 @@ OPTION_STATES: dict[str, OptionState] = {
     "sla_config": Accepted("read only with attention_mechanism sla, which st does not offer"),
     "output_dir": Accepted("st writes each stage's outputs where its `-o/--output` points"),
     "checkpointing_use_tempdir": Accepted("st always writes checkpoints under a temporary name and renames them"),
-    "delete_model_after_load": Accepted("st never deletes model files; this only frees disk space"),
+    "delete_model_after_load": Accepted("st never deletes model files (a local model folder, or a hub cache that other runs share); it only frees disk space"),
     "i_know_what_i_am_doing": Accepted("st's checks cannot be switched off; this only silences SimpleTuner's"),
     "tracker_image_layout": Accepted("how the tracker's page lays out the same validation images"),
-    **_only_with("peft_lora_mode singlora", "singlora_ramp_up_steps"),
-    **_only_with("train_text_encoder", "text_encoder_lr freeze_encoder freeze_encoder_before freeze_encoder_after "
-                                       "freeze_encoder_strategy save_text_encoder text_encoder_limit"),
+    # Text-encoder training (train_text_encoder, text_encoder_lr and text_encoder_limit are Config fields).
+    **_accepted("SimpleTuner no longer reads it", "freeze_encoder"),
+    "save_text_encoder": Accepted("adds the base text encoders to a full run's saved pipeline; st's published model "
+                                  "folder always holds them, and a LoRA file holds the trained text-encoder weights"),
+    "freeze_encoder_before": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)", 12),
+    "freeze_encoder_after": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)", 17),
+    "freeze_encoder_strategy": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)",
+                                       "after"),
     **_only_with("controlnet / control", "controlnet_model_name_or_path controlnet_custom_config "
                                          "conditioning_multidataset_sampling validation_stitch_input_location"),
     **_only_with("distillation_method", "distillation_config"),
@@ -166,16 +173,11 @@ OPTION_STATES: dict[str, OptionState] = {
     **_only_for("sana", "sana_complex_human_instruction"),
     **_only_for("video families (wan, ltxvideo, ...)", "validation_num_video_frames framerate"),
     # Refused: a feature st lacks; loads only at its default.
-    **_refused(_QUANTISATION, "text_encoder_1_precision text_encoder_2_precision text_encoder_3_precision "
-                              "text_encoder_4_precision", default="no_change"),
-    **_refused(_QUANTISATION, "quantization_config quantize_activations"),
     **_refused("loading the denoiser from another model or folder",
-               "pretrained_transformer_model_name_or_path pretrained_transformer_subfolder "
+               "pretrained_transformer_subfolder "
                "pretrained_unet_model_name_or_path pretrained_unet_subfolder"),
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
-    "peft_lora_mode": Refused("SingLoRA adapters (peft_lora_mode singlora)", "standard"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
-    "train_text_encoder": Refused("text-encoder training"),
     **_refused("ControlNet / control conditioning training", "controlnet control"),
     "tread_config": Refused("TREAD token routing"),
     "masked_loss_probability": Refused("masked loss (mask conditioning datasets)", 1.0),

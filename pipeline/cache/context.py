@@ -14,11 +14,14 @@ from ..config import CACHE, LoadedConfig
 from ..distributed import local_rank
 from ..families import Family, check_model_family, get_family, without_source
 from ..families.identity import ModelSources, model_identity, model_sources
+from ..families.text_training import trainable_text
 from ..hashing import sha256_json
 from ..lineage import verify_outputs
 from ..manifest import MANIFEST_NAME, read_manifest
 from ..precision import default_bf16_on_device
 from ..prompts import texts_to_encode, validation_prompts
+from ..quantise import NO_CHANGE
+from ..quantise_modules import check_text_encoder_precisions
 from .encode import Encoders
 from .options import CacheOptions
 from .plan import FORMAT_VERSION, CachePlan, build_plan, identities
@@ -44,6 +47,9 @@ class CacheContext:
     @cached_property
     def plan(self) -> CachePlan:
         latent_id, text_id = identities(self.model, self.options, self.vae_dtype)
+        precisions = self.options.text_encoder_precisions
+        if any(p != NO_CHANGE for p in precisions):  # quantised encoders give other embeddings; no_change keeps the ids
+            text_id = sha256_json({"text": text_id, "text_encoder_precisions": precisions})
         return build_plan(self.rows, latent_identity=latent_id, text_identity=text_id,
                           shard_samples=self.options.cache_shard_samples, extra_prompts=self.prompts,
                           compression_level=self.options.cache_compression_level)  # fmt: skip
@@ -53,7 +59,7 @@ class CacheContext:
         sources, options = self.sources, self.options
         return Encoders(self.family, sources.model, sources.vae, sources.t5, sources.revision, options.variant,
                         self.vae_dtype, device, offload=options.offload_during_startup,
-                        speed=options.speed)  # fmt: skip
+                        speed=options.speed, precisions=options.text_encoder_precisions)  # fmt: skip
 
 
 def validation_prompt_texts(loaded: LoadedConfig) -> list[str]:
@@ -98,14 +104,18 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> CacheContext:
     family = get_family(config.model_family) if config.model_family else None
     sources = model_sources(loaded)
     check_model_family(family, sources.model)
+    check_text_encoder_precisions(options.text_encoder_precisions, family, trained=options.train_text_encoder)
     model = model_identity(family, sources)
     vae_dtype = _resolved_vae_dtype(options.vae_dtype)
     stage_config = config.stage_keys(CACHE)
     # The prompt texts (not just the user_prompt_library path) decide what the shared embeddings hold.
     prompts = validation_prompt_texts(loaded)
     stripped = {part: ([without_source(i) for i in v] if isinstance(v, list) else without_source(v)) for part, v in model.items()}
+    token_ids = {"token_ids": True} if options.train_text_encoder else {}  # train_text_encoder: the ids are stored
+    if token_ids:
+        trainable_text(family.name if family else config.model_family)
     key = sha256_json({"format": FORMAT_VERSION, "parent": parent["digest"], "config": stage_config,
-                       "model": stripped, "vae_dtype": vae_dtype, "prompts": sorted(prompts)})  # fmt: skip
+                       "model": stripped, "vae_dtype": vae_dtype, "prompts": sorted(prompts), **token_ids})  # fmt: skip
     roots = {d["id"]: d["root"] for d in parent["datasets"]}
     return CacheContext(options, family, sources, vae_dtype, parent, parent_path, rows, roots, model, stage_config,
                         prompts, key)  # fmt: skip

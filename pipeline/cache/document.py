@@ -127,6 +127,7 @@ def finish(ctx: CacheContext, run: StageRun, started: float, run_stats: dict[str
             "tokenizer_max_length": options.tokenizer_max_length,
             "t5_padding": options.t5_padding,
             "trimmed": ctx.family.trims_text,
+            "token_ids": options.train_text_encoder,
         },
         "cache_dtype": options.cache_dtype,
         "embeds": {"path": EMBEDS_PATH, "prompts": plan.shared_prompts, "empty": _key_of(plan, "")},

@@ -18,6 +18,7 @@ from ..errors import InputError
 from ..families import Family, load_components, vae_factors
 from ..hashing import sha256_bytes
 from ..log import quiet_libraries
+from ..quantise_modules import quantise_module
 from .options import CacheOptions
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -59,6 +60,7 @@ class Encoders:
     device: Any
     offload: bool = False
     speed: Any = None
+    precisions: tuple[str, ...] = ()  # text_encoder_N_precision presets, in the family's order
     _vae: Any = None
     _text: dict[str, Any] | None = None
     loaded: list[str] = field(default_factory=list)
@@ -96,12 +98,18 @@ class Encoders:
     def text(self) -> dict[str, Any]:
         if self._text is None:
             parts = self._load(("text_encoders",))
-            encoders = tuple(e.eval().requires_grad_(False) for e in parts["text_encoders"])
+            encoders = tuple(self._quantised(i, e.eval().requires_grad_(False))
+                             for i, e in enumerate(parts["text_encoders"]))  # fmt: skip
             self._text = {"text_encoders": encoders, "tokenizers": parts["tokenizers"]}
             self.loaded.append("text_encoders")
         for encoder in self._text["text_encoders"]:
             encoder.to(self.device)
         return self._text
+
+    def _quantised(self, index: int, encoder: Any) -> Any:
+        """Text encoder `index` quantised with its text_encoder_N_precision (on the CPU, before it moves)."""
+        preset = self.precisions[index] if index < len(self.precisions) else "no_change"
+        return quantise_module(encoder, preset, self.family.name, f"text encoder {index + 1}")
 
     def release_text(self) -> None:
         """offload_during_startup: park the text encoders on the CPU while the VAE works."""
@@ -172,9 +180,17 @@ def pad_rows(batch, rows: int):
 
 
 def encode_texts(encoders: Encoders, prompts: list[str], options: CacheOptions) -> list[dict[str, Any]]:
-    """Embeddings of `prompts` as cached: floating-point tensors in cache_dtype, the others (masks) as they are."""
+    """Embeddings of `prompts` as cached: floating-point tensors in cache_dtype, the others (masks) as they are;
+    with train_text_encoder also each tokenizer's token ids and mask (`families.text_training`)."""
     dtype = torch_dtype(options.cache_dtype)
     encoded = encoders.encode_prompts(prompts, options.tokenizer_max_length, options.t5_padding)
+    if options.train_text_encoder:
+        from ..families.text_training import token_items
+
+        text = encoders.text
+        tokens = token_items(encoders.family.name, text["tokenizers"], text["text_encoders"], prompts,
+                             options.tokenizer_max_length)  # fmt: skip
+        encoded = [{**values, **ids} for values, ids in zip(encoded, tokens, strict=True)]
     return [{name: v.to(dtype) if v.is_floating_point() else v for name, v in values.items()} for values in encoded]
 
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..quantise_modules import text_encoder_precisions
 from ..speed import SpeedOptions
 
 
@@ -26,8 +27,13 @@ class CacheOptions:
     max_workers: int | None
     ignore_missing_files: bool
     offload_during_startup: bool
+    train_text_encoder: bool  # also store each caption's token ids (text-encoder training reads them)
     variant: str | None
     speed: SpeedOptions
+    text_encoder_1_precision: str
+    text_encoder_2_precision: str
+    text_encoder_3_precision: str
+    text_encoder_4_precision: str
 
     @classmethod
     def from_config(cls, config: Any) -> CacheOptions:
@@ -40,6 +46,11 @@ class CacheOptions:
         """The options that set the shape of each VAE call, and so the last bits of every latent."""
         return {"vae_batch_size": self.vae_batch_size, "vae_enable_slicing": self.vae_enable_slicing,
                 "vae_enable_tiling": self.vae_enable_tiling}  # fmt: skip
+
+    @property
+    def text_encoder_precisions(self) -> tuple[str, ...]:
+        """The quantisation preset of each text encoder, in the family's order (pipeline.quantise_modules)."""
+        return text_encoder_precisions(self)
 
     @property
     def batch(self) -> int:

@@ -94,6 +94,7 @@ def identities(model: dict[str, Any], options: CacheOptions, vae_dtype: str) -> 
         "tokenizers": [strip(i) for i in model["tokenizers"]],
         "tokenizer_max_length": options.tokenizer_max_length, "t5_padding": options.t5_padding,
         "cache_dtype": options.cache_dtype, "format": FORMAT_VERSION,
+        **({"token_ids": True} if options.train_text_encoder else {}),  # the ids are stored beside the embeddings
     })  # fmt: skip
     return latent, text
 

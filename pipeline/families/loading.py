@@ -27,13 +27,15 @@ def load_components(
     dtype: Any = None,
     which: Sequence[str] = ("vae", "text_encoders"),
     config: str | Path | None = None,
+    quantization_config: Any = None,
 ) -> dict[str, Any]:
     """Load the parts of a model named in `which` ("vae", "text_encoders", "denoiser", "scheduler").
 
     `source` is a local diffusers folder, a hub id (`org/name`, needs the network or the local cache), or a single
     `.safetensors` checkpoint (through the pipeline's `from_single_file`, with `config` a local diffusers folder
     that gives the component configs). `vae_source` and `t5_source` replace the VAE and the T5 encoder (and its
-    tokenizer where the folder has one). Returns a dict with the keys "vae", "denoiser", "scheduler" (one object
+    tokenizer where the folder has one). `quantization_config` (a diffusers one) quantises the denoiser while it
+    loads. Returns a dict with the keys "vae", "denoiser", "scheduler" (one object
     each) and "text_encoders" and "tokenizers" (tuples in the family's order), for the kinds asked for.
     """
     which = tuple(which)
@@ -44,9 +46,13 @@ def load_components(
         raise NotSupportedError(f"t5_source is set but {family.name} has no T5 text encoder")
     source_text = str(source)
     path = Path(source_text).expanduser()
-    opts = {"revision": revision, "variant": variant, "dtype": dtype, "local_files_only": False}
+    opts = {"revision": revision, "variant": variant, "dtype": dtype, "local_files_only": False,
+            "quantization_config": quantization_config}  # fmt: skip
 
     if path.is_file():
+        if quantization_config is not None:
+            raise NotSupportedError(f"quantising while loading (quantize_via pipeline, nf4-bnb, int4-torchao, "
+                                    f"quantization_config) needs a diffusers folder, not the single file {path.name}")  # fmt: skip
         loaded = _load_single_file(family, path, config=config, dtype=dtype, which=which)
     elif path.is_dir():
         missing = []
@@ -233,6 +239,8 @@ def _load(component: Component, source: str, subfolder: str | None, kwargs: dict
         args["variant"] = kwargs["variant"]
     if is_model and kwargs.get("dtype") is not None:
         args["dtype" if component.library == "transformers" else "torch_dtype"] = kwargs["dtype"]
+    if kwargs.get("quantization_config") is not None and component.subfolder in ("unet", "transformer"):
+        args["quantization_config"] = kwargs["quantization_config"]
     if component.class_name.endswith("Scheduler"):
         # Folders may carry another scheduler than the family's usual one: load the class the config names.
         import diffusers

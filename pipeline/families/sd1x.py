@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,32 @@ TEXT_ENCODERS = (
 )
 
 
+def tokenize_clip(tokenizers: Any, prompts: list[str], *, max_length: int | None = None, device: Any = "cpu",
+                  limits: Sequence[int] = ()) -> dict[str, Any]:
+    """Token ids and attention mask of each tokenizer (`token_ids_<i>`, `token_mask_<i>`), padded and truncated as
+    the pipelines tokenize; `limits[i]` is encoder i's position limit (for `tokenizer_max_length` checks)."""
+    prompts = text.check_prompts(prompts)
+    tokens = {}
+    for i, tokenizer in enumerate(tokenizers):
+        limit = limits[i] if i < len(limits) else None
+        length = text.check_max_length(max_length, tokenizer.model_max_length, limit, "CLIP")
+        tokens[f"token_ids_{i}"], tokens[f"token_mask_{i}"] = text.tokenize(tokenizer, prompts, length, device)
+    return tokens
+
+
+def position_limits(text_encoders: Any) -> list[int]:
+    return [int(encoder.config.max_position_embeddings) for encoder in text_encoders]
+
+
+def embed_clip_last(text_encoders: Any, tokens: dict[str, Any]) -> dict[str, Any]:
+    """`prompt_embeds`: the CLIP encoder's last hidden state (after its final layer norm) over the padded token ids,
+    as `StableDiffusionPipeline.encode_prompt`. Gradients flow (text-encoder training calls it too)."""
+    (encoder,) = tuple(text_encoders)
+    use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+    mask = tokens["token_mask_0"] if use_mask else None
+    return {"prompt_embeds": encoder(tokens["token_ids_0"], attention_mask=mask)[0]}
+
+
 def encode_clip_last(
     text_encoders: Any,
     tokenizers: Any,
@@ -31,21 +58,15 @@ def encode_clip_last(
     t5_padding: str = "unmodified",
     device: Any = "cpu",
 ) -> list[dict[str, Any]]:
-    """`prompt_embeds` (77 x dim): the CLIP encoder's last hidden state (after its final layer norm) over the padded
-    sequence, as `StableDiffusionPipeline.encode_prompt`. `t5_padding` does not apply."""
+    """`prompt_embeds` (77 x dim) of each prompt (`embed_clip_last` of `tokenize_clip`). `t5_padding` does not
+    apply."""
     import torch
 
     text.check_t5_padding(t5_padding)
-    prompts = text.check_prompts(prompts)
-    (encoder,), (tokenizer,) = tuple(text_encoders), tuple(tokenizers)
-    length = text.check_max_length(
-        max_length, tokenizer.model_max_length, encoder.config.max_position_embeddings, "CLIP"
-    )
-    ids, mask = text.tokenize(tokenizer, prompts, length, device)
-    use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+    tokens = tokenize_clip(tokenizers, prompts, max_length=max_length, device=device,
+                           limits=position_limits(text_encoders))  # fmt: skip
     with torch.no_grad():
-        embeds = encoder(ids, attention_mask=mask if use_mask else None)[0]
-    return text.split({"prompt_embeds": embeds})
+        return text.split(embed_clip_last(text_encoders, tokens))
 
 
 def predict_unet(

@@ -33,6 +33,23 @@ TEXT_ENCODERS = (
 )
 
 
+def embed_tokens(text_encoders: Any, tokens: dict[str, Any]) -> dict[str, Any]:
+    """`prompt_embeds` (penultimate hidden states of both encoders, concatenated) and `pooled_prompt_embeds` (the
+    projected output of the encoder with projection) from `sd1x.tokenize_clip`'s token ids, as
+    `StableDiffusionXLPipeline.encode_prompt` without clip_skip. Gradients flow (text-encoder training calls it)."""
+    import torch
+
+    hidden, pooled = [], None
+    for i, encoder in enumerate(text_encoders):
+        out = encoder(tokens[f"token_ids_{i}"], output_hidden_states=True)
+        if pooled is None and out[0].ndim == 2:
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for pooled embeds")
+    return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+
 def encode_prompts(
     text_encoders: Any,
     tokenizers: Any,
@@ -42,26 +59,17 @@ def encode_prompts(
     t5_padding: str = "unmodified",
     device: Any = "cpu",
 ) -> list[dict[str, Any]]:
-    """`prompt_embeds` (77 x (dim1 + dim2)) and `pooled_prompt_embeds` (projection dim), as
-    `StableDiffusionXLPipeline.encode_prompt` without clip_skip. `t5_padding` does not apply."""
+    """`prompt_embeds` (77 x (dim1 + dim2)) and `pooled_prompt_embeds` (projection dim) of each prompt
+    (`embed_tokens` of `sd1x.tokenize_clip`). `t5_padding` does not apply."""
     import torch
 
     text.check_t5_padding(t5_padding)
-    prompts = text.check_prompts(prompts)
-    hidden, pooled = [], None
+    if len(tuple(text_encoders)) != len(tuple(tokenizers)):
+        raise ValueError("SDXL needs as many tokenizers as text encoders")
+    tokens = sd1x.tokenize_clip(tokenizers, prompts, max_length=max_length, device=device,
+                                limits=sd1x.position_limits(text_encoders))  # fmt: skip
     with torch.no_grad():
-        for encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
-            length = text.check_max_length(
-                max_length, tokenizer.model_max_length, encoder.config.max_position_embeddings, "CLIP"
-            )
-            ids, _ = text.tokenize(tokenizer, prompts, length, device)
-            out = encoder(ids, output_hidden_states=True)
-            if pooled is None and out[0].ndim == 2:
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2])
-    if pooled is None:
-        raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for pooled embeds")
-    return text.split({"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled})
+        return text.split(embed_tokens(text_encoders, tokens))
 
 
 def time_ids(meta: Any, dtype: Any, device: Any) -> Any:

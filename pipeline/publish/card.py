@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..families import Family
+from ..singlora_format import SINGLORA_WEIGHT_NAME
 from .options import PublishOptions
 
 LOCAL_FOLDER = "path/to/this/folder"
@@ -118,6 +119,10 @@ def _settings(card: Card) -> list[list[Any]]:
         rows.append(["lora_rank / lora_alpha", f"{rank} / {number(alpha)}"])
         if config.get("use_dora"):
             rows.append(["use_dora", True])
+        if config.get("train_text_encoder"):
+            rate = config.get("text_encoder_lr") or config.get("learning_rate")
+            limit = config.get("text_encoder_limit")
+            rows.append(["train_text_encoder", f"LoRA of the same rank, learning rate {rate}, first {limit} step(s)"])
         if card.family.name == "flux":
             rows.append(["flux_lora_target", config.get("flux_lora_target")])
     warmup = config.get("lr_warmup_steps") or 0
@@ -222,6 +227,43 @@ def _lycoris_lines(card: Card, cls: str, load: str) -> list[str]:
                     "network.to(device, dtype=dtype)"]  # fmt: skip
 
 
+def _quantised_base(train: dict[str, Any]) -> str:
+    """How the frozen base was quantised while training ("" when it was not), from the train manifest."""
+    denoiser = train.get("stats", {}).get("denoiser") or {}
+    preset = denoiser.get("base_model_precision") or train["config"].get("base_model_precision") or "no_change"
+    backend = denoiser.get("backend")
+    if denoiser.get("gguf"):
+        return f"GGUF ({denoiser['gguf']})"
+    if preset == "no_change" and not backend:
+        return ""
+    name = preset if preset != "no_change" else "quantization_config"
+    via = ", activations too" if denoiser.get("quantize_activations") else ""
+    return f"{name} ({backend or 'optimum-quanto'}{via})"
+
+
+def _singlora_section(card: Card) -> list[str]:
+    """A SingLoRA run: what each of its two files is, and how peft-singlora loads SimpleTuner's layout."""
+    prefix = card.family.denoiser.subfolder
+    return ["## SingLoRA", "",
+            "Trained as SingLoRA (peft-singlora: one matrix A per Linear layer, update u * alpha/rank * A A^T with the "
+            "ramp u). `pytorch_lora_weights.safetensors` holds the same update as an ordinary LoRA (B = A[:out], "
+            "A' = u A[:in]^T at the ramp the training ended at), so diffusers and ComfyUI load it like any LoRA. "
+            f"`{SINGLORA_WEIGHT_NAME}` is the file SimpleTuner saves for SingLoRA (the A matrices and the layers' step "
+            "buffers); peft-singlora loads it onto the pipeline's denoiser (instead of `load_lora_weights`):", "",
+            "```python", "import json", "",
+            "from peft import inject_adapter_in_model, set_peft_model_state_dict",
+            "from peft_singlora import SingLoRAConfig", "from safetensors import safe_open", "",
+            f'with safe_open("{LOCAL_FOLDER}/{SINGLORA_WEIGHT_NAME}", framework="pt") as f:',
+            '    packed = json.loads(f.metadata()["lora_adapter_metadata"])',
+            f'    state = {{k.removeprefix("{prefix}."): f.get_tensor(k) for k in f.keys()}}',
+            f'options = {{k.removeprefix("{prefix}."): v for k, v in packed.items()}}',
+            "inject_adapter_in_model(SingLoRAConfig(**options), pipe." + prefix + ")",
+            f"set_peft_model_state_dict(pipe.{prefix}, state)",
+            f"for module in pipe.{prefix}.modules():  # peft-singlora 0.2.0 does not pass the ramp length on",
+            '    if hasattr(module, "ramp_up_steps"):',
+            '        module.ramp_up_steps = options["ramp_up_steps"]', "```", ""]  # fmt: skip
+
+
 def render(card: Card) -> str:
     """The whole README.md."""
     options, train = card.options, card.train
@@ -235,10 +277,10 @@ def render(card: Card) -> str:
     out.append(f"A {kind} of `{card.base_model}` ({card.family.name}), trained with st for {card.step} step{'s' if card.step != 1 else ''}.")
     if card.checkpoint:
         out[-1] += f" These are the weights of the checkpoint `{card.checkpoint}`, not the run's final weights."
-    precision = train["config"].get("base_model_precision") or "no_change"
-    if precision != "no_change":
-        out[-1] += (f" It was trained on a **{precision}** quantised base model (optimum-quanto); the LoRA itself is "
-                    "full precision and loads onto the unquantised base.")  # fmt: skip
+    base = _quantised_base(train)
+    if base:
+        out[-1] += (f" It was trained on a **{base}** quantised base model; the LoRA itself is full precision and "
+                    "loads onto the unquantised base.")  # fmt: skip
     out.append("")
     if card.grid or card.widget:
         out += ["## Validation images", ""]
@@ -247,6 +289,11 @@ def render(card: Card) -> str:
         out += [f"- `{_md(item['text'])}`: [{Path(item['path']).name}]({item['path']})" for item in card.widget]
         out.append("")
     out += ["## Use with diffusers", "", "```python", snippet(card), "```", ""]
+    if train["model_type"] == "lora" and train["config"].get("train_text_encoder"):
+        two = len(card.family.text_encoders) > 1
+        out += [f"The text encoder{'s were' if two else ' was'} trained too: the weight file holds "
+                f"{'their' if two else 'its'} LoRA (`text_encoder.*`{', `text_encoder_2.*`' if two else ''}), which "
+                "`load_lora_weights` applies with the denoiser's; prompts encoded without it give other results.", ""]
     if not options.hub_model_id:
         out += [f"Replace `{LOCAL_FOLDER}` with where this folder is (or its Hugging Face repository id).", ""]
     if train["model_type"] == "lora" and train["config"].get("lora_type") == "lycoris":
@@ -256,8 +303,12 @@ def render(card: Card) -> str:
     elif card.comfyui:
         out += ["## Use with ComfyUI", "", f"`{card.comfyui}` holds the same LoRA in ComfyUI's layout; put it in "
                 "`models/loras` and load it with a LoRA loader node.", ""]  # fmt: skip
+    if train["model_type"] == "lora" and train["config"].get("peft_lora_mode") == "singlora":
+        out += _singlora_section(card)
     if card.ema:
         out += ["`ema_weights.safetensors` holds the exponential moving average of the trained weights.", ""]
+        if train["model_type"] == "lora" and train["config"].get("lora_type") == "lycoris":
+            out[-2] += " It is a LyCORIS file like `pytorch_lora_weights.safetensors` and loads the same way."
     out += ["## Training settings", "", *_table(["setting", "value"], _settings(card)), ""]
     out += ["## Dataset", "", *_dataset(card), ""]
     out += ["## Lineage", "", f"`lineage.json` names the train manifest (digest `{train['digest'][:16]}`), the cache "

@@ -28,6 +28,9 @@ from .lora import LoraModule
 log = get_logger("publish")
 
 UNET_FAMILIES = {"sd1x": False, "sd2x": False, "sdxl": True}  # family -> Kohya names in SGM layout
+# diffusers text-encoder subfolder -> Kohya prefix, per family whose text encoders st trains.
+KOHYA_TEXT_ENCODERS = {"sd1x": {"text_encoder": "lora_te"},
+                       "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}  # fmt: skip
 TRANSFORMER_FAMILIES = ("flux", "sd3", "pixart_sigma")
 COMFY_EPS = 1.1920928955078125e-07  # torch.finfo(float32).eps: ComfyUI adds it to the norm, patching in float32
 
@@ -88,12 +91,33 @@ def _kohya(mods: list[LoraModule], sgm: bool, config: dict[str, Any], base: Base
             raise _unmapped("sdxl" if sgm else "UNet", mod.name)
         if f"{name}.alpha" in out:
             raise NotSupportedError(f"two LoRA modules map to the Kohya name {name}")
-        out[f"{name}.lora_down.weight"] = mod.down
-        out[f"{name}.lora_up.weight"] = _scaled(mod.up, mod.scale * mod.rank / mod.alpha)
-        out[f"{name}.alpha"] = _alpha_tensor(mod.alpha)
+        out.update(_kohya_module(name, mod))
         if mod.magnitude is not None:
             weight = base(mod.name)
             out[f"{name}.dora_scale"] = _dora_scale(_dora_rows(mod, weight), weight)
+    return out
+
+
+def _kohya_module(name: str, mod: LoraModule) -> dict[str, Any]:
+    """One module's Kohya tensors: `up` carries whatever of peft's scale `alpha / rank` does not."""
+    return {f"{name}.lora_down.weight": mod.down, f"{name}.lora_up.weight": _scaled(mod.up, mod.scale * mod.rank / mod.alpha),
+            f"{name}.alpha": _alpha_tensor(mod.alpha)}  # fmt: skip
+
+
+def convert_text_encoder(family: str, component: str, mods: list[LoraModule]) -> dict[str, Any]:
+    """Kohya tensors of a text encoder's LoRA (`component`: its diffusers subfolder): the module path with dots as
+    underscores after `lora_te` (SD 1.x) or `lora_te1` / `lora_te2` (SDXL's CLIP-L / CLIP-bigG), as ComfyUI's key
+    map and diffusers' Kohya converter read them."""
+    prefix = KOHYA_TEXT_ENCODERS.get(family, {}).get(component)
+    if prefix is None:
+        raise NotSupportedError(f"no ComfyUI name is known for the {family} {component} LoRA; publish with "
+                                "lora_format = \"diffusers\"")  # fmt: skip
+    out: dict[str, Any] = {}
+    for mod in mods:
+        if mod.magnitude is not None:
+            raise NotSupportedError(f"the {component} LoRA module {mod.name} is DoRA, which has no Kohya text-encoder "
+                                    "form; publish with lora_format = \"diffusers\"")  # fmt: skip
+        out.update(_kohya_module(f"{prefix}_{mod.name.replace('.', '_')}", mod))
     return out
 
 

@@ -89,9 +89,14 @@ def assemble(inputs: Inputs, family: Family, target: Path) -> None:
     if not index_path.is_file():
         raise InputError(f"the base model folder {base} has no model_index.json; it is not a diffusers pipeline folder")
     overrides = _overrides(inputs, family, denoiser["source"])
+    trained = _trained_text_encoders(inputs, family)
     _place(index_path, target / "model_index.json")
     for name in _components(json.loads(index_path.read_text())):
         if name == family.denoiser.subfolder:
+            continue
+        if name in trained:  # train_text_encoder: the encoder as the run trained it
+            for file in trained[name]:
+                _place(file, target / name / file.relative_to(inputs.train_dir / "final" / name))
             continue
         identity, other = overrides.get(name, (None, ""))
         folder = Path(other) if other else base / name
@@ -103,6 +108,21 @@ def assemble(inputs: Inputs, family: Family, target: Path) -> None:
             _place(file, target / name / file.relative_to(folder))
     write_denoiser(inputs, family, target)
     log.info("publish: assembled the full model from %s with the trained %s", base, family.denoiser.subfolder)
+
+
+def _trained_text_encoders(inputs: Inputs, family: Family) -> dict[str, list[Path]]:
+    """Subfolder -> files of the text encoders a full run trained (train_text_encoder), from train's final."""
+    names = [spec.model.subfolder for spec in family.text_encoders]
+    found: dict[str, list[Path]] = {}
+    for entry in inputs.train["final"]["files"]:
+        parts = Path(entry["path"]).parts
+        if len(parts) > 2 and parts[1] in names:
+            found.setdefault(parts[1], []).append(inputs.train_dir / entry["path"])
+    if found and inputs.checkpoint is not None:
+        raise NotSupportedError("publishing a checkpoint of a full run that trained the text encoders is not "
+                                "supported yet (the checkpoint's encoders are not written as a folder); publish the "
+                                "run's final weights (without --checkpoint)")  # fmt: skip
+    return found
 
 
 def base_denoiser_weights(train: dict[str, Any], family: Family):

@@ -105,13 +105,16 @@ def _key(inputs: Inputs, stage_config: dict[str, Any], prompts: dict[str, str]) 
 def _weights(inputs: Inputs, family: Family, options: PublishOptions,
              stage: Path) -> tuple[list[tuple[str, str]], str | None]:  # fmt: skip
     """Write the weight files into `stage`; returns [(relative path, format)] and the ComfyUI file's name."""
-    from .weights import comfyui_name, write_comfyui, write_ema, write_lora
+    from .weights import comfyui_name, write_comfyui, write_ema, write_lora, write_singlora
 
     found: list[tuple[str, str]] = []
     comfy = None
     if inputs.train["model_type"] == "lora":
         lora_file = write_lora(inputs, family, stage)
         found.append((LORA_WEIGHT_NAME, "diffusers-lora"))
+        singlora = write_singlora(inputs, family, stage)
+        if singlora is not None:  # peft_lora_mode singlora: the SingLoRA layers' own file, as SimpleTuner saves it
+            found.append((singlora.name, "singlora"))
         if options.lora_format == "comfyui":
             from .model_folder import base_denoiser_config, base_denoiser_weights
 

@@ -11,7 +11,8 @@ from ..families.lora import LORA_WEIGHT_NAME
 from ..log import get_logger
 from ..lycoris_settings import read_config, resolve_config_path
 from ..tensorfile import normalise_file
-from . import lycoris
+from ..singlora_format import is_singlora_state, ramp_up_steps, to_plain_lora
+from . import lycoris, singlora, text_encoders
 from .options import AdapterOptions
 
 log = get_logger("train")
@@ -53,7 +54,7 @@ def lora_config(options: AdapterOptions, family: Family, saved: bool = False, co
         targets = family.lora_target_modules(options.flux_lora_target if family.name == "flux" else None)
     factor = 2 if converted else 1
     alpha = options.lora_alpha if options.lora_alpha is not None else options.lora_rank
-    return LoraConfig(
+    settings = dict(
         r=options.lora_rank * factor,
         lora_alpha=alpha * factor,
         lora_dropout=0.0 if saved else options.lora_dropout,
@@ -61,6 +62,10 @@ def lora_config(options: AdapterOptions, family: Family, saved: bool = False, co
         init_lora_weights=True if converted else _INIT[options.lora_init_type],
         use_dora=options.use_dora,
     )
+    # SingLoRA trains in its own layers; what is saved for diffusers is the equal plain LoRA (see singlora_format).
+    if options.peft_lora_mode == "singlora" and not saved:
+        return singlora.lora_config(settings, options.singlora_ramp_up_steps)
+    return LoraConfig(**settings)
 
 
 def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | None = None) -> list[Any]:
@@ -74,6 +79,8 @@ def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | N
         return _attach_lycoris(denoiser, options, base_dir)
     from peft import inject_adapter_in_model
 
+    if options.peft_lora_mode == "singlora":
+        singlora.check(options)
     cfg = lora_config(options, family)
     try:
         inject_adapter_in_model(cfg, denoiser)
@@ -87,6 +94,8 @@ def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | N
         object.__setattr__(denoiser, _INITIAL_ATTR, initial)  # a plain attribute, not a registered submodule/buffer
     if options.init_lora:
         load_lora_into(denoiser, Path(options.init_lora))
+    if options.peft_lora_mode == "singlora":
+        singlora.prepare(denoiser, options.singlora_ramp_up_steps)
     params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -97,7 +106,8 @@ def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | N
 
 def _attach_lycoris(denoiser, options: AdapterOptions, base_dir: Path | None) -> list[Any]:
     peft_only = {"use_dora": options.use_dora, "lora_init_type": options.lora_init_type != "default",
-                 "peft_lora_target_modules": options.peft_lora_target_modules}  # fmt: skip
+                 "peft_lora_target_modules": options.peft_lora_target_modules,
+                 "peft_lora_mode": options.peft_lora_mode != "standard"}  # fmt: skip
     for name in (n for n, value in peft_only.items() if value):
         log.warning("%s applies to lora_type standard (peft) only; a LyCORIS network takes its shape from "
                     "lycoris_config (as in SimpleTuner)", name)  # fmt: skip
@@ -140,7 +150,8 @@ def trainable_state(denoiser, model_type: str) -> dict[str, Any]:
     network = lycoris.network_of(denoiser)
     if network is not None:
         return {f"{lycoris.NETWORK_ATTR}.{k}": v for k, v in lycoris.state(network).items()}
-    return {n: p.detach() for n, p in denoiser.named_parameters() if "lora_" in n}
+    # SingLoRA's step buffers (its ramp) travel with the weights: a resumed run and a published checkpoint need them.
+    return {n: p.detach() for n, p in denoiser.named_parameters() if "lora_" in n} | singlora.step_buffers(denoiser)
 
 
 def load_trainable_state(denoiser, state: dict[str, Any]) -> None:
@@ -155,6 +166,7 @@ def load_trainable_state(denoiser, state: dict[str, Any]) -> None:
                 raise InputError(f"checkpoint weight {name} does not exist in this model; was it trained with other "
                                  "options (model_type, LoRA targets)?")  # fmt: skip
             target.copy_(value.to(target.dtype))
+    singlora.restored(denoiser)
 
 
 def save_final(denoiser, options: AdapterOptions, family: Family, out_dir: Path) -> list[Path]:
@@ -165,7 +177,9 @@ def save_final(denoiser, options: AdapterOptions, family: Family, out_dir: Path)
         denoiser.save_pretrained(target, safe_serialization=True)
         for weights in target.rglob("*.safetensors"):
             normalise_file(weights)
-        return sorted(p for p in target.rglob("*") if p.is_file())
+        encoders = text_encoders.of(denoiser)  # train_text_encoder: the trained encoders beside it
+        extra = encoders.save_full(out_dir) if encoders is not None else []
+        return sorted(p for p in target.rglob("*") if p.is_file()) + extra
     path = out_dir / LORA_WEIGHT_NAME
     network = lycoris.network_of(denoiser)
     if network is not None:
@@ -173,12 +187,21 @@ def save_final(denoiser, options: AdapterOptions, family: Family, out_dir: Path)
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(denoiser)
+    written = [path]
+    if is_singlora_state(state):
+        written.append(singlora.save_simpletuner_layout(family, out_dir, state, lora_config(options, family)))
+        state = to_plain_lora(state, singlora.module_shapes(denoiser), ramp_up_steps(options.singlora_ramp_up_steps))
     initial = getattr(denoiser, _INITIAL_ATTR, None)
     if initial is not None:
         state = relative_to_original_base(state, initial)
-    family.save_lora(out_dir, state, config=lora_config(options, family, saved=True, converted=initial is not None))
+    config = lora_config(options, family, saved=True, converted=initial is not None)
+    encoders = text_encoders.of(denoiser)
+    if encoders is not None:  # train_text_encoder: their LoRA goes into the same file
+        text_encoders.save_lora(family, out_dir, encoders, state, config)
+    else:
+        family.save_lora(out_dir, state, config=config)
     normalise_file(path)
-    return [path]
+    return written
 
 
 def relative_to_original_base(state: dict[str, Any], initial: dict[str, Any]) -> dict[str, Any]:

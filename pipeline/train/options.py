@@ -45,6 +45,8 @@ class AdapterOptions(OptionGroup):
     lora_alpha: float | None
     lora_dropout: float
     lora_init_type: str
+    peft_lora_mode: str
+    singlora_ramp_up_steps: int
     use_dora: bool
     init_lora: str | None
     peft_lora_target_modules: list | None

@@ -22,6 +22,7 @@ from ..ownership import OutputClaim, claim_output
 from ..precision import default_bf16_on_device
 from ..prompts import texts_to_encode, validation_prompts
 from ..quantise import check as check_precision
+from ..quantise import key_content as quantisation_key_content
 from ..runner import StageResult, StageRun
 from .checkpoint import list_checkpoints
 from .resume import TRAINING_LENGTH, ResumePlan, RunRecord, check_target, choose_checkpoint, note_other_runs, other_runs
@@ -73,7 +74,7 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     started = time.time()
     loaded = default_bf16_on_device(loaded, "mixed_precision", "no")
     config = loaded.config
-    check_precision(config)  # a preset this machine cannot run stops here, before any work
+    check_precision(config, base_dir=loaded.base_dir)  # a preset this machine cannot run stops here, before any work
     out_dir = Path(out_dir)
     reader = CacheReader(input_path)
     cache = reader.manifest
@@ -104,6 +105,7 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     lycoris_settings = lycoris_key_content(config, loaded.base_dir)
     if lycoris_settings is not None:  # the file's settings, not its path: editing the file re-runs training
         stage_config["lycoris_config"] = lycoris_settings
+    stage_config.update(quantisation_key_content(config, loaded.base_dir))
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
                        "denoiser": without_source(denoiser_identity), "family": family.name})  # fmt: skip
     stage_run = StageRun(TRAIN, SCHEMA_VERSION, out_dir, key, stage_config, force=force)
@@ -250,15 +252,14 @@ def _document(claim: OutputClaim, trainer, state: RunState, out_dir: Path, *, ru
         "outputs": outputs,
         "stats": {"steps": state.step, "samples": cache["stats"]["samples"], "batch_size": trainer.samples_per_step,
                   "steps_this_run": state.step - plan.step, "denoiser": _denoiser_record(trainer),
+                  "memory": trainer.memory.record(),
                   "resumed_from": plan.summary(stage_config) if plan.path is not None else None},  # fmt: skip
     }
 
 
 def _denoiser_record(trainer) -> dict[str, Any]:
     """How the frozen denoiser was held while training: quantisation preset, dtype and parameter bytes."""
-    precision = trainer.base_precision
-    return {"base_model_precision": precision.preset, "dtype": precision.dtype,
-            "parameter_bytes": trainer.denoiser_bytes}  # fmt: skip
+    return {**trainer.base_precision.record(), "parameter_bytes": trainer.denoiser_bytes}
 
 
 def _trained_config(stage_config: dict[str, Any], plan: ResumePlan, final_step: int) -> dict[str, Any]:

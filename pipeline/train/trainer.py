@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .. import speed
 from ..distributed import check_world_size, global_batch
 from ..errors import InputError, UserError
-from ..families import Family, load_components
+from ..families import Family
 from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
-from ..quantise import BasePrecision, parameter_bytes, quantise, upcast_trainable
+from ..quantise import BasePrecision, load_base, parameter_bytes, quantise, upcast_trainable
 from ..prompts import ValidationPrompt
-from . import adapters
+from . import adapters, offload, text_encoders
 from .checkpoint import (
     begin_checkpoint,
     finish_checkpoint,
@@ -115,10 +115,12 @@ class Trainer:
         self.cache_manifest = cache_manifest
         self.shared = shared_embeds
         speed.check_train_options(config, self.device)
+        self.memory_options = offload.MemoryOptions.from_config(config)
+        offload.check(self.memory_options, self.device)
 
         # Frozen weights in the training dtype (quantised when base_model_precision says so), trainable ones in fp32.
-        self.base_precision = BasePrecision.from_config(config)
-        parts = load_components(family, source, which=("denoiser", "scheduler"), dtype=self.base_precision.torch_dtype())
+        self.base_precision = BasePrecision.from_config(config, base_dir)
+        parts = load_base(family, source, self.base_precision)
         denoiser = parts["denoiser"]
         self.scheduler_config = dict(parts["scheduler"].config)
         # TF32, QKV fusion and gradient checkpointing (every block, or every Nth) before adapters are added.
@@ -127,9 +129,12 @@ class Trainer:
         self.denoiser_bytes = parameter_bytes(denoiser)
         with isolated_rng(seed=self.seed):  # the initial LoRA weights depend on `seed` only
             self.params = adapters.attach(denoiser, self.adapter_options, family, base_dir=self.base_dir)
+            self.text = text_encoders.attach(denoiser, family, source, config, cache_manifest, cache_root, self.device)
         upcast_trainable(self.params)
         denoiser.to(self.device)
         denoiser.train()
+        # Group offload or block swap: where frozen blocks wait between uses (manifest: stats.memory).
+        self.memory = offload.hold(denoiser, self.memory_options, family.name, self.device)
         # In place, after the adapters (so that they are compiled in) and before accelerate wraps the model.
         self.compiled = speed.compile_module(denoiser, config)
         self.trainable_names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
@@ -160,11 +165,13 @@ class Trainer:
         # num_processes equals the world size here (check_world_size): lr_scale scales by the real global batch.
         self.optimizer_options = OptimizerOptions.from_config(config)
         self.learning_rate = effective_learning_rate(self.optimizer_options)
-        optimizer = build_optimizer(self.params, self.optimizer_options, device_type=self.device.type)
+        groups = self.params if self.text is None else [{"params": self.params}, self.text.param_group()]
+        optimizer = build_optimizer(groups, self.optimizer_options, device_type=self.device.type)
         self.lr_scheduler = build_lr_scheduler(optimizer, self.optimizer_options, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(denoiser, optimizer)
         # The parameters as the prepared (possibly wrapped) model holds them, listed once: clipping runs every step.
         self.prepared_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.prepared_params += self.text.parameters() if self.text is not None else []
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1000 + self.rank)
         ema_device = self.device if config.ema_device == "accelerator" and not config.ema_cpu_only else "cpu"
         self.ema = (adapters.EMA(self._named_trainable(), config.ema_decay, ema_device, not config.ema_foreach_disable)
@@ -185,7 +192,8 @@ class Trainer:
             self.validator = Validator(family, self.validation_options, source=source, vae_source=vae_source,
                                        denoiser=self.unwrapped, prompts=list(validation_prompts),
                                        embeds=prompts_by_text, out_dir=out_dir / "validation",
-                                       device=self.device)  # fmt: skip
+                                       device=self.device, text_encoders=self.text,
+                                       model_cpu_offload=self.memory_options.enable_model_cpu_offload)  # fmt: skip
         self.uploads: list[Any] = []  # checkpoint uploads to the hub (push_checkpoints_to_hub), awaited at the end
 
     @property
@@ -222,13 +230,15 @@ class Trainer:
                     "plan": self.planner.fingerprint(), "model_type": self.config.model_type,
                     "family": self.family.name, "last_loss": self.state.last_loss, "run": self.run_record,
                     "threads": _intra_op_threads()}  # fmt: skip
-            parts = {
-                "weights": adapters.trainable_state(self.unwrapped, self.config.model_type),
-                "ema": self.ema.state() if self.ema else None,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.lr_scheduler.state_dict(),
-            }
-            path = finish_checkpoint(self.checkpoints_dir, name, parts, info)
+            with self.memory.saving(self.unwrapped):  # offload_during_save
+                parts = {
+                    "weights": {**adapters.trainable_state(self.unwrapped, self.config.model_type),
+                                **(self.text.state() if self.text is not None else {})},
+                    "ema": self.ema.state() if self.ema else None,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.lr_scheduler.state_dict(),
+                }
+                path = finish_checkpoint(self.checkpoints_dir, name, parts, info)
             if self.notifier is not None:
                 from .. import notify
 
@@ -262,7 +272,11 @@ class Trainer:
         if info.get("model_type") != self.config.model_type or info.get("family") != self.family.name:
             raise InputError(f"checkpoint {path} is a {info.get('family')} {info.get('model_type')} run; this run is "
                              f"{self.family.name} {self.config.model_type}")  # fmt: skip
-        adapters.load_trainable_state(self.unwrapped, loaded["weights"])
+        weights = loaded["weights"]
+        if self.text is not None:
+            weights, text_weights = self.text.split(weights)
+            self.text.load_state(text_weights)
+        adapters.load_trainable_state(self.unwrapped, weights)
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.lr_scheduler.load_state_dict(loaded["scheduler"])
         if self.ema and loaded["ema"]:
@@ -291,8 +305,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ steps
 
-    def _text(self, texts: list[dict[str, Any]]) -> dict[str, Any]:
+    def _text(self, texts: list[dict[str, Any]], step: int) -> dict[str, Any]:
         collated = self.family.collate_text(texts)
+        if self.text is not None:  # train_text_encoder: embeddings from the encoders being trained
+            collated = self.text.embed(collated, step)
         return {k: v.to(self.device) for k, v in collated.items()}
 
     def _attention(self):
@@ -302,7 +318,7 @@ class Trainer:
     def forward_loss(self, noised, texts: list[dict[str, Any]], meta: list[dict[str, Any]], guidance, step: int):
         """The objective's loss of one forward pass of the denoiser on a noised batch (training and evaluation)."""
         with self.accelerator.autocast():
-            prediction = self.family.denoiser_forward(self.model, noised.noisy, noised.timesteps, self._text(texts),
+            prediction = self.family.denoiser_forward(self.model, noised.noisy, noised.timesteps, self._text(texts, step),
                                                       meta, guidance=_to(guidance, self.device))  # fmt: skip
         return self.objective.loss(prediction.float(), noised, step)
 
@@ -387,6 +403,8 @@ class Trainer:
                     state.cursor = Cursor(batch.epoch, batch.index + 1)
                     if not last_micro:
                         continue
+                    if self.text is not None:
+                        self.text.sync_gradients(self.accelerator)
                     grad_norm = clip_gradients(self.prepared_params, self.optimizer_options)
                     self.optimizer.step()
                     self.lr_scheduler.step()

@@ -2,7 +2,7 @@
 
 Prompt embeddings come from the cache's shared embeddings (st cache stores `validation_prompt`,
 `validation_negative_prompt`, the prompts of `user_prompt_library` and the empty prompt), so no text encoder is loaded
-while training. Images are seeded (`validation_seed`, else `seed`) and saved as PNGs plus one grid per step.
+while training; with train_text_encoder the encoders being trained embed the prompts' cached token ids. Images are seeded (`validation_seed`, else `seed`) and saved as PNGs plus one grid per step.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..families import Family, load_components
 from ..log import get_logger
+from .offload import model_cpu_offload, note_model_cpu_offload
 from .options import ValidationOptions
 
 log = get_logger("train")
@@ -52,8 +53,14 @@ class Validator:
     """
 
     def __init__(self, family: Family, options: ValidationOptions, *, source: str, vae_source: str | None, denoiser,
-                 prompts, embeds: dict[str, dict[str, Any]], out_dir: Path, device) -> None:  # fmt: skip
+                 prompts, embeds: dict[str, dict[str, Any]], out_dir: Path, device,
+                 text_encoders=None, model_cpu_offload: bool = False) -> None:  # fmt: skip
+        """`text_encoders`: the `text_encoders.TextEncoders` being trained (train_text_encoder), which then embed
+        the prompts' cached token ids at each validation."""
         self.family, self.options, self.out_dir, self.device = family, options, out_dir, device
+        self.text_encoders = text_encoders
+        self.model_cpu_offload = model_cpu_offload  # enable_model_cpu_offload (pipeline.train.offload)
+        note_model_cpu_offload(device, model_cpu_offload)
         self.prompts = prompts
         self.embeds = embeds
         self.denoiser = denoiser
@@ -80,18 +87,22 @@ class Validator:
         self.call_params = set(inspect.signature(self.pipe.__call__).parameters)
         self.sizes = parse_resolutions(options.validation_resolution)
 
+    def _collated(self, item: dict[str, Any]) -> dict[str, Any]:
+        collated = self.family.collate_text([item])
+        return collated if self.text_encoders is None else self.text_encoders.embed(collated)
+
     def _prompt_kwargs(self, positive: dict[str, Any], negative: dict[str, Any] | None) -> dict[str, Any]:
         names = {"prompt_embeds": "prompt_embeds", "pooled_prompt_embeds": "pooled_prompt_embeds",
                  "attention_mask": "prompt_attention_mask"}  # fmt: skip
         kwargs = {}
-        pos = self.family.collate_text([positive])
+        pos = self._collated(positive)
         for key, value in pos.items():
             name = names.get(key, key)
             if name in self.call_params:
                 kwargs[name] = value.to(self.device, dtype=value.dtype if not value.is_floating_point() else
                                         self.pipe.vae.dtype)  # fmt: skip
         if negative is not None:
-            neg = self.family.collate_text([negative])
+            neg = self._collated(negative)
             for key, value in neg.items():
                 name = "negative_" + names.get(key, key)
                 if name in self.call_params:
@@ -109,7 +120,8 @@ class Validator:
         negative_text = options.validation_negative_prompt if options.validation_negative_prompt is not None else ""
         negative = self.embeds.get(negative_text)
         seed = options.validation_seed if options.validation_seed is not None else (options.seed or 0)
-        with self._vae_on_device(), self._lycoris_strength():
+        with self._vae_on_device(), self._lycoris_strength(), \
+                model_cpu_offload(self.pipe, self.device, self.model_cpu_offload):
             paths = self._render_all(folder, negative, seed)
         if paths:
             grid = folder / "grid.png"

@@ -47,9 +47,9 @@ def test_refused_accepted_and_aliases_are_listed(cli):
     result = cli("options", "--json")
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)}
-    refused = rows["quantize_activations"]
+    refused = rows["tread_config"]
     assert refused["state"] == "refused"
-    assert "quantisation" in refused["notes"]
+    assert "TREAD" in refused["notes"]
     precision = rows["base_model_precision"]
     assert precision["state"] == "implemented" and precision["default"] == "no_change"
     assert rows["cache_dir_vae"]["state"] == "accepted" and "cache" in rows["cache_dir_vae"]["notes"]
@@ -59,10 +59,10 @@ def test_refused_accepted_and_aliases_are_listed(cli):
 
 
 def test_refused_option_shows_its_feature_in_the_table(cli):
-    result = cli("options", "--search", "peft_lora_mode")
+    result = cli("options", "--search", "gradient_precision")
     assert result.exit_code == 0, result.output
-    row = next(line for line in result.stdout.splitlines() if line.startswith("peft_lora_mode "))
-    assert "refused" in row and "SingLoRA adapters" in row and "standard" in row
+    row = next(line for line in result.stdout.splitlines() if line.startswith("gradient_precision "))
+    assert "refused" in row and "fp32 gradients for bf16 optimizers" in row and "unmodified" in row
 
 
 def test_unknown_stage_is_a_usage_error(cli):

@@ -42,8 +42,9 @@ def lycoris_train(family_root, out: Path, settings: dict, *sets: str):
     return train(config, root / "cache", out, *SETS, 'lora_type="lycoris"', f'lycoris_config="{path}"', *sets)
 
 
-@pytest.mark.parametrize(("family", "algo"), [("sd1x", "lokr"), ("sd1x", "loha"), ("sd1x", "locon"),
-                                             ("sdxl", "loha"), ("flux", "loha"), ("pixart_sigma", "locon")])
+# LoKr trains on every family in test_published_lokr_loads_back_through_the_library.
+@pytest.mark.parametrize(("family", "algo"), [("sd1x", "loha"), ("sd1x", "locon"), ("sdxl", "loha"), ("flux", "loha"),
+                                             ("pixart_sigma", "locon")])
 def test_algorithms_train(cached, tmp_path, family, algo):
     from safetensors.torch import load_file
 
@@ -161,16 +162,32 @@ def test_bad_lycoris_config_stops_train_naming_file_and_key(cached, tmp_path):
 
 
 def test_publish_from_a_checkpoint_and_for_comfyui(cached, tiny_model, tmp_path):
-    """A checkpoint publishes the same LyCORIS file as the run's final weights at that step; the ComfyUI file is the
-    library's layout itself (ComfyUI reads `lycoris_*` keys)."""
+    """A checkpoint publishes the same LyCORIS file as the run's final weights at that step, and the same EMA file,
+    which is a LyCORIS file like the main one; the ComfyUI file is the library's layout itself (ComfyUI reads
+    `lycoris_*` keys)."""
+    from lycoris import create_lycoris_from_weights
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     from pipeline.config import load_config
     from pipeline.publish.stage import run_publish
 
     root, config = cached("sd1x")
-    lycoris_train((root, config), tmp_path / "out", ALGOS["locon"], "checkpoint_step_interval=1")
+    lycoris_train((root, config), tmp_path / "out", ALGOS["locon"], "checkpoint_step_interval=1", "use_ema=true",
+                  "ema_decay=0.5")  # fmt: skip
     final = (tmp_path / "out" / "final" / "pytorch_lora_weights.safetensors").read_bytes()
+    run_publish(load_config(config), tmp_path / "out", tmp_path / "from-final")
     run_publish(load_config(config), tmp_path / "out" / "checkpoints" / "checkpoint-2", tmp_path / "from-checkpoint")
     assert (tmp_path / "from-checkpoint" / "pytorch_lora_weights.safetensors").read_bytes() == final
+    ema = tmp_path / "from-final" / "ema_weights.safetensors"
+    assert ema.read_bytes() == (tmp_path / "from-checkpoint" / "ema_weights.safetensors").read_bytes()
+    main = load_file(str(tmp_path / "from-final" / "pytorch_lora_weights.safetensors"))
+    averaged = load_file(str(ema))
+    assert set(averaged) == set(main) and any(not averaged[k].equal(main[k]) for k in main)
+    with safe_open(str(ema), framework="pt") as handle:
+        assert json.loads(handle.metadata()["lycoris_config"])["algo"] == "locon"
+    network, _ = create_lycoris_from_weights(1.0, str(ema), base_denoiser("sd1x", tiny_model("sd1x")))
+    assert len(network.loras) == 32
     run_publish(load_config(config, ['lora_format="comfyui"', 'hub_model_id="me/shapes"']), tmp_path / "out",
                 tmp_path / "comfy")  # fmt: skip
     assert (tmp_path / "comfy" / "shapes_comfyui.safetensors").read_bytes() == final
@@ -184,3 +201,16 @@ def test_publish_from_a_checkpoint_and_for_comfyui(cached, tiny_model, tmp_path)
     scope: dict = {}
     exec(compile(code, "snippet", "exec"), scope)  # noqa: S102 - our own generated snippet
     assert len(scope["network"].loras) == 32 and scope["image"].size[0] > 0
+
+
+def test_lycoris_trains_on_an_int8_base(cached, tmp_path):
+    """lycoris-lora wraps optimum-quanto's QLinear layers: the LoKr network trains on an int8 base."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    lycoris_train(cached("sd1x"), out, ALGOS["lokr"], 'base_model_precision="int8-quanto"', "checkpoint_step_interval=1")
+    final = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
+    step1 = load_file(str(out / "checkpoints" / "checkpoint-1" / "weights.safetensors"))
+    assert any(not v.equal(step1[f"lycoris_network.{k}"]) for k, v in final.items())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stats"]["denoiser"]["base_model_precision"] == "int8-quanto"

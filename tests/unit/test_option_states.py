@@ -98,17 +98,17 @@ def test_an_accepted_option_loads_with_any_value_and_changes_nothing(tmp_path, n
 
 
 def test_refusal_reads_values_as_a_file_spells_them(tmp_path):
-    for value in ("standard", "Standard ", None, ""):
-        if value == "Standard ":
-            with pytest.raises(ConfigError, match="SingLoRA"):
-                load_config(write(tmp_path, {"peft_lora_mode": value}))
+    for value in ("unmodified", "Unmodified ", None, ""):
+        if value == "Unmodified ":
+            with pytest.raises(ConfigError, match="fp32 gradients"):
+                load_config(write(tmp_path, {"gradient_precision": value}))
             continue
-        load_config(write(tmp_path, {"peft_lora_mode": value}))
+        load_config(write(tmp_path, {"gradient_precision": value}))
     load_config(write(tmp_path, {"train_text_encoder": "false", "masked_loss_probability": "1.0"}))
     with pytest.raises(ConfigError, match="one shared seed on every device"):
         load_config(write(tmp_path, {"seed_for_each_device": False}))
-    with pytest.raises(ConfigError, match="text-encoder training"):
-        load_config(write(tmp_path, {"train_text_encoder": "true"}))
+    with pytest.raises(ConfigError, match="st trains the text encoders of model_family sd1x and sdxl only"):
+        load_config(write(tmp_path, {"train_text_encoder": "true", "model_family": "flux"}))
 
 
 @pytest.mark.parametrize(
@@ -174,11 +174,11 @@ def test_a_refused_dataset_key_stops_and_an_accepted_one_loads(tmp_path):
                 parse_entry({**entry, key: non_default(state)}, loaded, tmp_path / "multidatabackend.json", 0)
 
 
-def test_prepare_refuses_singlora_with_exit_2(cli, tmp_path):
+def test_prepare_refuses_a_refused_option_with_exit_2(cli, tmp_path):
     make_image(tmp_path / "images" / "a.png", size=(64, 64))
     config = write_config(tmp_path, [{"id": "d", "instance_data_dir": "images"}], resolution=64)
-    config.write_text(json.dumps({**json.loads(config.read_text()), "--peft_lora_mode": "singlora"}))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "--gradient_precision": "fp32"}))
     result = cli("prepare", "-c", config, "-o", tmp_path / "out")
     assert result.exit_code == 2, result.output
-    assert "st does not implement `peft_lora_mode` (a SimpleTuner option) yet: SingLoRA" in result.stderr
+    assert "st does not implement `gradient_precision` (a SimpleTuner option) yet: fp32 gradients" in result.stderr
     assert not (tmp_path / "out").exists()
