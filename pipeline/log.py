@@ -46,7 +46,10 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
 
 def quiet_libraries() -> None:
     """st's own progress bars and log lines are enough: silence diffusers' and transformers' per-file bars and
-    advisory warnings (set `-v` to see st's debug log)."""
+    advisory warnings (set `-v` to see st's debug log). torchao, imported by peft and diffusers when it is installed,
+    warns on import about CUDA kernels a CPU build cannot load and about deprecated pytree registrations."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers
     import transformers
 
