@@ -266,8 +266,9 @@ REFUSED_CHOICES: dict[str, dict[str, str]] = {
         "controlnet": "ControlNet / control conditioning training",
         "all+ffs+embedder+controlnet": "ControlNet / control conditioning training",
     },
-    "lora_init_type": {"loftq": "LoftQ initialisation needs a quantised base model (base_model_precision), which st "
-                                "does not implement yet"},
+    "lora_init_type": {"loftq": "LoftQ initialisation (peft replaces the base weights by its own quantised copy, so "
+                                "the LoRA would fit that quantised base model, not the base it is published for; "
+                                "quantise with base_model_precision and keep lora_init_type default)"},
 }
 
 # Values SimpleTuner does not accept either, and the name SimpleTuner uses: option -> value -> SimpleTuner's value.
