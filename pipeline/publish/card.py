@@ -279,8 +279,8 @@ def render(card: Card) -> str:
         out[-1] += f" These are the weights of the checkpoint `{card.checkpoint}`, not the run's final weights."
     base = _quantised_base(train)
     if base:
-        out[-1] += (f" It was trained on a **{base}** quantised base model; the LoRA itself is full precision and "
-                    "loads onto the unquantised base.")  # fmt: skip
+        out[-1] += (f" The base model was quantised while training: **{base}**; the LoRA itself is full precision "
+                    "and loads onto the unquantised base.")  # fmt: skip
     out.append("")
     if card.grid or card.widget:
         out += ["## Validation images", ""]

@@ -142,7 +142,9 @@ def test_published_lora_loads_onto_the_unquantised_base(trained, cached, tiny_mo
     preset = json.loads(dict(s.split("=", 1) for s in sets)["base_model_precision"])
     run_publish(load_config(config), trained(family, sets)[1], tmp_path / "pub")
     card = (tmp_path / "pub" / "README.md").read_text()
-    assert f"**{preset}** quantised base model" in card and f"| base_model_precision | {preset} |" in card
+    backend = "torchao" if "torchao" in preset else "optimum-quanto"
+    assert f"quantised while training: **{preset} ({backend})**" in card
+    assert f"| base_model_precision | {preset} |" in card
 
     pipe = get_family(family).load_pipeline_class().from_pretrained(str(tiny_model(family)))
     denoiser = getattr(pipe, get_family(family).denoiser.subfolder)
