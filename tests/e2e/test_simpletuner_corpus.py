@@ -63,7 +63,7 @@ def corpus(tmp_path_factory) -> dict[str, dict]:
     files = {
         "simpletuner/examples/sdxl.peft-lora/config.json": _config(model_family="sdxl"),
         "simpletuner/examples/sdxl.lycoris-lokr/config.json": _config(
-            model_family="sdxl", lora_type="lycoris", base_model_precision="int8-quanto",
+            model_family="sdxl", lora_type="lycoris", base_model_precision="int8-torchao",
             lycoris_config="config/examples/sdxl.lycoris-lokr/lycoris_config.json"),
         "simpletuner/examples/sdxl.lycoris-lokr/lycoris_config.json": json.dumps({"algo": "lokr", "factor": 16}),
         "simpletuner/examples/pixart.peft-lora/config.json": _config(model_family="pixart"),
@@ -90,8 +90,8 @@ def test_a_supported_family_with_a_local_dataset_checks_and_prepares(corpus):
 def test_a_feature_st_lacks_is_refused_naming_it(corpus):
     row = corpus["examples/sdxl.lycoris-lokr"]
     assert row["status"] == "refused", row
-    assert "base_model_precision int8-quanto with lora_type lycoris" in row["message"]
-    assert "LyCORIS on a quantised base" in row["message"]
+    assert "base_model_precision int8-torchao with lora_type lycoris" in row["message"]
+    assert "LyCORIS on a torchao base" in row["message"]
 
 
 def test_simpletuners_misnamed_family_fails_with_simpletuners_name(corpus):

@@ -40,8 +40,11 @@ def assert_same_training(out: Path, reference: Path) -> None:
         assert math.isclose(ours[step], theirs[step], rel_tol=1e-5, abs_tol=1e-7), (step, ours, theirs)
     trained, expected = load_file(out / WEIGHTS), load_file(reference / WEIGHTS)
     assert trained.keys() == expected.keys()
+    # Within 1% of one optimizer step (learning_rate 0.01): Adam divides each gradient by its own running size, so
+    # an entry whose gradient is ~1e-9 turns last-bit differences of the offloaded arithmetic into ~1e-5 of weight.
+    # A wrong run is far outside: an onload that restored stale LoRA weights would undo whole steps (~1e-2).
     for key in expected:
-        assert (trained[key] - expected[key]).abs().max() <= 1e-5 * max(1.0, float(expected[key].abs().max())), key
+        assert (trained[key] - expected[key]).abs().max() <= 1e-4, key
 
 
 def memory_record(out: Path) -> dict:
