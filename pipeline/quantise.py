@@ -9,6 +9,7 @@ device cannot run stops the stage with exit 2 before any work, never falling bac
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,10 +252,13 @@ def _torchao(denoiser: Any, preset: str) -> None:
 def _contiguous_grad(module: Any, args: tuple, output: Any) -> Any:
     """torchao's int8 training backward views the output gradient, which fails when the next op made it a strided
     view (SDXL's proj_out is followed by a permute): hand it a contiguous gradient."""
-    return _ContiguousGrad.apply(output)
+    return _contiguous_grad_function().apply(output)
 
 
+@functools.cache
 def _contiguous_grad_function():
+    """An identity whose backward makes the gradient contiguous (built on first use: this module avoids importing
+    torch at import time)."""
     import torch
 
     class ContiguousGrad(torch.autograd.Function):
@@ -267,20 +271,6 @@ def _contiguous_grad_function():
             return grad.contiguous()
 
     return ContiguousGrad
-
-
-class _LazyFunction:
-    """The autograd function, built on first use so that importing this module does not import torch."""
-
-    _function = None
-
-    def apply(self, tensor):
-        if _LazyFunction._function is None:
-            _LazyFunction._function = _contiguous_grad_function()
-        return _LazyFunction._function.apply(tensor)
-
-
-_ContiguousGrad = _LazyFunction()
 
 
 def _fp8_linear(module: Any, name: str) -> bool:
