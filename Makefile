@@ -18,8 +18,11 @@ setup:
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 
+# TEST_WORKERS=2 runs the tests in two pytest-xdist workers (the tests pin torch to one thread, so each keeps one core
+# busy); --dist loadfile runs a test file whole on one worker, so its module fixtures are built once. 0: one process.
+TEST_WORKERS ?= 2
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Builds the wheel, installs it into a fresh virtualenv without the source tree and runs the four stages with it.
 wheel-test:
@@ -89,6 +92,9 @@ DEMO_IMAGES ?= 24
 DEMO_STEPS ?= 30
 # Extra arguments for the demo's `st train`, e.g. DEMO_TRAIN_ARGS="--set validation_disable=true" (the tests use it).
 DEMO_TRAIN_ARGS ?=
+# The demo publishes ComfyUI's LoRA layout where ComfyUI has one for the family, else diffusers'.
+NO_COMFYUI_FAMILIES := sana kolors lumina2
+DEMO_LORA_FORMAT ?= $(if $(filter $(DEMO_FAMILY),$(NO_COMFYUI_FAMILIES)),diffusers,comfyui)
 DEMO_CONFIG := $(DEMO)/data/config.json
 
 ifneq ($(filter demo demo-data,$(MAKECMDGOALS)),)
@@ -116,7 +122,7 @@ endif
 
 ifneq ($(filter demo,$(MAKECMDGOALS)),)
 $(eval $(call st_chain,demo,$(DEMO),$(DEMO_CONFIG),$(DEMO_DATA_FILES),$(DEMO)/model/model_index.json \
-	$(DEMO_MODEL_FILES),--set max_train_steps=$(DEMO_STEPS) $(DEMO_TRAIN_ARGS),--set lora_format=comfyui))
+	$(DEMO_MODEL_FILES),--set max_train_steps=$(DEMO_STEPS) $(DEMO_TRAIN_ARGS),--set lora_format=$(DEMO_LORA_FORMAT)))
 endif
 
 demo-data: $(DEMO_CONFIG)

@@ -57,9 +57,28 @@ def opt(default: Any, *stages: str, choices: tuple | None = None, help: str = ""
 
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 # Kept in sync with pipeline.families.FAMILIES (a test checks); listed here so that config loading stays import-light.
-MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma")
+MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "sana", "qwen_image",
+                  "kolors")
 CROP_STYLES = ("center", "centre", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
+# SimpleTuner's default `sana_complex_human_instruction`: the lines Sana's pipeline prepends to every caption.
+SANA_COMPLEX_HUMAN_INSTRUCTION = (
+    ("Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
+     "image generation. Evaluate the level of detail in the user prompt:"),
+    ("- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+     "relationships to create vivid and concrete scenes."),
+    "- Do not add detail that is not in the original prompt! Do not mention colors if the User Prompt does not!",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    ("- If the prompt contains explicit material, do not remove this information from the output, which would "
+     "damage the performance of downstream classifiers."),
+    "Here are examples of how to transform or refine prompts:",
+    ("- User Prompt: A cat sleeping -> Enhanced: A cat sleeping peacefully, showcasing the joy of pet ownership. "
+     "Cute floof kitty cat gatto."),
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene featuring a crowd of people.",
+    ("Please generate only the enhanced description for the prompt below and avoid including any additional "
+     "commentary or evaluations:"),
+    "User Prompt: ",
+)  # fmt: skip
 # SimpleTuner's quantisation presets (base_model_precision, text_encoder_N_precision).
 QUANTISATION_PRESETS = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
                         "int8-torchao", "int4-torchao", "fp8-torchao", "nf4-bnb")
@@ -121,6 +140,10 @@ class Config:
     vae_batch_size: int = opt(4, CACHE, help="Sets the shape of each VAE call, so the last bits of latents.")
     tokenizer_max_length: int | None = opt(None, CACHE, TRAIN)
     t5_padding: str = opt("unmodified", CACHE, TRAIN, choices=("unmodified", "zero"))
+    sana_complex_human_instruction: str | list | None = opt(
+        "\n".join(SANA_COMPLEX_HUMAN_INSTRUCTION), CACHE, key=(CACHE,),
+        help="Sana: instruction lines prepended to every caption (text, a JSON list, or a text file's path; None: "
+             "none).")  # fmt: skip
     offload_during_startup: bool = opt(False, CACHE, key=False, help="Keep idle encoders on the CPU.")
     cache_dtype: str = opt("bf16", CACHE, choices=("bf16", "fp16", "fp32"), help="dtype of cached tensors.")
     cache_compression_level: int = opt(3, CACHE, help="zstd level of cached tensors (1-22).")
@@ -315,6 +338,10 @@ class Config:
     offload_during_save: bool = opt(False, TRAIN, key=False, help="Move the denoiser to the CPU while saving.")
     enable_model_cpu_offload: bool = opt(False, TRAIN, key=False,
                                          help="diffusers model CPU offload while validating (CUDA; a no-op on CPU).")
+    ramtorch: bool = opt(False, TRAIN, key=False,
+                         help="Keep the denoiser's frozen Linear weights in host memory, streamed per layer (CUDA).")
+    ramtorch_target_modules: str | None = opt(None, TRAIN, key=False,
+                                              help="Comma-separated globs of the Linear layers ramtorch streams.")
 
     # Publishing.
     lora_format: str = opt("diffusers", PUBLISH, choices=("diffusers", "comfyui"))

@@ -127,9 +127,10 @@ OPTION_STATES: dict[str, OptionState] = {
     "optimizer_cpu_offload_method": Accepted("its only choice is none"),
     **_refused("attention slicing of the UNet (saves memory while validating)", "unet_attention_slice"),
     **_refused("moving the optimizer's gradients to the CPU", "optimizer_offload_gradients"),
-    "ramtorch": Refused("RamTorch Linear streaming (it needs a CUDA or ROCm GPU; to fit a model on a small GPU use "
-                        "musubi_blocks_to_swap or enable_group_offload)", False),
-    **_only_with("ramtorch", "ramtorch_target_modules ramtorch_text_encoder ramtorch_vae ramtorch_controlnet"),
+    # ramtorch and ramtorch_target_modules are Config fields (the denoiser in st train).
+    **_refused("RamTorch streaming of the text encoders' and VAE's Linear layers (st streams the denoiser's)",
+               "ramtorch_text_encoder ramtorch_vae", False),
+    "ramtorch_controlnet": Accepted("read only when training a ControlNet, which st does not"),
     **_accepted(_SPEED, "enable_xformers_memory_efficient_attention validation_torch_compile "
                         "validation_torch_compile_mode"),
     "sageattention_usage": Accepted("read only with a sageattention attention_mechanism, which st does not offer"),
@@ -141,6 +142,7 @@ OPTION_STATES: dict[str, OptionState] = {
     "tracker_image_layout": Accepted("how the tracker's page lays out the same validation images"),
     # Text-encoder training (train_text_encoder, text_encoder_lr and text_encoder_limit are Config fields).
     **_accepted("SimpleTuner no longer reads it", "freeze_encoder"),
+    **_accepted("SimpleTuner's code never reads it (only its example configs set it)", "strict_epoch_limit"),
     "save_text_encoder": Accepted("adds the base text encoders to a full run's saved pipeline; st's published model "
                                   "folder always holds them, and a LoRA file holds the trained text-encoder weights"),
     "freeze_encoder_before": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)", 12),
@@ -170,7 +172,6 @@ OPTION_STATES: dict[str, OptionState] = {
                  "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
     **_only_for("ltxvideo", "ltx_train_mode ltx_i2v_prob ltx_partial_noise_fraction ltx_protect_first_frame"),
     **_only_for("hidream", "hidream_use_load_balancing_loss hidream_load_balancing_loss_weight"),
-    **_only_for("sana", "sana_complex_human_instruction"),
     **_only_for("video families (wan, ltxvideo, ...)", "validation_num_video_frames framerate"),
     # Refused: a feature st lacks; loads only at its default.
     **_refused("loading the denoiser from another model or folder",

@@ -1,5 +1,5 @@
-"""Shared fixtures: an offline environment, tiny models, a CLI runner and st's log records (helpers that are not
-fixtures live in tests/helpers)."""
+"""Shared fixtures: an offline environment, tiny models and their cached sample data, a CLI runner and st's log
+records (helpers that are not fixtures live in tests/helpers)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,23 @@ def tiny_model(tmp_path_factory):
         return built[(family, seed)]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def cached(tmp_path_factory, tiny_model):
+    """`cached(family)`: (root, config) of an 8-image sample dataset prepared and cached for the family's tiny model,
+    built on first use and shared by every test (they read it and write their outputs elsewhere)."""
+    from tests.helpers.training import cached_dataset
+
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in built:
+            root = tmp_path_factory.mktemp(f"cached-{family}")
+            built[family] = (root, cached_dataset(root, family, tiny_model(family)))
+        return built[family]
+
+    return get
 
 
 class LogRecords(Sequence):

@@ -16,6 +16,7 @@ from typing import Any
 from .. import speed as speed_options
 from ..errors import InputError
 from ..families import Family, load_components, vae_factors
+from ..families.loading import latent_normalisation, scaled_latents, vae_input
 from ..hashing import sha256_bytes
 from ..log import quiet_libraries
 from ..quantise_modules import quantise_module
@@ -118,48 +119,57 @@ class Encoders:
                 encoder.to("cpu")
             _empty_cache()
 
-    def encode_prompts(self, prompts: list[str], max_length: int | None, t5_padding: str) -> list[dict[str, Any]]:
-        """Embeddings of `prompts`, encoded TEXT_BATCH at a time (a short chunk padded with empty prompts)."""
+    def encode_prompts(self, prompts: list[str], max_length: int | None, t5_padding: str,
+                       **family_options: Any) -> list[dict[str, Any]]:  # fmt: skip
+        """Embeddings of `prompts`, encoded TEXT_BATCH at a time (a short chunk padded with empty prompts);
+        `family_options` go to the family's `encode_prompts` (see `family_text_options`)."""
         text = self.text
         out: list[dict[str, Any]] = []
         for start in range(0, len(prompts), TEXT_BATCH):
             chunk = prompts[start : start + TEXT_BATCH]
             padded = chunk + [""] * (TEXT_BATCH - len(chunk))
             out += self.family.encode_prompts(text["text_encoders"], text["tokenizers"], padded, max_length=max_length,
-                                              t5_padding=t5_padding, device=self.device)[: len(chunk)]  # fmt: skip
+                                              t5_padding=t5_padding, device=self.device,
+                                              **family_options)[: len(chunk)]  # fmt: skip
         return out
 
     def encode_latents(self, pixels, sample_ids: list[str], seed: int, batch_size: int | None = None):
-        """Scaled latents (B x C x h x w, float32): (sample - shift) * scale, sampled with per-sample generators.
-        The VAE sees `batch_size` rows (default: as many as given), `pixels` padded with zero images."""
+        """Scaled latents (B x C x h x w, float32): (sample - shift) * scale, or normalised per channel (see
+        `families.loading.scaled_latents`), sampled with per-sample generators. The VAE sees `batch_size` rows
+        (default: as many as given), `pixels` padded with zero images."""
         import torch
 
         vae = self.vae
-        scale, shift = vae_factors(vae)
         count = len(sample_ids)
         generators = [torch.Generator(device="cpu").manual_seed(sample_seed(seed, s)) for s in sample_ids]
         with torch.no_grad(), speed_options.attention_context(self.options.attention_mechanism):
             padded = pad_rows(pixels, batch_size or count)
-            dist = vae.encode(padded.to(self.device, dtype=vae.dtype)).latent_dist
-            mean, std = dist.mean[:count].float(), dist.std[:count].float()
-            noise = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=torch.float32)
-                                 for g in generators]).to(mean.device)  # fmt: skip
-            latents = mean + std * noise
-        if shift is not None:
-            latents = latents - shift
-        return (latents * scale).cpu()
+            encoded = vae.encode(vae_input(vae, padded.to(self.device, dtype=vae.dtype)))
+            dist = getattr(encoded, "latent_dist", None)
+            if dist is None:  # a deterministic autoencoder (Sana's AutoencoderDC) returns `.latent`
+                latents = encoded.latent[:count].float()
+            else:
+                mean, std = dist.mean[:count].float(), dist.std[:count].float()
+                noise = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=torch.float32)
+                                     for g in generators]).to(mean.device)  # fmt: skip
+                latents = mean + std * noise
+        return scaled_latents(vae, latents).cpu()
 
     def vae_description(self) -> dict[str, Any]:
         vae = self.vae
         scale, shift = vae_factors(vae)
-        channels = int(getattr(vae.config, "latent_channels", self.family.latent_channels))
+        channels = int(vae.config.get("latent_channels") or vae.config.get("z_dim") or self.family.latent_channels)
         if channels != self.family.latent_channels:
             raise InputError(
                 f"the VAE has {channels} latent channels, but {self.family.name} needs {self.family.latent_channels}; "
                 "check pretrained_vae_model_name_or_path"
             )
-        return {"scaling_factor": scale, "shift_factor": shift, "latent_channels": channels, "dtype": self.vae_dtype,
-                "class": type(vae).__name__}  # fmt: skip
+        described = {"scaling_factor": scale, "shift_factor": shift, "latent_channels": channels,
+                     "dtype": self.vae_dtype, "class": type(vae).__name__}  # fmt: skip
+        stats = latent_normalisation(vae)
+        if stats is not None:
+            described["latents_mean"], described["latents_std"] = stats
+        return described
 
 
 def _empty_cache() -> None:
@@ -179,11 +189,21 @@ def pad_rows(batch, rows: int):
     return torch.cat([batch, batch.new_zeros((missing, *batch.shape[1:]))])
 
 
+def family_text_options(family: str, options: CacheOptions) -> dict[str, Any]:
+    """Options only one family's `encode_prompts` takes: Sana's complex human instruction."""
+    if family != "sana":
+        return {}
+    from ..families.sana import instruction_lines
+
+    return {"complex_human_instruction": instruction_lines(options.sana_complex_human_instruction)}
+
+
 def encode_texts(encoders: Encoders, prompts: list[str], options: CacheOptions) -> list[dict[str, Any]]:
     """Embeddings of `prompts` as cached: floating-point tensors in cache_dtype, the others (masks) as they are;
     with train_text_encoder also each tokenizer's token ids and mask (`families.text_training`)."""
     dtype = torch_dtype(options.cache_dtype)
-    encoded = encoders.encode_prompts(prompts, options.tokenizer_max_length, options.t5_padding)
+    encoded = encoders.encode_prompts(prompts, options.tokenizer_max_length, options.t5_padding,
+                                      **family_text_options(encoders.family.name, options))  # fmt: skip
     if options.train_text_encoder:
         from ..families.text_training import token_items
 

@@ -24,6 +24,7 @@ class CacheOptions:
     vae_enable_tiling: bool
     tokenizer_max_length: int | None
     t5_padding: str
+    sana_complex_human_instruction: str | list | None
     max_workers: int | None
     ignore_missing_files: bool
     offload_during_startup: bool

@@ -87,12 +87,50 @@ def load_components(
 
 
 def vae_factors(vae: Any) -> tuple[float, float | None]:
-    """`(scaling_factor, shift_factor or None)` from the VAE's config: latents = (encode(x) - shift) * scale."""
+    """`(scaling_factor, shift_factor or None)` from the VAE's config: latents = (encode(x) - shift) * scale.
+    A VAE normalised per channel (`latent_normalisation`) has none: (1.0, None), as SimpleTuner's Qwen-Image."""
     scaling = vae.config.get("scaling_factor")
+    if scaling is None and latent_normalisation(vae) is not None:
+        return 1.0, None
     if scaling is None:
         raise InputError(f"the VAE config ({type(vae).__name__}) has no scaling_factor")
     shift = vae.config.get("shift_factor")
     return float(scaling), (None if shift is None else float(shift))
+
+
+def latent_normalisation(vae: Any) -> tuple[list[float], list[float]] | None:
+    """Per-channel `(latents_mean, latents_std)` of a VAE whose pipeline normalises each latent channel (Qwen-Image's
+    3-D VAE): latents = (encode(x) - mean[c]) / std[c]. None for VAEs with a scalar scaling factor."""
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is None or std is None:
+        return None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def is_video_vae(vae: Any) -> bool:
+    """Whether `vae` is a 3-D (video) VAE taking B x C x T x H x W (Qwen-Image's): st feeds it images as one frame
+    and caches its latents without the time axis, B x C x h x w like every other family's."""
+    return "temperal_downsample" in vae.config
+
+
+def vae_input(vae: Any, pixels: Any) -> Any:
+    """B x 3 x H x W images as `vae.encode` takes them (a 3-D VAE: one frame, B x 3 x 1 x H x W)."""
+    return pixels.unsqueeze(2) if is_video_vae(vae) and pixels.ndim == 4 else pixels
+
+
+def scaled_latents(vae: Any, sample: Any) -> Any:
+    """A latent sample of `vae` as st caches it: B x C x h x w (a 3-D VAE's time axis of one frame dropped), then
+    normalised per channel or shifted and scaled, as the family's pipeline undoes it before decoding."""
+    if sample.ndim == 5:
+        sample = sample.squeeze(2)
+    stats = latent_normalisation(vae)
+    if stats is not None:
+        import torch
+
+        mean, std = (torch.tensor(v, dtype=sample.dtype, device=sample.device).view(1, -1, 1, 1) for v in stats)
+        return (sample - mean) / std
+    scale, shift = vae_factors(vae)
+    return (sample if shift is None else sample - shift) * scale
 
 
 def _load_from(

@@ -99,6 +99,12 @@ def predict(
     )[0]
 
 
+def latent_side_limit(config: Any) -> tuple[int, str]:
+    """The transformer crops its `pos_embed_max_size` grid of patches: 192 x 2 latent pixels (3072 px) for SD3."""
+    size, patch = config["pos_embed_max_size"], config["patch_size"]
+    return size * patch, f"pos_embed_max_size {size} x patch_size {patch}"
+
+
 def tiny(out_dir: Path, seed: int) -> None:
     """Write a tiny SD3 diffusers folder (flow-matching Euler, shift 3; VAE 16 channels, 1.5305 / 0.0609)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -125,7 +131,7 @@ def tiny(out_dir: Path, seed: int) -> None:
         caption_projection_dim=32,
         pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
         out_channels=16,
-        pos_embed_max_size=32,
+        pos_embed_max_size=96,  # 96 patches x 2 x VAE factor 2: buckets up to 384 px a side
     ).eval()
     tiny_parts.seed_everything(seed + 4)
     vae = tiny_parts.vae(16, 1.5305, 0.0609, quant_conv=False)
@@ -168,4 +174,5 @@ FAMILY = Family(
     default_flow_shift=3.0,  # the shift of SD3's FlowMatchEulerDiscreteScheduler config
     flavours=FLAVOURS,
     default_flavour="medium",
+    latent_side_limit=latent_side_limit,
 )

@@ -62,6 +62,8 @@ class Family:
     masks padded positions; `collate_text` pads them back with zeros and mask 0). `single_file` says whether the
     pipeline class can load single-file checkpoints; `lora_loader` whether it can load LoRA weights itself.
     `flavours` and `default_flavour` are SimpleTuner's flavour table and default for the family.
+    `latent_side_limit(denoiser_config)` gives `(latent pixels, why)`, the largest latent side the denoiser accepts
+    (None: any size); see `limits.py`.
     """
 
     name: str
@@ -85,6 +87,7 @@ class Family:
     lora_loader: bool = True
     flavours: tuple[Flavour, ...] = ()
     default_flavour: str | None = None
+    latent_side_limit: Callable[[Any], tuple[int, str] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:

@@ -49,9 +49,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def _learn_merges(words: list[str], count: int) -> list[tuple[str, str]]:
-    """Learn `count` BPE merges from `words` (each word ends with a `</w>` symbol, as in CLIP)."""
-    corpus = Counter(tuple(word[:-1]) + (word[-1] + "</w>",) for word in words)
+def _learn_merges(words: list[str], count: int, word_end: str = "</w>") -> list[tuple[str, str]]:
+    """Learn `count` BPE merges from `words` (each word's last symbol carries `word_end`: `</w>` in CLIP)."""
+    corpus = Counter(tuple(word[:-1]) + (word[-1] + word_end,) for word in words)
     merges: list[tuple[str, str]] = []
     while len(merges) < count:
         pairs: Counter[tuple[str, str]] = Counter()
@@ -147,3 +147,103 @@ def t5_tokenizer(max_length: int = 512):
     from transformers import T5Tokenizer
 
     return T5Tokenizer(vocab=list(t5_vocab()), extra_ids=0, model_max_length=max_length)
+
+
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")
+
+
+@lru_cache(maxsize=1)
+def gemma_vocab() -> tuple[dict[str, int], tuple[str, ...]]:
+    """The vocab and merges of the tiny Gemma tokenizer: Gemma's special tokens first (`<pad>`=0, `<eos>`=1,
+    `<bos>`=2, `<unk>`=3), the 256 byte-fallback tokens `<0x00>`..`<0xFF>`, single characters with `▁` (the space),
+    then BPE merges learnt from `_WORDS` with a leading `▁`, as Gemma's SentencePiece-derived BPE."""
+    tokens = list(GEMMA_SPECIALS) + [f"<0x{byte:02X}>" for byte in range(256)]
+    tokens += ["▁"] + list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?;:'\"-()/&+%#@*=_[]\n")
+    merges = _learn_merges(["▁" + word for word in _WORDS], _MERGES, word_end="")
+    tokens += [left + right for left, right in merges]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return vocab, tuple(f"{left} {right}" for left, right in merges)
+
+
+def gemma_tokenizer(max_length: int = 8192, padding_side: str = "left"):
+    """A `GemmaTokenizer` (byte-fallback BPE; adds `<bos>`, pads on the left unless told otherwise) over the tiny
+    vocab, for the Gemma / Gemma2 text encoders of Sana and Lumina2 (which pads on the right)."""
+    from transformers import GemmaTokenizer
+
+    vocab, merges = gemma_vocab()
+    return GemmaTokenizer(vocab=dict(vocab), merges=[tuple(line.split(" ")) for line in merges],
+                          model_max_length=max_length, add_bos_token=True, add_eos_token=False,
+                          padding_side=padding_side)  # fmt: skip
+
+
+def pile_t5_tokenizer(max_length: int = 512):
+    """AuraFlow's tokenizer: a `LlamaTokenizerFast` (Pile-T5's; pad 0, end-of-sequence 1, appended, no
+    beginning-of-sequence token, padded on the right) over the tiny byte-fallback BPE vocab."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = gemma_vocab()
+    return LlamaTokenizer(vocab=dict(vocab), merges=[tuple(line.split(" ")) for line in merges], unk_token="<unk>",
+                          bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", add_bos_token=False,
+                          add_eos_token=True, padding_side="right", model_max_length=max_length)  # fmt: skip
+
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# The words of Qwen-Image's prompt template: whole tokens in Qwen2's vocab, so the template's system part is 34
+# tokens here too (the pipeline drops that many).
+_QWEN_TEMPLATE_WORDS = ("system", "user", "assistant", "Describe", "the", "image", "by", "detailing", "color", "shape",
+                        "size", "texture", "quantity", "text", "spatial", "relationships", "of", "objects", "and",
+                        "background")  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def qwen_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """The vocab and merges of the tiny Qwen2 tokenizer: GPT-2 style byte-level BPE (`Ġ` marks a leading space),
+    merged until every corpus word, bare and with `Ġ`, is one token; Qwen's chat special tokens last."""
+    space = bytes_to_unicode()[ord(" ")]
+    words = sorted(set(_WORDS) | set(_QWEN_TEMPLATE_WORDS))
+    merges = _learn_merges(words + [space + word for word in words], 10_000, word_end="")
+    tokens = list(bytes_to_unicode().values()) + [left + right for left, right in merges] + list(QWEN_SPECIALS)
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return vocab, tuple(merges)
+
+
+def qwen_tokenizer(max_length: int = 32768):
+    """A `Qwen2Tokenizer` (pads with `<|endoftext|>` on the right) over the tiny vocab, for Qwen2.5-VL."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = qwen_vocab()
+    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
+    return tokenizer
+
+
+def sentencepiece_model(vocab_size: int = 300) -> bytes:
+    """A small SentencePiece BPE model (byte fallback, unk 0, bos 1, eos 2, no pad piece; identity normalisation)
+    trained in memory on `_WORDS`: the same bytes on every call."""
+    import io
+
+    import sentencepiece
+
+    sentences = [" ".join(_WORDS[i : i + 12]) for i in range(0, len(_WORDS), 12)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    return model.getvalue()
+
+
+def chatglm_tokenizer(folder: str | Path, max_length: int = 256):
+    """Kolors' `ChatGLMTokenizer` (diffusers.pipelines.kolors; pads on the left, prefixes `[gMASK]` `sop`) over a
+    tiny SentencePiece model written to `folder`/tokenizer.model."""
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    path = Path(folder) / "tokenizer.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(sentencepiece_model())
+    return ChatGLMTokenizer(str(path), model_max_length=max_length)

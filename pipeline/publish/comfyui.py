@@ -17,6 +17,7 @@ needs the base denoiser's weights (`base`, by diffusers module name); rows of fu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,14 @@ UNET_FAMILIES = {"sd1x": False, "sd2x": False, "sdxl": True}  # family -> Kohya 
 # diffusers text-encoder subfolder -> Kohya prefix, per family whose text encoders st trains.
 KOHYA_TEXT_ENCODERS = {"sd1x": {"text_encoder": "lora_te"},
                        "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}  # fmt: skip
-TRANSFORMER_FAMILIES = ("flux", "sd3", "pixart_sigma")
+TRANSFORMER_FAMILIES = ("flux", "sd3", "pixart_sigma", "qwen_image")
+# ComfyUI's key map for AuraFlow reads the diffusers module names themselves, under `transformer.`, for the linear
+# layers of its blocks (comfy.utils.auraflow_to_diffusers): these patterns.
+DIFFUSERS_NAMED = {"auraflow": re.compile(
+    r"joint_transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|"
+    r"(ff|ff_context)\.(linear_[12]|out_projection)|(norm1|norm1_context)\.linear)|"
+    r"single_transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0)|ff\.(linear_[12]|out_projection)|norm1\.linear)|"
+    r"context_embedder|pos_embed\.proj|proj_out|time_step_proj\.linear_[12]")}  # fmt: skip
 COMFY_EPS = 1.1920928955078125e-07  # torch.finfo(float32).eps: ComfyUI adds it to the norm, patching in float32
 
 BaseWeights = Callable[[str], Any]  # diffusers module name -> its base weight tensor
@@ -48,6 +56,8 @@ def convert(family: str, mods: list[LoraModule], denoiser_config: dict[str, Any]
         return _kohya(mods, UNET_FAMILIES[family], denoiser_config or {}, base)
     if family in TRANSFORMER_FAMILIES:
         return _native(family, mods, denoiser_config or {}, base)
+    if family in DIFFUSERS_NAMED:
+        return _diffusers_named(family, mods, base)
     raise NotSupportedError(f"no ComfyUI LoRA layout is known for {family}; publish with lora_format = \"diffusers\"")
 
 
@@ -118,6 +128,21 @@ def convert_text_encoder(family: str, component: str, mods: list[LoraModule]) ->
             raise NotSupportedError(f"the {component} LoRA module {mod.name} is DoRA, which has no Kohya text-encoder "
                                     "form; publish with lora_format = \"diffusers\"")  # fmt: skip
         out.update(_kohya_module(f"{prefix}_{mod.name.replace('.', '_')}", mod))
+    return out
+
+
+def _diffusers_named(family: str, mods: list[LoraModule], base: BaseWeights | None) -> dict[str, Any]:
+    """`transformer.<diffusers path>.lora_A / lora_B / alpha` (and `dora_scale`), `up` scaled as in `_kohya_module`."""
+    out: dict[str, Any] = {}
+    for mod in mods:
+        if not DIFFUSERS_NAMED[family].fullmatch(mod.name):
+            raise _unmapped(family, mod.name)
+        name = f"transformer.{mod.name}"
+        out.update({f"{name}.lora_A.weight": mod.down, f"{name}.alpha": _alpha_tensor(mod.alpha),
+                    f"{name}.lora_B.weight": _scaled(mod.up, mod.scale * mod.rank / mod.alpha)})  # fmt: skip
+        if mod.magnitude is not None:
+            weight = base(mod.name)
+            out[f"{name}.dora_scale"] = _dora_scale(_dora_rows(mod, weight), weight)
     return out
 
 

@@ -144,6 +144,8 @@ def native_target(family: str, module: str, config: dict[str, Any] | None = None
         return _sd3(module, config)
     if family == "pixart_sigma":
         return _pixart(module)
+    if family == "qwen_image":  # ComfyUI's Qwen-Image keeps the diffusers module names (comfy/lora.py)
+        return Target(module)
     return None
 
 

@@ -6,8 +6,9 @@ Group offloading (`enable_group_offload`) is diffusers' `apply_group_offloading`
 validation alike. diffusers restores a group from a copy taken when offloading was applied (with
 `group_offload_use_stream`, or `group_offload_to_disk_path`), which would undo every optimizer step of the adapter
 weights inside it; so the trainable parameters are kept out of the groups: they stay on the compute device, live.
-Spilled groups go to a temporary subfolder st creates inside `group_offload_to_disk_path` and deletes when the run
-ends; nothing else in that folder is touched.
+With `group_offload_type` leaf_level every frozen layer is a group of its own and the adapters' layers get none: the
+least memory, the most transfers. Spilled groups go to a temporary subfolder st creates inside
+`group_offload_to_disk_path` and deletes when the run ends; nothing else in that folder is touched.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class MemoryOptions(OptionGroup):
     musubi_block_swap_device: str
     offload_during_save: bool
     enable_model_cpu_offload: bool
+    ramtorch: bool
+    ramtorch_target_modules: str | None
+    base_model_precision: str
     gradient_checkpointing: bool
     gradient_checkpointing_interval: int | None
     model_type: str
@@ -51,14 +55,39 @@ def check(options: MemoryOptions, device) -> None:
     """Refuse combinations that cannot work, before any model is loaded (exit 2 naming the options)."""
     swap = options.musubi_blocks_to_swap > 0
     offload = options.enable_group_offload
+    on_cuda = str(getattr(device, "type", device)) == "cuda"  # ROCm builds of torch name their GPUs cuda too
     if offload and swap:
         raise ConfigError("enable_group_offload and musubi_blocks_to_swap both move the denoiser's blocks; choose "
                           "one (as SimpleTuner, st refuses both together)")  # fmt: skip
-    if options.group_offload_use_stream and str(getattr(device, "type", device)) != "cuda":
+    if options.group_offload_use_stream and not on_cuda:
         raise ConfigError(f"group_offload_use_stream needs a CUDA device (this run trains on {device}); set it "
                           "to false")  # fmt: skip
-    if not (offload or swap):
+    if options.ramtorch:
+        _check_ramtorch(options, device, on_cuda)
+    elif offload or swap:
+        _check_blocks(options)
+    else:
         return
+    name = "ramtorch" if options.ramtorch else "enable_group_offload" if offload else "musubi_blocks_to_swap"
+    if options.model_type == "full":
+        raise ConfigError(f"{name} moves frozen weights, and with model_type full every weight trains; use it with "
+                          "a LoRA or LyCORIS run")  # fmt: skip
+    if options.num_processes > 1:
+        raise ConfigError(f"{name} is not supported with several processes (num_processes "
+                          f"{options.num_processes}) yet; train on one GPU or turn it off")  # fmt: skip
+
+
+def check_config(config) -> None:
+    """`check` for the device `st train` will train on (accelerate's choice: the GPU when there is one), run by the
+    stage before anything is read or loaded."""
+    import torch
+
+    check(MemoryOptions.from_config(config), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _check_blocks(options: MemoryOptions) -> None:
+    """Group offloading and block swap."""
+    offload = options.enable_group_offload
     name = "enable_group_offload" if offload else "musubi_blocks_to_swap"
     if options.enable_model_cpu_offload:
         raise ConfigError(f"enable_model_cpu_offload and {name} are two offloading strategies for the same "
@@ -69,21 +98,31 @@ def check(options: MemoryOptions, device) -> None:
     if denoiser.subfolder == "unet":  # SimpleTuner offloads and swaps transformers only
         raise ConfigError(f"{name} moves transformer blocks, and model_family {options.model_family}'s "
                           f"{denoiser.class_name} is a UNet; turn {name} off")  # fmt: skip
-    if offload and options.group_offload_type == "leaf_level":
-        raise ConfigError("group_offload_type leaf_level does not yet train the same adapters as a run without "
-                          "offloading in st (its per-layer hooks wrap the LoRA layers too); use block_level")  # fmt: skip
     if offload and (not options.gradient_checkpointing or (options.gradient_checkpointing_interval or 1) > 1):
         # Backward reads weights that some ops saved in the forward; once offloaded they are gone. A checkpointed
         # block recomputes its forward (onloading again) right before its backward.
         raise ConfigError("enable_group_offload needs gradient_checkpointing true on every block "
                           "(gradient_checkpointing_interval unset or 1): backward must recompute each block with "
                           "its weights onloaded")  # fmt: skip
-    if options.model_type == "full":
-        raise ConfigError(f"{name} moves frozen weights, and with model_type full every weight trains; use it with "
-                          "a LoRA or LyCORIS run")  # fmt: skip
-    if options.num_processes > 1:
-        raise ConfigError(f"{name} is not supported with several processes (num_processes "
-                          f"{options.num_processes}) yet; train on one GPU or turn it off")  # fmt: skip
+
+
+def _check_ramtorch(options: MemoryOptions, device, on_cuda: bool) -> None:
+    from .ramtorch_layers import parse_targets
+
+    if not on_cuda:
+        raise ConfigError(f"ramtorch needs a CUDA or ROCm GPU (its layers copy weights on CUDA streams), and this run "
+                          f"trains on {device}; set ramtorch to false")  # fmt: skip
+    for other in ("enable_group_offload", "musubi_blocks_to_swap", "enable_model_cpu_offload"):
+        if getattr(options, other):
+            raise ConfigError(f"ramtorch and {other} are two offloading strategies for the same denoiser weights; "
+                              "choose one")  # fmt: skip
+    if options.base_model_precision != "no_change":
+        raise ConfigError(f"ramtorch streams plain Linear weights, and base_model_precision "
+                          f"{options.base_model_precision} quantises them; use one or the other")  # fmt: skip
+    if options.ramtorch_target_modules is not None and parse_targets(options.ramtorch_target_modules) is None:
+        raise ConfigError(f"ramtorch_target_modules {options.ramtorch_target_modules!r} names no pattern; give "
+                          "comma-separated globs such as \"transformer_blocks.*\", or leave it unset for every "
+                          "Linear")  # fmt: skip
 
 
 class Memory:
@@ -93,13 +132,14 @@ class Memory:
         self.options, self.device = options, device
         self.block_swap = None
         self.group_offload: dict[str, Any] | None = None
+        self.ramtorch: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """What the train manifest states: how the denoiser was held."""
         return {"group_offload": self.group_offload,
                 "block_swap": self.block_swap.record() if self.block_swap else None,
                 "offload_during_save": self.options.offload_during_save,
-                "model_cpu_offload": self.options.enable_model_cpu_offload}  # fmt: skip
+                "model_cpu_offload": self.options.enable_model_cpu_offload, "ramtorch": self.ramtorch}  # fmt: skip
 
     @contextlib.contextmanager
     def saving(self, denoiser):
@@ -114,9 +154,25 @@ class Memory:
             _restore(moved)
 
 
+_STREAMED = "_st_ramtorch"  # set on a denoiser whose layers `place` already handed to ramtorch: what it streamed
+
+
+def place(denoiser, options: MemoryOptions, device) -> None:
+    """Move `denoiser` (adapters attached) to `device`; with `ramtorch`, its selected frozen layers go to host memory
+    first, so that a model larger than the GPU never lands on it whole."""
+    if options.ramtorch and not hasattr(denoiser, _STREAMED):
+        from .ramtorch_layers import parse_targets, stream
+
+        setattr(denoiser, _STREAMED, stream(denoiser, parse_targets(options.ramtorch_target_modules), device))
+    denoiser.to(device)  # ramtorch's layers ignore device moves: their weights stay in host memory
+
+
 def hold(denoiser, options: MemoryOptions, family: str, device) -> Memory:
-    """Apply group offloading or block swap to `denoiser`, which is on `device` with its adapters attached."""
+    """Apply RamTorch, group offloading or block swap to `denoiser`, which is on `device` with its adapters."""
     memory = Memory(options, device)
+    if options.ramtorch:
+        place(denoiser, options, device)
+        memory.ramtorch = getattr(denoiser, _STREAMED)
     if options.enable_group_offload:
         _group_offload(memory, denoiser, options, device)
     elif options.musubi_blocks_to_swap > 0:
@@ -149,6 +205,7 @@ def _group_offload(memory: Memory, denoiser, options: MemoryOptions, device) -> 
     apply_group_offloading(denoiser, onload_device=torch.device(device), offload_device=torch.device("cpu"),
                            offload_type=options.group_offload_type, use_stream=options.group_offload_use_stream,
                            offload_to_disk_path=str(spill) if spill else None, **kwargs)  # fmt: skip
+    _release_trainable_layers(denoiser)
     for param, data in live:  # applying offloaded (or, to disk, emptied) every group once
         param.data = data
     groups = _groups(denoiser)
@@ -159,6 +216,18 @@ def _group_offload(memory: Memory, denoiser, options: MemoryOptions, device) -> 
                             "use_stream": options.group_offload_use_stream, "to_disk": spill is not None}  # fmt: skip
     log.info("group offloading: %d %s group(s) of the denoiser wait on %s between uses", len(groups),
              options.group_offload_type, f"disk ({spill})" if spill else "the CPU")  # fmt: skip
+
+
+def _release_trainable_layers(denoiser) -> None:
+    """leaf_level makes a group of every Linear, the adapters' lora_A / lora_B included: take the hooks off layers
+    whose weights all train, so that they stay on the compute device and are never copied or moved."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    for module in denoiser.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        params = list(module.parameters(recurse=False))
+        if registry is not None and params and all(p.requires_grad for p in params):
+            registry.remove_hook(_GROUP_OFFLOADING, recurse=False)
 
 
 def _groups(denoiser) -> list:

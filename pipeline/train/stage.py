@@ -25,6 +25,7 @@ from ..quantise import check as check_precision
 from ..quantise import key_content as quantisation_key_content
 from ..runner import StageResult, StageRun
 from .checkpoint import list_checkpoints
+from .offload import check_config as check_memory
 from .resume import TRAINING_LENGTH, ResumePlan, RunRecord, check_target, choose_checkpoint, note_other_runs, other_runs
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     loaded = default_bf16_on_device(loaded, "mixed_precision", "no")
     config = loaded.config
     check_precision(config, base_dir=loaded.base_dir)  # a preset this machine cannot run stops here, before any work
+    check_memory(config)  # so do memory options that cannot work together or on this device
     out_dir = Path(out_dir)
     reader = CacheReader(input_path)
     cache = reader.manifest

@@ -122,6 +122,7 @@ class Trainer:
         self.base_precision = BasePrecision.from_config(config, base_dir)
         parts = load_base(family, source, self.base_precision)
         denoiser = parts["denoiser"]
+        self._check_image_sizes(denoiser.config, bool(validation_prompts))
         self.scheduler_config = dict(parts["scheduler"].config)
         # TF32, QKV fusion and gradient checkpointing (every block, or every Nth) before adapters are added.
         self.speed_setup = speed.setup_denoiser(denoiser, config)
@@ -131,7 +132,7 @@ class Trainer:
             self.params = adapters.attach(denoiser, self.adapter_options, family, base_dir=self.base_dir)
             self.text = text_encoders.attach(denoiser, family, source, config, cache_manifest, cache_root, self.device)
         upcast_trainable(self.params)
-        denoiser.to(self.device)
+        offload.place(denoiser, self.memory_options, self.device)  # RamTorch: frozen layers to host memory first
         denoiser.train()
         # Group offload or block swap: where frozen blocks wait between uses (manifest: stats.memory).
         self.memory = offload.hold(denoiser, self.memory_options, family.name, self.device)
@@ -195,6 +196,15 @@ class Trainer:
                                        device=self.device, text_encoders=self.text,
                                        model_cpu_offload=self.memory_options.enable_model_cpu_offload)  # fmt: skip
         self.uploads: list[Any] = []  # checkpoint uploads to the hub (push_checkpoints_to_hub), awaited at the end
+
+    def _check_image_sizes(self, denoiser_config, validating: bool) -> None:
+        """Refuse, before the first step, a bucket or validation size larger than the denoiser accepts."""
+        from ..families.limits import check_image_sizes, vae_scale_factor
+        from .validation import parse_resolutions
+
+        sizes = parse_resolutions(self.validation_options.validation_resolution) if validating else ()
+        check_image_sizes(self.family, denoiser_config, vae_scale_factor(self.family, self.source, self.vae_source),
+                          self.cache_manifest["buckets"], sizes)  # fmt: skip
 
     @property
     def samples_per_step(self) -> int:

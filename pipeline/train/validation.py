@@ -179,6 +179,8 @@ class Validator:
                     extra["guidance_rescale"] = options.validation_guidance_rescale
                 if "use_resolution_binning" in self.call_params:
                     extra["use_resolution_binning"] = False
+                if "negative_prompt_embeds" in kwargs and "negative_prompt" in self.call_params:
+                    extra["negative_prompt"] = None  # Sana and PixArt default it to "", which clashes with the embeds
                 with torch.no_grad():
                     images = self.pipe(**kwargs, **extra).images
                 for i, image in enumerate(images):

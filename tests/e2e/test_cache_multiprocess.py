@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cache.stage import run_cache
+from pipeline.config import load_config
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -20,15 +23,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from pipeline.config import load_config
-    from pipeline.families import get_family
+def prepared(tmp_path_factory, tiny_model):
     from pipeline.prepare.stage import run_prepare
     from pipeline.sampledata import write_sample_dataset
 
     root = tmp_path_factory.mktemp("mp")
-    get_family("sd1x").tiny(root / "model", 0)
-    config = write_sample_dataset(root / "data", images=8, family="sd1x", model=root / "model")
+    config = write_sample_dataset(root / "data", images=8, family="sd1x", model=tiny_model("sd1x"))
     run_prepare(load_config(config), root / "prepare")
     return root, config
 
@@ -53,8 +53,7 @@ def test_two_processes_split_the_shards_and_match_a_single_run(prepared):
     two = json.loads((root / "two" / "manifest.json").read_text())
     assert two["provenance"]["part"] == [0, 2]
     assert two["stats"]["samples"] == 8 and len(two["shards"]) >= 3
-    # torchrun gives each process one thread; a single run with one thread must produce the same bytes.
-    single = _run([sys.executable, "-m", "pipeline.cli", *common, "-o", str(root / "one")], root, {"OMP_NUM_THREADS": "1"})
-    assert single.returncode == 0, single.stderr[-3000:]
-    one = json.loads((root / "one" / "manifest.json").read_text())
-    assert one["digest"] == two["digest"]
+    # torchrun gives each process one thread; a single run with one thread (this process: conftest's
+    # one_torch_thread) must produce the same bytes.
+    single = run_cache(load_config(config, ["cache_shard_samples=2"]), root / "prepare", root / "one")
+    assert single.manifest["digest"] == two["digest"]

@@ -14,11 +14,9 @@ import pytest
 from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import LineageError, UserError
-from pipeline.families import get_family
 from pipeline.manifest import read_manifest
 from pipeline.prepare.stage import run_prepare
 from pipeline.publish.stage import run_publish
-from pipeline.sampledata import write_sample_dataset
 from pipeline.train.stage import run_train
 
 TRAIN = ["max_train_steps=2", "validation_disable=true", "disable_benchmark=true", 'report_to="none"',
@@ -26,20 +24,13 @@ TRAIN = ["max_train_steps=2", "validation_disable=true", "disable_benchmark=true
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> Path:
-    """model/, data/ (images + config.json), prepare/, cache/ and train/ of one tiny sd1x run."""
-    root = tmp_path_factory.mktemp("lineage")
-    get_family("sd1x").tiny(root / "model", 0)
-    config = write_sample_dataset(root / "data", images=6, family="sd1x", model=root / "model", resolution=96)
-    loaded = load_config(config)
-    run_prepare(loaded, root / "prepare")
-    run_cache(loaded, root / "prepare", root / "cache")
-    run_train(load_config(config, TRAIN), root / "cache", root / "train")
-    return root
+def chain(sd1x_run) -> Path:
+    """prepare/, cache/, train/ of one tiny sd1x run (tests/e2e/conftest.py); its config is ../data/config.json."""
+    return sd1x_run[1]
 
 
-def config_of(root: Path, *sets: str):
-    return load_config(root / "data" / "config.json", list(sets))
+def config_of(run: Path, *sets: str):
+    return load_config(run.parent / "data" / "config.json", list(sets))
 
 
 def short(digest: str) -> str:

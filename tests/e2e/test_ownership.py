@@ -16,7 +16,6 @@ import pytest
 
 from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
-from pipeline.families import get_family
 from pipeline.ownership import LOCK_NAME, claim_output
 from pipeline.prepare.stage import run_prepare
 from pipeline.sampledata import write_sample_dataset
@@ -28,11 +27,10 @@ SETS = [arg for value in QUICK for arg in ("--set", value)]
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> Path:
-    """model/, data/ (4 images + config.json), prepare/, cache/ and train/ of one tiny sd1x run."""
+def chain(tmp_path_factory, tiny_model) -> Path:
+    """data/ (4 images + config.json), prepare/, cache/ and train/ of one tiny sd1x run."""
     root = tmp_path_factory.mktemp("ownership")
-    get_family("sd1x").tiny(root / "model", 0)
-    config = write_sample_dataset(root / "data", images=4, family="sd1x", model=root / "model", resolution=64)
+    config = write_sample_dataset(root / "data", images=4, family="sd1x", model=tiny_model("sd1x"), resolution=64)
     loaded = load_config(config)
     run_prepare(loaded, root / "prepare")
     run_cache(loaded, root / "prepare", root / "cache")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-from pipeline.families import get_family
 from pipeline.manifest import read_manifest
 from pipeline.sampledata import write_sample_dataset
 
@@ -17,9 +16,9 @@ def sets(*items: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-def test_train_and_publish_from_a_copied_cache_folder_alone(tmp_path, cli):
+def test_train_and_publish_from_a_copied_cache_folder_alone(tmp_path, cli, tiny_model):
     a, b = tmp_path / "a", tmp_path / "b"
-    get_family("sd1x").tiny(a / "model", 0)
+    shutil.copytree(tiny_model("sd1x"), a / "model")
     config = write_sample_dataset(a / "data", images=6, family="sd1x", model=a / "model", resolution=96)
     for args in (["prepare", "-c", config, "-o", a / "prepare"],
                  ["cache", "-c", config, "-i", a / "prepare", "-o", a / "cache"]):  # fmt: skip

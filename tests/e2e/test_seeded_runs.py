@@ -56,14 +56,6 @@ def straight(setup, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_runs_with_one_seed_are_identical(setup, straight, tmp_path):
-    again = tmp_path / "again"
-    done = st_train(setup, again, "max_train_steps=6")
-    assert done.returncode == 0, done.stderr
-    assert losses(again) == losses(straight)
-    assert (again / WEIGHTS).read_bytes() == (straight / WEIGHTS).read_bytes()
-
-
 def test_three_steps_then_resume_to_six_equals_six_steps(setup, straight, tmp_path):
     out = tmp_path / "train"
     first = st_train(setup, out, "max_train_steps=3")
@@ -91,6 +83,7 @@ def _wait_for_step(path: Path, step: int, process: subprocess.Popen, limit_s: fl
 
 
 def test_sigkill_before_the_first_checkpoint_then_rerun_equals_the_uninterrupted_run(setup, straight, tmp_path):
+    """The re-run starts from step 0 in a process of its own: two runs with one seed are identical."""
     out = tmp_path / "train"
     # An evaluation after every step widens the gap between step 1 and the checkpoint at step 3; it runs with its own
     # random generators and in eval mode, so it does not change the trajectory (the re-run is compared with a run

@@ -8,34 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache.stage import run_cache
-from pipeline.config import load_config
-from pipeline.families import get_family
 from pipeline.manifest import read_manifest
-from pipeline.prepare.stage import run_prepare
-from pipeline.publish.stage import run_publish
-from pipeline.sampledata import write_sample_dataset
 from pipeline.status import NOT_FOUND, stage_status
-from pipeline.train.stage import run_train
 from pipeline.verify import verify_paths
 
 STAGES = ["prepare", "cache", "train", "publish"]
-TRAIN = ["max_train_steps=2", "validation_disable=true", "disable_benchmark=true", 'report_to="none"',
-         "eval_steps_interval=0", "checkpoint_step_interval=0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """(config path, run folder with prepare/, cache/, train/, publish/) of one real run; tests copy it."""
-    root = tmp_path_factory.mktemp("status")
-    get_family("sd1x").tiny(root / "model", 0)
-    cfg = write_sample_dataset(root / "data", images=6, family="sd1x", model=root / "model", resolution=96)
-    run = root / "run"
-    run_prepare(load_config(cfg), run / "prepare")
-    run_cache(load_config(cfg), run / "prepare", run / "cache")
-    run_train(load_config(cfg, TRAIN), run / "cache", run / "train")
-    run_publish(load_config(cfg), run / "train", run / "publish")
-    return cfg, run
+def chain(sd1x_run):
+    """(config path, run folder with prepare/, cache/, train/, publish/) of one real run (tests/e2e/conftest.py);
+    tests copy it."""
+    return sd1x_run
 
 
 def copy_run(run: Path, dest: Path) -> Path:

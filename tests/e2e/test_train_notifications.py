@@ -7,15 +7,14 @@ import sys
 
 from pipeline.config import load_config
 from pipeline.train.stage import run_train
-from tests.helpers.training import QUICK, cached_dataset
+from tests.helpers.training import QUICK
 from tests.helpers.webhooks import Recorder
 
 
-def test_train_sends_events_and_runs_post_checkpoint_script(tmp_path, monkeypatch, tiny_model):
+def test_train_sends_events_and_runs_post_checkpoint_script(tmp_path, monkeypatch, cached):
     monkeypatch.setenv("ST_JOB_ID", "job-42")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    root = tmp_path / "run"
-    config = cached_dataset(root, "sd1x", tiny_model("sd1x"), images=4)
+    root, config = cached("sd1x")
     recorder = Recorder()
     try:
         script = tmp_path / "hook.py"
@@ -26,7 +25,7 @@ def test_train_sends_events_and_runs_post_checkpoint_script(tmp_path, monkeypatc
                 "validation_disable=false", "validation_num_inference_steps=1", 'validation_resolution="32"',
                 f"webhook_config='{webhook}'",
                 f"post_checkpoint_script='{sys.executable} {script} {marker} {{global_step}} {{local_checkpoint_path}}'"]
-        run_train(load_config(config, sets), root / "cache", root / "train")
+        run_train(load_config(config, sets), root / "cache", tmp_path / "train")
         events = [json.loads(r["body"])["event"] for r in recorder.wait(6, "/events")]
         bodies = [json.loads(r["body"]) for r in recorder.requests]
     finally:

@@ -119,8 +119,8 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cached(shapes, tiny_model, runs):
-    """`cached(family, *sets)`: a cache output of the shared dataset, made once per (family, sets). Read only."""
+def shape_cache(shapes, tiny_model, runs):
+    """`shape_cache(family, *sets)`: a cache output of the shared dataset, made once per (family, sets). Read only."""
     made: dict[tuple, Path] = {}
     config, prep = shapes
 
@@ -147,9 +147,11 @@ def own_dataset(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_caches_latents_of_the_bucket_size(family, shapes, cached, tiny_model):
-    config, prep = shapes
-    out = cached(family)
+def test_every_family_caches_latents_of_the_bucket_size(family, cached, tiny_model):
+    """On the session's shared cache of each family (tests/conftest.py: 8 images, the default cache_dtype)."""
+    root, _ = cached(family)
+    out, prep = root / "cache", root / "prepare"
+    rows, _ = prepared_rows(prep)
     reader = CacheReader(out)
     manifest = reader.manifest
     vae = vae_config(tiny_model(family))
@@ -159,9 +161,8 @@ def test_every_family_caches_latents_of_the_bucket_size(family, shapes, cached, 
     assert manifest["vae"]["scaling_factor"] == vae["scaling_factor"]
     assert manifest["vae"]["shift_factor"] == vae.get("shift_factor")
     assert manifest["vae"]["latent_channels"] == channels == vae["latent_channels"]
-    assert manifest["stats"] == {"samples": IMAGES, "skipped": {}, "shards": len(manifest["shards"])}
+    assert manifest["stats"] == {"samples": len(rows), "skipped": {}, "shards": len(manifest["shards"])}
 
-    rows, _ = prepared_rows(prep)
     samples = read_all(out)
     assert sorted(samples) == sorted(r["sample_id"] for r in rows)
     by_id = {r["sample_id"]: r for r in rows}
@@ -206,12 +207,12 @@ def _pipeline_embeddings(family: str, pipe, caption: str) -> dict:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cached_embeddings_equal_the_pipelines_encode_prompt(family, cached, tiny_model):
+def test_cached_embeddings_equal_the_pipelines_encode_prompt(family, shape_cache, tiny_model):
     import torch
 
     fam = get_family(family)
     model = tiny_model(family)
-    reader = CacheReader(cached(family, FP32))
+    reader = CacheReader(shape_cache(family, FP32))
     pipe = fam.load_pipeline_class().from_pretrained(str(model))
     checked = 0
     with torch.no_grad():
@@ -231,7 +232,7 @@ def test_cached_embeddings_equal_the_pipelines_encode_prompt(family, cached, tin
 
 
 @pytest.mark.parametrize("family", ["sd1x", "flux"])
-def test_cached_latent_is_the_scaled_vae_sample_of_the_prepared_pixels(family, shapes, cached, tiny_model):
+def test_cached_latent_is_the_scaled_vae_sample_of_the_prepared_pixels(family, shapes, shape_cache, tiny_model):
     import torch
     from diffusers import AutoencoderKL
 
@@ -239,7 +240,7 @@ def test_cached_latent_is_the_scaled_vae_sample_of_the_prepared_pixels(family, s
     from pipeline.cache.images import job_for, load_pixels
 
     config, prep = shapes
-    out = cached(family, FP32)
+    out = shape_cache(family, FP32)
     vae = AutoencoderKL.from_pretrained(str(tiny_model(family)), subfolder="vae").eval()
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     seed = load_config(config).config.seed or 0
@@ -400,9 +401,9 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, tiny_model):
     assert len(read_all(killed)) == images
 
 
-def test_damaged_shard_is_refused_and_rebuilt(cached, shapes, tmp_path):
+def test_damaged_shard_is_refused_and_rebuilt(shape_cache, shapes, tmp_path):
     config, prep = shapes
-    good = cached("sd1x")
+    good = shape_cache("sd1x")
     out = tmp_path / "damaged"
     shutil.copytree(good, out)
     shard = out / CacheReader(out).shards[1]["path"]
@@ -455,9 +456,9 @@ def test_reshard_without_source_images_reuses_every_entry(own_dataset, tmp_path)
     assert all(after[k].latent.equal(before[k].latent) for k in before)
 
 
-def test_parts_merge_into_the_single_run_output(shapes, runs, cached):
+def test_parts_merge_into_the_single_run_output(shapes, runs, shape_cache):
     config, prep = shapes
-    single = cached("sd1x")
+    single = shape_cache("sd1x")
     a, b = runs("part-a"), runs("part-b")
     first = cache(config, prep, a, part="0/2")
     second = cache(config, prep, b, part="1/2")

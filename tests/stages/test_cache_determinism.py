@@ -18,10 +18,8 @@ SIZE = (96, 96)  # one 64x64 bucket at resolution 64: every sample shares its sh
 
 
 @pytest.fixture(scope="module")
-def sd1x(tmp_path_factory) -> Path:
-    model = tmp_path_factory.mktemp("model") / "sd1x"
-    get_family("sd1x").tiny(model, 0)
-    return model
+def sd1x(tiny_model) -> Path:
+    return tiny_model("sd1x")
 
 
 def noise_image(path: Path, seed: int) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers.training import WEIGHTS, losses, train
+from tests.helpers.training import WEIGHTS, losses, run_st_train, train
 
 # Every option the runs rely on, stated (fp32: bf16 is emulated on this CPU and is not what these tests are about).
 # Gradient checkpointing on: group offloading needs it, and block swap streams blocks in again for its recompute.
@@ -58,7 +58,7 @@ def test_the_reference_run_trains_the_lora(held_whole, flux, tiny_model):
     weights = load_file(held_whole / WEIGHTS)
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_B" in k or "lora_up" in k)
     assert memory_record(held_whole) == {"group_offload": None, "block_swap": None, "offload_during_save": False,
-                                         "model_cpu_offload": False}  # fmt: skip
+                                         "model_cpu_offload": False, "ramtorch": None}  # fmt: skip
 
 
 def test_group_offload_trains_the_same_lora(flux, held_whole, tmp_path):
@@ -68,6 +68,15 @@ def test_group_offload_trains_the_same_lora(flux, held_whole, tmp_path):
     assert_same_training(out, held_whole)
     assert memory_record(out)["group_offload"] == {"type": "block_level", "groups": 13, "blocks_per_group": 2,
                                                    "use_stream": False, "to_disk": False}  # fmt: skip
+
+
+def test_leaf_level_group_offload_trains_the_same_lora(flux, held_whole, tmp_path):
+    root, config = flux
+    out = tmp_path / "train"
+    train(config, root / "cache", out, *SETS, "enable_group_offload=true", 'group_offload_type="leaf_level"')
+    assert_same_training(out, held_whole)
+    record = memory_record(out)["group_offload"]
+    assert record["type"] == "leaf_level" and record["groups"] > 100, record
 
 
 def test_block_swap_trains_the_same_lora(flux, held_whole, tmp_path):
@@ -125,3 +134,54 @@ def test_combinations_that_cannot_work_are_refused(flux, tmp_path, sets, message
     with pytest.raises(ConfigError, match=message):
         train(config, root / "cache", tmp_path / "train", *SETS, *sets)
     assert not (tmp_path / "train" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (("enable_group_offload=true", "musubi_blocks_to_swap=2"), "enable_group_offload and musubi_blocks_to_swap"),
+    (("ramtorch=true",), "ramtorch needs a CUDA or ROCm GPU"),
+], ids=["offload-and-swap", "ramtorch-on-cpu"])  # fmt: skip
+def test_st_train_refuses_them_before_loading_the_model(flux, tmp_path, sets, message):
+    """`st train` exits 2 with the message before it looks at the model (a model path that does not exist would
+    be the error otherwise) or writes anything."""
+    missing = tmp_path / "no-such-model"
+    done = run_st_train(flux, tmp_path / "train", *SETS, *sets, f'pretrained_model_name_or_path="{missing}"')
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train").iterdir())
+
+
+def test_leaf_level_hooks_every_frozen_layer_and_leaves_the_adapters_alone(tiny_model):
+    """What the loss comparison above relies on: each frozen Linear / norm is its own offloaded group, while the
+    LoRA layers have no hook, so their weights (the tensors the optimizer steps) are never copied or replaced."""
+    import dataclasses
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    from pipeline.config import Config
+    from pipeline.families import get_family
+    from pipeline.train import adapters, offload
+    from pipeline.train.options import AdapterOptions
+
+    config = Config(model_family="flux", lora_rank=4, lora_dropout=0.0, gradient_checkpointing=True)
+    denoiser = FluxTransformer2DModel.from_pretrained(tiny_model("flux") / "transformer")
+    adapters.attach(denoiser, AdapterOptions.from_config(config), get_family("flux"))
+    lora = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+    storage = {n: p.data_ptr() for n, p in lora.items()}
+    options = dataclasses.replace(offload.MemoryOptions.from_config(config), enable_group_offload=True,
+                                  group_offload_type="leaf_level")  # fmt: skip
+    memory = offload.hold(denoiser, options, "flux", torch.device("cpu"))
+
+    def hooked(module) -> bool:
+        registry = getattr(module, "_diffusers_hook", None)
+        return registry is not None and registry.get_hook(_GROUP_OFFLOADING) is not None
+
+    modules = dict(denoiser.named_modules())
+    bases = [n for n in modules if n.endswith(".base_layer")]
+    adapter_layers = [n for n in modules if n.rsplit(".", 1)[-1] == "default" and ".lora_" in n]
+    assert bases and adapter_layers
+    assert all(hooked(modules[n]) for n in bases)
+    assert not any(hooked(modules[n]) for n in adapter_layers)
+    assert memory.record()["group_offload"]["groups"] == sum(hooked(m) for m in modules.values())
+    assert {n: p.data_ptr() for n, p in lora.items()} == storage

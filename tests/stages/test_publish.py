@@ -14,16 +14,13 @@ import pytest
 import yaml
 
 from pipeline.cache_reader import CacheReader
-from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import LineageError
 from pipeline.families import get_family
 from pipeline.hashing import sha256_file
 from pipeline.manifest import read_manifest
-from pipeline.prepare.stage import run_prepare
 from pipeline.publish import comfyui, lora
 from pipeline.publish.stage import run_publish
-from pipeline.sampledata import write_sample_dataset
 from pipeline.train.stage import run_train
 
 PROMPT = "a red circle on a white background"
@@ -44,29 +41,17 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Tiny trained runs, built on first use: get(name) -> (root with model/, data/config.json, cache/; train dir)."""
-    cached: dict[str, Path] = {}
+def runs(tmp_path_factory, cached):
+    """Tiny trained runs, built on first use: get(name) -> (root of the family's shared `cached` sample dataset with
+    data/config.json, prepare/, cache/; train dir). The base model is `tiny_model(family)`."""
     trained: dict[str, tuple[Path, Path]] = {}
 
     def get(name: str) -> tuple[Path, Path]:
         if name not in trained:
             family, sets = RUNS[name]
-            if family not in cached:
-                root = tmp_path_factory.mktemp(f"publish-{family}")
-                get_family(family).tiny(root / "model", 0)
-                config = write_sample_dataset(root / "data", images=8, family=family, model=root / "model",
-                                              resolution=96)  # fmt: skip
-                data = json.loads(config.read_text())
-                data.update({"--validation_prompt": PROMPT, "--train_batch_size": 1, "--num_validation_images": 1})
-                config.write_text(json.dumps(data))
-                loaded = load_config(config)
-                run_prepare(loaded, root / "prepare")
-                run_cache(loaded, root / "prepare", root / "cache")
-                cached[family] = root
-            root = cached[family]
-            out = root / f"train-{name}"
-            run_train(load_config(root / "data" / "config.json", [*TRAIN, *sets]), root / "cache", out)
+            root, config = cached(family)
+            out = tmp_path_factory.mktemp(f"publish-{name}") / "train"
+            run_train(load_config(config, [*TRAIN, *sets]), root / "cache", out)
             trained[name] = (root, out)
         return trained[name]
 
@@ -109,7 +94,7 @@ def pipeline(family_name: str, model: Path, lora_file: Path | None = None):
 # ------------------------------------------------------------------------------------------------------ LoRA
 
 
-def test_lora_folder_card_and_lineage(runs, tmp_path):
+def test_lora_folder_card_and_lineage(runs, tiny_model, tmp_path):
     root, train_dir = runs("sd1x-lora")
     note = "Shapes on white: a | test note"
     result = publish(root, train_dir, tmp_path / "pub", f'model_card_note="{note}"', 'license="apache-2.0"')
@@ -119,7 +104,7 @@ def test_lora_folder_card_and_lineage(runs, tmp_path):
     assert not result.up_to_date and read_manifest(pub, stage="publish")["digest"] == result.manifest["digest"]
 
     meta, body = front_matter(pub / "README.md")
-    assert meta["base_model"] == "model"  # the base model's folder name, never the training machine's path
+    assert meta["base_model"] == tiny_model("sd1x").name  # the base model's folder name, never its path
     assert str(root) not in (pub / "README.md").read_text()
     assert set(meta["tags"]) >= {"sd1x", "lora", "text-to-image", "diffusers", "st", "not-for-all-audiences"}
     assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-to-image" and meta["inference"] is True
@@ -140,7 +125,7 @@ def test_lora_folder_card_and_lineage(runs, tmp_path):
     assert lineage["checkpoint"] is None and lineage["base_model"]["denoiser"]["subfolder"] == "unet"
 
 
-def test_published_lora_reproduces_the_validation_image(runs, tmp_path):
+def test_published_lora_reproduces_the_validation_image(runs, tiny_model, tmp_path):
     import torch
     from PIL import Image
 
@@ -155,8 +140,8 @@ def test_published_lora_reproduces_the_validation_image(runs, tmp_path):
         return pipe(**kwargs, num_inference_steps=2, guidance_scale=3.0, height=64, width=64, output_type="np",
                     generator=torch.Generator("cpu").manual_seed(0)).images[0]  # fmt: skip
 
-    base = render(pipeline("sd1x", root / "model"))
-    tuned = render(pipeline("sd1x", root / "model", tmp_path / "pub" / "pytorch_lora_weights.safetensors"))
+    base = render(pipeline("sd1x", tiny_model("sd1x")))
+    tuned = render(pipeline("sd1x", tiny_model("sd1x"), tmp_path / "pub" / "pytorch_lora_weights.safetensors"))
     assert np.abs(base - tuned).max() > 1e-3
     saved = np.asarray(Image.open(train_dir / "validation" / "step-2" / "validation-64x64-0.png").convert("RGB"))
     ours = (tuned * 255).round().astype(np.int16)
@@ -164,18 +149,19 @@ def test_published_lora_reproduces_the_validation_image(runs, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sd1x-lora", "pixart-lora"])
-def test_card_snippet_runs(runs, tmp_path, name):
+def test_card_snippet_runs(runs, tiny_model, tmp_path, name):
     """The card's diffusers snippet, run as written (CPU, fp32, one step): diffusers' loader, or peft for PixArt."""
     root, train_dir = runs(name)
+    model = tiny_model(RUNS[name][0])
     publish(root, train_dir, tmp_path / "pub")
     _, body = front_matter(tmp_path / "pub" / "README.md")
     code = body.split("```python\n", 1)[1].split("```", 1)[0]
     loader = "pipe.load_lora_weights(" if name == "sd1x-lora" else "set_peft_model_state_dict(pipe.transformer"
-    assert loader in code and 'from_pretrained("model", torch_dtype=dtype).to(device)' in code
+    assert loader in code and f'from_pretrained("{model.name}", torch_dtype=dtype).to(device)' in code
     assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in code  # runs where it is pasted
     # Pasted on this CPU machine, next to the base model's folder and with the published folder's path filled in.
     code = (code.replace("path/to/this/folder", str(tmp_path / "pub"))
-            .replace('from_pretrained("model"', f'from_pretrained({str(root / "model")!r}')
+            .replace(f'from_pretrained("{model.name}"', f'from_pretrained({str(model)!r}')
             .replace('image.save("image.png")', ""))  # fmt: skip
     code = re.sub(r"num_inference_steps=\d+", "num_inference_steps=1", code)
     scope: dict = {}
@@ -189,7 +175,7 @@ def test_card_snippet_runs(runs, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["sd1x-lora", "sdxl-lora"])
-def test_comfyui_unet_file_loads_in_diffusers_with_the_same_output(runs, tmp_path, name):
+def test_comfyui_unet_file_loads_in_diffusers_with_the_same_output(runs, tiny_model, tmp_path, name):
     root, train_dir = runs(name)
     family = name.split("-")[0]
     publish(root, train_dir, tmp_path / "pub", 'lora_format="comfyui"', 'hub_model_id="me/shapes"')
@@ -206,23 +192,25 @@ def test_comfyui_unet_file_loads_in_diffusers_with_the_same_output(runs, tmp_pat
     else:  # Kohya's SD 1.x names: the diffusers module path
         assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in tensors
     text = CacheReader(root / "cache").prompt(PROMPT)
-    base = denoise(family, pipeline(family, root / "model"), text)
+    model = tiny_model(family)
+    base = denoise(family, pipeline(family, model), text)
     diffusers_file = tmp_path / "pub" / "pytorch_lora_weights.safetensors"
-    diffusers_out = denoise(family, pipeline(family, root / "model", diffusers_file), text)
-    comfy_out = denoise(family, pipeline(family, root / "model", comfy), text)
+    diffusers_out = denoise(family, pipeline(family, model, diffusers_file), text)
+    comfy_out = denoise(family, pipeline(family, model, comfy), text)
     assert np.abs(base - diffusers_out).max() > 1e-4
     np.testing.assert_allclose(comfy_out, diffusers_out, rtol=0, atol=1e-6)
 
 
-def test_comfyui_sgm_names_cover_every_unet_module_kind(runs, tmp_path):
+def test_comfyui_sgm_names_cover_every_unet_module_kind(runs, tiny_model, tmp_path):
     """LoRA on resnets, samplers, embeddings and conv in/out too: diffusers reads every SGM name back exactly."""
     import torch
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
     root, _ = runs("sdxl-lora")
+    model = tiny_model("sdxl")
     family = get_family("sdxl")
-    pipe = pipeline("sdxl", root / "model")
+    pipe = pipeline("sdxl", model)
     targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                "conv2", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "linear_1", "linear_2", "conv"]
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
@@ -233,7 +221,7 @@ def test_comfyui_sgm_names_cover_every_unet_module_kind(runs, tmp_path):
             p.data.normal_(0, 0.05)
     saved = family.save_lora(tmp_path / "lora", get_peft_model_state_dict(pipe.unet), config=config)
     mods = lora.modules(lora.load_tensors(saved), lora.read_header(saved), "unet")
-    unet_config = json.loads((root / "model" / "unet" / "config.json").read_text())
+    unet_config = json.loads((model / "unet" / "config.json").read_text())
     tensors = comfyui.convert("sdxl", mods, unet_config)
     for name in ("lora_unet_input_blocks_0_0", "lora_unet_input_blocks_2_0_op", "lora_unet_out_2",
                  "lora_unet_middle_block_2_emb_layers_1", "lora_unet_output_blocks_1_0_skip_connection",
@@ -241,9 +229,9 @@ def test_comfyui_sgm_names_cover_every_unet_module_kind(runs, tmp_path):
         assert f"{name}.lora_down.weight" in tensors, name
     save_file(tensors, str(tmp_path / "comfy.safetensors"))
     text = CacheReader(root / "cache").prompt(PROMPT)
-    expected = denoise("sdxl", pipeline("sdxl", root / "model", saved), text)
-    got = denoise("sdxl", pipeline("sdxl", root / "model", tmp_path / "comfy.safetensors"), text)
-    assert np.abs(expected - denoise("sdxl", pipeline("sdxl", root / "model"), text)).max() > 1e-2
+    expected = denoise("sdxl", pipeline("sdxl", model, saved), text)
+    got = denoise("sdxl", pipeline("sdxl", model, tmp_path / "comfy.safetensors"), text)
+    assert np.abs(expected - denoise("sdxl", pipeline("sdxl", model), text)).max() > 1e-2
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
@@ -292,13 +280,12 @@ def test_comfyui_flux_uses_native_fused_modules(runs, tmp_path):
 
 
 @pytest.mark.parametrize("family_name", ["sd3", "pixart_sigma"])
-def test_comfyui_transformer_layouts(tmp_path, family_name):
+def test_comfyui_transformer_layouts(tiny_model, tmp_path, family_name):
     import torch
     from peft import LoraConfig, get_peft_model_state_dict
 
     family = get_family(family_name)
-    family.tiny(tmp_path / "model", 0)
-    denoiser = family.denoiser.load_class().from_pretrained(str(tmp_path / "model"), subfolder="transformer")
+    denoiser = family.denoiser.load_class().from_pretrained(str(tiny_model(family_name)), subfolder="transformer")
     from pipeline.families.sd3 import MMDIT_LORA_TARGETS
 
     # SD3: both streams (SimpleTuner's default targets only the image stream), to check every fused layout.
@@ -329,7 +316,7 @@ def test_comfyui_transformer_layouts(tmp_path, family_name):
 # ------------------------------------------------------------------------------------------- full, checkpoints
 
 
-def test_full_finetune_is_a_loadable_diffusers_folder(runs, tmp_path):
+def test_full_finetune_is_a_loadable_diffusers_folder(runs, tiny_model, tmp_path):
     import torch
     from safetensors.torch import load_file
 
@@ -340,7 +327,7 @@ def test_full_finetune_is_a_loadable_diffusers_folder(runs, tmp_path):
     trained = load_file(str(train_dir / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     state = pipe.unet.state_dict()
     assert set(state) == set(trained) and all(torch.equal(state[k], trained[k]) for k in trained)
-    base = pipeline("sd1x", root / "model")
+    base = pipeline("sd1x", tiny_model("sd1x"))
     assert torch.equal(pipe.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
     assert not torch.equal(state["conv_in.weight"], base.unet.state_dict()["conv_in.weight"])
     ema = tmp_path / "pub" / "ema_weights.safetensors"
@@ -353,7 +340,7 @@ def test_full_finetune_is_a_loadable_diffusers_folder(runs, tmp_path):
     assert 'from_pretrained(f"{folder}/model"' in body
 
 
-def test_publish_from_checkpoints(runs, tmp_path):
+def test_publish_from_checkpoints(runs, tiny_model, tmp_path):
     root, train_dir = runs("sd1x-lora")
     final = train_dir / "final" / "pytorch_lora_weights.safetensors"
     last = publish(root, train_dir / "checkpoints" / "checkpoint-2", tmp_path / "last")
@@ -372,7 +359,7 @@ def test_publish_from_checkpoints(runs, tmp_path):
     assert first.manifest["source"]["manifest_sha256"] == manifest_sha
     meta, body = front_matter(tmp_path / "first" / "README.md")
     assert "checkpoints/checkpoint-1" in body and "widget" not in meta  # no validation image at step 1
-    get_family("sd1x").load_lora_into_pipeline(pipeline("sd1x", root / "model"), tmp_path / "first" / final.name)
+    get_family("sd1x").load_lora_into_pipeline(pipeline("sd1x", tiny_model("sd1x")), tmp_path / "first" / final.name)
 
 
 # ------------------------------------------------------------------------------------------- lineage, re-runs

@@ -311,12 +311,13 @@ def test_report_to_none_writes_metrics_but_no_tensorboard_run(baseline):
 def test_one_process_can_train_with_different_precisions(data, tmp_path):
     """Library callers (notebooks) run several trainings in one process; accelerate's state must not leak."""
     root, config = data("sd1x")
-    bf16 = train(config, root / "cache", tmp_path / "bf16", 'mixed_precision="bf16"')
+    # One bf16 step: bf16 is emulated on CPUs without it (slow), and one step shows the run trained.
+    bf16 = train(config, root / "cache", tmp_path / "bf16", 'mixed_precision="bf16"', "max_train_steps=1")
     plain = train(config, root / "cache", tmp_path / "plain", 'mixed_precision="no"')
     # An explicit bf16 is kept on a CPU without native bf16 (emulated: slow, but what the user asked for).
-    assert bf16.manifest["config"]["mixed_precision"] == "bf16" and bf16.manifest["metrics"]["steps"] == 2
+    assert bf16.manifest["config"]["mixed_precision"] == "bf16" and bf16.manifest["metrics"]["steps"] == 1
     losses = _losses(tmp_path / "bf16")
-    assert sorted(losses) == [1, 2] and all(math.isfinite(x) and x > 0 for x in losses.values())
+    assert sorted(losses) == [1] and all(math.isfinite(x) and x > 0 for x in losses.values())
     assert plain.manifest["config"]["mixed_precision"] == "no" and plain.manifest["metrics"]["steps"] == 2
 
 

@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError, InputError, NotSupportedError  # noqa: 
 from pipeline.families import FAMILIES, component_identity, get_family, load_components, vae_factors  # noqa: E402
 
 NAMES = sorted(FAMILIES)
-T5_FAMILIES = ["flux", "pixart_sigma", "sd3"]
+T5_FAMILIES = ["flux", "pixart_sigma", "sd3", "auraflow", "lumina2"]
 PROMPTS = [
     "a photo of a dog",
     "  A Beautiful PAINTING of mountains at sunset, with clouds over a quiet lake; detailed oil, 4k!  ",
@@ -60,6 +60,25 @@ def pipeline_encode(name: str, pipe, prompts: list[str], max_length: int | None 
         if name == "pixart_sigma":
             embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu", **kw)
             return {"prompt_embeds": embeds, "attention_mask": mask}
+        if name == "auraflow":  # the pipeline returns the mask expanded to the embeddings' shape, then flattened
+            embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                                    max_sequence_length=max_length or 120)  # fmt: skip
+            return {"prompt_embeds": embeds, "attention_mask": mask.reshape(embeds.shape)[..., 0]}
+        if name == "lumina2":
+            embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu", **kw)
+            return {"prompt_embeds": embeds, "attention_mask": mask}
+        if name == "qwen_image":
+            embeds, mask = pipe.encode_prompt(prompts, device="cpu", **kw)
+            return {"prompt_embeds": embeds, "attention_mask": mask}
+        if name == "sana":  # st's default instruction is SimpleTuner's sana_complex_human_instruction
+            from pipeline.families.sana import COMPLEX_HUMAN_INSTRUCTION
+
+            embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                                    complex_human_instruction=list(COMPLEX_HUMAN_INSTRUCTION), **kw)  # fmt: skip
+            return {"prompt_embeds": embeds, "attention_mask": mask}
+        if name == "kolors":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False, **kw)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
     raise AssertionError(name)
 
 
@@ -98,7 +117,8 @@ def test_unknown_family_lists_known_names():
 
 
 def test_registry_is_consistent():
-    assert set(NAMES) == {"sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma"}
+    assert set(NAMES) == {"sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "qwen_image",
+                          "sana", "kolors"}  # fmt: skip
     for name, family in FAMILIES.items():
         assert family.name == name
         assert family.bucket_alignment >= 16
@@ -119,16 +139,20 @@ def test_tiny_folder_runs_in_its_pipeline(name, tiny_model, tiny_pipe):
     assert index["_class_name"] == family.pipeline_class
     assert index[family.denoiser.subfolder] == [family.denoiser.library, family.denoiser.class_name]
     for spec in family.text_encoders:
-        assert index[spec.model.subfolder] == [spec.model.library, spec.model.class_name]
+        library, class_name = index[spec.model.subfolder]
+        # Kolors' ChatGLM lives in diffusers.pipelines.kolors, which model_index.json names "kolors"
+        assert class_name == spec.model.class_name and spec.model.library.split(".")[-1] == library
         assert index[spec.tokenizer.subfolder][1] == spec.tokenizer.class_name
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 10 << 20
 
     pipe = tiny_pipe(name)
-    assert pipe.vae.config.latent_channels == family.latent_channels
+    # Qwen-Image's 3-D VAE calls its latent channels z_dim
+    assert (pipe.vae.config.get("latent_channels") or pipe.vae.config.get("z_dim")) == family.latent_channels
     scheduler_prediction = pipe.scheduler.config.get("prediction_type")
     if family.prediction_type == "flow_matching":
-        assert type(pipe.scheduler).__name__.startswith("FlowMatch")
+        # Sana samples with DPM-Solver over flow sigmas
+        assert type(pipe.scheduler).__name__.startswith("FlowMatch") or scheduler_prediction == "flow_prediction"
     else:
         assert scheduler_prediction == family.prediction_type
     image = pipe(PROMPTS[0], num_inference_steps=2, height=64, width=64, output_type="np").images
@@ -239,9 +263,12 @@ def test_pixart_trimmed_embeddings_give_the_same_denoiser_output(tiny_pipe):
 def test_vae_factors_come_from_the_config(name, tiny_model):
     vae = load_components(get_family(name), tiny_model(name), which=("vae",))["vae"]
     scale, shift = vae_factors(vae)
+    if name == "qwen_image":  # normalised per channel by latents_mean / latents_std instead
+        assert (scale, shift) == (1.0, None) and len(vae.config.latents_mean) == 16
+        return
     assert scale == vae.config.scaling_factor
-    assert shift == vae.config.shift_factor
-    assert (shift is not None) == (name in ("sd3", "flux"))
+    assert shift == vae.config.get("shift_factor")  # Sana's AutoencoderDC has none
+    assert (shift is not None) == (name in ("sd3", "flux", "lumina2"))
 
 
 @pytest.mark.parametrize("name", NAMES)

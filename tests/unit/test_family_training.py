@@ -276,8 +276,17 @@ def test_flow_shift_and_lora_loader(name, tiny_model):
     scheduler = load_components(family, tiny_model(name), which=("scheduler",))["scheduler"]
     if name == "sd3":
         assert family.default_flow_shift == scheduler.config.shift == 3.0
-    elif name == "flux":
+    elif name in ("flux", "qwen_image"):
         # Training uses SimpleTuner's static default shift 3.0; the scheduler's dynamic shifting is for inference.
         assert family.default_flow_shift == 3.0 and scheduler.config.use_dynamic_shifting
+    elif name == "auraflow":
+        # SimpleTuner's default 3.0 (its AuraFlow example sets flow_schedule_shift 1.73, the scheduler's shift).
+        assert family.default_flow_shift == 3.0 and scheduler.config.shift == 1.73
+    elif name == "lumina2":
+        assert family.default_flow_shift == 3.0 and scheduler.config.shift == 6.0
+    elif name == "sana":
+        # SimpleTuner trains Sana on FlowMatchEulerDiscreteScheduler's unshifted table (the DPM-Solver config's
+        # flow_shift is for inference only).
+        assert family.default_flow_shift == 1.0 and scheduler.config.flow_shift == 3.0
     else:
         assert family.default_flow_shift is None

@@ -22,6 +22,11 @@ DEFAULTS = {
     "sd1x": ("dreamshaper", "Lykon/dreamshaper-8"),
     "sd2x": ("pseudoflex-v2", "bghira/pseudo-flex-v2"),
     "pixart_sigma": ("900M-1024-v0.6", "terminusresearch/pixart-900m-1024-ft-v0.6"),
+    "auraflow": ("v0.3", "terminusresearch/auraflow-v0.3"),
+    "lumina2": ("2.0", "Alpha-VLLM/Lumina-Image-2.0"),
+    "qwen_image": ("v2.0", "Qwen/Qwen-Image-2512"),
+    "sana": ("sana1.5-4.8b-1024", "Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers"),
+    "kolors": ("1.0", "terminusresearch/kwai-kolors-1.0"),
 }
 # Flavours SimpleTuner trains with features st lacks: (family, flavour, the feature named in the error).
 NOT_YET = [
@@ -32,6 +37,7 @@ NOT_YET = [
     ("sdxl", "refiner-1.0", "SDXL refiner training"),
     ("sd1x", "realvis", "model_family sdxl"),
     ("pixart_sigma", "900M-1024-v0.7-stage1", "refiner_training"),
+    ("qwen_image", "edit-v2", "needs conditioning datasets"),
 ]
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
 from torch import nn
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.train import offload
 from pipeline.train.block_swap import BlockSwap
@@ -86,7 +85,6 @@ def options(**changes) -> offload.MemoryOptions:
     ({"musubi_blocks_to_swap": 2, "model_family": "sdxl"}, "UNet2DConditionModel is a UNet"),
     ({"enable_group_offload": True, "model_family": "sd1x"}, "is a UNet; turn enable_group_offload off"),
     ({"enable_group_offload": True, "gradient_checkpointing_interval": 2}, "on every block"),
-    ({"enable_group_offload": True, "group_offload_type": "leaf_level"}, "use block_level"),
     ({"musubi_blocks_to_swap": 2, "num_processes": 2}, "several processes"),
     ({"enable_group_offload": True, "group_offload_use_stream": True}, "needs a CUDA device"),
 ])  # fmt: skip
@@ -99,14 +97,7 @@ def test_the_defaults_hold_the_whole_model_and_pass_the_checks():
     offload.check(options(), torch.device("cpu"))
     memory = offload.hold(Tiny(), options(), "flux", torch.device("cpu"))
     assert memory.record() == {"group_offload": None, "block_swap": None, "offload_during_save": False,
-                               "model_cpu_offload": False}  # fmt: skip
-
-
-def test_ramtorch_is_refused_naming_the_gpu_it_needs(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"--ramtorch": True, "--ramtorch_target_modules": "*.to_q"}))
-    with pytest.raises(ConfigError, match="RamTorch Linear streaming \\(it needs a CUDA or ROCm GPU"):
-        load_config(path)
+                               "model_cpu_offload": False, "ramtorch": None}  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
