@@ -155,11 +155,16 @@ def check_report(report: Any) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_WIDTH = 40  # `st options` shortens longer defaults
+
+
 def options_table(rows: Sequence[Any]) -> str:
     """`st options`: one row per option (see `pipeline.option_list.OptionInfo`), then the count."""
 
     def default(row: Any) -> str:  # an option no stage reads has no default unless the reference names one
-        return "-" if row.default is None and row.type == "-" else show_value(row.default)
+        shown = "-" if row.default is None and row.type == "-" else show_value(row.default)
+        shown = " ".join(shown.split())  # a multi-line default (Sana's instruction) stays on its row
+        return shown if len(shown) <= DEFAULT_WIDTH else shown[: DEFAULT_WIDTH - 3] + "..."  # --json has it whole
 
     table = format_table(["option", "type", "default", "stages", "key", "simpletuner", "notes"],
                          [[r.name, r.type, default(r), ",".join(r.stages) or "-", r.in_key, r.state, r.notes]
