@@ -274,7 +274,7 @@ REFUSED_CHOICES: dict[str, dict[str, str]] = {
 
 # Values SimpleTuner does not accept either, and the name SimpleTuner uses: option -> value -> SimpleTuner's value.
 RENAMED_CHOICES: dict[str, dict[str, str]] = {
-    "model_family": {"pixart": "pixart_sigma"},
+    "model_family": {"pixart": "pixart_sigma", "z-image": "z_image"},  # the Z-Image quickstart writes "z-image"
 }
 
 

@@ -57,7 +57,8 @@ from pipeline.families import FAMILIES
 # SimpleTuner's names for the families st supports, where they differ from st's.
 FAMILY_NAMES = {**{name: name for name in FAMILIES}, "pixart": "pixart_sigma"}
 QUICKSTARTS = {"FLUX": "flux", "SDXL": "sdxl", "SD3": "sd3", "SIGMA": "pixart_sigma", "QWEN_IMAGE": "qwen_image",
-               "AURAFLOW": "auraflow", "LUMINA2": "lumina2", "SANA": "sana", "KOLORS": "kolors"}
+               "AURAFLOW": "auraflow", "LUMINA2": "lumina2", "SANA": "sana", "KOLORS": "kolors", "CHROMA": "chroma",
+               "ZIMAGE": "z_image"}
 DATALOADER_FAMILY = "sdxl"
 REFUSAL = re.compile(r"does not implement|not supported yet")
 MISSING_FOLDER = re.compile(r"instance_data_dir (/\S*) does not exist")

@@ -87,6 +87,8 @@ class Family:
     lora_loader: bool = True
     flavours: tuple[Flavour, ...] = ()
     default_flavour: str | None = None
+    # Bends the training sigmas after shifting (Chroma's schedule in SimpleTuner); None: unchanged.
+    sigma_curve: Callable[[Any], Any] | None = None
     latent_side_limit: Callable[[Any], tuple[int, str] | None] | None = None
 
     def __post_init__(self) -> None:
@@ -94,8 +96,8 @@ class Family:
             raise ValueError(f"{self.name}: unknown prediction_type {self.prediction_type!r}")
         if self.bucket_alignment < 16:
             raise ValueError(f"{self.name}: bucket_alignment must be at least 16")
-        if self.flavours and not any(f.name == self.default_flavour and not f.needs for f in self.flavours):
-            raise ValueError(f"{self.name}: default_flavour {self.default_flavour!r} is not a flavour st trains")
+        if self.flavours and not any(f.name == self.default_flavour for f in self.flavours):
+            raise ValueError(f"{self.name}: default_flavour {self.default_flavour!r} is not one of its flavours")
 
     def flavour_hub_id(self, name: str | None) -> str:
         """The hub id of flavour `name` (None: the default flavour); ConfigError for an unknown flavour or one that
@@ -107,8 +109,12 @@ class Family:
             raise ConfigError(f"unknown model_flavour {name!r} for model_family {self.name}; its flavours: {known} "
                               "(or set pretrained_model_name_or_path)")  # fmt: skip
         if flavour.needs:
+            # SimpleTuner's default may be a flavour st cannot train yet: refused too, never swapped for another model.
+            hint = "" if name != self.default_flavour else (
+                f"; it is {self.name}'s default flavour (as in SimpleTuner): set model_flavour to one of "
+                f"{', '.join(f.name for f in self.flavours if not f.needs)}, or pretrained_model_name_or_path")
             raise ConfigError(f"{self.name} flavour {name!r} ({flavour.hub_id}) needs {flavour.needs}, not supported "
-                              "yet")  # fmt: skip
+                              f"yet{hint}")  # fmt: skip
         return flavour.hub_id
 
     def load_pipeline_class(self) -> type:

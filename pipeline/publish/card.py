@@ -123,7 +123,7 @@ def _settings(card: Card) -> list[list[Any]]:
             rate = config.get("text_encoder_lr") or config.get("learning_rate")
             limit = config.get("text_encoder_limit")
             rows.append(["train_text_encoder", f"LoRA of the same rank, learning rate {rate}, first {limit} step(s)"])
-        if card.family.name == "flux":
+        if card.family.name in ("flux", "chroma"):
             rows.append(["flux_lora_target", config.get("flux_lora_target")])
     warmup = config.get("lr_warmup_steps") or 0
     per, accum = config.get("train_batch_size") or 1, config.get("gradient_accumulation_steps") or 1

@@ -138,14 +138,20 @@ _PIXART_TOP = {"pos_embed.proj": "x_embedder.proj", "caption_projection.linear_1
 def native_target(family: str, module: str, config: dict[str, Any] | None = None) -> Target | None:
     """The native module of a diffusers transformer module path, or None when the layout has no such module."""
     config = config or {}
-    if family == "flux":
+    if family in ("flux", "chroma"):
+        # ComfyUI's Chroma model keeps Flux's native block names (double_blocks / single_blocks, img_in, txt_in,
+        # final_layer.linear; no modulation layers): its generic `diffusion_model.` keys read them.
         return _flux(module)
     if family == "sd3":
         return _sd3(module, config)
     if family == "pixart_sigma":
         return _pixart(module)
-    if family == "qwen_image":  # ComfyUI's Qwen-Image keeps the diffusers module names (comfy/lora.py)
-        return Target(module)
+    if family in ("qwen_image", "z_image"):
+        # comfy/lora.py reads both under the diffusers module names: Qwen-Image's directly, Z-Image's (its Lumina2
+        # branch) through z_image_to_diffusers, which places to_q/to_k/to_v in the native qkv as `dim` rows each,
+        # wrong for grouped key/value heads.
+        grouped = config.get("n_kv_heads", config.get("n_heads")) != config.get("n_heads")
+        return None if family == "z_image" and grouped and re.search(r"attention\.to_[kv]$", module) else Target(module)
     return None
 
 

@@ -32,6 +32,7 @@ SLIDER_TARGETS: dict[str | None, tuple[str, ...]] = {
     None: ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "proj_in", "proj_out", "conv_in", "conv_out",
            "time_embedding.linear_1", "time_embedding.linear_2"),
     "flux": ("to_k", "to_q", "to_v", "to_out.0"),
+    "chroma": ("to_k", "to_q", "to_v", "to_out.0"),
     "sd3": ("to_k", "to_q", "to_v", "to_out.0"),
 }
 
@@ -51,7 +52,7 @@ def lora_config(options: AdapterOptions, family: Family, saved: bool = False, co
     elif options.slider_lora_target:
         targets = SLIDER_TARGETS.get(family.name, SLIDER_TARGETS[None])
     else:
-        targets = family.lora_target_modules(options.flux_lora_target if family.name == "flux" else None)
+        targets = family.lora_target_modules(options.flux_lora_target if family.name in ("flux", "chroma") else None)
     factor = 2 if converted else 1
     alpha = options.lora_alpha if options.lora_alpha is not None else options.lora_rank
     settings = dict(

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,8 +219,10 @@ class Objective:
         scheduler_config: dict[str, Any] | None,
         num_train_timesteps: int = 1000,
         default_shift: float | None = None,
+        sigma_curve: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        """`kind` is the family's default prediction type; `scheduler_config` the model's scheduler_config.json.
+        """`kind` is the family's default prediction type; `scheduler_config` the model's scheduler_config.json;
+        `sigma_curve` a family's reshaping of the default (logit-normal) flow sigmas after the shift (Chroma's).
 
         A DDPM scheduler config's own `prediction_type` (epsilon / v_prediction) beats `kind`, and
         `options.prediction_type` beats both; switching between flow matching and DDPM is a ConfigError.
@@ -234,6 +237,7 @@ class Objective:
         self.alphas_cumprod: Tensor | None = None
         self.weights: Tensor | None = None
         self.shift = 1.0
+        self.sigma_curve = sigma_curve
         if self.is_flow:
             self._init_flow(options, default_shift)
         else:
@@ -395,6 +399,9 @@ class Objective:
         else:
             normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
             sigmas = torch.sigmoid(options.flow_sigmoid_scale * normal)
+            if self.sigma_curve is not None:
+                sigmas = self.sigma_curve(shift_sigmas(sigmas, shift).clamp_(0.0, 1.0))
+                return sigmas.to(torch.float32)
         return shift_sigmas(sigmas, shift).clamp_(0.0, 1.0).to(torch.float32)
 
     def perturbation_scale(self, step: int) -> float:

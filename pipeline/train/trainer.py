@@ -145,7 +145,8 @@ class Trainer:
 
         self.objective = Objective(ObjectiveOptions.from_config(config), kind=family.prediction_type,
                                    scheduler_config=self.scheduler_config,
-                                   default_shift=family.default_flow_shift)  # fmt: skip
+                                   default_shift=family.default_flow_shift,
+                                   sigma_curve=family.sigma_curve)  # fmt: skip
         self.index = CacheIndex(cache_root, cache_manifest)
         self.planner = EpochPlanner(self.index, seed=self.seed, sampling=config.data_backend_sampling,
                                     global_batch=global_batch(config.train_batch_size, self.world))  # fmt: skip

@@ -1,7 +1,8 @@
 """`st train` and `st publish` on the tiny models of AuraFlow, Lumina 2, Sana, Kolors and Qwen-Image: a resumed run
 ends byte for byte where an uninterrupted one does; the published LoRA loads into the family's diffusers pipeline and
 changes its image; ComfyUI's file is written where ComfyUI has a layout for the family (AuraFlow: diffusers names
-under `transformer.`; Qwen-Image: the transformer's own module names) and refused with the fix where it has none."""
+under `transformer.`; Qwen-Image and Z-Image: the transformer's own module names; Chroma: Flux's native names) and
+refused with the fix where it has none."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pipeline.families import get_family
 from pipeline.publish.stage import run_publish
 from tests.helpers.training import WEIGHTS, losses, train
 
-FAMILIES = ("auraflow", "lumina2", "sana", "kolors", "qwen_image")
+FAMILIES = ("auraflow", "lumina2", "sana", "kolors", "qwen_image", "z_image", "chroma")
 NO_COMFYUI = ("lumina2", "sana", "kolors")
 SETS = ["checkpoint_step_interval=2", "learning_rate=1e-2", "lora_dropout=0", "caption_dropout_probability=0",
         'mixed_precision="no"', "lora_rank=4", "lora_alpha=8"]  # fmt: skip
@@ -84,7 +85,11 @@ def test_comfyui_file_is_written_or_refused_with_the_fix(cached, straight, tiny_
         assert all(k.startswith("transformer.") for k in tensors)
         assert {k.rsplit(".", 2)[-2] for k in tensors if not k.endswith(".alpha")} == {"lora_A", "lora_B"}
         assert all(v.item() == 8.0 for k, v in tensors.items() if k.endswith(".alpha"))
-    else:  # qwen_image: `diffusion_model.` + the transformer's module names
+    elif family == "chroma":  # Flux's native names, which ComfyUI's Chroma model keeps; q/k/v fused
+        modules = {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in tensors if k.endswith("lora_A.weight")}
+        double = {f"double_blocks.0.{stream}_attn.{layer}" for stream in ("img", "txt") for layer in ("qkv", "proj")}
+        assert modules == double | {"single_blocks.0.linear1", "single_blocks.1.linear1"}
+    else:  # qwen_image, z_image: `diffusion_model.` + the transformer's module names
         denoiser = get_family(family).denoiser
         transformer = denoiser.load_class().from_pretrained(str(tiny_model(family)), subfolder=denoiser.subfolder)
         names = set(transformer.state_dict())

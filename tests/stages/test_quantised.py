@@ -210,7 +210,7 @@ def test_cuda_only_presets_exit_2_before_any_work(cached, cli, tmp_path, sets):
 def test_resume_on_a_quantised_base_is_exact(cached, tmp_path):
     """Two `st train` processes (1 step, then resumed to 2) give the bytes of one uninterrupted 2-step run."""
     setup = cached("sd1x")
-    sets = (*SETS, 'base_model_precision="int4-quanto"', "validation_disable=true", "disable_benchmark=true",
+    sets = (*SETS, 'base_model_precision="int8-quanto"', "validation_disable=true", "disable_benchmark=true",
             "checkpoint_step_interval=1", "seed=7")  # fmt: skip
     straight = run_st_train(setup, tmp_path / "straight", *sets, "max_train_steps=2")
     assert straight.returncode == 0, straight.stderr

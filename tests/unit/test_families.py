@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError, InputError, NotSupportedError  # noqa: 
 from pipeline.families import FAMILIES, component_identity, get_family, load_components, vae_factors  # noqa: E402
 
 NAMES = sorted(FAMILIES)
-T5_FAMILIES = ["flux", "pixart_sigma", "sd3", "auraflow", "lumina2"]
+T5_FAMILIES = ["flux", "pixart_sigma", "sd3", "auraflow", "lumina2", "chroma"]
 PROMPTS = [
     "a photo of a dog",
     "  A Beautiful PAINTING of mountains at sunset, with clouds over a quiet lake; detailed oil, 4k!  ",
@@ -79,6 +79,17 @@ def pipeline_encode(name: str, pipe, prompts: list[str], max_length: int | None 
         if name == "kolors":
             embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False, **kw)
             return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if name == "chroma":  # the mask keeps the real tokens and the first padding token
+            embeds, _, mask, *_ = pipe.encode_prompt(prompts, None, device="cpu", do_classifier_free_guidance=False,
+                                                     **kw)  # fmt: skip
+            return {"prompt_embeds": embeds, "attention_mask": mask}
+        if name == "z_image":  # one tensor of real tokens per prompt, padded here with zeros and mask 0
+            # (the pipeline writes the chat-templated prompts into the list it is given: pass a copy)
+            embeds, _ = pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=False, **kw)
+            longest = max(e.shape[0] for e in embeds)
+            mask = torch.tensor([[1] * e.shape[0] + [0] * (longest - e.shape[0]) for e in embeds])
+            padded = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[0])) for e in embeds])
+            return {"prompt_embeds": padded, "attention_mask": mask}
     raise AssertionError(name)
 
 
@@ -118,7 +129,7 @@ def test_unknown_family_lists_known_names():
 
 def test_registry_is_consistent():
     assert set(NAMES) == {"sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "qwen_image",
-                          "sana", "kolors"}  # fmt: skip
+                          "sana", "kolors", "z_image", "chroma"}  # fmt: skip
     for name, family in FAMILIES.items():
         assert family.name == name
         assert family.bucket_alignment >= 16
@@ -268,7 +279,7 @@ def test_vae_factors_come_from_the_config(name, tiny_model):
         return
     assert scale == vae.config.scaling_factor
     assert shift == vae.config.get("shift_factor")  # Sana's AutoencoderDC has none
-    assert (shift is not None) == (name in ("sd3", "flux", "lumina2"))
+    assert (shift is not None) == (name in ("sd3", "flux", "lumina2", "z_image", "chroma"))
 
 
 @pytest.mark.parametrize("name", NAMES)

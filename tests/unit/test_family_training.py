@@ -261,9 +261,9 @@ def test_flux_presets_match_modules(tiny_model):
 @pytest.mark.parametrize("name", NAMES)
 def test_default_targets_match_the_denoiser(name, trained):
     family = get_family(name)
-    # every family's default is checked against the tiny model; presets are Flux's only
+    # every family's default is checked against the tiny model; presets are Flux's and Chroma's only
     assert family.lora_target_modules("all+ffs", denoiser=trained(name)["denoiser"]) == (
-        family.lora_targets if name != "flux" else dict(family.lora_presets)["all+ffs"]
+        family.lora_targets if name not in ("flux", "chroma") else dict(family.lora_presets)["all+ffs"]
     )
     with pytest.raises(ConfigError, match="match no module"):
         family.lora_target_modules(None, denoiser=torch.nn.Sequential(torch.nn.Linear(2, 2)))
@@ -276,7 +276,7 @@ def test_flow_shift_and_lora_loader(name, tiny_model):
     scheduler = load_components(family, tiny_model(name), which=("scheduler",))["scheduler"]
     if name == "sd3":
         assert family.default_flow_shift == scheduler.config.shift == 3.0
-    elif name in ("flux", "qwen_image"):
+    elif name in ("flux", "qwen_image", "chroma"):
         # Training uses SimpleTuner's static default shift 3.0; the scheduler's dynamic shifting is for inference.
         assert family.default_flow_shift == 3.0 and scheduler.config.use_dynamic_shifting
     elif name == "auraflow":
@@ -284,6 +284,8 @@ def test_flow_shift_and_lora_loader(name, tiny_model):
         assert family.default_flow_shift == 3.0 and scheduler.config.shift == 1.73
     elif name == "lumina2":
         assert family.default_flow_shift == 3.0 and scheduler.config.shift == 6.0
+    elif name == "z_image":  # SimpleTuner's default; the scheduler's static shift 3 is Z-Image's own
+        assert family.default_flow_shift == 3.0 == scheduler.config.shift and not scheduler.config.use_dynamic_shifting
     elif name == "sana":
         # SimpleTuner trains Sana on FlowMatchEulerDiscreteScheduler's unshifted table (the DPM-Solver config's
         # flow_shift is for inference only).
