@@ -38,7 +38,7 @@ class TextEncoderSpec:
     model: Component
     tokenizer: Component
     max_length: int
-    kind: str  # "clip" or "t5"
+    kind: str  # "clip", "t5", "gemma", "chatglm", "qwen2_5_vl", "qwen3" (code branches on "t5" only)
 
 
 @dataclass(frozen=True)
