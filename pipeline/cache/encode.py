@@ -189,13 +189,9 @@ def pad_rows(batch, rows: int):
     return torch.cat([batch, batch.new_zeros((missing, *batch.shape[1:]))])
 
 
-def family_text_options(family: str, options: CacheOptions) -> dict[str, Any]:
-    """Options only one family's `encode_prompts` takes: Sana's complex human instruction."""
-    if family != "sana":
-        return {}
-    from ..families.sana import instruction_lines
-
-    return {"complex_human_instruction": instruction_lines(options.sana_complex_human_instruction)}
+def family_text_options(family: Family, options: CacheOptions) -> dict[str, Any]:
+    """The keywords only this family's `encode_prompts` takes (`Family.text_options`), from the cache options."""
+    return family.text_options(options) if family.text_options else {}
 
 
 def encode_texts(encoders: Encoders, prompts: list[str], options: CacheOptions) -> list[dict[str, Any]]:
@@ -203,7 +199,7 @@ def encode_texts(encoders: Encoders, prompts: list[str], options: CacheOptions) 
     with train_text_encoder also each tokenizer's token ids and mask (`families.text_training`)."""
     dtype = torch_dtype(options.cache_dtype)
     encoded = encoders.encode_prompts(prompts, options.tokenizer_max_length, options.t5_padding,
-                                      **family_text_options(encoders.family.name, options))  # fmt: skip
+                                      **family_text_options(encoders.family, options))  # fmt: skip
     if options.train_text_encoder:
         from ..families.text_training import token_items
 

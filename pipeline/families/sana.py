@@ -215,4 +215,6 @@ FAMILY = Family(
     default_flow_shift=1.0,
     flavours=FLAVOURS,
     default_flavour="sana1.5-4.8b-1024",
+    text_options=lambda options: {
+        "complex_human_instruction": instruction_lines(options.sana_complex_human_instruction)},
 )

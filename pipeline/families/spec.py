@@ -89,6 +89,10 @@ class Family:
     default_flavour: str | None = None
     # Bends the training sigmas after shifting (Chroma's schedule in SimpleTuner); None: unchanged.
     sigma_curve: Callable[[Any], Any] | None = None
+    # The family's own cache options as `encode_prompts` keywords (Sana's instruction); None: there are none.
+    text_options: Callable[[Any], dict[str, Any]] | None = None
+    # The pipeline takes prompt embeddings as a list, one prompt's real tokens per item (ZImagePipeline).
+    list_prompt_embeds: bool = False
     latent_side_limit: Callable[[Any], tuple[int, str] | None] | None = None
 
     def __post_init__(self) -> None:

@@ -163,5 +163,6 @@ FAMILY = Family(
     default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default (Z-Image sets no other)
     flavours=FLAVOURS,
     default_flavour="turbo-ostris-v2",  # SimpleTuner's default; refused until assistant LoRAs exist
+    list_prompt_embeds=True,  # ZImagePipeline takes one tensor of real tokens per prompt
     latent_side_limit=latent_side_limit,
 )

@@ -108,7 +108,7 @@ class Validator:
                 if name in self.call_params:
                     kwargs[name] = value.to(self.device, dtype=value.dtype if not value.is_floating_point() else
                                             self.pipe.vae.dtype)  # fmt: skip
-        if self.family.name == "z_image":  # ZImagePipeline takes a list: one prompt's real tokens per item
+        if self.family.list_prompt_embeds:  # one prompt's real tokens per item
             kwargs = {k: list(v.unbind(0)) if k.endswith("prompt_embeds") else v for k, v in kwargs.items()}
         return kwargs
 
