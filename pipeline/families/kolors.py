@@ -146,4 +146,5 @@ FAMILY = Family(
     single_file=False,
     flavours=FLAVOURS,
     default_flavour="1.0",
+    control_input="pixels",
 )

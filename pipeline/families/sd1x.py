@@ -153,4 +153,5 @@ FAMILY = Family(
     predict=predict_unet,
     flavours=FLAVOURS,
     default_flavour="dreamshaper",
+    control_input="pixels",
 )

@@ -74,4 +74,5 @@ FAMILY = Family(
     predict=sd1x.predict_unet,
     flavours=FLAVOURS,
     default_flavour="pseudoflex-v2",
+    control_input="pixels",
 )

@@ -167,4 +167,5 @@ FAMILY = Family(
     predict=predict,
     flavours=FLAVOURS,
     default_flavour="base-1.0",
+    control_input="pixels",
 )

@@ -94,10 +94,16 @@ class Family:
     # The pipeline takes prompt embeddings as a list, one prompt's real tokens per item (ZImagePipeline).
     list_prompt_embeds: bool = False
     latent_side_limit: Callable[[Any], tuple[int, str] | None] | None = None
+    # What a control/conditioning image enters the model as: "pixels" (the UNet ControlNets of SD 1.x/2.x/SDXL take
+    # the image itself) or "latents" (DiT ControlNets and edit models take its VAE latents). `st cache` stores the
+    # conditioning image's pixels always and its latents only for "latents".
+    control_input: str = "latents"
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"{self.name}: unknown prediction_type {self.prediction_type!r}")
+        if self.control_input not in ("pixels", "latents"):
+            raise ValueError(f"{self.name}: control_input must be 'pixels' or 'latents'")
         if self.bucket_alignment < 16:
             raise ValueError(f"{self.name}: bucket_alignment must be at least 16")
         if self.flavours and not any(f.name == self.default_flavour for f in self.flavours):

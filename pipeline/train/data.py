@@ -184,6 +184,16 @@ class Batch:
     dropped: list[bool]
     epoch: int
     index: int  # global batch index within the epoch
+    # Paired data (a batch holds samples of one dataset, so these are per batch). None / False when absent.
+    dataset_id: str = ""
+    regularisation: bool = False  # the dataset has is_regularisation_data: the target is the base model's prediction
+    # The conditioning image chosen for each sample (conditioning_type controlnet / reference_*), at the target's size:
+    control_pixels: Any = None  # B x 3 x H x W float32 in [-1, 1]
+    control_latents: Any = None  # B x C x h x w float32 VAE latents (scaled as `latents`), families with control_input "latents"
+    # The sample's mask image (conditioning_type mask / segmentation), at the target's size, as SimpleTuner's
+    # conditioning_pixel_values: B x 3 x H x W float32 in [-1, 1]; `mask_kind` says how the loss reads it.
+    mask_pixels: Any = None
+    mask_kind: str | None = None
 
 
 class TrainLoader:

@@ -28,7 +28,7 @@ from .checkpoint import (
     read_checkpoint,
     save_rank_state,
 )
-from .data import CacheIndex, Cursor, EpochPlanner, SampleReader, TrainLoader
+from .data import Batch, CacheIndex, Cursor, EpochPlanner, SampleReader, TrainLoader
 from .options import AdapterOptions, CheckpointOptions, ObjectiveOptions, OptimizerOptions, ValidationOptions
 from .seeding import isolated_rng, seed_global
 
@@ -326,19 +326,21 @@ class Trainer:
         """The SDPA kernel choice of attention_mechanism; entered around forward and backward."""
         return speed.attention_context(self.config.attention_mechanism)
 
-    def forward_loss(self, noised, texts: list[dict[str, Any]], meta: list[dict[str, Any]], guidance, step: int):
-        """The objective's loss of one forward pass of the denoiser on a noised batch (training and evaluation)."""
+    def forward_loss(self, noised, texts: list[dict[str, Any]], meta: list[dict[str, Any]], guidance, step: int,
+                     batch: Batch | None = None):  # fmt: skip
+        """The objective's loss of one forward pass of the denoiser on a noised batch (training and evaluation).
+        `batch`: the batch the latents came from, for its paired data (conditioning images, masks, regularisation)."""
         with self.accelerator.autocast():
             prediction = self.family.denoiser_forward(self.model, noised.noisy, noised.timesteps, self._text(texts, step),
                                                       meta, guidance=_to(guidance, self.device))  # fmt: skip
         return self.objective.loss(prediction.float(), noised, step)
 
-    def _forward_loss(self, latents, texts, meta, step: int):
+    def _forward_loss(self, batch: Batch, step: int):
         """A training batch's loss: noise, timesteps and guidance drawn from the run's generator."""
-        latents = latents.to(self.device)
+        latents = batch.latents.to(self.device)
         noised = self.objective.draw(latents, self.generator, step)
         guidance = self.objective.guidance(latents.shape[0], self.generator)
-        return self.forward_loss(noised, texts, meta, guidance, step)
+        return self.forward_loss(noised, batch.texts, batch.meta, guidance, step, batch=batch)
 
     def evaluate(self) -> float | None:
         """Mean loss over a fixed set of samples at fixed timesteps and fixed noise."""
@@ -407,7 +409,7 @@ class Trainer:
                     last_micro = (micro + 1) % self.accum == 0
                     sync = nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.model)
                     with sync, self._attention():
-                        loss = self._forward_loss(batch.latents, batch.texts, batch.meta, state.step)
+                        loss = self._forward_loss(batch, state.step)
                         self.accelerator.backward(loss / self.accum)
                     losses.append(float(loss.detach()))
                     micro += 1
