@@ -37,7 +37,9 @@ MAX_REPEATS = int(OPTION_RANGES["repeats"].high)
 JSON = "json"
 LATENT = "latent.safetensors.zst"
 TEXT = "text.safetensors.zst"
-MEMBERS = (JSON, LATENT, TEXT)
+COND = "cond.safetensors.zst"  # a paired sample's conditioning images (pixels, and latents where the model wants them)
+MEMBERS = (JSON, LATENT, TEXT, COND)
+CONDITIONING_KINDS = ("controlnet", "mask", "segmentation", "reference_strict", "reference_loose")
 TEXT_WIDTH_MAX = 8192  # widest hidden size a cached caption may have (twice T5-XXL's 4096)
 MARGIN = 1 << 20  # safetensors headers, pooled embeddings, attention masks
 JSON_MEMBER_MAX = 16 << 20
@@ -52,6 +54,7 @@ class CachedSample:
     meta: dict[str, Any]
     latent: Any  # torch.Tensor, C x h x w
     texts: list[dict[str, Any]]  # per caption: prompt_embeds, pooled_prompt_embeds, attention_mask, as stored
+    conditioning: dict[str, Any] = field(default_factory=dict)  # the cond member's tensors ("0.pixels", ...)
 
 
 @dataclass
@@ -115,7 +118,42 @@ class CacheChecks:
                 raise malformed(where(JSON), f"captions {local} are stored in the sample, but it has no {TEXT} member")
             specs, sizes[TEXT] = self._specs(members[TEXT], self.text_bytes(len(local)), where(TEXT), decompress)
             self._check_text(specs, local, where(TEXT))
+        partners = meta.get("conditioning", [])
+        if partners or COND in members:
+            if COND not in members or not partners:
+                raise malformed(where(JSON), f"the sample's conditioning list and its {COND} member disagree")
+            bound = len(partners) * (self.pixel_bytes(shard["bucket"]) + latent_bound) + MARGIN
+            specs, sizes[COND] = self._specs(members[COND], min(bound, MAX_MEMBER_BYTES), where(COND), decompress)
+            self._check_cond(specs, partners, shard["bucket"], where(COND))
         return CheckedSample(key, meta, sizes, local)
+
+    @staticmethod
+    def pixel_bytes(bucket: str) -> int:
+        """The bytes of one uint8 RGB image of `bucket` ("WxH" pixels)."""
+        width, _, height = bucket.partition("x")
+        return 3 * int(width) * int(height)
+
+    def _check_cond(self, specs: dict[str, TensorSpec], partners: list[Any], bucket: str, where: str) -> None:
+        """`{i}.pixels`: uint8 [3, H, W] at the bucket's size, for every listed conditioning image; `{i}.latent`:
+        shaped as the sample's latent."""
+        width, height = (int(v) for v in bucket.split("x"))
+        expected = {f"{i}.pixels" for i in range(len(partners))}
+        latents = {name for name in specs if name.endswith(".latent")}
+        if set(specs) - latents != expected or any(n.partition(".")[0] not in {str(i) for i in range(len(partners))}
+                                                   for n in latents):  # fmt: skip
+            raise malformed(where, f"expected tensors {sorted(expected)} (and latents of them), found {sorted(specs)}")
+        for name in expected:
+            spec = specs[name]
+            if spec.dtype != "U8" or list(spec.shape) != [3, height, width]:
+                raise malformed(where, f"{name} is {spec.dtype} {list(spec.shape)}, expected U8 [3, {height}, {width}]")
+        shape = self._latent_shapes.get(bucket)
+        for name in latents:
+            spec = specs[name]
+            if spec.dtype != _TENSOR_DTYPES[self.dtype] or (shape is not None and spec.shape != shape):
+                raise malformed(where, f"{name} is {spec.dtype} {list(spec.shape)}, unlike the sample's latent")
+        for partner in partners:
+            if not isinstance(partner, dict) or partner.get("kind") not in CONDITIONING_KINDS:
+                raise malformed(where, f"conditioning entry {partner!r} has no known kind")
 
     def check_embeds(self, data: bytes, where: str, *, decompress: bool = False) -> None:
         """Check the shared embeddings file: bounded frame, valid safetensors, every tensor of a listed prompt."""
@@ -257,7 +295,8 @@ class CacheReader:
         for i, ref in enumerate(checked.meta["text"]):
             kind, _, value = ref.partition(":")
             texts.append(local[i] if kind == "sample" else self.shared_embeds()[value])
-        return CachedSample(checked.key, checked.meta, latent, texts)
+        conditioning = tensors(COND) if COND in members else {}
+        return CachedSample(checked.key, checked.meta, latent, texts, conditioning)
 
     def iter_shard(self, shard: dict[str, Any]) -> Iterator[CachedSample]:
         path = self.root / shard["path"]

@@ -6,6 +6,11 @@ storage `type` are checked before its other keys. Entries SimpleTuner needs but 
 (`dataset_type: text_embeds` / `image_embeds`, cache paths, ...) are accepted with one log line saying why they are
 ignored; keys of features st lacks are refused unless at their default (`pipeline.simpletuner`); keys neither tool
 knows are errors.
+
+Paired data: an `image` (or `eval`) entry names its conditioning datasets in `conditioning_data` (an id or a list);
+each is an entry with `dataset_type: conditioning` and a `conditioning_type`, parsed into a `ConditioningSpec`.
+`conditioning: [{"type": "canny", ...}]` on an image entry makes `st prepare` generate such a dataset
+(`<id>_conditioning_<type>`, inside its output folder) and links it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,15 @@ PER_DATASET_OPTIONS = (
     "maximum_aspect_ratio", "crop", "crop_style", "crop_aspect", "crop_aspect_buckets", "max_upscale_threshold",
     "repeats", "probability",
 )  # fmt: skip
-ENTRY_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "parquet", *PER_DATASET_OPTIONS)
+ENTRY_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "parquet", "conditioning_data",
+              "conditioning", "is_regularisation_data", *PER_DATASET_OPTIONS)  # fmt: skip
+# A conditioning entry's own keys; its resize and crop follow its target image, so the image options it may carry
+# (SimpleTuner's examples repeat the target's) are read by nothing.
+CONDITIONING_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "conditioning_type",
+                     "source_dataset_id")  # fmt: skip
+CONDITIONING_TYPES = ("controlnet", "mask", "segmentation", "reference_strict", "reference_loose")
+MASK_TYPES = ("mask", "segmentation")
+PRIMARY_DATASET_TYPES = ("image", "eval")
 PARQUET_KEYS = (
     "path", "filename_column", "caption_column", "fallback_caption_column", "width_column", "height_column",
     "identifier_includes_extension",
@@ -91,15 +104,62 @@ class DatasetSpec:
     probability: float
     repeats_explicit: bool = False
     parquet: ParquetCaptions | None = None
+    dataset_type: str = "image"  # "eval": used only for the evaluation loss
+    conditioning_data: tuple[str, ...] = ()  # ids of its conditioning datasets (generated ones included), in order
+    conditioning: tuple[Any, ...] = ()  # conditioning generators (`pipeline.prepare.generators.GeneratorSpec`)
+    is_regularisation_data: bool = False
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as recorded in manifests and stage keys."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("parquet",)}
+        skip = ("parquet", "dataset_type", "conditioning_data", "conditioning", "is_regularisation_data")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        # Paired-data fields only when set, so that the stage keys of plain datasets stay as they were.
+        if self.dataset_type != "image":
+            out["dataset_type"] = self.dataset_type
+        if self.conditioning_data:
+            out["conditioning_data"] = list(self.conditioning_data)
+        if self.conditioning:
+            out["conditioning"] = [g.describe() for g in self.conditioning]
+        if self.is_regularisation_data:
+            out["is_regularisation_data"] = True
         out["root"] = str(self.root)
         out["crop_aspect_buckets"] = list(self.crop_aspect_buckets) if self.crop_aspect_buckets else None
         if self.parquet is not None:
             out["parquet"] = {**dataclasses.asdict(self.parquet), "path": str(self.parquet.path)}
         return out
+
+
+@dataclass(frozen=True)
+class ConditioningSpec:
+    """A conditioning dataset: images paired by relative path with the samples of the image datasets naming it.
+    `generator`: set for a dataset `st prepare` generates from its source dataset (`root` is then filled in by
+    prepare, inside its output folder)."""
+
+    id: str
+    root: Path | None
+    conditioning_type: str
+    source_dataset_id: str | None = None
+    generator: Any = None
+
+    @property
+    def is_mask(self) -> bool:
+        return self.conditioning_type in MASK_TYPES
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "root": str(self.root) if self.root is not None else None,
+                "conditioning_type": self.conditioning_type, "source_dataset_id": self.source_dataset_id,
+                "generator": self.generator.describe() if self.generator is not None else None}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DatasetList:
+    """The enabled datasets of a dataset list: image and eval datasets (in file order) and conditioning datasets."""
+
+    images: list[DatasetSpec]
+    conditioning: list[ConditioningSpec]
+
+    def conditioning_by_id(self) -> dict[str, ConditioningSpec]:
+        return {c.id: c for c in self.conditioning}
 
 
 def read_dataset_list(path: Path) -> list[Any]:
@@ -186,9 +246,9 @@ def embed_ids(entries: list[Any]) -> dict[str, str]:
 
 
 def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, index: int,
-                embeds: dict[str, str] | None = None) -> DatasetSpec | None:  # fmt: skip
-    """Turn one multidatabackend entry into a DatasetSpec; None for entries st ignores. `embeds`: `embed_ids` of the
-    whole list."""
+                embeds: dict[str, str] | None = None) -> DatasetSpec | ConditioningSpec | None:  # fmt: skip
+    """Turn one multidatabackend entry into a DatasetSpec (a ConditioningSpec for `dataset_type: conditioning`); None
+    for entries st ignores. `embeds`: `embed_ids` of the whole list."""
     config: Config = loaded.config
     entry = {normalise_key(str(k)): v for k, v in entry.items()}
     if "disable" in entry and "disabled" not in entry:  # SimpleTuner reads either spelling
@@ -200,8 +260,9 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         log.info("ignoring dataset '%s' (dataset_type %s): %s", ident, dataset_type,
                  IGNORED_DATASET_TYPES[dataset_type])  # fmt: skip
         return None
-    if dataset_type != "image":
-        raise NotSupportedError(f"{where}: dataset_type '{dataset_type}' is not supported yet (st reads 'image')")
+    if dataset_type not in (*PRIMARY_DATASET_TYPES, "conditioning"):
+        raise NotSupportedError(f"{where}: dataset_type '{dataset_type}' is not supported yet (st reads 'image', "
+                                "'eval' and 'conditioning')")  # fmt: skip
     if coerce("disabled", entry.get("disabled", False), bool, where=where):
         log.info("dataset '%s' is disabled; skipping it", ident)
         return None
@@ -212,6 +273,10 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         raise ConfigError(f"{where}: every dataset needs a non-empty string 'id'")
     if "." in ident or "/" in ident:
         raise ConfigError(f"{where}: dataset id {ident!r} may not contain '.' or '/'")
+    if "is_regularization_data" in entry and "is_regularisation_data" not in entry:  # SimpleTuner reads either
+        entry["is_regularisation_data"] = entry.pop("is_regularization_data")
+    if dataset_type == "conditioning":
+        return _conditioning_entry(entry, loaded, list_path, ident, where)
     _check_entry_keys(entry, ident, where)
     if "instance_data_dir" not in entry:
         raise ConfigError(f"{where}: 'instance_data_dir' (the image folder) is required")
@@ -237,7 +302,79 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         raise ConfigError(f"{where}: crop_aspect '{values['crop_aspect']}' needs 'crop_aspect_buckets'")
     _check_ranges(values, where)
     explicit = "repeats" in entry or "repeats" in loaded.explicit
-    return DatasetSpec(id=ident, root=root, parquet=parquet, repeats_explicit=explicit, **values)
+    generators = _generators(entry.get("conditioning"), where)
+    linked = _id_list(entry.get("conditioning_data"), "conditioning_data", where)
+    linked += tuple(i for i in (_generated_id(ident, g) for g in generators) if i not in linked)
+    regularisation = coerce("is_regularisation_data", entry.get("is_regularisation_data", False), bool, where=where)
+    return DatasetSpec(id=ident, root=root, parquet=parquet, repeats_explicit=explicit, dataset_type=dataset_type,
+                       conditioning_data=linked, conditioning=generators, is_regularisation_data=regularisation,
+                       **values)  # fmt: skip
+
+
+def _id_list(value: Any, key: str, where: str) -> tuple[str, ...]:
+    """An id or a list of ids (SimpleTuner accepts both)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
+        raise ConfigError(f"{where}: '{key}' must be a dataset id or a list of dataset ids, got {value!r}")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{where}: '{key}' names a dataset twice: {items}")
+    return tuple(items)
+
+
+def _generated_id(source_id: str, generator: Any) -> str:
+    from .prepare.generators import dataset_id
+
+    return dataset_id(source_id, generator)
+
+
+def _generators(value: Any, where: str) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    from .prepare.generators import parse_generators
+
+    return parse_generators(value, where)
+
+
+def _conditioning_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, ident: Any,
+                        where: str) -> ConditioningSpec | None:  # fmt: skip
+    """A `dataset_type: conditioning` entry. Image options on it (resolution, crop, captions, ...) are accepted and
+    read by nothing: its images take their target's size and crop, and samples keep their target's captions."""
+    if coerce("disabled", entry.get("disabled", False), bool, where=where):
+        log.info("conditioning dataset '%s' is disabled; skipping it", ident)
+        return None
+    storage = entry.get("type", "local")
+    if storage != "local":
+        raise NotSupportedError(f"{where}: storage type '{storage}' is not supported yet; st reads type 'local'")
+    if not isinstance(ident, str) or not ident or "." in ident or "/" in ident:
+        raise ConfigError(f"{where}: every dataset needs a non-empty string 'id' without '.' or '/'")
+    followed = []
+    for key, value in entry.items():
+        if key in CONDITIONING_KEYS:
+            continue
+        if key in ENTRY_KEYS and key not in ("conditioning_data", "conditioning", "is_regularisation_data"):
+            followed.append(key)
+            continue
+        state = DATASET_KEY_STATES.get(key)
+        if state is not None and not isinstance(state, Refused):
+            continue
+        raise ConfigError(f"{where}: key '{key}' does not apply to a conditioning dataset"
+                          f"{suggest(key, CONDITIONING_KEYS)}")  # fmt: skip
+    if followed:
+        log.info("conditioning dataset '%s': %s not read: its images follow their target image's size and crop, "
+                 "and samples keep their target's captions", ident, ", ".join(sorted(followed)))  # fmt: skip
+    if "instance_data_dir" not in entry:
+        raise ConfigError(f"{where}: 'instance_data_dir' (the conditioning image folder) is required")
+    kind = entry.get("conditioning_type", "controlnet")
+    if kind not in CONDITIONING_TYPES:
+        raise ConfigError(f"{where}: conditioning_type {kind!r} is not one of {', '.join(CONDITIONING_TYPES)}"
+                          f"{suggest(str(kind), CONDITIONING_TYPES)}")  # fmt: skip
+    source = entry.get("source_dataset_id")
+    if source is not None and not isinstance(source, str):
+        raise ConfigError(f"{where}: source_dataset_id must be a dataset id, got {source!r}")
+    root = loaded.resolve_path(str(entry["instance_data_dir"]), base=list_path.parent).resolve()
+    return ConditioningSpec(ident, root, kind, source)
 
 
 def _check_ranges(values: dict[str, Any], where: str) -> None:
@@ -251,24 +388,68 @@ def _check_ranges(values: dict[str, Any], where: str) -> None:
 
 
 def load_datasets(loaded: LoadedConfig) -> list[DatasetSpec]:
-    """Read `data_backend_config` into the enabled image datasets, in file order."""
+    """Read `data_backend_config` into the enabled image (and eval) datasets, in file order."""
+    return load_dataset_list(loaded).images
+
+
+def load_dataset_list(loaded: LoadedConfig) -> DatasetList:
+    """Read `data_backend_config`: the enabled image and eval datasets in file order, their conditioning datasets
+    (generated ones included), every link checked."""
     if not loaded.config.data_backend_config:
         raise ConfigError("option 'data_backend_config' is not set; point it at a multidatabackend.json dataset list")
     list_path = loaded.resolve_path(loaded.config.data_backend_config).resolve()
     specs: list[DatasetSpec] = []
+    conditioning: list[ConditioningSpec] = []
     seen: set[str] = set()
     entries = read_dataset_list(list_path)
     for index, entry in enumerate(entries):
         spec = parse_entry(entry, loaded, list_path, index, embed_ids(entries))
         if spec is None:
             continue
-        if spec.id in seen:
-            raise ConfigError(f"{list_path}: dataset id '{spec.id}' is used twice; ids must be unique")
-        seen.add(spec.id)
-        specs.append(spec)
-    if not specs:
+        generated = [ConditioningSpec(_generated_id(spec.id, g), None, g.conditioning_type, spec.id, g)
+                     for g in getattr(spec, "conditioning", ())]  # fmt: skip
+        for item in (spec, *generated):
+            if item.id in seen:
+                raise ConfigError(f"{list_path}: dataset id '{item.id}' is used twice; ids must be unique")
+            seen.add(item.id)
+        (conditioning if isinstance(spec, ConditioningSpec) else specs).append(spec)
+        conditioning.extend(generated)
+    if not any(s.dataset_type == "image" for s in specs):
         raise ConfigError(f"{list_path} has no enabled image dataset")
+    datasets = DatasetList(specs, conditioning)
+    specs = _link_sources(datasets, list_path)
     for spec in specs:
         if not spec.root.is_dir():
             raise InputError(f"dataset '{spec.id}': instance_data_dir {spec.root} does not exist or is not a folder")
-    return specs
+    for cond in datasets.conditioning:
+        if cond.root is not None and not cond.root.is_dir():
+            raise InputError(f"conditioning dataset '{cond.id}': instance_data_dir {cond.root} does not exist or is "
+                             "not a folder")  # fmt: skip
+    return DatasetList(specs, datasets.conditioning)
+
+
+def _link_sources(datasets: DatasetList, list_path: Path) -> list[DatasetSpec]:
+    """Check every `conditioning_data` link; a conditioning dataset named by no image dataset is linked to its
+    `source_dataset_id`, else it is an error. Returns the image specs with those links added."""
+    by_id = datasets.conditioning_by_id()
+    images = {s.id: s for s in datasets.images}
+    for spec in datasets.images:
+        for ident in spec.conditioning_data:
+            if ident in by_id:
+                continue
+            kind = "an image dataset" if ident in images else "no enabled dataset"
+            raise ConfigError(f"{list_path}: dataset '{spec.id}' names '{ident}' in conditioning_data, but that is "
+                              f"{kind}; name a `dataset_type: conditioning` entry's id")  # fmt: skip
+    linked = {i for s in datasets.images for i in s.conditioning_data}
+    extra: dict[str, list[str]] = {}
+    for cond in datasets.conditioning:
+        if cond.id in linked:
+            continue
+        if cond.source_dataset_id not in images:
+            hint = (f"its source_dataset_id '{cond.source_dataset_id}' is no enabled image dataset"
+                    if cond.source_dataset_id else "no image dataset names it in conditioning_data")
+            raise ConfigError(f"{list_path}: conditioning dataset '{cond.id}' is paired with nothing: {hint}. Add "
+                              f"\"conditioning_data\": \"{cond.id}\" to the image dataset it belongs to")  # fmt: skip
+        extra.setdefault(cond.source_dataset_id, []).append(cond.id)
+    return [dataclasses.replace(s, conditioning_data=s.conditioning_data + tuple(extra[s.id])) if s.id in extra else s
+            for s in datasets.images]  # fmt: skip

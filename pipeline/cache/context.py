@@ -22,6 +22,7 @@ from ..precision import default_bf16_on_device
 from ..prompts import texts_to_encode, validation_prompts
 from ..quantise import NO_CHANGE
 from ..quantise_modules import check_text_encoder_precisions
+from ..ramtorch_layers import ComponentOptions, check_components
 from .encode import Encoders
 from .options import CacheOptions
 from .plan import FORMAT_VERSION, CachePlan, build_plan, identities
@@ -51,6 +52,7 @@ class CacheContext:
         if any(p != NO_CHANGE for p in precisions):  # quantised encoders give other embeddings; no_change keeps the ids
             text_id = sha256_json({"text": text_id, "text_encoder_precisions": precisions})
         return build_plan(self.rows, latent_identity=latent_id, text_identity=text_id,
+                          control_latents=self.family.control_input == "latents",
                           shard_samples=self.options.cache_shard_samples, extra_prompts=self.prompts,
                           compression_level=self.options.cache_compression_level)  # fmt: skip
 
@@ -59,7 +61,8 @@ class CacheContext:
         sources, options = self.sources, self.options
         return Encoders(self.family, sources.model, sources.vae, sources.t5, sources.revision, options.variant,
                         self.vae_dtype, device, offload=options.offload_during_startup,
-                        speed=options.speed, precisions=options.text_encoder_precisions)  # fmt: skip
+                        speed=options.speed, precisions=options.text_encoder_precisions,
+                        ramtorch=ComponentOptions.from_config(options))  # fmt: skip
 
 
 def validation_prompt_texts(loaded: LoadedConfig) -> list[str]:
@@ -105,6 +108,7 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> CacheContext:
     sources = model_sources(loaded)
     check_model_family(family, sources.model)
     check_text_encoder_precisions(options.text_encoder_precisions, family, trained=options.train_text_encoder)
+    check_components(ComponentOptions.from_config(options), encode_device(), "encodes", options.text_encoder_precisions)
     model = model_identity(family, sources)
     vae_dtype = _resolved_vae_dtype(options.vae_dtype)
     stage_config = config.stage_keys(CACHE)
@@ -116,6 +120,6 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> CacheContext:
         trainable_text(family.name if family else config.model_family)
     key = sha256_json({"format": FORMAT_VERSION, "parent": parent["digest"], "config": stage_config,
                        "model": stripped, "vae_dtype": vae_dtype, "prompts": sorted(prompts), **token_ids})  # fmt: skip
-    roots = {d["id"]: d["root"] for d in parent["datasets"]}
+    roots = {d["id"]: d["root"] for d in [*parent["datasets"], *parent.get("conditioning_datasets", [])]}
     return CacheContext(options, family, sources, vae_dtype, parent, parent_path, rows, roots, model, stage_config,
                         prompts, key)  # fmt: skip

@@ -94,6 +94,10 @@ def _summary(out_dir: Path, plan: CachePlan, sidecars: dict[str, dict[str, Any]]
     return shards, skipped, buckets, datasets
 
 
+# A dataset's paired-data fields, copied from the prepare manifest where present (st train reads them here).
+PAIRED_DATASET_FIELDS = ("dataset_type", "conditioning_data", "is_regularisation_data")
+
+
 def finish(ctx: CacheContext, run: StageRun, started: float, run_stats: dict[str, Any], vae: dict[str, Any],
            claim: OutputClaim) -> dict[str, Any]:  # fmt: skip
     """Write the index, the skipped list and the manifest from the shards and sidecars present in the run's output
@@ -135,9 +139,12 @@ def finish(ctx: CacheContext, run: StageRun, started: float, run_stats: dict[str
         "buckets": dict(sorted(buckets.items())),
         "datasets": [
             {"id": ds_id, "samples": sum(c.values()), "buckets": dict(sorted(c.items())),
-             "repeats": parent_datasets[ds_id]["repeats"], "probability": parent_datasets[ds_id]["probability"]}
+             "repeats": parent_datasets[ds_id]["repeats"], "probability": parent_datasets[ds_id]["probability"],
+             **{k: parent_datasets[ds_id][k] for k in PAIRED_DATASET_FIELDS if k in parent_datasets[ds_id]}}
             for ds_id, c in sorted(datasets.items())
         ],  # fmt: skip
+        **({"conditioning_datasets": ctx.parent["conditioning_datasets"]}
+           if "conditioning_datasets" in ctx.parent else {}),  # fmt: skip
         "outputs": outputs,
         "stats": {"samples": sum(buckets.values()), "skipped": dict(sorted(skipped.items())), "shards": len(shards)},
     }

@@ -35,20 +35,27 @@ class SourceProblem(Exception):
 
 @dataclass(frozen=True)
 class ImageJob:
-    sample_id: str
+    sample_id: str  # the content hash the file must still have
     path: str  # absolute
     intermediate: tuple[int, int]
     crop_box: tuple[int, int, int, int]  # left, top, right, bottom in the intermediate image
+    # A conditioning image is first resized to its target's original size when its own differs, then takes the
+    # target's resize and crop, so that it stays pixel-aligned with the target.
+    source_size: tuple[int, int] | None = None
+    partners: tuple["ImageJob", ...] = ()  # the sample's conditioning images
 
 
-def job_for(row: dict[str, Any], root: str) -> ImageJob:
+def job_for(row: dict[str, Any], root: str, roots: dict[str, str] | None = None) -> ImageJob:
+    """The job of a prepare row; `roots` (dataset id -> folder) locates its conditioning images."""
     left, top = row["crop_left"], row["crop_top"]
-    return ImageJob(
-        sample_id=row["sample_id"],
-        path=f"{root.rstrip('/')}/{row['path']}",
-        intermediate=(row["intermediate_width"], row["intermediate_height"]),
-        crop_box=(left, top, left + row["target_width"], top + row["target_height"]),
-    )
+    intermediate = (row["intermediate_width"], row["intermediate_height"])
+    crop_box = (left, top, left + row["target_width"], top + row["target_height"])
+    partners = tuple(
+        ImageJob(c["sha256"], f"{str(roots[c['dataset_id']]).rstrip('/')}/{c['path']}", intermediate, crop_box,
+                 source_size=(row["width"], row["height"]))
+        for c in row.get("conditioning") or ()
+    )  # fmt: skip
+    return ImageJob(row["sample_id"], f"{root.rstrip('/')}/{row['path']}", intermediate, crop_box, partners=partners)
 
 
 def load_pixels(job: ImageJob):
@@ -68,6 +75,8 @@ def load_pixels(job: ImageJob):
         raise SourceProblem("source_changed", f"{job.path} changed since `st prepare` (its content hash differs)")
     try:
         img = decode_rgb(data)
+        if job.source_size is not None and img.size != job.source_size:
+            img = img.resize(job.source_size, Image.Resampling.LANCZOS)
         if img.size != job.intermediate:
             img = img.resize(job.intermediate, Image.Resampling.LANCZOS)
         if job.crop_box != (0, 0, *job.intermediate):
@@ -120,7 +129,9 @@ def _wide_grey_to_rgb(img):
 
 
 class BatchLoader:
-    """A map-style dataset whose items are whole batches: (sample ids, pixels or None, problems by sample id)."""
+    """A map-style dataset whose items are whole batches: (sample ids, pixels or None, problems by sample id,
+    conditioning pixels by sample id). A sample whose conditioning image cannot be loaded is a problem too, named
+    after that image."""
 
     def __init__(self, batches: list[list[ImageJob]]) -> None:
         self.batches = batches
@@ -131,16 +142,30 @@ class BatchLoader:
     def __getitem__(self, index: int):
         import torch
 
-        ids, tensors, problems = [], [], {}
+        ids, tensors, problems, partners = [], [], {}, {}
         for job in self.batches[index]:
             try:
-                tensors.append(load_pixels(job))
-                ids.append(job.sample_id)
+                pixels = load_pixels(job)
+                partner_pixels = [_partner_pixels(p) for p in job.partners]
             except SourceProblem as exc:
                 problems[job.sample_id] = (exc.reason, exc.detail)
+                continue
             except Exception as exc:  # reported by file in the main process instead of dying in a worker
                 problems[job.sample_id] = (LOADER_FAILURE, f"{type(exc).__name__}: {exc}")
-        return ids, (torch.stack(tensors) if tensors else None), problems
+                continue
+            tensors.append(pixels)
+            ids.append(job.sample_id)
+            if partner_pixels:
+                partners[job.sample_id] = partner_pixels
+        return ids, (torch.stack(tensors) if tensors else None), problems, partners
+
+
+def _partner_pixels(job: ImageJob):
+    try:
+        return load_pixels(job)
+    except SourceProblem as exc:
+        detail = exc.detail if job.path in exc.detail else f"{job.path} {exc.detail}"
+        raise SourceProblem(exc.reason, f"conditioning image {detail}") from None
 
 
 def _as_is(item):

@@ -43,10 +43,17 @@ class Entry:
     def local_captions(self) -> list[tuple[int, str]]:
         return [(i, c) for i, (c, ref) in enumerate(zip(self.row["captions"], self.text_refs)) if ref.startswith("sample:")]
 
+    @property
+    def conditioning(self) -> list[dict[str, Any]]:
+        """The sample's conditioning images (prepare's `conditioning` column), in conditioning_data order."""
+        return list(self.row.get("conditioning") or [])
+
     def metadata(self) -> dict[str, Any]:
         """The sample's `json` member."""
         row = self.row
+        paired = {"conditioning": [{k: c[k] for k in ("dataset_id", "path", "kind")} for c in self.conditioning]}
         return {
+            **(paired if self.conditioning else {}),
             "sample_id": row["sample_id"],
             "dataset_id": row["dataset_id"],
             "path": row["path"],
@@ -114,12 +121,18 @@ def build_plan(
     shard_samples: int,
     extra_prompts: list[str],
     compression_level: int,
+    control_latents: bool = False,
 ) -> CachePlan:
+    """`control_latents`: conditioning images other than masks are also stored as latents (the family's control
+    input is latents)."""
     shared = shared_prompt_set(rows, extra_prompts)
     shared_texts = set(shared.values())
     groups: dict[tuple[str, str], list[Entry]] = {}
     for row in rows:
-        latent_key = sha256_json([latent_identity, row["sample_id"], [row[f] for f in PLAN_FIELDS]])
+        material = [latent_identity, row["sample_id"], [row[f] for f in PLAN_FIELDS]]
+        if row.get("conditioning"):  # its cond member depends on the partners' bytes and on what is stored of them
+            material.append([[c["sha256"], c["kind"]] for c in row["conditioning"]] + [control_latents])
+        latent_key = sha256_json(material)
         refs = [f"shared:{prompt_key(c)}" if c in shared_texts else f"sample:{i}" for i, c in enumerate(row["captions"])]
         entry = Entry(row, latent_key, refs, "")
         entry.entry_key = sha256_json([latent_key, text_identity, entry.metadata(), compression_level])

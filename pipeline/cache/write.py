@@ -8,6 +8,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..cache_reader import COND
+from ..datasets import MASK_TYPES
 from ..errors import InputError
 from ..fsutil import atomic_write_text
 from ..hashing import canonical_json
@@ -50,7 +52,23 @@ class ShardEncoder:
         self.encoded = self.reused = 0
 
     def _job(self, entry: Entry) -> ImageJob:
-        return job_for(entry.row, self.roots[entry.row["dataset_id"]])
+        return job_for(entry.row, self.roots[entry.row["dataset_id"]], self.roots)
+
+    def _cond_member(self, entry: Entry, sample_id: str, images: list, level: int) -> bytes | None:
+        """The sample's conditioning images: `{i}.pixels` (uint8, at the target's size) for each, and `{i}.latent`
+        for the non-mask ones when the family's control input is latents. None when a latent is not finite."""
+        import torch
+
+        tensors = {}
+        for i, (partner, pixels) in enumerate(zip(entry.conditioning, images)):
+            tensors[f"{i}.pixels"] = ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            if partner["kind"] not in MASK_TYPES and self.encoders.family.control_input == "latents":
+                latent = encode_latent_batch(self.encoders, pixels[None], [f"{sample_id}:conditioning:{i}"],
+                                             self.options.seed, self.options.vae_rows)[0]  # fmt: skip
+                if not bool(latent.isfinite().all()):
+                    return None
+                tensors[f"{i}.latent"] = latent.to(self.cache_dtype)
+        return pack_tensors(tensors, level)
 
     def _encode_texts(self, entries: list[Entry]) -> dict[str, dict[str, Any]]:
         captions = sorted({c for e in entries for _, c in e.local_captions})
@@ -114,7 +132,7 @@ class ShardEncoder:
         by_id = {e.sample_id: e for e in encode}
         extra = _chunks([self._job(e) for e in late], self.options.batch)
         members: dict[str, dict[str, bytes]] = {}
-        for ids, pixels, problems in chain(loaded_batches, iterate_batches(extra, 0)):
+        for ids, pixels, problems, partners in chain(loaded_batches, iterate_batches(extra, 0)):
             for sample_id, (reason, detail) in problems.items():
                 self._reject(by_id[sample_id], reason, detail)
                 rejected[sample_id] = (reason, detail)
@@ -133,6 +151,12 @@ class ShardEncoder:
                 text = _text_member(entry, texts, level)
                 if text is not None:
                     item["text.safetensors.zst"] = text
+                if entry.conditioning:
+                    cond = self._cond_member(entry, sample_id, partners[sample_id], level)
+                    if cond is None:
+                        rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for its conditioning image")
+                        continue
+                    item[COND] = cond
                 members[sample_id] = item
                 self.encoded += 1
         return members

@@ -29,6 +29,11 @@ def write_samples(path: Path, samples: list[Sample]) -> None:
             ("orientation", pa.int8()), ("format", pa.string()), ("bytes", pa.int64()),
         ]
     )  # fmt: skip
+    paired = any(s.conditioning for s in samples)
+    if paired:  # the column only when there is paired data: outputs without it stay byte-identical
+        partner = pa.struct([("dataset_id", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
+                             ("width", int32), ("height", int32), ("kind", pa.string())])  # fmt: skip
+        schema = schema.append(pa.field("conditioning", pa.list_(partner)))
     rows = {
         "sample_id": [s.sample_id for s in samples],
         "dataset_id": [s.dataset_id for s in samples],
@@ -48,6 +53,8 @@ def write_samples(path: Path, samples: list[Sample]) -> None:
         "format": [s.format for s in samples],
         "bytes": [s.bytes for s in samples],
     }
+    if paired:
+        rows["conditioning"] = [[p.as_row() for p in s.conditioning] for s in samples]
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(rows, schema=schema), tmp, compression="zstd")
 
@@ -75,6 +82,22 @@ def dataset_entries(datasets: list[DatasetFiles], samples: list[Sample], skips: 
                 "repeats_raised": raised.get(spec.id, {}),
                 "resolution": spec.resolution,
                 "resolution_type": spec.resolution_type,
+                # Paired data: only when set, as in the dataset's stage key.
+                **({"dataset_type": spec.dataset_type} if spec.dataset_type != "image" else {}),
+                **({"conditioning_data": list(spec.conditioning_data)} if spec.conditioning_data else {}),
+                **({"is_regularisation_data": True} if spec.is_regularisation_data else {}),
             }
         )
     return entries
+
+
+def conditioning_entries(listed: list[DatasetFiles], generated: list, samples: list[Sample]) -> dict:
+    """The manifest's `conditioning_datasets` (absent without paired data): each conditioning dataset's folder, its
+    conditioning_type, generator, and how many samples it pairs."""
+    specs = [files.spec for files in listed] + list(generated)
+    if not specs:
+        return {}
+    used = Counter(p.dataset_id for s in samples for p in s.conditioning)
+    files = {f.spec.id: len(f.images) for f in listed}
+    return {"conditioning_datasets": [{**spec.describe(), "files": files.get(spec.id), "paired": used[spec.id]}
+                                      for spec in specs]}  # fmt: skip

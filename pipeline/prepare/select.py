@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import LoadedConfig
 from ..datasets import DatasetSpec
@@ -38,6 +38,7 @@ class Sample:
     format: str
     bytes: int
     repeats: int
+    conditioning: list = field(default_factory=list)  # `pairing.Partner`s, in conditioning_data order
 
 
 @dataclass

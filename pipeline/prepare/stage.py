@@ -1,11 +1,14 @@
 """`st prepare`: image folders + captions -> OUT/samples.parquet, OUT/skipped.jsonl and OUT/manifest.json.
 
-The stage runs through the stage runner: discover and probe the datasets (`discover`), key them, and when the output
-is not up to date, select samples and prune buckets (`select`), then write the files (`document`) and the manifest.
+The stage runs through the stage runner: discover and probe the datasets and their conditioning datasets
+(`discover`), key them, and when the output is not up to date, select samples, pair them with their conditioning
+images (`pairing`) and prune buckets (`select`), generate the conditioning images of generated conditioning datasets
+(under OUT/conditioning/), then write the files (`document`) and the manifest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PREPARE, LoadedConfig
-from ..datasets import DatasetSpec, load_datasets
+from ..datasets import ConditioningSpec, DatasetList, DatasetSpec, load_dataset_list
 from ..errors import InputError
 from ..hashing import sha256_json
 from ..log import get_logger
@@ -21,9 +24,11 @@ from ..manifest import MANIFEST_NAME, output_entry, provenance
 from ..ownership import OutputClaim, claim_output
 from ..runner import StageResult, StageRun
 from .discover import DatasetFiles, changed_files, dataset_key, discover, probe_all
-from .document import SAMPLES_NAME, SKIPPED_NAME, dataset_entries, write_samples, write_skipped
+from .document import SAMPLES_NAME, SKIPPED_NAME, conditioning_entries, dataset_entries, write_samples, write_skipped
 from .index import INDEX_NAME, load_index, save_index
 from .notices import warn_about
+from .pairing import GENERATED_FOLDER, GENERATED_INDEX, Generation, PartnerFinder, generated_root, list_conditioning
+from .pairing import pair_samples
 from .scan import Probe
 from .select import batch_size, delete_files, prune, refuse_empty, select
 
@@ -37,40 +42,52 @@ FORMAT_VERSION = 1
 PrepareResult = StageResult
 
 
-def _key(config: dict[str, Any], datasets: list[DatasetFiles], probes: dict[str, Probe]) -> str:
+def _key(config: dict[str, Any], datasets: list[DatasetFiles], probes: dict[str, Probe],
+         conditioning: list[DatasetFiles], generated: list[ConditioningSpec]) -> str:  # fmt: skip
     material = {
         "format": FORMAT_VERSION,
         "config": config,
         "datasets": [dataset_key(files, probes) for files in datasets],
     }
+    if conditioning or generated:  # only then, so that the keys of outputs without paired data stay as they were
+        material["conditioning"] = [dataset_key(files, probes) for files in conditioning]
+        material["generated"] = [{**c.describe(), "root": None} for c in generated]
     return sha256_json(material)
 
 
 def run_prepare(loaded: LoadedConfig, out_dir: Path, *, strict: bool = False, force: bool = False) -> PrepareResult:
     """Run the prepare stage into `out_dir`, or report that its output is already up to date; the folder is held for
     the whole run."""
-    specs = load_datasets(loaded)
-    with claim_output(out_dir, PREPARE, data_roots=[spec.root for spec in specs]) as claim:
-        return _run_prepare(claim, loaded, specs, Path(out_dir), strict=strict, force=force)
+    lists = load_dataset_list(loaded)
+    roots = [spec.root for spec in lists.images] + [c.root for c in lists.conditioning if c.root is not None]
+    with claim_output(out_dir, PREPARE, data_roots=roots) as claim:
+        return _run_prepare(claim, loaded, lists, Path(out_dir), strict=strict, force=force)
 
 
-def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, specs: list[DatasetSpec], out_dir: Path, *, strict: bool,
+def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, out_dir: Path, *, strict: bool,
                  force: bool) -> PrepareResult:  # fmt: skip
     started = time.time()
     config = loaded.config
+    specs = lists.images
     datasets = discover(specs)
+    # Generated conditioning datasets live in this output folder; the others are walked like image folders.
+    generated = {c.id: dataclasses.replace(c, root=generated_root(out_dir.absolute(), c))
+                 for c in lists.conditioning if c.generator is not None}  # fmt: skip
+    conditioning = [list_conditioning(c) for c in lists.conditioning if c.generator is None]
     index = load_index(out_dir)
-    probes, probe_stats = probe_all(datasets, index, config.max_workers)
+    probes, probe_stats = probe_all(datasets + conditioning, index, config.max_workers)
     stage_config = config.stage_keys(PREPARE)
-    key = _key(stage_config, datasets, probes)
+    key = _key(stage_config, datasets, probes, conditioning, list(generated.values()))
 
     run = StageRun(PREPARE, SCHEMA_VERSION, out_dir, key, stage_config, force=force)
     if run.up_to_date:
         return PrepareResult(out_dir, run.previous.manifest, up_to_date=True)
-    reasons = run.reasons(extra=[changed_files(datasets, probes, index)])
+    reasons = run.reasons(extra=[changed_files(datasets + conditioning, probes, index)])
 
     samples, skips = select(datasets, probes, config.aspect_bucket_alignment, config.aspect_bucket_rounding,
                              config.seed or 0)  # fmt: skip
+    samples, unpaired = pair_samples(samples, specs, {f.spec.id: PartnerFinder(f, probes) for f in conditioning})
+    skips.extend(unpaired)
     kept, pruned, raised = prune(samples, specs, loaded)
     skips.extend(pruned)
     order = {spec.id: i for i, spec in enumerate(specs)}
@@ -89,8 +106,17 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, specs: list[DatasetSp
     deleted = delete_files(skips, specs, config) if (config.delete_problematic_images or
                                                       config.delete_unwanted_images) else 0  # fmt: skip
 
-    claim.will_write(SAMPLES_NAME, SKIPPED_NAME, INDEX_NAME, MANIFEST_NAME)
+    if generated:
+        claim.will_write(SAMPLES_NAME, SKIPPED_NAME, INDEX_NAME, MANIFEST_NAME, GENERATED_INDEX,
+                         folders=[GENERATED_FOLDER])  # fmt: skip
+    else:
+        claim.will_write(SAMPLES_NAME, SKIPPED_NAME, INDEX_NAME, MANIFEST_NAME)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if generated:
+        Generation(out_dir, {s.id: s.root for s in specs}, config.seed or 0).run(kept, specs, generated)
+        keep = {GENERATED_INDEX} | {f"{GENERATED_FOLDER}/{p.dataset_id}/{p.path}" for s in kept for p in s.conditioning
+                                    if p.dataset_id in generated}  # fmt: skip
+        claim.remove_unlisted(GENERATED_FOLDER, keep)
     write_samples(out_dir / SAMPLES_NAME, kept)
     write_skipped(out_dir / SKIPPED_NAME, skips)
     save_index(out_dir, list(probes.values()))
@@ -101,6 +127,7 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, specs: list[DatasetSp
         "parent": None,
         "config": stage_config,
         "datasets": dataset_entries(datasets, kept, skips, raised),
+        **conditioning_entries(conditioning, list(generated.values()), kept),
         "buckets": dict(sorted(Counter(s.plan.bucket for s in kept).items())),
         "outputs": [output_entry(out_dir, out_dir / SAMPLES_NAME), output_entry(out_dir, out_dir / SKIPPED_NAME)],
         "stats": {

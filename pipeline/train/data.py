@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..cache_reader import CacheChecks
+from ..cache_reader import COND, CacheChecks
+from ..datasets import MASK_TYPES
+from ..errors import InputError
 from ..log import get_logger
 from ..shards import MAX_MEMBER_BYTES, read_member, scan_shard, unpack_tensors
 
@@ -97,6 +99,38 @@ class CacheIndex:
             self.groups.setdefault((ref.dataset_id, ref.bucket), []).append(key)
         self.datasets = {d["id"]: d for d in manifest["datasets"]}
 
+    def is_eval(self, dataset_id: str) -> bool:
+        """Whether the dataset is an eval dataset (`dataset_type: eval`): never in training batches."""
+        return self.datasets.get(dataset_id, {}).get("dataset_type") == "eval"
+
+    def eval_keys(self, dataset_id: str | None = None) -> list[str]:
+        """The samples of the eval datasets (or of one), sorted by dataset then sample id."""
+        return [k for (d, _), keys in sorted(self.groups.items()) if self.is_eval(d) and dataset_id in (None, d)
+                for k in keys]  # fmt: skip
+
+    def is_regularisation(self, dataset_id: str) -> bool:
+        return bool(self.datasets.get(dataset_id, {}).get("is_regularisation_data"))
+
+    def has_conditioning(self) -> bool:
+        """Whether any training sample has conditioning images."""
+        return any(COND in ref.members for ref in self.samples.values())
+
+    def check_conditioning(self, sampling: str) -> None:
+        """Refuse what training cannot use: several mask datasets on one dataset (which mask weights the loss?), and
+        `combined` sampling of several conditioning images (no family here consumes them together yet)."""
+        for dataset_id, spec in sorted(self.datasets.items()):
+            partners = next((self.samples[k].meta.get("conditioning", []) for (d, _), keys in self.groups.items()
+                             if d == dataset_id for k in keys[:1]), [])  # fmt: skip
+            masks = [p["dataset_id"] for p in partners if p["kind"] in MASK_TYPES]
+            controls = [p["dataset_id"] for p in partners if p["kind"] not in MASK_TYPES]
+            if len(masks) > 1:
+                raise InputError(f"dataset '{dataset_id}' is paired with {len(masks)} mask datasets ({', '.join(masks)}); "
+                                 "name one mask dataset in its conditioning_data")  # fmt: skip
+            if len(controls) > 1 and sampling == "combined":
+                raise InputError(f"dataset '{dataset_id}' is paired with {len(controls)} conditioning datasets and "
+                                 "conditioning_multidataset_sampling is 'combined', which st does not support yet: "
+                                 "set it to 'random' (one conditioning image per sample)")  # fmt: skip
+
 
 class EpochPlanner:
     """The batches of each epoch, a pure function of (seed, epoch, cache digest, global batch size)."""
@@ -126,6 +160,8 @@ class EpochPlanner:
         rng = random.Random(f"{self.seed}:{epoch}:{self.digest}")
         per_dataset: dict[str, list[PlannedBatch]] = {}
         for (dataset_id, bucket), keys in sorted(self.index.groups.items()):
+            if self.index.is_eval(dataset_id):
+                continue
             items = [k for k in keys for _ in range(1 + int(self.index.samples[k].meta.get("repeats", 0)))]
             rng.shuffle(items)
             batches = [PlannedBatch(dataset_id, bucket, tuple(items[i : i + self.global_batch]))
@@ -211,6 +247,7 @@ class TrainLoader:
         caption_dropout: float,
         seed: int,
         prefetch: int = 4,
+        conditioning_sampling: str = "random",
     ) -> None:
         self.index, self.planner = index, planner
         self.rank, self.world = rank, world
@@ -218,6 +255,8 @@ class TrainLoader:
         self.caption_dropout, self.seed = caption_dropout, seed
         self.prefetch = max(0, prefetch)
         self.per_rank = planner.global_batch // world
+        self.conditioning_sampling = conditioning_sampling
+        index.check_conditioning(conditioning_sampling)
 
     def captions(self, ref: SampleRef, reader: SampleReader) -> list[dict[str, Any]]:
         """The stored text tensors of each of a sample's captions, in caption order (shared ones from the cache's
@@ -248,7 +287,46 @@ class TrainLoader:
             texts.append(self.shared_text[self.empty_key] if drop else options[rng.randrange(len(options))])
             metas.append(ref.meta)
             dropped.append(drop)
-        return Batch(torch.stack(latents), texts, metas, keys, dropped, epoch, batch_index)
+        batch = Batch(torch.stack(latents), texts, metas, keys, dropped, epoch, batch_index,
+                      dataset_id=planned.dataset_id, regularisation=self.index.is_regularisation(planned.dataset_id))
+        if any(COND in self.index.samples[key].members for key in keys):
+            self._add_conditioning(batch, reader, start)
+        return batch
+
+    def conditioning(self, ref: SampleRef, reader: SampleReader, seed_key: str) -> dict[str, Any]:
+        """A sample's conditioning as the batch fields hold it: `control_pixels` / `control_latents` of one
+        conditioning image (chosen per sample, seeded, when there are several) and `mask_pixels` / `mask_kind`."""
+        stored = reader.tensors(ref, COND)
+        partners = ref.meta["conditioning"]
+        out: dict[str, Any] = {}
+        controls = [i for i, p in enumerate(partners) if p["kind"] not in MASK_TYPES]
+        masks = [i for i, p in enumerate(partners) if p["kind"] in MASK_TYPES]
+        if controls:
+            chosen = controls[0] if len(controls) == 1 else random.Random(seed_key).choice(controls)
+            out["control_pixels"] = stored[f"{chosen}.pixels"].float() / 127.5 - 1.0
+            if f"{chosen}.latent" in stored:
+                out["control_latents"] = stored[f"{chosen}.latent"].float()
+        if masks:
+            out["mask_pixels"] = stored[f"{masks[0]}.pixels"].float() / 127.5 - 1.0
+            out["mask_kind"] = partners[masks[0]]["kind"]
+        return out
+
+    def _add_conditioning(self, batch: Batch, reader: SampleReader, start: int) -> None:
+        """Stack the samples' conditioning into the batch; the choice among several conditioning images is seeded
+        per (epoch, batch, global slot, sample), like caption choice, so it replays exactly on any process count."""
+        import torch
+
+        seed = f"{self.seed}:{batch.epoch}:{batch.index}"
+        parts = [self.conditioning(self.index.samples[key], reader, f"{seed}:{start + slot}:{key}:conditioning")
+                 for slot, key in enumerate(batch.keys)]  # fmt: skip
+        for name in ("control_pixels", "control_latents", "mask_pixels"):
+            if all(name in part for part in parts):
+                setattr(batch, name, torch.stack([part[name] for part in parts]))
+            elif any(name in part for part in parts):
+                raise InputError(f"batch {batch.index} of dataset '{batch.dataset_id}' mixes samples with and without "
+                                 f"{name.replace('_', ' ')}; re-run `st prepare` and `st cache`")  # fmt: skip
+        kinds = {part.get("mask_kind") for part in parts}
+        batch.mask_kind = kinds.pop() if len(kinds) == 1 else None
 
     def iterate(self, cursor: Cursor, epochs: int) -> Iterator[Batch]:
         """Batches from `cursor` to the end of epoch `epochs - 1`, in plan order."""
