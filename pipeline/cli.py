@@ -287,7 +287,7 @@ def config_show(
 
 def tiny_model(
     family: Annotated[str, typer.Argument(help="Model family: sd1x, sd2x, sdxl, sd3, flux, pixart_sigma, auraflow, "
-                                               "lumina2, sana, qwen_image, kolors, chroma, z_image.")],
+                                               "lumina2, sana, qwen_image, kolors, chroma, z_image, hidream.")],
     output: Annotated[Path, typer.Argument(help="Folder to write the diffusers-layout model into.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
 ) -> Path:
@@ -308,11 +308,20 @@ def sample_data(
     resolution: Annotated[int, typer.Option("--resolution", help="The config's resolution (pixel_area).")] = 128,
     family: Annotated[Optional[str], typer.Option("--family", help="model_family to put in the config.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="Model folder to put in the config.")] = None,
+    conditioning: Annotated[Optional[str], typer.Option(
+        "--conditioning", help="Paired datasets to add, comma-separated: controlnet (edge images in edges/), mask "
+                               "(shape masks in masks/).")] = None,  # fmt: skip
 ) -> Path:
     """Generate a small captioned image dataset with config.json and multidatabackend.json (for demos and tests)."""
-    from .sampledata import write_sample_dataset
+    from .errors import ConfigError
+    from .sampledata import CONDITIONING_FOLDERS, write_sample_dataset
 
-    config = write_sample_dataset(output, images=images, seed=seed, resolution=resolution, family=family, model=model)
+    kinds = tuple(k.strip() for k in conditioning.split(",") if k.strip()) if conditioning else ()
+    unknown = [k for k in kinds if k not in CONDITIONING_FOLDERS]
+    if unknown:
+        raise ConfigError(f"--conditioning {unknown[0]!r} is not one of {', '.join(CONDITIONING_FOLDERS)}")
+    config = write_sample_dataset(output, images=images, seed=seed, resolution=resolution, family=family, model=model,
+                                  conditioning=kinds)  # fmt: skip
     typer.echo(console.sample_data_written(images, output, config))
     return config
 

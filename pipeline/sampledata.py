@@ -36,6 +36,29 @@ def _draw(shape: str, colour: tuple, background: tuple, size: tuple[int, int], r
     return img
 
 
+# `st sample-data --conditioning`: the paired datasets it can write beside the images, by conditioning_type.
+CONDITIONING_FOLDERS = {"controlnet": "edges", "mask": "masks"}
+
+
+def write_conditioning(images: list[Path], folder: Path, kind: str) -> None:
+    """A conditioning image per picture, as PNG with the picture's stem: "controlnet" writes its edges (white on
+    black), "mask" the shape's mask (white where the shape is). Both are found from the pixels, so JPEG pictures get
+    slightly ragged ones, as real data does."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        with Image.open(path) as opened:
+            rgb = np.asarray(opened.convert("RGB"), dtype=np.int16)
+        corner = rgb[0, 0]  # the background colour
+        shape = (np.abs(rgb - corner).sum(axis=2) > 60).astype(np.uint8) * 255
+        mask = Image.fromarray(shape, mode="L")
+        if kind == "controlnet":
+            mask = mask.filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v > 64 else 0)
+        mask.convert("RGB").save(folder / f"{path.stem}.png", format="PNG")
+
+
 def write_images(folder: Path, images: int, seed: int = 0) -> list[Path]:
     """Write `images` captioned shape pictures (JPEG and PNG, several aspect ratios) with `.txt` captions."""
     rng = random.Random(seed)
@@ -65,12 +88,16 @@ def write_sample_dataset(
     resolution: int = 128,
     family: str | None = None,
     model: Path | None = None,
+    conditioning: tuple[str, ...] = (),
 ) -> Path:
     """Images under `out_dir/images`, plus `config.json` and `multidatabackend.json`; returns the config path.
 
-    With `family` and `model` the config also names the model (its path relative to the config file)."""
+    With `family` and `model` the config also names the model (its path relative to the config file). `conditioning`
+    (conditioning_types of CONDITIONING_FOLDERS) adds paired datasets: edges/ for "controlnet", masks/ for "mask"."""
     out_dir = Path(out_dir)
-    write_images(out_dir / "images", images, seed)
+    pictures = write_images(out_dir / "images", images, seed)
+    for kind in conditioning:
+        write_conditioning(pictures, out_dir / CONDITIONING_FOLDERS[kind], kind)
     datasets = [
         {
             "id": "shapes",
@@ -80,9 +107,13 @@ def write_sample_dataset(
             "crop": False,
             "cache_dir_vae": "cache/vae/shapes",
         },
+        *({"id": CONDITIONING_FOLDERS[kind], "type": "local", "dataset_type": "conditioning",
+           "conditioning_type": kind, "instance_data_dir": CONDITIONING_FOLDERS[kind]} for kind in conditioning),
         {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "type": "local",
          "cache_dir": "cache/text"},
     ]  # fmt: skip
+    if conditioning:
+        datasets[0]["conditioning_data"] = [CONDITIONING_FOLDERS[kind] for kind in conditioning]
     (out_dir / "multidatabackend.json").write_text(json.dumps(datasets, indent=2) + "\n")
     config = {
         "--data_backend_config": "multidatabackend.json",

@@ -87,6 +87,25 @@ def cached(tmp_path_factory, tiny_model):
     return get
 
 
+@pytest.fixture(scope="session")
+def paired(tmp_path_factory, tiny_model):
+    """`paired(family, kinds=("controlnet",))`: (root, config) like `cached`, with paired conditioning datasets as
+    `st sample-data --conditioning` writes them ("controlnet": edge images, "mask": shape masks), prepared and cached
+    once per (family, kinds)."""
+    from tests.helpers.training import cached_dataset
+
+    built: dict[tuple[str, tuple[str, ...]], tuple[Path, Path]] = {}
+
+    def get(family: str, kinds: Sequence[str] = ("controlnet",)) -> tuple[Path, Path]:
+        key = (family, tuple(kinds))
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"paired-{family}-{'-'.join(kinds)}")
+            built[key] = (root, cached_dataset(root, family, tiny_model(family), conditioning=tuple(kinds)))
+        return built[key]
+
+    return get
+
+
 class LogRecords(Sequence):
     """The records caplog holds for the current test phase from one logger and its children (a live view)."""
 

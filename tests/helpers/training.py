@@ -17,15 +17,18 @@ QUICK = [
 ]  # fmt: skip
 
 
-def cached_dataset(root: Path, family: str, model: Path, images: int = 8, **extra) -> Path:
+def cached_dataset(root: Path, family: str, model: Path, images: int = 8, conditioning: tuple[str, ...] = (),
+                   **extra) -> Path:  # fmt: skip
     """A sample dataset for the tiny `family` model at `model` (the `tiny_model` fixture's), its prepare and its cache
-    under `root` (data/, prepare/, cache/); `extra` updates the config (SimpleTuner's `--name` keys). Returns the
+    under `root` (data/, prepare/, cache/); `conditioning`: paired datasets as `st sample-data --conditioning` writes
+    them ("controlnet": edges/, "mask": masks/); `extra` updates the config (SimpleTuner's `--name` keys). Returns the
     config path."""
     from pipeline.cache.stage import run_cache
     from pipeline.prepare.stage import run_prepare
     from pipeline.sampledata import write_sample_dataset
 
-    config = write_sample_dataset(root / "data", images=images, family=family, model=model, resolution=96)
+    config = write_sample_dataset(root / "data", images=images, family=family, model=model, resolution=96,
+                                  conditioning=conditioning)  # fmt: skip
     data = json.loads(config.read_text())
     data.update({"--validation_prompt": "a red circle on a white background", "--train_batch_size": 1,
                  "--num_validation_images": 1, **extra})  # fmt: skip

@@ -174,9 +174,16 @@ def test_storage_type_is_checked_before_its_keys(tmp_path, monkeypatch, storage)
 
 
 def test_dataset_type_is_checked_before_its_keys(tmp_path, monkeypatch):
-    entry = {"id": "ctrl", "dataset_type": "conditioning", "conditioning_type": "canny"}
-    with pytest.raises(NotSupportedError, match="dataset_type 'conditioning' is not supported yet"):
+    entry = {"id": "clips", "dataset_type": "video", "video": {"num_frames": 49}}
+    with pytest.raises(NotSupportedError, match="dataset_type 'video' is not supported yet"):
         _load_list(tmp_path, monkeypatch, [entry])
+
+
+def test_an_unknown_conditioning_type_names_the_known_ones(tmp_path, monkeypatch):
+    entries = [{"id": "pics", "instance_data_dir": "pics", "conditioning_data": "ctrl"},
+               {"id": "ctrl", "dataset_type": "conditioning", "instance_data_dir": "pics", "conditioning_type": "canny"}]
+    with pytest.raises(ConfigError, match="conditioning_type 'canny' is not one of controlnet, mask"):
+        _load_list(tmp_path, monkeypatch, entries)
 
 
 def test_embed_entries_are_set_aside_before_id_checks(tmp_path, monkeypatch):
