@@ -112,11 +112,12 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
     else:
         claim.will_write(SAMPLES_NAME, SKIPPED_NAME, INDEX_NAME, MANIFEST_NAME)
     out_dir.mkdir(parents=True, exist_ok=True)
+    generated_files: set[str] = set()
     if generated:
         Generation(out_dir, {s.id: s.root for s in specs}, config.seed or 0).run(kept, specs, generated)
-        keep = {GENERATED_INDEX} | {f"{GENERATED_FOLDER}/{p.dataset_id}/{p.path}" for s in kept for p in s.conditioning
-                                    if p.dataset_id in generated}  # fmt: skip
-        claim.remove_unlisted(GENERATED_FOLDER, keep)
+        generated_files = {f"{GENERATED_FOLDER}/{p.dataset_id}/{p.path}" for s in kept for p in s.conditioning
+                           if p.dataset_id in generated}  # fmt: skip
+        claim.remove_unlisted(GENERATED_FOLDER, generated_files | {GENERATED_INDEX})
     write_samples(out_dir / SAMPLES_NAME, kept)
     write_skipped(out_dir / SKIPPED_NAME, skips)
     save_index(out_dir, list(probes.values()))
@@ -129,7 +130,8 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
         "datasets": dataset_entries(datasets, kept, skips, raised),
         **conditioning_entries(conditioning, list(generated.values()), kept),
         "buckets": dict(sorted(Counter(s.plan.bucket for s in kept).items())),
-        "outputs": [output_entry(out_dir, out_dir / SAMPLES_NAME), output_entry(out_dir, out_dir / SKIPPED_NAME)],
+        "outputs": [output_entry(out_dir, out_dir / SAMPLES_NAME), output_entry(out_dir, out_dir / SKIPPED_NAME),
+                    *(output_entry(out_dir, out_dir / rel) for rel in sorted(generated_files))],
         "stats": {
             "files": sum(len(d.images) for d in datasets),
             "samples": len(kept),
