@@ -186,3 +186,56 @@ def test_a_latent_model_caches_conditioning_latents_and_masks_as_pixels_only(pai
     assert kinds == ["controlnet", "mask"]
     assert sample.conditioning["0.latent"].shape == sample.latent.shape
     assert "1.latent" not in sample.conditioning and sample.conditioning["1.pixels"].dtype.is_floating_point is False
+
+
+def test_generated_conditioning_is_written_into_the_prepare_output_and_regenerated_only_when_its_options_change(
+        tmp_path):  # fmt: skip
+    data = tmp_path / "data"
+    for i, colour in enumerate(COLOURS[:2]):
+        _photo(data / f"images/p{i}.png", colour)
+    generators = [{"type": "canny", "low_threshold": 50, "high_threshold": 150}]
+    datasets = [{"id": "photos", "instance_data_dir": "images", "caption_strategy": "filename",
+                 "conditioning": generators}]  # fmt: skip
+    config = write_config(data, datasets, resolution=96, resolution_type="pixel_area", aspect_bucket_alignment=32)
+    out = tmp_path / "prepare"
+    run_prepare(load_config(config), out)
+    rows = _rows(out)
+    [partner] = rows[0]["conditioning"]
+    assert partner["dataset_id"] == "photos_conditioning_canny" and partner["kind"] == "controlnet"
+    edges = out / "conditioning/photos_conditioning_canny" / partner["path"]
+    with Image.open(edges) as img:
+        assert img.size == (96, 96)
+        column = [img.getpixel((24, y))[0] for y in range(96)]  # the bar's edge at x = 24 is an edge everywhere
+    assert max(column) == 255
+    before = edges.stat().st_mtime_ns
+    assert run_prepare(load_config(config), out).up_to_date
+    generators[0]["low_threshold"] = 20
+    write_config(data, datasets, resolution=96, resolution_type="pixel_area", aspect_bucket_alignment=32)
+    run_prepare(load_config(config), out)
+    assert edges.stat().st_mtime_ns != before
+    done = subprocess.run([ST, "verify", str(out)], env=st_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_crafted_conditioning_member_is_refused_by_name(paired_sd1x, tmp_path):
+    import torch
+
+    from pipeline.shards import ShardWriter, pack_tensors, read_shard
+    from tests.helpers.untrusted import manifest_of, rehash
+
+    root, _ = paired_sd1x
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache)
+    shard = next(s for s in manifest_of(cache)["shards"] if s["dataset_id"] == "photos")
+    path = cache / shard["path"]
+    samples = list(read_shard(path, expected_sha256=None))
+    key, members = samples[0]
+    members["cond.safetensors.zst"] = pack_tensors({"0.pixels": torch.zeros(3, 4, 4, dtype=torch.uint8)})
+    path.unlink()
+    with ShardWriter(path) as writer:
+        for name, sample_members in samples:
+            writer.add(name, sample_members)
+    rehash(cache)  # an attacker can always rewrite the manifest too
+    done = subprocess.run([ST, "verify", str(cache)], env=st_env(), capture_output=True, text=True)
+    assert done.returncode != 0
+    assert f"{key}.cond.safetensors.zst" in done.stdout + done.stderr and "expected U8 [3," in done.stdout + done.stderr
