@@ -42,6 +42,16 @@ def bucket_table(manifest: dict[str, Any]) -> str:
     return format_table(["dataset", "bucket", "aspect", "samples", "repeats"], rows, right=(2, 3, 4))
 
 
+def conditioning_summary(manifest: dict[str, Any]) -> str | None:
+    """`conditioning: edges (controlnet) 7 paired, ...` for a prepare manifest with paired data; None without."""
+    listed = manifest.get("conditioning_datasets")
+    if not listed:
+        return None
+    parts = [f"{c['id']} ({c['conditioning_type']}{', generated' if c.get('generator') else ''}) {c['paired']} paired"
+             for c in listed]  # fmt: skip
+    return "conditioning: " + ", ".join(parts)
+
+
 def skipped_summary(manifest: dict[str, Any]) -> str:
     """`skipped: none`, or the count of each reason."""
     skipped = manifest["stats"].get("skipped") or {}
@@ -83,8 +93,9 @@ def _state(result: Any, wrote: str = "wrote") -> str:
 
 def prepare_done(result: Any, output: Path) -> str:
     """The buckets, the skipped samples and where the manifest is."""
-    return "\n".join([bucket_table(result.manifest), skipped_summary(result.manifest),
-                      f"prepare: {_state(result)} {output / MANIFEST}"])  # fmt: skip
+    lines = [bucket_table(result.manifest), conditioning_summary(result.manifest), skipped_summary(result.manifest),
+             f"prepare: {_state(result)} {output / MANIFEST}"]  # fmt: skip
+    return "\n".join(line for line in lines if line is not None)
 
 
 def cache_part_done(result: Any, output: Path, part: str) -> str:
