@@ -324,7 +324,7 @@ def _id_list(value: Any, key: str, where: str) -> tuple[str, ...]:
 
 
 def _generated_id(source_id: str, generator: Any) -> str:
-    from .prepare.generators import dataset_id
+    from .generator_specs import dataset_id
 
     return dataset_id(source_id, generator)
 
@@ -332,7 +332,7 @@ def _generated_id(source_id: str, generator: Any) -> str:
 def _generators(value: Any, where: str) -> tuple[Any, ...]:
     if value is None:
         return ()
-    from .prepare.generators import parse_generators
+    from .generator_specs import parse_generators
 
     return parse_generators(value, where)
 
@@ -350,7 +350,7 @@ def _conditioning_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: 
     if not isinstance(ident, str) or not ident or "." in ident or "/" in ident:
         raise ConfigError(f"{where}: every dataset needs a non-empty string 'id' without '.' or '/'")
     followed = []
-    for key, value in entry.items():
+    for key in entry:
         if key in CONDITIONING_KEYS:
             continue
         if key in ENTRY_KEYS and key not in ("conditioning_data", "conditioning", "is_regularisation_data"):

@@ -2,26 +2,20 @@
 
 Runs in DataLoader worker processes so that decoding, resizing and cropping overlap the encoder.
 
-Every image becomes 8-bit RGB the way SimpleTuner's loader sees it: 16-bit and 32-bit integer greys are rescaled
-(0..65535 -> 0..255), float greys are read as 0..1, and anything with transparency (RGBA, LA, PA, palette or grey
-with a transparent colour) is composited on a white background. 16-bit RGB(A) files are reduced to 8 bits by Pillow.
+Images are decoded as `pipeline.image_decode.decode_rgb` says (8-bit RGB, as SimpleTuner's loader sees them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from typing import Any
 
+from ..image_decode import BACKGROUND, decode_rgb  # noqa: F401 - BACKGROUND: the colour transparent pixels show
 
-# Transparent pixels show this colour (SimpleTuner composites on white too).
-BACKGROUND = (255, 255, 255)
 CORRUPT = "corrupt_image"
 # Not a property of the image (a bug, or the machine ran out of memory): the run stops and names the file.
 LOADER_FAILURE = "loader_failure"
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class SourceProblem(Exception):
@@ -42,7 +36,7 @@ class ImageJob:
     # A conditioning image is first resized to its target's original size when its own differs, then takes the
     # target's resize and crop, so that it stays pixel-aligned with the target.
     source_size: tuple[int, int] | None = None
-    partners: tuple["ImageJob", ...] = ()  # the sample's conditioning images
+    partners: tuple[ImageJob, ...] = ()  # the sample's conditioning images
 
 
 def job_for(row: dict[str, Any], root: str, roots: dict[str, str] | None = None) -> ImageJob:
@@ -87,45 +81,6 @@ def load_pixels(job: ImageJob):
     except Exception as exc:  # whatever the decoder says about these bytes, it says it on every run
         raise SourceProblem(CORRUPT, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def decode_rgb(data: bytes):
-    """The image in `data` as 8-bit RGB after EXIF orientation: wide greys rescaled, transparency on BACKGROUND."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as opened:
-        img = ImageOps.exif_transpose(opened)
-    if img.mode in _WIDE_GREY_MODES or img.mode == "F":
-        return _wide_grey_to_rgb(img)
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
-        return _composite(img.convert("RGBA"))
-    return img.convert("RGB")
-
-
-def _composite(rgba):
-    from PIL import Image
-
-    canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-    return Image.alpha_composite(canvas, rgba).convert("RGB")
-
-
-def _wide_grey_to_rgb(img):
-    """16/32-bit integer greys (0..65535, as 16-bit PNG and TIFF hold them) and float greys (0..1) as 8-bit RGB. A
-    transparent grey value (PNG tRNS) is composited like an alpha channel."""
-    import numpy as np
-    from PIL import Image
-
-    raw = np.asarray(img)
-    if img.mode == "F":
-        levels = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, 1.0) * 255.0
-    else:
-        levels = raw.astype(np.float64).clip(0, 65535) * (255.0 / 65535.0)
-    grey = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
-    transparent = img.info.get("transparency")
-    if isinstance(transparent, int) and img.mode != "F":
-        alpha = Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8), mode="L")
-        return _composite(Image.merge("LA", (grey, alpha)).convert("RGBA"))
-    return grey.convert("RGB")
 
 
 class BatchLoader:

@@ -154,7 +154,7 @@ class Generation:
     def _one(self, sample: Sample, cond: ConditioningSpec, index: dict[str, list[str]]) -> Partner:
         from PIL import Image
 
-        from ..cache.images import decode_rgb
+        from ..image_decode import decode_rgb
         from .generators import generate
         from .walk import read_regular_file
 
