@@ -124,7 +124,7 @@ class CacheChecks:
                 raise malformed(where(JSON), f"the sample's conditioning list and its {COND} member disagree")
             bound = len(partners) * (self.pixel_bytes(shard["bucket"]) + latent_bound) + MARGIN
             specs, sizes[COND] = self._specs(members[COND], min(bound, MAX_MEMBER_BYTES), where(COND), decompress)
-            self._check_cond(specs, partners, shard["bucket"], where(COND))
+            self._check_cond(specs, partners, shard["bucket"], len(meta["text"]), where(COND))
         return CheckedSample(key, meta, sizes, local)
 
     @staticmethod
@@ -133,7 +133,8 @@ class CacheChecks:
         width, _, height = bucket.partition("x")
         return 3 * int(width) * int(height)
 
-    def _check_cond(self, specs: dict[str, TensorSpec], partners: list[Any], bucket: str, where: str) -> None:
+    def _check_cond(self, specs: dict[str, TensorSpec], partners: list[Any], bucket: str, captions: int,
+                    where: str) -> None:  # fmt: skip
         """`{i}.pixels`: uint8 [3, H, W] at the bucket's size, for every listed conditioning image; `{i}.latent`:
         shaped as the sample's latent."""
         width, height = (int(v) for v in bucket.split("x"))
@@ -154,6 +155,9 @@ class CacheChecks:
         for partner in partners:
             if not isinstance(partner, dict) or partner.get("kind") not in CONDITIONING_KINDS:
                 raise malformed(where, f"conditioning entry {partner!r} has no known kind")
+            positions = partner.get("captions", [])
+            if not isinstance(positions, list) or not all(type(i) is int and 0 <= i < captions for i in positions):
+                raise malformed(where, f"conditioning entry {partner!r} names captions the sample does not have")
 
     def check_embeds(self, data: bytes, where: str, *, decompress: bool = False) -> None:
         """Check the shared embeddings file: bounded frame, valid safetensors, every tensor of a listed prompt."""

@@ -187,6 +187,9 @@ class GeneratorSpec:
     name: str
     settings: tuple[tuple[str, Any], ...]  # the parameters, sorted, lists as tuples (so that a spec is hashable)
     conditioning_type: str
+    # `captions`: what a sample is captioned with when it trains with this conditioning (one chosen per step, as a
+    # sample's several captions are); None: its source's captions.
+    captions: tuple[str, ...] | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -194,8 +197,9 @@ class GeneratorSpec:
 
     def describe(self) -> dict[str, Any]:
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.settings}
+        captions = {"captions": list(self.captions)} if self.captions is not None else {}
         return {"type": self.type, "name": self.name, "params": params,
-                "conditioning_type": self.conditioning_type, "version": VERSION}  # fmt: skip
+                "conditioning_type": self.conditioning_type, "version": VERSION, **captions}  # fmt: skip
 
 
 def dataset_id(source_id: str, spec: GeneratorSpec) -> str:
@@ -235,7 +239,7 @@ def _parse_one(item: Any, where: str) -> GeneratorSpec:
     kind = ALIASES.get(name)
     if kind is None:
         raise ConfigError(f"{where}.type: unknown conditioning type '{name}'{suggest(name, [*ALIASES, *NEEDS_MODEL])}")
-    _refuse_captions(item, where)
+    captions = _captions(item, where)
     if item.get("instance_data_dir") is not None:
         raise NotSupportedError(f"{where}.instance_data_dir: st prepare writes generated datasets inside its output "
                                 "folder (conditioning/<id>); remove 'instance_data_dir'")  # fmt: skip
@@ -250,15 +254,23 @@ def _parse_one(item: Any, where: str) -> GeneratorSpec:
     given = {k: v for k, v in item.items() if k in known} | nested  # `params` wins, as SimpleTuner merges them
     params = _resolve(kind, name, given, where)
     settings = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
-    return GeneratorSpec(kind, name, settings, _conditioning_type(item, kind, params, where))
+    return GeneratorSpec(kind, name, settings, _conditioning_type(item, kind, params, where), captions)
 
 
-def _refuse_captions(item: dict[str, Any], where: str) -> None:
-    # SimpleTuner treats `captions: false` / null as absent; anything else gives the generated dataset its own captions.
-    for key in ("captions", "caption_strategy", "instance_prompt"):
+def _captions(item: dict[str, Any], where: str) -> tuple[str, ...] | None:
+    """`captions`: a string or a list of strings the generated dataset's samples are captioned with; false / null:
+    the source's captions (as SimpleTuner reads it)."""
+    for key in ("caption_strategy", "instance_prompt"):
         if item.get(key) not in (None, False):
-            raise NotSupportedError(f"{where}.{key}: generated conditioning datasets take their source's captions "
-                                    f"in st; remove '{key}'")  # fmt: skip
+            raise NotSupportedError(f"{where}.{key}: a generated conditioning dataset takes its source's captions, "
+                                    f"or those listed in 'captions'; remove '{key}'")  # fmt: skip
+    value = item.get("captions")
+    if value is None or value is False:
+        return None
+    listed = [value] if isinstance(value, str) else value
+    if not isinstance(listed, list) or not listed or not all(isinstance(c, str) for c in listed):
+        raise ConfigError(f"{where}.captions: expected a caption or a non-empty list of captions, got {value!r}")
+    return tuple(listed)
 
 
 def _resolve(kind: str, name: str, given: dict[str, Any], where: str) -> dict[str, Any]:

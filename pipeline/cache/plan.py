@@ -51,7 +51,9 @@ class Entry:
     def metadata(self) -> dict[str, Any]:
         """The sample's `json` member."""
         row = self.row
-        paired = {"conditioning": [{k: c[k] for k in ("dataset_id", "path", "kind")} for c in self.conditioning]}
+        paired = {"conditioning": [{**{k: c[k] for k in ("dataset_id", "path", "kind")},
+                                    **({"captions": list(c["captions"])} if c.get("captions") else {})}
+                                   for c in self.conditioning]}  # fmt: skip
         return {
             **(paired if self.conditioning else {}),
             "sample_id": row["sample_id"],

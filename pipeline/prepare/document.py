@@ -32,7 +32,8 @@ def write_samples(path: Path, samples: list[Sample]) -> None:
     paired = any(s.conditioning for s in samples)
     if paired:  # the column only when there is paired data: outputs without it stay byte-identical
         partner = pa.struct([("dataset_id", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
-                             ("width", int32), ("height", int32), ("kind", pa.string())])  # fmt: skip
+                             ("width", int32), ("height", int32), ("kind", pa.string()),
+                             ("captions", pa.list_(int32))])  # fmt: skip
         schema = schema.append(pa.field("conditioning", pa.list_(partner)))
     rows = {
         "sample_id": [s.sample_id for s in samples],

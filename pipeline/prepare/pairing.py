@@ -12,6 +12,7 @@ an index there remembers (source hash, generator) -> output hash, so a re-run re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -44,10 +45,13 @@ class Partner:
     width: int
     height: int
     kind: str  # the dataset's conditioning_type
+    # Positions in the sample's captions of the captions it trains with when this conditioning is chosen (a generated
+    # dataset's `captions`); empty: the sample's own captions.
+    captions: tuple[int, ...] = ()
 
     def as_row(self) -> dict[str, Any]:
         return {"dataset_id": self.dataset_id, "path": self.path, "sha256": self.sha256, "width": self.width,
-                "height": self.height, "kind": self.kind}  # fmt: skip
+                "height": self.height, "kind": self.kind, "captions": list(self.captions)}  # fmt: skip
 
 
 def list_conditioning(spec: ConditioningSpec) -> DatasetFiles:
@@ -142,13 +146,18 @@ class Generation:
         with progress_bar(total=len(work), desc="conditioning", unit="img") as bar:
             for sample, cond in work:
                 partner = self._one(sample, cond, new_index.setdefault(cond.id, {}))
-                self._insert(sample, partner, by_id[sample.dataset_id].conditioning_data)
+                self._insert(sample, partner, by_id[sample.dataset_id].conditioning_data, cond.generator.captions)
                 bar.update(1)
         atomic_write_text(self.out_dir / GENERATED_INDEX, json.dumps(new_index, sort_keys=True) + "\n")
         log.info("conditioning: %d image(s) generated, %d unchanged", self.generated, self.reused)
 
     @staticmethod
-    def _insert(sample: Sample, partner: Partner, order: tuple[str, ...]) -> None:
+    def _insert(sample: Sample, partner: Partner, order: tuple[str, ...], captions: tuple[str, ...] | None) -> None:
+        """Add `partner` in conditioning_data order; its own `captions` join the sample's, remembered by position."""
+        if captions:
+            start = len(sample.captions)
+            sample.captions = [*sample.captions, *captions]
+            partner = dataclasses.replace(partner, captions=tuple(range(start, start + len(captions))))
         sample.conditioning = sorted([*sample.conditioning, partner], key=lambda p: order.index(p.dataset_id))
 
     def _one(self, sample: Sample, cond: ConditioningSpec, index: dict[str, list[str]]) -> Partner:

@@ -49,6 +49,17 @@ class SampleRef:
         return self.meta["bucket"]
 
 
+def caption_positions(meta: dict[str, Any], chosen: int | None, count: int) -> list[int]:
+    """The captions a sample may train with: those of its chosen conditioning image when that has its own (a
+    generated dataset's `captions`), else its own (those no conditioning image claims)."""
+    partners = meta.get("conditioning", [])
+    if chosen is not None and partners[chosen].get("captions"):
+        return list(partners[chosen]["captions"])
+    claimed = {i for p in partners for i in p.get("captions", [])}
+    own = [i for i in range(count) if i not in claimed]
+    return own or list(range(count))
+
+
 @dataclass(frozen=True)
 class PlannedBatch:
     dataset_id: str
@@ -278,31 +289,43 @@ class TrainLoader:
         start = self.rank * self.per_rank
         keys = list(planned.keys[start : start + self.per_rank])
         latents, texts, metas, dropped = [], [], [], []
+        parts = []
         for slot, key in enumerate(keys):
             ref = self.index.samples[key]
             latents.append(reader.latent(ref))
             rng = random.Random(f"{self.seed}:{epoch}:{batch_index}:{start + slot}:{key}")
             drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
             options = self.captions(ref, reader)
-            texts.append(self.shared_text[self.empty_key] if drop else options[rng.randrange(len(options))])
+            chosen = self._chosen_control(ref, f"{self.seed}:{epoch}:{batch_index}:{start + slot}:{key}:conditioning")
+            allowed = caption_positions(ref.meta, chosen, len(options))
+            texts.append(self.shared_text[self.empty_key] if drop else options[allowed[rng.randrange(len(allowed))]])
             metas.append(ref.meta)
             dropped.append(drop)
+            if COND in ref.members:
+                parts.append(self.conditioning(ref, reader, chosen))
         batch = Batch(torch.stack(latents), texts, metas, keys, dropped, epoch, batch_index,
                       dataset_id=planned.dataset_id, regularisation=self.index.is_regularisation(planned.dataset_id))
-        if any(COND in self.index.samples[key].members for key in keys):
-            self._add_conditioning(batch, reader, start)
+        if parts:
+            self._add_conditioning(batch, parts)
         return batch
 
-    def conditioning(self, ref: SampleRef, reader: SampleReader, seed_key: str) -> dict[str, Any]:
-        """A sample's conditioning as the batch fields hold it: `control_pixels` / `control_latents` of one
-        conditioning image (chosen per sample, seeded, when there are several) and `mask_pixels` / `mask_kind`."""
+    @staticmethod
+    def _chosen_control(ref: SampleRef, seed_key: str) -> int | None:
+        """Which of the sample's non-mask conditioning images it trains with: the only one, or one chosen by a
+        generator seeded per (epoch, batch, global slot, sample), so that it replays exactly on any process count."""
+        controls = [i for i, p in enumerate(ref.meta.get("conditioning", [])) if p["kind"] not in MASK_TYPES]
+        if not controls:
+            return None
+        return controls[0] if len(controls) == 1 else random.Random(seed_key).choice(controls)
+
+    def conditioning(self, ref: SampleRef, reader: SampleReader, chosen: int | None) -> dict[str, Any]:
+        """A sample's conditioning as the batch fields hold it: `control_pixels` / `control_latents` of its chosen
+        conditioning image and `mask_pixels` / `mask_kind` of its mask."""
         stored = reader.tensors(ref, COND)
         partners = ref.meta["conditioning"]
         out: dict[str, Any] = {}
-        controls = [i for i, p in enumerate(partners) if p["kind"] not in MASK_TYPES]
         masks = [i for i, p in enumerate(partners) if p["kind"] in MASK_TYPES]
-        if controls:
-            chosen = controls[0] if len(controls) == 1 else random.Random(seed_key).choice(controls)
+        if chosen is not None:
             out["control_pixels"] = stored[f"{chosen}.pixels"].float() / 127.5 - 1.0
             if f"{chosen}.latent" in stored:
                 out["control_latents"] = stored[f"{chosen}.latent"].float()
@@ -311,14 +334,14 @@ class TrainLoader:
             out["mask_kind"] = partners[masks[0]]["kind"]
         return out
 
-    def _add_conditioning(self, batch: Batch, reader: SampleReader, start: int) -> None:
-        """Stack the samples' conditioning into the batch; the choice among several conditioning images is seeded
-        per (epoch, batch, global slot, sample), like caption choice, so it replays exactly on any process count."""
+    @staticmethod
+    def _add_conditioning(batch: Batch, parts: list[dict[str, Any]]) -> None:
+        """Stack the samples' conditioning (`conditioning` of each) into the batch."""
         import torch
 
-        seed = f"{self.seed}:{batch.epoch}:{batch.index}"
-        parts = [self.conditioning(self.index.samples[key], reader, f"{seed}:{start + slot}:{key}:conditioning")
-                 for slot, key in enumerate(batch.keys)]  # fmt: skip
+        if len(parts) != len(batch.keys):
+            raise InputError(f"batch {batch.index} of dataset '{batch.dataset_id}' mixes samples with and without "
+                             "conditioning images; re-run `st prepare` and `st cache`")  # fmt: skip
         for name in ("control_pixels", "control_latents", "mask_pixels"):
             if all(name in part for part in parts):
                 setattr(batch, name, torch.stack([part[name] for part in parts]))

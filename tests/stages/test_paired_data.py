@@ -239,3 +239,37 @@ def test_a_crafted_conditioning_member_is_refused_by_name(paired_sd1x, tmp_path)
     done = subprocess.run([ST, "verify", str(cache)], env=st_env(), capture_output=True, text=True)
     assert done.returncode != 0
     assert f"{key}.cond.safetensors.zst" in done.stdout + done.stderr and "expected U8 [3," in done.stdout + done.stderr
+
+
+def test_a_generated_dataset_with_captions_captions_the_samples_that_train_with_it(tmp_path, tiny_model):
+    from pipeline.prompts import prompt_key
+
+    data = tmp_path / "data"
+    for i, colour in enumerate(COLOURS):
+        _photo(data / f"images/p{i}.png", colour)
+    generators = [{"type": "canny", "captions": "edges of a shape"}, {"type": "superresolution"}]
+    datasets = [{"id": "photos", "instance_data_dir": "images", "caption_strategy": "filename",
+                 "conditioning": generators}]  # fmt: skip
+    config = write_config(data, datasets, model_family="sd1x", pretrained_model_name_or_path=str(tiny_model("sd1x")),
+                          resolution=96, resolution_type="pixel_area", aspect_bucket_alignment=32)  # fmt: skip
+    loaded = load_config(config)
+    run_prepare(loaded, tmp_path / "prepare")
+    row = _rows(tmp_path / "prepare")[0]
+    assert row["captions"] == ["p0", "edges of a shape"]
+    assert [c["captions"] for c in row["conditioning"]] == [[1], []]
+    run_cache(loaded, tmp_path / "prepare", tmp_path / "cache")
+    reader = CacheReader(tmp_path / "cache")
+    index = CacheIndex(tmp_path / "cache", reader.manifest)
+    shared = reader.shared_embeds()
+    loader = TrainLoader(index, EpochPlanner(index, seed=0, global_batch=1, sampling="uniform"), rank=0, world=1,
+                         shared_text=shared, empty_key=reader.manifest["embeds"]["empty"], caption_dropout=0.0,
+                         seed=0, prefetch=0)  # fmt: skip
+    edges_caption = shared[prompt_key("edges of a shape")]
+    seen = set()
+    for batch in loader.iterate(Cursor(), 4):
+        ref = index.samples[batch.keys[0]]
+        chosen = loader._chosen_control(ref, f"0:{batch.epoch}:{batch.index}:0:{batch.keys[0]}:conditioning")
+        kind = ref.meta["conditioning"][chosen]["dataset_id"]
+        seen.add(kind)
+        assert (batch.texts[0] is edges_caption) == (kind == "photos_conditioning_canny"), kind
+    assert seen == {"photos_conditioning_canny", "photos_conditioning_superresolution"}

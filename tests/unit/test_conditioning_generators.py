@@ -217,9 +217,15 @@ def test_generators_that_need_a_model_are_refused(kind):
         parse_generators([{"type": kind}], "d")
 
 
-def test_own_captions_are_refused_and_false_is_absent():
-    with pytest.raises(NotSupportedError, match=r"captions.*source's captions"):
-        parse_generators([{"type": "canny", "captions": ["edges of a photo"]}], "d")
-    assert parse_generators([{"type": "canny", "captions": False}], "d")[0].type == "canny"
+def test_captions_are_a_caption_or_a_list_and_false_is_absent():
+    assert parse_generators([{"type": "canny", "captions": ["edges of a photo", "edges"]}], "d")[0].captions == (
+        "edges of a photo", "edges")
+    assert parse_generators([{"type": "canny", "captions": "edges"}], "d")[0].captions == ("edges",)
+    assert parse_generators([{"type": "canny", "captions": False}], "d")[0].captions is None
+    assert "captions" not in parse_generators([{"type": "canny"}], "d")[0].describe()
+    with pytest.raises(ConfigError, match=r"d.conditioning\[0\].captions: expected a caption"):
+        parse_generators([{"type": "canny", "captions": [1]}], "d")
+    with pytest.raises(NotSupportedError, match="instance_prompt"):
+        parse_generators([{"type": "canny", "instance_prompt": "a photo"}], "d")
     with pytest.raises(NotSupportedError, match="instance_data_dir"):
         parse_generators([{"type": "canny", "instance_data_dir": "/data/edges"}], "d")
