@@ -29,6 +29,20 @@ CONTROLNET_LIST = [
      "cache_dir": "cache/text/sdxl-base/controlnet"},
 ]  # fmt: skip
 
+# documentation/CONTROLNET.md, "Example: Multi-Task Conditioning Dataset".
+MULTITASK_LIST = [
+    {"id": "multitask-training", "type": "local", "instance_data_dir": "/datasets/high-quality-images",
+     "caption_strategy": "filename", "resolution": 512,
+     "conditioning": [
+         {"type": "superresolution", "blur_radius": 2.0, "noise_level": 0.02,
+          "captions": ["enhance image quality", "increase resolution", "sharpen"]},
+         {"type": "jpeg_artifacts", "quality_range": [20, 40], "captions": ["remove compression", "fix jpeg artifacts"]},
+         {"type": "canny", "low_threshold": 50, "high_threshold": 150},
+     ]},
+    {"id": "text-embed-cache", "dataset_type": "text_embeds", "default": True, "type": "local",
+     "cache_dir": "cache/text/sdxl"},
+]  # fmt: skip
+
 # documentation/DREAMBOOTH.md, "Masked loss".
 MASKED_LIST = [
     {"id": "dreambooth-data", "type": "local", "dataset_type": "image", "conditioning_data": "dreambooth-conditioning",
@@ -116,3 +130,17 @@ def test_the_dreambooth_regularisation_list_marks_its_regularisation_dataset(tmp
     assert by_id["regularisation-data"]["is_regularisation_data"] is True
     assert "is_regularisation_data" not in by_id["subjectname-data-512px"]
     assert by_id["regularisation-data"]["samples"] == 2
+
+
+def test_the_controlnet_guide_multitask_list_generates_its_three_datasets(tmp_path):
+    entries = _moved(MULTITASK_LIST, tmp_path)
+    _images(Path(entries[0]["instance_data_dir"]), 512, names=("a_red_square.png",))
+    manifest = _prepare(tmp_path, entries)
+    generated = {c["id"]: c for c in manifest["conditioning_datasets"]}
+    assert sorted(generated) == ["multitask-training_conditioning_canny", "multitask-training_conditioning_jpeg_artifacts",
+                                 "multitask-training_conditioning_superresolution"]  # fmt: skip
+    assert all(c["paired"] == 1 and c["generator"] for c in generated.values())
+    import pyarrow.parquet as pq
+
+    [row] = pq.read_table(tmp_path / "prepare/samples.parquet").to_pylist()
+    assert row["captions"][0] == "a red square" and "sharpen" in row["captions"]
