@@ -58,7 +58,7 @@ def opt(default: Any, *stages: str, choices: tuple | None = None, help: str = ""
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 # Kept in sync with pipeline.families.FAMILIES (a test checks); listed here so that config loading stays import-light.
 MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "sana", "qwen_image",
-                  "kolors", "chroma", "z_image")
+                  "kolors", "chroma", "z_image", "hidream")
 CROP_STYLES = ("center", "centre", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 # SimpleTuner's default `sana_complex_human_instruction`: the lines Sana's pipeline prepends to every caption.
@@ -167,6 +167,14 @@ class Config:
                                    "convolutions in and out, time embedding) instead of the family's default.")
     use_dora: bool = opt(False, TRAIN)
     init_lora: str | None = opt(None, TRAIN, help="LoRA weights (safetensors) to start from.")
+    # ControlNet training (pipeline/train/controlnet.py): the base model frozen, a ControlNet trained beside it.
+    controlnet: bool = opt(False, TRAIN, help="Train a ControlNet (model_type full) on conditioning_data pairs.")
+    controlnet_model_name_or_path: str | None = opt(None, TRAIN, help="A diffusers ControlNet (folder or hub id) to "
+                                                    "start from; default: built from the base denoiser.")  # fmt: skip
+    controlnet_custom_config: Any = opt(None, TRAIN, help="Keywords of ControlNetModel.from_unet / FluxControlNetModel"
+                                        ".from_transformer (e.g. num_layers): JSON text, a dict or a JSON file.")  # fmt: skip
+    ramtorch_controlnet: bool = opt(False, TRAIN, key=False, help="With ramtorch, stream the ControlNet's Linear "
+                                    "layers too (CUDA).")  # fmt: skip
     # Text-encoder training (sd1x, sdxl): st cache also stores token ids, so it enters the cache key only when true.
     train_text_encoder: bool = opt(False, CACHE, TRAIN, key=(TRAIN,),
                                    help="Also train the CLIP text encoder(s): a LoRA on them in LoRA runs.")
@@ -205,6 +213,9 @@ class Config:
     snr_gamma: float | None = opt(None, TRAIN)
     use_soft_min_snr: bool = opt(False, TRAIN)
     soft_min_snr_sigma_data: float | None = opt(None, TRAIN)
+    masked_loss_probability: float = opt(1.0, TRAIN, help="Chance per batch that a mask / segmentation dataset's mask "
+                                         "weights the loss (st: both kinds, so 0 turns masks off; SimpleTuner: "
+                                         "segmentation only, masks always).")  # fmt: skip
     noise_offset: float = opt(0.1, TRAIN, help="Used only with offset_noise (as in SimpleTuner).")
     noise_offset_probability: float = opt(0.25, TRAIN)
     offset_noise: bool = opt(False, TRAIN)
@@ -212,6 +223,10 @@ class Config:
     input_perturbation_steps: int = opt(0, TRAIN)
     caption_dropout_probability: float = opt(0.1, TRAIN)
     data_backend_sampling: str = opt("auto-weighting", TRAIN, choices=("uniform", "auto-weighting"))
+    conditioning_multidataset_sampling: str = opt(
+        "random", TRAIN, choices=("random", "combined"),
+        help="With several conditioning datasets on one image dataset: random picks one per sample (seeded); "
+             "combined uses them all at once (refused until an edit model family consumes it).")  # fmt: skip
     dataloader_prefetch: bool = opt(True, TRAIN, key=False)
     dataloader_prefetch_qlen: int = opt(4, TRAIN, key=False)
 
@@ -301,7 +316,14 @@ class Config:
     validation_disable: bool = opt(False, TRAIN, key=False)
     disable_benchmark: bool = opt(False, TRAIN, key=False)
     eval_steps_interval: int | None = opt(None, TRAIN, key=False)
-    num_eval_images: int = opt(4, TRAIN)
+    num_eval_images: int = opt(4, TRAIN, help="Samples the evaluation loss reads: of each eval dataset (of all "
+                               "together when pooled), else the first cached samples.")  # fmt: skip
+    eval_epoch_interval: float | None = opt(None, TRAIN, key=False, help="Evaluate every N epochs (0.5: twice an "
+                                            "epoch); with eval_steps_interval both schedules run.")  # fmt: skip
+    eval_dataset_id: str | list | None = opt(None, TRAIN, help="The eval dataset(s) (dataset_type eval) the "
+                                             "evaluation loss uses; default: all of them.")  # fmt: skip
+    eval_dataset_pooling: bool = opt(False, TRAIN, help="One eval_loss over all eval datasets instead of "
+                                     "eval_loss/<id> per dataset.")  # fmt: skip
     report_to: str = opt("none", TRAIN, choices=("tensorboard", "wandb", "none"), key=False)
     logging_dir: str | None = opt(None, TRAIN, key=False)
     tracker_project_name: str = opt("st", TRAIN, key=False)
@@ -338,10 +360,14 @@ class Config:
     offload_during_save: bool = opt(False, TRAIN, key=False, help="Move the denoiser to the CPU while saving.")
     enable_model_cpu_offload: bool = opt(False, TRAIN, key=False,
                                          help="diffusers model CPU offload while validating (CUDA; a no-op on CPU).")
-    ramtorch: bool = opt(False, TRAIN, key=False,
+    ramtorch: bool = opt(False, CACHE, TRAIN, key=False,
                          help="Keep the denoiser's frozen Linear weights in host memory, streamed per layer (CUDA).")
-    ramtorch_target_modules: str | None = opt(None, TRAIN, key=False,
+    ramtorch_target_modules: str | None = opt(None, CACHE, TRAIN, key=False,
                                               help="Comma-separated globs of the Linear layers ramtorch streams.")
+    ramtorch_text_encoder: bool = opt(False, CACHE, TRAIN, key=False,
+                                      help="With ramtorch, stream the text encoders' Linear layers too (CUDA).")
+    ramtorch_vae: bool = opt(False, CACHE, TRAIN, key=False,
+                             help="With ramtorch, stream the VAE mid blocks' Linear layers too (CUDA).")
 
     # Publishing.
     lora_format: str = opt("diffusers", PUBLISH, choices=("diffusers", "comfyui"))
@@ -845,6 +871,8 @@ OPTION_RANGES: dict[str, Range] = {
     "validation_seed": _SEED,
     "eval_steps_interval": _OFF_OR_EVERY,
     "num_eval_images": _COUNT,
+    "eval_epoch_interval": Range(0, note="0 or unset: off"),
+    "masked_loss_probability": _FRACTION,
     "gradient_checkpointing_interval": _COUNT,
     "accelerator_cache_clear_interval": _COUNT,
     "group_offload_blocks_per_group": _COUNT,
@@ -988,6 +1016,9 @@ def _alias_values(given: dict[str, Any], where: str = "") -> dict[str, tuple[str
 READ_ONLY_WITH = {
     "validation_lycoris_strength": ("lora_type", "lycoris"),
     "singlora_ramp_up_steps": ("peft_lora_mode", "singlora"),
+    "ramtorch_text_encoder": ("ramtorch", True),
+    "ramtorch_vae": ("ramtorch", True),
+    "ramtorch_controlnet": ("ramtorch", True),
 }
 
 

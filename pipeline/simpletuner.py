@@ -127,10 +127,7 @@ OPTION_STATES: dict[str, OptionState] = {
     "optimizer_cpu_offload_method": Accepted("its only choice is none"),
     **_refused("attention slicing of the UNet (saves memory while validating)", "unet_attention_slice"),
     **_refused("moving the optimizer's gradients to the CPU", "optimizer_offload_gradients"),
-    # ramtorch and ramtorch_target_modules are Config fields (the denoiser in st train).
-    **_refused("RamTorch streaming of the text encoders' and VAE's Linear layers (st streams the denoiser's)",
-               "ramtorch_text_encoder ramtorch_vae", False),
-    "ramtorch_controlnet": Accepted("read only when training a ControlNet, which st does not"),
+    # ramtorch, ramtorch_target_modules, ramtorch_text_encoder, ramtorch_vae, ramtorch_controlnet are Config fields.
     **_accepted(_SPEED, "enable_xformers_memory_efficient_attention validation_torch_compile "
                         "validation_torch_compile_mode"),
     "sageattention_usage": Accepted("read only with a sageattention attention_mechanism, which st does not offer"),
@@ -149,8 +146,7 @@ OPTION_STATES: dict[str, OptionState] = {
     "freeze_encoder_after": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)", 17),
     "freeze_encoder_strategy": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)",
                                        "after"),
-    **_only_with("controlnet / control", "controlnet_model_name_or_path controlnet_custom_config "
-                                         "conditioning_multidataset_sampling validation_stitch_input_location"),
+    **_only_with("controlnet / control", "validation_stitch_input_location"),
     **_only_with("distillation_method", "distillation_config"),
     **_only_with("evaluation_type", "pretrained_evaluation_model_name_or_path"),
     **_only_with("refiner_training", "refiner_training_invert_schedule refiner_training_strength"),
@@ -171,7 +167,9 @@ OPTION_STATES: dict[str, OptionState] = {
                  "scheduled_sampling_reflexflow scheduled_sampling_reflexflow_alpha "
                  "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
     **_only_for("ltxvideo", "ltx_train_mode ltx_i2v_prob ltx_partial_noise_fraction ltx_protect_first_frame"),
-    **_only_for("hidream", "hidream_use_load_balancing_loss hidream_load_balancing_loss_weight"),
+    # HiDream's MoE load-balancing loss: SimpleTuner adds the expert gates' auxiliary loss times this weight to the
+    # training loss only when hidream_use_load_balancing_loss is on (refused below).
+    **_only_with("hidream_use_load_balancing_loss", "hidream_load_balancing_loss_weight"),
     **_only_for("video families (wan, ltxvideo, ...)", "validation_num_video_frames framerate"),
     # Refused: a feature st lacks; loads only at its default.
     **_refused("loading the denoiser from another model or folder",
@@ -179,12 +177,10 @@ OPTION_STATES: dict[str, OptionState] = {
                "pretrained_unet_model_name_or_path pretrained_unet_subfolder"),
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
-    **_refused("ControlNet / control conditioning training", "controlnet control"),
+    "control": Refused("channel-wise control conditioning training"),
     "tread_config": Refused("TREAD token routing"),
-    "masked_loss_probability": Refused("masked loss (mask conditioning datasets)", 1.0),
     **_refused("distillation", "distillation_method"),
     "evaluation_type": Refused("CLIP evaluation", "none"),
-    **_refused("evaluation datasets", "eval_dataset_id eval_dataset_pooling eval_epoch_interval"),
     "eval_timesteps": Refused("choosing the evaluation timesteps", 28),
     **_refused("SDXL refiner training", "refiner_training sdxl_refiner_uses_full_range"),
     "data_aesthetic_score": Refused("SDXL refiner aesthetic-score conditioning", 7.0),
@@ -195,6 +191,7 @@ OPTION_STATES: dict[str, OptionState] = {
     "sd3_t5_uncond_behaviour": Refused("SD3 unconditional-embedding choices"),
     "flux_attention_masked_training": Refused("Flux attention-masked training"),
     "flux_fast_schedule": Refused("Flux Schnell's fast schedule"),
+    "hidream_use_load_balancing_loss": Refused("HiDream's mixture-of-experts load-balancing loss", False),
     **_refused("on-demand VAE encoding (st always caches latents with `st cache`)",
                "vae_cache_ondemand vae_cache_disable"),
     **_refused("fused optimizer steps during the backward pass",
@@ -239,7 +236,6 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     **_accepted(_WORKERS, "text_encoder_batch_size"),
     **_accepted("st never deletes dataset files; it skips such images and `st prepare` reports them",
                 "delete_unwanted_images delete_problematic_images"),
-    "is_regularisation_data": Refused("regularisation datasets"),
     "caption_filter_list": Refused("caption filter lists"),
     "train_batch_size": Refused("a batch size per dataset (set the global train_batch_size)"),
     "disable_multiline_split": Refused("keeping a multi-line caption file as one caption (st reads each line as "
@@ -252,8 +248,10 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     "grounding": Refused("spatial grounding (bounding boxes and masks)"),
     "slider_strength": Refused("slider LoRA training"),
     "timestep_sampling_offset": Refused("a timestep offset per dataset"),
-    **_refused("conditioning datasets (ControlNet / control training)",
-               "conditioning conditioning_type conditioning_data source_dataset_id conditioning_image_embeds"),
+    "conditioning_image_embeds": Refused("cached conditioning image embeddings (CLIP vision features for "
+                                         "image-to-video models)"),
+    **_refused("a conditioning setting of a `dataset_type: conditioning` entry (st reads it there)",
+               "conditioning_type source_dataset_id"),
     **_refused("on-demand text encoding (st always caches embeddings with `st cache`)",
                "text_cache_ondemand text_cache_disable"),
     **_refused("on-demand VAE encoding (st always caches latents with `st cache`)",

@@ -62,6 +62,8 @@ class Encoders:
     offload: bool = False
     speed: Any = None
     precisions: tuple[str, ...] = ()  # text_encoder_N_precision presets, in the family's order
+    ramtorch: Any = None  # a ramtorch_layers.ComponentOptions: ramtorch_text_encoder, ramtorch_vae
+    streamed: dict[str, Any] = field(default_factory=dict)  # what RamTorch streams from host memory, per component
     _vae: Any = None
     _text: dict[str, Any] | None = None
     loaded: list[str] = field(default_factory=list)
@@ -74,7 +76,12 @@ class Encoders:
     @property
     def vae(self):
         if self._vae is None:
-            self.use_vae(self._load(("vae",), torch_dtype(self.vae_dtype))["vae"])
+            vae = self._load(("vae",), torch_dtype(self.vae_dtype))["vae"]
+            if self.ramtorch is not None and self.ramtorch.vae:  # before the VAE moves to the GPU
+                from ..ramtorch_layers import stream_vae
+
+                self.streamed["vae"] = stream_vae(vae, self.ramtorch.patterns, self.device)
+            self.use_vae(vae)
             self.loaded.append("vae")
         return self._vae
 
@@ -99,7 +106,7 @@ class Encoders:
     def text(self) -> dict[str, Any]:
         if self._text is None:
             parts = self._load(("text_encoders",))
-            encoders = tuple(self._quantised(i, e.eval().requires_grad_(False))
+            encoders = tuple(self._streamed(i, self._quantised(i, e.eval().requires_grad_(False)))
                              for i, e in enumerate(parts["text_encoders"]))  # fmt: skip
             self._text = {"text_encoders": encoders, "tokenizers": parts["tokenizers"]}
             self.loaded.append("text_encoders")
@@ -111,6 +118,15 @@ class Encoders:
         """Text encoder `index` quantised with its text_encoder_N_precision (on the CPU, before it moves)."""
         preset = self.precisions[index] if index < len(self.precisions) else "no_change"
         return quantise_module(encoder, preset, self.family.name, f"text encoder {index + 1}")
+
+    def _streamed(self, index: int, encoder: Any) -> Any:
+        """ramtorch_text_encoder: text encoder `index`'s Linear layers in host memory (before it moves)."""
+        if self.ramtorch is not None and self.ramtorch.text_encoders:
+            from ..ramtorch_layers import stream_text_encoder
+
+            streamed = stream_text_encoder(encoder, index + 1, self.ramtorch.patterns, self.device)
+            self.streamed.setdefault("text_encoders", []).append(streamed)
+        return encoder
 
     def release_text(self) -> None:
         """offload_during_startup: park the text encoders on the CPU while the VAE works."""

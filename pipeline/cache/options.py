@@ -35,6 +35,10 @@ class CacheOptions:
     text_encoder_2_precision: str
     text_encoder_3_precision: str
     text_encoder_4_precision: str
+    ramtorch: bool  # with ramtorch_text_encoder / ramtorch_vae: the encoders stream Linear weights (ramtorch_layers)
+    ramtorch_target_modules: str | None
+    ramtorch_text_encoder: bool
+    ramtorch_vae: bool
 
     @classmethod
     def from_config(cls, config: Any) -> CacheOptions:

@@ -43,6 +43,10 @@ class MemoryOptions(OptionGroup):
     enable_model_cpu_offload: bool
     ramtorch: bool
     ramtorch_target_modules: str | None
+    ramtorch_text_encoder: bool
+    ramtorch_vae: bool
+    ramtorch_controlnet: bool
+    controlnet: bool
     base_model_precision: str
     gradient_checkpointing: bool
     gradient_checkpointing_interval: int | None
@@ -69,7 +73,7 @@ def check(options: MemoryOptions, device) -> None:
     else:
         return
     name = "ramtorch" if options.ramtorch else "enable_group_offload" if offload else "musubi_blocks_to_swap"
-    if options.model_type == "full":
+    if options.model_type == "full" and not (options.ramtorch and options.controlnet):  # a ControlNet run: frozen base
         raise ConfigError(f"{name} moves frozen weights, and with model_type full every weight trains; use it with "
                           "a LoRA or LyCORIS run")  # fmt: skip
     if options.num_processes > 1:
@@ -107,11 +111,11 @@ def _check_blocks(options: MemoryOptions) -> None:
 
 
 def _check_ramtorch(options: MemoryOptions, device, on_cuda: bool) -> None:
-    from .ramtorch_layers import parse_targets
+    from ..ramtorch_layers import cuda_refusal, parse_targets
 
     if not on_cuda:
-        raise ConfigError(f"ramtorch needs a CUDA or ROCm GPU (its layers copy weights on CUDA streams), and this run "
-                          f"trains on {device}; set ramtorch to false")  # fmt: skip
+        parts = ("ramtorch_text_encoder", "ramtorch_vae") + (("ramtorch_controlnet",) if options.controlnet else ())
+        raise cuda_refusal(["ramtorch"] + [name for name in parts if getattr(options, name)], "trains", device)
     for other in ("enable_group_offload", "musubi_blocks_to_swap", "enable_model_cpu_offload"):
         if getattr(options, other):
             raise ConfigError(f"ramtorch and {other} are two offloading strategies for the same denoiser weights; "
@@ -132,7 +136,7 @@ class Memory:
         self.options, self.device = options, device
         self.block_swap = None
         self.group_offload: dict[str, Any] | None = None
-        self.ramtorch: dict[str, Any] | None = None
+        self.ramtorch: dict[str, Any] | None = None  # with the text encoders' and the VAE's parts once streamed
 
     def record(self) -> dict[str, Any]:
         """What the train manifest states: how the denoiser was held."""
@@ -155,13 +159,14 @@ class Memory:
 
 
 _STREAMED = "_st_ramtorch"  # set on a denoiser whose layers `place` already handed to ramtorch: what it streamed
+_MEMORY = "_st_memory"  # set on the denoiser by `hold`: its Memory, which the validation VAE reports to
 
 
 def place(denoiser, options: MemoryOptions, device) -> None:
     """Move `denoiser` (adapters attached) to `device`; with `ramtorch`, its selected frozen layers go to host memory
     first, so that a model larger than the GPU never lands on it whole."""
     if options.ramtorch and not hasattr(denoiser, _STREAMED):
-        from .ramtorch_layers import parse_targets, stream
+        from ..ramtorch_layers import parse_targets, stream
 
         setattr(denoiser, _STREAMED, stream(denoiser, parse_targets(options.ramtorch_target_modules), device))
     denoiser.to(device)  # ramtorch's layers ignore device moves: their weights stay in host memory
@@ -169,10 +174,16 @@ def place(denoiser, options: MemoryOptions, device) -> None:
 
 def hold(denoiser, options: MemoryOptions, family: str, device) -> Memory:
     """Apply RamTorch, group offloading or block swap to `denoiser`, which is on `device` with its adapters."""
+    from .text_encoders import of as text_encoders_of
+
     memory = Memory(options, device)
+    setattr(denoiser, _MEMORY, memory)
     if options.ramtorch:
         place(denoiser, options, device)
         memory.ramtorch = getattr(denoiser, _STREAMED)
+        encoders = text_encoders_of(denoiser)
+        if encoders is not None and encoders.ramtorch is not None:
+            memory.ramtorch["text_encoders"] = encoders.ramtorch
     if options.enable_group_offload:
         _group_offload(memory, denoiser, options, device)
     elif options.musubi_blocks_to_swap > 0:
@@ -182,6 +193,18 @@ def hold(denoiser, options: MemoryOptions, family: str, device) -> Memory:
                                             options.musubi_block_swap_device, device)  # fmt: skip
         memory.block_swap.install(denoiser)
     return memory
+
+
+def stream_vae(vae, denoiser, device) -> None:
+    """`ramtorch_vae` for the validation VAE of a run whose denoiser `hold` arranged (call before moving the VAE);
+    the manifest then records it under `stats.memory.ramtorch.vae`."""
+    memory = next((getattr(m, _MEMORY) for m in denoiser.modules() if hasattr(m, _MEMORY)), None)
+    if memory is None or not (memory.options.ramtorch and memory.options.ramtorch_vae):
+        return
+    from ..ramtorch_layers import parse_targets
+    from ..ramtorch_layers import stream_vae as stream_mid_blocks
+
+    memory.ramtorch["vae"] = stream_mid_blocks(vae, parse_targets(memory.options.ramtorch_target_modules), device)
 
 
 def _group_offload(memory: Memory, denoiser, options: MemoryOptions, device) -> None:

@@ -39,6 +39,9 @@ class TextEncoderOptions(OptionGroup):
     lora_alpha: float | None
     revision: str | None
     variant: str | None
+    ramtorch: bool
+    ramtorch_text_encoder: bool
+    ramtorch_target_modules: str | None
 
 
 def check_cache(manifest: dict[str, Any], where: Path | str) -> None:
@@ -65,7 +68,8 @@ class TextEncoders:
                                       target_modules=list(LORA_TARGETS))  # fmt: skip
         self.full = options.model_type == "full"
         self.encoders = []
-        for encoder in parts["text_encoders"]:
+        self.ramtorch: list[dict[str, Any]] | None = None  # ramtorch_text_encoder: what each encoder streams
+        for number, encoder in enumerate(parts["text_encoders"], start=1):
             if self.full:
                 encoder.float().requires_grad_(True)
             else:
@@ -74,6 +78,11 @@ class TextEncoders:
                 for name, param in encoder.named_parameters():
                     if "lora_" in name:
                         param.data = param.data.float()
+            if options.ramtorch and options.ramtorch_text_encoder:  # the frozen layers, before the move to the GPU
+                from ..ramtorch_layers import parse_targets, stream_text_encoder
+
+                streamed = stream_text_encoder(encoder, number, parse_targets(options.ramtorch_target_modules), device)
+                self.ramtorch = [*(self.ramtorch or []), streamed]
             self.encoders.append(encoder.to(device).train())
 
     def parameters(self) -> list[Any]:

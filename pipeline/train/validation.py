@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..families import Family, load_components
 from ..log import get_logger
-from .offload import model_cpu_offload, note_model_cpu_offload
+from .offload import model_cpu_offload, note_model_cpu_offload, stream_vae
 from .options import ValidationOptions
 
 log = get_logger("train")
@@ -54,26 +54,31 @@ class Validator:
 
     def __init__(self, family: Family, options: ValidationOptions, *, source: str, vae_source: str | None, denoiser,
                  prompts, embeds: dict[str, dict[str, Any]], out_dir: Path, device,
-                 text_encoders=None, model_cpu_offload: bool = False) -> None:  # fmt: skip
+                 text_encoders=None, model_cpu_offload: bool = False, control=None) -> None:  # fmt: skip
         """`text_encoders`: the `text_encoders.TextEncoders` being trained (train_text_encoder), which then embed
-        the prompts' cached token ids at each validation."""
+        the prompts' cached token ids at each validation. `control`: a `controlnet.ValidationControl` (controlnet:
+        true), whose ControlNet pipeline renders each prompt with a conditioning image, saved beside the render."""
         self.family, self.options, self.out_dir, self.device = family, options, out_dir, device
         self.text_encoders = text_encoders
         self.model_cpu_offload = model_cpu_offload  # enable_model_cpu_offload (pipeline.train.offload)
         note_model_cpu_offload(device, model_cpu_offload)
         self.prompts = prompts
         self.embeds = embeds
-        self.denoiser = denoiser
+        self.control = control
+        self.denoiser = denoiser if control is None else control.denoiser
         parts = load_components(family, source, vae_source=vae_source, which=("vae", "scheduler"))
-        pipeline_class = family.load_pipeline_class()
+        pipeline_class = family.load_pipeline_class() if control is None else _diffusers_class(control.pipeline_class)
         scheduler = parts["scheduler"]
         if options.validation_noise_scheduler:
             import diffusers
 
             scheduler = getattr(diffusers, SCHEDULERS[options.validation_noise_scheduler]).from_config(scheduler.config)
         self.keep_vae = options.keep_vae_loaded
+        stream_vae(parts["vae"], denoiser, device)  # ramtorch_vae: its mid blocks' Linear weights stay in host memory
         vae = parts["vae"].to(device if self.keep_vae else "cpu")
-        components = {family.denoiser.subfolder: denoiser, "vae": vae, "scheduler": scheduler}
+        components = {family.denoiser.subfolder: self.denoiser, "vae": vae, "scheduler": scheduler}
+        if control is not None:
+            components["controlnet"] = control.controlnet
         for spec in family.text_encoders:
             components[spec.model.subfolder] = None
             components[spec.tokenizer.subfolder] = None
@@ -170,9 +175,13 @@ class Validator:
 
         options = self.options
         paths: list[Path] = []
-        for prompt in self.prompts:
+        for n, prompt in enumerate(self.prompts):
             for width, height in self.sizes:
                 kwargs = self._prompt_kwargs(self.embeds[prompt.text], negative)
+                if self.control is not None:  # the conditioning image, saved beside the render (input / output)
+                    kwargs[self.control.argument] = self.control.image_for(n)
+                    path = folder / f"{prompt.name}-{width}x{height}-control.png"
+                    self.control.image_for(n).resize((width, height)).save(path)
                 extra = {"num_inference_steps": options.validation_num_inference_steps,
                          "guidance_scale": options.validation_guidance, "height": height, "width": width,
                          "num_images_per_prompt": options.num_validation_images, "output_type": "pil",
@@ -181,6 +190,8 @@ class Validator:
                     extra["guidance_rescale"] = options.validation_guidance_rescale
                 if "use_resolution_binning" in self.call_params:
                     extra["use_resolution_binning"] = False
+                if "max_area" in self.call_params:  # Kontext: the asked size, and the reference at its cached size
+                    extra.update(max_area=width * height, _auto_resize=False)
                 if "negative_prompt_embeds" in kwargs and "negative_prompt" in self.call_params:
                     extra["negative_prompt"] = None  # Sana and PixArt default it to "", which clashes with the embeds
                 with torch.no_grad():
@@ -190,3 +201,9 @@ class Validator:
                     image.save(path)
                     paths.append(path)
         return paths
+
+
+def _diffusers_class(name: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, name)

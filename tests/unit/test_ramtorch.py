@@ -15,8 +15,8 @@ from torch import nn
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
+from pipeline.ramtorch_layers import frozen_linears, matches, parse_targets, stream
 from pipeline.train import offload
-from pipeline.train.ramtorch_layers import frozen_linears, matches, parse_targets, stream
 
 CUDA = torch.device("cuda")
 
@@ -123,7 +123,7 @@ def test_streamed_layers_are_the_frozen_linears_the_patterns_name(flux_with_lora
 
 def test_place_streams_first_and_moves_the_rest(flux_with_lora, monkeypatch):
     """`place` hands the layers to host memory before moving the denoiser; `hold` records what it streamed."""
-    from pipeline.train import ramtorch_layers
+    from pipeline import ramtorch_layers
 
     monkeypatch.setattr(ramtorch_layers, "_ramtorch_linear", HostLinear)
     model = flux_with_lora()
@@ -160,15 +160,14 @@ def test_ramtorch_needs_a_gpu_and_passes_on_one():
         offload.check(options(), torch.device("cpu"))
 
 
-def test_simpletuner_configs_with_ramtorch_load_and_the_parts_st_lacks_are_refused(tmp_path):
+def test_simpletuner_configs_with_ramtorch_load(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"--model_family": "flux", "--ramtorch": True, "--ramtorch_target_modules": "*.to_q",
-                                "--ramtorch_controlnet": True}))  # fmt: skip
+                                "--ramtorch_controlnet": True, "--ramtorch_text_encoder": True,
+                                "--ramtorch_vae": True}))  # fmt: skip
     config = load_config(path).config
     assert (config.ramtorch, config.ramtorch_target_modules) == (True, "*.to_q")
-    path.write_text(json.dumps({"--ramtorch": True, "--ramtorch_vae": True}))
-    with pytest.raises(ConfigError, match="ramtorch_vae"):
-        load_config(path)
+    assert (config.ramtorch_text_encoder, config.ramtorch_vae, config.ramtorch_controlnet) == (True, True, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ramtorch's layers need a CUDA device")
