@@ -93,7 +93,8 @@ def _run_cache(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
             raise InputError(disk_full_message(out_dir, plan.shards, todo)) from None
         raise
     run_stats = {"encoded": shard_encoder.encoded, "reused_entries": shard_encoder.reused, "kept_shards": len(kept),
-                 "part": [rank, world], "device": str(device), "loaded": encoders.loaded}  # fmt: skip
+                 "part": [rank, world], "device": str(device), "loaded": encoders.loaded,
+                 **({"ramtorch": encoders.streamed} if encoders.streamed else {})}  # fmt: skip
     result = CacheResult(out_dir, None, False, reasons, encoded=shard_encoder.encoded, reused=shard_encoder.reused)
     if explicit_part is not None:
         write_part(ctx, out_dir, rank, world, run_stats)
