@@ -49,6 +49,16 @@ Loss (float32, mean over each sample, times the sample's weight, mean over the b
     epsilon weight is 1 at SNR 0: w = gamma / (sd^2 * SNR + gamma) (epsilon), that times SNR / (SNR + 1) (v).
     gamma = snr_gamma, or 1 when unset, where it equals k-diffusion's / HDiT's "soft-min-snr" weighting.
     Flow matching uses no SNR weighting (as in SimpleTuner); the options are then ignored with a warning.
+
+Masked loss (a batch of a dataset paired with a `conditioning_type` mask or segmentation dataset)
+    The elementwise loss (before the per-sample mean and weights) is multiplied by a weight image at the loss's
+    spatial size (the unpacked latent: packing families unpack their prediction first), made from the mask's pixels
+    p in [-1, 1] as SimpleTuner's `loss` does: mask: w = area-downsampled p[:, 0] / 2 + 0.5 (black 0, white 1, grey
+    between); segmentation: w = 1 where the area-downsampled channel mean / 2 + 0.5 is > 0, else 0 (a latent cell
+    is ignored only where every pixel under it is black). The mean then runs over all elements, masked ones included,
+    as there. One coin per batch from the run's generator, drawn after every other draw of the step, applies the
+    mask with probability `masked_loss_probability` for both kinds (SimpleTuner reads it for segmentation only and
+    always applies a mask; equal at its default 1.0, and 0 then means "no mask" for both).
 """
 
 from __future__ import annotations
@@ -78,6 +88,28 @@ BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
 BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
 
 _TINY = 1e-20
+
+
+MASK_KINDS = ("mask", "segmentation")
+
+
+@dataclass(frozen=True)
+class LossMask:
+    """A batch's mask images (SimpleTuner's conditioning pixels of a mask or segmentation dataset) and their kind."""
+
+    pixels: Tensor  # B x 3 x H x W, float in [-1, 1]
+    kind: str  # "mask" or "segmentation"
+
+    def weights(self, loss: Tensor) -> Tensor:
+        """Loss weights (B x 1 x ... x h x w, broadcasting against `loss`) at the loss's spatial size h x w."""
+        import torch.nn.functional as F
+
+        pixels = self.pixels.to(device=loss.device, dtype=torch.float32)
+        image = pixels[:, :1] if self.kind == "mask" else pixels.sum(dim=1, keepdim=True) / 3
+        weights = F.interpolate(image, size=tuple(loss.shape[-2:]), mode="area") / 2 + 0.5
+        if self.kind == "segmentation":
+            weights = (weights > 0).to(torch.float32)
+        return weights.reshape(weights.shape[0], 1, *([1] * (loss.ndim - 4)), *weights.shape[-2:])
 
 
 @dataclass
@@ -352,6 +384,8 @@ class Objective:
             raise ConfigError(f"input_perturbation_steps must be >= 0, got {options.input_perturbation_steps}")
 
     def _init_loss(self, options: ObjectiveOptions) -> None:
+        if not 0.0 <= options.masked_loss_probability <= 1.0:
+            raise ConfigError(f"masked_loss_probability must be in [0, 1], got {options.masked_loss_probability}")
         if options.loss_type != "l2" and not options.huber_c > 0:
             raise ConfigError(f"huber_c must be > 0 for loss_type {options.loss_type}, got {options.huber_c}")
         if options.snr_gamma is not None and options.snr_gamma < 0:
@@ -533,8 +567,19 @@ class Objective:
             weights = weights * snr / (snr + 1.0)
         return weights
 
-    def loss(self, prediction: Tensor, noised: Noised, step: int) -> Tensor:
-        """Scalar float32 loss: elementwise loss, mean per sample, times its weight, mean over the batch.
+    def choose_mask(self, pixels: Tensor | None, kind: str | None, generator: torch.Generator) -> LossMask | None:
+        """The mask a training batch's loss uses: its mask images with probability `masked_loss_probability`, drawn
+        from `generator` (one draw, only for a batch that has mask images), else None."""
+        if pixels is None:
+            return None
+        if kind not in MASK_KINDS:
+            raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
+        coin = float(torch.rand(1, generator=generator, dtype=torch.float64))
+        return LossMask(pixels, kind) if coin < self.options.masked_loss_probability else None
+
+    def loss(self, prediction: Tensor, noised: Noised, step: int, mask: LossMask | None = None) -> Tensor:
+        """Scalar float32 loss: elementwise loss (times the mask's weights), mean per sample, times its weight, mean
+        over the batch.
 
         `step` is the optimisation step (kept for schedules that depend on it; none of the current ones do).
         """
@@ -549,6 +594,8 @@ class Objective:
             c = _view(self.huber_c(noised).to(pred.device), diff)
             pseudo_huber = 2.0 * ((diff.square() + c.square()).sqrt() - c)
             elementwise = c * pseudo_huber if loss_type == "huber" else pseudo_huber
+        if mask is not None:
+            elementwise = elementwise * mask.weights(elementwise)
         per_sample = elementwise.reshape(elementwise.shape[0], -1).mean(dim=1)
         weights = self.loss_weights(noised)
         if weights is not None:

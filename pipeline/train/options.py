@@ -6,6 +6,7 @@ than the whole config, so what it depends on is written in one place. Field name
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import OptionGroup
@@ -92,6 +93,7 @@ class ObjectiveOptions(OptionGroup):
     loss_type: str
     huber_c: float
     huber_schedule: str
+    masked_loss_probability: float
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,38 @@ class ValidationOptions(OptionGroup):
         """Whether a validation falls on optimizer step `step` (`epoch_done`: epoch `epoch` ended with it)."""
         at_epoch = epoch_done and _every(epoch + 1, self.validation_epoch_interval)
         return _every(step, self.validation_step_interval) or at_epoch
+
+
+@dataclass(frozen=True)
+class EvaluationOptions(OptionGroup):
+    """The evaluation loss: on which samples (eval datasets, else the first training samples), and when."""
+
+    eval_steps_interval: int | None
+    eval_epoch_interval: float | None
+    num_eval_images: int
+    eval_dataset_id: str | list | None
+    eval_dataset_pooling: bool
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.eval_steps_interval or self.eval_epoch_interval)
+
+    def due(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether an evaluation falls on optimizer step `step`: every eval_steps_interval steps, and each time the
+        epoch progress step / steps_per_epoch passes a multiple of eval_epoch_interval (0.5: twice an epoch)."""
+        if _every(step, self.eval_steps_interval):
+            return True
+        if not self.eval_epoch_interval or step <= 0:
+            return False
+        per_interval = self.eval_epoch_interval * steps_per_epoch
+        return math.floor(step / per_interval + 1e-9) > math.floor((step - 1) / per_interval + 1e-9)
+
+    def dataset_ids(self) -> list[str]:
+        """The ids eval_dataset_id names (it may be one id or a list), in order; empty when unset."""
+        chosen = self.eval_dataset_id
+        if chosen is None or chosen == "":
+            return []
+        return [str(chosen)] if isinstance(chosen, str) else [str(c) for c in chosen]
 
 
 @dataclass(frozen=True)

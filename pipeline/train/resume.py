@@ -45,6 +45,8 @@ RESUMABLE_OPTIONS = (
     "ema_validation",
     "validation_lycoris_strength",
     "num_eval_images",
+    "eval_dataset_id",
+    "eval_dataset_pooling",
     "hub_model_id",
 )
 

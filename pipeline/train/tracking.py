@@ -57,7 +57,8 @@ class Tracker:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
             for name, value in scalars.items():
-                self._tb.add_scalar(f"train/{name}" if name != "eval_loss" else "eval/loss", value, step)
+                self._tb.add_scalar(f"train/{name}" if not name.startswith("eval_loss") else
+                                   "eval/loss" + name[len("eval_loss"):], value, step)  # fmt: skip
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 

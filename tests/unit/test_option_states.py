@@ -104,7 +104,7 @@ def test_refusal_reads_values_as_a_file_spells_them(tmp_path):
                 load_config(write(tmp_path, {"gradient_precision": value}))
             continue
         load_config(write(tmp_path, {"gradient_precision": value}))
-    load_config(write(tmp_path, {"train_text_encoder": "false", "masked_loss_probability": "1.0"}))
+    load_config(write(tmp_path, {"train_text_encoder": "false", "snr_weight": "1.0"}))
     with pytest.raises(ConfigError, match="one shared seed on every device"):
         load_config(write(tmp_path, {"seed_for_each_device": False}))
     with pytest.raises(ConfigError, match="st trains the text encoders of model_family sd1x and sdxl only"):
