@@ -10,7 +10,7 @@ ST := $(BIN)/st
 ST_PYTHON ?= $(BIN)/python
 DEMO ?= demo
 
-.PHONY: setup test wheel-test demo demo-data run dvc-params bench clean-demo FORCE
+.PHONY: setup test wheel-test demo demo-data demo-controlnet run dvc-params bench clean-demo FORCE
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ bench:
 	$(BIN)/python bench/prepare.py
 
 clean-demo:
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) $(CONTROLNET_DEMO)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The stage chain as Make rules.
@@ -129,15 +129,26 @@ demo-data: $(DEMO_CONFIG)
 demo: $(DEMO)/.make/done
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The ControlNet example (examples/controlnet-sd1x): a tiny SD 1.x model, generated shapes with their edge images, and
+# the example's config and dataset list, through `make run` into $(CONTROLNET_DEMO)/{prepare,cache,train,publish}.
+CONTROLNET_DEMO ?= demo-controlnet
+demo-controlnet:
+	test -f $(CONTROLNET_DEMO)/model/model_index.json || $(ST) tiny-model sd1x $(CONTROLNET_DEMO)/model
+	$(ST) sample-data $(CONTROLNET_DEMO)/data --images $(DEMO_IMAGES) --conditioning controlnet
+	cp examples/controlnet-sd1x/config.json examples/controlnet-sd1x/multidatabackend.json $(CONTROLNET_DEMO)/data/
+	$(MAKE) --no-print-directory run CONFIG=$(CONTROLNET_DEMO)/data/config.json OUT=$(CONTROLNET_DEMO)
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Your own config: `make run CONFIG=examples/sdxl-lora/config.json` writes runs/sdxl-lora/{prepare,cache,train,
 # publish} (OUT=... to choose). The files each stage reads are listed by loading the config with st's own code: the
 # dataset list, every file and folder under each dataset folder, parquet caption files, and the files of a local model
 # folder or checkpoint and of user_prompt_library. A hub id has no files to watch: pin `revision` in the config.
 # (One line of Python: Make hands $(shell) commands to /bin/sh without their newlines.)
-INPUTS_PY := import sys; from pipeline.config import load_config; from pipeline.datasets import load_datasets; \
+INPUTS_PY := import sys; from pipeline.config import load_config; from pipeline.datasets import load_dataset_list; \
 	l = load_config(sys.argv[1]); c = l.config; tree = lambda p: [p] + (sorted(p.rglob("*")) if p.is_dir() else []); \
-	data = [l.resolve_path(c.data_backend_config)] if c.data_backend_config else []; \
-	data += [f for d in load_datasets(l) for f in tree(d.root) + ([d.parquet.path] if d.parquet else [])]; \
+	data = [l.resolve_path(c.data_backend_config)] if c.data_backend_config else []; lists = load_dataset_list(l); \
+	data += [f for d in lists.images for f in tree(d.root) + ([d.parquet.path] if d.parquet else [])]; \
+	data += [f for d in lists.conditioning if d.root is not None for f in tree(d.root)]; \
 	model = [c.pretrained_model_name_or_path, c.pretrained_vae_model_name_or_path, \
 	         c.pretrained_t5_model_name_or_path, c.user_prompt_library]; \
 	model = [f for v in model if v and l.resolve_path(v).exists() for f in tree(l.resolve_path(v))]; \

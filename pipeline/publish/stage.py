@@ -30,6 +30,7 @@ from ..ownership import OutputClaim, claim_output
 from ..runner import StageResult, StageRun
 from ..prompts import validation_prompts
 from . import card as cards
+from . import controlnet
 from .options import PublishOptions
 from .lineage import Inputs, lineage_doc, read_inputs
 
@@ -109,7 +110,9 @@ def _weights(inputs: Inputs, family: Family, options: PublishOptions,
 
     found: list[tuple[str, str]] = []
     comfy = None
-    if inputs.train["model_type"] == "lora":
+    if controlnet.is_controlnet(inputs):  # the folder is the diffusers ControlNet
+        found += controlnet.write(inputs, options.lora_format, stage)
+    elif inputs.train["model_type"] == "lora":
         lora_file = write_lora(inputs, family, stage)
         found.append((LORA_WEIGHT_NAME, "diffusers-lora"))
         singlora = write_singlora(inputs, family, stage)
@@ -159,7 +162,8 @@ def _card(inputs: Inputs, family: Family, options: PublishOptions, stage: Path, 
                          grid=grid, datasets=datasets, dataset_notes=inputs.notes, resolution=resolution,
                          checkpoint=inputs.checkpoint.rel if inputs.checkpoint else None, comfyui=comfy,
                          ema=ema)  # fmt: skip
-    (stage / CARD_NAME).write_text(cards.render(content), encoding="utf-8")
+    render = controlnet.render if controlnet.is_controlnet(inputs) else cards.render
+    (stage / CARD_NAME).write_text(render(content), encoding="utf-8")
 
 
 def _commit(claim: OutputClaim, stage: Path, out_dir: Path, previous: dict[str, Any] | None) -> list[str]:

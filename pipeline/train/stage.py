@@ -132,6 +132,10 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     from .trainer import Trainer
 
     notify.check_hooks(config)
+    if config.controlnet:
+        from .controlnet import check as check_controlnet
+
+        check_controlnet(config, family, cache)
     if config.push_to_hub or config.push_checkpoints_to_hub:
         from ..remote import check_targets
 
@@ -210,7 +214,13 @@ def _install_final(claim: OutputClaim, trainer, out_dir: Path) -> Path:
 
     final_tmp = out_dir / "final.tmp"
     claim.remove(final_tmp)
-    save_final(trainer.unwrapped, trainer.adapter_options, trainer.family, final_tmp)
+    if trainer.control is not None:
+        from .controlnet import save_final as save_controlnet
+
+        final_tmp.mkdir(parents=True)
+        save_controlnet(trainer.unwrapped, final_tmp)
+    else:
+        save_final(trainer.unwrapped, trainer.adapter_options, trainer.family, final_tmp)
     if trainer.ema is not None:
         save_tensors(final_tmp / "ema_weights.safetensors", trainer.ema.state())
     final = out_dir / "final"
@@ -245,7 +255,7 @@ def _document(claim: OutputClaim, trainer, state: RunState, out_dir: Path, *, ru
         "family": trainer.family.name,
         "model_type": config.model_type,
         "model": model,
-        "final": {"path": "final", "format": "lora" if config.model_type == "lora" else "diffusers",
+        "final": {"path": "final", "format": _final_format(config),
                   "files": [o for o in outputs if o["path"].startswith("final/")]},  # fmt: skip
         "checkpoints": checkpoints,
         "metrics": {"steps": state.step, "final_loss": state.last_loss, "first_eval_loss": state.first_eval,
@@ -257,6 +267,13 @@ def _document(claim: OutputClaim, trainer, state: RunState, out_dir: Path, *, ru
                   "memory": trainer.memory.record(),
                   "resumed_from": plan.summary(stage_config) if plan.path is not None else None},  # fmt: skip
     }
+
+
+def _final_format(config) -> str:
+    """What final/ holds: a LoRA file, a diffusers denoiser folder, or a diffusers ControlNet folder."""
+    if config.controlnet:
+        return "controlnet"
+    return "lora" if config.model_type == "lora" else "diffusers"
 
 
 def _denoiser_record(trainer) -> dict[str, Any]:

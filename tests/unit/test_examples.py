@@ -28,7 +28,10 @@ def test_the_documented_examples_exist():
         assert f"{config.parent.name}/" in readme
 
 
-@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.parent.name)
+LORA_CONFIGS = [p for p in CONFIGS if p.parent.name.endswith("-lora")]
+
+
+@pytest.mark.parametrize("config_path", LORA_CONFIGS, ids=lambda p: p.parent.name)
 def test_example_loads_and_its_datasets_parse(config_path):
     raw = read_config_file(config_path)
     assert all(key.startswith("--") for key in raw), "examples use SimpleTuner's --option spelling"
@@ -76,3 +79,10 @@ def test_flux_example():
     assert config.model_flavour == "dev"
     (spec,) = _datasets(loaded)
     assert not spec.crop
+
+
+def test_controlnet_example():
+    loaded = load_config(EXAMPLES / "controlnet-sd1x" / "config.json")
+    config = loaded.config
+    assert config.controlnet and config.model_type == "full" and config.model_family == "sd1x"
+    assert [s.conditioning_data for s in _datasets(loaded) if isinstance(s, DatasetSpec)] == [("edges",)]
