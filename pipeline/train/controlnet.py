@@ -40,8 +40,16 @@ def check(config, family: Family, cache_manifest: dict[str, Any]) -> None:
                           "frozen); set one of them to false")  # fmt: skip
     if getattr(config, "control", False):
         raise ConfigError("controlnet and control are two kinds of conditioning training; set one of them")
-    linked = [d["id"] for d in cache_manifest.get("datasets", []) if d.get("conditioning_data")]
-    if not linked:
+    kinds = {c["id"]: c["conditioning_type"] for c in cache_manifest.get("conditioning_datasets", [])}
+    training = [d for d in cache_manifest.get("datasets", []) if d.get("dataset_type") != "eval"]
+    unpaired = [d["id"] for d in training
+                if not any(kinds.get(i) not in (None, *MASK_TYPES) for i in d.get("conditioning_data", []))]
+    if training and unpaired and len(unpaired) < len(training):
+        raise InputError(f"controlnet: true needs a conditioning image for every training sample, and dataset(s) "
+                         f"{', '.join(unpaired)} have none (only masks, or no conditioning_data): pair them with a "
+                         "`\"dataset_type\": \"conditioning\"` dataset, mark them `\"dataset_type\": \"eval\"`, or "
+                         "remove them from the dataset list; then re-run `st prepare` and `st cache`")  # fmt: skip
+    if not training or unpaired:
         raise InputError("controlnet: true needs conditioning images, and this cache has none: add "
                          "`\"conditioning_data\": \"<id>\"` to the image dataset of the dataset list, with a "
                          "`\"dataset_type\": \"conditioning\"` dataset of that id (or a `conditioning` generator such "

@@ -114,7 +114,12 @@ def test_an_existing_controlnet_is_loaded_from_a_folder(tiny_model, tmp_path):
         controlled(tiny_model, "sd1x", controlnet_model_name_or_path="./missing")
 
 
-PAIRED = {"datasets": [{"id": "shapes", "conditioning_data": ["edges"]}]}
+EDGES = {"id": "edges", "conditioning_type": "controlnet"}
+PAIRED = {"datasets": [{"id": "shapes", "conditioning_data": ["edges"]}], "conditioning_datasets": [EDGES]}
+HALF_PAIRED = {"datasets": [{"id": "shapes", "conditioning_data": ["edges"]}, {"id": "photos"}],
+               "conditioning_datasets": [EDGES]}  # fmt: skip
+MASKS_ONLY = {"datasets": [{"id": "shapes", "conditioning_data": ["masks"]}],
+              "conditioning_datasets": [{"id": "masks", "conditioning_type": "mask"}]}  # fmt: skip
 
 
 @pytest.mark.parametrize(("values", "manifest", "error", "message"), [
@@ -122,6 +127,8 @@ PAIRED = {"datasets": [{"id": "shapes", "conditioning_data": ["edges"]}]}
     ({"model_type": "lora"}, PAIRED, NotSupportedError, "set model_type full"),
     ({"train_text_encoder": True}, PAIRED, ConfigError, "train_text_encoder cannot be combined"),
     ({}, {"datasets": [{"id": "shapes"}]}, InputError, "add `\"conditioning_data\": \"<id>\"`.*re-run `st prepare`"),
+    ({}, MASKS_ONLY, InputError, "add `\"conditioning_data\": \"<id>\"`"),
+    ({}, HALF_PAIRED, InputError, "dataset\\(s\\) photos have none.*mark them `\"dataset_type\": \"eval\"`"),
 ])  # fmt: skip
 def test_what_a_controlnet_run_cannot_do_is_refused_with_the_fix(values, manifest, error, message):
     config = options(**{"model_family": "sd1x", **values})
