@@ -151,6 +151,34 @@ def _check_model(loaded: LoadedConfig, report: CheckReport) -> None:
         if source is not None and not Path(source).exists() and looks_like_path(source):
             raise InputError(f"{option} {loaded.resolve_path(source)} does not exist; point it at a local folder or "
                              "a hub id, or remove the option")  # fmt: skip
+    _check_sourced_parts(family, sources.model, report)
+
+
+def _check_sourced_parts(family, model: str, report: CheckReport) -> None:
+    """Text encoders the family may read from another hub repository (HiDream's Llama): where `st cache` will load
+    each from. With HF_HUB_OFFLINE=1, one the model lacks must be in the hub cache. Nothing is fetched."""
+    from .families.hub import hub_has_folder, hub_offline
+    from .families.sources import has_component
+
+    for spec in (s for s in family.text_encoders if s.source):
+        parts = (spec.model, spec.tokenizer)
+        names = ", ".join(f"{c.subfolder}/" for c in parts)
+        if not Path(model).is_dir():
+            report.checked.append(f"{names}: from the hub repository {model} when it has them, else from {spec.source}")
+            continue
+        missing = [c.subfolder for c in parts if not has_component(Path(model, c.subfolder), c)]
+        if not missing:
+            report.checked.append(f"{names}: from the model folder")
+            continue
+        where = f"the hub repository {spec.source} ({', '.join(f'{m}/' for m in missing)})"
+        if not hub_offline():
+            report.checked.append(f"{names}: not in the model folder; `st cache` loads them from {where}")
+        elif all(hub_has_folder(spec.source, m) for m in missing):
+            report.checked.append(f"{names}: not in the model folder; from {where}, in the hub cache")
+        else:
+            raise InputError(f"the {family.name} model {model} has no {', '.join(f'{m}/' for m in missing)} and "
+                             f"HF_HUB_OFFLINE=1 while the hub cache lacks {where}: copy them into the model folder, "
+                             f"or download {spec.source} where there is network")  # fmt: skip
 
 
 def _check_datasets(loaded: LoadedConfig, report: CheckReport) -> None:

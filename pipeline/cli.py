@@ -287,7 +287,8 @@ def config_show(
 
 def tiny_model(
     family: Annotated[str, typer.Argument(help="Model family: sd1x, sd2x, sdxl, sd3, flux, pixart_sigma, auraflow, "
-                                               "lumina2, sana, qwen_image, kolors, chroma, z_image, hidream.")],
+                                               "lumina2, sana, qwen_image, kolors, chroma, z_image, hidream, "
+                                               "cosmos2image.")],
     output: Annotated[Path, typer.Argument(help="Folder to write the diffusers-layout model into.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
 ) -> Path:

@@ -58,7 +58,7 @@ def opt(default: Any, *stages: str, choices: tuple | None = None, help: str = ""
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 # Kept in sync with pipeline.families.FAMILIES (a test checks); listed here so that config loading stays import-light.
 MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "sana", "qwen_image",
-                  "kolors", "chroma", "z_image", "hidream")
+                  "kolors", "chroma", "z_image", "hidream", "cosmos2image")
 CROP_STYLES = ("center", "centre", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 # SimpleTuner's default `sana_complex_human_instruction`: the lines Sana's pipeline prepends to every caption.

@@ -146,7 +146,9 @@ OPTION_STATES: dict[str, OptionState] = {
     "freeze_encoder_after": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)", 17),
     "freeze_encoder_strategy": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)",
                                        "after"),
-    **_only_with("controlnet / control", "validation_stitch_input_location"),
+    "validation_stitch_input_location": Accepted("where SimpleTuner stitches the conditioning image into a validation "
+                                                 "image; st saves it as its own file beside each render "
+                                                 "(`<name>-control.png`), the same pixels either way"),
     **_only_with("distillation_method", "distillation_config"),
     **_only_with("evaluation_type", "pretrained_evaluation_model_name_or_path"),
     **_only_with("refiner_training", "refiner_training_invert_schedule refiner_training_strength"),
@@ -272,7 +274,8 @@ REFUSED_CHOICES: dict[str, dict[str, str]] = {
 
 # Values SimpleTuner does not accept either, and the name SimpleTuner uses: option -> value -> SimpleTuner's value.
 RENAMED_CHOICES: dict[str, dict[str, str]] = {
-    "model_family": {"pixart": "pixart_sigma", "z-image": "z_image"},  # the Z-Image quickstart writes "z-image"
+    # the Z-Image quickstart writes "z-image", SimpleTuner's Cosmos (T2I) example "cosmos"
+    "model_family": {"pixart": "pixart_sigma", "z-image": "z_image", "cosmos": "cosmos2image"},
 }
 
 

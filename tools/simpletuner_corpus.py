@@ -55,10 +55,10 @@ from pipeline.config import strip_trailing_commas
 from pipeline.families import FAMILIES
 
 # SimpleTuner's names for the families st supports, where they differ from st's.
-FAMILY_NAMES = {**{name: name for name in FAMILIES}, "pixart": "pixart_sigma"}
+FAMILY_NAMES = {**{name: name for name in FAMILIES}, "pixart": "pixart_sigma", "cosmos": "cosmos2image"}
 QUICKSTARTS = {"FLUX": "flux", "SDXL": "sdxl", "SD3": "sd3", "SIGMA": "pixart_sigma", "QWEN_IMAGE": "qwen_image",
                "AURAFLOW": "auraflow", "LUMINA2": "lumina2", "SANA": "sana", "KOLORS": "kolors", "CHROMA": "chroma",
-               "ZIMAGE": "z_image"}
+               "ZIMAGE": "z_image", "HIDREAM": "hidream", "COSMOS2IMAGE": "cosmos2image"}
 DATALOADER_FAMILY = "sdxl"
 REFUSAL = re.compile(r"does not implement|not supported yet")
 MISSING_FOLDER = re.compile(r"instance_data_dir (/\S*) does not exist")

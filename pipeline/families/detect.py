@@ -91,7 +91,8 @@ def _components_from_configs(folder: Path) -> dict[str, str]:
 
 
 def _fits(family: Family, components: dict[str, str], nulls: set[str]) -> bool:
-    """The family's denoiser class, and exactly its text encoders (each with its class, or set to null)."""
+    """The family's denoiser class, and exactly its text encoders (each with its class, set to null, or missing where
+    the family names another source for it)."""
     if components.get(family.denoiser.subfolder) != family.denoiser.class_name:
         return False
     if any(name in components for name in _DENOISERS if name != family.denoiser.subfolder):
@@ -100,7 +101,8 @@ def _fits(family: Family, components: dict[str, str], nulls: set[str]) -> bool:
     present = {k: v for k, v in components.items() if _TEXT_ENCODER.match(k)}
     if any(expected.get(k) != v for k, v in present.items()):
         return False
-    return all(k in present or k in nulls for k in expected)
+    sourced = {spec.model.subfolder for spec in family.text_encoders if spec.source}  # may come from elsewhere
+    return all(k in present or k in nulls or k in sourced for k in expected)
 
 
 def _sd2_or_sd1(folder: Path) -> tuple[str, str] | None:

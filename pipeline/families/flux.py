@@ -113,28 +113,45 @@ def predict(
     """`FluxPipeline`'s denoiser call: packed latents with their image ids, zero text ids, `timestep / 1000`, the
     guidance value(s) when the model embeds guidance (dev; default 1.0, SimpleTuner's `flux_guidance_value`),
     the pooled CLIP output and the T5 sequence; the output is unpacked to B x C x h x w."""
-    import torch
+    h, w = even_latent_size(latents)
+    tokens = pack_latents(latents)
+    out = transformer_call(transformer, tokens, image_ids(h // 2, w // 2, latents.device, latents.dtype), timesteps,
+                           text, guidance)  # fmt: skip
+    return unpack_latents(out, h, w)
 
-    b, _, h, w = latents.shape
+
+def even_latent_size(latents: Any) -> tuple[int, int]:
+    """The latents' height and width; InputError unless both are even (Flux packs 2x2 patches)."""
+    h, w = latents.shape[-2:]
     if h % 2 or w % 2:
         raise InputError(f"Flux packs 2x2 latent patches: latent height and width must be even, got {h} x {w}")
-    embeds, dtype = text["prompt_embeds"], latents.dtype
+    return h, w
+
+
+def transformer_call(
+    transformer: Any, tokens: Any, ids: Any, timesteps: Any, text: dict[str, Any], guidance: Any = None
+) -> Any:
+    """The Flux transformer on packed image `tokens` with their position `ids`, as the Flux pipelines call it: zero
+    text ids, `timestep / 1000` and the guidance value(s) when the model embeds guidance (default 1.0)."""
+    import torch
+
+    b, device, dtype = tokens.shape[0], tokens.device, tokens.dtype
+    embeds = text["prompt_embeds"]
     if transformer.config.guidance_embeds:
-        scale = torch.as_tensor(1.0 if guidance is None else guidance, dtype=torch.float32, device=latents.device)
+        scale = torch.as_tensor(1.0 if guidance is None else guidance, dtype=torch.float32, device=device)
         scale = scale.expand(b) if scale.ndim == 0 else scale
     else:
         scale = None
-    out = transformer(
-        hidden_states=pack_latents(latents),
+    return transformer(
+        hidden_states=tokens,
         timestep=timesteps.to(dtype) / 1000,
         guidance=scale,
         pooled_projections=text["pooled_prompt_embeds"],
         encoder_hidden_states=embeds,
-        txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype),
-        img_ids=image_ids(h // 2, w // 2, latents.device, dtype),
+        txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype),
+        img_ids=ids,
         return_dict=False,
     )[0]
-    return unpack_latents(out, h, w)
 
 
 def tiny(out_dir: Path, seed: int) -> None:
@@ -189,12 +206,19 @@ FLAVOURS = (
     Flavour("krea", "black-forest-labs/flux.1-krea-dev"),
     Flavour("schnell", "black-forest-labs/flux.1-schnell",
             needs="Flux Schnell's fast schedule and training adapter (flux_fast_schedule, assistant LoRA)"),
-    Flavour("kontext", "black-forest-labs/flux.1-kontext-dev",
-            needs="Flux Kontext image conditioning (FluxKontextPipeline)"),
+    Flavour("kontext", "black-forest-labs/flux.1-kontext-dev"),  # trains as flux_kontext.FAMILY (see `variant`)
     Flavour("fluxbooru", "terminusresearch/fluxbooru-v0.3",
             needs="real classifier-free guidance validation (validation_guidance_real)"),
     Flavour("libreflux", "jimmycarter/LibreFlux-SimpleTuner", needs="Flux attention-masked training"),
 )  # fmt: skip
+
+
+def _variant(flavour: str | None, source: str) -> Family:
+    """Flux Kontext for its flavour or a Kontext model, else Flux."""
+    from pipeline.families import flux_kontext  # it builds on this module
+
+    return flux_kontext.FAMILY if flux_kontext.is_kontext(flavour, source) else FAMILY
+
 
 FAMILY = Family(
     name="flux",
@@ -215,4 +239,5 @@ FAMILY = Family(
     default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default; flow_schedule_auto_shift for Flux's line
     flavours=FLAVOURS,
     default_flavour="krea",
+    variant=_variant,
 )

@@ -15,8 +15,9 @@ tokens with `img_sizes`, `img_ids` and a token mask it builds) and predicts the 
 pipeline negates back. In training mode it returns its patches (B x C x tokens x p*p), which `predict` folds back.
 
 HiDream-ai's repositories do not ship the Llama encoder (diffusers' example loads it separately); SimpleTuner always
-loads `text_encoder_4` / `tokenizer_4` from terminusresearch/HiDream-I1-Llama-3.1-8B-Instruct. st reads every
-component from the model folder, so a local HiDream folder needs those two subfolders copied in.
+loads `text_encoder_4` / `tokenizer_4` from terminusresearch/HiDream-I1-Llama-3.1-8B-Instruct. st does so when the
+model folder (or hub repository) lacks those subfolders (`TextEncoderSpec.source`), and uses the model's own copy
+when it has one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ CLIP_POSITIONS = 248  # HiDream's CLIP encoders have 248 positions (more than th
 # SimpleTuner's DEFAULT_LORA_TARGET is to_k, to_q, to_v, to_out.0; HiDream's `to_out` is a plain Linear, so
 # "to_out.0" matches no module and peft trains the image stream's q/k/v projections only: st names those three.
 LORA_TARGETS = ("to_k", "to_q", "to_v")
+# Where SimpleTuner loads text_encoder_4 / tokenizer_4 from (HiDream-ai's repositories do not ship them).
+LLAMA_REPO = "terminusresearch/HiDream-I1-Llama-3.1-8B-Instruct"
 
 TEXT_ENCODERS = (
     TextEncoderSpec(
@@ -63,6 +66,7 @@ TEXT_ENCODERS = (
         tokenizer=Component("tokenizer_4", "PreTrainedTokenizerFast", "transformers"),
         max_length=MAX_LENGTH,
         kind="llama3",
+        source=LLAMA_REPO,
     ),
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import cache
+from pathlib import Path
 
 
 def hub_offline() -> bool:
@@ -42,3 +43,17 @@ def hub_errors() -> tuple[type[BaseException], ...]:
 
     names = ("HfHubHTTPError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "RepositoryNotFoundError")
     return (OSError, ConnectionError, TimeoutError, *(getattr(errors, n) for n in names if hasattr(errors, n)))
+
+
+def hub_has_folder(repo: str, folder: str, revision: str | None = None) -> bool:
+    """Whether the hub repository `repo` has files under `folder/`: from the hub cache when HF_HUB_OFFLINE=1, else
+    from the repository's file list. An unreachable or unknown repository counts as not having it."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    try:
+        if hub_offline():
+            root = snapshot_download(repo, revision=revision, allow_patterns=[f"{folder}/*"], local_files_only=True)
+            return (Path(root) / folder).is_dir()
+        return any(name.startswith(f"{folder}/") for name in list_repo_files(repo, revision=revision))
+    except hub_errors():
+        return False

@@ -1,7 +1,7 @@
 """Which model a run uses, and the identity of its parts: what `st cache` records and `st train` checks against.
 
 A model is named by `pretrained_model_name_or_path` (or the family's `model_flavour`) with optional VAE and T5
-overrides. Relative paths resolve as `LoadedConfig.resolve_path` says; anything that is not a path on disk (a hub id)
+overrides; a text encoder the model lacks is identified where it is loaded from (`sources.component_origin`). Relative paths resolve as `LoadedConfig.resolve_path` says; anything that is not a path on disk (a hub id)
 is kept as written. The identity of each component comes from its configs and weight headers; nothing is loaded.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.config import MODEL_FAMILIES
 from pipeline.errors import ConfigError, InputError
 from pipeline.families.hub import hub_errors, hub_offline, hub_problem, looks_like_path
+from pipeline.families.sources import component_origin, unreachable_fallback
 from pipeline.families.spec import Family
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 
@@ -74,8 +75,14 @@ def model_identity(family: Family, sources: ModelSources) -> dict[str, Any]:
     source, revision = sources.model, sources.revision
 
     def identify(component, override: str | None) -> dict[str, Any]:
-        if override is None:
-            return component_identity(source, component.subfolder, revision)
+        if override is None:  # the model's own, or the family's source for a part the model lacks
+            origin = component_origin(family, source, component, revision)
+            if not origin.fallback:
+                return component_identity(source, component.subfolder, revision)
+            try:
+                return _hub_component_identity(origin)
+            except hub_errors() as error:
+                raise unreachable_fallback(family, source, origin, error) from error
         path = Path(override)
         if path.is_dir() and (path / component.subfolder).is_dir():
             return component_identity(override, component.subfolder, revision)
@@ -181,6 +188,17 @@ def _config_digest(path: Path) -> str:
     if isinstance(config, dict):
         config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
     return sha256_json(config)
+
+
+def _hub_component_identity(origin) -> dict[str, Any]:
+    """`component_identity` of a component in a hub repository; the hub's own error when it cannot be had."""
+    from huggingface_hub import snapshot_download
+
+    root = snapshot_download(origin.source, allow_patterns=[f"{origin.subfolder}/*"], local_files_only=hub_offline())
+    if not (Path(root) / origin.subfolder).is_dir():
+        raise FileNotFoundError(f"{origin.source} has no {origin.subfolder}/")
+    identity = component_identity(root, origin.subfolder, None)
+    return {**identity, "source": origin.source}
 
 
 def _resolve_hub_folder(source: str, subfolder: str | None, revision: str | None) -> Path:

@@ -10,10 +10,11 @@ from typing import Any
 
 from pipeline.errors import ConfigError, InputError, NotSupportedError
 from pipeline.families.hub import hub_errors, hub_offline, hub_problem, looks_like_path
+from pipeline.families.sources import component_origin, fallback_source, unreachable_fallback
+from pipeline.families.sources import has_component as _has_component
 from pipeline.families.spec import Component, Family, TextEncoderSpec
 
 COMPONENT_KINDS = ("vae", "text_encoders", "denoiser", "scheduler")
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
 
 
 def load_components(
@@ -62,6 +63,8 @@ def load_components(
                 continue
             if t5_source is not None and _is_t5_part(family, component):
                 continue
+            if fallback_source(family, component) is not None:
+                continue  # read from the family's source when absent (`_load_text_part`)
             if not _has_component(path / name, component):
                 missing.append(name)
         if missing:
@@ -151,14 +154,26 @@ def _load_from(
                     encoders.append(None)
                     tokenizers.append(None)
                     continue
-                encoders.append(_load(spec.model, source, spec.model.subfolder, opts))
-                tokenizers.append(_load(spec.tokenizer, source, spec.tokenizer.subfolder, opts))
+                encoders.append(_load_text_part(family, spec.model, source, opts))
+                tokenizers.append(_load_text_part(family, spec.tokenizer, source, opts))
             loaded["text_encoders"], loaded["tokenizers"] = tuple(encoders), tuple(tokenizers)
     except hub_errors() as error:
         if Path(source).is_dir():
             raise InputError(f"could not load {family.name} components from {source!r}: {error}") from error
         raise
     return loaded
+
+
+def _load_text_part(family: Family, component: Component, source: str, opts: dict[str, Any]) -> Any:
+    """A text encoder or tokenizer from the model, or from the family's source for it when the model lacks it."""
+    origin = component_origin(family, source, component, opts.get("revision"))
+    if not origin.fallback:
+        return _load(component, source, component.subfolder, opts)
+    fallback_opts = {**opts, "revision": None, "variant": None, "local_files_only": hub_offline()}
+    try:
+        return _load(component, origin.source, origin.subfolder, fallback_opts)
+    except hub_errors() as error:
+        raise unreachable_fallback(family, source, origin, error) from error
 
 
 def _load_single_file(
@@ -326,15 +341,6 @@ def _t5_spec(family: Family) -> TextEncoderSpec | None:
 def _is_t5_part(family: Family, component: Component) -> bool:
     spec = _t5_spec(family)
     return spec is not None and component in (spec.model, spec.tokenizer)
-
-
-def _has_component(folder: Path, component: Component) -> bool:
-    """Whether `folder` (the component's own folder) holds what `component` needs to load."""
-    if component.class_name.endswith("Tokenizer") or component.class_name.endswith("TokenizerFast"):
-        return any((folder / name).is_file() for name in _TOKENIZER_FILES)
-    if component.class_name.endswith("Scheduler"):
-        return (folder / "scheduler_config.json").is_file()
-    return (folder / "config.json").is_file()
 
 
 def _config_matches(folder: Path, component: Component) -> bool:

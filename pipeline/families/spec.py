@@ -33,12 +33,16 @@ class Component:
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
-    """A text encoder, its tokenizer and the token length the family's pipeline pads to by default."""
+    """A text encoder, its tokenizer and the token length the family's pipeline pads to by default.
+
+    `source`: the hub repository that holds the encoder and its tokenizer (in the same subfolders) for models that
+    do not ship them (HiDream's Llama); used only when the model folder or repository lacks a subfolder."""
 
     model: Component
     tokenizer: Component
     max_length: int
     kind: str  # "clip", "t5", "gemma", "chatglm", "qwen2_5_vl", "qwen3" (code branches on "t5" only)
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class Family:
     default_flavour: str | None = None
     # Bends the training sigmas after shifting (Chroma's schedule in SimpleTuner); None: unchanged.
     sigma_curve: Callable[[Any], Any] | None = None
+    # The family's own training sigma draw from standard normals, replacing st's flow schedule options (Cosmos' EDM
+    # draw); and a per-sample loss weight from the sigmas (EDM's weighting written for a velocity loss). None: st's.
+    flow_sigmas: Callable[[Any], Any] | None = None
+    flow_loss_weight: Callable[[Any], Any] | None = None
     # The family's own cache options as `encode_prompts` keywords (Sana's instruction); None: there are none.
     text_options: Callable[[Any], dict[str, Any]] | None = None
     # The pipeline takes prompt embeddings as a list, one prompt's real tokens per item (ZImagePipeline).
@@ -98,6 +106,15 @@ class Family:
     # the image itself) or "latents" (DiT ControlNets and edit models take its VAE latents). `st cache` stores the
     # conditioning image's pixels always and its latents only for "latents".
     control_input: str = "latents"
+    # The denoiser also takes a reference image (edit models): `predict` then gets its VAE latents as `reference=`
+    # (B x C x h x w, scaled like the latents), and a run needs a non-mask conditioning dataset to draw them from.
+    takes_reference: bool = False
+    # `variant(model_flavour, source)`: the family a run trains when a flavour or model changes the pipeline (Flux's
+    # Kontext flavour and Kontext checkpoints train as Flux Kontext); None: always this family.
+    variant: Callable[[str | None, str], Family] | None = None
+    # `pipeline_setup(pipeline_class)`: what the pipeline class needs before it can be built here (Cosmos: rendering
+    # without NVIDIA's guardrail package); None: nothing.
+    pipeline_setup: Callable[[type], None] | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -127,11 +144,18 @@ class Family:
                               f"yet{hint}")  # fmt: skip
         return flavour.hub_id
 
+    def for_run(self, flavour: str | None, source: str) -> Family:
+        """The family that trains `model_flavour` `flavour` of the model at `source` (see `variant`)."""
+        return self if self.variant is None else self.variant(flavour, source)
+
     def load_pipeline_class(self) -> type:
         """The diffusers pipeline class of this family."""
         import diffusers
 
-        return getattr(diffusers, self.pipeline_class)
+        cls = getattr(diffusers, self.pipeline_class)
+        if self.pipeline_setup is not None:
+            self.pipeline_setup(cls)
+        return cls
 
     def denoiser_forward(
         self,
@@ -141,14 +165,16 @@ class Family:
         text: dict[str, Any],
         meta: Sequence[dict[str, Any]] | None = None,
         guidance: Any = None,
+        reference: Any = None,
     ) -> Any:
         """The denoiser's prediction (B x C x h x w, in the denoiser's dtype) for one conditional batch, called as
         the family's diffusers pipeline calls it in its denoising loop (no classifier-free guidance).
 
         `noisy_latents` are scaled latents (B x C x h x w); `timesteps` are on the 0..1000 training scale (one
         value or one per sample; flow families: sigma * 1000); `text` is `collate_text`'s batch; `meta` the cached
-        per-sample metadata (SDXL reads its sizes and crop); `guidance` the Flux guidance value(s). Latents and text
-        embeddings are cast to the denoiser's dtype and device.
+        per-sample metadata (SDXL reads its sizes and crop); `guidance` the Flux guidance value(s); `reference` the
+        reference image latents of a family that `takes_reference`. Latents, reference and text embeddings are cast
+        to the denoiser's dtype and device.
         """
         import torch
 
@@ -169,7 +195,14 @@ class Family:
         }
         if meta is not None and len(meta) != batch:
             raise InputError(f"meta has {len(meta)} entries for a batch of {batch}")
-        return self.predict(denoiser, noisy_latents.to(dtype), timesteps, text, meta, guidance)
+        if reference is None:
+            if self.takes_reference:
+                raise InputError(f"{self.name} ({self.pipeline_class}) needs reference image latents")
+            return self.predict(denoiser, noisy_latents.to(dtype), timesteps, text, meta, guidance)
+        if not self.takes_reference:
+            raise InputError(f"{self.name} ({self.pipeline_class}) takes no reference image")
+        reference = reference.to(device=device, dtype=dtype)
+        return self.predict(denoiser, noisy_latents.to(dtype), timesteps, text, meta, guidance, reference=reference)
 
     def lora_target_modules(self, preset: str | None = None, denoiser: Any = None) -> tuple[str, ...]:
         """Module names for `LoraConfig(target_modules=...)`: the family default, or a named preset where the family

@@ -71,8 +71,10 @@ def vae(
     *,
     block_out_channels: tuple[int, ...] = (32, 64),
     quant_conv: bool = True,
+    mid_attention: bool = True,
 ) -> Any:
-    """A tiny `AutoencoderKL` carrying the real family's scaling and shift factors in its config."""
+    """A tiny `AutoencoderKL` carrying the real family's scaling and shift factors in its config. `mid_attention`
+    False leaves out the mid-block attention (for pipelines that always decode large latents: HiDream's)."""
     from diffusers import AutoencoderKL
 
     levels = len(block_out_channels)
@@ -90,6 +92,7 @@ def vae(
         shift_factor=shift_factor,
         use_quant_conv=quant_conv,
         use_post_quant_conv=quant_conv,
+        mid_block_add_attention=mid_attention,
     ).eval()
 
 

@@ -247,3 +247,28 @@ def chatglm_tokenizer(folder: str | Path, max_length: int = 256):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(sentencepiece_model())
     return ChatGLMTokenizer(str(path), model_max_length=max_length)
+
+
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def llama3_tokenizer(max_length: int = 131072):
+    """A Llama 3.1 Instruct style `PreTrainedTokenizerFast`: byte-level BPE over the tiny Qwen merges (`Ġ` marks a
+    leading space), `<|begin_of_text|>` prepended, `<|eot_id|>` as end of sequence, padded on the right."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    _, merges = qwen_vocab()
+    tokens = list(bytes_to_unicode().values()) + [left + right for left, right in merges] + list(LLAMA3_SPECIALS)
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    backend.add_special_tokens(list(LLAMA3_SPECIALS))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    bos = LLAMA3_SPECIALS[0]
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, vocab[bos])])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=LLAMA3_SPECIALS[2],
+                                   model_max_length=max_length)  # fmt: skip

@@ -33,13 +33,19 @@ UNET_FAMILIES = {"sd1x": False, "sd2x": False, "sdxl": True}  # family -> Kohya 
 KOHYA_TEXT_ENCODERS = {"sd1x": {"text_encoder": "lora_te"},
                        "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}  # fmt: skip
 TRANSFORMER_FAMILIES = ("flux", "sd3", "pixart_sigma", "qwen_image", "z_image", "chroma")
-# ComfyUI's key map for AuraFlow reads the diffusers module names themselves, under `transformer.`, for the linear
-# layers of its blocks (comfy.utils.auraflow_to_diffusers): these patterns.
+# ComfyUI's key maps that read diffusers module names themselves, under `transformer.`: AuraFlow's for the linear
+# layers of its blocks (comfy.utils.auraflow_to_diffusers), HiDream's for every linear layer: these patterns.
 DIFFUSERS_NAMED = {"auraflow": re.compile(
     r"joint_transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|"
     r"(ff|ff_context)\.(linear_[12]|out_projection)|(norm1|norm1_context)\.linear)|"
     r"single_transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0)|ff\.(linear_[12]|out_projection)|norm1\.linear)|"
-    r"context_embedder|pos_embed\.proj|proj_out|time_step_proj\.linear_[12]")}  # fmt: skip
+    r"context_embedder|pos_embed\.proj|proj_out|time_step_proj\.linear_[12]"),
+    # HiDream: ComfyUI's model keeps the original module names, which diffusers' HiDream transformer uses as they are
+    # (comfy.lora maps `transformer.<name>` for every weight, SimpleTuner's layout): its linear layers.
+    "hidream": re.compile(
+        r"(double|single)_stream_blocks\.\d+\.block\.(adaLN_modulation\.1|attn1\.(to_[qkv]|to_out)(_t)?|"
+        r"ff_[it]\.(shared_experts\.|experts\.\d+\.)?w[123])|x_embedder\.proj|t_embedder\.timestep_embedder\.linear_[12]|"
+        r"p_embedder\.pooled_embedder\.linear_[12]|caption_projection\.\d+\.linear|final_layer\.(linear|adaLN_modulation\.1)")}  # fmt: skip
 COMFY_EPS = 1.1920928955078125e-07  # torch.finfo(float32).eps: ComfyUI adds it to the norm, patching in float32
 
 BaseWeights = Callable[[str], Any]  # diffusers module name -> its base weight tensor

@@ -8,6 +8,8 @@ the manifest's provenance (outside the digest).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -222,6 +224,9 @@ def _run_publish(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out
     out_dir = Path(out_dir)
     inputs = read_inputs(Path(input_path), force=force)
     family = get_family(inputs.train["family"])
+    trained_pipeline = inputs.train["config"].get("pipeline")  # a flavour that trains another pipeline (Kontext)
+    if trained_pipeline:
+        family = dataclasses.replace(family, pipeline_class=trained_pipeline)
     # The base model, where it is still on disk (a LoRA publish does not need it; a full fine-tune does).
     check_model_family(family, inputs.train["model"]["denoiser"].get("source"))
     stage_config = config.stage_keys(PUBLISH)

@@ -252,9 +252,13 @@ class Objective:
         num_train_timesteps: int = 1000,
         default_shift: float | None = None,
         sigma_curve: Callable[[Tensor], Tensor] | None = None,
+        flow_sigmas: Callable[[Tensor], Tensor] | None = None,
+        flow_loss_weight: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         """`kind` is the family's default prediction type; `scheduler_config` the model's scheduler_config.json;
-        `sigma_curve` a family's reshaping of the default (logit-normal) flow sigmas after the shift (Chroma's).
+        `sigma_curve` a family's reshaping of the default (logit-normal) flow sigmas after the shift (Chroma's);
+        `flow_sigmas` a family's own sigma draw from standard normals (its schedule options are then ignored, as
+        SimpleTuner ignores them for it); `flow_loss_weight` a family's per-sample loss weight from the sigmas.
 
         A DDPM scheduler config's own `prediction_type` (epsilon / v_prediction) beats `kind`, and
         `options.prediction_type` beats both; switching between flow matching and DDPM is a ConfigError.
@@ -270,6 +274,7 @@ class Objective:
         self.weights: Tensor | None = None
         self.shift = 1.0
         self.sigma_curve = sigma_curve
+        self.flow_sigmas, self.flow_loss_weight = flow_sigmas, flow_loss_weight
         if self.is_flow:
             self._init_flow(options, default_shift)
         else:
@@ -339,8 +344,18 @@ class Objective:
             )
         if not options.flow_sigmoid_scale > 0:
             raise ConfigError(f"flow_sigmoid_scale must be > 0, got {options.flow_sigmoid_scale}")
-        self.auto_shift = options.flow_schedule_auto_shift
-        shift = options.flow_schedule_shift
+        if self.flow_sigmas is not None:
+            ignored = [name for name, active in (
+                ("flow_schedule_shift", options.flow_schedule_shift not in (None, 0, 1)),
+                ("flow_schedule_auto_shift", options.flow_schedule_auto_shift),
+                ("flow_use_uniform_schedule", options.flow_use_uniform_schedule),
+                ("flow_use_beta_schedule", options.flow_use_beta_schedule),
+                ("flow_sigmoid_scale", options.flow_sigmoid_scale != 1.0)) if active]  # fmt: skip
+            if ignored:
+                log.warning("this model family draws its own training sigmas (as in SimpleTuner); %s ignored",
+                            ", ".join(ignored))  # fmt: skip
+        self.auto_shift = options.flow_schedule_auto_shift and self.flow_sigmas is None
+        shift = options.flow_schedule_shift if self.flow_sigmas is None else 1.0
         if self.auto_shift and shift is not None:
             log.warning("flow_schedule_auto_shift is set: flow_schedule_shift=%s is ignored", shift)
         if shift is None:
@@ -425,6 +440,9 @@ class Objective:
     def sample_sigmas(self, batch_size: int, generator: torch.Generator, shift: float = 1.0) -> Tensor:
         """Flow-matching sigmas in [0, 1] (float32, CPU) from the configured schedule, then shifted."""
         options = self.options
+        if self.flow_sigmas is not None:
+            normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+            return self.flow_sigmas(normal).to(torch.float32)
         if options.flow_use_uniform_schedule:
             sigmas = torch.rand(batch_size, generator=generator, dtype=torch.float64)
         elif options.flow_use_beta_schedule:
@@ -551,8 +569,11 @@ class Objective:
         return (1.0 - base) * share.square() + base
 
     def loss_weights(self, noised: Noised) -> Tensor | None:
-        """Per-sample min-SNR / soft min-SNR weights (DDPM), or None when the loss is unweighted."""
+        """Per-sample min-SNR / soft min-SNR weights (DDPM), a family's flow loss weight, or None when the loss is
+        unweighted."""
         options = self.options
+        if self.is_flow and self.flow_loss_weight is not None:
+            return self.flow_loss_weight(noised.sigmas.to(torch.float32))
         if self.is_flow or not (options.snr_gamma or options.use_soft_min_snr):
             return None
         snr = noised.snr.to(torch.float32)

@@ -108,6 +108,11 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     if lycoris_settings is not None:  # the file's settings, not its path: editing the file re-runs training
         stage_config["lycoris_config"] = lycoris_settings
     stage_config.update(quantisation_key_content(config, loaded.base_dir))
+    # A flavour or model that trains another pipeline (Flux Kontext) changes the training: in the key, and only then,
+    # so that other runs keep their keys.
+    variant = family.for_run(config.model_flavour, source)
+    if variant.pipeline_class != family.pipeline_class:
+        stage_config["pipeline"] = variant.pipeline_class
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
                        "denoiser": without_source(denoiser_identity), "family": family.name})  # fmt: skip
     stage_run = StageRun(TRAIN, SCHEMA_VERSION, out_dir, key, stage_config, force=force)

@@ -7,7 +7,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -19,7 +19,7 @@ from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
 from ..quantise import BasePrecision, load_base, parameter_bytes, quantise, upcast_trainable
 from ..prompts import ValidationPrompt
-from . import adapters, offload, text_encoders
+from . import adapters, controlnet, evaluation, offload, reference, regularisation, text_encoders
 from .checkpoint import (
     begin_checkpoint,
     finish_checkpoint,
@@ -29,7 +29,14 @@ from .checkpoint import (
     save_rank_state,
 )
 from .data import Batch, CacheIndex, Cursor, EpochPlanner, SampleReader, TrainLoader
-from .options import AdapterOptions, CheckpointOptions, ObjectiveOptions, OptimizerOptions, ValidationOptions
+from .options import (
+    AdapterOptions,
+    CheckpointOptions,
+    EvaluationOptions,
+    ObjectiveOptions,
+    OptimizerOptions,
+    ValidationOptions,
+)
 from .seeding import isolated_rng, seed_global
 
 if TYPE_CHECKING:
@@ -99,6 +106,7 @@ class Trainer:
         from accelerate import Accelerator
 
         quiet_libraries()
+        family = family.for_run(config.model_flavour, source)  # a flavour may train another pipeline (Flux Kontext)
         self.config, self.family, self.out_dir = config, family, out_dir
         self.source, self.vae_source, self.base_dir = source, vae_source, base_dir
         self.adapter_options = AdapterOptions.from_config(config)
@@ -113,6 +121,12 @@ class Trainer:
         self.device = self.accelerator.device
         self.seed = config.seed or 0
         self.cache_manifest = cache_manifest
+        # Dataset roles that the options cannot serve stop the run before the model loads.
+        datasets = {d["id"]: d for d in cache_manifest["datasets"]}
+        regularisation.check(datasets, config.model_type, controlnet=bool(config.controlnet))
+        reference.check(family, cache_manifest, controlnet=bool(config.controlnet))
+        self.evaluation = EvaluationOptions.from_config(config)
+        evaluation.chosen_datasets(datasets, self.evaluation)
         self.shared = shared_embeds
         speed.check_train_options(config, self.device)
         self.memory_options = offload.MemoryOptions.from_config(config)
@@ -124,12 +138,16 @@ class Trainer:
         denoiser = parts["denoiser"]
         self._check_image_sizes(denoiser.config, bool(validation_prompts))
         self.scheduler_config = dict(parts["scheduler"].config)
+        # controlnet: true trains a ControlNet, built from the base's weights before they are quantised.
+        self.control = controlnet.start(config, family, denoiser, source=source, vae_source=vae_source,
+                                        base_dir=base_dir, seed=self.seed) if config.controlnet else None  # fmt: skip
         # TF32, QKV fusion and gradient checkpointing (every block, or every Nth) before adapters are added.
         self.speed_setup = speed.setup_denoiser(denoiser, config)
         quantise(denoiser, self.base_precision, family.name, self.device)
         self.denoiser_bytes = parameter_bytes(denoiser)
         with isolated_rng(seed=self.seed):  # the initial LoRA weights depend on `seed` only
-            self.params = adapters.attach(denoiser, self.adapter_options, family, base_dir=self.base_dir)
+            self.params = adapters.attach(denoiser, self.adapter_options, family, base_dir=self.base_dir) \
+                if self.control is None else []  # fmt: skip
             self.text = text_encoders.attach(denoiser, family, source, config, cache_manifest, cache_root, self.device)
         upcast_trainable(self.params)
         offload.place(denoiser, self.memory_options, self.device)  # RamTorch: frozen layers to host memory first
@@ -138,6 +156,8 @@ class Trainer:
         self.memory = offload.hold(denoiser, self.memory_options, family.name, self.device)
         # In place, after the adapters (so that they are compiled in) and before accelerate wraps the model.
         self.compiled = speed.compile_module(denoiser, config)
+        if self.control is not None:  # the model becomes base + ControlNet; the ControlNet's parameters train
+            denoiser, self.params = self.control.wrap(denoiser, self.device)
         self.trainable_names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
 
         from .objectives import Objective
@@ -146,8 +166,10 @@ class Trainer:
         self.objective = Objective(ObjectiveOptions.from_config(config), kind=family.prediction_type,
                                    scheduler_config=self.scheduler_config,
                                    default_shift=family.default_flow_shift,
-                                   sigma_curve=family.sigma_curve)  # fmt: skip
+                                   sigma_curve=family.sigma_curve, flow_sigmas=family.flow_sigmas,
+                                   flow_loss_weight=family.flow_loss_weight)  # fmt: skip
         self.index = CacheIndex(cache_root, cache_manifest)
+        self.eval_sets = evaluation.sample_sets(self.index.samples, self.index.datasets, self.evaluation)
         self.planner = EpochPlanner(self.index, seed=self.seed, sampling=config.data_backend_sampling,
                                     global_batch=global_batch(config.train_batch_size, self.world))  # fmt: skip
         micro_per_epoch = self.planner.batches_per_epoch()
@@ -181,6 +203,7 @@ class Trainer:
         self.loader = TrainLoader(self.index, self.planner, rank=self.rank, world=self.world, shared_text=self.shared,
                                   empty_key=cache_manifest["embeds"]["empty"],
                                   caption_dropout=config.caption_dropout_probability, seed=self.seed,
+                                  conditioning_sampling=config.conditioning_multidataset_sampling,
                                   prefetch=config.dataloader_prefetch_qlen if config.dataloader_prefetch else 0)  # fmt: skip
         self.checkpoints_dir = out_dir / "checkpoints"
         self.resume_from = resume_from
@@ -193,6 +216,10 @@ class Trainer:
 
             self.validator = Validator(family, self.validation_options, source=source, vae_source=vae_source,
                                        denoiser=self.unwrapped, prompts=list(validation_prompts),
+                                       control=self.control.for_validation(
+                                           self.unwrapped, self.index, len(validation_prompts)) if self.control else
+                                       reference.validation_control(family, self.unwrapped, self.index,
+                                                                    len(validation_prompts)),
                                        embeds=prompts_by_text, out_dir=out_dir / "validation",
                                        device=self.device, text_encoders=self.text,
                                        model_cpu_offload=self.memory_options.enable_model_cpu_offload)  # fmt: skip
@@ -242,8 +269,10 @@ class Trainer:
                     "family": self.family.name, "last_loss": self.state.last_loss, "run": self.run_record,
                     "threads": _intra_op_threads()}  # fmt: skip
             with self.memory.saving(self.unwrapped):  # offload_during_save
+                trained = (adapters.trainable_state(self.unwrapped, self.config.model_type) if self.control is None
+                           else controlnet.trainable_state(self.unwrapped))  # fmt: skip
                 parts = {
-                    "weights": {**adapters.trainable_state(self.unwrapped, self.config.model_type),
+                    "weights": {**trained,
                                 **(self.text.state() if self.text is not None else {})},
                     "ema": self.ema.state() if self.ema else None,
                     "optimizer": self.optimizer.state_dict(),
@@ -327,53 +356,76 @@ class Trainer:
         return speed.attention_context(self.config.attention_mechanism)
 
     def forward_loss(self, noised, texts: list[dict[str, Any]], meta: list[dict[str, Any]], guidance, step: int,
-                     batch: Batch | None = None):  # fmt: skip
+                     batch: Batch | None = None, mask=None):  # fmt: skip
         """The objective's loss of one forward pass of the denoiser on a noised batch (training and evaluation).
-        `batch`: the batch the latents came from, for its paired data (conditioning images, masks, regularisation)."""
-        with self.accelerator.autocast():
-            prediction = self.family.denoiser_forward(self.model, noised.noisy, noised.timesteps, self._text(texts, step),
-                                                      meta, guidance=_to(guidance, self.device))  # fmt: skip
-        return self.objective.loss(prediction.float(), noised, step)
+        `batch`: the batch the latents came from, for its paired data (conditioning images, masks, regularisation);
+        a regularisation batch's target is the base model's prediction (pipeline.train.regularisation).
+        `mask`: a training batch's loss mask (`Objective.choose_mask`); evaluation uses none, as in SimpleTuner."""
+        text, guidance = self._text(texts, step), _to(guidance, self.device)
+        noisy, timesteps = noised.noisy, noised.timesteps
+
+        def predict():
+            with self.accelerator.autocast():
+                if self.control is not None:  # base + ControlNet on the batch's conditioning (pipeline.train.controlnet)
+                    return self.control.predict(self.model, noisy, timesteps, text, meta, guidance, batch, self.index)
+                return self.family.denoiser_forward(self.model, noisy, timesteps, text, meta, guidance=guidance,
+                                                    reference=reference.latents(self.family, batch, meta, self.index))
+
+        if batch is not None and batch.regularisation:
+            noised = replace(noised, target=regularisation.base_prediction(predict, self.unwrapped).float())
+        return self.objective.loss(predict().float(), noised, step, mask)
 
     def _forward_loss(self, batch: Batch, step: int):
         """A training batch's loss: noise, timesteps and guidance drawn from the run's generator."""
         latents = batch.latents.to(self.device)
         noised = self.objective.draw(latents, self.generator, step)
         guidance = self.objective.guidance(latents.shape[0], self.generator)
-        return self.forward_loss(noised, batch.texts, batch.meta, guidance, step, batch=batch)
+        mask = self.objective.choose_mask(batch.mask_pixels, batch.mask_kind, self.generator)
+        return self.forward_loss(noised, batch.texts, batch.meta, guidance, step, batch=batch, mask=mask)
 
-    def evaluate(self) -> float | None:
-        """Mean loss over a fixed set of samples at fixed timesteps and fixed noise."""
+    def evaluate(self) -> dict[str, float]:
+        """Mean losses over fixed samples at fixed timesteps and fixed noise: `eval_loss`, and `eval_loss/<id>` per
+        eval dataset (`pipeline.train.evaluation` says which samples); empty when there is nothing to evaluate."""
         import torch
 
-        count = self.config.num_eval_images
-        if count <= 0:
-            return None
-        keys = sorted(self.index.samples)[:count]
+        if not any(self.eval_sets.values()):
+            return {}
         reader = SampleReader()
-        losses = []
+        losses: dict[str, list[float]] = {}
         was_training = self.model.training
         self.model.eval()
         try:
             # Compiled blocks run eagerly here: batch 1 without gradients would only add graphs to compile.
             with torch.no_grad(), self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device):
-                for i, key in enumerate(keys):
-                    ref = self.index.samples[key]
-                    latent = reader.latent(ref)[None]
-                    texts = self.loader.captions(ref, reader)[:1]
-                    g = torch.Generator(device="cpu").manual_seed(10_000 + i)
-                    for fraction in EVAL_FRACTIONS:
-                        noise = torch.randn(latent.shape, generator=g)
-                        noised = self.objective.fixed(latent.to(self.device), torch.tensor([fraction]),
-                                                      noise.to(self.device))  # fmt: skip
-                        guidance = self.objective.guidance(1, torch.Generator().manual_seed(0))
-                        loss = self.forward_loss(noised, texts, [ref.meta], guidance, self.state.step)
-                        losses.append(float(loss))
+                for name, keys in self.eval_sets.items():
+                    losses[name] = self._eval_losses(keys, reader)
         finally:
             reader.close()
             self.model.train(was_training)
-        value = sum(losses) / len(losses)
-        return float(self.accelerator.reduce(torch.tensor(value, device=self.device), reduction="mean"))
+        values = evaluation.summarise(losses)
+        names = sorted(values)
+        reduced = self.accelerator.reduce(torch.tensor([values[n] for n in names], device=self.device),
+                                          reduction="mean")  # fmt: skip
+        values = {name: float(value) for name, value in zip(names, reduced.tolist())}
+        self.state.last_eval = values.get(evaluation.OVERALL)
+        return values
+
+    def _eval_losses(self, keys: list[str], reader: SampleReader) -> list[float]:
+        """The losses of samples `keys`, each at every EVAL_FRACTIONS point with noise seeded by its position."""
+        import torch
+
+        losses = []
+        for i, key in enumerate(keys):
+            ref = self.index.samples[key]
+            latent = reader.latent(ref)[None]
+            texts = self.loader.captions(ref, reader)[:1]
+            g = torch.Generator(device="cpu").manual_seed(10_000 + i)
+            for fraction in EVAL_FRACTIONS:
+                noise = torch.randn(latent.shape, generator=g)
+                noised = self.objective.fixed(latent.to(self.device), torch.tensor([fraction]), noise.to(self.device))
+                guidance = self.objective.guidance(1, torch.Generator().manual_seed(0))
+                losses.append(float(self.forward_loss(noised, texts, [ref.meta], guidance, self.state.step)))
+        return losses
 
     def run(self, tracker) -> RunState:
         """Train to `total_steps` (or until SIGINT/SIGTERM); `tracker` receives metrics on the main process."""
@@ -389,10 +441,11 @@ class Trainer:
         with _Signals() as signals:
             if self.has_validation and state.step == 0 and not self.validation_options.disable_benchmark:
                 self._validate(tracker, "base")
-            if config.eval_steps_interval and state.step == 0:
-                state.first_eval = state.last_eval = self.evaluate()
-                if self.is_main and tracker:
-                    tracker.log({"step": 0, "eval_loss": state.last_eval})
+            if self.evaluation.enabled and state.step == 0:
+                values = self.evaluate()
+                state.first_eval = state.last_eval
+                if self.is_main and tracker and values:
+                    tracker.log({"step": 0, **values})
             optimizer_train_mode(self.optimizer)
             bar = progress_bar(total=self.total_steps, desc="train", unit="step", initial=state.step) if self.is_main \
                 else nullcontext()  # fmt: skip
@@ -437,9 +490,8 @@ class Trainer:
                     record = {"step": state.step, "epoch": batch.epoch, "loss": step_loss,
                               "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                               "samples_per_s": self.samples_per_step / max(elapsed, 1e-9)}  # fmt: skip
-                    if config.eval_steps_interval and state.step % config.eval_steps_interval == 0:
-                        state.last_eval = self.evaluate()
-                        record["eval_loss"] = state.last_eval
+                    if self.evaluation.due(state.step, self.steps_per_epoch):
+                        record.update(self.evaluate())
                     if self.is_main:
                         tracker.log(record)
                         if self.notifier is not None:
@@ -459,10 +511,11 @@ class Trainer:
             handle.write(json.dumps({"step": state.step, "weights_sha256": self.weights_digest()}) + "\n")
         if state.interrupted is None and self.has_validation:
             self._validate(tracker, f"step-{state.step}")
-        if config.eval_steps_interval and state.interrupted is None and state.step % config.eval_steps_interval:
-            state.last_eval = self.evaluate()
-            if self.is_main:
-                tracker.log({"step": state.step, "eval_loss": state.last_eval})
+        if self.evaluation.enabled and state.interrupted is None and not self.evaluation.due(state.step,
+                                                                                            self.steps_per_epoch):
+            values = self.evaluate()
+            if self.is_main and values:
+                tracker.log({"step": state.step, **values})
         return state
 
     def _order_log_path(self) -> Path:

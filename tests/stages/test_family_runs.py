@@ -1,8 +1,8 @@
 """`st train` and `st publish` on the tiny models of AuraFlow, Lumina 2, Sana, Kolors and Qwen-Image: a resumed run
 ends byte for byte where an uninterrupted one does; the published LoRA loads into the family's diffusers pipeline and
-changes its image; ComfyUI's file is written where ComfyUI has a layout for the family (AuraFlow: diffusers names
-under `transformer.`; Qwen-Image and Z-Image: the transformer's own module names; Chroma: Flux's native names) and
-refused with the fix where it has none."""
+changes its image; ComfyUI's file is written where ComfyUI has a layout for the family (AuraFlow and HiDream:
+diffusers names under `transformer.`; Qwen-Image and Z-Image: the transformer's own module names; Chroma: Flux's
+native names) and refused with the fix where it has none."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pipeline.families import get_family
 from pipeline.publish.stage import run_publish
 from tests.helpers.training import WEIGHTS, losses, train
 
-FAMILIES = ("auraflow", "lumina2", "sana", "kolors", "qwen_image", "z_image", "chroma")
-NO_COMFYUI = ("lumina2", "sana", "kolors")
+FAMILIES = ("auraflow", "lumina2", "sana", "kolors", "qwen_image", "z_image", "chroma", "hidream", "cosmos2image")
+NO_COMFYUI = ("lumina2", "sana", "kolors", "cosmos2image")
 SETS = ["checkpoint_step_interval=2", "learning_rate=1e-2", "lora_dropout=0", "caption_dropout_probability=0",
         'mixed_precision="no"', "lora_rank=4", "lora_alpha=8"]  # fmt: skip
 IMAGE_SIDE = {"qwen_image": 32}  # the others render at 64 px
@@ -81,7 +81,7 @@ def test_comfyui_file_is_written_or_refused_with_the_fix(cached, straight, tiny_
     run_publish(options, straight(family), out)
     tensors = load_file(str(out / "pytorch_lora_weights_comfyui.safetensors"))
     assert tensors
-    if family == "auraflow":
+    if family in ("auraflow", "hidream"):  # HiDream's ComfyUI model keeps diffusers' module names
         assert all(k.startswith("transformer.") for k in tensors)
         assert {k.rsplit(".", 2)[-2] for k in tensors if not k.endswith(".alpha")} == {"lora_A", "lora_B"}
         assert all(v.item() == 8.0 for k, v in tensors.items() if k.endswith(".alpha"))

@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError, InputError, NotSupportedError  # noqa: 
 from pipeline.families import FAMILIES, component_identity, get_family, load_components, vae_factors  # noqa: E402
 
 NAMES = sorted(FAMILIES)
-T5_FAMILIES = ["flux", "pixart_sigma", "sd3", "auraflow", "lumina2", "chroma"]
+T5_FAMILIES = ["flux", "pixart_sigma", "sd3", "auraflow", "lumina2", "chroma", "hidream", "cosmos2image"]
 PROMPTS = [
     "a photo of a dog",
     "  A Beautiful PAINTING of mountains at sunset, with clouds over a quiet lake; detailed oil, 4k!  ",
@@ -83,6 +83,13 @@ def pipeline_encode(name: str, pipe, prompts: list[str], max_length: int | None 
             embeds, _, mask, *_ = pipe.encode_prompt(prompts, None, device="cpu", do_classifier_free_guidance=False,
                                                      **kw)  # fmt: skip
             return {"prompt_embeds": embeds, "attention_mask": mask}
+        if name == "hidream":
+            t5, _, llama, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False,
+                                                            **kw)  # fmt: skip
+            return {"prompt_embeds_t5": t5, "prompt_embeds_llama3": llama, "pooled_prompt_embeds": pooled}
+        if name == "cosmos2image":  # padded to max_sequence_length, padded positions zeroed
+            embeds, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False, **kw)
+            return {"prompt_embeds": embeds}
         if name == "z_image":  # one tensor of real tokens per prompt, padded here with zeros and mask 0
             # (the pipeline writes the chat-templated prompts into the list it is given: pass a copy)
             embeds, _ = pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=False, **kw)
@@ -129,7 +136,7 @@ def test_unknown_family_lists_known_names():
 
 def test_registry_is_consistent():
     assert set(NAMES) == {"sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "qwen_image",
-                          "sana", "kolors", "z_image", "chroma"}  # fmt: skip
+                          "sana", "kolors", "z_image", "chroma", "hidream", "cosmos2image"}  # fmt: skip
     for name, family in FAMILIES.items():
         assert family.name == name
         assert family.bucket_alignment >= 16
@@ -153,7 +160,8 @@ def test_tiny_folder_runs_in_its_pipeline(name, tiny_model, tiny_pipe):
         library, class_name = index[spec.model.subfolder]
         # Kolors' ChatGLM lives in diffusers.pipelines.kolors, which model_index.json names "kolors"
         assert class_name == spec.model.class_name and spec.model.library.split(".")[-1] == library
-        assert index[spec.tokenizer.subfolder][1] == spec.tokenizer.class_name
+        # transformers 5 writes its PreTrainedTokenizerFast (HiDream's Llama tokenizer) as TokenizersBackend
+        assert index[spec.tokenizer.subfolder][1] in {spec.tokenizer.class_name, "TokenizersBackend"}
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 10 << 20
 
@@ -167,7 +175,8 @@ def test_tiny_folder_runs_in_its_pipeline(name, tiny_model, tiny_pipe):
     else:
         assert scheduler_prediction == family.prediction_type
     image = pipe(PROMPTS[0], num_inference_steps=2, height=64, width=64, output_type="np").images
-    assert image.shape == (1, 64, 64, 3)
+    side = 256 if name == "hidream" else 64  # HiDream always renders 128 x 128 latents (x the VAE factor 2)
+    assert image.shape == (1, side, side, 3)
     assert torch.isfinite(torch.from_numpy(image)).all()
 
 
@@ -200,7 +209,9 @@ def test_encode_prompts_equals_pipeline(name, tiny_model, tiny_pipe):
     items = family.encode_prompts(loaded["text_encoders"], loaded["tokenizers"], PROMPTS)
     assert len(items) == 2
     for item in items:
-        assert item["prompt_embeds"].ndim == 2
+        # HiDream's stack of Llama layers is layers x tokens x dim
+        assert all(v.ndim == (3 if k == "prompt_embeds_llama3" else 2) for k, v in item.items()
+                   if k.startswith("prompt_embeds"))  # fmt: skip
         if "pooled_prompt_embeds" in item:
             assert item["pooled_prompt_embeds"].ndim == 1
         if "attention_mask" in item:
@@ -210,7 +221,7 @@ def test_encode_prompts_equals_pipeline(name, tiny_model, tiny_pipe):
         assert [item["prompt_embeds"].shape[0] for item in items] == lengths
         assert lengths[0] < lengths[1]
     else:
-        assert items[0]["prompt_embeds"].shape == items[1]["prompt_embeds"].shape
+        assert all(items[0][k].shape == items[1][k].shape for k in items[0])
     assert_same_batch(name, family.collate_text(items), pipeline_encode(name, pipe, PROMPTS))
 
 
@@ -274,12 +285,12 @@ def test_pixart_trimmed_embeddings_give_the_same_denoiser_output(tiny_pipe):
 def test_vae_factors_come_from_the_config(name, tiny_model):
     vae = load_components(get_family(name), tiny_model(name), which=("vae",))["vae"]
     scale, shift = vae_factors(vae)
-    if name == "qwen_image":  # normalised per channel by latents_mean / latents_std instead
+    if name in ("qwen_image", "cosmos2image"):  # normalised per channel by latents_mean / latents_std instead
         assert (scale, shift) == (1.0, None) and len(vae.config.latents_mean) == 16
         return
     assert scale == vae.config.scaling_factor
     assert shift == vae.config.get("shift_factor")  # Sana's AutoencoderDC has none
-    assert (shift is not None) == (name in ("sd3", "flux", "lumina2", "z_image", "chroma"))
+    assert (shift is not None) == (name in ("sd3", "flux", "lumina2", "z_image", "chroma", "hidream"))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -284,11 +284,13 @@ def test_flow_shift_and_lora_loader(name, tiny_model):
         assert family.default_flow_shift == 3.0 and scheduler.config.shift == 1.73
     elif name == "lumina2":
         assert family.default_flow_shift == 3.0 and scheduler.config.shift == 6.0
-    elif name == "z_image":  # SimpleTuner's default; the scheduler's static shift 3 is Z-Image's own
+    elif name in ("z_image", "hidream"):  # SimpleTuner's default; the scheduler's static shift 3 is the model's own
         assert family.default_flow_shift == 3.0 == scheduler.config.shift and not scheduler.config.use_dynamic_shifting
     elif name == "sana":
         # SimpleTuner trains Sana on FlowMatchEulerDiscreteScheduler's unshifted table (the DPM-Solver config's
         # flow_shift is for inference only).
         assert family.default_flow_shift == 1.0 and scheduler.config.flow_shift == 3.0
+    elif name == "cosmos2image":  # SimpleTuner's EDM draw is unshifted; the scheduler uses Karras sigmas up to 80
+        assert family.default_flow_shift == 1.0 == scheduler.config.shift and scheduler.config.use_karras_sigmas
     else:
         assert family.default_flow_shift is None

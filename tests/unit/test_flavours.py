@@ -30,10 +30,11 @@ DEFAULTS = {
     # SimpleTuner's default "turbo-ostris-v2" needs its assistant LoRA: refused (NOT_YET), never swapped for "base".
     "z_image": ("turbo-ostris-v2", None),
     "chroma": ("base", "lodestones/Chroma1-Base"),
+    "hidream": ("full", "HiDream-ai/HiDream-I1-Full"),
+    "cosmos2image": ("2b", "nvidia/Cosmos-Predict2-2B-Text2Image"),
 }
 # Flavours SimpleTuner trains with features st lacks: (family, flavour, the feature named in the error).
 NOT_YET = [
-    ("flux", "kontext", "Flux Kontext image conditioning"),
     ("flux", "schnell", "fast schedule"),
     ("flux", "libreflux", "attention-masked training"),
     ("flux", "fluxbooru", "validation_guidance_real"),
@@ -83,6 +84,7 @@ def test_without_a_path_the_default_flavour_names_the_model(tmp_path, name):
         ("sd1x", "1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
         ("sd2x", "2.1", "stabilityai/stable-diffusion-2-1"),
         ("pixart_sigma", "600M-512", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"),
+        ("hidream", "fast", "HiDream-ai/HiDream-I1-Fast"),
     ],
 )
 def test_a_flavour_names_its_hub_id(tmp_path, family, flavour, hub_id):
@@ -112,10 +114,10 @@ def test_a_flavour_st_cannot_train_yet_is_refused(tmp_path, family, flavour, fea
 
 
 def test_a_refused_flavour_is_refused_beside_a_path_too(tmp_path, tiny_model):
-    """SimpleTuner's kontext flavour changes how it trains whatever model the path names."""
-    loaded = load(tmp_path, model_family="flux", model_flavour="kontext",
+    """SimpleTuner's libreflux flavour changes how it trains whatever model the path names."""
+    loaded = load(tmp_path, model_family="flux", model_flavour="libreflux",
                   pretrained_model_name_or_path=str(tiny_model("sd1x")))  # fmt: skip
-    with pytest.raises(ConfigError, match="Flux Kontext"):
+    with pytest.raises(ConfigError, match="attention-masked"):
         model_sources(loaded)
 
 
@@ -148,8 +150,8 @@ def test_check_names_the_flavours_hub_id(tmp_path):
 
 def test_check_reports_a_refused_flavour(tmp_path):
     config = write_sample_dataset(tmp_path, images=2, family="flux")
-    report = run_check(config, ["model_flavour=kontext"])
-    assert [p for p in report.problems if "flavour 'kontext'" in p and "not supported yet" in p]
+    report = run_check(config, ["model_flavour=libreflux"])
+    assert [p for p in report.problems if "flavour 'libreflux'" in p and "not supported yet" in p]
 
 
 def test_cache_stops_offline_naming_the_hub_id(cli, tmp_path, monkeypatch):
