@@ -13,9 +13,26 @@ from ..cache_reader import COND
 from ..datasets import MASK_TYPES
 from ..errors import ConfigError, InputError, NotSupportedError
 from ..families import Family
+from ..log import get_logger
 from .controlnet import ValidationControl, read_conditioning
 
+log = get_logger("train")
+
 IMAGE_ARGUMENT = "image"  # the edit pipelines' keyword for the reference image
+
+
+def note_unused(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool) -> None:
+    """One warning when the cache pairs training samples with conditioning images (not masks) that this run does not
+    use: only a ControlNet or a reference-image model trains with them, so a plain run is likely a missed option."""
+    if controlnet or family.takes_reference:
+        return
+    kinds = {c["id"]: c.get("conditioning_type") for c in cache_manifest.get("conditioning_datasets", [])}
+    paired = [d["id"] for d in cache_manifest.get("datasets", []) if d.get("dataset_type", "image") != "eval"
+              and any(kinds.get(i) not in (None, *MASK_TYPES) for i in d.get("conditioning_data") or ())]  # fmt: skip
+    if paired:
+        log.warning("dataset(s) %s are paired with conditioning images, which only `controlnet: true` or an edit "
+                    "model (model_flavour kontext) trains with; this run trains %s without them",
+                    ", ".join(paired), family.name)  # fmt: skip
 
 
 def check(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool = False) -> None:

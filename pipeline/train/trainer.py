@@ -125,6 +125,8 @@ class Trainer:
         datasets = {d["id"]: d for d in cache_manifest["datasets"]}
         regularisation.check(datasets, config.model_type, controlnet=bool(config.controlnet))
         reference.check(family, cache_manifest, controlnet=bool(config.controlnet))
+        if self.accelerator.is_main_process:
+            reference.note_unused(family, cache_manifest, controlnet=bool(config.controlnet))
         self.evaluation = EvaluationOptions.from_config(config)
         evaluation.chosen_datasets(datasets, self.evaluation)
         self.shared = shared_embeds

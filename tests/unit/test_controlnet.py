@@ -168,3 +168,14 @@ def test_simpletuner_controlnet_options_load_and_control_stays_refused(tmp_path)
     path.write_text(json.dumps({"--control": True}))
     with pytest.raises(ConfigError, match="channel-wise control"):
         load_config(path)
+
+
+def test_a_plain_run_on_paired_data_warns_that_the_conditioning_images_go_unused(caplog):
+    from pipeline.train import reference
+
+    reference.note_unused(get_family("sd1x"), HALF_PAIRED, controlnet=False)
+    assert "dataset(s) shapes are paired with conditioning images" in caplog.text
+    caplog.clear()
+    reference.note_unused(get_family("sd1x"), HALF_PAIRED, controlnet=True)
+    reference.note_unused(get_family("sd1x"), MASKS_ONLY, controlnet=False)  # masks weight the loss: they are used
+    assert caplog.text == ""
