@@ -64,8 +64,12 @@ class BasePrecision:
         from .families import get_family
 
         preset = config.base_model_precision
+        family = get_family(config.model_family)
+        if preset in family.refused_precisions:
+            raise ConfigError(f"base_model_precision {preset} does not work with model_family {family.name} (SimpleTuner "
+                              "refuses it too); choose another preset, e.g. int8-quanto or fp8-torchao")  # fmt: skip
         settings = read_quantization_config(config.quantization_config, base_dir or Path.cwd())
-        load = resolve(preset, config.quantize_via, settings, get_family(config.model_family).denoiser.subfolder)
+        load = resolve(preset, config.quantize_via, settings, family.denoiser.subfolder)
         gguf = gguf_path(config, base_dir)
         if config.model_type == "full" or config.mixed_precision == "no":
             dtype = "fp32"

@@ -207,6 +207,7 @@ FAMILY = Family(
     default_flow_shift=1.0,  # SimpleTuner's flow_schedule_shift for Cosmos (its EDM draw has no shift)
     flow_sigmas=edm_sigmas,
     flow_loss_weight=edm_loss_weight,
+    refused_precisions=("fp8-quanto",),
     flavours=FLAVOURS,
     default_flavour="2b",
     pipeline_setup=allow_without_guardrail,

@@ -97,6 +97,8 @@ class Family:
     # draw); and a per-sample loss weight from the sigmas (EDM's weighting written for a velocity loss). None: st's.
     flow_sigmas: Callable[[Any], Any] | None = None
     flow_loss_weight: Callable[[Any], Any] | None = None
+    # base_model_precision presets SimpleTuner refuses for this family (Cosmos: fp8-quanto), refused here too.
+    refused_precisions: tuple[str, ...] = ()
     # The family's own cache options as `encode_prompts` keywords (Sana's instruction); None: there are none.
     text_options: Callable[[Any], dict[str, Any]] | None = None
     # The pipeline takes prompt embeddings as a list, one prompt's real tokens per item (ZImagePipeline).

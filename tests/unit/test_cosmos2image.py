@@ -110,3 +110,12 @@ def test_real_layout_without_torchvision_is_refused():
     with pytest.raises(InputError, match="install the torchvision build"):
         FAMILY.predict(real_layout, torch.zeros(1, 16, 4, 4), torch.tensor([500.0]),
                        {"prompt_embeds": torch.zeros(1, 4, 32)})  # fmt: skip
+
+
+def test_fp8_quanto_is_refused_as_simpletuner_refuses_it():
+    from pipeline.config import Config
+    from pipeline.errors import ConfigError
+    from pipeline.quantise import check
+
+    with pytest.raises(ConfigError, match="base_model_precision fp8-quanto does not work with model_family cosmos2image"):
+        check(Config(model_family="cosmos2image", base_model_precision="fp8-quanto"), cuda=False)
