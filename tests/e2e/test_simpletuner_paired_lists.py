@@ -144,3 +144,19 @@ def test_the_controlnet_guide_multitask_list_generates_its_three_datasets(tmp_pa
 
     [row] = pq.read_table(tmp_path / "prepare/samples.parquet").to_pylist()
     assert row["captions"][0] == "a red square" and "sharpen" in row["captions"]
+
+
+def test_st_check_lists_the_conditioning_datasets_and_names_a_missing_folder(tmp_path, tiny_model):
+    _images(tmp_path / "datasets/animals/antelope-data", 640)
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(CONTROLNET_LIST))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "--data_backend_config": "multidatabackend.json", "--model_family": "sd1x",
+        "--pretrained_model_name_or_path": str(tiny_model("sd1x"))}))  # fmt: skip
+    done = subprocess.run([ST, "check", "-c", str(tmp_path / "config.json")], env=st_env(), capture_output=True,
+                          text=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "dataset 'antelope-conditioning': instance_data_dir" in done.stdout + done.stderr
+    _images(tmp_path / "datasets/animals/antelope-conditioning", 640)
+    done = subprocess.run([ST, "check", "-c", str(tmp_path / "config.json")], env=st_env(), capture_output=True,
+                          text=True, cwd=tmp_path)  # fmt: skip
+    assert "1 conditioning dataset(s): antelope-conditioning (controlnet)" in done.stdout + done.stderr
