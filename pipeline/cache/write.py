@@ -54,17 +54,39 @@ class ShardEncoder:
     def _job(self, entry: Entry) -> ImageJob:
         return job_for(entry.row, self.roots[entry.row["dataset_id"]], self.roots)
 
-    def _cond_member(self, entry: Entry, sample_id: str, images: list, level: int) -> bytes | None:
+    def _control_latents(self, entries: dict[str, Entry], partners: dict[str, list]) -> dict[str, Any]:
+        """VAE latents of a loaded batch's non-mask conditioning images (families whose control input is latents),
+        by "<sample id>:conditioning:<i>", encoded in calls of `vae_rows` rows like the targets (not one call each)."""
+        import torch
+
+        if self.encoders.family.control_input != "latents":
+            return {}
+        keys, images = [], []
+        for sample_id, pixels in partners.items():
+            for i, partner in enumerate(entries[sample_id].conditioning):
+                if partner["kind"] not in MASK_TYPES:
+                    keys.append(f"{sample_id}:conditioning:{i}")
+                    images.append(pixels[i])
+        rows = self.options.vae_rows
+        latents = {}
+        for start in range(0, len(keys), rows):
+            chunk = keys[start : start + rows]
+            encoded = encode_latent_batch(self.encoders, torch.stack(images[start : start + rows]), chunk,
+                                          self.options.seed, rows)  # fmt: skip
+            latents.update(zip(chunk, encoded))
+        return latents
+
+    def _cond_member(self, entry: Entry, sample_id: str, images: list, latents: dict[str, Any],
+                     level: int) -> bytes | None:  # fmt: skip
         """The sample's conditioning images: `{i}.pixels` (uint8, at the target's size) for each, and `{i}.latent`
-        for the non-mask ones when the family's control input is latents. None when a latent is not finite."""
+        where `latents` (`_control_latents`) has one. None when a latent is not finite."""
         import torch
 
         tensors = {}
-        for i, (partner, pixels) in enumerate(zip(entry.conditioning, images)):
+        for i, pixels in enumerate(images):
             tensors[f"{i}.pixels"] = ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            if partner["kind"] not in MASK_TYPES and self.encoders.family.control_input == "latents":
-                latent = encode_latent_batch(self.encoders, pixels[None], [f"{sample_id}:conditioning:{i}"],
-                                             self.options.seed, self.options.vae_rows)[0]  # fmt: skip
+            latent = latents.get(f"{sample_id}:conditioning:{i}")
+            if latent is not None:
                 if not bool(latent.isfinite().all()):
                     return None
                 tensors[f"{i}.latent"] = latent.to(self.cache_dtype)
@@ -140,6 +162,7 @@ class ShardEncoder:
             if pixels is None:
                 continue
             latents = encode_latent_batch(self.encoders, pixels, ids, self.options.seed, self.options.vae_rows)
+            control = self._control_latents(by_id, partners)
             for sample_id, latent in zip(ids, latents):
                 bar.update(1)
                 if not bool(latent.isfinite().all()):
@@ -152,7 +175,7 @@ class ShardEncoder:
                 if text is not None:
                     item["text.safetensors.zst"] = text
                 if entry.conditioning:
-                    cond = self._cond_member(entry, sample_id, partners[sample_id], level)
+                    cond = self._cond_member(entry, sample_id, partners[sample_id], control, level)
                     if cond is None:
                         rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for its conditioning image")
                         continue
