@@ -21,6 +21,7 @@ from ..families import Family
 from ..families.controlnet import ControlNetSpec, spec_for
 from ..log import get_logger
 from ..tensorfile import normalise_file
+from .data import image_paired_datasets
 from .seeding import isolated_rng
 
 log = get_logger("train")
@@ -40,16 +41,13 @@ def check(config, family: Family, cache_manifest: dict[str, Any]) -> None:
                           "frozen); set one of them to false")  # fmt: skip
     if getattr(config, "control", False):
         raise ConfigError("controlnet and control are two kinds of conditioning training; set one of them")
-    kinds = {c["id"]: c["conditioning_type"] for c in cache_manifest.get("conditioning_datasets", [])}
-    training = [d for d in cache_manifest.get("datasets", []) if d.get("dataset_type") != "eval"]
-    unpaired = [d["id"] for d in training
-                if not any(kinds.get(i) not in (None, *MASK_TYPES) for i in d.get("conditioning_data", []))]
-    if training and unpaired and len(unpaired) < len(training):
+    paired, unpaired = image_paired_datasets(cache_manifest)
+    if paired and unpaired:
         raise InputError(f"controlnet: true needs a conditioning image for every training sample, and dataset(s) "
                          f"{', '.join(unpaired)} have none (only masks, or no conditioning_data): pair them with a "
                          "`\"dataset_type\": \"conditioning\"` dataset, mark them `\"dataset_type\": \"eval\"`, or "
                          "remove them from the dataset list; then re-run `st prepare` and `st cache`")  # fmt: skip
-    if not training or unpaired:
+    if not paired:
         raise InputError("controlnet: true needs conditioning images, and this cache has none: add "
                          "`\"conditioning_data\": \"<id>\"` to the image dataset of the dataset list, with a "
                          "`\"dataset_type\": \"conditioning\"` dataset of that id (or a `conditioning` generator such "
@@ -191,13 +189,10 @@ class ControlNetTraining:
 
     # ---------------------------------------------------------------------------------------------- steps
 
-    def control_input(self, batch, meta, index) -> Any:
-        """The conditioning as the ControlNet takes it (image pixels in [0, 1], or VAE latents): the batch's, else
-        (the evaluation loss, which passes no batch) read from the cache for the samples whose `meta` it passed."""
+    def control_input(self, batch) -> Any:
+        """The batch's conditioning as the ControlNet takes it (image pixels in [0, 1], or VAE latents)."""
         pixels_kind = self.family.control_input == "pixels"
         value = None if batch is None else (batch.control_pixels if pixels_kind else batch.control_latents)
-        if value is None and batch is None and index is not None:
-            value = self._read_for(meta, index, pixels_kind)
         if value is None:
             raise InputError(f"a training batch (dataset {getattr(batch, 'dataset_id', '?')!r}) has no conditioning "
                              f"{self.family.control_input}: every dataset a ControlNet trains on needs "
@@ -207,25 +202,10 @@ class ControlNetTraining:
         adjust = self.spec.pipeline_latents
         return value.float() if adjust is None else adjust(value.float(), self.controlnet, *self.vae_factors)
 
-    def _read_for(self, meta, index, pixels_kind: bool) -> Any:
-        import torch
-
-        from .data import SampleReader
-
-        by_meta = {id(ref.meta): ref for ref in index.samples.values()}
-        reader = SampleReader()
-        try:
-            found = [read_conditioning(reader, by_meta[id(m)]) for m in meta if id(m) in by_meta]
-        finally:
-            reader.close()
-        if len(found) != len(meta) or (not pixels_kind and any(latents is None for _, latents in found)):
-            return None
-        return torch.stack([pixels if pixels_kind else latents for pixels, latents in found])
-
-    def predict(self, model, noisy, timesteps, text: dict[str, Any], meta, guidance, batch, index=None) -> Any:
+    def predict(self, model, noisy, timesteps, text: dict[str, Any], meta, guidance, batch) -> Any:
         """The base's prediction with the ControlNet's residuals, through the family's checks and casts
         (`Family.denoiser_forward`), calling `model` itself (so a data-parallel wrapper sees the call)."""
-        control = self.control_input(batch, meta, index).to(noisy.device)
+        control = self.control_input(batch).to(noisy.device)
 
         def call(wrapped, latents, timesteps, text, meta, guidance):
             return wrapped(latents, timesteps, text, meta, guidance, control)

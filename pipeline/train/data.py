@@ -49,6 +49,20 @@ class SampleRef:
         return self.meta["bucket"]
 
 
+def image_paired_datasets(cache_manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The training (non-eval) datasets of a cache whose samples have a conditioning image that is not a mask, and
+    those that have none: what ControlNet and reference-image runs need, and what a plain run leaves unused."""
+    kinds = {c["id"]: c.get("conditioning_type") for c in cache_manifest.get("conditioning_datasets", [])}
+    paired, unpaired = [], []
+    for dataset in cache_manifest.get("datasets", []):
+        if dataset.get("dataset_type", "image") == "eval":
+            continue
+        linked = dataset.get("conditioning_data") or ()
+        has_image = any(kinds.get(i) not in (None, *MASK_TYPES) for i in linked)
+        (paired if has_image else unpaired).append(dataset["id"])
+    return paired, unpaired
+
+
 def caption_positions(meta: dict[str, Any], chosen: int | None, count: int) -> list[int]:
     """The captions a sample may train with: those of its chosen conditioning image when that has its own (a
     generated dataset's `captions`), else its own (those no conditioning image claims)."""
@@ -307,6 +321,17 @@ class TrainLoader:
                       dataset_id=planned.dataset_id, regularisation=self.index.is_regularisation(planned.dataset_id))
         if parts:
             self._add_conditioning(batch, parts)
+        return batch
+
+    def sample_batch(self, key: str, reader: SampleReader) -> Batch:
+        """One sample as a batch of one, for the evaluation loss: its latent, its first caption and, when it has
+        conditioning, its first conditioning image and its mask (never a regularisation target)."""
+        ref = self.index.samples[key]
+        batch = Batch(reader.latent(ref)[None], self.captions(ref, reader)[:1], [ref.meta], [key], [False], 0, 0,
+                      dataset_id=ref.dataset_id)  # fmt: skip
+        if COND in ref.members:
+            controls = [i for i, p in enumerate(ref.meta["conditioning"]) if p["kind"] not in MASK_TYPES]
+            self._add_conditioning(batch, [self.conditioning(ref, reader, controls[0] if controls else None)])
         return batch
 
     @staticmethod

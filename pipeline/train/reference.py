@@ -15,6 +15,7 @@ from ..errors import ConfigError, InputError, NotSupportedError
 from ..families import Family
 from ..log import get_logger
 from .controlnet import ValidationControl, read_conditioning
+from .data import image_paired_datasets
 
 log = get_logger("train")
 
@@ -26,9 +27,7 @@ def note_unused(family: Family, cache_manifest: dict[str, Any], *, controlnet: b
     use: only a ControlNet or a reference-image model trains with them, so a plain run is likely a missed option."""
     if controlnet or family.takes_reference:
         return
-    kinds = {c["id"]: c.get("conditioning_type") for c in cache_manifest.get("conditioning_datasets", [])}
-    paired = [d["id"] for d in cache_manifest.get("datasets", []) if d.get("dataset_type", "image") != "eval"
-              and any(kinds.get(i) not in (None, *MASK_TYPES) for i in d.get("conditioning_data") or ())]  # fmt: skip
+    paired, _ = image_paired_datasets(cache_manifest)
     if paired:
         log.warning("dataset(s) %s are paired with conditioning images, which only `controlnet: true` or an edit "
                     "model (model_flavour kontext) trains with; this run trains %s without them",
@@ -43,11 +42,8 @@ def check(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool = 
     if controlnet:
         raise NotSupportedError(f"controlnet: true with {family.pipeline_class} (a reference-image model) is not "
                                 "supported; set controlnet to false to train the model on its reference images")  # fmt: skip
-    kinds = {c["id"]: c.get("conditioning_type") for c in cache_manifest.get("conditioning_datasets", [])}
-    training = [d for d in cache_manifest.get("datasets", []) if d.get("dataset_type", "image") != "eval"]
-    unpaired = [d["id"] for d in training
-                if not any(kinds.get(i) not in (None, *MASK_TYPES) for i in d.get("conditioning_data") or ())]  # fmt: skip
-    if training and not unpaired:
+    paired, unpaired = image_paired_datasets(cache_manifest)
+    if paired and not unpaired:
         return
     which = f"dataset(s) {', '.join(unpaired)} have none (only masks, or no conditioning_data)" if unpaired else \
         "this cache has none"  # fmt: skip
@@ -60,34 +56,17 @@ def check(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool = 
     )
 
 
-def latents(family: Family, batch: Any, meta: Any = None, index: Any = None) -> Any:
-    """The reference latents of a reference family's forward pass (None for other families): the training batch's,
-    else (the evaluation loss, which passes no batch) read from the cache for the samples whose `meta` it passed."""
+def latents(family: Family, batch: Any) -> Any:
+    """The reference latents of a reference family's forward pass (None for other families): the batch's (training
+    batches, and the evaluation loss's one-sample batches, carry them)."""
     if not family.takes_reference:
         return None
-    found = batch.control_latents if batch is not None else _read_for(meta, index)
+    found = None if batch is None else batch.control_latents
     if found is None:
         raise InputError(f"a {family.pipeline_class} batch (dataset {getattr(batch, 'dataset_id', '?')!r}) has no "
                          "reference image latents: every dataset it trains on needs conditioning_data; re-run "
                          "`st prepare` and `st cache` after linking one")  # fmt: skip
     return found
-
-
-def _read_for(meta: Any, index: Any) -> Any:
-    import torch
-
-    from .data import SampleReader
-
-    by_meta = {id(ref.meta): ref for ref in index.samples.values()} if index is not None and meta else {}
-    refs = [by_meta.get(id(m)) for m in meta or ()]
-    if not refs or None in refs:
-        return None
-    reader = SampleReader()
-    try:
-        found = [read_conditioning(reader, ref)[1] for ref in refs]
-    finally:
-        reader.close()
-    return None if any(latent is None for latent in found) else torch.stack(found)
 
 
 def validation_control(family: Family, denoiser: Any, index: Any, count: int) -> ValidationControl | None:

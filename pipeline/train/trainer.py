@@ -369,9 +369,9 @@ class Trainer:
         def predict():
             with self.accelerator.autocast():
                 if self.control is not None:  # base + ControlNet on the batch's conditioning (pipeline.train.controlnet)
-                    return self.control.predict(self.model, noisy, timesteps, text, meta, guidance, batch, self.index)
+                    return self.control.predict(self.model, noisy, timesteps, text, meta, guidance, batch)
                 return self.family.denoiser_forward(self.model, noisy, timesteps, text, meta, guidance=guidance,
-                                                    reference=reference.latents(self.family, batch, meta, self.index))
+                                                    reference=reference.latents(self.family, batch))
 
         if batch is not None and batch.regularisation:
             noised = replace(noised, target=regularisation.base_prediction(predict, self.unwrapped).float())
@@ -418,15 +418,15 @@ class Trainer:
 
         losses = []
         for i, key in enumerate(keys):
-            ref = self.index.samples[key]
-            latent = reader.latent(ref)[None]
-            texts = self.loader.captions(ref, reader)[:1]
+            batch = self.loader.sample_batch(key, reader)  # with its conditioning image (ControlNet, Kontext)
+            latent = batch.latents
             g = torch.Generator(device="cpu").manual_seed(10_000 + i)
             for fraction in EVAL_FRACTIONS:
                 noise = torch.randn(latent.shape, generator=g)
                 noised = self.objective.fixed(latent.to(self.device), torch.tensor([fraction]), noise.to(self.device))
                 guidance = self.objective.guidance(1, torch.Generator().manual_seed(0))
-                losses.append(float(self.forward_loss(noised, texts, [ref.meta], guidance, self.state.step)))
+                losses.append(float(self.forward_loss(noised, batch.texts, batch.meta, guidance, self.state.step,
+                                                      batch=batch)))  # fmt: skip
         return losses
 
     def run(self, tracker) -> RunState:

@@ -73,10 +73,10 @@ def test_the_controlnet_follows_the_pipeline_input_range(tiny_model):
     training, *_ = controlled(tiny_model, "sd1x")
     pixels = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)
     batch = Batch(latents=None, texts=[], meta=[], keys=[], dropped=[], epoch=0, index=0, control_pixels=pixels)
-    assert training.control_input(batch, [], None).flatten().tolist() == [0.0, 0.5, 1.0]
+    assert training.control_input(batch).flatten().tolist() == [0.0, 0.5, 1.0]
     empty = Batch(latents=None, texts=[], meta=[], keys=[], dropped=[], epoch=0, index=0, dataset_id="plain")
     with pytest.raises(InputError, match="dataset 'plain'.* needs conditioning_data"):
-        training.control_input(empty, [], None)
+        training.control_input(empty)
 
 
 def test_sd3_conditioning_latents_are_encoded_as_its_pipeline_encodes_them(tiny_model):
@@ -87,7 +87,7 @@ def test_sd3_conditioning_latents_are_encoded_as_its_pipeline_encodes_them(tiny_
     latents = torch.zeros(1, 16, 2, 2)
     batch = Batch(latents=None, texts=[], meta=[], keys=[], dropped=[], epoch=0, index=0, control_latents=latents)
     assert training.controlnet.config.force_zeros_for_pooled_projection
-    assert torch.equal(training.control_input(batch, [], None), latents + 0.5)
+    assert torch.equal(training.control_input(batch), latents + 0.5)
 
 
 def test_custom_config_shapes_the_controlnet_as_json_text_or_file(tiny_model, tmp_path):
