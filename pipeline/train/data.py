@@ -136,10 +136,6 @@ class CacheIndex:
     def is_regularisation(self, dataset_id: str) -> bool:
         return bool(self.datasets.get(dataset_id, {}).get("is_regularisation_data"))
 
-    def has_conditioning(self) -> bool:
-        """Whether any training sample has conditioning images."""
-        return any(COND in ref.members for ref in self.samples.values())
-
     def check_conditioning(self, sampling: str) -> None:
         """Refuse what training cannot use: several mask datasets on one dataset (which mask weights the loss?), and
         `combined` sampling of several conditioning images (no family here consumes them together yet)."""
