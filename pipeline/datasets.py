@@ -11,6 +11,9 @@ Paired data: an `image` (or `eval`) entry names its conditioning datasets in `co
 each is an entry with `dataset_type: conditioning` and a `conditioning_type`, parsed into a `ConditioningSpec`.
 `conditioning: [{"type": "canny", ...}]` on an image entry makes `st prepare` generate such a dataset
 (`<id>_conditioning_<type>`, inside its output folder) and links it.
+
+Remote image datasets (`type: aws`, `huggingface`, `csv`) carry a `source` (`pipeline.sources`) instead of a folder;
+`st prepare` downloads them and sets their `root`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .config import (
 from .errors import ConfigError, InputError, NotSupportedError
 from .log import get_logger
 from .simpletuner import DATASET_KEY_STATES, Refused
+from .sources import REMOTE_TYPES, parse_source, uses_caption_column
 
 log = get_logger("datasets")
 
@@ -78,6 +82,10 @@ class ParquetCaptions:
     identifier_includes_extension: bool = False
 
 
+# The caption table `st prepare` writes for a remote source's caption column (its path is set there).
+SOURCE_CAPTIONS = ParquetCaptions(path=Path("captions.parquet"), identifier_includes_extension=True)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """One image dataset, with every option resolved (entry value, else the global option)."""
@@ -108,10 +116,13 @@ class DatasetSpec:
     conditioning_data: tuple[str, ...] = ()  # ids of its conditioning datasets (generated ones included), in order
     conditioning: tuple[Any, ...] = ()  # conditioning generators (`pipeline.prepare.generators.GeneratorSpec`)
     is_regularisation_data: bool = False
+    # Remote storage (`pipeline.sources`: type aws / huggingface / csv); `root` is then the download view that
+    # `st prepare` fills in, and `parquet` (for a caption column) the caption table it writes there.
+    source: Any = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as recorded in manifests and stage keys."""
-        skip = ("parquet", "dataset_type", "conditioning_data", "conditioning", "is_regularisation_data")
+        skip = ("parquet", "dataset_type", "conditioning_data", "conditioning", "is_regularisation_data", "source")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         # Paired-data fields only when set, so that the stage keys of plain datasets stay as they were.
         if self.dataset_type != "image":
@@ -122,6 +133,8 @@ class DatasetSpec:
             out["conditioning"] = [g.describe() for g in self.conditioning]
         if self.is_regularisation_data:
             out["is_regularisation_data"] = True
+        if self.source is not None:
+            out["source"] = self.source.describe()
         out["root"] = str(self.root)
         out["crop_aspect_buckets"] = list(self.crop_aspect_buckets) if self.crop_aspect_buckets else None
         if self.parquet is not None:
@@ -267,8 +280,11 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         log.info("dataset '%s' is disabled; skipping it", ident)
         return None
     storage = entry.get("type", "local")
-    if storage != "local":  # before the other keys: each storage type has keys of its own
-        raise NotSupportedError(f"{where}: storage type '{storage}' is not supported yet; st reads type 'local'")
+    if storage != "local" and (storage not in REMOTE_TYPES or dataset_type == "conditioning"):
+        # before the other keys: each storage type has keys of its own
+        kinds = "type 'local'" if dataset_type == "conditioning" else f"types 'local', {', '.join(REMOTE_TYPES)}"
+        raise NotSupportedError(f"{where}: storage type '{storage}' is not supported yet for this dataset; st reads "
+                                f"{kinds}")  # fmt: skip
     if not isinstance(ident, str) or not ident:
         raise ConfigError(f"{where}: every dataset needs a non-empty string 'id'")
     if "." in ident or "/" in ident:
@@ -277,8 +293,13 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         entry["is_regularisation_data"] = entry.pop("is_regularization_data")
     if dataset_type == "conditioning":
         return _conditioning_entry(entry, loaded, list_path, ident, where)
+    source = None
+    if storage in REMOTE_TYPES:
+        source = parse_source(storage, entry, lambda p: loaded.resolve_path(p, base=list_path.parent).resolve(), where)
+        if uses_caption_column(storage, entry.get("caption_strategy"), where):  # read as st's parquet captions
+            entry["caption_strategy"] = "parquet"
     _check_entry_keys(entry, ident, where)
-    if "instance_data_dir" not in entry:
+    if "instance_data_dir" not in entry and source is None:
         raise ConfigError(f"{where}: 'instance_data_dir' (the image folder) is required")
 
     hints = typing.get_type_hints(Config)
@@ -289,8 +310,15 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         else:
             values[key] = getattr(config, key)
     values["crop_aspect_buckets"] = _normalise_aspect_buckets(values["crop_aspect_buckets"], where)
-    root = loaded.resolve_path(str(entry["instance_data_dir"]), base=list_path.parent).resolve()
+    if source is None:
+        root = loaded.resolve_path(str(entry["instance_data_dir"]), base=list_path.parent).resolve()
+    else:
+        root = Path(f"<{storage} dataset '{ident}': downloaded by st prepare>")
     parquet = _parquet_spec(entry["parquet"], loaded, list_path.parent, where) if "parquet" in entry else None
+    if parquet is not None and storage == "aws":  # SimpleTuner reads it from the bucket: a key, not a local file
+        parquet = dataclasses.replace(parquet, path=Path(str(entry["parquet"]["path"]).lstrip("/")))
+    if source is not None and entry.get("caption_strategy") == "parquet" and parquet is None:
+        parquet = SOURCE_CAPTIONS
     if values["caption_strategy"] == "parquet" and parquet is None:
         raise ConfigError(f"{where}: caption_strategy 'parquet' needs a 'parquet' object with the file's 'path'")
     instance_prompted = values["prepend_instance_prompt"] or values["only_instance_prompt"]
@@ -308,7 +336,7 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
     regularisation = coerce("is_regularisation_data", entry.get("is_regularisation_data", False), bool, where=where)
     return DatasetSpec(id=ident, root=root, parquet=parquet, repeats_explicit=explicit, dataset_type=dataset_type,
                        conditioning_data=linked, conditioning=generators, is_regularisation_data=regularisation,
-                       **values)  # fmt: skip
+                       source=source, **values)  # fmt: skip
 
 
 def _id_list(value: Any, key: str, where: str) -> tuple[str, ...]:
@@ -419,7 +447,7 @@ def load_dataset_list(loaded: LoadedConfig) -> DatasetList:
     datasets = DatasetList(specs, conditioning)
     specs = _link_sources(datasets, list_path)
     for spec in specs:
-        if not spec.root.is_dir():
+        if spec.source is None and not spec.root.is_dir():
             raise InputError(f"dataset '{spec.id}': instance_data_dir {spec.root} does not exist or is not a folder")
     for cond in datasets.conditioning:
         if cond.root is not None and not cond.root.is_dir():

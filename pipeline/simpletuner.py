@@ -235,6 +235,7 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
                                   "scan_for_errors cache_file_suffix"),
     **_accepted(_CACHE, "cache_dir cache_dir_vae cache_dir_text"),
     "disable_validation": Accepted("read only with `validation_using_datasets`, which st does not implement yet"),
+    "ignore_epochs": Accepted("SimpleTuner no longer reads it (deprecated, it does nothing)"),
     **_accepted(_WORKERS, "text_encoder_batch_size"),
     **_accepted("st never deletes dataset files; it skips such images and `st prepare` reports them",
                 "delete_unwanted_images delete_problematic_images"),

@@ -1,9 +1,10 @@
 """`st prepare`: image folders + captions -> OUT/samples.parquet, OUT/skipped.jsonl and OUT/manifest.json.
 
-The stage runs through the stage runner: discover and probe the datasets and their conditioning datasets
-(`discover`), key them, and when the output is not up to date, select samples, pair them with their conditioning
-images (`pairing`) and prune buckets (`select`), generate the conditioning images of generated conditioning datasets
-(under OUT/conditioning/), then write the files (`document`) and the manifest.
+The stage runs through the stage runner: download what changed of remote datasets (`remote`, into
+OUT/.st/downloads/), discover and probe the datasets and their conditioning datasets (`discover`), key them, and when
+the output is not up to date, select samples, pair them with their conditioning images (`pairing`) and prune buckets
+(`select`), generate the conditioning images of generated conditioning datasets (under OUT/conditioning/), then write
+the files (`document`) and the manifest.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .index import INDEX_NAME, load_index, save_index
 from .notices import warn_about
 from .pairing import GENERATED_FOLDER, GENERATED_INDEX, Generation, PartnerFinder, generated_root, list_conditioning
 from .pairing import pair_samples
+from .remote import sync_remote
 from .scan import Probe
 from .select import batch_size, delete_files, prune, refuse_empty, select
 
@@ -59,7 +61,8 @@ def run_prepare(loaded: LoadedConfig, out_dir: Path, *, strict: bool = False, fo
     """Run the prepare stage into `out_dir`, or report that its output is already up to date; the folder is held for
     the whole run."""
     lists = load_dataset_list(loaded)
-    roots = [spec.root for spec in lists.images] + [c.root for c in lists.conditioning if c.root is not None]
+    roots = [spec.root for spec in lists.images if spec.source is None]
+    roots += [c.root for c in lists.conditioning if c.root is not None]
     with claim_output(out_dir, PREPARE, data_roots=roots) as claim:
         return _run_prepare(claim, loaded, lists, Path(out_dir), strict=strict, force=force)
 
@@ -68,8 +71,12 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
                  force: bool) -> PrepareResult:  # fmt: skip
     started = time.time()
     config = loaded.config
+    remote = sync_remote(claim, lists, out_dir)
+    lists = remote.lists
     specs = lists.images
     datasets = discover(specs)
+    for files in datasets:
+        files.unlisted.extend(remote.skips.get(files.spec.id, ()))
     # Generated conditioning datasets live in this output folder; the others are walked like image folders.
     generated = {c.id: dataclasses.replace(c, root=generated_root(out_dir.absolute(), c))
                  for c in lists.conditioning if c.generator is not None}  # fmt: skip
@@ -103,8 +110,10 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
     if not kept:
         refuse_empty(skips, by_reason)
     warn_about(specs, {d.spec.id: len(d.images) for d in datasets}, kept, skips)
-    deleted = delete_files(skips, specs, config) if (config.delete_problematic_images or
-                                                      config.delete_unwanted_images) else 0  # fmt: skip
+    # Remote datasets are never deleted from: their files here are downloads, and the source is not st's to change.
+    local_skips = [k for k in skips if k.dataset_id not in remote.facts]
+    deleted = delete_files(local_skips, specs, config) if (config.delete_problematic_images or
+                                                            config.delete_unwanted_images) else 0  # fmt: skip
 
     if generated:
         claim.will_write(SAMPLES_NAME, SKIPPED_NAME, INDEX_NAME, MANIFEST_NAME, GENERATED_INDEX,
@@ -127,7 +136,8 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
         "key": key,
         "parent": None,
         "config": stage_config,
-        "datasets": dataset_entries(datasets, kept, skips, raised),
+        "datasets": [{**entry, "source": remote.facts[entry["id"]]} if entry["id"] in remote.facts else entry
+                     for entry in dataset_entries(datasets, kept, skips, raised)],
         **conditioning_entries(conditioning, list(generated.values()), kept),
         "buckets": dict(sorted(Counter(s.plan.bucket for s in kept).items())),
         "outputs": [output_entry(out_dir, out_dir / SAMPLES_NAME), output_entry(out_dir, out_dir / SKIPPED_NAME),

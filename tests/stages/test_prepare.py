@@ -282,8 +282,8 @@ def test_dataset_errors_name_the_problem(tmp_path):
     config = write_config(tmp_path, [{"id": "d", "instance_data_dir": "empty"}])
     with pytest.raises(InputError, match="dataset 'd': no images"):
         run(config, tmp_path / "out")
-    config = write_config(tmp_path, [{"id": "d", "type": "aws", "instance_data_dir": "empty"}])
-    with pytest.raises(NotSupportedError, match="storage type 'aws' is not supported yet"):
+    config = write_config(tmp_path, [{"id": "d", "type": "webshart", "instance_data_dir": "empty"}])
+    with pytest.raises(NotSupportedError, match="storage type 'webshart' is not supported yet"):
         run(config, tmp_path / "out")
     config = write_config(tmp_path, [{"id": "d", "instance_data_dir": "empty", "crop_stlye": "center"}])
     with pytest.raises(ConfigError, match="unknown dataset key 'crop_stlye'; did you mean 'crop_style'"):

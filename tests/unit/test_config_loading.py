@@ -166,9 +166,9 @@ def _load_list(tmp_path, monkeypatch, entries):
     return load_datasets(load_config(config_in(tmp_path, data_backend_config="multidatabackend.json")))
 
 
-@pytest.mark.parametrize("storage", ["huggingface", "aws", "csv"])
+@pytest.mark.parametrize("storage", ["webshart", "memory"])
 def test_storage_type_is_checked_before_its_keys(tmp_path, monkeypatch, storage):
-    entry = {"id": "remote", "type": storage, "dataset_name": "user/set", "aws_bucket_name": "b", "csv_file": "x"}
+    entry = {"id": "remote", "type": storage, "source": "user/set"}
     with pytest.raises(NotSupportedError, match=f"storage type '{storage}' is not supported yet"):
         _load_list(tmp_path, monkeypatch, [entry])
 
