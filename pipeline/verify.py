@@ -2,7 +2,8 @@
 
 For a cache output it also checks structure, since a crafted folder can carry a manifest whose hashes all match: each
 shard must be a well-formed tar of well-formed samples whose every member decodes within the bounds the manifest
-implies, and the shared embeddings must decode too (see `cache_reader.CacheChecks`).
+implies, its index (in its sidecar) must describe it exactly, and the shared embeddings must decode too (see
+`pipeline.shardformat`).
 
 Also home to what `st status` shares with it: turning the paths a user gives into manifest files (a manifest, a stage
 folder, or a run folder with prepare/, cache/, train/ and publish/ inside) and the per-file check of a manifest's
@@ -175,8 +176,7 @@ def check_cache_structure(folder: Path, doc: dict[str, Any], failed: set[str]) -
     """Decode every shard and the shared embeddings of a cache output in full, within the bounds its manifest
     implies; one finding per file, naming the member. Files in `failed` (already reported) are skipped; a shard whose
     hash was not just checked as one of the outputs is hash-checked as it is read."""
-    from .cache_reader import CacheChecks
-    from .shards import read_shard
+    from .shardformat import CacheChecks, IndexedShard, read_shard, scan_shard
 
     checks = CacheChecks(doc)
     hashed = {o["path"]: o["sha256"] for o in doc["outputs"] if o["path"] not in failed}
@@ -190,6 +190,9 @@ def check_cache_structure(folder: Path, doc: dict[str, Any], failed: set[str]) -
             for key, members in read_shard(path, expected_sha256=expected, expected_bytes=shard["bytes"],
                                            expected_samples=shard["samples"]):  # fmt: skip
                 checks.check_sample(path, shard, key, members, decompress=True)
+            indexed = IndexedShard(folder, shard, checks)
+            if indexed.load_recorded(None):  # the sidecar was re-hashed as one of the outputs
+                indexed.compare(scan_shard(path, expected_sha256=None, expected_bytes=shard["bytes"]))
         except UserError as exc:
             found.append(Mismatch(shard["path"], "malformed", _relative(str(exc), path, shard["path"])))
     embeds = doc["embeds"]["path"]

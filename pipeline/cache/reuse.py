@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import InputError, ManifestError
 from ..log import get_logger
-from ..shards import read_shard
+from ..shardformat import read_shard
 from .layout import INDEX_NAME
 
 log = get_logger("cache")

@@ -8,13 +8,11 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..cache_reader import COND
 from ..datasets import MASK_TYPES
 from ..errors import InputError
 from ..fsutil import atomic_write_text
-from ..hashing import canonical_json
 from ..log import get_logger
-from ..shards import ShardWriter, pack_tensors
+from ..shardformat import ShardWriter, encode_sample
 from .encode import Encoders, encode_latent_batch, encode_texts, torch_dtype
 from .images import CORRUPT, LOADER_FAILURE, ImageJob, iterate_batches, job_for
 from .layout import sidecar_doc
@@ -33,12 +31,6 @@ def _take(stream: Iterator, count: int):
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _text_member(entry: Entry, texts: dict[str, dict[str, Any]], level: int) -> bytes | None:
-    """The sample's own caption embeddings (those not in the shared embeds file), or None when it has none."""
-    tensors = {f"{i}.{name}": value for i, caption in entry.local_captions for name, value in texts[caption].items()}
-    return pack_tensors(tensors, level) if tensors else None
 
 
 class ShardEncoder:
@@ -76,10 +68,9 @@ class ShardEncoder:
             latents.update(zip(chunk, encoded))
         return latents
 
-    def _cond_member(self, entry: Entry, sample_id: str, images: list, latents: dict[str, Any],
-                     level: int) -> bytes | None:  # fmt: skip
-        """The sample's conditioning images: `{i}.pixels` (uint8, at the target's size) for each, and `{i}.latent`
-        where `latents` (`_control_latents`) has one. None when a latent is not finite."""
+    def _conditioning(self, sample_id: str, images: list, latents: dict[str, Any]) -> dict[str, Any] | None:
+        """The sample's conditioning tensors: `{i}.pixels` (uint8, at the target's size) for each image, and
+        `{i}.latent` where `latents` (`_control_latents`) has one. None when a latent is not finite."""
         import torch
 
         tensors = {}
@@ -90,7 +81,7 @@ class ShardEncoder:
                 if not bool(latent.isfinite().all()):
                     return None
                 tensors[f"{i}.latent"] = latent.to(self.cache_dtype)
-        return pack_tensors(tensors, level)
+        return tensors
 
     def _encode_texts(self, entries: list[Entry]) -> dict[str, dict[str, Any]]:
         captions = sorted({c for e in entries for _, c in e.local_captions})
@@ -169,18 +160,13 @@ class ShardEncoder:
                     rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for this image")
                     continue
                 entry = by_id[sample_id]
-                item = {"json": canonical_json(entry.metadata()),
-                        "latent.safetensors.zst": pack_tensors({"latent": latent.to(self.cache_dtype)}, level)}
-                text = _text_member(entry, texts, level)
-                if text is not None:
-                    item["text.safetensors.zst"] = text
-                if entry.conditioning:
-                    cond = self._cond_member(entry, sample_id, partners[sample_id], control, level)
-                    if cond is None:
-                        rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for its conditioning image")
-                        continue
-                    item[COND] = cond
-                members[sample_id] = item
+                conditioning = self._conditioning(sample_id, partners[sample_id], control) if entry.conditioning else {}
+                if conditioning is None:
+                    rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for its conditioning image")
+                    continue
+                members[sample_id] = encode_sample(entry.metadata(), latent.to(self.cache_dtype),
+                                                   captions={i: texts[caption] for i, caption in entry.local_captions},
+                                                   conditioning=conditioning, level=level)  # fmt: skip
                 self.encoded += 1
         return members
 
@@ -192,6 +178,7 @@ class ShardEncoder:
         with ShardWriter(final) as writer:
             for sample_id in written:
                 writer.add(sample_id, members[sample_id])
-            # The sidecar lands before the shard's rename: a shard under its final name always has one.
-            atomic_write_text(self.out_dir / shard.sidecar,
-                              json.dumps(sidecar_doc(shard, written, rejected), sort_keys=True) + "\n")  # fmt: skip
+            # The sidecar lands before the shard's rename: a shard under its final name always has one. It also
+            # keeps the shard's index (where each member's bytes sit), so that training reads it instead of the shard.
+            doc = {**sidecar_doc(shard, written, rejected), "index": writer.index_doc()}
+            atomic_write_text(self.out_dir / shard.sidecar, json.dumps(doc, sort_keys=True) + "\n")

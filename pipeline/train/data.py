@@ -1,7 +1,8 @@
 """Training batches from cache shards, in an order that is a pure function of (seed, epoch, cache digest).
 
-The loader indexes every shard once (after checking its sha256 against the manifest): where each sample's members
-sit in the tar, and its metadata. An epoch's plan is then computed, not streamed: every (dataset, bucket) group's
+The loader reads the cache's shard index (`shardformat.index`: where each sample's members sit in its shard and how
+often it repeats, recorded by the shard writer), not the shards, so the start does not grow with the cache. An epoch's
+plan is then computed, not streamed: every (dataset, bucket) group's
 samples, each repeated `1 + repeats` times, are shuffled with a generator seeded by (seed, epoch, cache digest) and cut
 into global batches of `train_batch_size x num_processes`; datasets are interleaved by weight (`probability`, times the
 dataset's size under `data_backend_sampling: auto-weighting`). Rank r of n takes slice r of every global batch, so
@@ -9,8 +10,10 @@ processes read disjoint samples. A cursor (epoch, batch) is all a checkpoint nee
 depend on the number of processes as long as the global batch size is the same.
 
 Reading a sample is a seek and a read of its members (tar shards are uncompressed; each member is one zstd frame).
-Indexing also checks each sample's structure, every frame decompressed within the bounds the cache manifest implies
-(`cache_reader.CacheChecks`), so a damaged or crafted cache stops the run before its first step.
+The first time a shard is read on this machine, one process checks its sha256, its tar headers against the index and
+every sample in it (`shardformat.verified`); a sample's structure is also checked whenever it is decoded, every frame
+within the bounds the cache manifest implies (`shardformat.checks`), so damaged or crafted bytes stop the run, naming
+the shard and member, before they are used.
 Caption choice and caption dropout are seeded per (epoch, batch, sample, slot), so they too replay exactly.
 """
 
@@ -19,34 +22,27 @@ from __future__ import annotations
 import queue
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..cache_reader import COND, CacheChecks
 from ..datasets import MASK_TYPES
 from ..errors import InputError
 from ..log import get_logger
-from ..shards import MAX_MEMBER_BYTES, read_member, scan_shard, unpack_tensors
+from ..shardformat import JSON, LATENT, CacheChecks, CheckedSample, DecodedSample, read_member
+from ..shardformat.index import IndexedSample, IndexedShard, load_index
 
 log = get_logger("train")
 
 
-@dataclass(frozen=True)
-class SampleRef:
-    key: str
-    shard: Path
-    members: dict[str, tuple[int, int]]  # suffix -> (offset, size)
-    meta: dict[str, Any]
-    sizes: dict[str, int] = field(default_factory=dict)  # tensor member -> decompressed size, checked when indexed
+class SampleRef(IndexedSample):
+    """A sample of the index; its metadata (`meta`) is read from its shard and checked when asked for."""
+
+    __slots__ = ()
 
     @property
-    def dataset_id(self) -> str:
-        return self.meta["dataset_id"]
-
-    @property
-    def bucket(self) -> str:
-        return self.meta["bucket"]
+    def meta(self) -> dict[str, Any]:
+        return self.shard.read_meta(self.row).meta
 
 
 def image_paired_datasets(cache_manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -90,38 +86,25 @@ class Cursor:
         return {"epoch": self.epoch, "batch": self.batch}
 
 
-def index_shard(root: Path, entry: dict[str, Any], checks: CacheChecks) -> list[SampleRef]:
-    """Verify one shard against its manifest entry, check each sample's structure within the bounds the manifest
-    implies (every frame decompressed once, see `CacheChecks`), and list its samples with member offsets.
-
-    Damage found here stops the run before its first step instead of in the middle of an epoch."""
-    path = root / entry["path"]
-    samples = scan_shard(path, expected_sha256=entry["sha256"], expected_bytes=entry["bytes"],
-                         expected_samples=entry["samples"])  # fmt: skip
-    refs = []
-    with open(path, "rb") as handle:
-        for sample in samples:
-            members = {suffix: read_member(handle, span) for suffix, span in sample.members.items()}
-            checked = checks.check_sample(path, entry, sample.key, members, decompress=True)
-            refs.append(SampleRef(sample.key, path, sample.members, checked.meta, checked.sizes))
-    return refs
-
-
 class CacheIndex:
-    """Every sample of a cache output, grouped by (dataset, bucket)."""
+    """Every sample of a cache output, grouped by (dataset, bucket), from the shard index alone."""
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
         self.samples: dict[str, SampleRef] = {}
-        checks = CacheChecks(manifest)
-        for entry in manifest["shards"]:
-            for ref in index_shard(root, entry, checks):
-                self.samples[ref.key] = ref
+        self.shards: list[IndexedShard] = load_index(root, manifest, CacheChecks(manifest))
         self.groups: dict[tuple[str, str], list[str]] = {}
-        for key in sorted(self.samples):
-            ref = self.samples[key]
-            self.groups.setdefault((ref.dataset_id, ref.bucket), []).append(key)
+        for shard in self.shards:
+            for row, key in enumerate(shard.keys):
+                self.samples[key] = SampleRef(key, shard, row)
+            self.groups.setdefault((shard.dataset_id, shard.bucket), []).extend(shard.keys)
+        if sum(len(s.keys) for s in self.shards) != len(self.samples):  # a key in two shards: the last one's
+            self.groups = {}
+            for key, ref in self.samples.items():
+                self.groups.setdefault((ref.dataset_id, ref.bucket), []).append(key)
+        for keys in self.groups.values():
+            keys.sort()
         self.datasets = {d["id"]: d for d in manifest["datasets"]}
 
     def is_eval(self, dataset_id: str) -> bool:
@@ -138,7 +121,7 @@ class CacheIndex:
 
     def check_conditioning(self, sampling: str) -> None:
         """Refuse what training cannot use: several mask datasets on one dataset (which mask weights the loss?), and
-        `combined` sampling of several conditioning images (no family here consumes them together yet)."""
+        `combined` sampling of several conditioning images (st's Kontext takes one reference image)."""
         for dataset_id, spec in sorted(self.datasets.items()):
             partners = next((self.samples[k].meta.get("conditioning", []) for (d, _), keys in self.groups.items()
                              if d == dataset_id for k in keys[:1]), [])  # fmt: skip
@@ -149,8 +132,10 @@ class CacheIndex:
                                  "name one mask dataset in its conditioning_data")  # fmt: skip
             if len(controls) > 1 and sampling == "combined":
                 raise InputError(f"dataset '{dataset_id}' is paired with {len(controls)} conditioning datasets and "
-                                 "conditioning_multidataset_sampling is 'combined', which st does not support yet: "
-                                 "set it to 'random' (one conditioning image per sample)")  # fmt: skip
+                                 "conditioning_multidataset_sampling is 'combined' (all of them at once, as "
+                                 "SimpleTuner's multi-reference Flux Kontext takes them), which st does not train: "
+                                 "diffusers' FluxKontextPipeline, which st validates and publishes with, takes one "
+                                 "reference image; set it to 'random' (one conditioning image per sample)")  # fmt: skip
 
 
 class EpochPlanner:
@@ -162,8 +147,8 @@ class EpochPlanner:
         self.global_batch = global_batch
         self.sampling = sampling
         self.digest = index.manifest["digest"]
-        self._cache: dict[int, list[PlannedBatch]] = {}
-        self._count = len(self._plan(0))  # every epoch has the same number of batches
+        self._cache: dict[int, list[PlannedBatch]] = {0: self._plan(0)}
+        self._count = len(self._cache[0])  # every epoch has the same number of batches
 
     def fingerprint(self) -> dict[str, Any]:
         return {"seed": self.seed, "cache_digest": self.digest, "global_batch": self.global_batch,
@@ -183,7 +168,7 @@ class EpochPlanner:
         for (dataset_id, bucket), keys in sorted(self.index.groups.items()):
             if self.index.is_eval(dataset_id):
                 continue
-            items = [k for k in keys for _ in range(1 + int(self.index.samples[k].meta.get("repeats", 0)))]
+            items = [k for k in keys for _ in range(1 + self.index.samples[k].repeats)]
             rng.shuffle(items)
             batches = [PlannedBatch(dataset_id, bucket, tuple(items[i : i + self.global_batch]))
                        for i in range(0, len(items) - self.global_batch + 1, self.global_batch)]  # fmt: skip
@@ -197,6 +182,9 @@ class EpochPlanner:
         order: list[PlannedBatch] = []
         remaining = {d: list(b) for d, b in per_dataset.items() if b and weights[d] > 0}
         while remaining:
+            if len(remaining) == 1:  # what the draws below would give, without a draw per batch
+                order.extend(reversed(remaining.popitem()[1]))
+                break
             names = sorted(remaining)
             chosen = rng.choices(names, weights=[weights[n] for n in names], k=1)[0]
             order.append(remaining[chosen].pop())
@@ -206,25 +194,38 @@ class EpochPlanner:
 
 
 class SampleReader:
-    """Reads and decodes one sample's members, with the shard files kept open."""
+    """Reads and decodes samples of the index, with the shard files kept open (each verified when first opened)."""
 
     def __init__(self) -> None:
         self._handles: dict[Path, Any] = {}
 
-    def read(self, ref: SampleRef, suffix: str) -> bytes:
-        handle = self._handles.get(ref.shard)
+    def _handle(self, ref: SampleRef) -> Any:
+        handle = self._handles.get(ref.shard.path)
         if handle is None:
-            handle = self._handles[ref.shard] = open(ref.shard, "rb")
-        return read_member(handle, ref.members[suffix])
+            handle = self._handles[ref.shard.path] = ref.shard.open()
+        return handle
+
+    def read(self, ref: SampleRef, suffix: str) -> bytes:
+        return read_member(self._handle(ref), ref.members[suffix])
+
+    def checked(self, ref: SampleRef) -> CheckedSample:
+        """The sample's checked metadata (`shardformat.checks`), read from its JSON member."""
+        return ref.shard.check_meta(ref.row, ref.shard.read_json(self._handle(ref), ref.row))
+
+    def sample(self, ref: SampleRef) -> DecodedSample:
+        """Every member of the sample, checked and decoded (the inverse of `shardformat.encode_sample`)."""
+        checked = self.checked(ref)
+        members = {suffix: self.read(ref, suffix) for suffix in ref.members if suffix != JSON}
+        return ref.shard.checks.decode_checked(ref.shard.path, ref.shard.entry, checked, members)
 
     def tensors(self, ref: SampleRef, suffix: str) -> dict[str, Any]:
-        """A tensor member, decompressed within the size its frame declared when the shard was indexed."""
-        where = f"cache shard {ref.shard}, member {ref.key}.{suffix}"
-        return unpack_tensors(self.read(ref, suffix), max_bytes=ref.sizes.get(suffix, MAX_MEMBER_BYTES), where=where)
+        """One tensor member, decompressed within the bound the sample's metadata allows."""
+        return ref.shard.checks.decode_member(ref.shard.path, ref.shard.entry, self.checked(ref), suffix,
+                                              self.read(ref, suffix))  # fmt: skip
 
     def latent(self, ref: SampleRef) -> Any:
         """A sample's latent as a float32 tensor (C x h x w)."""
-        return self.tensors(ref, "latent.safetensors.zst")["latent"].float()
+        return self.tensors(ref, LATENT)["latent"].float()
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -279,18 +280,13 @@ class TrainLoader:
         self.conditioning_sampling = conditioning_sampling
         index.check_conditioning(conditioning_sampling)
 
-    def captions(self, ref: SampleRef, reader: SampleReader) -> list[dict[str, Any]]:
+    def captions(self, sample: DecodedSample) -> list[dict[str, Any]]:
         """The stored text tensors of each of a sample's captions, in caption order (shared ones from the cache's
         shared embeddings)."""
-        local: dict[int, dict[str, Any]] = {}
-        if "text.safetensors.zst" in ref.members:
-            for name, value in reader.tensors(ref, "text.safetensors.zst").items():
-                i, _, field = name.partition(".")
-                local.setdefault(int(i), {})[field] = value
         texts = []
-        for i, ref_text in enumerate(ref.meta["text"]):
+        for i, ref_text in enumerate(sample.meta["text"]):
             kind, _, value = ref_text.partition(":")
-            texts.append(local[i] if kind == "sample" else self.shared_text[value])
+            texts.append(sample.captions[i] if kind == "sample" else self.shared_text[value])
         return texts
 
     def load(self, planned: PlannedBatch, epoch: int, batch_index: int, reader: SampleReader) -> Batch:
@@ -301,18 +297,18 @@ class TrainLoader:
         latents, texts, metas, dropped = [], [], [], []
         parts = []
         for slot, key in enumerate(keys):
-            ref = self.index.samples[key]
-            latents.append(reader.latent(ref))
+            sample = reader.sample(self.index.samples[key])
+            latents.append(sample.latent.float())
             rng = random.Random(f"{self.seed}:{epoch}:{batch_index}:{start + slot}:{key}")
             drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
-            options = self.captions(ref, reader)
-            chosen = self._chosen_control(ref, f"{self.seed}:{epoch}:{batch_index}:{start + slot}:{key}:conditioning")
-            allowed = caption_positions(ref.meta, chosen, len(options))
+            options = self.captions(sample)
+            chosen = self._chosen_control(sample, f"{self.seed}:{epoch}:{batch_index}:{start + slot}:{key}:conditioning")
+            allowed = caption_positions(sample.meta, chosen, len(options))
             texts.append(self.shared_text[self.empty_key] if drop else options[allowed[rng.randrange(len(allowed))]])
-            metas.append(ref.meta)
+            metas.append(sample.meta)
             dropped.append(drop)
-            if COND in ref.members:
-                parts.append(self.conditioning(ref, reader, chosen))
+            if sample.conditioning:
+                parts.append(self.conditioning(sample, chosen))
         batch = Batch(torch.stack(latents), texts, metas, keys, dropped, epoch, batch_index,
                       dataset_id=planned.dataset_id, regularisation=self.index.is_regularisation(planned.dataset_id))
         if parts:
@@ -323,15 +319,16 @@ class TrainLoader:
         """One sample as a batch of one, for the evaluation loss: its latent, its first caption and, when it has
         conditioning, its first conditioning image and its mask (never a regularisation target)."""
         ref = self.index.samples[key]
-        batch = Batch(reader.latent(ref)[None], self.captions(ref, reader)[:1], [ref.meta], [key], [False], 0, 0,
+        sample = reader.sample(ref)
+        batch = Batch(sample.latent.float()[None], self.captions(sample)[:1], [sample.meta], [key], [False], 0, 0,
                       dataset_id=ref.dataset_id)  # fmt: skip
-        if COND in ref.members:
-            controls = [i for i, p in enumerate(ref.meta["conditioning"]) if p["kind"] not in MASK_TYPES]
-            self._add_conditioning(batch, [self.conditioning(ref, reader, controls[0] if controls else None)])
+        if sample.conditioning:
+            controls = [i for i, p in enumerate(sample.meta["conditioning"]) if p["kind"] not in MASK_TYPES]
+            self._add_conditioning(batch, [self.conditioning(sample, controls[0] if controls else None)])
         return batch
 
     @staticmethod
-    def _chosen_control(ref: SampleRef, seed_key: str) -> int | None:
+    def _chosen_control(ref: SampleRef | DecodedSample, seed_key: str) -> int | None:
         """Which of the sample's non-mask conditioning images it trains with: the only one, or one chosen by a
         generator seeded per (epoch, batch, global slot, sample), so that it replays exactly on any process count."""
         controls = [i for i, p in enumerate(ref.meta.get("conditioning", [])) if p["kind"] not in MASK_TYPES]
@@ -339,11 +336,11 @@ class TrainLoader:
             return None
         return controls[0] if len(controls) == 1 else random.Random(seed_key).choice(controls)
 
-    def conditioning(self, ref: SampleRef, reader: SampleReader, chosen: int | None) -> dict[str, Any]:
+    def conditioning(self, sample: DecodedSample, chosen: int | None) -> dict[str, Any]:
         """A sample's conditioning as the batch fields hold it: `control_pixels` / `control_latents` of its chosen
         conditioning image and `mask_pixels` / `mask_kind` of its mask."""
-        stored = reader.tensors(ref, COND)
-        partners = ref.meta["conditioning"]
+        stored = sample.conditioning
+        partners = sample.meta["conditioning"]
         out: dict[str, Any] = {}
         masks = [i for i, p in enumerate(partners) if p["kind"] in MASK_TYPES]
         if chosen is not None:

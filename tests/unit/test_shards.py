@@ -1,4 +1,5 @@
-"""Cache shard format: payload packing, deterministic tar writing, verified reading, webdataset compatibility."""
+"""Cache shard format: payload packing, deterministic tar writing, verified reading, the recorded index, webdataset
+compatibility."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipeline.shards import (
     ShardWriter,
     pack_json,
     pack_tensors,
+    read_member,
     read_shard,
     shard_name,
     unpack_tensors,
@@ -233,7 +235,8 @@ def test_not_a_tar_refused(tmp_path):
 
 
 def test_webdataset_reads_shards(tmp_path, samples):
-    import webdataset
+    """st's shards stay readable by webdataset (a test dependency only: st reads its shards by recorded offsets)."""
+    webdataset = pytest.importorskip("webdataset")
 
     more = [_sample(i) for i in range(3, 5)]
     urls = []
@@ -256,3 +259,35 @@ def test_shard_name():
     assert shard_name("train", 12) == "train-000012.tar"
     with pytest.raises(ValueError):
         shard_name("train", -1)
+
+
+def test_writer_records_where_every_member_sits(tmp_path, samples):
+    from pipeline.shardformat import scan_shard
+
+    writer = _write(tmp_path / "s.tar", samples)
+    doc = writer.index_doc()
+    scanned = scan_shard(tmp_path / "s.tar", expected_sha256=writer.sha256)
+    assert doc["keys"] == [s.key for s in scanned] and doc["repeats"] == [0, 0, 0]
+    for suffix, column in doc["spans"].items():
+        assert column == [v for s in scanned for v in s.members[suffix]]
+    with open(tmp_path / "s.tar", "rb") as handle:
+        for (key, members), sample in zip(samples, scanned):
+            assert {s: read_member(handle, span) for s, span in sample.members.items()} == members
+
+
+def test_encode_sample_round_trips_through_a_shard(tmp_path):
+    from pipeline.shardformat import COND, LATENT, TEXT, encode_sample, group_captions
+
+    latent = torch.randn(4, 8, 8).half()
+    captions = {1: {"prompt_embeds": torch.randn(7, 16)}, 0: {"prompt_embeds": torch.randn(7, 16)}}
+    cond = {"0.pixels": torch.zeros(3, 64, 64, dtype=torch.uint8)}
+    members = encode_sample({"repeats": 2, "text": ["sample:", "sample:"]}, latent, captions=captions,
+                            conditioning=cond)  # fmt: skip
+    assert sorted(members) == sorted(["json", LATENT, TEXT, COND])
+    writer = _write(tmp_path / "s.tar", [("ab", members)])
+    assert writer.index_doc()["repeats"] == [2]
+    [(_, read)] = list(read_shard(tmp_path / "s.tar", expected_sha256=writer.sha256))
+    assert torch.equal(unpack_tensors(read[LATENT])["latent"], latent)
+    grouped = group_captions(unpack_tensors(read[TEXT]))
+    assert sorted(grouped) == [0, 1] and torch.equal(grouped[1]["prompt_embeds"], captions[1]["prompt_embeds"])
+    assert sorted(encode_sample({}, latent)) == ["json", LATENT]  # no caption or conditioning member when none

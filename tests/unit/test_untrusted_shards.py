@@ -17,7 +17,7 @@ from pipeline.errors import InputError
 from pipeline.manifest import read_manifest
 from pipeline.shards import MAX_MEMBER_BYTES, tensor_specs, unpack_tensors
 from pipeline.tensorfile import SafetensorsFormatError, header_length, read_header
-from pipeline.train.data import CacheIndex
+from pipeline.train.data import CacheIndex, SampleReader
 from pipeline.verify import verify_paths
 from tests.helpers.untrusted import (
     CASES,
@@ -37,7 +37,15 @@ def tiny_cache(tmp_path_factory):
 
 
 def _index(cache):
-    return CacheIndex(cache, read_manifest(cache, stage="cache"))
+    """The training index, and every sample read through it as training reads them."""
+    index = CacheIndex(cache, read_manifest(cache, stage="cache"))
+    reader = SampleReader()
+    try:
+        for ref in index.samples.values():
+            reader.sample(ref)
+    finally:
+        reader.close()
+    return index
 
 
 def _read_all(cache):
@@ -52,7 +60,7 @@ def test_untouched_cache_passes_every_reader(tiny_cache):
     assert len(samples) == len(index.samples) == read_manifest(tiny_cache)["stats"]["samples"] > 0
     assert len(read_manifest(tiny_cache)["shards"]) >= 2  # so a crafted first shard is told from the others
     for ref in index.samples.values():
-        assert ref.sizes["latent.safetensors.zst"] > 0
+        assert ref.members["latent.safetensors.zst"][1] > 0
     [result] = verify_paths([tiny_cache], progress=False)
     assert result.ok, result.mismatches
 
@@ -86,7 +94,7 @@ def test_frame_bound_comes_from_the_manifest_shape(tiny_cache, tmp_path):
     bound = CacheReader(cache).checks.latent_bytes(shard["bucket"])
     assert width * height < bound < MAX_MEMBER_BYTES // 100
     with pytest.raises(InputError, match=f"declares {64 * GIB} bytes, more than the {bound}"):
-        _index(cache)
+        _read_all(cache)
 
 
 def test_frames_without_a_content_size_or_beyond_the_bound_are_refused():
@@ -138,7 +146,7 @@ def test_header_length_never_trusts_the_declared_length():
 
 
 def test_json_decoding_errors_name_the_member(tiny_cache, tmp_path):
-    cache, rel, member = crafted_copy(tiny_cache, tmp_path / "cache", "bad JSON member")
+    cache, _, member = crafted_copy(tiny_cache, tmp_path / "cache", "bad JSON member")
     with pytest.raises(InputError) as caught:
-        _index(cache)
+        _read_all(cache)
     assert f"member {member}: not valid UTF-8 JSON" in str(caught.value)
