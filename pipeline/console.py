@@ -34,7 +34,7 @@ def bucket_table(manifest: dict[str, Any]) -> str:
     rows = []
     for dataset in manifest["datasets"]:
         for bucket, count in dataset["buckets"].items():
-            width, height = bucket.split("x")
+            width, height = bucket.split("@")[0].split("x")
             raised = dataset.get("repeats_raised", {}).get(bucket)
             repeats = raised if raised is not None else dataset["repeats"]
             rows.append([dataset["id"], bucket, f"{int(width) / int(height):.2f}", count, repeats])

@@ -51,14 +51,14 @@ PER_DATASET_OPTIONS = (
     "repeats", "probability",
 )  # fmt: skip
 ENTRY_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "parquet", "conditioning_data",
-              "conditioning", "is_regularisation_data", *PER_DATASET_OPTIONS)  # fmt: skip
+              "conditioning", "is_regularisation_data", "video", *PER_DATASET_OPTIONS)  # fmt: skip
 # A conditioning entry's own keys; its resize and crop follow its target image, so the image options it may carry
 # (SimpleTuner's examples repeat the target's) are read by nothing.
 CONDITIONING_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "conditioning_type",
                      "source_dataset_id")  # fmt: skip
 CONDITIONING_TYPES = ("controlnet", "mask", "segmentation", "reference_strict", "reference_loose")
 MASK_TYPES = ("mask", "segmentation")
-PRIMARY_DATASET_TYPES = ("image", "eval")
+PRIMARY_DATASET_TYPES = ("image", "eval", "video")
 PARQUET_KEYS = (
     "path", "filename_column", "caption_column", "fallback_caption_column", "width_column", "height_column",
     "identifier_includes_extension",
@@ -119,10 +119,13 @@ class DatasetSpec:
     # Remote storage (`pipeline.sources`: type aws / huggingface / csv); `root` is then the download view that
     # `st prepare` fills in, and `parquet` (for a caption column) the caption table it writes there.
     source: Any = None
+    # `dataset_type: video`: its `video` block (`pipeline.video_settings.VideoSettings`).
+    video: Any = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as recorded in manifests and stage keys."""
-        skip = ("parquet", "dataset_type", "conditioning_data", "conditioning", "is_regularisation_data", "source")
+        skip = ("parquet", "dataset_type", "conditioning_data", "conditioning", "is_regularisation_data", "source",
+                "video")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         # Paired-data fields only when set, so that the stage keys of plain datasets stay as they were.
         if self.dataset_type != "image":
@@ -135,6 +138,8 @@ class DatasetSpec:
             out["is_regularisation_data"] = True
         if self.source is not None:
             out["source"] = self.source.describe()
+        if self.video is not None:
+            out["video"] = self.video.describe()
         out["root"] = str(self.root)
         out["crop_aspect_buckets"] = list(self.crop_aspect_buckets) if self.crop_aspect_buckets else None
         if self.parquet is not None:
@@ -275,7 +280,7 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         return None
     if dataset_type not in (*PRIMARY_DATASET_TYPES, "conditioning"):
         raise NotSupportedError(f"{where}: dataset_type '{dataset_type}' is not supported yet (st reads 'image', "
-                                "'eval' and 'conditioning')")  # fmt: skip
+                                "'eval', 'video' and 'conditioning')")  # fmt: skip
     if coerce("disabled", entry.get("disabled", False), bool, where=where):
         log.info("dataset '%s' is disabled; skipping it", ident)
         return None
@@ -293,6 +298,7 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         entry["is_regularisation_data"] = entry.pop("is_regularization_data")
     if dataset_type == "conditioning":
         return _conditioning_entry(entry, loaded, list_path, ident, where)
+    video = _video_settings(entry, dataset_type, storage, loaded, where)
     source = None
     if storage in REMOTE_TYPES:
         source = parse_source(storage, entry, lambda p: loaded.resolve_path(p, base=list_path.parent).resolve(), where)
@@ -336,7 +342,28 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
     regularisation = coerce("is_regularisation_data", entry.get("is_regularisation_data", False), bool, where=where)
     return DatasetSpec(id=ident, root=root, parquet=parquet, repeats_explicit=explicit, dataset_type=dataset_type,
                        conditioning_data=linked, conditioning=generators, is_regularisation_data=regularisation,
-                       source=source, **values)  # fmt: skip
+                       source=source, video=video, **values)  # fmt: skip
+
+
+def _video_settings(entry: dict[str, Any], dataset_type: str, storage: str, loaded: LoadedConfig, where: str) -> Any:
+    """A video dataset's `video` block, validated; None for other datasets (SimpleTuner reads the block on video
+    datasets only)."""
+    if dataset_type != "video":
+        if "video" in entry:
+            log.info("%s: 'video' is read on dataset_type video only; ignoring it", where)
+        return None
+    if storage != "local":
+        raise NotSupportedError(f"{where}: dataset_type 'video' with storage type '{storage}' is not supported yet; "
+                                "download the videos into a folder and use type 'local' with instance_data_dir")
+    paired = next((k for k in ("conditioning_data", "conditioning") if entry.get(k)), None)
+    if paired is not None:
+        raise NotSupportedError(f"{where}: '{paired}' on a video dataset is not supported yet (st pairs conditioning "
+                                "images with image datasets only); remove it")
+    from .video_settings import parse_video_block
+
+    config = loaded.config
+    return parse_video_block(entry.get("video"), where, framerate=loaded.ignored.get("framerate"),
+                             model_family=config.model_family, model_flavour=config.model_flavour)
 
 
 def _id_list(value: Any, key: str, where: str) -> tuple[str, ...]:
@@ -442,8 +469,8 @@ def load_dataset_list(loaded: LoadedConfig) -> DatasetList:
             seen.add(item.id)
         (conditioning if isinstance(spec, ConditioningSpec) else specs).append(spec)
         conditioning.extend(generated)
-    if not any(s.dataset_type == "image" for s in specs):
-        raise ConfigError(f"{list_path} has no enabled image dataset")
+    if not any(s.dataset_type in ("image", "video") for s in specs):
+        raise ConfigError(f"{list_path} has no enabled image or video dataset")
     datasets = DatasetList(specs, conditioning)
     specs = _link_sources(datasets, list_path)
     for spec in specs:

@@ -81,6 +81,73 @@ def write_images(folder: Path, images: int, seed: int = 0) -> list[Path]:
     return written
 
 
+# `st sample-data --video`: clips of a shape moving across the frame, (width, height) by clip, and their frame rate.
+VIDEO_SIZES = ((64, 64), (64, 64), (128, 64))
+VIDEO_RESOLUTION = 64  # the video dataset's own resolution (pixel_area): the clips' size, no upscaling
+VIDEO_FRAMES = 16
+VIDEO_FPS = 12
+VIDEO_BLOCK = {"num_frames": 8, "min_frames": 8}  # the sample config's `video` block
+SHORT_VIDEO_FRAMES = 4  # under min_frames: st prepare skips it
+VIDEO_FOLDER = "videos"
+
+
+def write_video(path: Path, frames: list, fps: int, faststart: bool = False) -> None:
+    """Encode RGB frames (numpy arrays of one size) as an H.264 MP4 (MPEG-4 Part 2 where the library lacks x264)."""
+    import av
+
+    height, width = frames[0].shape[:2]
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", format="mp4", options=options) as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _moving_shape(shape: str, colour: tuple, background: tuple, size: tuple[int, int], count: int,
+                  rng: random.Random) -> list:  # fmt: skip
+    """`count` frames of `shape` sliding from the left edge to the right."""
+    import numpy as np
+    from PIL import Image
+
+    still = _draw(shape, colour, background, size, rng)
+    width = size[0]
+    frames = []
+    for i in range(count):
+        canvas = Image.new("RGB", size, background)
+        canvas.paste(still, (round((i / max(count - 1, 1) - 0.5) * width * 0.5), 0))
+        frames.append(np.asarray(canvas))
+    return frames
+
+
+def write_videos(folder: Path, videos: int, seed: int = 0) -> list[Path]:
+    """`videos` captioned clips of VIDEO_FRAMES frames, plus one too short for VIDEO_BLOCK's min_frames
+    (`short_*.mp4`) and one cut off halfway (`truncated_*.mp4`), each with a `.txt` caption."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(videos + 2):
+        shape = SHAPES[i % len(SHAPES)]
+        colour_name = list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
+        bg_name = rng.choice(list(BACKGROUNDS))
+        size = VIDEO_SIZES[i % len(VIDEO_SIZES)]
+        kind = "short_" if i == videos else "truncated_" if i == videos + 1 else ""
+        count = SHORT_VIDEO_FRAMES if kind == "short_" else VIDEO_FRAMES
+        frames = _moving_shape(shape, COLOURS[colour_name], BACKGROUNDS[bg_name], size, count, rng)
+        path = folder / f"{kind}{i:04d}_{colour_name}_{shape}.mp4"
+        write_video(path, frames, VIDEO_FPS, faststart=kind == "truncated_")
+        if kind == "truncated_":  # the header still promises every frame; half the data is gone
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        path.with_suffix(".txt").write_text(f"a {colour_name} {shape} moving right on a {bg_name} background\n")
+        written.append(path)
+    return written
+
+
 def write_sample_dataset(
     out_dir: Path,
     images: int = 24,
@@ -89,13 +156,17 @@ def write_sample_dataset(
     family: str | None = None,
     model: Path | None = None,
     conditioning: tuple[str, ...] = (),
+    videos: int = 0,
 ) -> Path:
     """Images under `out_dir/images`, plus `config.json` and `multidatabackend.json`; returns the config path.
 
     With `family` and `model` the config also names the model (its path relative to the config file). `conditioning`
-    (conditioning_types of CONDITIONING_FOLDERS) adds paired datasets: edges/ for "controlnet", masks/ for "mask"."""
+    (conditioning_types of CONDITIONING_FOLDERS) adds paired datasets: edges/ for "controlnet", masks/ for "mask".
+    `videos` writes a video dataset (`write_videos`, under videos/) instead of the images."""
     out_dir = Path(out_dir)
-    pictures = write_images(out_dir / "images", images, seed)
+    if videos:
+        write_videos(out_dir / VIDEO_FOLDER, videos, seed)
+    pictures = write_images(out_dir / "images", images, seed) if not videos else []
     for kind in conditioning:
         write_conditioning(pictures, out_dir / CONDITIONING_FOLDERS[kind], kind)
     datasets = [
@@ -112,6 +183,10 @@ def write_sample_dataset(
         {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "type": "local",
          "cache_dir": "cache/text"},
     ]  # fmt: skip
+    if videos:
+        datasets[0] = {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": VIDEO_FOLDER,
+                       "caption_strategy": "textfile", "crop": False, "resolution": VIDEO_RESOLUTION,
+                       "resolution_type": "pixel_area", "video": dict(VIDEO_BLOCK)}  # fmt: skip
     if conditioning:
         datasets[0]["conditioning_data"] = [CONDITIONING_FOLDERS[kind] for kind in conditioning]
     (out_dir / "multidatabackend.json").write_text(json.dumps(datasets, indent=2) + "\n")

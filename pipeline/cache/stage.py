@@ -16,9 +16,9 @@ from pathlib import Path
 
 from ..config import CACHE, LoadedConfig
 from ..distributed import barrier, rank_and_world
-from ..errors import InputError
+from ..errors import InputError, NotSupportedError
 from ..log import get_logger
-from ..manifest import MANIFEST_NAME
+from ..manifest import MANIFEST_NAME, read_manifest
 from ..ownership import OutputClaim, claim_output
 from ..progress import progress_bar
 from ..runner import StageResult, StageRun, damaged_outputs
@@ -44,8 +44,26 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
               force: bool = False, strict: bool = False) -> CacheResult:  # fmt: skip
     """Run the cache stage (or one part of it) into `out_dir`, holding the folder for the whole run. `strict`: an
     image that cannot be decoded stops the run (exit 2) instead of being skipped."""
+    refuse_video(input_path)
     with claim_output(out_dir, CACHE, inputs=[input_path]) as claim:
         return _run_cache(claim, loaded, input_path, Path(out_dir), part=part, force=force, strict=strict)
+
+
+def refuse_video(input_path: Path) -> None:
+    """A prepare output with video datasets stops here, before any model is loaded: video latents are not cached
+    yet. (An unreadable manifest is left to the normal checks, which say what is wrong with it.)"""
+    path = Path(input_path)
+    try:
+        parent = read_manifest(path / MANIFEST_NAME if path.is_dir() else path, stage="prepare")
+    except Exception:  # noqa: BLE001 - reported by build_context with its own message
+        return
+    videos = [d["id"] for d in parent.get("datasets", []) if d.get("dataset_type") == "video"]
+    if videos:
+        raise NotSupportedError(
+            f"video datasets are prepared but not cached yet: {', '.join(repr(v) for v in videos)} in {input_path}. "
+            "st cache encodes image datasets only; remove the video datasets from the dataset list (or disable them) "
+            "and re-run st prepare"
+        )  # fmt: skip
 
 
 def _run_cache(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: str | None,

@@ -43,10 +43,12 @@ class Plan:
     intermediate_height: int
     crop_left: int
     crop_top: int
+    frames: int = 0  # video samples: the frame count in the bucket key (`video_buckets`)
 
     @property
     def bucket(self) -> str:
-        return f"{self.target_width}x{self.target_height}"
+        size = f"{self.target_width}x{self.target_height}"
+        return f"{size}@{self.frames}" if self.frames else size
 
 
 class Rejected(Exception):

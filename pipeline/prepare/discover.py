@@ -16,6 +16,7 @@ from ..progress import progress_bar
 from .captions import ParquetCaptionTable
 from .index import reusable
 from .scan import IMAGE_EXTENSIONS, FileStat, Probe, list_files, probe_files
+from .video_probe import VIDEO_EXTENSIONS
 from .walk import NotRegularFile, WalkSkip, read_regular_file
 
 log = get_logger("prepare")
@@ -50,9 +51,11 @@ def is_caption(path: str) -> bool:
 
 
 def list_dataset(spec: DatasetSpec) -> DatasetFiles:
-    """One walk of the dataset folder: images, caption files (textfile strategy) and what was left out."""
+    """One walk of the dataset folder: images (videos for a video dataset), caption files (textfile strategy) and
+    what was left out."""
     wants_captions = spec.caption_strategy == "textfile"
-    listing = list_files(spec.root, IMAGE_EXTENSIONS | {CAPTION_SUFFIX} if wants_captions else IMAGE_EXTENSIONS)
+    media = VIDEO_EXTENSIONS if spec.dataset_type == "video" else IMAGE_EXTENSIONS
+    listing = list_files(spec.root, media | {CAPTION_SUFFIX} if wants_captions else media)
     images = [f for f in listing.files if not is_caption(f.path)]
     captions = [f for f in listing.files if is_caption(f.path)]
     unlisted = [k for k in listing.skips if not is_caption(k.path)]
@@ -64,8 +67,10 @@ def list_dataset(spec: DatasetSpec) -> DatasetFiles:
         if unreadable_root is not None:
             raise InputError(f"dataset '{spec.id}': cannot read instance_data_dir {spec.root} "
                              f"({unreadable_root.detail})")  # fmt: skip
+        wanted = ("videos (" + ", ".join(sorted(VIDEO_EXTENSIONS)) if media is VIDEO_EXTENSIONS
+                  else "images (.jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff")  # fmt: skip
         raise InputError(
-            f"dataset '{spec.id}': no images (.jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff) under {spec.root}"
+            f"dataset '{spec.id}': no {wanted}) under {spec.root}"
             + (f"; {len(unlisted)} entr{'y was' if len(unlisted) == 1 else 'ies were'} left out, first "
                f"{unlisted[0].path} ({unlisted[0].reason}: {unlisted[0].detail})" if unlisted else "")
         )  # fmt: skip

@@ -29,6 +29,10 @@ def write_samples(path: Path, samples: list[Sample]) -> None:
             ("orientation", pa.int8()), ("format", pa.string()), ("bytes", pa.int64()),
         ]
     )  # fmt: skip
+    # Video samples: frames in the file, frames per second, seconds, and the frames trained on (window_frames from
+    # window_start).
+    VIDEO_COLUMNS = (("frames", int32), ("fps", pa.float64()), ("duration", pa.float64()), ("window_start", int32),
+                     ("window_frames", int32))  # fmt: skip
     paired = any(s.conditioning for s in samples)
     if paired:  # the column only when there is paired data: outputs without it stay byte-identical
         partner = pa.struct([("dataset_id", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
@@ -56,6 +60,10 @@ def write_samples(path: Path, samples: list[Sample]) -> None:
     }
     if paired:
         rows["conditioning"] = [[p.as_row() for p in s.conditioning] for s in samples]
+    if any(s.video for s in samples):  # the columns only with video: image outputs stay byte-identical
+        for name, kind in VIDEO_COLUMNS:
+            schema = schema.append(pa.field(name, kind))
+            rows[name] = [getattr(s.video, name) if s.video else None for s in samples]
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(rows, schema=schema), tmp, compression="zstd")
 
@@ -87,6 +95,7 @@ def dataset_entries(datasets: list[DatasetFiles], samples: list[Sample], skips: 
                 **({"dataset_type": spec.dataset_type} if spec.dataset_type != "image" else {}),
                 **({"conditioning_data": list(spec.conditioning_data)} if spec.conditioning_data else {}),
                 **({"is_regularisation_data": True} if spec.is_regularisation_data else {}),
+                **({"video": spec.video.describe()} if spec.video is not None else {}),
             }
         )
     return entries

@@ -31,7 +31,8 @@ def warn_about(specs: list[DatasetSpec], files: dict[str, int], kept: list[Sampl
         found = files.get(spec.id, 0)
         if found and len(skipped) / found > SKIPPED_SHARE:
             reasons = ", ".join(f"{reason} {n}" for reason, n in Counter(k.reason for k in skipped).most_common())
-            log.warning("dataset '%s': %d of %d images skipped (%s); see skipped.jsonl", spec.id, len(skipped), found,
+            kind = "videos" if spec.video is not None else "images"
+            log.warning("dataset '%s': %d of %d %s skipped (%s); see skipped.jsonl", spec.id, len(skipped), found, kind,
                         reasons)  # fmt: skip
         if spec.crop:
             continue

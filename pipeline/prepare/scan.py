@@ -43,6 +43,10 @@ class Probe:
     format: str = ""
     error: str = ""
     detail: str = ""
+    # Videos only (`video_probe`): frames in the file, frames per second, seconds.
+    frames: int = 0
+    fps: float = 0.0
+    duration: float = 0.0
 
 
 def list_files(root: Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> Listing:
@@ -63,8 +67,14 @@ def _intact(data: bytes, fmt: str) -> bool | None:
 
 
 def probe_file(stat: FileStat) -> Probe:
-    """Hash and inspect one image file. Never raises for a bad file: the result carries the skip reason."""
+    """Hash and inspect one image (or video) file. Never raises for a bad file: the result carries the skip
+    reason."""
     from PIL import Image, UnidentifiedImageError
+
+    from .video_probe import is_video, probe_video
+
+    if is_video(stat.path):
+        return probe_video(stat)
 
     base = {"path": stat.path, "size": stat.size, "mtime_ns": stat.mtime_ns}
     try:

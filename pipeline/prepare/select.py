@@ -17,6 +17,7 @@ from . import buckets as bucketing
 from .captions import MissingCaption, caption_file_for, captions_for
 from .discover import DatasetFiles, relative_path
 from .scan import Probe
+from .video_buckets import VideoFacts, frame_window, video_plan
 from .walk import delete_inside
 
 log = get_logger("prepare")
@@ -39,6 +40,7 @@ class Sample:
     bytes: int
     repeats: int
     conditioning: list = field(default_factory=list)  # `pairing.Partner`s, in conditioning_data order
+    video: VideoFacts | None = None  # video samples: frames, rate, length and frame window
 
 
 @dataclass
@@ -78,10 +80,13 @@ def select(
                 skips.append(Skip(spec.id, rel, "missing_caption", str(exc)))
                 continue
             try:
+                facts = frame_window(spec.video, probe) if spec.video is not None else None
                 plan = bucketing.plan(
                     probe.width, probe.height, spec, alignment=alignment, rounding=rounding, seed=seed,
                     sample_id=probe.sha256,
                 )  # fmt: skip
+                if facts is not None:
+                    plan = video_plan(plan, spec.video, facts)
             except bucketing.Rejected as exc:
                 skips.append(Skip(spec.id, rel, exc.reason, exc.detail))
                 continue
@@ -89,7 +94,7 @@ def select(
             samples.append(
                 Sample(
                     probe.sha256, spec.id, rel, captions, probe.width, probe.height, plan, probe.orientation,
-                    probe.format, probe.size, spec.repeats,
+                    probe.format, probe.size, spec.repeats, video=facts,
                 )  # fmt: skip
             )
     return samples, skips

@@ -111,7 +111,9 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
         refuse_empty(skips, by_reason)
     warn_about(specs, {d.spec.id: len(d.images) for d in datasets}, kept, skips)
     # Remote datasets are never deleted from: their files here are downloads, and the source is not st's to change.
-    local_skips = [k for k in skips if k.dataset_id not in remote.facts]
+    # Nor are videos: a video's frame rules are the dataset's, not a fault of the file.
+    videos = {spec.id for spec in specs if spec.video is not None}
+    local_skips = [k for k in skips if k.dataset_id not in remote.facts and k.dataset_id not in videos]
     deleted = delete_files(local_skips, specs, config) if (config.delete_problematic_images or
                                                             config.delete_unwanted_images) else 0  # fmt: skip
 

@@ -174,8 +174,8 @@ def test_storage_type_is_checked_before_its_keys(tmp_path, monkeypatch, storage)
 
 
 def test_dataset_type_is_checked_before_its_keys(tmp_path, monkeypatch):
-    entry = {"id": "clips", "dataset_type": "video", "video": {"num_frames": 49}}
-    with pytest.raises(NotSupportedError, match="dataset_type 'video' is not supported yet"):
+    entry = {"id": "clips", "dataset_type": "audio", "audio": {"sample_rate": 16000}}
+    with pytest.raises(NotSupportedError, match="dataset_type 'audio' is not supported yet"):
         _load_list(tmp_path, monkeypatch, [entry])
 
 
