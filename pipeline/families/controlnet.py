@@ -18,6 +18,10 @@ from pipeline.errors import ConfigError, InputError, NotSupportedError
 from pipeline.families import flux, sdxl
 from pipeline.families.spec import Family
 
+# model_type lora: the adapter alone, in SimpleTuner's layout, beside the merged ControlNet folder (train's final/,
+# and the published folder).
+ADAPTER_FILE = "controlnet_lora.safetensors"
+
 # diffusers' default conditioning-embedding channels of ControlNetModel: one stride-2 step between each pair, so
 # the image is downsampled 8x, the SD VAE's factor.
 UNET_EMBEDDING_CHANNELS = (16, 32, 96, 256)
@@ -38,6 +42,10 @@ class ControlNetSpec:
     # The cached conditioning latents as the pipeline encodes its control image (controlnet, latents, VAE shift,
     # VAE scale) -> latents; None: as cached.
     pipeline_latents: Callable[[Any, Any, float, float], Any] | None = None
+    # model_type lora: the adapter SimpleTuner puts on the ControlNet ("lora", or "loha" for the UNet ControlNets,
+    # whose convolutions it trains too) and its target modules (peft names).
+    adapter: str = "lora"
+    lora_targets: tuple[str, ...] = ()
 
     def load_class(self) -> type:
         import diffusers
@@ -173,15 +181,38 @@ def _sd3_pipeline_latents(latents: Any, controlnet: Any, shift: float, scale: fl
     return latents + shift * scale if controlnet.config.force_zeros_for_pooled_projection else latents
 
 
+# SimpleTuner's targets of a LoRA on the ControlNet (model_type lora with controlnet): the UNet ControlNets'
+# attention, feed-forward, convolution and embedding layers (its DEFAULT_CONTROLNET_LORA_TARGET, trained as a LoHa);
+# SD3's blocks' projections, embedders and output blocks; Flux's input embedder and output blocks (its `controlnet`
+# flux_lora_target preset). Names a model lacks (fewer blocks) match nothing.
+UNET_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv", "conv1", "conv2",
+    "conv_in", "conv_shortcut", "linear_1", "linear_2", "time_emb_proj", "controlnet_cond_embedding.conv_in",
+    *(f"controlnet_cond_embedding.blocks.{i}" for i in range(6)), "controlnet_cond_embedding.conv_out",
+    *(f"controlnet_down_blocks.{i}" for i in range(9)), "controlnet_mid_block",
+)
+SD3_LORA_TARGETS = (
+    *(f"controlnet_blocks.{i}" for i in range(12)), "pos_embed.proj", "pos_embed_input.proj", "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
+    *(f"transformer_blocks.{i}.{name}" for i in range(12) for name in (
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+        "attn.add_v_proj", "attn.to_add_out", "attn2.to_k", "attn2.to_q", "attn2.to_v", "attn2.to_out.0",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")),
+)
+FLUX_LORA_TARGETS = ("controlnet_x_embedder", *(f"controlnet_blocks.{i}" for i in range(4)),
+                     *(f"controlnet_single_blocks.{i}" for i in range(10)))
+
 SPECS: dict[str, ControlNetSpec] = {
     "sd1x": ControlNetSpec("ControlNetModel", "from_unet", "StableDiffusionControlNetPipeline", "image",
-                           predict_unet, _unet_defaults),
+                           predict_unet, _unet_defaults, adapter="loha", lora_targets=UNET_LORA_TARGETS),
     "sdxl": ControlNetSpec("ControlNetModel", "from_unet", "StableDiffusionXLControlNetPipeline", "image",
-                           predict_sdxl, _unet_defaults),
+                           predict_sdxl, _unet_defaults, adapter="loha", lora_targets=UNET_LORA_TARGETS),
     "sd3": ControlNetSpec("SD3ControlNetModel", "from_transformer", "StableDiffusion3ControlNetPipeline",
-                          "control_image", predict_sd3, _sd3_defaults, _sd3_pipeline_latents),
+                          "control_image", predict_sd3, _sd3_defaults, _sd3_pipeline_latents,
+                          lora_targets=SD3_LORA_TARGETS),
     "flux": ControlNetSpec("FluxControlNetModel", "from_transformer", "FluxControlNetPipeline", "control_image",
-                           predict_flux, _flux_defaults),
+                           predict_flux, _flux_defaults, lora_targets=FLUX_LORA_TARGETS),
 }  # fmt: skip
 
 

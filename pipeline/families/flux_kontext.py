@@ -55,11 +55,11 @@ def is_kontext(flavour: str | None, source: str) -> bool:
     diffusers folder (local, or in the hub cache) whose `model_index.json` names FluxKontextPipeline."""
     if flavour == FLAVOUR:
         return True
-    index = _model_index(source)
+    index = model_index_of(source)
     return index is not None and index.get("_class_name") == PIPELINE_CLASS
 
 
-def _model_index(source: str) -> dict[str, Any] | None:
+def model_index_of(source: str) -> dict[str, Any] | None:
     path = Path(str(source)).expanduser()
     if path.is_dir():
         found: Any = path / "model_index.json"

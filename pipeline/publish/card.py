@@ -169,16 +169,25 @@ _DEVICE_LINES = ['device = "cuda" if torch.cuda.is_available() else "cpu"',
                  'dtype = torch.bfloat16 if device == "cuda" else torch.float32']
 
 
+# Pipelines that render from an input image (the run's conditioning images): their keyword for it.
+IMAGE_ARGUMENTS = {"FluxKontextPipeline": "image", "FluxControlPipeline": "control_image"}
+
+
 def snippet(card: Card) -> str:
     """A diffusers snippet that loads this publication (local folder, or `hub_model_id` when set)."""
     options, family = card.options, card.family
     config = card.train["config"]
     prompt = card.widget[0]["text"] if card.widget else (config.get("validation_prompt") or "a photo")
-    call = (f"image = pipe({_py(prompt)}, num_inference_steps={config.get('validation_num_inference_steps', 30)}, "
+    image_argument = IMAGE_ARGUMENTS.get(family.pipeline_class)
+    given = "" if image_argument is None else f"{image_argument}=condition, "
+    call = (f"image = pipe({_py(prompt)}, {given}num_inference_steps="
+            f"{config.get('validation_num_inference_steps', 30)}, "
             f"guidance_scale={config.get('validation_guidance', 7.5)}).images[0]")  # fmt: skip
     hub = options.hub_model_id
     single = Path(card.base_model).suffix == ".safetensors"
-    cls = family.pipeline_class if single or not family.lora_loader else "DiffusionPipeline"
+    # A pipeline chosen by the run (control: true loads a Flux base into FluxControlPipeline) is named, not guessed.
+    named = single or not family.lora_loader or image_argument is not None
+    cls = family.pipeline_class if named else "DiffusionPipeline"
     load = "from_single_file" if single else "from_pretrained"
     lines = ["import torch", f"from diffusers import {cls}", "", *_DEVICE_LINES]
     if card.train["model_type"] == "full":
@@ -209,6 +218,10 @@ def snippet(card: Card) -> str:
                   f'config = LoraConfig(**{{k.removeprefix("{prefix}."): v for k, v in options.items()}})',
                   f"inject_adapter_in_model(config, pipe.{prefix})",
                   f"set_peft_model_state_dict(pipe.{prefix}, state)"]  # fmt: skip
+    if image_argument is not None:  # the image the render starts from, like the run's conditioning images
+        lines.insert(lines.index(f"from diffusers import {cls}") + 1, "from diffusers.utils import load_image")
+        lines.append('condition = load_image("conditioning.png")  # an image like the conditioning images it was '
+                     "trained on")  # fmt: skip
     lines += [call, 'image.save("image.png")']
     return "\n".join(lines)
 
@@ -264,9 +277,37 @@ def _singlora_section(card: Card) -> list[str]:
             '        module.ramp_up_steps = options["ramp_up_steps"]', "```", ""]  # fmt: skip
 
 
+CONTROL_SUFFIX = "-control"  # validation/<label>/<prompt>-<W>x<H>-control.png: the conditioning image of a render
+
+
+def conditioned_pairs(card: Card) -> list[dict[str, Any]]:
+    """The renders of `card.widget` that have a conditioning image beside them (ControlNet, control and edit runs),
+    each with the image's path as "control"."""
+    controls = {Path(i["path"]).stem.removesuffix(CONTROL_SUFFIX): i["path"] for i in card.widget
+                if Path(i["path"]).stem.endswith(CONTROL_SUFFIX)}  # fmt: skip
+    pairs = []
+    for item in card.widget:
+        stem = Path(item["path"]).stem
+        if stem.endswith(CONTROL_SUFFIX):
+            continue
+        control = controls.get(stem.rpartition("-")[0])
+        if control is not None:
+            pairs.append({**item, "control": control})
+    return pairs
+
+
+def pairs_table(pairs: list[dict[str, Any]]) -> list[str]:
+    """The validation section's rows: prompt, conditioning image (input) and render (output)."""
+    return _table(["prompt", "conditioning image (input)", "render (output)"],
+                  [[p["text"], f"![input]({p['control']})", f"![output]({p['path']})"] for p in pairs])  # fmt: skip
+
+
 def render(card: Card) -> str:
     """The whole README.md."""
     options, train = card.options, card.train
+    pairs = conditioned_pairs(card) if card.family.pipeline_class in IMAGE_ARGUMENTS else []
+    if pairs:  # the renders only in the YAML widget; the table shows each beside its conditioning image
+        card.widget = [{k: v for k, v in p.items() if k != "control"} for p in pairs]
     kind = "LoRA" if train["model_type"] == "lora" else "full fine-tune"
     title = options.hub_model_id or f"{card.family.name} {kind}"
     out = ["---", *yaml_lines(front_matter(card)), "---", "", f"# {title}", ""]
@@ -286,7 +327,10 @@ def render(card: Card) -> str:
         out += ["## Validation images", ""]
         if card.grid:
             out += [f"![validation grid]({card.grid})", ""]
-        out += [f"- `{_md(item['text'])}`: [{Path(item['path']).name}]({item['path']})" for item in card.widget]
+        if pairs:
+            out += pairs_table(pairs)
+        else:
+            out += [f"- `{_md(item['text'])}`: [{Path(item['path']).name}]({item['path']})" for item in card.widget]
         out.append("")
     out += ["## Use with diffusers", "", "```python", snippet(card), "```", ""]
     if train["model_type"] == "lora" and train["config"].get("train_text_encoder"):

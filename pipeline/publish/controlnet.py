@@ -7,20 +7,29 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 from ..errors import InputError, NotSupportedError
-from ..families.controlnet import spec_for
+from ..families.controlnet import ADAPTER_FILE, spec_for
+from ..log import get_logger
 from ..tensorfile import save_tensors
 from . import card as cards
 from . import lora
 from .lineage import Inputs
 
+log = get_logger("publish")
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# ComfyUI's ControlNet loader (comfy/controlnet.py, load_controlnet_state_dict) reads diffusers ControlNet weights
+# as they are, telling the kind apart by these keys: the UNet ControlNets (SD 1.x, SDXL) by their conditioning
+# embedding, SD3's by its blocks and input patch embedding, Flux's (InstantX layout) by its blocks and input embedder.
+COMFYUI_KEYS = {
+    "ControlNetModel": ("controlnet_cond_embedding.conv_in.weight",),
+    "SD3ControlNetModel": ("controlnet_blocks.0.weight", "pos_embed_input.proj.weight"),
+    "FluxControlNetModel": ("controlnet_blocks.0.weight", "controlnet_x_embedder.weight"),
+}
 TRAINED = "final/controlnet"  # where st train writes the ControlNet folder
 PREFIX = "controlnet."  # checkpoint weight names: the trainer model's parameter names
-CONTROL_SUFFIX = "-control"  # validation/<label>/<prompt>-<W>x<H>-control.png: the conditioning image
 
 
 def is_controlnet(inputs: Inputs) -> bool:
@@ -28,15 +37,23 @@ def is_controlnet(inputs: Inputs) -> bool:
 
 
 def write(inputs: Inputs, lora_format: str, stage: Path) -> list[tuple[str, str]]:
-    """config.json and the weights (train's final, or the checkpoint's ControlNet weights) into `stage`."""
+    """config.json and the weights (train's final, or the checkpoint's ControlNet weights) into `stage`. The weights
+    file is also what ComfyUI loads (`COMFYUI_KEYS`), so lora_format comfyui writes nothing else."""
     if lora_format == "comfyui":
-        raise NotSupportedError("lora_format comfyui applies to LoRA runs; a ControlNet is published as a diffusers "
-                                "ControlNet folder (st has not verified that ComfyUI loads that layout): set lora_format "
-                                "diffusers")  # fmt: skip
+        log.info("publish: %s is in the layout ComfyUI's ControlNet loader reads (see the card)", WEIGHTS_NAME)
     trained = inputs.train_dir / TRAINED
+    adapter = inputs.train_dir / "final" / ADAPTER_FILE  # model_type lora: the adapter, merged into the folder's weights
+    if inputs.checkpoint is not None and inputs.train["model_type"] == "lora":
+        raise NotSupportedError(f"{inputs.checkpoint.rel} holds the ControlNet's adapter only, without the ControlNet "
+                                "it was trained on; publish the run's final weights (leave out the checkpoint), "
+                                "which hold the ControlNet with the adapter merged")  # fmt: skip
     shutil.copyfile(trained / CONFIG_NAME, stage / CONFIG_NAME)
     if inputs.checkpoint is None:
         shutil.copyfile(trained / WEIGHTS_NAME, stage / WEIGHTS_NAME)
+        if adapter.is_file():
+            shutil.copyfile(adapter, stage / ADAPTER_FILE)
+            return [(CONFIG_NAME, "diffusers-controlnet"), (WEIGHTS_NAME, "diffusers-controlnet"),
+                    (ADAPTER_FILE, "controlnet-adapter")]  # fmt: skip
     else:
         tensors = lora.load_tensors(inputs.checkpoint.path / "weights.safetensors")
         stray = [k for k in tensors if not k.startswith(PREFIX)]
@@ -46,21 +63,6 @@ def write(inputs: Inputs, lora_format: str, stage: Path) -> list[tuple[str, str]
         save_tensors(stage / WEIGHTS_NAME, {k.removeprefix(PREFIX): v for k, v in tensors.items()},
                      metadata=lora.read_header(trained / WEIGHTS_NAME))  # fmt: skip
     return [(CONFIG_NAME, "diffusers-controlnet"), (WEIGHTS_NAME, "diffusers-controlnet")]
-
-
-def _pairs(card: cards.Card) -> list[dict[str, Any]]:
-    """(conditioning image, render) pairs from the validation images the stage copied into assets/."""
-    controls = {Path(i["path"]).stem.removesuffix(CONTROL_SUFFIX): i["path"] for i in card.widget
-                if Path(i["path"]).stem.endswith(CONTROL_SUFFIX)}  # fmt: skip
-    pairs = []
-    for item in card.widget:
-        stem = Path(item["path"]).stem
-        if stem.endswith(CONTROL_SUFFIX):
-            continue
-        control = controls.get(stem.rpartition("-")[0])
-        if control is not None:
-            pairs.append({**item, "control": control})
-    return pairs
 
 
 def snippet(card: cards.Card) -> str:
@@ -86,7 +88,7 @@ def snippet(card: cards.Card) -> str:
 def render(card: cards.Card) -> str:
     """README.md of a ControlNet: what it is for, input/output pairs, loading code, settings, dataset, lineage."""
     options, train, family = card.options, card.train, card.family
-    pairs = _pairs(card)
+    pairs = cards.conditioned_pairs(card)
     card.widget = [{k: v for k, v in p.items() if k != "control"} for p in pairs]  # the renders only, in the YAML
     matter = cards.front_matter(card)
     matter["tags"] = [family.name, "controlnet", "text-to-image", "diffusers", "st",
@@ -105,17 +107,22 @@ def render(card: cards.Card) -> str:
         out[-1] += f" These are the weights of the checkpoint `{card.checkpoint}`, not the run's final weights."
     out.append("")
     if pairs:
-        out += ["## Validation images", "", *cards._table(
-            ["prompt", "conditioning image (input)", "render (output)"],
-            [[p["text"], f"![input]({p['control']})", f"![output]({p['path']})"] for p in pairs]), ""]  # fmt: skip
+        out += ["## Validation images", "", *cards.pairs_table(pairs), ""]
     out += ["## Use with diffusers", "", "```python", snippet(card), "```", ""]
     if not options.hub_model_id:
         out += [f"Replace `{cards.LOCAL_FOLDER}` with where this folder is (or its Hugging Face repository id).", ""]
     if card.ema:
         out += ["`ema_weights.safetensors` holds the exponential moving average of the ControlNet's weights "
                 "(names prefixed `controlnet.`).", ""]  # fmt: skip
+    out += ["## Use with ComfyUI", "", f"`{WEIGHTS_NAME}` is in the layout ComfyUI's ControlNet loader reads (diffusers "
+            "keys, detected as they are): put it (renamed as you like) in `models/controlnet`, load it with a Load "
+            "ControlNet Model node and apply it to the base model's conditioning with Apply ControlNet.", ""]  # fmt: skip
     rows = cards._settings(card)  # family, model_type, then the run's settings
-    settings = [rows[0], ["controlnet", f"{spec_for(family).model_class}, trained whole"], *rows[2:]]
+    spec = spec_for(family)
+    trained = f"{spec.model_class}, trained whole" if train["model_type"] != "lora" else (
+        f"{spec.model_class} with a {'LoHa' if spec.adapter == 'loha' else 'LoRA'} on it, merged into these weights "
+        f"(the adapter alone: `{ADAPTER_FILE}`)")  # fmt: skip
+    settings = [rows[0], ["controlnet", trained], *rows[2:]]
     out += ["## Training settings", "", *cards._table(["setting", "value"], settings), ""]
     out += ["## Dataset", "", *cards._dataset(card), ""]
     out += ["## Lineage", "", f"`lineage.json` names the train manifest (digest `{train['digest'][:16]}`), the cache "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import PUBLISH, LoadedConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NotSupportedError
 from ..families import Family, check_model_family, get_family
 from ..families.lora import LORA_WEIGHT_NAME
 from ..fsutil import fsync_dir
@@ -227,6 +227,10 @@ def _run_publish(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out
     trained_pipeline = inputs.train["config"].get("pipeline")  # a flavour that trains another pipeline (Kontext)
     if trained_pipeline:
         family = dataclasses.replace(family, pipeline_class=trained_pipeline)
+    if options.lora_format == "comfyui" and trained_pipeline == "FluxControlPipeline":
+        raise NotSupportedError("lora_format comfyui for a `control: true` LoRA: its input layer takes twice the "
+                                "channels, which ComfyUI applies only with a reshape entry st does not write; set "
+                                "lora_format diffusers (FluxControlPipeline.load_lora_weights reads it)")  # fmt: skip
     # The base model, where it is still on disk (a LoRA publish does not need it; a full fine-tune does).
     check_model_family(family, inputs.train["model"]["denoiser"].get("source"))
     stage_config = config.stage_keys(PUBLISH)

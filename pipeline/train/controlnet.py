@@ -16,11 +16,12 @@ from typing import Any
 
 from ..cache_reader import COND
 from ..datasets import MASK_TYPES
-from ..errors import ConfigError, InputError, NotSupportedError
+from ..errors import ConfigError, InputError
 from ..families import Family
 from ..families.controlnet import ControlNetSpec, spec_for
 from ..log import get_logger
 from ..tensorfile import normalise_file
+from . import controlnet_adapter
 from .data import image_paired_datasets
 from .seeding import isolated_rng
 
@@ -33,13 +34,12 @@ def check(config, family: Family, cache_manifest: dict[str, Any]) -> None:
     """Refuse, before any model loads, what a ControlNet run cannot do: another family, a LoRA on the ControlNet,
     options that train something else, and a cache without conditioning images."""
     spec_for(family)
-    if config.model_type != "full":
-        raise NotSupportedError("controlnet: true with model_type lora (a LoRA on the ControlNet, as SimpleTuner "
-                                "trains it) is not supported yet; set model_type full to train the whole ControlNet")
+    if config.model_type == "lora":
+        controlnet_adapter.check(config)
     if config.train_text_encoder:
         raise ConfigError("train_text_encoder cannot be combined with controlnet: true (the base model stays "
                           "frozen); set one of them to false")  # fmt: skip
-    if getattr(config, "control", False):
+    if config.control:
         raise ConfigError("controlnet and control are two kinds of conditioning training; set one of them")
     paired, unpaired = image_paired_datasets(cache_manifest)
     if paired and unpaired:
@@ -168,10 +168,14 @@ class ControlNetTraining:
         else:
             with isolated_rng(seed=self.seed):
                 self.controlnet = self.spec.build(denoiser, self.vae_scale, _custom_config(config, self.base_dir))
-        self.controlnet.requires_grad_(True)
+        if config.model_type == "lora":  # an adapter on the ControlNet (pipeline.train.controlnet_adapter)
+            controlnet_adapter.attach(self.controlnet, self.spec, config, self.seed)
+        else:
+            self.controlnet.requires_grad_(True)
         denoiser.requires_grad_(False)
-        log.info("controlnet: %s with %.1fM trainable parameters", type(self.controlnet).__name__,
-                 sum(p.numel() for p in self.controlnet.parameters()) / 1e6)  # fmt: skip
+        log.info("controlnet: %s with %.1fM trainable parameters%s", type(self.controlnet).__name__,
+                 sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad) / 1e6,
+                 f" ({self.spec.adapter})" if config.model_type == "lora" else "")  # fmt: skip
 
     def wrap(self, denoiser, device) -> tuple[Any, list[Any]]:
         """The trainer's model (base + ControlNet on `device`) and the trainable parameters (fp32)."""
@@ -285,14 +289,23 @@ def _stream_controlnet(controlnet, config, device) -> None:
 
 
 def trainable_state(model) -> dict[str, Any]:
-    """What a checkpoint stores: the ControlNet's weights, under the trainer model's parameter names."""
+    """What a checkpoint stores: the ControlNet's weights (or its adapter's), under the trainer model's parameter
+    names."""
+    if controlnet_adapter.has_adapter(model.controlnet):
+        return controlnet_adapter.trainable_state(model.controlnet)
     return {f"controlnet.{k}": v for k, v in model.controlnet.state_dict().items()}
 
 
 def save_final(model, out_dir: Path) -> list[Path]:
-    """final/controlnet/: the trained ControlNet as a diffusers folder (`<Class>.from_pretrained` loads it)."""
+    """final/controlnet/: the trained ControlNet as a diffusers folder (`<Class>.from_pretrained` loads it); with an
+    adapter, the ControlNet with the adapter merged, and the adapter alone beside the folder."""
     target = out_dir / FOLDER
-    model.controlnet.save_pretrained(target, safe_serialization=True)
+    extra = []
+    controlnet = model.controlnet
+    if controlnet_adapter.has_adapter(controlnet):
+        extra.append(controlnet_adapter.save_adapter(controlnet, out_dir))
+        controlnet = controlnet_adapter.merged(controlnet)
+    controlnet.save_pretrained(target, safe_serialization=True)
     for weights in target.rglob("*.safetensors"):
         normalise_file(weights)
-    return sorted(p for p in target.rglob("*") if p.is_file())
+    return sorted(p for p in target.rglob("*") if p.is_file()) + extra

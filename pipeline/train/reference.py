@@ -12,7 +12,7 @@ from typing import Any
 from ..cache_reader import COND
 from ..datasets import MASK_TYPES
 from ..errors import ConfigError, InputError, NotSupportedError
-from ..families import Family
+from ..families import Family, flux2, flux_control
 from ..log import get_logger
 from .controlnet import ValidationControl, read_conditioning
 from .data import image_paired_datasets
@@ -20,6 +20,25 @@ from .data import image_paired_datasets
 log = get_logger("train")
 
 IMAGE_ARGUMENT = "image"  # the edit pipelines' keyword for the reference image
+# Pipelines that name it otherwise: FluxControlPipeline's control image (`control: true`).
+ARGUMENTS = {flux_control.PIPELINE_CLASS: flux_control.CONTROL_ARGUMENT}
+# Families that SimpleTuner trains on reference images whenever their datasets are paired (FLUX.2's optional image
+# conditioning): the family such a run trains.
+WHEN_PAIRED = {flux2.FAMILY.name: flux2.REFERENCE_FAMILY}
+# What the pairs are, and the conditioning_type of their dataset, in the refusal of a cache without them.
+PAIRS = {None: "(reference image, edited image)", flux_control.PIPELINE_CLASS: "(control image, image)"}
+CONDITIONING_TYPES = {None: ', `"conditioning_type": "reference_strict"`', flux_control.PIPELINE_CLASS: ""}
+
+
+def for_pairs(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool) -> Family:
+    """The family a run trains on this cache: a family's reference-image variant (`WHEN_PAIRED`) when the cache
+    pairs its samples with conditioning images (not masks) and no ControlNet trains on them, else `family`."""
+    variant = WHEN_PAIRED.get(family.name)
+    if variant is None or family.takes_reference or controlnet or not image_paired_datasets(cache_manifest)[0]:
+        return family
+    log.info("%s trains on the datasets' conditioning images as reference images (%s `image`)", family.name,
+             family.pipeline_class)  # fmt: skip
+    return variant
 
 
 def note_unused(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool) -> None:
@@ -48,11 +67,11 @@ def check(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool = 
     which = f"dataset(s) {', '.join(unpaired)} have none (only masks, or no conditioning_data)" if unpaired else \
         "this cache has none"  # fmt: skip
     raise ConfigError(
-        f"{family.pipeline_class} trains on (reference image, edited image) pairs and {which}: add "
+        f"{family.pipeline_class} trains on {PAIRS.get(family.pipeline_class, PAIRS[None])} pairs and {which}: add "
         '`"conditioning_data": "<id>"` to each image dataset of the dataset list, with a '
-        '`"dataset_type": "conditioning"`, `"conditioning_type": "reference_strict"` dataset of that id holding the '
-        'source images (same relative paths as the edited ones), or mark the others `"dataset_type": "eval"`; '
-        "then re-run `st prepare` and `st cache`"
+        f'`"dataset_type": "conditioning"`{CONDITIONING_TYPES.get(family.pipeline_class, CONDITIONING_TYPES[None])} '
+        'dataset of that id holding those images (same relative paths as the targets), or mark the others '
+        '`"dataset_type": "eval"`; then re-run `st prepare` and `st cache`'
     )
 
 
@@ -95,4 +114,5 @@ def validation_control(family: Family, denoiser: Any, index: Any, count: int) ->
     if not images:
         raise InputError(f"{family.pipeline_class} validation needs a cached reference image and the cache has none; "
                          "re-run `st cache` after linking conditioning_data")  # fmt: skip
-    return ValidationControl(family.pipeline_class, denoiser, None, IMAGE_ARGUMENT, images)
+    return ValidationControl(family.pipeline_class, denoiser, None, ARGUMENTS.get(family.pipeline_class, IMAGE_ARGUMENT),
+                             images)  # fmt: skip

@@ -7,6 +7,7 @@ trains ControlNets for)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.errors import UserError
 from pipeline.families.controlnet import SPECS
+from pipeline.publish.controlnet import COMFYUI_KEYS
 from pipeline.publish.stage import run_publish
 from tests.helpers.training import QUICK, ST, losses, st_env
 
@@ -167,7 +168,87 @@ def test_published_controlnet_loads_in_the_pipeline_and_follows_the_conditioning
     assert np.isfinite(second).all() and np.abs(first - second).max() > 1e-5
 
 
-def test_comfyui_format_is_refused_for_a_controlnet(paired, straight, tmp_path):
-    _, config = paired("sd1x")
-    with pytest.raises(UserError, match="a ControlNet is published as a diffusers ControlNet folder"):
-        run_publish(load_config(config, ['lora_format="comfyui"']), straight("sd1x"), tmp_path / "publish")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_comfyui_format_is_the_controlnet_file_with_the_keys_comfyuis_loader_detects(paired, straight, tmp_path,
+                                                                                     family):  # fmt: skip
+    from safetensors import safe_open
+
+    _, config = paired(family)
+    out = tmp_path / "publish"
+    run_publish(load_config(config, ['lora_format="comfyui"']), straight(family), out)
+    with safe_open(str(out / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert set(COMFYUI_KEYS[SPECS[family].model_class]) <= keys
+    # what would make ComfyUI take it for another kind (XLabs' Flux, Stability's SD 3.5 ControlNets)
+    assert not keys & {"double_blocks.0.img_attn.norm.key_norm.scale", "transformer_blocks.0.adaLN_modulation.1.bias"}
+    assert "## Use with ComfyUI" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_adapter_on_the_controlnet_trains_resumes_exactly_and_publishes_merged(paired, tiny_model, tmp_path,
+                                                                                  family):  # fmt: skip
+    """model_type lora (SimpleTuner's ControlNet example): a LoHa (SD 1.x) or LoRA (Flux) on the ControlNet; the
+    checkpoints hold the adapter only, the final folder is the ControlNet with it merged, and the adapter file
+    applied with peft onto the ControlNet it was trained on gives the merged ControlNet's output."""
+    import diffusers
+    from peft import LoHaConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pipeline.families import get_family
+    from pipeline.families.limits import vae_scale_factor
+    from pipeline.train.controlnet import ControlNetTraining
+
+    lora = ['model_type="lora"', "lora_rank=4", "lora_dropout=0"]
+    run, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_here(paired(family), run, *lora)
+    checkpoint = load_file(str(run / "checkpoints" / "checkpoint-2" / "weights.safetensors"))
+    adapter_key = "hada_" if family == "sd1x" else "lora_"
+    assert checkpoint and all(adapter_key in k for k in checkpoint)  # the adapter only
+    shutil.copytree(run / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+    train_here(paired(family), resumed, *lora, "max_train_steps=2")  # continues from the run's checkpoint-1
+    assert json.loads((resumed / "manifest.json").read_text())["stats"]["steps_this_run"] == 1
+    assert losses(resumed)[2] == losses(run)[2]
+    assert (resumed / WEIGHTS).read_bytes() == (run / WEIGHTS).read_bytes()
+
+    out = tmp_path / "publish"
+    run_publish(load_config(paired(family)[1]), run, out)
+    assert f"with a {'LoHa' if family == 'sd1x' else 'LoRA'} on it" in (out / "README.md").read_text()
+    spec = SPECS[family]
+    merged = getattr(diffusers, spec.model_class).from_pretrained(str(out)).eval()
+    # the ControlNet the adapter was trained on, built from the base as the run built it
+    loaded = load_config(paired(family)[1], ['model_type="full"', "controlnet=true"])
+    pipe = getattr(diffusers, get_family(family).pipeline_class).from_pretrained(str(tiny_model(family)))
+    denoiser = getattr(pipe, get_family(family).denoiser.subfolder)
+    scale = vae_scale_factor(get_family(family), str(tiny_model(family)), None)
+    training = ControlNetTraining(loaded.config, get_family(family), base_dir=None, seed=loaded.config.seed,
+                                  vae_scale=scale)  # fmt: skip
+    training.build(denoiser)
+    base = training.controlnet.eval()
+    torch.manual_seed(0)
+    pixels = family == "sd1x"
+    latents = torch.randn(1, 4 if pixels else 16, 8, 8)
+    control = torch.rand(1, 3, 8 * scale, 8 * scale) if pixels else torch.randn(1, 16, 8, 8)
+    width = denoiser.config.cross_attention_dim if pixels else denoiser.config.joint_attention_dim
+    text = {"prompt_embeds": torch.randn(1, 77, width)}
+    if not pixels:
+        text["pooled_prompt_embeds"] = torch.randn(1, denoiser.config.pooled_projection_dim)
+
+    def predict(controlnet):
+        with torch.no_grad():
+            return spec.predict(denoiser, controlnet, latents, torch.tensor([500]), text, None, None, control)
+
+    untrained = predict(base)
+    adapter = out / "controlnet_lora.safetensors"
+    if pixels:  # a LoHa: peft loads it
+        with safe_open(str(adapter), framework="pt") as f:
+            settings = json.loads(f.metadata()["lora_adapter_metadata"])
+            state = {k.removeprefix("controlnet."): f.get_tensor(k) for k in f.keys()}
+        keep = ("r", "alpha", "target_modules", "use_effective_conv2d")
+        inject_adapter_in_model(LoHaConfig(**{k: v for k, v in settings.items() if k in keep}), base)
+        set_peft_model_state_dict(base, state)
+    else:  # a LoRA: diffusers' own adapter loader reads it
+        base.load_lora_adapter(str(adapter), prefix="controlnet")
+    expected = predict(merged)
+    assert torch.allclose(predict(base), expected, atol=1e-5)
+    assert not torch.allclose(untrained, expected, atol=1e-6)  # the adapter changed the ControlNet

@@ -15,20 +15,14 @@ import torch
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.publish.stage import run_publish
-from tests.helpers.training import QUICK, WEIGHTS, losses
+from tests.helpers.training import WEIGHTS, losses
+from tests.stages.reference_runs import VALIDATION, train_lora
 
-SETS = ['model_flavour="kontext"', "learning_rate=1e-2", "lora_dropout=0", "caption_dropout_probability=0",
-        'mixed_precision="no"', "checkpoint_step_interval=1", "lora_rank=4", "eval_steps_interval=2",
-        "num_eval_images=1"]  # fmt: skip
-VALIDATION = ["validation_disable=false", "validation_step_interval=100", 'validation_resolution="64"',
-              "validation_num_inference_steps=2", "validation_guidance=1.0"]  # fmt: skip
+SETS = ['model_flavour="kontext"', "eval_steps_interval=2", "num_eval_images=1"]
 
 
 def train_here(setup: tuple[Path, Path], out: Path, *sets: str):
-    from pipeline.train.stage import run_train
-
-    root, config = setup
-    return run_train(load_config(config, [*QUICK, *SETS, *sets]), root / "cache", out)
+    return train_lora(setup, out, *SETS, *sets)
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ MASKS_ONLY = {"datasets": [{"id": "shapes", "conditioning_data": ["masks"]}],
 
 @pytest.mark.parametrize(("values", "manifest", "error", "message"), [
     ({"model_family": "pixart_sigma"}, PAIRED, NotSupportedError, "not supported for model_family pixart_sigma"),
-    ({"model_type": "lora"}, PAIRED, NotSupportedError, "set model_type full"),
+    ({"model_type": "lora", "lora_type": "lycoris"}, PAIRED, NotSupportedError, "lora_type 'lycoris' with controlnet"),
     ({"train_text_encoder": True}, PAIRED, ConfigError, "train_text_encoder cannot be combined"),
     ({}, {"datasets": [{"id": "shapes"}]}, InputError, "add `\"conditioning_data\": \"<id>\"`.*re-run `st prepare`"),
     ({}, MASKS_ONLY, InputError, "add `\"conditioning_data\": \"<id>\"`"),
@@ -159,15 +159,14 @@ def test_ramtorch_controlnet_streams_the_controlnets_linear_layers_with_ramtorch
     assert not any(isinstance(m, Streamed) for m in model.controlnet.modules())
 
 
-def test_simpletuner_controlnet_options_load_and_control_stays_refused(tmp_path):
+def test_simpletuner_controlnet_and_control_options_load(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"--controlnet": True, "--controlnet_model_name_or_path": "org/controlnet",
                                 "--controlnet_custom_config": '{"num_layers": 2}'}))  # fmt: skip
     config = load_config(path).config
     assert (config.controlnet, config.controlnet_model_name_or_path) == (True, "org/controlnet")
     path.write_text(json.dumps({"--control": True}))
-    with pytest.raises(ConfigError, match="channel-wise control"):
-        load_config(path)
+    assert load_config(path).config.control  # channel-wise control (tests/stages/test_flux_control.py)
 
 
 def test_a_plain_run_on_paired_data_warns_that_the_conditioning_images_go_unused(caplog):
