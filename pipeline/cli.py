@@ -288,7 +288,7 @@ def config_show(
 def tiny_model(
     family: Annotated[str, typer.Argument(help="Model family: sd1x, sd2x, sdxl, sd3, flux, pixart_sigma, auraflow, "
                                                "lumina2, sana, qwen_image, kolors, chroma, z_image, hidream, "
-                                               "cosmos2image.")],
+                                               "cosmos2image, flux2, deepfloyd.")],
     output: Annotated[Path, typer.Argument(help="Folder to write the diffusers-layout model into.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
 ) -> Path:
@@ -312,8 +312,13 @@ def sample_data(
     conditioning: Annotated[Optional[str], typer.Option(
         "--conditioning", help="Paired datasets to add, comma-separated: controlnet (edge images in edges/), mask "
                                "(shape masks in masks/).")] = None,  # fmt: skip
+    video: Annotated[bool, typer.Option(
+        "--video", help="Write a video dataset instead (short MP4 clips of a moving shape in videos/, plus one too "
+                        "short and one truncated clip that st prepare skips).")] = False,  # fmt: skip
+    videos: Annotated[int, typer.Option("--videos", help="With --video: how many usable clips to write.")] = 6,
 ) -> Path:
-    """Generate a small captioned image dataset with config.json and multidatabackend.json (for demos and tests)."""
+    """Generate a small captioned image (or video) dataset with config.json and multidatabackend.json (for demos and
+    tests)."""
     from .errors import ConfigError
     from .sampledata import CONDITIONING_FOLDERS, write_sample_dataset
 
@@ -321,9 +326,17 @@ def sample_data(
     unknown = [k for k in kinds if k not in CONDITIONING_FOLDERS]
     if unknown:
         raise ConfigError(f"--conditioning {unknown[0]!r} is not one of {', '.join(CONDITIONING_FOLDERS)}")
+    if video and (kinds or family):
+        raise ConfigError("--video writes a video dataset without paired data or a model family (no video family "
+                          "is trained yet); drop --conditioning / --family")  # fmt: skip
+    if video and videos < 1:
+        raise ConfigError(f"--videos must be at least 1, got {videos}")
     config = write_sample_dataset(output, images=images, seed=seed, resolution=resolution, family=family, model=model,
-                                  conditioning=kinds)  # fmt: skip
-    typer.echo(console.sample_data_written(images, output, config))
+                                  conditioning=kinds, videos=videos if video else 0)  # fmt: skip
+    if video:
+        typer.echo(f"sample data: {videos} videos (and 2 that st prepare skips) under {output}; config {config}")
+    else:
+        typer.echo(console.sample_data_written(images, output, config))
     return config
 
 

@@ -58,7 +58,8 @@ def opt(default: Any, *stages: str, choices: tuple | None = None, help: str = ""
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 # Kept in sync with pipeline.families.FAMILIES (a test checks); listed here so that config loading stays import-light.
 MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "sana", "qwen_image",
-                  "kolors", "chroma", "z_image", "hidream", "cosmos2image")
+                  "kolors", "chroma", "z_image", "hidream", "cosmos2image", "flux2",
+                  "deepfloyd")
 CROP_STYLES = ("center", "centre", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 # SimpleTuner's default `sana_complex_human_instruction`: the lines Sana's pipeline prepends to every caption.
@@ -173,6 +174,8 @@ class Config:
                                                     "start from; default: built from the base denoiser.")  # fmt: skip
     controlnet_custom_config: Any = opt(None, TRAIN, help="Keywords of ControlNetModel.from_unet / FluxControlNetModel"
                                         ".from_transformer (e.g. num_layers): JSON text, a dict or a JSON file.")  # fmt: skip
+    control: bool = opt(False, TRAIN, help="Channel-wise control (Flux, LoRA): the control image's latents enter the "
+                        "widened input layer, as FluxControlPipeline runs it (pipeline/train/control.py).")  # fmt: skip
     ramtorch_controlnet: bool = opt(False, TRAIN, key=False, help="With ramtorch, stream the ControlNet's Linear "
                                     "layers too (CUDA).")  # fmt: skip
     # Text-encoder training (sd1x, sdxl): st cache also stores token ids, so it enters the cache key only when true.
@@ -195,6 +198,12 @@ class Config:
     timestep_bias_multiplier: float = opt(1.0, TRAIN)
     timestep_bias_portion: float = opt(0.25, TRAIN)
     disable_segmented_timestep_sampling: bool = opt(False, TRAIN)
+    refiner_training: bool = opt(False, TRAIN, help="DDPM timesteps only from the refiner's range: [0, T * "
+                                 "refiner_training_strength) (inverted: the rest).")  # fmt: skip
+    refiner_training_strength: float = opt(0.2, TRAIN, help="The share of the schedule refiner_training keeps.")
+    refiner_training_invert_schedule: bool = opt(False, TRAIN, help="refiner_training keeps the noisy end instead.")
+    data_aesthetic_score: float = opt(7.0, TRAIN, help="The aesthetic score in an SDXL refiner's time ids (training "
+                                      "and validation); other models ignore it.")  # fmt: skip
     flow_sigmoid_scale: float = opt(1.0, TRAIN)
     flow_use_uniform_schedule: bool = opt(False, TRAIN)
     flow_use_beta_schedule: bool = opt(False, TRAIN)
@@ -207,6 +216,17 @@ class Config:
     flux_guidance_value: float = opt(1.0, TRAIN)
     flux_guidance_min: float = opt(1.0, TRAIN)
     flux_guidance_max: float = opt(4.0, TRAIN)
+    flux_fast_schedule: bool = opt(False, TRAIN, help="Flow sigmas drawn from 1.0 (7 in 10), 0.75, 0.5, 0.25, "
+                                   "unshifted (Schnell's; SimpleTuner: below the uniform and beta schedules).")
+    flux_attention_masked_training: bool = opt(False, TRAIN, help="Flux: the T5 token mask enters every joint "
+                                               "attention (added to the scores, as in SimpleTuner).")  # fmt: skip
+    hidream_use_load_balancing_loss: bool = opt(False, TRAIN, help="HiDream: add the expert gates' auxiliary loss "
+                                                "(detached, as in SimpleTuner: it changes the logged loss only).")
+    hidream_load_balancing_loss_weight: float | None = opt(None, TRAIN, help="Its weight (and the gates' coefficient).")
+    sd3_clip_uncond_behaviour: str = opt("empty_string", TRAIN, choices=("empty_string", "zero"),
+                                         help="SD3 caption dropout: the empty caption's CLIP embeddings, or zeros.")
+    sd3_t5_uncond_behaviour: str | None = opt(None, TRAIN, choices=(None, "empty_string", "zero"),
+                                              help="As sd3_clip_uncond_behaviour for T5 (unset: follows it).")
     loss_type: str = opt("l2", TRAIN, choices=("l2", "huber", "smooth_l1"))
     huber_schedule: str = opt("snr", TRAIN, choices=("snr", "exponential", "constant"))
     huber_c: float = opt(0.1, TRAIN)
@@ -226,7 +246,8 @@ class Config:
     conditioning_multidataset_sampling: str = opt(
         "random", TRAIN, choices=("random", "combined"),
         help="With several conditioning datasets on one image dataset: random picks one per sample (seeded); "
-             "combined uses them all at once (refused until an edit model family consumes it).")  # fmt: skip
+             "combined uses them all at once (SimpleTuner's multi-reference Kontext; refused: diffusers' "
+             "FluxKontextPipeline takes one reference image).")  # fmt: skip
     dataloader_prefetch: bool = opt(True, TRAIN, key=False)
     dataloader_prefetch_qlen: int = opt(4, TRAIN, key=False)
 
@@ -269,8 +290,16 @@ class Config:
     quantization_config: Any = opt(None, TRAIN, help="diffusers quantization settings per component (unet, "
                                    "transformer, default): a JSON object, JSON text or a JSON file path.")  # fmt: skip
     quantize_activations: bool = opt(False, TRAIN, help="Quantise activations too (8-bit optimum-quanto presets).")
-    pretrained_transformer_model_name_or_path: str | None = opt(None, TRAIN, key=False,  # its file is hashed instead
-        help="A .gguf transformer (flux, sd3), loaded quantised by diffusers' GGUF loader.")  # fmt: skip
+    pretrained_transformer_model_name_or_path: str | None = opt(None, TRAIN, key=False,  # its files are hashed instead
+        help="Train this transformer: a diffusers folder or hub id (read from pretrained_transformer_subfolder), or "
+             "a .gguf file (flux, sd3), loaded quantised by diffusers' GGUF loader.")  # fmt: skip
+    pretrained_transformer_subfolder: str | None = opt("transformer", TRAIN, help="The subfolder of "
+                                                       "pretrained_transformer_model_name_or_path (none: itself).")
+    # In the train key by value (a changed override never resumes another run's checkpoints).
+    pretrained_unet_model_name_or_path: str | None = opt(None, TRAIN, help="Train this UNet (folder or hub id) "
+                                                         "instead of the model's own.")  # fmt: skip
+    pretrained_unet_subfolder: str | None = opt("unet", TRAIN, help="The subfolder of "
+                                                "pretrained_unet_model_name_or_path (none: itself).")  # fmt: skip
     # The text encoders that compute st cache's embeddings (pipeline.quantise_modules): N is the family's Nth encoder.
     text_encoder_1_precision: str = opt("no_change", CACHE, choices=QUANTISATION_PRESETS,
                                         help="Quantise text encoder 1 in st cache (CLIP-L; pixart_sigma: T5).")
@@ -842,6 +871,9 @@ OPTION_RANGES: dict[str, Range] = {
     "input_perturbation": _NON_NEGATIVE,
     "input_perturbation_steps": _NON_NEGATIVE,
     "caption_dropout_probability": _FRACTION,
+    "data_aesthetic_score": _NON_NEGATIVE,
+    "refiner_training_strength": Range(0, 1, low_open=True, high_open=True),
+    "hidream_load_balancing_loss_weight": _POSITIVE,
     "dataloader_prefetch_qlen": Range(1, 1024),
     "optimizer_beta1": Range(0, 1, high_open=True),
     "optimizer_beta2": Range(0, 1, high_open=True),

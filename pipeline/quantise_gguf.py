@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import resolve_relative_path
-from .errors import ConfigError, NotSupportedError
+from .errors import ConfigError
 
 OPTION = "pretrained_transformer_model_name_or_path"
 # Families whose transformer class diffusers loads from a single GGUF file.
@@ -16,14 +16,11 @@ GGUF_FAMILIES = ("flux", "sd3")
 
 
 def gguf_path(config: Any, base_dir: Path | None) -> Path | None:
-    """The .gguf transformer of `config`, checked (exit 2 naming the fix), or None when the option is unset."""
+    """The .gguf transformer of `config`, checked (exit 2 naming the fix), or None when the option is unset or names
+    a diffusers transformer (a folder or hub id: `identity.denoiser_source`'s)."""
     value = getattr(config, OPTION)
-    if value in (None, ""):
+    if value in (None, "") or not str(value).endswith(".gguf"):
         return None
-    if not str(value).endswith(".gguf"):
-        raise NotSupportedError(f"{OPTION} {value!r}: st loads a .gguf single-file transformer from it; another "
-                                "transformer folder or checkpoint is not implemented: point pretrained_model_name_or_path "
-                                "at a diffusers folder that holds it")  # fmt: skip
     if config.model_family not in GGUF_FAMILIES:
         raise ConfigError(f"{OPTION} is a .gguf transformer, which diffusers loads for {', '.join(GGUF_FAMILIES)}; "
                           f"{config.model_family} has none: remove {OPTION}")  # fmt: skip

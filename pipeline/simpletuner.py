@@ -151,7 +151,6 @@ OPTION_STATES: dict[str, OptionState] = {
                                                  "(`<name>-control.png`), the same pixels either way"),
     **_only_with("distillation_method", "distillation_config"),
     **_only_with("evaluation_type", "pretrained_evaluation_model_name_or_path"),
-    **_only_with("refiner_training", "refiner_training_invert_schedule refiner_training_strength"),
     **_only_with("use_adafactor_optimizer", "adafactor_relative_step"),
     **_only_with("validation_adapter_path", "validation_adapter_name validation_adapter_strength "
                                             "validation_adapter_mode validation_adapter_config"),
@@ -169,31 +168,22 @@ OPTION_STATES: dict[str, OptionState] = {
                  "scheduled_sampling_reflexflow scheduled_sampling_reflexflow_alpha "
                  "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
     **_only_for("ltxvideo", "ltx_train_mode ltx_i2v_prob ltx_partial_noise_fraction ltx_protect_first_frame"),
-    # HiDream's MoE load-balancing loss: SimpleTuner adds the expert gates' auxiliary loss times this weight to the
-    # training loss only when hidream_use_load_balancing_loss is on (refused below).
-    **_only_with("hidream_use_load_balancing_loss", "hidream_load_balancing_loss_weight"),
-    **_only_for("video families (wan, ltxvideo, ...)", "validation_num_video_frames framerate"),
+    **_only_for("video families (wan, ltxvideo, ...)", "validation_num_video_frames"),
+    "framerate": Accepted("read by `st prepare` only as SimpleTuner reads it: a video dataset without "
+                          "video.num_frames takes framerate * 5 frames (the resolved block is in the prepare "
+                          "manifest and its key)"),
     # Refused: a feature st lacks; loads only at its default.
-    **_refused("loading the denoiser from another model or folder",
-               "pretrained_transformer_subfolder "
-               "pretrained_unet_model_name_or_path pretrained_unet_subfolder"),
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
-    "control": Refused("channel-wise control conditioning training"),
     "tread_config": Refused("TREAD token routing"),
     **_refused("distillation", "distillation_method"),
     "evaluation_type": Refused("CLIP evaluation", "none"),
     "eval_timesteps": Refused("choosing the evaluation timesteps", 28),
-    **_refused("SDXL refiner training", "refiner_training sdxl_refiner_uses_full_range"),
-    "data_aesthetic_score": Refused("SDXL refiner aesthetic-score conditioning", 7.0),
+    "sdxl_refiner_uses_full_range": Accepted("SimpleTuner defines it but never reads it (refiner_training's range "
+                                             "applies whatever it says)"),
     "snr_weight": Refused("an SNR-weight multiplier", 1.0),
     "inference_scheduler_timestep_spacing": Refused("choosing the validation scheduler's timestep spacing",
                                                     "trailing"),
-    "sd3_clip_uncond_behaviour": Refused("SD3 unconditional-embedding choices", "empty_string"),
-    "sd3_t5_uncond_behaviour": Refused("SD3 unconditional-embedding choices"),
-    "flux_attention_masked_training": Refused("Flux attention-masked training"),
-    "flux_fast_schedule": Refused("Flux Schnell's fast schedule"),
-    "hidream_use_load_balancing_loss": Refused("HiDream's mixture-of-experts load-balancing loss", False),
     **_refused("on-demand VAE encoding (st always caches latents with `st cache`)",
                "vae_cache_ondemand vae_cache_disable"),
     **_refused("fused optimizer steps during the backward pass",
@@ -249,6 +239,7 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     "max_num_samples": Refused("capping a dataset's sample count"),
     "delete_nsfw_images": Refused("NSFW filtering"),
     "grounding": Refused("spatial grounding (bounding boxes and masks)"),
+    "audio": Refused("audio datasets and audio taken from videos (the `audio` block)"),
     "slider_strength": Refused("slider LoRA training"),
     "timestep_sampling_offset": Refused("a timestep offset per dataset"),
     "conditioning_image_embeds": Refused("cached conditioning image embeddings (CLIP vision features for "
@@ -264,6 +255,9 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
 
 # Values of an implemented option that SimpleTuner offers and st does not implement yet: option -> value -> feature.
 REFUSED_CHOICES: dict[str, dict[str, str]] = {
+    "model_family": {"omnigen": "the OmniGen family (its transformer embeds Phi-3 token ids itself, so its cache holds "
+                                "token ids, position ids and attention masks, and it trains on OmniGen's reversed flow "
+                                "time); train another family"},
     "flux_lora_target": {
         "controlnet": "ControlNet / control conditioning training",
         "all+ffs+embedder+controlnet": "ControlNet / control conditioning training",

@@ -58,7 +58,8 @@ from pipeline.families import FAMILIES
 FAMILY_NAMES = {**{name: name for name in FAMILIES}, "pixart": "pixart_sigma", "cosmos": "cosmos2image"}
 QUICKSTARTS = {"FLUX": "flux", "SDXL": "sdxl", "SD3": "sd3", "SIGMA": "pixart_sigma", "QWEN_IMAGE": "qwen_image",
                "AURAFLOW": "auraflow", "LUMINA2": "lumina2", "SANA": "sana", "KOLORS": "kolors", "CHROMA": "chroma",
-               "ZIMAGE": "z_image", "HIDREAM": "hidream", "COSMOS2IMAGE": "cosmos2image"}
+               "ZIMAGE": "z_image", "HIDREAM": "hidream", "COSMOS2IMAGE": "cosmos2image",
+               "FLUX2": "flux2"}
 DATALOADER_FAMILY = "sdxl"
 REFUSAL = re.compile(r"does not implement|not supported yet")
 MISSING_FOLDER = re.compile(r"instance_data_dir (/\S*) does not exist")

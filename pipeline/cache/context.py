@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import CACHE, LoadedConfig
 from ..distributed import local_rank
+from ..errors import NotSupportedError
 from ..families import Family, check_model_family, get_family, without_source
 from ..families.identity import ModelSources, model_identity, model_sources
 from ..families.text_training import trainable_text
@@ -107,6 +108,7 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> CacheContext:
     family = get_family(config.model_family) if config.model_family else None
     sources = model_sources(loaded)
     check_model_family(family, sources.model)
+    family = family.for_run(config.model_flavour, sources.model)  # the encoders of the variant trained (SDXL refiner)
     check_text_encoder_precisions(options.text_encoder_precisions, family, trained=options.train_text_encoder)
     check_components(ComponentOptions.from_config(options), encode_device(), "encodes", options.text_encoder_precisions)
     model = model_identity(family, sources)
@@ -118,6 +120,9 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> CacheContext:
     token_ids = {"token_ids": True} if options.train_text_encoder else {}  # train_text_encoder: the ids are stored
     if token_ids:
         trainable_text(family.name if family else config.model_family)
+        if family is not None and family.text_encoders != get_family(family.name).text_encoders:
+            raise NotSupportedError(f"st does not implement train_text_encoder for {family.pipeline_class} (the SDXL "
+                                    "refiner) yet; set train_text_encoder false")  # fmt: skip
     key = sha256_json({"format": FORMAT_VERSION, "parent": parent["digest"], "config": stage_config,
                        "model": stripped, "vae_dtype": vae_dtype, "prompts": sorted(prompts), **token_ids})  # fmt: skip
     roots = {d["id"]: d["root"] for d in [*parent["datasets"], *parent.get("conditioning_datasets", [])]}

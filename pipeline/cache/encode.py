@@ -16,7 +16,7 @@ from typing import Any
 from .. import speed as speed_options
 from ..errors import InputError
 from ..families import Family, load_components, vae_factors
-from ..families.loading import latent_normalisation, scaled_latents, vae_input
+from ..families.loading import latent_normalisation, patch_batch_norm, scaled_latents, vae_input
 from ..hashing import sha256_bytes
 from ..log import quiet_libraries
 from ..quantise_modules import quantise_module
@@ -164,6 +164,8 @@ class Encoders:
             dist = getattr(encoded, "latent_dist", None)
             if dist is None:  # a deterministic autoencoder (Sana's AutoencoderDC) returns `.latent`
                 latents = encoded.latent[:count].float()
+            elif patch_batch_norm(vae) is not None:  # FLUX.2: its pipeline and SimpleTuner take the mode
+                latents = dist.mode()[:count].float()
             else:
                 mean, std = dist.mean[:count].float(), dist.std[:count].float()
                 noise = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=torch.float32)

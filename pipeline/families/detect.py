@@ -35,7 +35,9 @@ _DENOISERS = ("unet", "transformer", "prior", "decoder")
 # Single-file checkpoints: key prefixes that identify a family, in the order diffusers checks them.
 _SINGLE_FILE_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sd3", ("joint_blocks.", "model.diffusion_model.joint_blocks.")),
-    # Chroma keeps Flux's block names and adds the modulation approximator, so it is told apart first.
+    # FLUX.2 keeps Flux's block names and shares its modulation across blocks; Chroma keeps Flux's block names and
+    # adds the modulation approximator: both are told apart first.
+    ("flux2", ("double_stream_modulation_img.", "model.diffusion_model.double_stream_modulation_img.")),
     ("chroma", ("distilled_guidance_layer.", "model.diffusion_model.distilled_guidance_layer.")),
     ("flux", ("double_blocks.", "model.diffusion_model.double_blocks.")),
     ("sdxl", ("conditioner.embedders.1.",)),

@@ -1,7 +1,9 @@
 """Flux.1: MMDiT transformer over 2x2-packed 16-channel latents, CLIP-L pooled output + T5-XXL sequence.
 
 `prompt_embeds` is T5's last hidden state over the padded sequence (512 tokens by default, as FLUX.1-dev); the
-pipeline passes no mask, so the padded positions are kept. `pooled_prompt_embeds` is CLIP's pooler output.
+pipeline passes no mask, so the padded positions are kept. `pooled_prompt_embeds` is CLIP's pooler output. `st cache`
+also stores T5's token mask (`attention_mask`), which `collate_text` leaves out and only
+`flux_attention_masked_training` hands to the transformer.
 """
 
 from __future__ import annotations
@@ -63,10 +65,13 @@ def encode_prompts(
     *,
     max_length: int | None = None,
     t5_padding: str = "unmodified",
+    attention_mask: bool = False,
     device: Any = "cpu",
 ) -> list[dict[str, Any]]:
     """`prompt_embeds` (T5 tokens x T5 dim) and `pooled_prompt_embeds` (CLIP dim), as `FluxPipeline.encode_prompt`.
-    `max_length` is the T5 `max_sequence_length`; `t5_padding="zero"` zeroes T5's outputs at padded positions."""
+    `max_length` is the T5 `max_sequence_length`; `t5_padding="zero"` zeroes T5's outputs at padded positions.
+    `attention_mask`: also T5's token mask (1 real, 0 padding), which `flux_attention_masked_training` reads; `st
+    cache` always stores it, as SimpleTuner does."""
     import torch
 
     text.check_t5_padding(t5_padding)
@@ -81,7 +86,14 @@ def encode_prompts(
         embeds = t5(ids, output_hidden_states=False)[0]
     if t5_padding == "zero":
         embeds = text.zero_padding(embeds, mask)
-    return text.split({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
+    stored = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    return text.split({**stored, "attention_mask": mask} if attention_mask else stored)
+
+
+def collate_text(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The batch `FluxPipeline` hands its transformer: the items' embeddings without their stored T5 mask (which
+    `flux_attention_masked_training` adds back, `pipeline.train.family_options`)."""
+    return text.collate([{k: v for k, v in item.items() if k != "attention_mask"} for item in items])
 
 
 def pack_latents(latents: Any) -> Any:
@@ -132,7 +144,9 @@ def transformer_call(
     transformer: Any, tokens: Any, ids: Any, timesteps: Any, text: dict[str, Any], guidance: Any = None
 ) -> Any:
     """The Flux transformer on packed image `tokens` with their position `ids`, as the Flux pipelines call it: zero
-    text ids, `timestep / 1000` and the guidance value(s) when the model embeds guidance (default 1.0)."""
+    text ids, `timestep / 1000` and the guidance value(s) when the model embeds guidance (default 1.0). A text
+    `attention_mask` (present only with `flux_attention_masked_training`) goes to every joint attention as
+    `joint_attention_mask` builds it."""
     import torch
 
     b, device, dtype = tokens.shape[0], tokens.device, tokens.dtype
@@ -150,8 +164,22 @@ def transformer_call(
         encoder_hidden_states=embeds,
         txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype),
         img_ids=ids,
+        joint_attention_kwargs=None if "attention_mask" not in text else {
+            "attention_mask": joint_attention_mask(text["attention_mask"], tokens.shape[1], tokens.dtype)},
         return_dict=False,
     )[0]
+
+
+def joint_attention_mask(text_mask: Any, image_tokens: int, dtype: Any) -> Any:
+    """SimpleTuner's `flux_attention_masked_training` mask over the joint sequence (text tokens, then image tokens):
+    the T5 token mask followed by ones, as a B x 1 x 1 x S float 0/1 mask. As in SimpleTuner's Flux attention, the
+    mask is *added* to the attention scores (scaled dot-product attention adds a float mask), so every query favours
+    real text and image keys by +1 over padded text keys rather than excluding the padding outright."""
+    import torch
+
+    ones = torch.ones(text_mask.shape[0], image_tokens, device=text_mask.device, dtype=dtype)
+    mask = torch.cat([(text_mask > 0).to(dtype), ones], dim=1)
+    return mask[:, None, None, :]
 
 
 def tiny(out_dir: Path, seed: int) -> None:
@@ -205,11 +233,14 @@ FLAVOURS = (
     Flavour("dev", "black-forest-labs/flux.1-dev"),
     Flavour("krea", "black-forest-labs/flux.1-krea-dev"),
     Flavour("schnell", "black-forest-labs/flux.1-schnell",
-            needs="Flux Schnell's fast schedule and training adapter (flux_fast_schedule, assistant LoRA)"),
+            needs="Flux Schnell's training adapter (SimpleTuner's assistant LoRA, used with the fast schedule)"),
     Flavour("kontext", "black-forest-labs/flux.1-kontext-dev"),  # trains as flux_kontext.FAMILY (see `variant`)
     Flavour("fluxbooru", "terminusresearch/fluxbooru-v0.3",
             needs="real classifier-free guidance validation (validation_guidance_real)"),
-    Flavour("libreflux", "jimmycarter/LibreFlux-SimpleTuner", needs="Flux attention-masked training"),
+    # SimpleTuner trains LibreFlux with flux_attention_masked_training forced on and validates it with real CFG.
+    Flavour("libreflux", "jimmycarter/LibreFlux-SimpleTuner",
+            needs="real classifier-free guidance validation (validation_guidance_real; SimpleTuner also forces "
+                  "attention-masked training on)"),
 )  # fmt: skip
 
 
@@ -233,11 +264,12 @@ FAMILY = Family(
     lora_targets=sd3.MMDIT_LORA_TARGETS,
     tiny=tiny,
     encode_prompts=encode_prompts,
-    collate_text=text.collate,
+    collate_text=collate_text,
     predict=predict,
     lora_presets=LORA_PRESETS,
     default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default; flow_schedule_auto_shift for Flux's line
     flavours=FLAVOURS,
     default_flavour="krea",
     variant=_variant,
+    text_options=lambda _options: {"attention_mask": True},  # the T5 mask, for flux_attention_masked_training
 )

@@ -16,9 +16,12 @@ from typing import Any
 from pipeline.config import MODEL_FAMILIES
 from pipeline.errors import ConfigError, InputError
 from pipeline.families.hub import hub_errors, hub_offline, hub_problem, looks_like_path
+from pipeline.families.pixel_space import identity as pixel_identity
+from pipeline.families.pixel_space import is_pixel_space
 from pipeline.families.sources import component_origin, unreachable_fallback
 from pipeline.families.spec import Family
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
+from pipeline.log import get_logger
 
 # Config keys that say which library version or path wrote a config, not what the model is.
 _VOLATILE_CONFIG_KEYS = ("_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash")
@@ -37,6 +40,7 @@ class ModelSources:
     vae: str | None
     t5: str | None
     revision: str | None
+    flavour: str | None = None  # `model_flavour`: with the model, it picks the family variant (`Family.for_run`)
 
 
 def _resolve(loaded, value: str | None) -> str | None:
@@ -66,13 +70,62 @@ def model_sources(loaded) -> ModelSources:
             "option 'pretrained_model_name_or_path' is not set; point it at a diffusers folder, a "
             ".safetensors checkpoint or a hub id (`st tiny-model FAMILY DIR` writes a small test model)"
         )
-    return ModelSources(model, _resolve(loaded, config.pretrained_vae_model_name_or_path),
-                        _resolve(loaded, config.pretrained_t5_model_name_or_path), config.revision)  # fmt: skip
+    vae = _resolve(loaded, config.pretrained_vae_model_name_or_path)
+    if vae is not None and is_pixel_space(family):  # nothing to replace; SimpleTuner clears the option too
+        get_logger("families").warning("pretrained_vae_model_name_or_path is ignored: %s denoises pixels and has no "
+                                       "VAE", family.name)  # fmt: skip
+        vae = None
+    return ModelSources(model, vae, _resolve(loaded, config.pretrained_t5_model_name_or_path),
+                        config.revision, config.model_flavour)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DenoiserSource:
+    """Where the denoiser is read from: `source` (a folder or hub id) and `subfolder` (None: `source` itself)."""
+
+    source: str
+    subfolder: str | None
+
+
+# SimpleTuner's options naming another denoiser, per denoiser subfolder: (model option, subfolder option).
+DENOISER_OPTIONS = {"unet": ("pretrained_unet_model_name_or_path", "pretrained_unet_subfolder"),
+                    "transformer": ("pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder")}
+
+
+def denoiser_source(config: Any, family: Family, model: str, base_dir: Path) -> DenoiserSource | None:
+    """The denoiser SimpleTuner loads instead of `model`'s own: `pretrained_unet_model_name_or_path` (UNet families)
+    or `pretrained_transformer_model_name_or_path` (transformer families; a `.gguf` file is the GGUF loader's),
+    read from its `pretrained_unet_subfolder` / `pretrained_transformer_subfolder` ("none": the folder itself).
+    None when the run uses `model`'s own denoiser. Relative paths resolve as SimpleTuner reads them."""
+    from pipeline.config import resolve_relative_path
+
+    for kind, (path_option, _) in DENOISER_OPTIONS.items():
+        value = getattr(config, path_option)
+        if value not in (None, "") and kind != family.denoiser.subfolder:
+            raise ConfigError(f"{path_option} names a {kind}, and {family.name}'s denoiser is a "
+                              f"{family.denoiser.subfolder}: remove it")  # fmt: skip
+    path_option, subfolder_option = DENOISER_OPTIONS.get(family.denoiser.subfolder, (None, None))
+    value = getattr(config, path_option) if path_option else None
+    if value in (None, "") or str(value).endswith(".gguf"):
+        return None
+    subfolder = getattr(config, subfolder_option)
+    subfolder = None if subfolder in (None, "") or str(subfolder).lower() == "none" else str(subfolder)
+    candidate = resolve_relative_path(str(value), base_dir)
+    return DenoiserSource(str(candidate.resolve()) if candidate.exists() else str(value), subfolder)
+
+
+def denoiser_identity(family: Family, model: str, override: DenoiserSource | None, revision: str | None) -> dict:
+    """`component_identity` of the denoiser a run trains: `model`'s own, or the override's (`denoiser_source`)."""
+    if override is None:
+        return component_identity(model, family.denoiser.subfolder, revision)
+    return component_identity(override.source, override.subfolder, revision)
 
 
 def model_identity(family: Family, sources: ModelSources) -> dict[str, Any]:
-    """Identities of the VAE, text encoders and tokenizers, from configs and weight headers (nothing is loaded)."""
+    """Identities of the VAE, text encoders and tokenizers, from configs and weight headers (nothing is loaded), of
+    the family variant the sources train (the SDXL refiner has one text encoder)."""
     source, revision = sources.model, sources.revision
+    family = family.for_run(sources.flavour, source)
 
     def identify(component, override: str | None) -> dict[str, Any]:
         if override is None:  # the model's own, or the family's source for a part the model lacks
@@ -94,7 +147,7 @@ def model_identity(family: Family, sources: ModelSources) -> dict[str, Any]:
     t5_source = sources.t5
     is_t5 = [spec.kind == "t5" for spec in family.text_encoders]
     return {
-        "vae": identify(family.vae, sources.vae),
+        "vae": pixel_identity(source, revision) if is_pixel_space(family) else identify(family.vae, sources.vae),
         "text_encoders": [identify(s.model, t5_source if t5 else None) for s, t5 in zip(family.text_encoders, is_t5)],
         "tokenizers": [identify(s.tokenizer, t5_source if t5 and t5_source and Path(t5_source, s.tokenizer.subfolder)
                                 .is_dir() else None) for s, t5 in zip(family.text_encoders, is_t5)],

@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, InputError, NotSupportedError
 from pipeline.families.hub import hub_errors, hub_offline, hub_problem, looks_like_path
+from pipeline.families.pixel_space import is_pixel_space
 from pipeline.families.sources import component_origin, fallback_source, unreachable_fallback
 from pipeline.families.sources import has_component as _has_component
 from pipeline.families.spec import Component, Family, TextEncoderSpec
@@ -93,7 +94,7 @@ def vae_factors(vae: Any) -> tuple[float, float | None]:
     """`(scaling_factor, shift_factor or None)` from the VAE's config: latents = (encode(x) - shift) * scale.
     A VAE normalised per channel (`latent_normalisation`) has none: (1.0, None), as SimpleTuner's Qwen-Image."""
     scaling = vae.config.get("scaling_factor")
-    if scaling is None and latent_normalisation(vae) is not None:
+    if scaling is None and (latent_normalisation(vae) is not None or patch_batch_norm(vae) is not None):
         return 1.0, None
     if scaling is None:
         raise InputError(f"the VAE config ({type(vae).__name__}) has no scaling_factor")
@@ -108,6 +109,19 @@ def latent_normalisation(vae: Any) -> tuple[list[float], list[float]] | None:
     if mean is None or std is None:
         return None
     return [float(v) for v in mean], [float(v) for v in std]
+
+
+def patch_batch_norm(vae: Any) -> tuple[Any, Any] | None:
+    """`(mean, std)` (1 x 4C x 1 x 1) of a VAE whose pipeline normalises 2x2 patches of its latents by a BatchNorm's
+    running statistics (FLUX.2's AutoencoderKLFlux2); None for other VAEs. Its pipeline and SimpleTuner encode with
+    the latent distribution's mode, and so does `st cache`."""
+    bn = getattr(vae, "bn", None)
+    if bn is None or "batch_norm_eps" not in vae.config:
+        return None
+    import torch
+
+    mean = bn.running_mean.detach().float().view(1, -1, 1, 1)
+    return mean, torch.sqrt(bn.running_var.detach().float().view(1, -1, 1, 1) + vae.config.batch_norm_eps)
 
 
 def is_video_vae(vae: Any) -> bool:
@@ -132,6 +146,12 @@ def scaled_latents(vae: Any, sample: Any) -> Any:
 
         mean, std = (torch.tensor(v, dtype=sample.dtype, device=sample.device).view(1, -1, 1, 1) for v in stats)
         return (sample - mean) / std
+    patch_stats = patch_batch_norm(vae)
+    if patch_stats is not None:  # normalised as 2x2 patches, cached in the VAE's own layout (see families/flux2.py)
+        from pipeline.families.flux2 import patchify, unpatchify
+
+        mean, std = (v.to(sample.device, sample.dtype) for v in patch_stats)
+        return unpatchify((patchify(sample) - mean) / std)
     scale, shift = vae_factors(vae)
     return (sample if shift is None else sample - shift) * scale
 
@@ -174,6 +194,26 @@ def _load_text_part(family: Family, component: Component, source: str, opts: dic
         return _load(component, origin.source, origin.subfolder, fallback_opts)
     except hub_errors() as error:
         raise unreachable_fallback(family, source, origin, error) from error
+
+
+def load_denoiser(family: Family, source: str, subfolder: str | None, *, revision: str | None = None,
+                  variant: str | None = None, dtype: Any = None, quantization_config: Any = None) -> Any:  # fmt: skip
+    """The family's denoiser class loaded from `source` / `subfolder` (None: `source` itself), a folder or hub id:
+    the denoiser of SimpleTuner's `pretrained_unet_*` / `pretrained_transformer_*` options (`identity.denoiser_source`)."""
+    path = Path(source).expanduser()
+    local = path.is_dir()
+    if not local and looks_like_path(source):
+        raise InputError(f"the denoiser path {source!r} does not exist")
+    folder = path / subfolder if subfolder else path
+    if local and not _has_component(folder, family.denoiser):
+        raise InputError(f"{folder} holds no {family.denoiser.class_name} (its config.json and weights); check the "
+                         "denoiser path and its subfolder option (\"none\": the folder itself)")  # fmt: skip
+    opts = {"revision": revision, "variant": variant, "dtype": dtype, "quantization_config": quantization_config,
+            "local_files_only": False if local else hub_offline()}  # fmt: skip
+    try:
+        return _load(family.denoiser, source, subfolder, opts)
+    except hub_errors() as error:
+        raise _hub_error(family, source, "the denoiser", error) from error
 
 
 def _load_single_file(
@@ -315,7 +355,7 @@ def _hub_error(family: Family, source: str, what: str, error: BaseException) -> 
 
 def _required_subfolders(family: Family, which: Sequence[str]) -> list[str]:
     names: list[str] = []
-    if "vae" in which:
+    if "vae" in which and not is_pixel_space(family):  # a pixel-space family's "VAE" has no folder
         names.append(family.vae.subfolder)
     if "denoiser" in which:
         names.append(family.denoiser.subfolder)

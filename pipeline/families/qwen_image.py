@@ -168,7 +168,10 @@ def tiny(out_dir: Path, seed: int) -> None:
 
 
 # SimpleTuner's Qwen-Image flavours (models/qwen_image/model.py HUGGINGFACE_PATHS); its default is "v2.0".
-_EDIT = "conditioning datasets (Qwen-Image-Edit trains on paired reference images)"
+# The edit flavours encode each caption together with its sample's reference image (Qwen2.5-VL sees the image tokens;
+# SimpleTuner caches those embeddings per sample), where st caches one embedding per caption text.
+_EDIT = ("conditioning datasets whose captions are encoded with each sample's reference image "
+         "(QwenImageEditPipeline's image-aware Qwen2.5-VL prompt embeddings, cached per sample)")
 FLAVOURS = (
     Flavour("v1.0", "Qwen/Qwen-Image"),
     Flavour("v2.0", "Qwen/Qwen-Image-2512"),

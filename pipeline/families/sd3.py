@@ -85,6 +85,19 @@ def encode_prompts(
     )
 
 
+def zeroed_uncond(item: dict[str, Any], clip: bool, t5: bool) -> dict[str, Any]:
+    """A caption-dropped sample's text under SimpleTuner's `sd3_*_uncond_behaviour` "zero": the CLIP part (the
+    first 77 tokens of the joint sequence and the pooled projections) and/or the T5 part (the tokens after them)
+    set to zeros, the rest kept from `item` (the empty caption's embeddings). A new dict; `item` is not changed."""
+    embeds, pooled = item["prompt_embeds"].clone(), item["pooled_prompt_embeds"]
+    if clip:
+        embeds[:CLIP_LENGTH] = 0
+        pooled = pooled.new_zeros(pooled.shape)
+    if t5:
+        embeds[CLIP_LENGTH:] = 0
+    return {**item, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
 def predict(
     transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None, guidance: Any = None
 ) -> Any:

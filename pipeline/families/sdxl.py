@@ -3,10 +3,16 @@
 Prompt embeddings are the penultimate hidden states of both encoders concatenated on the feature axis; the pooled
 embedding is the projected output of the second encoder. Both sequences keep all 77 positions: the UNet attends to
 padded positions unmasked.
+
+The refiner (`REFINER`, flavours refiner-1.0 / refiner-0.9, or a folder whose `model_index.json` says
+`requires_aesthetics_score`) is a variant: OpenCLIP bigG alone (`text_encoder_2`), time ids (original size, crop,
+aesthetic score) instead of the target size, and StableDiffusionXLImg2ImgPipeline.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +106,41 @@ def predict(
     return unet(latents, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
 
 
-def tiny(out_dir: Path, seed: int) -> None:
-    """Write a tiny SDXL diffusers folder (Euler scheduler, scaling factor 0.13025, text_time conditioning)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+# SimpleTuner's `data_aesthetic_score` default: the aesthetic score a refiner is trained with.
+DEFAULT_AESTHETIC_SCORE = 7.0
+REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
+
+
+def refiner_time_ids(meta: Any, scores: Any, dtype: Any, device: Any) -> Any:
+    """Per-sample `add_time_ids` of a refiner, as `StableDiffusionXLImg2ImgPipeline._get_add_time_ids` orders them
+    with `requires_aesthetics_score`: original size (h, w), crop top-left (top, left), aesthetic score."""
+    import torch
+
+    rows = [[item["original_size"][1], item["original_size"][0], *item["crop_top_left"]] for item in meta]
+    ids = torch.tensor(rows, dtype=dtype, device=device)
+    return torch.cat([ids, torch.as_tensor(scores, dtype=dtype, device=device).reshape(-1, 1).expand(len(rows), 1)], 1)
+
+
+def refiner_predict(
+    unet: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None, guidance: Any = None
+) -> Any:
+    """`StableDiffusionXLImg2ImgPipeline`'s denoiser call for a refiner: as `predict`, with the aesthetic score in
+    place of the target size. `text["aesthetic_score"]` (one per sample; `FamilyText` adds `data_aesthetic_score`)
+    defaults to SimpleTuner's 7.0."""
+    if meta is None:
+        raise InputError("the SDXL refiner needs each sample's metadata (original_size, crop_top_left)")
+    embeds = text["prompt_embeds"]
+    scores = text.get("aesthetic_score", DEFAULT_AESTHETIC_SCORE)
+    added = {"text_embeds": text["pooled_prompt_embeds"],
+             "time_ids": refiner_time_ids(meta, scores, embeds.dtype, latents.device)}  # fmt: skip
+    return unet(latents, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def tiny(out_dir: Path, seed: int, refiner: bool = False) -> None:
+    """Write a tiny SDXL diffusers folder (Euler scheduler, scaling factor 0.13025, text_time conditioning); with
+    `refiner`, a refiner's (text_encoder_2 only, 5 time ids with the aesthetic score, StableDiffusionXLImg2ImgPipeline
+    with `requires_aesthetics_score`)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     tokenizer = clip_tokenizer(pad_token=EOS, max_length=CLIP_LENGTH)
     tokenizer_2 = clip_tokenizer(pad_token="!", max_length=CLIP_LENGTH)
@@ -112,12 +150,13 @@ def tiny(out_dir: Path, seed: int) -> None:
     text_encoder_2 = tiny_parts.clip_text(tokenizer_2, projection=True, hidden_act="gelu")
     tiny_parts.seed_everything(seed + 2)
     time_dim = 8
+    cross_attention_dim = text_encoder_2.config.hidden_size + (0 if refiner else text_encoder.config.hidden_size)
     denoiser = sd1x.unet(
-        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+        cross_attention_dim=cross_attention_dim,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
+        projection_class_embeddings_input_dim=(5 if refiner else 6) * time_dim + text_encoder_2.config.projection_dim,
     )
     tiny_parts.seed_everything(seed + 3)
     vae = tiny_parts.vae(4, 0.13025)
@@ -128,6 +167,14 @@ def tiny(out_dir: Path, seed: int) -> None:
         steps_offset=1,
         timestep_spacing="leading",
     )
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+            unet=denoiser, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+        )  # as stabilityai/stable-diffusion-xl-refiner-1.0's model_index.json
+        tiny_parts.save(pipe, out_dir, clip_tokenizers=("tokenizer_2",))
+        return
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -145,10 +192,26 @@ def tiny(out_dir: Path, seed: int) -> None:
 # SimpleTuner's SDXL flavours (models/sdxl/model.py HUGGINGFACE_PATHS); its default is "base-1.0".
 FLAVOURS = (
     Flavour("base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
-    Flavour("refiner-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0", needs="SDXL refiner training"),
+    Flavour("refiner-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0"),  # trains as REFINER (see `_variant`)
     Flavour("base-0.9", "stabilityai/stable-diffusion-xl-base-0.9"),
-    Flavour("refiner-0.9", "stabilityai/stable-diffusion-xl-refiner-0.9", needs="SDXL refiner training"),
+    Flavour("refiner-0.9", "stabilityai/stable-diffusion-xl-refiner-0.9"),
 )
+
+
+def is_refiner(flavour: str | None, source: str) -> bool:
+    """Whether a run of `model_flavour` `flavour` on the model at `source` trains a refiner: a refiner-* flavour, or
+    a diffusers folder (local, or in the hub cache) whose `model_index.json` sets `requires_aesthetics_score`."""
+    if flavour is not None and flavour.startswith("refiner-"):
+        return True
+    from pipeline.families.flux_kontext import model_index_of
+
+    index = model_index_of(source)
+    return index is not None and bool(index.get("requires_aesthetics_score"))
+
+
+def _variant(flavour: str | None, source: str) -> Family:
+    return REFINER if is_refiner(flavour, source) else FAMILY
+
 
 FAMILY = Family(
     name="sdxl",
@@ -168,4 +231,9 @@ FAMILY = Family(
     flavours=FLAVOURS,
     default_flavour="base-1.0",
     control_input="pixels",
+    variant=_variant,
 )
+
+REFINER: Family = dataclasses.replace(FAMILY, pipeline_class=REFINER_PIPELINE, text_encoders=TEXT_ENCODERS[1:],
+                                      predict=refiner_predict, tiny=functools.partial(tiny, refiner=True),
+                                      variant=None)  # fmt: skip

@@ -65,7 +65,8 @@ class Family:
     `encode_prompts` stores prompt embeddings trimmed to the real token count (lossless only because the denoiser
     masks padded positions; `collate_text` pads them back with zeros and mask 0). `single_file` says whether the
     pipeline class can load single-file checkpoints; `lora_loader` whether it can load LoRA weights itself.
-    `flavours` and `default_flavour` are SimpleTuner's flavour table and default for the family.
+    `flavours` and `default_flavour` are SimpleTuner's flavour table and default for the family (None: the
+    family has none, and a run without a model path must name its flavour).
     `latent_side_limit(denoiser_config)` gives `(latent pixels, why)`, the largest latent side the denoiser accepts
     (None: any size); see `limits.py`.
     """
@@ -125,12 +126,16 @@ class Family:
             raise ValueError(f"{self.name}: control_input must be 'pixels' or 'latents'")
         if self.bucket_alignment < 16:
             raise ValueError(f"{self.name}: bucket_alignment must be at least 16")
-        if self.flavours and not any(f.name == self.default_flavour for f in self.flavours):
+        if self.default_flavour is not None and not any(f.name == self.default_flavour for f in self.flavours):
             raise ValueError(f"{self.name}: default_flavour {self.default_flavour!r} is not one of its flavours")
 
     def flavour_hub_id(self, name: str | None) -> str:
         """The hub id of flavour `name` (None: the default flavour); ConfigError for an unknown flavour or one that
         needs a feature st does not have."""
+        if name is None and self.default_flavour is None and self.flavours:
+            raise ConfigError(f"{self.name} has no default flavour (SimpleTuner requires model_flavour): set "
+                              f"model_flavour to one of {', '.join(f.name for f in self.flavours if not f.needs)}, or "
+                              "pretrained_model_name_or_path")  # fmt: skip
         name = self.default_flavour if name is None else name
         flavour = next((f for f in self.flavours if f.name == name), None)
         if flavour is None:

@@ -25,6 +25,13 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     return list(prompts)
 
 
+def chat_turns(tokenizer: Any, prompts: Sequence[str], **template_options: Any) -> list[str]:
+    """Each prompt as one user turn of the tokenizer's chat template with the generation prompt (the Qwen3-encoded
+    pipelines: Z-Image, FLUX.2 [klein]); `template_options` go to the template (`enable_thinking`)."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                          **template_options) for p in check_prompts(prompts)]  # fmt: skip
+
+
 def check_max_length(max_length: int | None, default: int, limit: int | None = None, what: str = "text") -> int:
     """Resolve a `tokenizer_max_length` override against the default and the encoder's position limit."""
     length = default if max_length is None else int(max_length)

@@ -55,12 +55,7 @@ def encode_prompts(
     text.check_t5_padding(t5_padding)
     (encoder,), (tokenizer,) = tuple(text_encoders), tuple(tokenizers)
     length = text.check_max_length(max_length, MAX_LENGTH)
-    chats = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
-                                      enable_thinking=True)
-        for p in text.check_prompts(prompts)
-    ]  # fmt: skip
-    ids, mask = text.tokenize(tokenizer, chats, length, device)
+    ids, mask = text.tokenize(tokenizer, text.chat_turns(tokenizer, prompts, enable_thinking=True), length, device)
     with torch.no_grad():
         hidden = encoder(input_ids=ids, attention_mask=mask.bool(), output_hidden_states=True).hidden_states[-2]
     items = []

@@ -6,7 +6,7 @@ UNets use Kohya names, `lora_unet_<module path with underscores>`:
 - SDXL: the original SGM path (`input_blocks.4.1...`, `middle_block.1...`, `output_blocks.0.1...`), as Kohya's SDXL
   scripts write it. The block arithmetic is the inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`.
 
-Transformers (Flux, SD3, PixArt) use ComfyUI's native module names under `diffusion_model.`. Their original
+Transformers (Flux, FLUX.2, SD3, PixArt) use ComfyUI's native module names under `diffusion_model.`. Their original
 checkpoints fuse projections that diffusers splits (q/k/v into one `qkv`, Flux's single-block q/k/v/mlp into
 `linear1`, PixArt's cross-attention k/v into `kv_linear`): a `Target` then names the fused module, which slot the
 diffusers module fills, and the slots' relative sizes. The tables follow ComfyUI's `flux_to_diffusers` and
@@ -115,6 +115,19 @@ _FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "
              "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
              "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}  # fmt: skip
 
+_FLUX2_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.linear_in": "img_mlp.0",
+                 "ff.linear_out": "img_mlp.2", "ff_context.linear_in": "txt_mlp.0",
+                 "ff_context.linear_out": "txt_mlp.2"}  # fmt: skip
+_FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+_FLUX2_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+              "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+              "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+              "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+              "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+              "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+              "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+              "single_stream_modulation.linear": "single_stream_modulation.lin"}  # fmt: skip
+
 _SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
               "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
               "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
@@ -142,6 +155,8 @@ def native_target(family: str, module: str, config: dict[str, Any] | None = None
         # ComfyUI's Chroma model keeps Flux's native block names (double_blocks / single_blocks, img_in, txt_in,
         # final_layer.linear; no modulation layers): its generic `diffusion_model.` keys read them.
         return _flux(module)
+    if family == "flux2":
+        return _flux2(module)
     if family == "sd3":
         return _sd3(module, config)
     if family == "pixart_sigma":
@@ -173,6 +188,24 @@ def _flux(module: str) -> Target | None:
     if module == "norm_out.linear":
         return Target("final_layer.adaLN_modulation.1", swap_halves=True)
     return Target(_FLUX_TOP[module]) if module in _FLUX_TOP else None
+
+
+def _flux2(module: str) -> Target | None:
+    """FLUX.2's original names (diffusers' `convert_flux2_transformer_checkpoint_to_diffusers`, inverted): Flux's
+    blocks with SwiGLU MLPs, an already fused single-block projection and modulation shared across blocks."""
+    if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
+        base, rest, prefix = f"double_blocks.{m[1]}", m[2], f"transformer_blocks.{m[1]}."
+        if a := re.fullmatch(r"attn\.to_([qkv])", rest):
+            return _qkv(f"{base}.img_attn.qkv", prefix, a[1], "attn.to_{}")
+        if a := re.fullmatch(r"attn\.add_([qkv])_proj", rest):
+            return _qkv(f"{base}.txt_attn.qkv", prefix, a[1], "attn.add_{}_proj")
+        return Target(f"{base}.{_FLUX2_DOUBLE[rest]}") if rest in _FLUX2_DOUBLE else None
+    if m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module):
+        rest = m[2]
+        return Target(f"single_blocks.{m[1]}.{_FLUX2_SINGLE[rest]}") if rest in _FLUX2_SINGLE else None
+    if module == "norm_out.linear":
+        return Target("final_layer.adaLN_modulation.1", swap_halves=True)
+    return Target(_FLUX2_TOP[module]) if module in _FLUX2_TOP else None
 
 
 def _sd3(module: str, config: dict[str, Any]) -> Target | None:

@@ -15,7 +15,10 @@ DDPM families (epsilon / v_prediction)
     Segmented sampling (on unless `disable_segmented_timestep_sampling`, batches of B > 1) is SimpleTuner's
     `segmented_timestep_selection`: equal-width segments of s = T // B timesteps counted down from T - 1, sample i
     drawn from [T - 1 - (i + 1)s, T - 1 - is] (the last one reaches down to 0) by the bias weights inside it. A
-    bias therefore only reshapes each segment. Adjacent segments share their boundary timestep, and SimpleTuner
+    bias therefore only reshapes each segment.
+    `refiner_training` narrows every draw to the refiner's range (`refiner_span`): segments then divide that range,
+    and unsegmented draws follow the bias weights inside it (SimpleTuner narrows only segmented draws, so its
+    refiner range does nothing at train_batch_size 1; st applies it to every draw). Adjacent segments share their boundary timestep, and SimpleTuner
     normalises each segment's weights in place, so the lower segment sees the shared one at its already normalised
     weight; st reproduces that too (weights are normalised to sum 1 first when a bias is set, as there).
 
@@ -24,7 +27,9 @@ Flow matching families
     sigma ~ sigmoid(flow_sigmoid_scale * N(0, 1)) by default, U[0, 1) with `flow_use_uniform_schedule`, or
     Beta(flow_beta_schedule_alpha, flow_beta_schedule_beta) with `flow_use_beta_schedule`; then shifted:
     sigma' = s * sigma / (1 + (s - 1) * sigma) with s = `flow_schedule_shift` (else the family's default, else 1;
-    0 means no shift, as in SimpleTuner). `flow_schedule_auto_shift` takes s = exp(mu), mu linear in `image_seq_len`
+    0 means no shift, as in SimpleTuner). `flux_fast_schedule` (Schnell's, any flow family, as in SimpleTuner) draws
+    sigma uniformly from [1.0] * 7 + [0.75, 0.5, 0.25], unshifted; the uniform and beta schedules win over it, as
+    there (a warning says so). `flow_schedule_auto_shift` takes s = exp(mu), mu linear in `image_seq_len`
     (256 -> 0.5, 4096 -> 1.15, Flux's `calculate_shift`); it wins over `flow_schedule_shift`. Timestep bias and
     segmentation apply to DDPM only.
 
@@ -82,6 +87,9 @@ NOISE_OFFSET_DEFAULT = OPTION_FIELDS["noise_offset"].default
 
 KINDS = ("epsilon", "v_prediction", "flow_matching")
 DDPM_KINDS = ("epsilon", "v_prediction")
+
+# SimpleTuner's `flux_fast_schedule` sigmas, drawn with equal chance (so 1.0 in 7 of 10 draws), never shifted.
+FAST_SCHEDULE_SIGMAS = (1.0,) * 7 + (0.75, 0.5, 0.25)
 
 # Flux's dynamic-shift line: mu = 0.5 at 256 image tokens, 1.15 at 4096.
 BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
@@ -186,21 +194,40 @@ def timestep_weights(options: ObjectiveOptions, num_train_timesteps: int) -> Ten
     return weights
 
 
-def segment_distributions(weights: Tensor, batch_size: int, biased: bool) -> list[tuple[int, Tensor]]:
+def refiner_span(options: ObjectiveOptions, num_train_timesteps: int) -> tuple[int, int]:
+    """The lowest and highest DDPM timestep a run trains on: all of them, or with `refiner_training` SimpleTuner's
+    refiner range, [0, int(T * strength) - 1], or [int(T * strength), T - 1] with `refiner_training_invert_schedule`
+    (`strength` = `refiner_training_strength`)."""
+    last = num_train_timesteps - 1
+    if not options.refiner_training:
+        return 0, last
+    strength = options.refiner_training_strength
+    if not 0.0 < strength < 1.0:
+        raise ConfigError(f"refiner_training_strength must be between 0 and 1 (exclusive), got {strength}")
+    edge = int(num_train_timesteps * strength)
+    span = (edge, last) if options.refiner_training_invert_schedule else (0, edge - 1)
+    if span[1] < span[0]:
+        raise ConfigError(f"refiner_training_strength {strength} leaves no timestep of {num_train_timesteps}")
+    return span
+
+
+def segment_distributions(weights: Tensor, batch_size: int, biased: bool,
+                          span: tuple[int, int] | None = None) -> list[tuple[int, Tensor]]:  # fmt: skip
     """SimpleTuner's segments for a batch: (lowest timestep, probabilities of it and the ones above) per sample.
 
     `biased`: the weights carry a timestep bias, which SimpleTuner normalises to sum 1 before segmenting (that
-    changes how much weight the shared boundary timesteps keep; see the module docstring).
+    changes how much weight the shared boundary timesteps keep; see the module docstring). `span`: the lowest and
+    highest timestep the segments cover (`refiner_training`'s range; default all of them).
     """
-    count = weights.numel()
+    low, high = span or (0, weights.numel() - 1)
     working = weights.to(torch.float64).clone()
     if biased:
         working /= working.sum()
-    size = max(count // batch_size, 1)
+    size = max((high - low + 1) // batch_size, 1)
     segments = []
     for i in range(batch_size):
-        top = max(count - 1 - i * size, 0)
-        bottom = 0 if i == batch_size - 1 else max(top - size, 0)
+        top = max(high - i * size, low)
+        bottom = low if i == batch_size - 1 else max(top - size, low)
         segment = working[bottom : top + 1]
         segment /= segment.sum()  # in place, as SimpleTuner does: the next segment sees this boundary weight
         segments.append((bottom, segment.clone()))
@@ -327,10 +354,16 @@ class Objective:
             log.warning("rescale_betas_zero_snr with epsilon prediction: the last timestep is pure noise, where "
                         "epsilon is trivial; v_prediction is the usual pairing")  # fmt: skip
         self.weights = timestep_weights(options, self.num_train_timesteps)
-        self.cdf = torch.cumsum(self.weights, 0) / self.weights.sum()
+        self.timestep_span = refiner_span(options, self.num_train_timesteps)
+        low, high = self.timestep_span
+        self.cdf = torch.cumsum(self.weights[low : high + 1], 0) / self.weights[low : high + 1].sum()
         self.segmented = not options.disable_segmented_timestep_sampling
         self._segments: dict[int, list[tuple[int, Tensor]]] = {}
         self.auto_shift = False
+        self.fast_schedule = False
+        if options.flux_fast_schedule:
+            log.warning("flux_fast_schedule samples flow-matching sigmas; this %s model ignores it (as SimpleTuner "
+                        "does)", self.prediction_type)  # fmt: skip
 
     def _init_flow(self, options: ObjectiveOptions, default_shift: float | None) -> None:
         if options.flow_use_uniform_schedule and options.flow_use_beta_schedule:
@@ -350,10 +383,12 @@ class Objective:
                 ("flow_schedule_auto_shift", options.flow_schedule_auto_shift),
                 ("flow_use_uniform_schedule", options.flow_use_uniform_schedule),
                 ("flow_use_beta_schedule", options.flow_use_beta_schedule),
-                ("flow_sigmoid_scale", options.flow_sigmoid_scale != 1.0)) if active]  # fmt: skip
+                ("flow_sigmoid_scale", options.flow_sigmoid_scale != 1.0),
+                ("flux_fast_schedule", options.flux_fast_schedule)) if active]  # fmt: skip
             if ignored:
                 log.warning("this model family draws its own training sigmas (as in SimpleTuner); %s ignored",
                             ", ".join(ignored))  # fmt: skip
+        self.fast_schedule = self._fast_schedule(options)
         self.auto_shift = options.flow_schedule_auto_shift and self.flow_sigmas is None
         shift = options.flow_schedule_shift if self.flow_sigmas is None else 1.0
         if self.auto_shift and shift is not None:
@@ -376,12 +411,24 @@ class Objective:
                 ("snr_gamma", bool(options.snr_gamma)),
                 ("use_soft_min_snr", options.use_soft_min_snr),
                 ("offset_noise", options.offset_noise),
+                ("refiner_training", options.refiner_training),
             )
             if active
         ]
         if ignored:
             log.warning("flow matching ignores %s (DDPM-only options)", ", ".join(ignored))
         self.segmented = False
+
+    def _fast_schedule(self, options: ObjectiveOptions) -> bool:
+        """Whether sigmas come from the fast schedule: asked for, and no schedule SimpleTuner prefers is set."""
+        if not options.flux_fast_schedule or self.flow_sigmas is not None:
+            return False
+        winner = ("flow_use_uniform_schedule" if options.flow_use_uniform_schedule else
+                  "flow_use_beta_schedule" if options.flow_use_beta_schedule else None)  # fmt: skip
+        if winner:
+            log.warning("flux_fast_schedule is ignored: %s wins over it (as in SimpleTuner)", winner)
+            return False
+        return True
 
     def _init_noise(self, options: ObjectiveOptions) -> None:
         if not 0.0 <= options.noise_offset_probability <= 1.0:
@@ -420,12 +467,13 @@ class Objective:
         if self.is_flow:
             raise RuntimeError("sample_timesteps is for DDPM objectives; flow matching samples sigmas")
         u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        low, high = self.timestep_span
         if not (self.segmented and batch_size > 1):
             index = torch.searchsorted(self.cdf, u, right=True)
-            return index.clamp_(0, self.num_train_timesteps - 1).to(torch.int64)
+            return (index.clamp_(0, high - low) + low).to(torch.int64)
         if batch_size not in self._segments:
             biased = self.options.timestep_bias_strategy != "none"
-            self._segments[batch_size] = segment_distributions(self.weights, batch_size, biased)
+            self._segments[batch_size] = segment_distributions(self.weights, batch_size, biased, self.timestep_span)
         drawn = []
         for (bottom, probabilities), value in zip(self._segments[batch_size], u.tolist()):
             cdf = torch.cumsum(probabilities, 0)
@@ -443,6 +491,9 @@ class Objective:
         if self.flow_sigmas is not None:
             normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
             return self.flow_sigmas(normal).to(torch.float32)
+        if self.fast_schedule:
+            choice = torch.randint(len(FAST_SCHEDULE_SIGMAS), (batch_size,), generator=generator)
+            return torch.tensor(FAST_SCHEDULE_SIGMAS, dtype=torch.float32)[choice]
         if options.flow_use_uniform_schedule:
             sigmas = torch.rand(batch_size, generator=generator, dtype=torch.float64)
         elif options.flow_use_beta_schedule:

@@ -71,6 +71,9 @@ class ObjectiveOptions(OptionGroup):
     timestep_bias_begin: int
     timestep_bias_end: int
     disable_segmented_timestep_sampling: bool
+    refiner_training: bool
+    refiner_training_strength: float
+    refiner_training_invert_schedule: bool
     flow_use_uniform_schedule: bool
     flow_use_beta_schedule: bool
     flow_beta_schedule_alpha: float
@@ -78,6 +81,7 @@ class ObjectiveOptions(OptionGroup):
     flow_sigmoid_scale: float
     flow_schedule_auto_shift: bool
     flow_schedule_shift: float | None
+    flux_fast_schedule: bool
     flux_guidance_mode: str
     flux_guidance_min: float
     flux_guidance_max: float

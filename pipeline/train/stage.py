@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,9 @@ from ..cache_reader import CacheReader
 from ..config import TRAIN, LoadedConfig
 from ..distributed import rank_and_world
 from ..errors import ConfigError, LineageError
-from ..families import check_model_family, component_identity, get_family, without_source
-from ..families.identity import model_identity, model_sources
+from ..families import check_model_family, get_family, without_source
+from ..families.identity import denoiser_identity as trained_denoiser_identity
+from ..families.identity import denoiser_source, model_identity, model_sources
 from ..hashing import sha256_json
 from ..lineage import check_parent_chain, forced_record, verify_outputs
 from ..log import get_logger
@@ -25,6 +27,7 @@ from ..quantise import check as check_precision
 from ..quantise import key_content as quantisation_key_content
 from ..runner import StageResult, StageRun
 from .checkpoint import list_checkpoints
+from .control import family_for_run
 from .offload import check_config as check_memory
 from .resume import TRAINING_LENGTH, ResumePlan, RunRecord, check_target, choose_checkpoint, note_other_runs, other_runs
 
@@ -60,6 +63,18 @@ def check_lineage(cache: dict[str, Any], family_name: str, model: dict[str, Any]
             )
 
 
+def refiner_defaults(loaded: LoadedConfig, family, source: str) -> LoadedConfig:
+    """An SDXL refiner trains the refiner's timestep range: SimpleTuner turns `refiner_training` on when it loads a
+    refiner, and so does st (before the key, so the manifest records what trained)."""
+    from ..families.sdxl import REFINER_PIPELINE
+
+    config = loaded.config
+    if config.refiner_training or family.for_run(config.model_flavour, source).pipeline_class != REFINER_PIPELINE:
+        return loaded
+    log.info("train: an SDXL refiner: refiner_training set to true, as SimpleTuner sets it for refiner models")
+    return dataclasses.replace(loaded, config=dataclasses.replace(config, refiner_training=True))
+
+
 def run_train(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, force: bool = False,
               resume_strict: bool = False) -> TrainResult:  # fmt: skip
     """Train from a cache output into `out_dir`, or report that it is up to date; the folder is held for the run.
@@ -88,10 +103,13 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     sources = model_sources(loaded)
     family = get_family(config.model_family)
     source, vae_source = sources.model, sources.vae
+    loaded = refiner_defaults(loaded, family, source)
+    config = loaded.config
     model = model_identity(family, sources)
     check_lineage(cache, family.name, model, reader.manifest_path)
     check_model_family(family, source)
-    denoiser_identity = component_identity(source, family.denoiser.subfolder, config.revision)
+    denoiser_identity = trained_denoiser_identity(family, source, denoiser_source(config, family, source, loaded.base_dir),
+                                                  config.revision)  # the override's, when one is set
 
     prompts = [] if config.validation_disable else validation_prompts(
         config.validation_prompt, config.user_prompt_library, loaded.resolve_path)
@@ -110,7 +128,7 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     stage_config.update(quantisation_key_content(config, loaded.base_dir))
     # A flavour or model that trains another pipeline (Flux Kontext) changes the training: in the key, and only then,
     # so that other runs keep their keys.
-    variant = family.for_run(config.model_flavour, source)
+    variant = family_for_run(family, config, source)
     if variant.pipeline_class != family.pipeline_class:
         stage_config["pipeline"] = variant.pipeline_class
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,

@@ -17,9 +17,11 @@ from ..errors import InputError, UserError
 from ..families import Family
 from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
-from ..quantise import BasePrecision, load_base, parameter_bytes, quantise, upcast_trainable
+from ..quantise import BasePrecision, parameter_bytes, quantise, upcast_trainable
 from ..prompts import ValidationPrompt
 from . import adapters, controlnet, evaluation, offload, reference, regularisation, text_encoders
+from .control import family_for_run, prepare_denoiser
+from .family_options import FamilyText, LoadBalancingLoss, load_base_parts
 from .checkpoint import (
     begin_checkpoint,
     finish_checkpoint,
@@ -106,7 +108,9 @@ class Trainer:
         from accelerate import Accelerator
 
         quiet_libraries()
-        family = family.for_run(config.model_flavour, source)  # a flavour may train another pipeline (Flux Kontext)
+        # a flavour may train another pipeline (Flux Kontext), and control: true Flux's control pipeline
+        family = family_for_run(family, config, source)
+        family = reference.for_pairs(family, cache_manifest, controlnet=bool(config.controlnet))  # FLUX.2's image input
         self.config, self.family, self.out_dir = config, family, out_dir
         self.source, self.vae_source, self.base_dir = source, vae_source, base_dir
         self.adapter_options = AdapterOptions.from_config(config)
@@ -136,10 +140,11 @@ class Trainer:
 
         # Frozen weights in the training dtype (quantised when base_model_precision says so), trainable ones in fp32.
         self.base_precision = BasePrecision.from_config(config, base_dir)
-        parts = load_base(family, source, self.base_precision)
+        parts = load_base_parts(family, source, config, base_dir, self.base_precision)  # another denoiser, if set
         denoiser = parts["denoiser"]
         self._check_image_sizes(denoiser.config, bool(validation_prompts))
         self.scheduler_config = dict(parts["scheduler"].config)
+        prepare_denoiser(family, denoiser)  # control: true widens the input layer (pipeline.train.control)
         # controlnet: true trains a ControlNet, built from the base's weights before they are quantised.
         self.control = controlnet.start(config, family, denoiser, source=source, vae_source=vae_source,
                                         base_dir=base_dir, seed=self.seed) if config.controlnet else None  # fmt: skip
@@ -165,6 +170,8 @@ class Trainer:
         from .objectives import Objective
         from .optim import build_lr_scheduler, build_optimizer, effective_learning_rate
 
+        self.family_text = FamilyText.for_run(config, family)  # Flux's T5 mask, SD3's caption-dropout embeddings
+        self.balance = LoadBalancingLoss.attach(config, family, denoiser)  # HiDream's expert-gate loss, or None
         self.objective = Objective(ObjectiveOptions.from_config(config), kind=family.prediction_type,
                                    scheduler_config=self.scheduler_config,
                                    default_shift=family.default_flow_shift,
@@ -217,6 +224,7 @@ class Trainer:
             from .validation import Validator
 
             self.validator = Validator(family, self.validation_options, source=source, vae_source=vae_source,
+                                       family_text=self.family_text,
                                        denoiser=self.unwrapped, prompts=list(validation_prompts),
                                        control=self.control.for_validation(
                                            self.unwrapped, self.index, len(validation_prompts)) if self.control else
@@ -348,7 +356,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ steps
 
     def _text(self, texts: list[dict[str, Any]], step: int) -> dict[str, Any]:
-        collated = self.family.collate_text(texts)
+        collated = self.family_text.denoiser_text(texts, self.family.collate_text(texts))
         if self.text is not None:  # train_text_encoder: embeddings from the encoders being trained
             collated = self.text.embed(collated, step)
         return {k: v.to(self.device) for k, v in collated.items()}
@@ -383,7 +391,12 @@ class Trainer:
         noised = self.objective.draw(latents, self.generator, step)
         guidance = self.objective.guidance(latents.shape[0], self.generator)
         mask = self.objective.choose_mask(batch.mask_pixels, batch.mask_kind, self.generator)
-        return self.forward_loss(noised, batch.texts, batch.meta, guidance, step, batch=batch, mask=mask)
+        texts = self.family_text.training_texts(batch.texts, batch.dropped)
+        if self.balance is None:
+            return self.forward_loss(noised, texts, batch.meta, guidance, step, batch=batch, mask=mask)
+        self.balance.take()  # only this step's gates count
+        loss = self.forward_loss(noised, texts, batch.meta, guidance, step, batch=batch, mask=mask)
+        return loss + self.balance.take().to(loss.device)
 
     def evaluate(self) -> dict[str, float]:
         """Mean losses over fixed samples at fixed timesteps and fixed noise: `eval_loss`, and `eval_loss/<id>` per

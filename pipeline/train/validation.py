@@ -3,6 +3,12 @@
 Prompt embeddings come from the cache's shared embeddings (st cache stores `validation_prompt`,
 `validation_negative_prompt`, the prompts of `user_prompt_library` and the empty prompt), so no text encoder is loaded
 while training; with train_text_encoder the encoders being trained embed the prompts' cached token ids. Images are seeded (`validation_seed`, else `seed`) and saved as PNGs plus one grid per step.
+
+The SDXL refiner renders through StableDiffusionXLImg2ImgPipeline from an empty latent image over the whole schedule
+(strength 1.0: the refiner's own text-to-image render), with `data_aesthetic_score` as its aesthetic score. With
+`flux_attention_masked_training`, the Flux pipelines render with the prompt's T5 mask added to every joint
+attention, over the whole sequence each transformer call gets (image, and Kontext's reference, tokens), as training
+adds it.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..families import Family, load_components
+from ..families import Family, flux, load_components, sdxl
 from ..log import get_logger
+from .family_options import FamilyText
 from .offload import model_cpu_offload, note_model_cpu_offload, stream_vae
 from .options import ValidationOptions
 
@@ -54,11 +61,14 @@ class Validator:
 
     def __init__(self, family: Family, options: ValidationOptions, *, source: str, vae_source: str | None, denoiser,
                  prompts, embeds: dict[str, dict[str, Any]], out_dir: Path, device,
-                 text_encoders=None, model_cpu_offload: bool = False, control=None) -> None:  # fmt: skip
+                 text_encoders=None, model_cpu_offload: bool = False, control=None,
+                 family_text: FamilyText | None = None) -> None:  # fmt: skip
         """`text_encoders`: the `text_encoders.TextEncoders` being trained (train_text_encoder), which then embed
         the prompts' cached token ids at each validation. `control`: a `controlnet.ValidationControl` (controlnet:
-        true), whose ControlNet pipeline renders each prompt with a conditioning image, saved beside the render."""
+        true), whose ControlNet pipeline renders each prompt with a conditioning image, saved beside the render.
+        `family_text`: the run's `FamilyText` (Flux's T5 mask, the refiner's aesthetic score)."""
         self.family, self.options, self.out_dir, self.device = family, options, out_dir, device
+        self.family_text = family_text
         self.text_encoders = text_encoders
         self.model_cpu_offload = model_cpu_offload  # enable_model_cpu_offload (pipeline.train.offload)
         note_model_cpu_offload(device, model_cpu_offload)
@@ -82,6 +92,9 @@ class Validator:
         for spec in family.text_encoders:
             components[spec.model.subfolder] = None
             components[spec.tokenizer.subfolder] = None
+        self.refiner = family.pipeline_class == sdxl.REFINER_PIPELINE and control is None
+        if self.refiner:
+            components["requires_aesthetics_score"] = True  # its time ids hold the aesthetic score
         accepted = inspect.signature(pipeline_class.__init__).parameters
         components = {k: v for k, v in components.items() if k in accepted}
         for name, param in accepted.items():
@@ -91,6 +104,12 @@ class Validator:
         self.pipe.set_progress_bar_config(disable=True)
         self.call_params = set(inspect.signature(self.pipe.__call__).parameters)
         self.sizes = parse_resolutions(options.validation_resolution)
+
+    @property
+    def _embeds_dtype(self) -> Any:
+        """The dtype prompt embeddings enter the pipeline in: its VAE's, or the denoiser's in a pixel-space pipeline."""
+        vae = getattr(self.pipe, "vae", None)
+        return (vae if vae is not None else self.denoiser).dtype
 
     def _collated(self, item: dict[str, Any]) -> dict[str, Any]:
         collated = self.family.collate_text([item])
@@ -105,14 +124,14 @@ class Validator:
             name = names.get(key, key)
             if name in self.call_params:
                 kwargs[name] = value.to(self.device, dtype=value.dtype if not value.is_floating_point() else
-                                        self.pipe.vae.dtype)  # fmt: skip
+                                        self._embeds_dtype)  # fmt: skip
         if negative is not None:
             neg = self._collated(negative)
             for key, value in neg.items():
                 name = "negative_" + names.get(key, key)
                 if name in self.call_params:
                     kwargs[name] = value.to(self.device, dtype=value.dtype if not value.is_floating_point() else
-                                            self.pipe.vae.dtype)  # fmt: skip
+                                            self._embeds_dtype)  # fmt: skip
         if self.family.list_prompt_embeds:  # one prompt's real tokens per item
             kwargs = {k: list(v.unbind(0)) if k.endswith("prompt_embeds") else v for k, v in kwargs.items()}
         return kwargs
@@ -156,8 +175,8 @@ class Validator:
     @contextlib.contextmanager
     def _vae_on_device(self):
         """The VAE on the accelerator while rendering; back on the CPU after, unless keep_vae_loaded."""
-        vae = self.pipe.vae
-        if self.keep_vae or str(self.device) == "cpu":
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None or self.keep_vae or str(self.device) == "cpu":  # None: a pixel-space pipeline (DeepFloyd IF)
             yield
             return
         vae.to(self.device)
@@ -192,15 +211,49 @@ class Validator:
                     extra["use_resolution_binning"] = False
                 if "max_area" in self.call_params:  # Kontext: the asked size, and the reference at its cached size
                     extra.update(max_area=width * height, _auto_resize=False)
+                if self.refiner:
+                    extra.update(self._refiner_inputs(extra.pop("width"), extra.pop("height")))
                 if "negative_prompt_embeds" in kwargs and "negative_prompt" in self.call_params:
                     extra["negative_prompt"] = None  # Sana and PixArt default it to "", which clashes with the embeds
-                with torch.no_grad():
+                with torch.no_grad(), self._text_mask(self.embeds[prompt.text]):
                     images = self.pipe(**kwargs, **extra).images
                 for i, image in enumerate(images):
                     path = folder / f"{prompt.name}-{width}x{height}-{i}.png"
                     image.save(path)
                     paths.append(path)
         return paths
+
+    def _refiner_inputs(self, width: int, height: int) -> dict[str, Any]:
+        """The SDXL refiner's img2img inputs: an all-zero latent image of the asked size, denoised from pure noise."""
+        import torch
+
+        scale = self.pipe.vae_scale_factor
+        image = torch.zeros(1, self.family.latent_channels, height // scale, width // scale, dtype=self._embeds_dtype,
+                            device=self.device)  # fmt: skip
+        score = self.family_text.aesthetic_score if self.family_text is not None else None
+        return {"image": image, "strength": 1.0,
+                "aesthetic_score": sdxl.DEFAULT_AESTHETIC_SCORE if score is None else score}  # fmt: skip
+
+    @contextlib.contextmanager
+    def _text_mask(self, item: dict[str, Any]):
+        """With flux_attention_masked_training, every transformer call of the pipeline gets the prompt's stored T5
+        mask as its `joint_attention_kwargs`, built for the tokens of that call (`flux.joint_attention_mask`)."""
+        if self.family_text is None or not self.family_text.attention_mask:
+            yield
+            return
+        mask = self.family_text.denoiser_text([item], {})["attention_mask"].to(self.device)
+
+        def masked(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            tokens = kwargs["hidden_states"]
+            kwargs["joint_attention_kwargs"] = {
+                "attention_mask": flux.joint_attention_mask(mask, tokens.shape[1], tokens.dtype)}
+            return args, kwargs
+
+        handle = self.denoiser.register_forward_pre_hook(masked, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def _diffusers_class(name: str) -> type:

@@ -1,4 +1,4 @@
-"""`st train` and `st publish` on the tiny models of AuraFlow, Lumina 2, Sana, Kolors and Qwen-Image: a resumed run
+"""`st train` and `st publish` on the tiny models of the newer families (AuraFlow, Lumina 2, Sana, ..., DeepFloyd IF): a resumed run
 ends byte for byte where an uninterrupted one does; the published LoRA loads into the family's diffusers pipeline and
 changes its image; ComfyUI's file is written where ComfyUI has a layout for the family (AuraFlow and HiDream:
 diffusers names under `transformer.`; Qwen-Image and Z-Image: the transformer's own module names; Chroma: Flux's
@@ -17,8 +17,9 @@ from pipeline.families import get_family
 from pipeline.publish.stage import run_publish
 from tests.helpers.training import WEIGHTS, losses, train
 
-FAMILIES = ("auraflow", "lumina2", "sana", "kolors", "qwen_image", "z_image", "chroma", "hidream", "cosmos2image")
-NO_COMFYUI = ("lumina2", "sana", "kolors", "cosmos2image")
+FAMILIES = ("auraflow", "lumina2", "sana", "kolors", "qwen_image", "z_image", "chroma", "hidream", "cosmos2image",
+            "deepfloyd")
+NO_COMFYUI = ("lumina2", "sana", "kolors", "cosmos2image", "deepfloyd")
 SETS = ["checkpoint_step_interval=2", "learning_rate=1e-2", "lora_dropout=0", "caption_dropout_probability=0",
         'mixed_precision="no"', "lora_rank=4", "lora_alpha=8"]  # fmt: skip
 IMAGE_SIDE = {"qwen_image": 32}  # the others render at 64 px

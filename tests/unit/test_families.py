@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from pipeline.errors import ConfigError, InputError, NotSupportedError  # noqa: E402
 from pipeline.families import FAMILIES, component_identity, get_family, load_components, vae_factors  # noqa: E402
+from pipeline.families.pixel_space import is_pixel_space  # noqa: E402
 
 NAMES = sorted(FAMILIES)
 T5_FAMILIES = ["flux", "pixart_sigma", "sd3", "auraflow", "lumina2", "chroma", "hidream", "cosmos2image"]
@@ -97,6 +98,12 @@ def pipeline_encode(name: str, pipe, prompts: list[str], max_length: int | None 
             mask = torch.tensor([[1] * e.shape[0] + [0] * (longest - e.shape[0]) for e in embeds])
             padded = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[0])) for e in embeds])
             return {"prompt_embeds": padded, "attention_mask": mask}
+        if name == "deepfloyd":  # always 77 tokens; the UNet sees every position
+            embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu")
+            return {"prompt_embeds": embeds}
+        if name == "flux2":  # padded to max_sequence_length, no mask: the denoiser sees every position
+            embeds, _ = pipe.encode_prompt(prompts, device="cpu", **kw)
+            return {"prompt_embeds": embeds}
     raise AssertionError(name)
 
 
@@ -136,7 +143,7 @@ def test_unknown_family_lists_known_names():
 
 def test_registry_is_consistent():
     assert set(NAMES) == {"sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "qwen_image",
-                          "sana", "kolors", "z_image", "chroma", "hidream", "cosmos2image"}  # fmt: skip
+                          "sana", "kolors", "z_image", "chroma", "hidream", "cosmos2image", "flux2", "deepfloyd"}  # fmt: skip
     for name, family in FAMILIES.items():
         assert family.name == name
         assert family.bucket_alignment >= 16
@@ -166,15 +173,17 @@ def test_tiny_folder_runs_in_its_pipeline(name, tiny_model, tiny_pipe):
     assert size < 10 << 20
 
     pipe = tiny_pipe(name)
-    # Qwen-Image's 3-D VAE calls its latent channels z_dim
-    assert (pipe.vae.config.get("latent_channels") or pipe.vae.config.get("z_dim")) == family.latent_channels
+    if is_pixel_space(family):  # DeepFloyd IF: no VAE, the UNet denoises RGB pixels
+        assert not hasattr(pipe, "vae") and pipe.unet.config.in_channels == family.latent_channels == 3
+    else:  # Qwen-Image's 3-D VAE calls its latent channels z_dim
+        assert (pipe.vae.config.get("latent_channels") or pipe.vae.config.get("z_dim")) == family.latent_channels
     scheduler_prediction = pipe.scheduler.config.get("prediction_type")
     if family.prediction_type == "flow_matching":
         # Sana samples with DPM-Solver over flow sigmas
         assert type(pipe.scheduler).__name__.startswith("FlowMatch") or scheduler_prediction == "flow_prediction"
     else:
         assert scheduler_prediction == family.prediction_type
-    image = pipe(PROMPTS[0], num_inference_steps=2, height=64, width=64, output_type="np").images
+    image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=64, width=64, output_type="np").images
     side = 256 if name == "hidream" else 64  # HiDream always renders 128 x 128 latents (x the VAE factor 2)
     assert image.shape == (1, side, side, 3)
     assert torch.isfinite(torch.from_numpy(image)).all()
@@ -287,6 +296,9 @@ def test_vae_factors_come_from_the_config(name, tiny_model):
     scale, shift = vae_factors(vae)
     if name in ("qwen_image", "cosmos2image"):  # normalised per channel by latents_mean / latents_std instead
         assert (scale, shift) == (1.0, None) and len(vae.config.latents_mean) == 16
+        return
+    if name == "flux2":  # normalised over 2x2 patches by its BatchNorm's running statistics instead
+        assert (scale, shift) == (1.0, None) and vae.bn.num_features == 4 * vae.config.latent_channels
         return
     assert scale == vae.config.scaling_factor
     assert shift == vae.config.get("shift_factor")  # Sana's AutoencoderDC has none

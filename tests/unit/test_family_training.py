@@ -276,7 +276,7 @@ def test_flow_shift_and_lora_loader(name, tiny_model):
     scheduler = load_components(family, tiny_model(name), which=("scheduler",))["scheduler"]
     if name == "sd3":
         assert family.default_flow_shift == scheduler.config.shift == 3.0
-    elif name in ("flux", "qwen_image", "chroma"):
+    elif name in ("flux", "qwen_image", "chroma", "flux2"):
         # Training uses SimpleTuner's static default shift 3.0; the scheduler's dynamic shifting is for inference.
         assert family.default_flow_shift == 3.0 and scheduler.config.use_dynamic_shifting
     elif name == "auraflow":

@@ -32,18 +32,22 @@ DEFAULTS = {
     "chroma": ("base", "lodestones/Chroma1-Base"),
     "hidream": ("full", "HiDream-ai/HiDream-I1-Full"),
     "cosmos2image": ("2b", "nvidia/Cosmos-Predict2-2B-Text2Image"),
+    # SimpleTuner has no DeepFloyd default: it requires model_flavour (st: or a model path).
+    "deepfloyd": (None, None),
+    "flux2": ("klein-9b", "black-forest-labs/FLUX.2-klein-base-9B"),
 }
 # Flavours SimpleTuner trains with features st lacks: (family, flavour, the feature named in the error).
 NOT_YET = [
     ("flux", "schnell", "fast schedule"),
     ("flux", "libreflux", "attention-masked training"),
     ("flux", "fluxbooru", "validation_guidance_real"),
-    ("sdxl", "refiner-1.0", "SDXL refiner training"),
     ("sd1x", "realvis", "model_family sdxl"),
     ("pixart_sigma", "900M-1024-v0.7-stage1", "refiner_training"),
     ("qwen_image", "edit-v2", "needs conditioning datasets"),
     ("z_image", "turbo-ostris-v2", "needs an assistant LoRA"),
     ("z_image", "ostris-de-turbo", "transformer from another repository"),
+    ("deepfloyd", "ii-medium-450m", "stage II super-resolution training"),
+    ("flux2", "dev", "Mistral-3 text encoder"),
 ]
 
 
@@ -85,6 +89,7 @@ def test_without_a_path_the_default_flavour_names_the_model(tmp_path, name):
         ("sd2x", "2.1", "stabilityai/stable-diffusion-2-1"),
         ("pixart_sigma", "600M-512", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"),
         ("hidream", "fast", "HiDream-ai/HiDream-I1-Fast"),
+        ("flux2", "klein-4b", "black-forest-labs/FLUX.2-klein-base-4B"),
     ],
 )
 def test_a_flavour_names_its_hub_id(tmp_path, family, flavour, hub_id):

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import ConfigError, InputError  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
 from pipeline.families import get_family, load_components  # noqa: E402
 
 FAMILY = get_family("hidream")
@@ -65,14 +65,6 @@ def write(tmp_path, options: dict) -> object:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_family": "hidream", **options}))
     return path
-
-
-def test_load_balancing_loss_is_refused_and_its_weight_alone_changes_nothing(tmp_path):
-    with pytest.raises(ConfigError, match="hidream_use_load_balancing_loss.*load-balancing loss"):
-        load_config(write(tmp_path, {"hidream_use_load_balancing_loss": True}))
-    plain = load_config(write(tmp_path, {})).config
-    assert load_config(write(tmp_path, {"hidream_use_load_balancing_loss": False,
-                                        "hidream_load_balancing_loss_weight": 1e-5})).config == plain  # fmt: skip
 
 
 # SimpleTuner's simpletuner/examples/hidream.peft-lora/config.json, unchanged.

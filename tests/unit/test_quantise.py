@@ -73,7 +73,6 @@ def test_combinations_st_cannot_train_are_refused(options, message, tmp_path):
 
 
 @pytest.mark.parametrize(("family", "options", "message"), [
-    ("flux", {"pretrained_transformer_model_name_or_path": "other/transformer"}, "st loads a .gguf"),
     ("sd1x", {"pretrained_transformer_model_name_or_path": "model.gguf"}, "sd1x has none"),
     ("flux", {"pretrained_transformer_model_name_or_path": "missing.gguf"}, "no such file"),
     ("flux", {"pretrained_transformer_model_name_or_path": "model.gguf", "base_model_precision": "int8-quanto"},

@@ -1,0 +1,147 @@
+"""FLUX.2 [klein] specifics: the denoiser call of the pipeline's loop (patchified tokens, 4-axis ids, no guidance
+embedding), latents cached as the pipeline encodes them (VAE mode, BatchNorm statistics over 2x2 patches), ComfyUI's
+original names, the refused [dev] flavour and SimpleTuner's example config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.families import get_family
+from pipeline.families.loading import patch_batch_norm, scaled_latents
+
+FAMILY = get_family("flux2")
+PROMPTS = ["a red circle", "a photo of a small dog sitting in the snow next to a tall tree"]
+EXAMPLES = Path("/tmp/simpletuner-src/simpletuner/examples")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    loaded = FAMILY.load_pipeline_class().from_pretrained(tiny_model("flux2"))
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def test_predict_is_the_pipelines_denoiser_call(pipe):
+    """The [klein] loop: `_pack_latents(_patchify_latents(x))` with `_prepare_latent_ids`, the text with its ids,
+    t / 1000 and no guidance; the prediction unpacked by ids and unpatchified."""
+    text = FAMILY.collate_text(FAMILY.encode_prompts([pipe.text_encoder], [pipe.tokenizer], PROMPTS))
+    embeds, text_ids = pipe.encode_prompt(PROMPTS, device="cpu")
+    latents = torch.randn(2, 32, 8, 12, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([700.0, 250.0])
+    patches = pipe._patchify_latents(latents)
+    ids = pipe._prepare_latent_ids(patches)
+    with torch.no_grad():
+        ours = FAMILY.denoiser_forward(pipe.transformer, latents, timesteps, text)
+        out = pipe.transformer(hidden_states=pipe._pack_latents(patches), timestep=timesteps / 1000, guidance=None,
+                               encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]  # fmt: skip
+    assert torch.equal(ours, pipe._unpatchify_latents(pipe._unpack_latents_with_ids(out, ids)))
+
+
+def test_predict_with_a_reference_is_the_pipelines_call_with_image_latents(pipe):
+    """A reference image's patch tokens follow the noisy ones with ids (10, row, column, 0) (`prepare_image_latents`);
+    the prediction keeps the noisy tokens only."""
+    from pipeline.families.flux2 import REFERENCE_FAMILY
+
+    text = FAMILY.collate_text(FAMILY.encode_prompts([pipe.text_encoder], [pipe.tokenizer], PROMPTS[:1]))
+    embeds, text_ids = pipe.encode_prompt(PROMPTS[:1], device="cpu")
+    generator = torch.Generator().manual_seed(3)
+    latents, reference = torch.randn(1, 32, 8, 12, generator=generator), torch.randn(1, 32, 4, 6, generator=generator)
+    patches = pipe._patchify_latents(latents)
+    ids = pipe._prepare_latent_ids(patches)
+    ref_patches = pipe._patchify_latents(reference)
+    ref_ids = pipe._prepare_image_ids([ref_patches])
+    with torch.no_grad():
+        ours = REFERENCE_FAMILY.denoiser_forward(pipe.transformer, latents, torch.tensor([400.0]), text,
+                                                 reference=reference)  # fmt: skip
+        out = pipe.transformer(hidden_states=torch.cat([pipe._pack_latents(patches), pipe._pack_latents(ref_patches)], 1),
+                               timestep=torch.tensor([0.4]), guidance=None, encoder_hidden_states=embeds,
+                               txt_ids=text_ids, img_ids=torch.cat([ids, ref_ids], 1), return_dict=False)[0]  # fmt: skip
+    expected = pipe._unpatchify_latents(pipe._unpack_latents_with_ids(out[:, : ids.shape[1]], ids))
+    assert torch.equal(ours, expected)
+    with pytest.raises(Exception, match="needs reference image latents"):
+        REFERENCE_FAMILY.denoiser_forward(pipe.transformer, latents, torch.tensor([400.0]), text)
+
+
+def test_cached_latents_are_the_pipelines_image_latents(pipe):
+    """st caches the pipeline's `_encode_vae_image` (mode, patchified, BatchNorm-normalised) laid out as 32 x h x w."""
+    pixels = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert patch_batch_norm(pipe.vae) is not None
+    with torch.no_grad():
+        ours = scaled_latents(pipe.vae, pipe.vae.encode(pixels).latent_dist.mode())
+        theirs = pipe._encode_vae_image(pixels, generator=None)
+    assert ours.shape == (2, 32, 4, 6)
+    torch.testing.assert_close(pipe._patchify_latents(ours), theirs, atol=1e-6, rtol=0)
+
+
+def test_comfyui_names_are_the_original_checkpoint_names(pipe):
+    """Inverted diffusers' `convert_flux2_transformer_checkpoint_to_diffusers`: q/k/v fused into `qkv`, the fused
+    single-block projection is `linear1`; diffusers' own reader of those names gives the LoRA back exactly."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_flux2_lora_to_diffusers
+
+    from pipeline.publish import comfyui, keymaps
+    from pipeline.publish.lora import LoraModule
+
+    weights = pipe.transformer.state_dict()
+    names = [n for n, _ in pipe.transformer.named_modules() if n.endswith(FAMILY.lora_targets)]
+    generator = torch.Generator().manual_seed(2)
+    mods = [LoraModule(n, torch.randn(2, weights[f"{n}.weight"].shape[1], generator=generator),
+                       torch.randn(weights[f"{n}.weight"].shape[0], 2, generator=generator), 2.0, 1.0) for n in names]  # fmt: skip
+    out = comfyui.convert("flux2", mods, dict(pipe.transformer.config))
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in out if k.endswith("lora_A.weight")}
+    assert modules == {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "single_blocks.0.linear1",
+                       "single_blocks.1.linear1"}  # fmt: skip
+    back = _convert_non_diffusers_flux2_lora_to_diffusers({k: v for k, v in out.items() if not k.endswith(".alpha")})
+    for mod in mods:  # ComfyUI scales each native module by its alpha / rank
+        native = keymaps.native_target("flux2", mod.name).module
+        scale = out[f"diffusion_model.{native}.alpha"] / out[f"diffusion_model.{native}.lora_A.weight"].shape[0]
+        delta = back[f"transformer.{mod.name}.lora_B.weight"] @ back[f"transformer.{mod.name}.lora_A.weight"]
+        torch.testing.assert_close(delta * scale, mod.up @ mod.down * mod.scale)
+
+
+def test_dev_is_refused_and_klein_is_the_default():
+    with pytest.raises(ConfigError, match=r"flavour 'dev' .* needs FLUX.2 \[dev\]'s Mistral-3 text encoder"):
+        FAMILY.flavour_hub_id("dev")
+    assert FAMILY.flavour_hub_id(None) == "black-forest-labs/FLUX.2-klein-base-9B"
+
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="SimpleTuner's examples are not extracted here")
+def test_simpletuners_example_config_checks_but_for_sdnq(tmp_path, monkeypatch):
+    """SimpleTuner's flux2.peft-lora example, unchanged: every problem `st check` finds is its SDNQ quantisation,
+    which the option reference st implements does not have."""
+    from pipeline.check import run_check
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pics").mkdir()
+    folder = tmp_path / "config" / "examples"
+    shutil.copytree(EXAMPLES / "flux2.peft-lora", folder / "flux2.peft-lora")
+    datasets = [{"id": "dreambooth-512", "type": "local", "instance_data_dir": "pics", "resolution": 512,
+                 "resolution_type": "pixel_area", "caption_strategy": "instanceprompt", "instance_prompt": "🟫"}]  # fmt: skip
+    (folder / "multidatabackend-small-dreambooth-512px.json").write_text(json.dumps(datasets))
+    report = run_check(folder / "flux2.peft-lora" / "config.json", [])
+    assert report.problems and all("sdnq" in problem for problem in report.problems), report.problems
+
+
+def test_a_flux2_single_file_is_told_apart_from_flux(tmp_path):
+    """FLUX.2's original checkpoints keep Flux's block names; their shared modulation tells them apart."""
+    from safetensors.torch import save_file
+
+    from pipeline.errors import InputError, NotSupportedError
+    from pipeline.families import check_model_family, load_components
+
+    path = tmp_path / "flux2.safetensors"
+    save_file({"double_stream_modulation_img.lin.weight": torch.zeros(2, 2),
+               "double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(path))  # fmt: skip
+    check_model_family(FAMILY, str(path))
+    with pytest.raises(InputError, match='looks like flux2 .* set model_family = "flux2"'):
+        check_model_family(get_family("flux"), str(path))
+    with pytest.raises(NotSupportedError, match="flux2 cannot be loaded from a single-file checkpoint"):
+        load_components(FAMILY, str(path), which=("vae",))
