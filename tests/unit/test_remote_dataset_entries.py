@@ -21,14 +21,14 @@ def _load(tmp_path: Path, entry: dict):
     return load_datasets(load_config(tmp_path / "config.json"))
 
 
-AWS = {"type": "aws", "aws_bucket_name": "bucket", "aws_data_prefix": "images/", "aws_endpoint_url": "http://s3.local",
+AWS = {"type": "aws", "aws_bucket_name": "bucket", "aws_data_prefix": "images/", "aws_endpoint_url": "http://127.0.0.1:9000",
        "aws_region_name": None, "aws_access_key_id": "id", "aws_secret_access_key": "secret",
        "aws_max_pool_connections": "16", "caption_strategy": "textfile"}  # fmt: skip
 
 
 def test_an_aws_entry_takes_simpletuners_keys_and_records_no_credential(tmp_path):
     [spec] = _load(tmp_path, AWS)
-    assert spec.source == S3Source("bucket", "images", "http://s3.local", None, "id", "secret", None, 16)
+    assert spec.source == S3Source("bucket", "images", "http://127.0.0.1:9000", None, "id", "secret", None, 16)
     assert spec.caption_strategy == "textfile"
     described = json.dumps(spec.describe())
     assert "secret" not in described and '"bucket": "bucket"' in described
