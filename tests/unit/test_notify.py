@@ -298,7 +298,9 @@ def test_background_hook_returns_immediately(tmp_path):
                       "deadline = time.monotonic() + 10\n"
                       "while not go.exists() and time.monotonic() < deadline:\n"
                       "    time.sleep(0.02)\n"
-                      "out.write_text(sys.argv[3])\n")  # fmt: skip
+                      "part = out.with_suffix('.part')\n"
+                      "part.write_text(sys.argv[3])\n"
+                      "part.rename(out)\n")  # fmt: skip  (renamed whole: the reader never sees it half-written)
     result = run_hook(f"{shlex.quote(sys.executable)} {waiter} {go} {out} {{global_step}}", {"global_step": 7},
                       background=True)  # fmt: skip
     assert result is None
