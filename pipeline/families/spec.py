@@ -118,6 +118,11 @@ class Family:
     # `pipeline_setup(pipeline_class)`: what the pipeline class needs before it can be built here (Cosmos: rendering
     # without NVIDIA's guardrail package); None: nothing.
     pipeline_setup: Callable[[type], None] | None = None
+    # A video family (Wan, LTX-Video): its VAE keeps the time axis, so cached latents are C x f x h x w per sample
+    # (an image is one frame), `predict` takes B x C x f x h x w, and validation renders videos. A clip of F frames
+    # encodes to f = 1 + (F - 1) / temporal_compression latent frames, so F must be 1 + k * temporal_compression.
+    video: bool = False
+    temporal_compression: int = 1
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -126,6 +131,8 @@ class Family:
             raise ValueError(f"{self.name}: control_input must be 'pixels' or 'latents'")
         if self.bucket_alignment < 16:
             raise ValueError(f"{self.name}: bucket_alignment must be at least 16")
+        if self.temporal_compression < 1 or (self.temporal_compression > 1 and not self.video):
+            raise ValueError(f"{self.name}: temporal_compression > 1 is for video families only")
         if self.default_flavour is not None and not any(f.name == self.default_flavour for f in self.flavours):
             raise ValueError(f"{self.name}: default_flavour {self.default_flavour!r} is not one of its flavours")
 
