@@ -56,3 +56,25 @@ def check_world_size(num_processes: int, world: int) -> None:
             "(the number of processes launched) and re-run `st prepare` (it keeps only buckets that fill a batch of "
             "train_batch_size x num_processes x gradient_accumulation_steps)"
         )
+
+
+SHARDED_LAUNCHERS = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed", "MEGATRON_LM": "Megatron-LM"}
+
+
+def check_launcher(distributed_type: object) -> None:
+    """Refuse accelerate launches that shard the model (FSDP, DeepSpeed): st saves checkpoints and final weights from
+    whole parameters and resumes exactly only from those, which it has not verified for sharded parameters. Plain
+    data-parallel launches (one or many machines) are what st runs. The launcher's environment counts too: without
+    GPUs accelerate quietly runs an FSDP launch as plain data parallel, which is not what was asked for."""
+    name = getattr(distributed_type, "name", str(distributed_type))
+    for env_name, launcher in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(env_name, "").lower() in ("1", "true", "yes"):
+            name = launcher
+    if name in SHARDED_LAUNCHERS:
+        raise ConfigError(
+            f"accelerate was launched with {SHARDED_LAUNCHERS[name]}, which st train does not support yet: its "
+            "checkpoints, final weights and exact resume are written from whole (unsharded) parameters. Launch "
+            "without --use_fsdp / --use_deepspeed (plain data parallel: `accelerate launch --multi_gpu`, on one or "
+            "many machines) and fit a large model with st's memory options instead (base_model_precision, "
+            "gradient_checkpointing, layer offload / block swap; README: 'Big models on small GPUs')"
+        )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import speed
-from ..distributed import check_world_size, global_batch
+from ..distributed import check_launcher, check_world_size, global_batch
 from ..errors import InputError, UserError
 from ..families import Family
 from ..log import get_logger, quiet_libraries
@@ -120,6 +120,7 @@ class Trainer:
         _reset_accelerator_state()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        check_launcher(self.accelerator.distributed_type)
         check_world_size(config.num_processes, self.world)
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
