@@ -8,10 +8,10 @@ from pathlib import Path
 
 from ..errors import InputError
 from .context import CacheContext
-from .images import CORRUPT
 from .layout import shard_complete
 from .plan import ShardPlan
 from .reuse import PreviousEntries
+from .videos import UNDECODABLE
 
 
 def check_sources(ctx: CacheContext, out_dir: Path, previous: PreviousEntries) -> None:
@@ -37,7 +37,7 @@ def check_sources(ctx: CacheContext, out_dir: Path, previous: PreviousEntries) -
 def refuse_corrupt(roots: dict[str, str], records: list[dict[str, str]]) -> None:
     """--strict: samples an earlier run skipped as undecodable (kept shards, an up-to-date output) fail it too."""
     for record in records:
-        if record["reason"] == CORRUPT:
+        if record["reason"] in UNDECODABLE:
             source = Path(roots[record["dataset_id"]]) / record["path"]
             raise InputError(f"--strict: {source} (dataset {record['dataset_id']}) {record['detail']} (an earlier "
                              "run skipped it); replace or remove it and re-run `st prepare`, or run `st cache` "

@@ -54,6 +54,7 @@ class CacheContext:
             text_id = sha256_json({"text": text_id, "text_encoder_precisions": precisions})
         return build_plan(self.rows, latent_identity=latent_id, text_identity=text_id,
                           control_latents=self.family.control_input == "latents",
+                          temporal_compression=self.family.temporal_compression,
                           shard_samples=self.options.cache_shard_samples, extra_prompts=self.prompts,
                           compression_level=self.options.cache_compression_level)  # fmt: skip
 

@@ -94,8 +94,9 @@ def _summary(out_dir: Path, plan: CachePlan, sidecars: dict[str, dict[str, Any]]
     return shards, skipped, buckets, datasets
 
 
-# A dataset's paired-data fields, copied from the prepare manifest where present (st train reads them here).
-PAIRED_DATASET_FIELDS = ("dataset_type", "conditioning_data", "is_regularisation_data")
+# A dataset's paired-data fields and a video dataset's `video` block (num_frames, is_i2v, ...), copied from the
+# prepare manifest where present (st train reads them here).
+PAIRED_DATASET_FIELDS = ("dataset_type", "conditioning_data", "is_regularisation_data", "video")
 
 
 def finish(ctx: CacheContext, run: StageRun, started: float, run_stats: dict[str, Any], vae: dict[str, Any],

@@ -6,6 +6,11 @@ VAE call therefore gets exactly `vae_batch_size` rows (zero images pad a short b
 encodes image by image anyway) and every text-encoder call exactly TEXT_BATCH prompts (empty prompts pad it); the
 padding outputs are dropped. A sample's bytes then depend on the sample and the stage key only, never on its
 neighbours or on how many samples a run encodes.
+
+Video (a family with `Family.video`): every clip is encoded alone, one clip per VAE call (B = 1, whatever
+vae_batch_size says), so the rule holds without padding and a call's memory is one clip's; vae_enable_tiling /
+vae_enable_slicing bound it further for long or large clips. Images of a video run are one-frame clips, batched and
+padded as above. Latents keep the time axis: B x C x f x h x w.
 """
 
 from __future__ import annotations
@@ -150,9 +155,10 @@ class Encoders:
         return out
 
     def encode_latents(self, pixels, sample_ids: list[str], seed: int, batch_size: int | None = None):
-        """Scaled latents (B x C x h x w, float32): (sample - shift) * scale, or normalised per channel (see
-        `families.loading.scaled_latents`), sampled with per-sample generators. The VAE sees `batch_size` rows
-        (default: as many as given), `pixels` padded with zero images."""
+        """Scaled latents (B x C x h x w, float32; B x C x f x h x w for a video family): (sample - shift) * scale,
+        or normalised per channel (see `families.loading.scaled_latents`), sampled with per-sample generators. The
+        VAE sees `batch_size` rows (default: as many as given), `pixels` (images, or B x 3 x F x H x W clips) padded
+        with zero rows."""
         import torch
 
         vae = self.vae
@@ -160,7 +166,7 @@ class Encoders:
         generators = [torch.Generator(device="cpu").manual_seed(sample_seed(seed, s)) for s in sample_ids]
         with torch.no_grad(), speed_options.attention_context(self.options.attention_mechanism):
             padded = pad_rows(pixels, batch_size or count)
-            encoded = vae.encode(vae_input(vae, padded.to(self.device, dtype=vae.dtype)))
+            encoded = vae.encode(vae_input(vae, padded.to(self.device, dtype=vae.dtype), video=self.family.video))
             dist = getattr(encoded, "latent_dist", None)
             if dist is None:  # a deterministic autoencoder (Sana's AutoencoderDC) returns `.latent`
                 latents = encoded.latent[:count].float()
@@ -171,7 +177,7 @@ class Encoders:
                 noise = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=torch.float32)
                                      for g in generators]).to(mean.device)  # fmt: skip
                 latents = mean + std * noise
-        return scaled_latents(vae, latents).cpu()
+        return scaled_latents(vae, latents, video=self.family.video).cpu()
 
     def vae_description(self) -> dict[str, Any]:
         vae = self.vae
@@ -240,6 +246,10 @@ def encode_latent_batch(encoders: Encoders, pixels, sample_ids: list[str], seed:
             raise
         _empty_cache()
         size = "x".join(str(n) for n in reversed(pixels.shape[-2:]))
+        if pixels.ndim == 5:  # one clip per call: only the clip's own size helps
+            raise InputError(f"out of memory encoding a {pixels.shape[2]}-frame {size} clip with the video VAE; set "
+                             "vae_enable_tiling (and vae_enable_slicing), use vae_dtype bf16/fp16, fewer frames "
+                             "(video.num_frames) or a smaller resolution") from None  # fmt: skip
         smaller = f"set vae_batch_size to {batch_size // 2}, " if batch_size > 1 else ""
         raise InputError(
             f"out of memory encoding a batch of {batch_size} {size} image(s) with the VAE; {smaller}use vae_dtype "

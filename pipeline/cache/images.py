@@ -27,6 +27,16 @@ class SourceProblem(Exception):
         self.detail = detail
 
 
+def unreadable(path: str, exc: OSError) -> SourceProblem:
+    if isinstance(exc, FileNotFoundError):
+        return SourceProblem("missing_source", f"{path} no longer exists")
+    return SourceProblem("missing_source", f"{path} cannot be read: {exc}")
+
+
+def changed(path: str) -> SourceProblem:
+    return SourceProblem("source_changed", f"{path} changed since `st prepare` (its content hash differs)")
+
+
 @dataclass(frozen=True)
 class ImageJob:
     sample_id: str  # the content hash the file must still have
@@ -37,6 +47,9 @@ class ImageJob:
     # target's resize and crop, so that it stays pixel-aligned with the target.
     source_size: tuple[int, int] | None = None
     partners: tuple[ImageJob, ...] = ()  # the sample's conditioning images
+
+    def load(self):
+        return load_pixels(self)
 
 
 def job_for(row: dict[str, Any], root: str, roots: dict[str, str] | None = None) -> ImageJob:
@@ -54,39 +67,45 @@ def job_for(row: dict[str, Any], root: str, roots: dict[str, str] | None = None)
 
 def load_pixels(job: ImageJob):
     """RGB pixels in [-1, 1], CHW float32, after EXIF orientation, resize and crop. Raises SourceProblem."""
-    import numpy as np
-    import torch
     from PIL import Image
 
     try:
         with open(job.path, "rb") as handle:
             data = handle.read()
-    except FileNotFoundError:
-        raise SourceProblem("missing_source", f"{job.path} no longer exists") from None
     except OSError as exc:
-        raise SourceProblem("missing_source", f"{job.path} cannot be read: {exc}") from None
+        raise unreadable(job.path, exc) from None
     if hashlib.sha256(data).hexdigest() != job.sample_id:
-        raise SourceProblem("source_changed", f"{job.path} changed since `st prepare` (its content hash differs)")
+        raise changed(job.path)
     try:
         img = decode_rgb(data)
         if job.source_size is not None and img.size != job.source_size:
             img = img.resize(job.source_size, Image.Resampling.LANCZOS)
-        if img.size != job.intermediate:
-            img = img.resize(job.intermediate, Image.Resampling.LANCZOS)
-        if job.crop_box != (0, 0, *job.intermediate):
-            img = img.crop(job.crop_box)
-        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        return fitted_pixels(img, job.intermediate, job.crop_box)
     except MemoryError:
         raise
     except Exception as exc:  # whatever the decoder says about these bytes, it says it on every run
         raise SourceProblem(CORRUPT, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def fitted_pixels(img, intermediate: tuple[int, int], crop_box: tuple[int, int, int, int]):
+    """An RGB PIL image resized to the prepare plan's intermediate size and cropped to its box: CHW float32 in
+    [-1, 1]. Video frames take the same path, so a frame is fitted exactly as an image of its bucket."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if img.size != intermediate:
+        img = img.resize(intermediate, Image.Resampling.LANCZOS)
+    if crop_box != (0, 0, *intermediate):
+        img = img.crop(crop_box)
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class BatchLoader:
     """A map-style dataset whose items are whole batches: (sample ids, pixels or None, problems by sample id,
-    conditioning pixels by sample id). A sample whose conditioning image cannot be loaded is a problem too, named
-    after that image."""
+    conditioning pixels by sample id). A job is an `ImageJob` (or a `videos.VideoJob`, a batch holding one kind). A
+    sample whose conditioning image cannot be loaded is a problem too, named after that image."""
 
     def __init__(self, batches: list[list[ImageJob]]) -> None:
         self.batches = batches
@@ -100,7 +119,7 @@ class BatchLoader:
         ids, tensors, problems, partners = [], [], {}, {}
         for job in self.batches[index]:
             try:
-                pixels = load_pixels(job)
+                pixels = job.load()
                 partner_pixels = [_partner_pixels(p) for p in job.partners]
             except SourceProblem as exc:
                 problems[job.sample_id] = (exc.reason, exc.detail)

@@ -5,6 +5,9 @@ identities of the VAE and text encoders, dtypes, seed, the shape of the VAE call
 and the format version. Shards group the samples of one (dataset, bucket) sorted by sample id; a shard's name carries
 the hash of its entry keys, so a file under a final name is always exactly the planned content, and a re-run (or a
 resumed run) keeps every shard it finds complete.
+
+A video sample's content is its file's bytes (its sample id) and its frame window: the latent key adds the window's
+start and F', the frames encoded (`videos.trimmed_frames`), and its bucket in the cache is `WxH@F'`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ..hashing import sha256_json
 from ..prompts import prompt_key
 from ..shards import shard_name
 from .options import CacheOptions
+from .videos import cache_bucket, is_video_row, trimmed_frames
 
 # 2: VAE and text-encoder calls padded to a fixed batch (a sample's bytes no longer depend on its batch neighbours).
 FORMAT_VERSION = 2
@@ -34,6 +38,12 @@ class Entry:
     latent_key: str
     text_refs: list[str]  # per caption: "sample:<i>" (in this sample's text member) or "shared:<prompt key>"
     entry_key: str
+    frames: int | None = None  # video samples: F', the frames of its window encoded
+
+    @property
+    def bucket(self) -> str:
+        """The sample's bucket in the cache (prepare's, with F' for the frame count of a video)."""
+        return cache_bucket(self.row, self.frames) if self.frames else self.row["bucket"]
 
     @property
     def sample_id(self) -> str:
@@ -61,13 +71,19 @@ class Entry:
             "path": row["path"],
             "captions": list(row["captions"]),
             "text": list(self.text_refs),
-            "bucket": row["bucket"],
+            "bucket": self.bucket,
             "repeats": row["repeats"],
             "original_size": [row["width"], row["height"]],
             "target_size": [row["target_width"], row["target_height"]],
             "intermediate_size": [row["intermediate_width"], row["intermediate_height"]],
             "crop_top_left": [row["crop_top"], row["crop_left"]],
+            **({"video": self.video} if self.frames else {}),
         }
+
+    @property
+    def video(self) -> dict[str, Any]:
+        """A video sample's frames as cached: the window's first frame, F' and the file's frame rate."""
+        return {"window_start": self.row["window_start"], "frames": self.frames, "fps": self.row["fps"]}
 
 
 @dataclass
@@ -124,9 +140,10 @@ def build_plan(
     extra_prompts: list[str],
     compression_level: int,
     control_latents: bool = False,
+    temporal_compression: int = 1,
 ) -> CachePlan:
     """`control_latents`: conditioning images other than masks are also stored as latents (the family's control
-    input is latents)."""
+    input is latents). `temporal_compression`: the video VAE's, which sets F' of each video sample."""
     shared = shared_prompt_set(rows, extra_prompts)
     shared_texts = set(shared.values())
     groups: dict[tuple[str, str], list[Entry]] = {}
@@ -134,11 +151,14 @@ def build_plan(
         material = [latent_identity, row["sample_id"], [row[f] for f in PLAN_FIELDS]]
         if row.get("conditioning"):  # its cond member depends on the partners' bytes and on what is stored of them
             material.append([[c["sha256"], c["kind"]] for c in row["conditioning"]] + [control_latents])
+        frames = trimmed_frames(row["window_frames"], temporal_compression) if is_video_row(row) else None
+        if frames:
+            material.append(["video", row["window_start"], frames])
         latent_key = sha256_json(material)
         refs = [f"shared:{prompt_key(c)}" if c in shared_texts else f"sample:{i}" for i, c in enumerate(row["captions"])]
-        entry = Entry(row, latent_key, refs, "")
+        entry = Entry(row, latent_key, refs, "", frames)
         entry.entry_key = sha256_json([latent_key, text_identity, entry.metadata(), compression_level])
-        groups.setdefault((row["dataset_id"], row["bucket"]), []).append(entry)
+        groups.setdefault((row["dataset_id"], entry.bucket), []).append(entry)
     shards = []
     for (dataset_id, bucket), entries in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         entries.sort(key=lambda e: e.sample_id)

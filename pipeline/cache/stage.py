@@ -5,6 +5,7 @@ Order of work: read and check the prepare manifest, identify the model component
 already complete under its final name; for the rest, reuse entry bytes from the previous output where the entry key
 matches (`reuse`) and encode only the new entries (`write`); finally write the shared embeddings (`embeds`), then the
 index, the skipped list and the manifest, last (`document`). `--part i/n` and `st cache merge` are in `merge`.
+Video datasets are cached for the video families only (`videos`, `refuse_video`).
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ def run_cache(loaded: LoadedConfig, input_path: Path, out_dir: Path, *, part: st
               force: bool = False, strict: bool = False) -> CacheResult:  # fmt: skip
     """Run the cache stage (or one part of it) into `out_dir`, holding the folder for the whole run. `strict`: an
     image that cannot be decoded stops the run (exit 2) instead of being skipped."""
-    refuse_video(input_path)
+    refuse_video(input_path, loaded.config.model_family)
     with claim_output(out_dir, CACHE, inputs=[input_path]) as claim:
         return _run_cache(claim, loaded, input_path, Path(out_dir), part=part, force=force, strict=strict)
 
 
-def refuse_video(input_path: Path) -> None:
-    """A prepare output with video datasets stops here, before any model is loaded: video latents are not cached
-    yet. (An unreadable manifest is left to the normal checks, which say what is wrong with it.)"""
+def refuse_video(input_path: Path, model_family: str | None) -> None:
+    """A prepare output with video datasets stops here, before any model is loaded, unless the run's family trains on
+    video (`Family.video`). (An unreadable manifest is left to the normal checks, which say what is wrong with it.)"""
+    from ..families import FAMILIES
+
+    if model_family in FAMILIES and FAMILIES[model_family].video:
+        return
     path = Path(input_path)
     try:
         parent = read_manifest(path / MANIFEST_NAME if path.is_dir() else path, stage="prepare")
@@ -59,10 +64,12 @@ def refuse_video(input_path: Path) -> None:
         return
     videos = [d["id"] for d in parent.get("datasets", []) if d.get("dataset_type") == "video"]
     if videos:
+        family = f"model_family {model_family!r} trains on images only" if model_family else "model_family is not set"
+        video_families = ", ".join(sorted(name for name, f in FAMILIES.items() if f.video))
         raise NotSupportedError(
-            f"video datasets are prepared but not cached yet: {', '.join(repr(v) for v in videos)} in {input_path}. "
-            "st cache encodes image datasets only; remove the video datasets from the dataset list (or disable them) "
-            "and re-run st prepare"
+            f"video dataset(s) {', '.join(repr(v) for v in videos)} in {input_path}, but {family}; video datasets "
+            f"train with the video families ({video_families}): set model_family to one of them, or remove the video "
+            "datasets from the dataset list (or disable them) and re-run st prepare"
         )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """Writing planned shards: entries the previous output holds are copied, the rest encoded in bucket-homogeneous
-batches; each shard's sidecar records the samples written and those rejected (with the reason)."""
+batches (a video shard: one clip per batch, see `encode`); each shard's sidecar records the samples written and those
+rejected (with the reason)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from ..fsutil import atomic_write_text
 from ..log import get_logger
 from ..shardformat import ShardWriter, encode_sample
 from .encode import Encoders, encode_latent_batch, encode_texts, torch_dtype
-from .images import CORRUPT, LOADER_FAILURE, ImageJob, iterate_batches, job_for
+from .images import LOADER_FAILURE, ImageJob, iterate_batches, job_for
 from .layout import sidecar_doc
 from .options import CacheOptions
 from .plan import Entry, ShardPlan
 from .reuse import PreviousEntries
+from .videos import UNDECODABLE, video_job_for
 
 log = get_logger("cache")
 
@@ -33,6 +35,11 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _is_video(entries: list[Entry]) -> bool:
+    """Whether the entries (of one shard: all video or all images) are video samples."""
+    return any(e.frames for e in entries)
+
+
 class ShardEncoder:
     """Writes planned shards into `out_dir`; `encoded` and `reused` count the samples written each way."""
 
@@ -44,7 +51,12 @@ class ShardEncoder:
         self.encoded = self.reused = 0
 
     def _job(self, entry: Entry) -> ImageJob:
-        return job_for(entry.row, self.roots[entry.row["dataset_id"]], self.roots)
+        root = self.roots[entry.row["dataset_id"]]
+        return video_job_for(entry.row, root, entry.frames) if entry.frames else job_for(entry.row, root, self.roots)
+
+    def _batches(self, entries: list[Entry]) -> list[list[ImageJob]]:
+        """The entries' jobs in VAE batches: one clip per batch for video, `vae_batch_size` images otherwise."""
+        return _chunks([self._job(e) for e in entries], 1 if _is_video(entries) else self.options.batch)
 
     def _control_latents(self, entries: dict[str, Entry], partners: dict[str, list]) -> dict[str, Any]:
         """VAE latents of a loaded batch's non-mask conditioning images (families whose control input is latents),
@@ -93,7 +105,7 @@ class ShardEncoder:
         source = Path(self.roots[dataset_id]) / path
         if reason == LOADER_FAILURE:
             raise RuntimeError(f"loading {source} (dataset {dataset_id}) failed: {detail}")
-        if reason == CORRUPT:
+        if reason in UNDECODABLE:
             if self.strict:
                 raise InputError(f"--strict: {source} (dataset {dataset_id}) {detail}; replace or remove it and re-run "
                                  "`st prepare`, or run `st cache` without --strict to skip it")  # fmt: skip
@@ -109,7 +121,7 @@ class ShardEncoder:
         batches: list[list[ImageJob]] = []
         for shard in shards:
             todo = [e for e in shard.entries if e.entry_key not in self.previous.where]
-            shard_batches = _chunks([self._job(e) for e in todo], self.options.batch)
+            shard_batches = self._batches(todo)
             batches.extend(shard_batches)
             plans.append((shard, todo, len(shard_batches)))
         stream = iterate_batches(batches, self.options.workers if len(batches) > 1 else 0)
@@ -143,7 +155,8 @@ class ShardEncoder:
         texts = self._encode_texts(encode)
         self.encoders.release_text()
         by_id = {e.sample_id: e for e in encode}
-        extra = _chunks([self._job(e) for e in late], self.options.batch)
+        extra = self._batches(late)
+        rows = 1 if _is_video(encode) else self.options.vae_rows
         members: dict[str, dict[str, bytes]] = {}
         for ids, pixels, problems, partners in chain(loaded_batches, iterate_batches(extra, 0)):
             for sample_id, (reason, detail) in problems.items():
@@ -152,7 +165,7 @@ class ShardEncoder:
                 bar.update(1)
             if pixels is None:
                 continue
-            latents = encode_latent_batch(self.encoders, pixels, ids, self.options.seed, self.options.vae_rows)
+            latents = encode_latent_batch(self.encoders, pixels, ids, self.options.seed, rows)
             control = self._control_latents(by_id, partners)
             for sample_id, latent in zip(ids, latents):
                 bar.update(1)

@@ -124,28 +124,43 @@ def patch_batch_norm(vae: Any) -> tuple[Any, Any] | None:
     return mean, torch.sqrt(bn.running_var.detach().float().view(1, -1, 1, 1) + vae.config.batch_norm_eps)
 
 
+def _buffer_normalisation(vae: Any) -> tuple[Any, Any] | None:
+    """Per-channel `(latents_mean, latents_std)` a video VAE keeps as buffers rather than config (LTX-Video's)."""
+    mean, std = getattr(vae, "latents_mean", None), getattr(vae, "latents_std", None)
+    if mean is None or std is None or not hasattr(mean, "detach"):
+        return None
+    return mean.detach().float(), std.detach().float()
+
+
 def is_video_vae(vae: Any) -> bool:
     """Whether `vae` is a 3-D (video) VAE taking B x C x T x H x W (Qwen-Image's): st feeds it images as one frame
     and caches its latents without the time axis, B x C x h x w like every other family's."""
     return "temperal_downsample" in vae.config
 
 
-def vae_input(vae: Any, pixels: Any) -> Any:
-    """B x 3 x H x W images as `vae.encode` takes them (a 3-D VAE: one frame, B x 3 x 1 x H x W)."""
-    return pixels.unsqueeze(2) if is_video_vae(vae) and pixels.ndim == 4 else pixels
+def vae_input(vae: Any, pixels: Any, video: bool = False) -> Any:
+    """B x 3 x H x W images as `vae.encode` takes them (a 3-D VAE, or any VAE of a `video` family: one frame,
+    B x 3 x 1 x H x W); clips (B x 3 x F x H x W) pass as they are."""
+    return pixels.unsqueeze(2) if (video or is_video_vae(vae)) and pixels.ndim == 4 else pixels
 
 
-def scaled_latents(vae: Any, sample: Any) -> Any:
-    """A latent sample of `vae` as st caches it: B x C x h x w (a 3-D VAE's time axis of one frame dropped), then
-    normalised per channel or shifted and scaled, as the family's pipeline undoes it before decoding."""
-    if sample.ndim == 5:
+def scaled_latents(vae: Any, sample: Any, video: bool = False) -> Any:
+    """A latent sample of `vae` as st caches it, normalised per channel or shifted and scaled, as the family's
+    pipeline undoes it before decoding. Image families: B x C x h x w (a 3-D VAE's time axis of one frame dropped);
+    a `video` family keeps the time axis, B x C x f x h x w (an image is one frame)."""
+    if sample.ndim == 5 and not video:
         sample = sample.squeeze(2)
+    channel_shape = (1, -1, *([1] * (sample.ndim - 2)))
     stats = latent_normalisation(vae)
     if stats is not None:
         import torch
 
-        mean, std = (torch.tensor(v, dtype=sample.dtype, device=sample.device).view(1, -1, 1, 1) for v in stats)
+        mean, std = (torch.tensor(v, dtype=sample.dtype, device=sample.device).view(channel_shape) for v in stats)
         return (sample - mean) / std
+    buffers = _buffer_normalisation(vae) if video else None
+    if buffers is not None:  # LTX-Video: (z - mean) * scaling_factor / std, its pipeline's `_normalize_latents`
+        mean, std = (v.to(sample.device, sample.dtype).view(channel_shape) for v in buffers)
+        return (sample - mean) * float(vae.config.get("scaling_factor") or 1.0) / std
     patch_stats = patch_batch_norm(vae)
     if patch_stats is not None:  # normalised as 2x2 patches, cached in the VAE's own layout (see families/flux2.py)
         from pipeline.families.flux2 import patchify, unpatchify

@@ -2,8 +2,11 @@
 
 A cache folder can be crafted whole, manifest included, so matching hashes prove nothing about structure: a sample's
 members, its JSON and the tensors its safetensors headers declare are checked before use, and every decompression is
-bounded by the largest member the manifest's shapes allow (latent channels x bucket pixels, caption tokens x a generous
-text width), a member never above `MAX_MEMBER_BYTES`. Errors name the shard and the member.
+bounded by the largest member the manifest's shapes allow (latent channels x bucket pixels (x frames), caption tokens x
+a generous text width), a member never above `MAX_MEMBER_BYTES`. Errors name the shard and the member.
+
+A video family's latents keep the time axis (C x f x h x w, an image one frame); a video bucket is `WxH@F`, F the
+frames encoded, and bounds f by F.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class DecodedSample:
 
     key: str
     meta: dict[str, Any]
-    latent: Any  # torch.Tensor, C x h x w
+    latent: Any  # torch.Tensor, C x h x w (C x f x h x w for a video family)
     captions: dict[int, dict[str, Any]]
     conditioning: dict[str, Any]
 
@@ -77,9 +80,10 @@ class CacheChecks:
         self._latent_shapes: dict[str, tuple[int, ...]] = {}  # bucket -> shape: one batch stacks one shape
 
     def latent_bytes(self, bucket: str) -> int:
-        """The most bytes a latent of `bucket` ("WxH" pixels) can take: never more than one value per pixel."""
-        width, _, height = bucket.partition("x")
-        return min(self.channels * int(width) * int(height) * _DTYPE_BYTES[self.dtype] + MARGIN, MAX_MEMBER_BYTES)
+        """The most bytes a latent of `bucket` ("WxH" pixels, "WxH@F" frames) can take: never more than one value per
+        pixel of every frame."""
+        width, height, frames = bucket_size(bucket)
+        return min(self.channels * width * height * frames * _DTYPE_BYTES[self.dtype] + MARGIN, MAX_MEMBER_BYTES)
 
     def text_bytes(self, captions: int) -> int:
         return min(captions * self.caption_bytes + MARGIN, MAX_MEMBER_BYTES)
@@ -181,14 +185,14 @@ class CacheChecks:
     @staticmethod
     def pixel_bytes(bucket: str) -> int:
         """The bytes of one uint8 RGB image of `bucket` ("WxH" pixels)."""
-        width, _, height = bucket.partition("x")
-        return 3 * int(width) * int(height)
+        width, height, _ = bucket_size(bucket)
+        return 3 * width * height
 
     def _check_cond(self, specs: dict[str, TensorSpec], partners: list[Any], bucket: str, captions: int,
                     where: str) -> None:  # fmt: skip
         """`{i}.pixels`: uint8 [3, H, W] at the bucket's size, for every listed conditioning image; `{i}.latent`:
         shaped as the sample's latent."""
-        width, height = (int(v) for v in bucket.split("x"))
+        width, height, _ = bucket_size(bucket)
         expected = {f"{i}.pixels" for i in range(len(partners))}
         latents = {name for name in specs if name.endswith(".latent")}
         if set(specs) - latents != expected or any(n.partition(".")[0] not in {str(i) for i in range(len(partners))}
@@ -263,14 +267,17 @@ class CacheChecks:
 
     def _check_latent(self, specs: dict[str, TensorSpec], bucket: str, where: str) -> None:
         spec = specs.get("latent")
-        width, height = (int(v) for v in bucket.split("x"))
+        width, height, frames = bucket_size(bucket)
         if set(specs) != {"latent"} or spec is None:
             raise malformed(where, f"expected one tensor named 'latent', found {sorted(specs)}")
         shape = spec.shape
-        if (spec.dtype != _TENSOR_DTYPES[self.dtype] or len(shape) != 3 or shape[0] != self.channels
-                or not (0 < shape[1] <= height and 0 < shape[2] <= width)):  # fmt: skip
+        time = list(shape[1:-2])  # [] for C x h x w, [f] for a video family's C x f x h x w
+        if (spec.dtype != _TENSOR_DTYPES[self.dtype] or len(shape) not in (3, 4) or shape[0] != self.channels
+                or not all(0 < f <= frames for f in time)
+                or not (0 < shape[-2] <= height and 0 < shape[-1] <= width)):  # fmt: skip
             raise malformed(where, f"the latent is {spec.dtype} {list(shape)}, but a {bucket} latent of this cache is "
-                                   f"{_TENSOR_DTYPES[self.dtype]} [{self.channels}, h <= {height}, w <= {width}]")
+                                   f"{_TENSOR_DTYPES[self.dtype]} [{self.channels}, (f <= {frames},) h <= {height}, "
+                                   f"w <= {width}]")  # fmt: skip
         first = self._latent_shapes.setdefault(bucket, shape)
         if shape != first:
             raise malformed(where, f"the latent has shape {list(shape)}, but other {bucket} latents have {list(first)}")
@@ -285,6 +292,13 @@ class CacheChecks:
             found.add(int(index))
         if found != set(local):
             raise malformed(where, f"captions {sorted(set(local) - found)} have no tensors")
+
+
+def bucket_size(bucket: str) -> tuple[int, int, int]:
+    """(width, height, frames) of a cache bucket: "WxH" (one frame) or a video's "WxH@F"."""
+    size, _, frames = bucket.partition("@")
+    width, _, height = size.partition("x")
+    return int(width), int(height), int(frames or 1)
 
 
 def member_where(shard_path: Path, key: str, suffix: str) -> str:

@@ -1,6 +1,6 @@
 """`st prepare` on video datasets: generated clips (`st sample-data --video`) probed through PyAV, bucketed by
-(width, height, frames), bad clips skipped with their reasons, and `st cache` refusing the output until video latents
-are cached."""
+(width, height, frames), bad clips skipped with their reasons, and `st cache` refusing the output when no video
+model family is set."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def test_a_rerun_is_up_to_date_and_st_cache_refuses_video(prepared):
     assert run_prepare(load_config(config), out).up_to_date
     done = st("cache", "-c", config, "-i", out, "-o", out.parent / "cache")
     assert done.exit_code == 2
-    assert "video datasets are prepared but not cached yet: 'clips'" in done.stderr
+    assert "video dataset(s) 'clips'" in done.stderr and "model_family is not set" in done.stderr
     assert not (out.parent / "cache").exists()
 
 
