@@ -96,13 +96,18 @@ DEMO_TRAIN_ARGS ?=
 NO_COMFYUI_FAMILIES := sana kolors lumina2 cosmos2image deepfloyd
 DEMO_LORA_FORMAT ?= $(if $(filter $(DEMO_FAMILY),$(NO_COMFYUI_FAMILIES)),diffusers,comfyui)
 DEMO_CONFIG := $(DEMO)/data/config.json
+# Video families train on generated clips (`st sample-data --video`) and render short validation videos.
+VIDEO_FAMILIES := wan ltxvideo
+DEMO_VIDEO := $(filter $(DEMO_FAMILY),$(VIDEO_FAMILIES))
+DEMO_VIDEO_ARGS := $(if $(DEMO_VIDEO),--set validation_num_video_frames=9)
 
 ifneq ($(filter demo demo-data,$(MAKECMDGOALS)),)
 ifeq ($(strip $(DEMO)),)
 $(error DEMO must name a folder)
 endif
 DEMO_MODEL_CMD := $(ST) tiny-model $(DEMO_FAMILY) $(DEMO)/model
-DEMO_DATA_CMD := $(ST) sample-data $(DEMO)/data --images $(DEMO_IMAGES) --family $(DEMO_FAMILY) --model $(DEMO)/model
+DEMO_DATA_CMD := $(ST) sample-data $(DEMO)/data $(if $(DEMO_VIDEO),--video,--images $(DEMO_IMAGES)) \
+	--family $(DEMO_FAMILY) --model $(DEMO)/model
 $(call remember,$(DEMO)/.make/model.cmd,$(DEMO_MODEL_CMD))
 $(call remember,$(DEMO)/.make/data.cmd,$(DEMO_DATA_CMD))
 
@@ -122,7 +127,7 @@ endif
 
 ifneq ($(filter demo,$(MAKECMDGOALS)),)
 $(eval $(call st_chain,demo,$(DEMO),$(DEMO_CONFIG),$(DEMO_DATA_FILES),$(DEMO)/model/model_index.json \
-	$(DEMO_MODEL_FILES),--set max_train_steps=$(DEMO_STEPS) $(DEMO_TRAIN_ARGS),--set lora_format=$(DEMO_LORA_FORMAT)))
+	$(DEMO_MODEL_FILES),--set max_train_steps=$(DEMO_STEPS) $(DEMO_VIDEO_ARGS) $(DEMO_TRAIN_ARGS),--set lora_format=$(DEMO_LORA_FORMAT)))
 endif
 
 demo-data: $(DEMO_CONFIG)

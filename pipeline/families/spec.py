@@ -192,10 +192,10 @@ class Family:
         """
         import torch
 
-        if noisy_latents.ndim != 4 or noisy_latents.shape[1] != self.latent_channels:
-            raise InputError(
-                f"{self.name} needs latents shaped B x {self.latent_channels} x h x w, got {tuple(noisy_latents.shape)}"
-            )
+        if noisy_latents.ndim != (5 if self.video else 4) or noisy_latents.shape[1] != self.latent_channels:
+            frames = " x f" if self.video else ""
+            raise InputError(f"{self.name} needs latents shaped B x {self.latent_channels}{frames} x h x w, got "
+                             f"{tuple(noisy_latents.shape)}")  # fmt: skip
         dtype, device = _module_dtype(denoiser), noisy_latents.device
         batch = noisy_latents.shape[0]
         timesteps = torch.as_tensor(timesteps, device=device)

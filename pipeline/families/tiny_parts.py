@@ -40,11 +40,12 @@ def clip_text(tokenizer: Any, *, projection: bool = False, hidden_act: str = "qu
     return model.eval()
 
 
-def t5_encoder(tokenizer: Any, d_model: int = 32) -> Any:
-    """A tiny `T5EncoderModel` in the T5 v1.1 style (gated GELU), as the T5-XXL encoders of SD3, Flux and PixArt."""
-    from transformers import T5Config, T5EncoderModel
+def t5_encoder(tokenizer: Any, d_model: int = 32, umt5: bool = False) -> Any:
+    """A tiny `T5EncoderModel` in the T5 v1.1 style (gated GELU), as the T5-XXL encoders of SD3, Flux and PixArt;
+    `umt5`: a `UMT5EncoderModel` (Wan's UMT5-XXL: a relative attention bias in every layer) of the same sizes."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
+    config = (UMT5Config if umt5 else T5Config)(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=8,
@@ -61,7 +62,7 @@ def t5_encoder(tokenizer: Any, d_model: int = 32) -> Any:
         is_encoder_decoder=False,
         use_cache=False,
     )
-    return T5EncoderModel(config).eval()
+    return (UMT5EncoderModel if umt5 else T5EncoderModel)(config).eval()
 
 
 def vae(

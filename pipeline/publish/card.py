@@ -69,11 +69,12 @@ def yaml_lines(value: Any, indent: int = 0) -> list[str]:
 
 def front_matter(card: Card) -> dict[str, Any]:
     options, train = card.options, card.train
-    tags = [card.family.name, train["model_type"], "text-to-image", "diffusers", "st"]
+    task = "text-to-video" if card.family.video else "text-to-image"
+    tags = [card.family.name, train["model_type"], task, "diffusers", "st"]
     if not options.model_card_safe_for_work:
         tags.append("not-for-all-audiences")
     data: dict[str, Any] = {"base_model": card.base_model, "license": options.license, "tags": tags,
-                            "pipeline_tag": "text-to-image", "inference": True}  # fmt: skip
+                            "pipeline_tag": task, "inference": True}  # fmt: skip
     widget = []
     for item in card.widget:
         entry: dict[str, Any] = {"text": item["text"]}
@@ -222,6 +223,12 @@ def snippet(card: Card) -> str:
         lines.insert(lines.index(f"from diffusers import {cls}") + 1, "from diffusers.utils import load_image")
         lines.append('condition = load_image("conditioning.png")  # an image like the conditioning images it was '
                      "trained on")  # fmt: skip
+    if family.video:  # the frames of one video, saved as MP4
+        frames = config.get("validation_num_video_frames") or 81
+        lines.insert(lines.index(f"from diffusers import {cls}") + 1, "from diffusers.utils import export_to_video")
+        lines += [call.replace("image = ", "video = ").replace(").images[0]", f", num_frames={frames}).frames[0]"),
+                  'export_to_video(video, "video.mp4", fps=16)']  # fmt: skip
+        return "\n".join(lines)
     lines += [call, 'image.save("image.png")']
     return "\n".join(lines)
 
@@ -324,9 +331,12 @@ def render(card: Card) -> str:
                     "and loads onto the unquantised base.")  # fmt: skip
     out.append("")
     if card.grid or card.widget:
-        out += ["## Validation images", ""]
+        out += ["## Validation videos" if card.family.video else "## Validation images", ""]
         if card.grid:
             out += [f"![validation grid]({card.grid})", ""]
+        if card.family.video:
+            out += ["Each image shows every frame of one validation video, row by row (the MP4 has the same name).",
+                    ""]  # fmt: skip
         if pairs:
             out += pairs_table(pairs)
         else:

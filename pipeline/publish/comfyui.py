@@ -32,7 +32,7 @@ UNET_FAMILIES = {"sd1x": False, "sd2x": False, "sdxl": True}  # family -> Kohya 
 # diffusers text-encoder subfolder -> Kohya prefix, per family whose text encoders st trains.
 KOHYA_TEXT_ENCODERS = {"sd1x": {"text_encoder": "lora_te"},
                        "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}  # fmt: skip
-TRANSFORMER_FAMILIES = ("flux", "sd3", "pixart_sigma", "qwen_image", "z_image", "chroma", "flux2")
+TRANSFORMER_FAMILIES = ("flux", "sd3", "pixart_sigma", "qwen_image", "z_image", "chroma", "flux2", "ltxvideo", "wan")
 # ComfyUI's key maps that read diffusers module names themselves, under `transformer.`: AuraFlow's for the linear
 # layers of its blocks (comfy.utils.auraflow_to_diffusers), HiDream's for every linear layer: these patterns.
 DIFFUSERS_NAMED = {"auraflow": re.compile(

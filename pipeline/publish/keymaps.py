@@ -161,6 +161,10 @@ def native_target(family: str, module: str, config: dict[str, Any] | None = None
         return _sd3(module, config)
     if family == "pixart_sigma":
         return _pixart(module)
+    if family == "ltxvideo":
+        return _ltxvideo(module)
+    if family == "wan":
+        return _wan(module)
     if family in ("qwen_image", "z_image"):
         # comfy/lora.py reads both under the diffusers module names: Qwen-Image's directly, Z-Image's (its Lumina2
         # branch) through z_image_to_diffusers, which places to_q/to_k/to_v in the native qkv as `dim` rows each,
@@ -228,6 +232,42 @@ def _sd3(module: str, config: dict[str, Any]) -> Target | None:
     if module == "norm_out.linear":
         return Target("final_layer.adaLN_modulation.1", swap_halves=True)
     return Target(_SD3_TOP[module]) if module in _SD3_TOP else None
+
+
+# LTX-Video: ComfyUI's LTXV model (comfy/ldm/lightricks/model.py) names its blocks as diffusers does; only the input
+# projection and the timestep embedding differ (comfy/lora.py reads every `diffusion_model.` name directly).
+_LTX_TOP = {"proj_in": "patchify_proj", "time_embed.linear": "adaln_single.linear",
+            "time_embed.emb.timestep_embedder.linear_1": "adaln_single.emb.timestep_embedder.linear_1",
+            "time_embed.emb.timestep_embedder.linear_2": "adaln_single.emb.timestep_embedder.linear_2",
+            "caption_projection.linear_1": "caption_projection.linear_1",
+            "caption_projection.linear_2": "caption_projection.linear_2", "proj_out": "proj_out"}  # fmt: skip
+_LTX_BLOCK = re.compile(r"transformer_blocks\.\d+\.(attn[12]\.(to_[qkv]|to_out\.0)|ff\.net\.(0\.proj|2))")
+
+
+def _ltxvideo(module: str) -> Target | None:
+    if _LTX_BLOCK.fullmatch(module):
+        return Target(module)
+    return Target(_LTX_TOP[module]) if module in _LTX_TOP else None
+
+
+# Wan: ComfyUI's WAN21 model (comfy/ldm/wan/model.py) keeps the original Wan names, which diffusers' conversion
+# renames (self_attn.q -> attn1.to_q, cross_attn.o -> attn2.to_out.0, ffn.0 -> ffn.net.0.proj, ...); comfy/lora.py
+# reads every `diffusion_model.` name directly, and diffusers' own Wan LoRA loader reads the same layout.
+_WAN_ATTENTION = {"attn1": "self_attn", "attn2": "cross_attn"}
+_WAN_PROJECTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "add_k_proj": "k_img", "add_v_proj": "v_img"}
+_WAN_TOP = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
+            "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+            "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+            "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+            "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head"}  # fmt: skip
+
+
+def _wan(module: str) -> Target | None:
+    if m := re.fullmatch(r"blocks\.(\d+)\.(attn[12])\.(to_[qkv]|to_out\.0|add_[kv]_proj)", module):
+        return Target(f"blocks.{m[1]}.{_WAN_ATTENTION[m[2]]}.{_WAN_PROJECTION[m[3]]}")
+    if m := re.fullmatch(r"blocks\.(\d+)\.ffn\.net\.(0\.proj|2)", module):
+        return Target(f"blocks.{m[1]}.ffn.{m[2][0]}")
+    return Target(_WAN_TOP[module]) if module in _WAN_TOP else None
 
 
 def _pixart(module: str) -> Target | None:

@@ -150,6 +150,9 @@ def _card(inputs: Inputs, family: Family, options: PublishOptions, stage: Path, 
         name = Path(rel).name
         (stage / "assets").mkdir(exist_ok=True)
         shutil.copyfile(inputs.train_dir / rel, stage / "assets" / name)
+        video = inputs.train_dir / Path(rel).with_suffix(".mp4")  # a validation video beside its frame grid
+        if video.is_file():
+            shutil.copyfile(video, stage / "assets" / video.name)
         if name == "grid.png":
             grid = "assets/grid.png"
             continue

@@ -19,8 +19,9 @@ from ..log import get_logger
 
 log = get_logger("train")
 
-# The block lists of the transformer denoisers, in execution order (Flux runs its double blocks, then its single ones).
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+# The block lists of the transformer denoisers, in execution order (Flux runs its double blocks, then its single ones;
+# Wan's transformer calls its list `blocks`).
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
 
 def transformer_blocks(denoiser, family: str) -> list:

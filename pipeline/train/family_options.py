@@ -16,16 +16,18 @@
   sequence and the pooled projections) and the T5 part apart; the T5 behaviour follows the CLIP one when unset.
 - `data_aesthetic_score` (the SDXL refiner): the aesthetic score in every sample's time ids (SimpleTuner's collate
   puts it where the base model has the target size); the batch carries it as `aesthetic_score`.
+- `ltx_train_mode` / `ltx_protect_first_frame` / `ltx_i2v_prob` / `ltx_partial_noise_fraction` (LTX-Video): the
+  image-to-video first-frame conditioning of SimpleTuner's `apply_first_frame_protection`, see `FirstFrame`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ConfigError, InputError
-from ..families import Family, flux, sd3, sdxl
+from ..families import Family, flux, ltxvideo, sd3, sdxl
 from ..log import get_logger
 
 log = get_logger("train")
@@ -122,6 +124,92 @@ class LoadBalancingLoss:
         total = torch.stack(self.collected).sum() * self.weight if self.collected else torch.zeros(())
         self.collected = []
         return total
+
+
+@dataclass(frozen=True)
+class FrameLossMask:
+    """Loss weights per latent frame (B x f: 1 trains the frame, 0 leaves it out), with `LossMask`'s `weights`."""
+
+    frames: Any
+
+    def weights(self, loss: Any) -> Any:
+        return self.frames.to(device=loss.device, dtype=loss.dtype).reshape(*self.frames.shape, 1, 1).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class FirstFrame:
+    """LTX-Video's first-frame (image-to-video) conditioning, SimpleTuner's `apply_first_frame_protection` on a batch
+    of a video dataset with `video.is_i2v` (with `ltx_train_mode` i2v) whose clips have more than one latent frame:
+
+    - `ltx_protect_first_frame`: the first latent frame enters clean, its tokens get timestep 0, and it is left out
+      of the loss (its weight is 0; the mean still runs over every element, as with loss masks);
+    - otherwise, with probability `ltx_i2v_prob` per batch, the first frame's timestep and noise both shrink by the
+      factor a = 1 - u * `ltx_partial_noise_fraction` (u uniform in [0, 1)): its sigma is a * sigma, its noise (in
+      the input and the target) a * noise.
+
+    The denoiser gets the per-frame timestep scale as `frame_timestep_scale` (see `ltxvideo.predict`)."""
+
+    protect: bool
+    probability: float
+    partial_fraction: float
+
+    @classmethod
+    def for_run(cls, config: Any, family: Family) -> FirstFrame | None:
+        """The run's conditioning, or None when no batch can get it (another family, or ltx_train_mode t2v)."""
+        if family.predict is not ltxvideo.predict:
+            if config.ltx_protect_first_frame:
+                log.warning("ltx_protect_first_frame applies to model_family ltxvideo only; %s ignores it (as in "
+                            "SimpleTuner)", family.name)  # fmt: skip
+            return None
+        if config.ltx_train_mode != "i2v":
+            return None
+        chosen = cls(bool(config.ltx_protect_first_frame), float(config.ltx_i2v_prob),
+                     float(config.ltx_partial_noise_fraction))  # fmt: skip
+        log.info("ltx_train_mode i2v: clips of video datasets with video.is_i2v get first-frame conditioning (%s)",
+                 "the first latent frame clean at timestep 0, out of the loss" if chosen.protect else
+                 f"in {chosen.probability:g} of batches, up to {chosen.partial_fraction:g} less noise on the first "
+                 "latent frame")  # fmt: skip
+        return chosen
+
+    @staticmethod
+    def applies(dataset: dict[str, Any], latents: Any) -> bool:
+        """Whether a batch of `dataset` (its cache manifest entry) with these latents is conditioned."""
+        if dataset.get("dataset_type") != "video" or latents.ndim != 5 or latents.shape[2] < 2:
+            return False
+        if "video" not in dataset:
+            raise InputError(f"video dataset {dataset.get('id')!r}: the cache manifest records no video settings "
+                             "(is_i2v), which LTX-Video's first-frame conditioning (ltx_train_mode i2v) reads; re-run "
+                             "`st cache` with --force, or set ltx_train_mode t2v")  # fmt: skip
+        return bool(dataset["video"].get("is_i2v"))
+
+    def apply(self, noised: Any, latents: Any, generator: Any) -> tuple[Any, dict[str, Any], FrameLossMask | None]:
+        """The conditioned batch: `noised` with its first frame changed, the denoiser's extra text inputs and the loss
+        mask (None: the loss covers every frame). Draws from `generator` only without `protect`."""
+        import torch
+
+        batch, frames = latents.shape[0], latents.shape[2]
+        if self.protect:
+            first = torch.zeros(batch)
+        else:
+            coin = float(torch.rand(1, generator=generator, dtype=torch.float64))
+            if coin >= self.probability:
+                return noised, {}, None
+            shrink = float(torch.rand(1, generator=generator, dtype=torch.float64)) * self.partial_fraction
+            first = torch.full((batch,), 1.0 - shrink)
+        device = noised.noisy.device
+        a = first.to(device=device, dtype=noised.noisy.dtype).view(batch, 1, 1, 1, 1)
+        s = noised.sigmas.to(device=device, dtype=noised.noisy.dtype).view(batch, 1, 1, 1, 1)
+        x0 = latents[:, :, :1].to(device=device, dtype=noised.noisy.dtype)
+        # noisy = (1 - s) x + s n  ->  (1 - a s) x + a s (a n), written with the noisy frame (n may carry perturbation)
+        noisy0 = a.square() * noised.noisy[:, :, :1] + (1 - a * s - a.square() * (1 - s)) * x0
+        noise0 = a * noised.noise[:, :, :1]
+        changed = replace(noised, noisy=torch.cat([noisy0, noised.noisy[:, :, 1:]], dim=2),
+                          noise=torch.cat([noise0, noised.noise[:, :, 1:]], dim=2),
+                          target=torch.cat([noise0 - x0, noised.target[:, :, 1:]], dim=2))  # fmt: skip
+        scale = torch.ones(batch, frames, device=device)
+        scale[:, 0] = first.to(device)
+        loss_mask = FrameLossMask((scale > 0).to(torch.float32)) if self.protect else None
+        return changed, {ltxvideo.FRAME_SCALE_KEY: scale}, loss_mask
 
 
 def load_base_parts(family: Family, source: str, config: Any, base_dir: Any, precision: Any) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 Prompt embeddings come from the cache's shared embeddings (st cache stores `validation_prompt`,
 `validation_negative_prompt`, the prompts of `user_prompt_library` and the empty prompt), so no text encoder is loaded
 while training; with train_text_encoder the encoders being trained embed the prompts' cached token ids. Images are seeded (`validation_seed`, else `seed`) and saved as PNGs plus one grid per step.
+Video families (Wan, LTX-Video) render `validation_num_video_frames` frames per prompt, saved as an MP4 and a frame
+grid PNG (`validation_video`).
 
 The SDXL refiner renders through StableDiffusionXLImg2ImgPipeline from an empty latent image over the whole schedule
 (strength 1.0: the refiner's own text-to-image render), with `data_aesthetic_score` as its aesthetic score. With
@@ -22,6 +24,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..families import Family, flux, load_components, sdxl
 from ..log import get_logger
+from . import validation_video
 from .family_options import FamilyText
 from .offload import model_cpu_offload, note_model_cpu_offload, stream_vae
 from .options import ValidationOptions
@@ -153,7 +156,8 @@ class Validator:
             grid = folder / "grid.png"
             image_grid(paths, columns=max(1, options.num_validation_images * len(self.sizes))).save(grid)
             paths.append(grid)
-        log.info("validation: %d image(s) at step %d -> %s", len(paths) - 1, step, folder)
+        log.info("validation: %d %s at step %d -> %s", len(paths) - 1, "video(s)" if self.family.video else "image(s)",
+                 step, folder)  # fmt: skip
         return paths
 
     @contextlib.contextmanager
@@ -215,6 +219,13 @@ class Validator:
                     extra.update(self._refiner_inputs(extra.pop("width"), extra.pop("height")))
                 if "negative_prompt_embeds" in kwargs and "negative_prompt" in self.call_params:
                     extra["negative_prompt"] = None  # Sana and PixArt default it to "", which clashes with the embeds
+                if self.family.video:  # MP4 + frame grid PNG per video (validation_video)
+                    frames = validation_video.frame_count(
+                        options.validation_num_video_frames, self.family.temporal_compression,
+                        validation_video.FAMILY_FRAMES.get(self.family.name, validation_video.DEFAULT_FRAMES))
+                    paths += validation_video.render(self.pipe, kwargs, extra, folder / f"{prompt.name}-{width}x{height}",
+                                                     frames)  # fmt: skip
+                    continue
                 with torch.no_grad(), self._text_mask(self.embeds[prompt.text]):
                     images = self.pipe(**kwargs, **extra).images
                 for i, image in enumerate(images):

@@ -104,6 +104,16 @@ def pipeline_encode(name: str, pipe, prompts: list[str], max_length: int | None 
         if name == "flux2":  # padded to max_sequence_length, no mask: the denoiser sees every position
             embeds, _ = pipe.encode_prompt(prompts, device="cpu", **kw)
             return {"prompt_embeds": embeds}
+        if name == "wan":  # the call's max_sequence_length (512, not encode_prompt's 226), padded positions zeroed
+            length = max_length or 512
+            embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                           max_sequence_length=length)  # fmt: skip
+            mask = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                                  return_tensors="pt").attention_mask  # fmt: skip
+            return {"prompt_embeds": embeds, "attention_mask": mask}
+        if name == "ltxvideo":  # T5 runs without the mask; the transformer masks padded positions (bool mask here)
+            embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu", **kw)
+            return {"prompt_embeds": embeds, "attention_mask": mask.long()}
     raise AssertionError(name)
 
 
@@ -143,7 +153,8 @@ def test_unknown_family_lists_known_names():
 
 def test_registry_is_consistent():
     assert set(NAMES) == {"sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "qwen_image",
-                          "sana", "kolors", "z_image", "chroma", "hidream", "cosmos2image", "flux2", "deepfloyd"}  # fmt: skip
+                          "sana", "kolors", "z_image", "chroma", "hidream", "cosmos2image", "flux2", "deepfloyd",
+                          "wan", "ltxvideo"}  # fmt: skip
     for name, family in FAMILIES.items():
         assert family.name == name
         assert family.bucket_alignment >= 16
@@ -183,7 +194,14 @@ def test_tiny_folder_runs_in_its_pipeline(name, tiny_model, tiny_pipe):
         assert type(pipe.scheduler).__name__.startswith("FlowMatch") or scheduler_prediction == "flow_prediction"
     else:
         assert scheduler_prediction == family.prediction_type
-    image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=64, width=64, output_type="np").images
+    if family.video:  # one short clip: 1 + temporal_compression frames decode to two latent frames
+        frames = 1 + family.temporal_compression
+        video = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=64, width=64, num_frames=frames,
+                     output_type="np").frames  # fmt: skip
+        assert video.shape[:2] == (1, frames)
+        image = video[:, 0]
+    else:
+        image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=64, width=64, output_type="np").images
     side = 256 if name == "hidream" else 64  # HiDream always renders 128 x 128 latents (x the VAE factor 2)
     assert image.shape == (1, side, side, 3)
     assert torch.isfinite(torch.from_numpy(image)).all()
@@ -294,7 +312,7 @@ def test_pixart_trimmed_embeddings_give_the_same_denoiser_output(tiny_pipe):
 def test_vae_factors_come_from_the_config(name, tiny_model):
     vae = load_components(get_family(name), tiny_model(name), which=("vae",))["vae"]
     scale, shift = vae_factors(vae)
-    if name in ("qwen_image", "cosmos2image"):  # normalised per channel by latents_mean / latents_std instead
+    if name in ("qwen_image", "cosmos2image", "wan"):  # normalised per channel by latents_mean / latents_std instead
         assert (scale, shift) == (1.0, None) and len(vae.config.latents_mean) == 16
         return
     if name == "flux2":  # normalised over 2x2 patches by its BatchNorm's running statistics instead

@@ -58,7 +58,8 @@ def trained(tiny_model):
         denoiser = loaded["denoiser"]
         text = family.collate_text(family.encode_prompts(loaded["text_encoders"], loaded["tokenizers"], PROMPTS))
         gen = torch.Generator().manual_seed(0)
-        latents = torch.randn(2, family.latent_channels, *LATENT_SIZE, generator=gen)
+        frames = (2,) if family.video else ()  # video families: B x C x f x h x w
+        latents = torch.randn(2, family.latent_channels, *frames, *LATENT_SIZE, generator=gen)
         # alpha != r: loading must restore the scale from the saved adapter metadata
         config = LoraConfig(
             r=4, lora_alpha=8, target_modules=list(family.lora_target_modules(None)), init_lora_weights="gaussian"
@@ -276,7 +277,7 @@ def test_flow_shift_and_lora_loader(name, tiny_model):
     scheduler = load_components(family, tiny_model(name), which=("scheduler",))["scheduler"]
     if name == "sd3":
         assert family.default_flow_shift == scheduler.config.shift == 3.0
-    elif name in ("flux", "qwen_image", "chroma", "flux2"):
+    elif name in ("flux", "qwen_image", "chroma", "flux2", "ltxvideo"):
         # Training uses SimpleTuner's static default shift 3.0; the scheduler's dynamic shifting is for inference.
         assert family.default_flow_shift == 3.0 and scheduler.config.use_dynamic_shifting
     elif name == "auraflow":
@@ -290,6 +291,8 @@ def test_flow_shift_and_lora_loader(name, tiny_model):
         # SimpleTuner trains Sana on FlowMatchEulerDiscreteScheduler's unshifted table (the DPM-Solver config's
         # flow_shift is for inference only).
         assert family.default_flow_shift == 1.0 and scheduler.config.flow_shift == 3.0
+    elif name == "wan":  # SimpleTuner's default; the shipped UniPC scheduler samples at the same flow_shift
+        assert family.default_flow_shift == 3.0 == scheduler.config.flow_shift and scheduler.config.use_flow_sigmas
     elif name == "cosmos2image":  # SimpleTuner's EDM draw is unshifted; the scheduler uses Karras sigmas up to 80
         assert family.default_flow_shift == 1.0 == scheduler.config.shift and scheduler.config.use_karras_sigmas
     else:

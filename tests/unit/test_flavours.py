@@ -35,6 +35,8 @@ DEFAULTS = {
     # SimpleTuner has no DeepFloyd default: it requires model_flavour (st: or a model path).
     "deepfloyd": (None, None),
     "flux2": ("klein-9b", "black-forest-labs/FLUX.2-klein-base-9B"),
+    "ltxvideo": ("0.9.5", "Lightricks/LTX-Video-0.9.5"),
+    "wan": ("t2v-480p-1.3b-2.1", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
 }
 # Flavours SimpleTuner trains with features st lacks: (family, flavour, the feature named in the error).
 NOT_YET = [
@@ -48,6 +50,10 @@ NOT_YET = [
     ("z_image", "ostris-de-turbo", "transformer from another repository"),
     ("deepfloyd", "ii-medium-450m", "stage II super-resolution training"),
     ("flux2", "dev", "Mistral-3 text encoder"),
+    ("wan", "i2v-14b-2.1", "image-to-video training"),
+    ("wan", "i2v-14b-2.2-low", "two-transformer"),
+    ("wan", "ti2v-5b-2.2", "48-channel VAE"),
+    ("wan", "vace-1.3b-2.1", "VACE control training"),
 ]
 
 

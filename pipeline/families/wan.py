@@ -1,0 +1,221 @@
+"""Wan 2.1 / 2.2 text-to-video: a 3-D DiT (WanTransformer3DModel) over 16-channel Wan VAE video latents
+(C x f x h x w; 4x temporal, 8x spatial compression in the real VAE), conditioned on UMT5's last hidden state.
+
+Text: `WanPipeline.encode_prompt` cleans each prompt (ftfy when installed, HTML unescaping, whitespace), pads it to
+`max_sequence_length` (512), runs UMT5 with the attention mask and zeroes the hidden states past the real tokens. The
+transformer takes no text mask, so those zeros are part of its input: st stores the real tokens and the mask, and
+`text.collate` pads the zeros back (what the transformer receives is identical).
+
+Latents: AutoencoderKLWan normalised per channel (`latents_mean` / `latents_std`), as the pipeline expects before
+decoding; images in a video run are one frame (C x 1 x h x w).
+
+Denoising: `WanPipeline`'s loop calls the transformer on the 5-D latents with `timestep` t (0..1000, one per sample)
+and the text embeddings; the output is the flow velocity noise - x0 in the latents' shape.
+
+Flavours: SimpleTuner's table (models/wan/model.py HUGGINGFACE_PATHS). st trains the single-transformer text-to-video
+models that `WanPipeline` renders; image-conditioned flavours (WanImageToVideoPipeline, FLF2V, VACE, TI2V) and the
+two-stage Wan 2.2 A14B models are refused by name with what they need.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.families import text, tiny_parts
+from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
+from pipeline.families.tokenizers import t5_tokenizer
+from pipeline.log import get_logger
+
+log = get_logger("families")
+
+MAX_LENGTH = 512  # WanPipeline's max_sequence_length default; SimpleTuner forces tokenizer_max_length 512 for Wan
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # SimpleTuner's DEFAULT_LORA_TARGET for Wan
+TEMPORAL_COMPRESSION = 4  # the Wan 2.1 VAE's (scale_factor_temporal)
+
+TEXT_ENCODERS = (
+    TextEncoderSpec(
+        model=Component("text_encoder", "UMT5EncoderModel", "transformers"),
+        tokenizer=Component("tokenizer", "T5Tokenizer", "transformers"),
+        max_length=MAX_LENGTH,
+        kind="t5",
+    ),
+)
+
+
+def clean_prompt(prompt: str) -> str:
+    """`prompt_clean` of diffusers' Wan pipelines: ftfy's fixes when ftfy is installed, HTML entities unescaped
+    twice, runs of whitespace collapsed and the ends stripped."""
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        prompt = ftfy.fix_text(prompt)
+    prompt = html.unescape(html.unescape(prompt)).strip()
+    return re.sub(r"\s+", " ", prompt).strip()
+
+
+def encode_prompts(
+    text_encoders: Any,
+    tokenizers: Any,
+    prompts: list[str],
+    *,
+    max_length: int | None = None,
+    t5_padding: str = "unmodified",
+    device: Any = "cpu",
+) -> list[dict[str, Any]]:
+    """Per prompt, `prompt_embeds` (real tokens x UMT5 dim) and `attention_mask` (512 tokens), as
+    `WanPipeline.encode_prompt`; `collate_text` pads the zero rows back. `t5_padding` changes nothing: the pipeline
+    always zeroes the padded positions."""
+    import torch
+
+    text.check_t5_padding(t5_padding)
+    prompts = [clean_prompt(p) for p in text.check_prompts(prompts)]
+    (encoder,), (tokenizer,) = tuple(text_encoders), tuple(tokenizers)
+    if max_length not in (None, MAX_LENGTH):  # SimpleTuner sets tokenizer_max_length to 512 for Wan, warning alike
+        log.warning("wan encodes %d tokens (WanPipeline's max_sequence_length); tokenizer_max_length %s is ignored, "
+                    "as in SimpleTuner", MAX_LENGTH, max_length)  # fmt: skip
+    length = MAX_LENGTH
+    ids, mask = text.tokenize(tokenizer, prompts, length, device)
+    with torch.no_grad():
+        embeds = encoder(ids, mask).last_hidden_state
+    keep = [int(n) for n in mask.gt(0).sum(dim=1)]
+    return text.split({"prompt_embeds": embeds, "attention_mask": mask}, keep=keep)
+
+
+def predict(
+    transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None, guidance: Any = None
+) -> Any:
+    """`WanPipeline`'s transformer call: 5-D latents (B x C x f x h x w), `timestep` on the 0..1000 scale per sample,
+    the zero-padded UMT5 sequence (no mask); returns the flow velocity in the latents' shape."""
+    if latents.ndim != 5:
+        raise InputError(f"wan needs video latents shaped B x C x f x h x w, got {tuple(latents.shape)}")
+    return transformer(
+        hidden_states=latents,
+        timestep=timesteps,
+        encoder_hidden_states=text["prompt_embeds"],
+        return_dict=False,
+    )[0]
+
+
+def tiny_vae() -> Any:
+    """A tiny AutoencoderKLWan with the real 4x temporal compression and the real latents_mean / latents_std, but a
+    4x spatial factor (two down-sampling levels, both temporal) to keep test videos small."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[True, True],
+        scale_factor_spatial=4, scale_factor_temporal=TEMPORAL_COMPRESSION,
+    ).eval()  # fmt: skip
+
+
+def tiny_transformer(text_dim: int) -> Any:
+    """A tiny WanTransformer3DModel in the 2.1 T2V layout (no image embedder): 2 blocks of 2 heads x 12."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=text_dim, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+
+
+def tiny_scheduler() -> Any:
+    """The scheduler the Wan 2.1 T2V repositories ship: UniPC on flow sigmas, flow_shift 3."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                   num_train_timesteps=1000)  # fmt: skip
+
+
+def tiny(out_dir: Path, seed: int) -> None:
+    """Write a tiny Wan 2.1 T2V WanPipeline folder (UMT5 d_model 32, 2 transformer blocks, the tiny video VAE)."""
+    from diffusers import WanPipeline
+
+    tokenizer = t5_tokenizer(MAX_LENGTH)
+    tiny_parts.seed_everything(seed)
+    encoder = tiny_parts.t5_encoder(tokenizer, umt5=True)
+    tiny_parts.seed_everything(seed + 1)
+    transformer = tiny_transformer(encoder.config.d_model)
+    tiny_parts.seed_everything(seed + 2)
+    vae = tiny_vae()
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=tiny_scheduler(), transformer=transformer
+    )
+    tiny_parts.save(pipe, out_dir)
+
+
+_I2V = "image-to-video training (first-frame conditioning through WanImageToVideoPipeline)"
+_TWO_STAGE = "Wan 2.2's two-transformer (high/low noise stage) training"
+_ANIMEGEN = f"{_TWO_STAGE} with AnimeGen's single-file stage weights"
+_FLF2V = "first/last-frame conditioning (WanImageToVideoPipeline with last_image)"
+_VACE = "VACE control training (WanVACEPipeline)"
+_TI2V = "Wan 2.2's 48-channel VAE with per-token timesteps (expand_timesteps)"
+
+# SimpleTuner's Wan flavours (models/wan/model.py HUGGINGFACE_PATHS); its default is "t2v-480p-1.3b-2.1".
+FLAVOURS = (
+    Flavour("t2v-480p-1.3b-2.1", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+    Flavour("t2v-480p-14b-2.1", "Wan-AI/Wan2.1-T2V-14B-Diffusers"),
+    Flavour("i2v-14b-2.1", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", needs=_I2V),
+    Flavour("i2v-14b-2.1-720p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", needs=_I2V),
+    Flavour("i2v-14b-2.2-high", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", needs=f"{_TWO_STAGE} and {_I2V}"),
+    Flavour("i2v-14b-2.2-low", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", needs=f"{_TWO_STAGE} and {_I2V}"),
+    Flavour("animegen-t2v-high", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", needs=_ANIMEGEN),
+    Flavour("animegen-t2v-low", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", needs=_ANIMEGEN),
+    Flavour("flf2v-14b-2.1", "Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers", needs=_FLF2V),
+    Flavour("vace-1.3b-2.1", "Wan-AI/Wan2.1-VACE-1.3B-diffusers", needs=_VACE),
+    Flavour("vace-14b-2.1", "Wan-AI/Wan2.1-VACE-14B-diffusers", needs=_VACE),
+    Flavour("ti2v-5b-2.2", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", needs=_TI2V),
+)
+
+_OTHER_PIPELINES = {"WanImageToVideoPipeline": _I2V, "WanVACEPipeline": _VACE}
+
+
+def _variant(flavour: str | None, source: str) -> Family:
+    """Wan itself, for a model `WanPipeline` renders with one transformer; a model folder of another Wan pipeline, a
+    two-stage Wan 2.2 A14B folder or the TI2V 5B folder is refused by name, like the flavours that need them."""
+    from pipeline.families.flux_kontext import model_index_of
+
+    index = model_index_of(source) or {}
+    pipeline = index.get("_class_name", "WanPipeline")
+    needs = _OTHER_PIPELINES.get(pipeline, f"its pipeline class {pipeline}") if pipeline != "WanPipeline" else None
+    if needs is None and (index.get("transformer_2") or [None, None])[-1]:
+        needs = _TWO_STAGE
+    if needs is None and index.get("expand_timesteps"):
+        needs = _TI2V
+    if needs:
+        raise ConfigError(f"the model at {source} ({pipeline}) needs {needs}, not supported yet: st trains Wan "
+                          "text-to-video models with one transformer (model_flavour t2v-480p-1.3b-2.1 or "
+                          "t2v-480p-14b-2.1)")  # fmt: skip
+    return FAMILY
+
+
+FAMILY = Family(
+    name="wan",
+    pipeline_class="WanPipeline",
+    denoiser=Component("transformer", "WanTransformer3DModel", "diffusers"),
+    vae=Component("vae", "AutoencoderKLWan", "diffusers"),
+    text_encoders=TEXT_ENCODERS,
+    scheduler=Component("scheduler", "UniPCMultistepScheduler", "diffusers"),
+    latent_channels=16,
+    bucket_alignment=32,  # SimpleTuner overrides aspect_bucket_alignment to 32 for Wan (64 for the 5B)
+    prediction_type="flow_matching",
+    lora_targets=LORA_TARGETS,
+    tiny=tiny,
+    encode_prompts=encode_prompts,
+    collate_text=text.collate,
+    predict=predict,
+    single_file=False,
+    trims_text=True,
+    default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default (Wan sets no other for its T2V flavours)
+    refused_precisions=("fp8-quanto",),
+    flavours=FLAVOURS,
+    default_flavour="t2v-480p-1.3b-2.1",
+    video=True,
+    temporal_compression=TEMPORAL_COMPRESSION,
+    variant=_variant,
+)

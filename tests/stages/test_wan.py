@@ -1,0 +1,109 @@
+"""The Wan chain on generated video: `st sample-data --video` -> prepare -> cache -> train a LoRA (exact resume,
+validation MP4 + frame grid) -> publish (diffusers and ComfyUI layouts) -> the LoRA loads into WanPipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.manifest import read_manifest
+from pipeline.publish.stage import run_publish
+from tests.helpers.training import losses, train
+
+FRAMES = 5  # validation_num_video_frames: two latent frames
+SETS = ("validation_num_video_frames=5", 'validation_resolution="32"', "validation_num_inference_steps=2",
+        "checkpoint_step_interval=1", "learning_rate=0.01", "lora_dropout=0.0", "caption_dropout_probability=0.0",
+        'mixed_precision="no"')  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_model):
+    """Two generated clips prepared and cached for the tiny Wan model, and a 2-step LoRA run over them that
+    validates at step 2 (root, config, run folder)."""
+    from pipeline.cache.stage import run_cache
+    from pipeline.prepare.stage import run_prepare
+    from pipeline.sampledata import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("wan-chain")
+    config = write_sample_dataset(root / "data", family="wan", model=tiny_model("wan"), videos=2)
+    loaded = load_config(config)
+    run_prepare(loaded, root / "prepare")
+    run_cache(loaded, root / "prepare", root / "cache")
+    run = root / "straight"
+    train(config, root / "cache", run, *SETS, "validation_disable=false", "validation_step_interval=2")
+    return root, config, run
+
+
+def test_lora_resumes_exactly(chain, tmp_path):
+    root, config, straight = chain
+    resumed = tmp_path / "resumed"
+    train(config, root / "cache", resumed, *SETS, "max_train_steps=1")
+    train(config, root / "cache", resumed, *SETS, 'resume_from_checkpoint="latest"')
+    assert losses(resumed) == losses(straight)
+    final = Path("final") / "pytorch_lora_weights.safetensors"
+    assert (resumed / final).read_bytes() == (straight / final).read_bytes()
+
+
+def test_block_swap_over_wans_blocks_trains_the_same_lora(chain, tmp_path):
+    root, config, straight = chain
+    train(config, root / "cache", tmp_path / "swapped", *SETS, "musubi_blocks_to_swap=1")
+    final = Path("final") / "pytorch_lora_weights.safetensors"
+    assert (tmp_path / "swapped" / final).read_bytes() == (straight / final).read_bytes()
+
+
+def test_validation_writes_mp4_and_frame_grid(chain):
+    import av
+    from PIL import Image
+
+    _, _, run = chain
+    folder = run / "validation" / "step-2"
+    with av.open(str(folder / "validation-32x32-0.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == FRAMES and frames[0].shape == (32, 32, 3)
+    grid = Image.open(folder / "validation-32x32-0.png")
+    assert grid.height == 32 + 2 * 2 and grid.width == FRAMES * 32 + (FRAMES + 1) * 2  # one row of 5 frames
+    assert (folder / "grid.png").is_file()
+    outputs = {o["path"] for o in read_manifest(run)["outputs"]}
+    assert "validation/step-2/validation-32x32-0.mp4" in outputs
+
+
+def _render(model: Path, lora: Path | None = None) -> np.ndarray:
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    out = pipe("a red circle", height=32, width=32, num_frames=FRAMES, num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return out.frames
+
+
+def test_published_lora_changes_wan_pipeline_output(chain, tmp_path, tiny_model):
+    _, config, run = chain
+    diffusers_out, comfy_out = tmp_path / "diffusers", tmp_path / "comfyui"
+    run_publish(load_config(config), run, diffusers_out)
+    run_publish(load_config(config, ['lora_format="comfyui"']), run, comfy_out)
+    card = (diffusers_out / "README.md").read_text()
+    assert "## Validation videos" in card and "![validation grid](assets/grid.png)" in card
+    assert "export_to_video" in card and 'pipeline_tag: "text-to-video"' in card
+    assert (diffusers_out / "assets" / "validation-32x32-0.mp4").is_file()
+
+    base = _render(tiny_model("wan"))
+    with_lora = _render(tiny_model("wan"), diffusers_out / "pytorch_lora_weights.safetensors")
+    # ComfyUI's layout: the original Wan names (diffusion_model.blocks.N.self_attn.q, ...), which diffusers'
+    # Wan loader converts as ComfyUI reads them
+    from safetensors import safe_open
+
+    comfy_file = comfy_out / "pytorch_lora_weights_comfyui.safetensors"
+    with safe_open(str(comfy_file), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert all(k.startswith("diffusion_model.blocks.") for k in keys)
+    assert any(".self_attn.q." in k for k in keys)
+    with_comfy = _render(tiny_model("wan"), comfy_file)
+    assert np.abs(with_lora - base).max() > 1e-4
+    np.testing.assert_allclose(with_comfy, with_lora, atol=1e-5)
