@@ -60,7 +60,17 @@ def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
     report.attempt(_check_prompt_library, loaded)
     report.attempt(_check_lycoris_settings, loaded)
     report.attempt(_check_base_precision, loaded)
+    report.attempt(_check_crepa, loaded)
     return report
+
+
+def _check_crepa(loaded: LoadedConfig) -> None:
+    """CREPA is for the video families, as `st train` checks before loading the model."""
+    from .families import get_family
+    from .video_settings import check_crepa_family
+
+    if loaded.config.model_family is not None:
+        check_crepa_family(bool(loaded.config.crepa_enabled), get_family(loaded.config.model_family))
 
 
 def _check_lycoris_settings(loaded: LoadedConfig) -> None:

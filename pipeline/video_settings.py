@@ -103,3 +103,12 @@ def parse_video_block(block: Any, where: str, *, framerate: Any = None, model_fa
     default_i2v, forced = _default_i2v(model_family, model_flavour)
     is_i2v = True if forced else (default_i2v if given_i2v is None else given_i2v)
     return VideoSettings(num_frames, min_frames, max_frames, is_i2v, strategy, interval)
+
+
+def check_crepa_family(crepa_enabled: bool, family: Any) -> None:
+    """CREPA (`crepa_enabled`) aligns neighbouring video frames, so it needs a video family; `st check` and
+    `st train` both refuse it for an image family before any model loads."""
+    if crepa_enabled and not family.video:
+        raise ConfigError(f"crepa_enabled is true, but CREPA aligns the hidden states of neighbouring video frames and "
+                          f"model_family {family.name} trains images (one frame, no neighbours); CREPA is for the "
+                          "video families (wan, ltxvideo): set crepa_enabled false")  # fmt: skip

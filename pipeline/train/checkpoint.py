@@ -62,7 +62,8 @@ def save_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
 def finish_checkpoint(folder: Path, name: str, parts: dict[str, Any], info: dict[str, Any]) -> Path:
     """Add weights, optimizer and scheduler to `name.tmp`, hash everything, and rename it to `name`.
 
-    `parts`: {"weights": {...}, "ema": {...} or None, "optimizer": state_dict, "scheduler": state_dict}."""
+    `parts`: {"weights": {...}, "ema": {...} or None, "optimizer": state_dict, "scheduler": state_dict, and
+    optionally "crepa": the CREPA projector's weights}."""
     from .state_io import save_state
 
     final = folder / name
@@ -71,6 +72,8 @@ def finish_checkpoint(folder: Path, name: str, parts: dict[str, Any], info: dict
         save_tensors(tmp / "weights.safetensors", parts["weights"])
         if parts.get("ema"):
             save_tensors(tmp / "ema.safetensors", parts["ema"])
+        if parts.get("crepa"):
+            save_tensors(tmp / "crepa.safetensors", parts["crepa"])
         save_state(tmp / "optimizer", parts["optimizer"])
         save_state(tmp / "scheduler", parts["scheduler"])
         files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -122,6 +125,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         "info": manifest,
         "weights": load_file(str(path / "weights.safetensors")),
         "ema": load_file(str(path / "ema.safetensors")) if "ema.safetensors" in names else None,
+        "crepa": load_file(str(path / "crepa.safetensors")) if "crepa.safetensors" in names else None,
         "optimizer": load_state(path / "optimizer"),
         "scheduler": load_state(path / "scheduler"),
         "ranks": {},
