@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__, console
+from .artifacts.location import parse_location
 from .errors import UserError
 from .log import configure
 
@@ -24,6 +25,12 @@ ConfigOpt = Annotated[Optional[Path], typer.Option(
                            "launcher finds it: config/<ENV>/config.json|toml|env, CONFIG_BACKEND picks the type).")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder this stage writes (created if needed).")]
 InputOpt = Annotated[Path, typer.Option("--input", "-i", help="The previous stage's manifest.json (or its folder).")]
+# A stage's own --input / --output: a local path or s3://bucket/prefix (pipeline.artifacts; AWS_ENDPOINT_URL and the
+# other standard AWS variables give the endpoint and credentials).
+StageOutputOpt = Annotated[str, typer.Option(
+    "--output", "-o", help="Folder this stage writes (created if needed), or s3://bucket/prefix.")]
+StageInputOpt = Annotated[str, typer.Option(
+    "--input", "-i", help="The previous stage's manifest.json (or its folder), or s3://bucket/prefix.")]
 SetOpt = Annotated[List[str], typer.Option("--set",
                                            help="Override an option: --set key=value (value read as a TOML literal).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when the output is up to date.")]
@@ -107,29 +114,31 @@ def stage_notifications(loaded, stage: str):
 
 
 def prepare(
-    output: OutputOpt,
+    output: StageOutputOpt,
     config: ConfigOpt = None,
     set_: SetOpt = NO_SETS,
     strict: Annotated[bool, typer.Option("--strict", help="Fail instead of skipping unusable images.")] = False,
     force: ForceOpt = False,
 ):
     """Scan image folders and captions into an aspect-bucket manifest (samples.parquet)."""
+    from .artifacts.stages import output_folder
     from .config import load_config
     from .prepare.stage import run_prepare
 
     loaded = load_config(_config_path(config), set_)
-    with stage_notifications(loaded, "prepare"):
-        result = run_prepare(loaded, output, strict=strict, force=force)
-    typer.echo(console.prepare_done(result, output))
+    with stage_notifications(loaded, "prepare"), output_folder(output, "prepare") as local_output:
+        result = run_prepare(loaded, local_output, strict=strict, force=force)
+    typer.echo(console.prepare_done(result, parse_location(output)))
     return result
 
 
 def cache(
     ctx: typer.Context,
     config: ConfigOpt = None,
-    input: Annotated[Optional[Path],
-                     typer.Option("--input", "-i", help="The prepare manifest.json (or its folder).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder this stage writes.")] = None,
+    input: Annotated[Optional[str], typer.Option(
+        "--input", "-i", help="The prepare manifest.json (or its folder), or s3://bucket/prefix.")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="Folder this stage writes, or s3://bucket/prefix.")] = None,
     set_: SetOpt = NO_SETS,
     part: Annotated[Optional[str],
                     typer.Option("--part", help="Encode only part i of n (i/n); combine with `merge`.")] = None,
@@ -141,35 +150,47 @@ def cache(
     if ctx.invoked_subcommand is not None:  # `st cache -c ... merge ...`: the options are the merge's defaults
         ctx.obj = {"config": config, "input": input, "set": set_}
         return None
+    from .artifacts.stages import input_folder, output_folder
+    from .cache.layout import PART_NAME
     from .cache.stage import run_cache
+    from .manifest import MANIFEST_NAME
     from .config import load_config
 
     _require(input=input, output=output)
     loaded = load_config(_config_path(config), set_)
-    with stage_notifications(loaded, "cache"):
-        result = run_cache(loaded, input, output, part=part, force=force, strict=strict)
-    typer.echo(console.cache_done(result, output) if result.manifest else console.cache_part_done(result, output, part))
+    commit = MANIFEST_NAME if part is None else PART_NAME  # what a reader trusts: a part has part.json
+    with stage_notifications(loaded, "cache"), output_folder(output, "cache", commit) as local_output:
+        result = run_cache(loaded, input_folder(input, "prepare"), local_output, part=part, force=force,
+                           strict=strict)  # fmt: skip
+    where = parse_location(output)
+    typer.echo(console.cache_done(result, where) if result.manifest else console.cache_part_done(result, where, part))
     return result
 
 
 def cache_merge(
     ctx: typer.Context,
-    parts: Annotated[List[Path], typer.Argument(help="Output folders of `st cache --part i/n` runs.")],
-    output: OutputOpt,
+    parts: Annotated[List[str], typer.Argument(
+        help="Output folders (or s3://bucket/prefix) of `st cache --part i/n` runs.")],
+    output: StageOutputOpt,
     config: Annotated[Optional[Path],
                       typer.Option("--config", "-c", help="The config the parts were run with.")] = None,
-    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="The prepare manifest the parts read.")] = None,
+    input: Annotated[Optional[str], typer.Option(
+        "--input", "-i", help="The prepare manifest the parts read (or s3://bucket/prefix).")] = None,
     set_: SetOpt = NO_SETS,
 ):
     """Combine `st cache --part i/n` outputs into one cache output (same manifest as a single run)."""
+    from .artifacts.stages import input_folder, output_folder, part_folders
+    from .cache.layout import PART_NAME
     from .cache.stage import merge_parts
     from .config import load_config
 
     group = ctx.obj or {}
     config, input = config or group.get("config"), input or group.get("input")
     _require(input=input)
-    result = merge_parts(load_config(_config_path(config), [*group.get("set", []), *set_]), input, parts, output)
-    typer.echo(console.cache_merged(result, len(parts), output))
+    loaded = load_config(_config_path(config), [*group.get("set", []), *set_])
+    with output_folder(output, "cache") as local_output:
+        result = merge_parts(loaded, input_folder(input, "prepare"), part_folders(parts, PART_NAME), local_output)
+    typer.echo(console.cache_merged(result, len(parts), parse_location(output)))
     return result
 
 
@@ -191,8 +212,8 @@ def _require(**values: object) -> None:
 
 
 def train(
-    input: InputOpt,
-    output: OutputOpt,
+    input: StageInputOpt,
+    output: StageOutputOpt,
     config: ConfigOpt = None,
     set_: SetOpt = NO_SETS,
     force: ForceOpt = False,
@@ -202,13 +223,24 @@ def train(
              "checkpoints were made with other options or another cache (only max_train_steps, num_train_epochs, "
              "validation, evaluation, checkpoint, tracking and hub options may change on resume).",
     )] = False,  # fmt: skip
+    shard_cache: Annotated[Optional[Path], typer.Option(
+        "--shard-cache", help="With --input s3://...: the folder shards are fetched into (default "
+                              "$ST_STATE_DIR/shard-cache).")] = None,  # fmt: skip
+    shard_cache_limit: Annotated[Optional[float], typer.Option(
+        "--shard-cache-limit", help="With --input s3://...: at most this many GB of shards are kept locally "
+                                    "(default: no limit).")] = None,  # fmt: skip
 ):
     """Train LoRA or full weights from cache shards (under `accelerate launch` for several processes)."""
+    from .artifacts.stages import output_folder
     from .config import load_config
+    from .train.shard_cache import train_input
     from .train.stage import run_train
 
     loaded = load_config(_config_path(config), set_)
-    result = run_train(loaded, input, output, force=force, resume_strict=resume_strict)
+    local_input = train_input(input, shard_cache, shard_cache_limit)
+    with output_folder(output, "train") as local_output:
+        result = run_train(loaded, local_input, local_output, force=force, resume_strict=resume_strict)
+    output = parse_location(output)
     if result.interrupted:
         typer.echo(console.train_interrupted(result, output))
         raise typer.Exit(130)
@@ -218,20 +250,21 @@ def train(
 
 
 def publish(
-    input: InputOpt,
-    output: OutputOpt,
+    input: StageInputOpt,
+    output: StageOutputOpt,
     config: ConfigOpt = None,
     set_: SetOpt = NO_SETS,
     force: ForceOpt = False,
 ):
     """Assemble weights, model card and lineage, and upload them."""
+    from .artifacts.stages import input_folder, output_folder
     from .config import load_config
     from .publish.stage import run_publish
 
     loaded = load_config(_config_path(config), set_)
-    with stage_notifications(loaded, "publish"):
-        result = run_publish(loaded, input, output, force=force)
-    typer.echo(console.publish_done(result, output))
+    with stage_notifications(loaded, "publish"), output_folder(output, "publish") as local_output:
+        result = run_publish(loaded, input_folder(input, "train"), local_output, force=force)
+    typer.echo(console.publish_done(result, parse_location(output)))
     return result
 
 
@@ -288,7 +321,7 @@ def config_show(
 def tiny_model(
     family: Annotated[str, typer.Argument(help="Model family: sd1x, sd2x, sdxl, sd3, flux, pixart_sigma, auraflow, "
                                                "lumina2, sana, qwen_image, kolors, chroma, z_image, hidream, "
-                                               "cosmos2image, flux2, deepfloyd.")],
+                                               "cosmos2image, flux2, deepfloyd, wan, ltxvideo.")],
     output: Annotated[Path, typer.Argument(help="Folder to write the diffusers-layout model into.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
 ) -> Path:
@@ -320,15 +353,17 @@ def sample_data(
     """Generate a small captioned image (or video) dataset with config.json and multidatabackend.json (for demos and
     tests)."""
     from .errors import ConfigError
+    from .families import get_family
     from .sampledata import CONDITIONING_FOLDERS, write_sample_dataset
 
     kinds = tuple(k.strip() for k in conditioning.split(",") if k.strip()) if conditioning else ()
     unknown = [k for k in kinds if k not in CONDITIONING_FOLDERS]
     if unknown:
         raise ConfigError(f"--conditioning {unknown[0]!r} is not one of {', '.join(CONDITIONING_FOLDERS)}")
-    if video and (kinds or family):
-        raise ConfigError("--video writes a video dataset without paired data or a model family (no video family "
-                          "is trained yet); drop --conditioning / --family")  # fmt: skip
+    if video and kinds:
+        raise ConfigError("--video writes a video dataset without paired data: drop --conditioning")
+    if video and family and not get_family(family).video:
+        raise ConfigError(f"--video needs a video model family (wan), not {family!r}: drop --family or name one")
     if video and videos < 1:
         raise ConfigError(f"--videos must be at least 1, got {videos}")
     config = write_sample_dataset(output, images=images, seed=seed, resolution=resolution, family=family, model=model,

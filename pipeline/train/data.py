@@ -93,7 +93,11 @@ class CacheIndex:
         self.root = root
         self.manifest = manifest
         self.samples: dict[str, SampleRef] = {}
-        self.shards: list[IndexedShard] = load_index(root, manifest, CacheChecks(manifest))
+        from .shard_cache import attached, load_fetched_index
+
+        self.fetcher = attached(root)  # the local side of a cache on S3: shards are fetched as the plan reaches them
+        self.shards: list[IndexedShard] = (load_fetched_index(root, manifest, CacheChecks(manifest), self.fetcher)
+                                           if self.fetcher else load_index(root, manifest, CacheChecks(manifest)))
         self.groups: dict[tuple[str, str], list[str]] = {}
         for shard in self.shards:
             for row, key in enumerate(shard.keys):
@@ -224,7 +228,7 @@ class SampleReader:
                                               self.read(ref, suffix))  # fmt: skip
 
     def latent(self, ref: SampleRef) -> Any:
-        """A sample's latent as a float32 tensor (C x h x w)."""
+        """A sample's latent as a float32 tensor (C x h x w; C x f x h x w for a video family)."""
         return self.tensors(ref, LATENT)["latent"].float()
 
     def close(self) -> None:
@@ -235,7 +239,7 @@ class SampleReader:
 
 @dataclass
 class Batch:
-    latents: Any  # torch.Tensor B x C x h x w, float32
+    latents: Any  # torch.Tensor B x C x h x w, float32 (B x C x f x h x w for a video family: a batch is one bucket)
     texts: list[dict[str, Any]]  # per sample, the chosen caption's stored tensors
     meta: list[dict[str, Any]]
     keys: list[str]
@@ -369,20 +373,40 @@ class TrainLoader:
         kinds = {part.get("mask_kind") for part in parts}
         batch.mask_kind = kinds.pop() if len(kinds) == 1 else None
 
+    def shards_ahead(self, cursor: Cursor, epochs: int) -> Iterator[tuple[str, ...]]:
+        """The shards this rank reads for each batch from `cursor` on, in plan order (what a cache on S3 fetches
+        ahead and keeps)."""
+        start = self.rank * self.per_rank
+        epoch, position = cursor.epoch, cursor.batch
+        while epoch < epochs:
+            plan = self.planner.epoch(epoch)
+            for planned in plan[position:]:
+                keys = planned.keys[start : start + self.per_rank]
+                yield tuple(dict.fromkeys(self.index.samples[k].shard.entry["path"] for k in keys))
+            epoch, position = epoch + 1, 0
+
     def iterate(self, cursor: Cursor, epochs: int) -> Iterator[Batch]:
         """Batches from `cursor` to the end of epoch `epochs - 1`, in plan order."""
 
         def produce() -> Iterator[Batch]:
             reader = SampleReader()
+            fetcher = self.index.fetcher
+            if fetcher is not None:
+                fetcher.follow(self.shards_ahead(cursor, epochs))
             try:
                 epoch, position = cursor.epoch, cursor.batch
                 while epoch < epochs:
                     plan = self.planner.epoch(epoch)
                     for i in range(position, len(plan)):
+                        if fetcher is not None:
+                            reader.close()  # no handle keeps an evicted shard's bytes on disk
+                            fetcher.reading()
                         yield self.load(plan[i], epoch, i, reader)
                     epoch, position = epoch + 1, 0
             finally:
                 reader.close()
+                if fetcher is not None:
+                    fetcher.close()
 
         if self.prefetch == 0:
             yield from produce()

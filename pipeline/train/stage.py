@@ -26,6 +26,7 @@ from ..prompts import texts_to_encode, validation_prompts
 from ..quantise import check as check_precision
 from ..quantise import key_content as quantisation_key_content
 from ..runner import StageResult, StageRun
+from . import shard_cache
 from .checkpoint import list_checkpoints
 from .control import family_for_run
 from .offload import check_config as check_memory
@@ -97,8 +98,9 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     cache = reader.manifest
     # The cache's files (shards only by size here: the loader hash-checks each shard as it reads it), then whether
     # the prepare output the cache was built from, if it is still on disk, has changed since.
-    verify_outputs(cache, reader.root, reader.manifest_path, writer="cache",
-                   size_only=[s["path"] for s in cache["shards"]])  # fmt: skip
+    fetched = {s["path"] for s in cache["shards"]} if shard_cache.attached(reader.root) else set()  # from S3, later
+    verify_outputs({**cache, "outputs": [o for o in cache["outputs"] if o["path"] not in fetched]}, reader.root,
+                   reader.manifest_path, writer="cache", size_only=[s["path"] for s in cache["shards"]])  # fmt: skip
     forced = check_parent_chain(cache, reader.manifest_path, expect_stage="prepare", rerun="st cache", force=force)
     sources = model_sources(loaded)
     family = get_family(config.model_family)
@@ -260,7 +262,8 @@ def _document(claim: OutputClaim, trainer, state: RunState, out_dir: Path, *, ru
     outputs.append(output_entry(out_dir, out_dir / "metrics.jsonl"))
     validation = out_dir / "validation"
     if validation.is_dir():
-        outputs += [output_entry(out_dir, p) for p in sorted(validation.rglob("*.png")) if claim.owns(p)]
+        renders = sorted(p for p in validation.rglob("*") if p.suffix in (".png", ".mp4"))  # MP4: validation videos
+        outputs += [output_entry(out_dir, p) for p in renders if claim.owns(p)]
     checkpoints = []
     foreign = set(other_runs(out_dir / "checkpoints", run))
     for step, path in list_checkpoints(out_dir / "checkpoints"):
