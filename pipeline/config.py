@@ -59,7 +59,7 @@ RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 # Kept in sync with pipeline.families.FAMILIES (a test checks); listed here so that config loading stays import-light.
 MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "sana", "qwen_image",
                   "kolors", "chroma", "z_image", "hidream", "cosmos2image", "flux2",
-                  "deepfloyd")
+                  "deepfloyd", "wan", "ltxvideo")
 CROP_STYLES = ("center", "centre", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 # SimpleTuner's default `sana_complex_human_instruction`: the lines Sana's pipeline prepends to every caption.
@@ -223,6 +223,32 @@ class Config:
     hidream_use_load_balancing_loss: bool = opt(False, TRAIN, help="HiDream: add the expert gates' auxiliary loss "
                                                 "(detached, as in SimpleTuner: it changes the logged loss only).")
     hidream_load_balancing_loss_weight: float | None = opt(None, TRAIN, help="Its weight (and the gates' coefficient).")
+    ltx_train_mode: str = opt("i2v", TRAIN, choices=("t2v", "i2v"), help="LTX-Video: i2v trains first-frame "
+                              "conditioning on video datasets with video.is_i2v; t2v on none.")  # fmt: skip
+    ltx_i2v_prob: float = opt(0.1, TRAIN, help="LTX-Video i2v: chance per batch that the first latent frame gets "
+                              "less noise (ltx_partial_noise_fraction), unless ltx_protect_first_frame.")  # fmt: skip
+    ltx_partial_noise_fraction: float = opt(0.05, TRAIN, help="LTX-Video i2v: the largest share by which that "
+                                            "frame's noise and timestep shrink.")  # fmt: skip
+    ltx_protect_first_frame: bool = opt(False, TRAIN, help="LTX-Video i2v: the first latent frame stays clean "
+                                        "(timestep 0) and is left out of the loss.")  # fmt: skip
+    # CREPA (video families): see pipeline.train.crepa.
+    crepa_enabled: bool = opt(False, TRAIN, help="Video families: align a transformer block's hidden states with a "
+                              "frozen vision encoder's features of each frame and its neighbours (CREPA).")
+    crepa_block_index: int | None = opt(None, TRAIN, help="The transformer block whose output CREPA aligns "
+                                        "(required with crepa_enabled).")
+    crepa_lambda: float = opt(0.5, TRAIN, help="Weight of the CREPA loss added to the training loss.")
+    crepa_adjacent_distance: int = opt(1, TRAIN, help="Neighbour distance d: frames f-d and f+d (0: the frame only).")
+    crepa_adjacent_tau: float = opt(1.0, TRAIN, help="Neighbour weight exp(-distance / tau).")
+    crepa_cumulative_neighbors: bool = opt(False, TRAIN, help="Every distance 1..d instead of d only.")
+    crepa_normalize_by_frames: bool = opt(True, TRAIN, help="Divide each video's summed similarity by its frames.")
+    crepa_spatial_align: bool = opt(True, TRAIN, help="Interpolate token counts to match (false: mean-pool both).")
+    crepa_model: str = opt("dinov2_vitg14", TRAIN, help="The frozen encoder: dinov2_vits14 / vitb14 / vitl14 / "
+                           "vitg14 (transformers' facebook/dinov2-*), or a Dinov2Model folder or hub id.")
+    crepa_use_backbone_features: bool = opt(False, TRAIN, help="Align to another block of the denoiser "
+                                            "(crepa_teacher_block_index) instead of the encoder.")
+    crepa_teacher_block_index: int | None = opt(None, TRAIN, help="The teacher block with backbone features "
+                                                "(default: crepa_block_index).")
+    crepa_encoder_image_size: int = opt(518, TRAIN, help="The side frames are resized to for the encoder.")
     sd3_clip_uncond_behaviour: str = opt("empty_string", TRAIN, choices=("empty_string", "zero"),
                                          help="SD3 caption dropout: the empty caption's CLIP embeddings, or zeros.")
     sd3_t5_uncond_behaviour: str | None = opt(None, TRAIN, choices=(None, "empty_string", "zero"),
@@ -340,6 +366,8 @@ class Config:
     validation_guidance: float = opt(7.5, TRAIN)
     validation_guidance_rescale: float = opt(0.0, TRAIN)
     validation_seed: int | None = opt(None, TRAIN)
+    validation_num_video_frames: int | None = opt(None, TRAIN, help="Frames of each validation video (video "
+                                                  "families; unset: the family's default, Wan 81).")  # fmt: skip
     validation_noise_scheduler: str | None = opt(None, TRAIN, choices=(None, "ddim", "ddpm", "euler", "euler-a",
                                                                        "unipc", "dpm++"))  # fmt: skip
     validation_disable: bool = opt(False, TRAIN, key=False)
@@ -874,6 +902,14 @@ OPTION_RANGES: dict[str, Range] = {
     "data_aesthetic_score": _NON_NEGATIVE,
     "refiner_training_strength": Range(0, 1, low_open=True, high_open=True),
     "hidream_load_balancing_loss_weight": _POSITIVE,
+    "ltx_i2v_prob": _FRACTION,
+    "ltx_partial_noise_fraction": _FRACTION,
+    "crepa_block_index": Range(0, 65_536),
+    "crepa_teacher_block_index": Range(0, 65_536),
+    "crepa_lambda": _NON_NEGATIVE,
+    "crepa_adjacent_distance": Range(0, 65_536, note="frames"),
+    "crepa_adjacent_tau": _POSITIVE,
+    "crepa_encoder_image_size": Range(14, MAX_EDGE, note="pixels"),
     "dataloader_prefetch_qlen": Range(1, 1024),
     "optimizer_beta1": Range(0, 1, high_open=True),
     "optimizer_beta2": Range(0, 1, high_open=True),
@@ -901,6 +937,7 @@ OPTION_RANGES: dict[str, Range] = {
     "validation_guidance": _NON_NEGATIVE,
     "validation_guidance_rescale": _FRACTION,
     "validation_seed": _SEED,
+    "validation_num_video_frames": _COUNT,
     "eval_steps_interval": _OFF_OR_EVERY,
     "num_eval_images": _COUNT,
     "eval_epoch_interval": Range(0, note="0 or unset: off"),
@@ -958,6 +995,9 @@ def _check_relations(config: Config, where: str) -> None:
     check_resolution(config.resolution, config.resolution_type, where)
     if config.train_text_encoder:
         _check_text_encoder_training(config, where)
+    if config.crepa_enabled and config.crepa_block_index is None:
+        raise ConfigError("crepa_enabled is true but crepa_block_index is not set: name the transformer block whose "
+                          f"hidden states CREPA aligns (SimpleTuner's example: 8){_place(where)}")  # fmt: skip
     pairs = [("minimum_aspect_ratio", "maximum_aspect_ratio"), ("flux_guidance_min", "flux_guidance_max")]
     for low_key, high_key in pairs:
         low, high = getattr(config, low_key), getattr(config, high_key)
@@ -1051,6 +1091,9 @@ READ_ONLY_WITH = {
     "ramtorch_text_encoder": ("ramtorch", True),
     "ramtorch_vae": ("ramtorch", True),
     "ramtorch_controlnet": ("ramtorch", True),
+    **{f"crepa_{name}": ("crepa_enabled", True) for name in (
+        "block_index", "lambda", "adjacent_distance", "adjacent_tau", "cumulative_neighbors", "normalize_by_frames",
+        "spatial_align", "model", "use_backbone_features", "teacher_block_index", "encoder_image_size")},
 }
 
 

@@ -157,9 +157,6 @@ OPTION_STATES: dict[str, OptionState] = {
     **_only_with("validation_guidance_skip_layers", "validation_guidance_skip_layers_start "
                                                     "validation_guidance_skip_layers_stop validation_guidance_skip_scale"),
     **_only_with("validation_preview", "validation_preview_steps"),
-    **_only_with("crepa_enabled", "crepa_block_index crepa_lambda crepa_adjacent_distance crepa_adjacent_tau "
-                                  "crepa_cumulative_neighbors crepa_normalize_by_frames crepa_spatial_align crepa_model "
-                                  "crepa_use_backbone_features crepa_teacher_block_index crepa_encoder_image_size"),
     **_only_with("layersync_enabled", "layersync_student_block layersync_teacher_block layersync_lambda"),
     **_only_with("scheduled_sampling_max_step_offset",
                  "scheduled_sampling_strategy scheduled_sampling_probability scheduled_sampling_prob_start "
@@ -167,8 +164,6 @@ OPTION_STATES: dict[str, OptionState] = {
                  "scheduled_sampling_ramp_shape scheduled_sampling_sampler scheduled_sampling_order "
                  "scheduled_sampling_reflexflow scheduled_sampling_reflexflow_alpha "
                  "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
-    **_only_for("ltxvideo", "ltx_train_mode ltx_i2v_prob ltx_partial_noise_fraction ltx_protect_first_frame"),
-    **_only_for("video families (wan, ltxvideo, ...)", "validation_num_video_frames"),
     "framerate": Accepted("read by `st prepare` only as SimpleTuner reads it: a video dataset without "
                           "video.num_frames takes framerate * 5 frames (the resolved block is in the prepare "
                           "manifest and its key)"),
@@ -195,7 +190,6 @@ OPTION_STATES: dict[str, OptionState] = {
     "non_ema_revision": Refused("a separate non-EMA model revision"),
     **_refused("the global parquet columns (set them in the dataset's parquet block)",
                "parquet_caption_column parquet_filename_column"),
-    **_refused("CREPA regularisation", "crepa_enabled"),
     **_refused("LayerSync regularisation", "layersync_enabled"),
     **_refused("Diff2Flow", "diff2flow_enabled diff2flow_loss"),
     "scheduled_sampling_max_step_offset": Refused("scheduled sampling", 0),
@@ -255,7 +249,10 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
 
 # Values of an implemented option that SimpleTuner offers and st does not implement yet: option -> value -> feature.
 REFUSED_CHOICES: dict[str, dict[str, str]] = {
-    "model_family": {"omnigen": "the OmniGen family (its transformer embeds Phi-3 token ids itself, so its cache holds "
+    "model_family": {"ltxvideo2": "the LTX-2 family (LTX2Pipeline: an audio-video transformer with a Gemma text "
+                                  "encoder, a different model from LTX-Video); model_family ltxvideo trains LTX-Video "
+                                  "0.9.x",
+                     "omnigen": "the OmniGen family (its transformer embeds Phi-3 token ids itself, so its cache holds "
                                 "token ids, position ids and attention masks, and it trains on OmniGen's reversed flow "
                                 "time); train another family"},
     "flux_lora_target": {

@@ -113,6 +113,7 @@ class ValidationOptions(OptionGroup):
     validation_negative_prompt: str | None
     validation_seed: int | None
     seed: int | None
+    validation_num_video_frames: int | None
     num_validation_images: int
     validation_num_inference_steps: int
     validation_guidance: float

@@ -19,9 +19,9 @@ from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
 from ..quantise import BasePrecision, parameter_bytes, quantise, upcast_trainable
 from ..prompts import ValidationPrompt
-from . import adapters, controlnet, evaluation, offload, reference, regularisation, text_encoders
+from . import adapters, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders
 from .control import family_for_run, prepare_denoiser
-from .family_options import FamilyText, LoadBalancingLoss, load_base_parts
+from .family_options import FamilyText, FirstFrame, LoadBalancingLoss, load_base_parts
 from .checkpoint import (
     begin_checkpoint,
     finish_checkpoint,
@@ -136,6 +136,7 @@ class Trainer:
         evaluation.chosen_datasets(datasets, self.evaluation)
         self.shared = shared_embeds
         speed.check_train_options(config, self.device)
+        crepa_options = crepa.options_for(config, family)  # a family CREPA cannot train stops before the model loads
         self.memory_options = offload.MemoryOptions.from_config(config)
         offload.check(self.memory_options, self.device)
 
@@ -158,6 +159,9 @@ class Trainer:
                 if self.control is None else []  # fmt: skip
             self.text = text_encoders.attach(denoiser, family, source, config, cache_manifest, cache_root, self.device)
         upcast_trainable(self.params)
+        # CREPA's hooks and projector (its teacher: a frozen encoder, or another block), before blocks are compiled.
+        self.crepa = crepa.attach(crepa_options, family, denoiser, source=source, vae_source=vae_source,
+                                  base_dir=base_dir, seed=self.seed, device=self.device) if crepa_options else None
         offload.place(denoiser, self.memory_options, self.device)  # RamTorch: frozen layers to host memory first
         denoiser.train()
         # Group offload or block swap: where frozen blocks wait between uses (manifest: stats.memory).
@@ -172,6 +176,7 @@ class Trainer:
         from .optim import build_lr_scheduler, build_optimizer, effective_learning_rate
 
         self.family_text = FamilyText.for_run(config, family)  # Flux's T5 mask, SD3's caption-dropout embeddings
+        self.first_frame = FirstFrame.for_run(config, family)  # LTX-Video's image-to-video conditioning, or None
         self.balance = LoadBalancingLoss.attach(config, family, denoiser)  # HiDream's expert-gate loss, or None
         self.objective = Objective(ObjectiveOptions.from_config(config), kind=family.prediction_type,
                                    scheduler_config=self.scheduler_config,
@@ -199,13 +204,15 @@ class Trainer:
         # num_processes equals the world size here (check_world_size): lr_scale scales by the real global batch.
         self.optimizer_options = OptimizerOptions.from_config(config)
         self.learning_rate = effective_learning_rate(self.optimizer_options)
-        groups = self.params if self.text is None else [{"params": self.params}, self.text.param_group()]
+        trained = self.params + (self.crepa.parameters() if self.crepa is not None else [])
+        groups = trained if self.text is None else [{"params": trained}, self.text.param_group()]
         optimizer = build_optimizer(groups, self.optimizer_options, device_type=self.device.type)
         self.lr_scheduler = build_lr_scheduler(optimizer, self.optimizer_options, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(denoiser, optimizer)
         # The parameters as the prepared (possibly wrapped) model holds them, listed once: clipping runs every step.
         self.prepared_params = [p for p in self.model.parameters() if p.requires_grad]
         self.prepared_params += self.text.parameters() if self.text is not None else []
+        self.prepared_params += self.crepa.parameters() if self.crepa is not None else []
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1000 + self.rank)
         ema_device = self.device if config.ema_device == "accelerator" and not config.ema_cpu_only else "cpu"
         self.ema = (adapters.EMA(self._named_trainable(), config.ema_decay, ema_device, not config.ema_foreach_disable)
@@ -288,6 +295,7 @@ class Trainer:
                     "ema": self.ema.state() if self.ema else None,
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.lr_scheduler.state_dict(),
+                    "crepa": self.crepa.state() if self.crepa is not None else None,
                 }
                 path = finish_checkpoint(self.checkpoints_dir, name, parts, info)
             if self.notifier is not None:
@@ -332,6 +340,8 @@ class Trainer:
         self.lr_scheduler.load_state_dict(loaded["scheduler"])
         if self.ema and loaded["ema"]:
             self.ema.load(loaded["ema"])
+        if self.crepa is not None:
+            self._resume_crepa(path, loaded.get("crepa"))
         state = loaded["ranks"].get(self.rank)
         if state is not None and info.get("world") == self.world:
             set_rng_state(state["rng"])
@@ -354,6 +364,12 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.cursor.epoch,
                  self.state.cursor.batch)  # fmt: skip
 
+    def _resume_crepa(self, path: Path, state: dict[str, Any] | None) -> None:
+        if state is None:
+            raise InputError(f"checkpoint {path} has no CREPA projector (it was saved without crepa_enabled); resume "
+                             "without CREPA, or start a new run")  # fmt: skip
+        self.crepa.load_state(state)
+
     # ------------------------------------------------------------------------------------------------ steps
 
     def _text(self, texts: list[dict[str, Any]], step: int) -> dict[str, Any]:
@@ -367,12 +383,14 @@ class Trainer:
         return speed.attention_context(self.config.attention_mechanism)
 
     def forward_loss(self, noised, texts: list[dict[str, Any]], meta: list[dict[str, Any]], guidance, step: int,
-                     batch: Batch | None = None, mask=None):  # fmt: skip
+                     batch: Batch | None = None, mask=None, extra_text: dict[str, Any] | None = None):  # fmt: skip
         """The objective's loss of one forward pass of the denoiser on a noised batch (training and evaluation).
         `batch`: the batch the latents came from, for its paired data (conditioning images, masks, regularisation);
         a regularisation batch's target is the base model's prediction (pipeline.train.regularisation).
-        `mask`: a training batch's loss mask (`Objective.choose_mask`); evaluation uses none, as in SimpleTuner."""
+        `mask`: a training batch's loss mask (`Objective.choose_mask`); evaluation uses none, as in SimpleTuner.
+        `extra_text`: tensors added to the denoiser's text batch (LTX-Video's `frame_timestep_scale`)."""
         text, guidance = self._text(texts, step), _to(guidance, self.device)
+        text = {**text, **extra_text} if extra_text else text
         noisy, timesteps = noised.noisy, noised.timesteps
 
         def predict():
@@ -393,11 +411,19 @@ class Trainer:
         guidance = self.objective.guidance(latents.shape[0], self.generator)
         mask = self.objective.choose_mask(batch.mask_pixels, batch.mask_kind, self.generator)
         texts = self.family_text.training_texts(batch.texts, batch.dropped)
-        if self.balance is None:
-            return self.forward_loss(noised, texts, batch.meta, guidance, step, batch=batch, mask=mask)
-        self.balance.take()  # only this step's gates count
-        loss = self.forward_loss(noised, texts, batch.meta, guidance, step, batch=batch, mask=mask)
-        return loss + self.balance.take().to(loss.device)
+        extra_text = None
+        if self.first_frame is not None and self.first_frame.applies(self.index.datasets[batch.dataset_id], latents):
+            noised, extra_text, frame_mask = self.first_frame.apply(noised, latents, self.generator)
+            mask = frame_mask or mask  # (video datasets have no mask images)
+        if self.balance is not None:
+            self.balance.take()  # only this step's gates count
+        loss = self.forward_loss(noised, texts, batch.meta, guidance, step, batch=batch, mask=mask,
+                                 extra_text=extra_text)  # fmt: skip
+        if self.balance is not None:
+            loss = loss + self.balance.take().to(loss.device)
+        if self.crepa is not None:  # loss + crepa_lambda * the alignment loss of this forward pass
+            loss = loss + self.crepa.loss(latents)
+        return loss
 
     def evaluate(self) -> dict[str, float]:
         """Mean losses over fixed samples at fixed timesteps and fixed noise: `eval_loss`, and `eval_loss/<id>` per
@@ -487,6 +513,8 @@ class Trainer:
                         continue
                     if self.text is not None:
                         self.text.sync_gradients(self.accelerator)
+                    if self.crepa is not None:
+                        self.crepa.sync_gradients(self.accelerator)
                     grad_norm = clip_gradients(self.prepared_params, self.optimizer_options)
                     self.optimizer.step()
                     self.lr_scheduler.step()
@@ -506,6 +534,8 @@ class Trainer:
                     record = {"step": state.step, "epoch": batch.epoch, "loss": step_loss,
                               "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                               "samples_per_s": self.samples_per_step / max(elapsed, 1e-9)}  # fmt: skip
+                    if self.crepa is not None:
+                        record.update(self.crepa.metrics())
                     if self.evaluation.due(state.step, self.steps_per_epoch):
                         record.update(self.evaluate())
                     if self.is_main:
