@@ -9,6 +9,7 @@ without it.
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,36 +30,42 @@ def identity(source: str, revision: str | None) -> dict[str, Any]:
             "weights_sha256": sha256_json({}), "pixel_space": True}  # fmt: skip
 
 
-def _module_base() -> type:
+def __getattr__(name: str) -> Any:
+    """`PixelSpace` is built on first use, so importing the families (every `st` command does) does not import torch."""
+    if name == "PixelSpace":
+        return _pixel_space_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _pixel_space_class() -> type:
     import torch
+    from diffusers.configuration_utils import FrozenDict
 
-    return torch.nn.Module
+    class PixelSpace(torch.nn.Module):
+        """An identity autoencoder: `encode(x).latent` is x, `decode(x).sample` is x. It carries a dtype (an empty
+        buffer's, so `.to(dtype)` sets it) and a diffusers-like `config` with scaling factor 1 and 3 channels."""
 
+        def __init__(self, dtype: Any = None) -> None:
+            super().__init__()
+            self.register_buffer("_probe", torch.empty(0, dtype=dtype or torch.float32), persistent=False)
+            self.encoder = torch.nn.Identity()
+            self.config = FrozenDict(scaling_factor=1.0, shift_factor=None, latent_channels=3)
 
-class PixelSpace(_module_base()):  # type: ignore[misc]
-    """An identity autoencoder: `encode(x).latent` is x, `decode(x).sample` is x. It carries a dtype (an empty
-    buffer's, so `.to(dtype)` sets it) and a diffusers-like `config` with scaling factor 1 and 3 channels."""
+        @classmethod
+        def from_pretrained(cls, source: Any = None, **kwargs: Any) -> PixelSpace:
+            """The same object for every model (there is nothing to read); `torch_dtype` sets its dtype."""
+            return cls(kwargs.get("torch_dtype"))
 
-    def __init__(self, dtype: Any = None) -> None:
-        import torch
-        from diffusers.configuration_utils import FrozenDict
+        @property
+        def dtype(self) -> Any:
+            return self._probe.dtype
 
-        super().__init__()
-        self.register_buffer("_probe", torch.empty(0, dtype=dtype or torch.float32), persistent=False)
-        self.encoder = torch.nn.Identity()
-        self.config = FrozenDict(scaling_factor=1.0, shift_factor=None, latent_channels=3)
+        def encode(self, pixels: Any) -> SimpleNamespace:
+            return SimpleNamespace(latent=self.encoder(pixels))
 
-    @classmethod
-    def from_pretrained(cls, source: Any = None, **kwargs: Any) -> PixelSpace:
-        """The same object for every model (there is nothing to read); `torch_dtype` sets its dtype."""
-        return cls(kwargs.get("torch_dtype"))
+        def decode(self, latents: Any) -> SimpleNamespace:
+            return SimpleNamespace(sample=latents)
 
-    @property
-    def dtype(self) -> Any:
-        return self._probe.dtype
-
-    def encode(self, pixels: Any) -> SimpleNamespace:
-        return SimpleNamespace(latent=self.encoder(pixels))
-
-    def decode(self, latents: Any) -> SimpleNamespace:
-        return SimpleNamespace(sample=latents)
+    PixelSpace.__module__ = __name__
+    return PixelSpace

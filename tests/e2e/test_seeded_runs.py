@@ -70,13 +70,18 @@ def test_three_steps_then_resume_to_six_equals_six_steps(setup, straight, tmp_pa
     assert stats["resumed_from"] == {"checkpoint": "checkpoint-3", "step": 3, "changed": {"max_train_steps": [3, 6]}}
 
 
+def _logged_steps(path: Path) -> set[int]:
+    """The steps with a loss in metrics.jsonl so far; only whole lines count (the file may be mid-write)."""
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
+    return {record["step"] for record in map(json.loads, filter(str.strip, lines)) if "loss" in record}
+
+
 def _wait_for_step(path: Path, step: int, process: subprocess.Popen, limit_s: float = 300) -> None:
     """Poll metrics.jsonl until it records `step` (fails if the process ends first or nothing comes)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         assert process.poll() is None, "st train ended before it was killed"
-        if path.is_file() and any(json.loads(line).get("step") == step and "loss" in json.loads(line)
-                                  for line in path.read_text().splitlines() if line.strip()):  # fmt: skip
+        if step in _logged_steps(path):
             return
         time.sleep(0.01)
     pytest.fail(f"no step {step} in {path} after {limit_s} s")

@@ -311,8 +311,10 @@ def test_report_to_none_writes_metrics_but_no_tensorboard_run(baseline):
 def test_one_process_can_train_with_different_precisions(data, tmp_path):
     """Library callers (notebooks) run several trainings in one process; accelerate's state must not leak."""
     root, config = data("sd1x")
-    # One bf16 step: bf16 is emulated on CPUs without it (slow), and one step shows the run trained.
-    bf16 = train(config, root / "cache", tmp_path / "bf16", 'mixed_precision="bf16"', "max_train_steps=1")
+    # One bf16 step and no evaluation passes: bf16 is emulated on CPUs without it (slow), and one step shows the run
+    # trained.
+    bf16 = train(config, root / "cache", tmp_path / "bf16", 'mixed_precision="bf16"', "max_train_steps=1",
+                 "eval_steps_interval=0")  # fmt: skip
     plain = train(config, root / "cache", tmp_path / "plain", 'mixed_precision="no"')
     # An explicit bf16 is kept on a CPU without native bf16 (emulated: slow, but what the user asked for).
     assert bf16.manifest["config"]["mixed_precision"] == "bf16" and bf16.manifest["metrics"]["steps"] == 1
