@@ -14,7 +14,8 @@ and the text embeddings; the output is the flow velocity noise - x0 in the laten
 
 Flavours: SimpleTuner's table (models/wan/model.py HUGGINGFACE_PATHS). st trains the single-transformer text-to-video
 models that `WanPipeline` renders; image-conditioned flavours (WanImageToVideoPipeline, FLF2V, VACE, TI2V) and the
-two-stage Wan 2.2 A14B models are refused by name with what they need.
+two-stage Wan 2.2 A14B models are refused by name with what they need. The Wan 2.1 i2v transformer input (first-frame
+mask and condition latents, CLIP image embeddings) and its pipeline call are in `pipeline.families.wan_i2v`.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir)
 
 
-_I2V = "image-to-video training (first-frame conditioning through WanImageToVideoPipeline)"
+_I2V = ("image-to-video training (WanImageToVideoPipeline: each clip's first-frame condition latents and CLIP "
+        "image embeddings cached beside its latents)")
 _TWO_STAGE = "Wan 2.2's two-transformer (high/low noise stage) training"
 _ANIMEGEN = f"{_TWO_STAGE} with AnimeGen's single-file stage weights"
 _FLF2V = "first/last-frame conditioning (WanImageToVideoPipeline with last_image)"
