@@ -425,6 +425,9 @@ class Config:
                                       help="With ramtorch, stream the text encoders' Linear layers too (CUDA).")
     ramtorch_vae: bool = opt(False, CACHE, TRAIN, key=False,
                              help="With ramtorch, stream the VAE mid blocks' Linear layers too (CUDA).")
+    ramtorch_transformer_percent: float = opt(100.0, TRAIN, key=False,
+                                              help="With ramtorch, stream only this share (0-100) of the denoiser's "
+                                                   "selected Linear layers, the first ones in module order.")
 
     # Publishing.
     lora_format: str = opt("diffusers", PUBLISH, choices=("diffusers", "comfyui"))
@@ -946,6 +949,7 @@ OPTION_RANGES: dict[str, Range] = {
     "accelerator_cache_clear_interval": _COUNT,
     "group_offload_blocks_per_group": _COUNT,
     "musubi_blocks_to_swap": _NON_NEGATIVE,
+    "ramtorch_transformer_percent": Range(0, 100, note="percent of the selected Linear layers"),
     # notifications
     "webhook_reporting_interval": Range(0, note="seconds"),
     "hook_timeout": Range(0, low_open=True, note="seconds"),
@@ -1091,6 +1095,7 @@ READ_ONLY_WITH = {
     "ramtorch_text_encoder": ("ramtorch", True),
     "ramtorch_vae": ("ramtorch", True),
     "ramtorch_controlnet": ("ramtorch", True),
+    "ramtorch_transformer_percent": ("ramtorch", True),
     **{f"crepa_{name}": ("crepa_enabled", True) for name in (
         "block_index", "lambda", "adjacent_distance", "adjacent_tau", "cumulative_neighbors", "normalize_by_frames",
         "spatial_align", "model", "use_backbone_features", "teacher_block_index", "encoder_image_size")},

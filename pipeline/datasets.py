@@ -352,7 +352,7 @@ def _video_settings(entry: dict[str, Any], dataset_type: str, storage: str, load
         if "video" in entry:
             log.info("%s: 'video' is read on dataset_type video only; ignoring it", where)
         return None
-    if storage != "local":
+    if storage not in ("local", "huggingface"):
         raise NotSupportedError(f"{where}: dataset_type 'video' with storage type '{storage}' is not supported yet; "
                                 "download the videos into a folder and use type 'local' with instance_data_dir")
     paired = next((k for k in ("conditioning_data", "conditioning") if entry.get(k)), None)

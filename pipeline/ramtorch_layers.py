@@ -9,7 +9,13 @@ Which layers (SimpleTuner's choices):
 - `ramtorch_vae`: the Linear layers of the VAE's mid blocks only (the attention of `encoder.mid_block` and
   `decoder.mid_block`); its up and down blocks are convolutions and stay as they are;
 - `ramtorch_controlnet`: a ControlNet's Linear layers, trainable ones included (`controlnet`).
-The last three are read only with `ramtorch` true, as in SimpleTuner.
+The last three are read only with `ramtorch` true, as in SimpleTuner. `ramtorch_transformer_percent` streams only
+the first share of the denoiser's selected layers (SimpleTuner's choice: module order, ceil(n * percent / 100), at
+least one above 0, none at 0).
+
+After each streamed layer's forward a hook waits for the GPU (`torch.cuda.synchronize`), as SimpleTuner's sync hooks
+do by default: ramtorch's two ping-pong transfer buffers can otherwise be overwritten while in use. st always keeps
+them (`ramtorch_disable_sync_hooks` only skips them in SimpleTuner, for speed).
 
 Targets are SimpleTuner's: `ramtorch_target_modules`, comma-separated globs matched against a Linear's qualified name,
 that name without its first component, or its class name; a pattern without wildcards also matches everything under
@@ -23,6 +29,7 @@ ramtorch's layer needs CUDA (it pins host memory and copies on CUDA streams); it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -82,17 +89,35 @@ def linears(module, patterns: list[str] | None, *, prefix: str = "",
     import torch
 
     selected, total = [], 0
-    for parent_name, parent in module.named_modules():
-        for attribute, child in parent.named_children():
-            if type(child) is not torch.nn.Linear:
-                continue
-            name = plain_name(".".join(part for part in (prefix, parent_name, attribute) if part))
-            if _PEFT_ADAPTER in f".{name}" or (not trainable and any(p.requires_grad for p in child.parameters())):
-                continue
-            total += 1
-            if matches(name, "Linear", patterns):
-                selected.append(Target(parent, attribute, name, child))
+    for qualified, child in module.named_modules():  # depth-first, in module order (SimpleTuner's order)
+        if type(child) is not torch.nn.Linear:
+            continue
+        parent_name, _, attribute = qualified.rpartition(".")
+        name = plain_name(".".join(part for part in (prefix, qualified) if part))
+        if _PEFT_ADAPTER in f".{name}" or (not trainable and any(p.requires_grad for p in child.parameters())):
+            continue
+        total += 1
+        if matches(name, "Linear", patterns):
+            selected.append(Target(module.get_submodule(parent_name), attribute, name, child))
     return selected, total
+
+
+def first_share(selected: list, percent: float | None) -> list:
+    """`ramtorch_transformer_percent`: the first ceil(n * percent / 100) of `selected` (at least one when percent is
+    above 0); all of them at 100 or None."""
+    if percent is None or percent >= 100:
+        return selected
+    if percent <= 0:
+        return []
+    return selected[: max(1, math.ceil(len(selected) * percent / 100))]
+
+
+def _synchronize_after(layer, device) -> None:
+    """Wait for the GPU after `layer`'s forward (SimpleTuner's sync hook); nothing to wait for off CUDA."""
+    import torch
+
+    if on_cuda(device):
+        layer.register_forward_hook(lambda module, inputs, output: torch.cuda.synchronize(device))
 
 
 def frozen_linears(denoiser, patterns: list[str] | None) -> tuple[list[Target], int]:
@@ -125,24 +150,29 @@ def _ramtorch_linear(linear, device):
 
 
 def convert(module, patterns: list[str] | None, device, *, label: str, prefix: str = "", trainable: bool = False,
-            make_layer: Callable | None = None) -> dict[str, Any]:  # fmt: skip
-    """Replace the selected Linear layers of `module` by host-memory streaming ones (`make_layer(linear, device)`,
-    ramtorch's by default); returns what a manifest records. Call it before moving `module` to the GPU, so that the
-    streamed weights never land there."""
+            make_layer: Callable | None = None, percent: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """Replace the selected Linear layers of `module` (the first `percent` of them) by host-memory streaming ones
+    (`make_layer(linear, device)`, ramtorch's by default), each followed by a GPU sync; returns what a manifest
+    records. Call it before moving `module` to the GPU, so that the streamed weights never land there."""
     make_layer = make_layer or _ramtorch_linear
-    selected, total = linears(module, patterns, prefix=prefix, trainable=trainable)
+    matched, total = linears(module, patterns, prefix=prefix, trainable=trainable)
+    selected = first_share(matched, percent)
     for target in selected:
-        setattr(target.parent, target.attribute, make_layer(target.layer, device))
+        layer = make_layer(target.layer, device)
+        _synchronize_after(layer, device)
+        setattr(target.parent, target.attribute, layer)
     log.info("ramtorch: %d of %s %d Linear layers wait in host memory and stream to %s per layer", len(selected),
              label, total, device)  # fmt: skip
-    if total and not selected:
+    if total and not matched:
         log.warning("ramtorch: ramtorch_target_modules %s selects none of %s Linear layers", patterns, label)
-    return {"layers": len(selected), "of": total, "targets": patterns}
+    done = {"layers": len(selected), "of": total, "targets": patterns}
+    return done | ({"percent": percent} if percent is not None and percent < 100 else {})
 
 
-def stream(denoiser, patterns: list[str] | None, device, make_layer: Callable | None = None) -> dict[str, Any]:
-    """`ramtorch`: the denoiser's selected frozen Linear layers."""
-    return convert(denoiser, patterns, device, label="the denoiser's frozen", make_layer=make_layer)
+def stream(denoiser, patterns: list[str] | None, device, make_layer: Callable | None = None,
+           percent: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """`ramtorch`: the denoiser's selected frozen Linear layers (`ramtorch_transformer_percent` of them)."""
+    return convert(denoiser, patterns, device, label="the denoiser's frozen", make_layer=make_layer, percent=percent)
 
 
 def stream_text_encoder(encoder, number: int, patterns: list[str] | None, device,

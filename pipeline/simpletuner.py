@@ -127,7 +127,16 @@ OPTION_STATES: dict[str, OptionState] = {
     "optimizer_cpu_offload_method": Accepted("its only choice is none"),
     **_refused("attention slicing of the UNet (saves memory while validating)", "unet_attention_slice"),
     **_refused("moving the optimizer's gradients to the CPU", "optimizer_offload_gradients"),
-    # ramtorch, ramtorch_target_modules, ramtorch_text_encoder, ramtorch_vae, ramtorch_controlnet are Config fields.
+    # ramtorch, ramtorch_target_modules, ramtorch_text_encoder, ramtorch_vae, ramtorch_controlnet and
+    # ramtorch_transformer_percent are Config fields.
+    "ramtorch_disable_sync_hooks": Accepted("st always waits for the GPU after each streamed layer (SimpleTuner's "
+                                            "sync hooks); true only skips that wait, for speed, at the risk of "
+                                            "ramtorch's transfer buffers being overwritten while in use"),
+    "ramtorch_disable_extensions": Refused("RamTorch streaming of the denoiser's Embedding, Conv and norm layers "
+                                           "(st streams Linear layers only, what true asks for)", True),
+    "context_parallel_size": Refused("context parallelism (one sample's sequence split across GPUs); st trains "
+                                     "data-parallel only, each GPU holding whole samples", 1),
+    "context_parallel_comm_strategy": Accepted("read only with context_parallel_size above 1, which st refuses"),
     **_accepted(_SPEED, "enable_xformers_memory_efficient_attention validation_torch_compile "
                         "validation_torch_compile_mode"),
     "sageattention_usage": Accepted("read only with a sageattention attention_mechanism, which st does not offer"),
@@ -170,7 +179,9 @@ OPTION_STATES: dict[str, OptionState] = {
     # Refused: a feature st lacks; loads only at its default.
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
-    "tread_config": Refused("TREAD token routing"),
+    "tread_config": Refused("TREAD token routing (a seeded share of the image or video tokens skips a range of "
+                            "transformer blocks while training; st's transformers run every token through every "
+                            "block)"),
     **_refused("distillation", "distillation_method"),
     "evaluation_type": Refused("CLIP evaluation", "none"),
     "eval_timesteps": Refused("choosing the evaluation timesteps", 28),

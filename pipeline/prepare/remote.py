@@ -1,7 +1,8 @@
 """Remote datasets in `st prepare`: each `type: aws|huggingface|csv` dataset is synced into the output's download
 store (`OUT/.st/downloads/`, see `pipeline.sources.store`) before the walk, and from then on is a local folder: its
 spec's `root` becomes the download view (which `st cache` reads), and a caption column becomes its parquet table.
-Objects that could not be downloaded are skipped with their reason, like unreadable images."""
+Objects that could not be downloaded are skipped with their reason, like unreadable images. A `dataset_type: video`
+dataset downloads its videos (a Hugging Face dataset's video column), which the video prepare path then probes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..sources import SyncResult, sync_source
 from ..sources.s3 import KEYS_FOLDER
 from .discover import CAPTION_SUFFIX
 from .scan import IMAGE_EXTENSIONS
+from .video_probe import VIDEO_EXTENSIONS
 from .walk import WalkSkip
 
 DOWNLOADS = ".st/downloads"
@@ -40,7 +42,8 @@ def sync_remote(claim: OutputClaim, lists: DatasetList, out_dir: Path) -> Remote
         parquet = spec.caption_strategy == "parquet" and spec.parquet is not None and not spec.only_instance_prompt
         table = parquet and spec.source.kind != "aws"  # the source's caption column
         in_bucket = [spec.parquet.path.as_posix()] if parquet and not table else []
-        extensions = IMAGE_EXTENSIONS | {CAPTION_SUFFIX} if textfile else IMAGE_EXTENSIONS
+        media = VIDEO_EXTENSIONS if spec.dataset_type == "video" else IMAGE_EXTENSIONS
+        extensions = media | {CAPTION_SUFFIX} if textfile else media
         result, facts[spec.id] = sync_source(spec.source, spec.id, store, extensions, with_captions=table,
                                              extra_keys=in_bucket)  # fmt: skip
         changes: dict[str, Any] = {"root": result.root}

@@ -6,6 +6,10 @@ Each row's image becomes `<row>.<ext>` in the dataset's view (the extension of t
 the bytes); its address is the dataset's fingerprint and the row, so
 an unchanged dataset is not extracted again. Captions come from `caption_column` (one column, a list of columns, or a
 dotted path into a nested column), else `fallback_caption_column`.
+
+A video dataset (asked for with video file extensions) reads its `video_column` ("video", SimpleTuner's default)
+instead of the image column: each row's video becomes `<row>.<ext>` the same way, the extension taken from the cell's
+file name, else from the container's signature in its first bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from .spec import HubSource
 from .store import Failure, RemoteObject
 
 DEFAULT_CAPTION_COLUMN = "caption"
+DEFAULT_VIDEO_COLUMN = "video"
+_VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
+
+
 def load(source: HubSource) -> Any:
     try:
         import datasets
@@ -82,6 +90,35 @@ def _image_bytes(column: Any, row: int) -> bytes:
     raise ValueError(f"the image cell holds {type(value).__name__}, not image bytes")
 
 
+def video_suffix(data: bytes) -> str:
+    """A video container's file extension by its signature ('' when none matches)."""
+    if data[4:8] == b"ftyp":
+        return ".mov" if data[8:12] == b"qt  " else ".mp4"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        return ".mkv" if b"matroska" in data[:64] else ".webm"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return ".avi"
+    return ""
+
+
+def _media_column(source: HubSource, wanted: set[str]) -> tuple[str, str]:
+    """The column holding each row's file and the key that names it: the video column when videos are wanted."""
+    if wanted & _VIDEO_SUFFIXES:
+        return getattr(source, "video_column", None) or DEFAULT_VIDEO_COLUMN, "video_column"
+    return source.image_column, "image_column"
+
+
+def _video_ext(column: Any, row: int) -> str:
+    """The extension of a video cell that records no usable file name, by its container's signature."""
+    try:
+        ext = video_suffix(_image_bytes(column, row)[:64])
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if not ext:
+        raise ValueError("the cell holds no MP4, MOV, Matroska/WebM or AVI container (by its first bytes)")
+    return ext
+
+
 def _paths(column: Any) -> list[str | None]:
     """The file name each image cell records (Image features keep one), read without touching the bytes."""
     import pyarrow as pa
@@ -99,13 +136,16 @@ def list_rows(source: HubSource, extensions: Iterable[str], with_captions: bool
               ) -> tuple[list[RemoteObject], list[Failure], dict[str, Any]]:  # fmt: skip
     """One object per row; also what the manifest records about the dataset (its fingerprint, its rows)."""
     dataset = load(source)
-    if source.image_column not in dataset.column_names:
-        raise InputError(f"Hugging Face dataset '{source.dataset_name}' has no image column '{source.image_column}' "
-                         f"(its columns: {', '.join(dataset.column_names)}); set image_column")  # fmt: skip
+    wanted = {e.lower() for e in extensions}
+    name, key = _media_column(source, wanted)
+    if name not in dataset.column_names:
+        kind = key.split("_")[0]
+        raise InputError(f"Hugging Face dataset '{source.dataset_name}' has no {kind} column '{name}' "
+                         f"(its columns: {', '.join(dataset.column_names)}); set {key}")  # fmt: skip
     fingerprint = dataset._fingerprint
     if dataset._indices is not None:
         dataset = dataset.flatten_indices()
-    column = dataset.data.column(source.image_column)
+    column = dataset.data.column(name)
     caption_names = sorted({c.split(".")[0] for c in (*(source.caption_columns or (DEFAULT_CAPTION_COLUMN,)),
                                                       *filter(None, [source.fallback_caption_column]))})  # fmt: skip
     if with_captions:
@@ -114,12 +154,17 @@ def list_rows(source: HubSource, extensions: Iterable[str], with_captions: bool
             raise InputError(f"Hugging Face dataset '{source.dataset_name}' has no caption column '{missing[0]}' "
                              f"(its columns: {', '.join(dataset.column_names)}); set caption_column")  # fmt: skip
         rows = dataset.select_columns(caption_names).to_list()
-    wanted = {e.lower() for e in extensions}
     width = max(6, len(str(len(dataset))))
-    objects = []
+    objects, failures = [], []
     for row, path in enumerate(_paths(column)):
         ext = os.path.splitext(path)[1].lower() if isinstance(path, str) else ""
+        if ext not in wanted and key == "video_column":
+            try:
+                ext = _video_ext(column, row)
+            except ValueError as exc:
+                failures.append(Failure(f"{row:0{width}d}", "not_a_video", f"row {row}: {exc}"))
+                continue
         objects.append(RemoteObject(f"{row:0{width}d}{ext if ext in wanted else ''}", f"{fingerprint}:{row}",
                                     functools.partial(_image_bytes, column, row), name_by_content=ext not in wanted,
                                     captions=row_captions(rows[row], source) if with_captions else None))  # fmt: skip
-    return objects, [], {"fingerprint": fingerprint, "rows": len(dataset)}
+    return objects, failures, {"fingerprint": fingerprint, "rows": len(dataset)}

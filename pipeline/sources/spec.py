@@ -58,12 +58,13 @@ class HubSource(_Described):
     split: str = "train"
     revision: str | None = None
     image_column: str = "image"
+    video_column: str = "video"  # read instead of image_column by a `dataset_type: video` dataset
     caption_columns: tuple[str, ...] = ()  # several: each non-empty one is a caption of the row
     fallback_caption_column: str | None = None
     cache_dir: str | None = None
     kind: ClassVar[str] = "huggingface"
-    recorded: ClassVar[tuple[str, ...]] = ("dataset_name", "split", "revision", "image_column", "caption_columns",
-                                           "fallback_caption_column")  # fmt: skip
+    recorded: ClassVar[tuple[str, ...]] = ("dataset_name", "split", "revision", "image_column", "video_column",
+                                           "caption_columns", "fallback_caption_column")  # fmt: skip
 
     def location(self) -> str:
         return f"Hugging Face dataset {self.dataset_name} (split {self.split})"
@@ -88,8 +89,7 @@ RemoteSource = S3Source | HubSource | CsvSource
 # Keys each type reads that cannot change what is trained (where SimpleTuner keeps its own copies, file naming).
 _ACCEPTED = {
     "aws": ("aws_max_pool_connections",),
-    "huggingface": ("metadata_backend", "num_proc", "auto_load", "width_column", "height_column", "video_column",
-                    "file_extension"),
+    "huggingface": ("metadata_backend", "num_proc", "auto_load", "width_column", "height_column", "file_extension"),
     "csv": ("csv_cache_dir", "csv_hash_filenames", "hash_filenames", "csv_shorten_filenames", "shorten_filenames",
             "metadata_backend"),
 }  # fmt: skip
@@ -184,6 +184,7 @@ def _hub_source(entry: dict[str, Any], where: str) -> HubSource:
     return HubSource(dataset_name=name, split=_text(merged, "split", where, "train"),
                      revision=_text(merged, "revision", where),
                      image_column=_text(merged, "image_column", where, "image"),
+                     video_column=_text(merged, "video_column", where, "video"),
                      caption_columns=_columns(merged.get("caption_column"), "caption_column", where),
                      fallback_caption_column=_text(merged, "fallback_caption_column", where),
                      cache_dir=_text(merged, "cache_dir", where))  # fmt: skip

@@ -46,6 +46,7 @@ class MemoryOptions(OptionGroup):
     ramtorch_text_encoder: bool
     ramtorch_vae: bool
     ramtorch_controlnet: bool
+    ramtorch_transformer_percent: float
     controlnet: bool
     base_model_precision: str
     gradient_checkpointing: bool
@@ -168,7 +169,8 @@ def place(denoiser, options: MemoryOptions, device) -> None:
     if options.ramtorch and not hasattr(denoiser, _STREAMED):
         from ..ramtorch_layers import parse_targets, stream
 
-        setattr(denoiser, _STREAMED, stream(denoiser, parse_targets(options.ramtorch_target_modules), device))
+        setattr(denoiser, _STREAMED, stream(denoiser, parse_targets(options.ramtorch_target_modules), device,
+                                            percent=options.ramtorch_transformer_percent))
     denoiser.to(device)  # ramtorch's layers ignore device moves: their weights stay in host memory
 
 
