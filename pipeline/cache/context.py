@@ -16,6 +16,7 @@ from ..errors import NotSupportedError
 from ..families import Family, check_model_family, get_family, without_source
 from ..families.identity import ModelSources, model_identity, model_sources
 from ..families.text_training import trainable_text
+from ..families.wan_i2v import PIPELINE_CLASS as I2V_PIPELINE
 from ..hashing import sha256_json
 from ..lineage import verify_outputs
 from ..manifest import MANIFEST_NAME, read_manifest
@@ -55,6 +56,7 @@ class CacheContext:
         return build_plan(self.rows, latent_identity=latent_id, text_identity=text_id,
                           control_latents=self.family.control_input == "latents",
                           temporal_compression=self.family.temporal_compression,
+                          first_frame=self.family.pipeline_class == I2V_PIPELINE,
                           shard_samples=self.options.cache_shard_samples, extra_prompts=self.prompts,
                           compression_level=self.options.cache_compression_level)  # fmt: skip
 

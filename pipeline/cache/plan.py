@@ -39,6 +39,9 @@ class Entry:
     text_refs: list[str]  # per caption: "sample:<i>" (in this sample's text member) or "shared:<prompt key>"
     entry_key: str
     frames: int | None = None  # video samples: F', the frames of its window encoded
+    # Wan 2.1 image-to-video: the clip's first frame is stored as its conditioning image (pixels, and the condition
+    # latents `wan_i2v.condition_from_first_frame` builds from it), as SimpleTuner's `i2v_first_frame` dataset.
+    first_frame: bool = False
 
     @property
     def bucket(self) -> str:
@@ -61,11 +64,14 @@ class Entry:
     def metadata(self) -> dict[str, Any]:
         """The sample's `json` member."""
         row = self.row
-        paired = {"conditioning": [{**{k: c[k] for k in ("dataset_id", "path", "kind")},
-                                    **({"captions": list(c["captions"])} if c.get("captions") else {})}
-                                   for c in self.conditioning]}  # fmt: skip
+        partners = [{**{k: c[k] for k in ("dataset_id", "path", "kind")},
+                     **({"captions": list(c["captions"])} if c.get("captions") else {})} for c in self.conditioning]
+        if self.first_frame:
+            from ..families.wan_i2v import first_frame_partner
+
+            partners = [first_frame_partner(row)]
         return {
-            **(paired if self.conditioning else {}),
+            **({"conditioning": partners} if partners else {}),
             "sample_id": row["sample_id"],
             "dataset_id": row["dataset_id"],
             "path": row["path"],
@@ -141,9 +147,11 @@ def build_plan(
     compression_level: int,
     control_latents: bool = False,
     temporal_compression: int = 1,
+    first_frame: bool = False,
 ) -> CachePlan:
     """`control_latents`: conditioning images other than masks are also stored as latents (the family's control
-    input is latents). `temporal_compression`: the video VAE's, which sets F' of each video sample."""
+    input is latents). `temporal_compression`: the video VAE's, which sets F' of each video sample. `first_frame`:
+    each video sample stores its first frame as its conditioning image (`Entry.first_frame`)."""
     shared = shared_prompt_set(rows, extra_prompts)
     shared_texts = set(shared.values())
     groups: dict[tuple[str, str], list[Entry]] = {}
@@ -156,7 +164,7 @@ def build_plan(
             material.append(["video", row["window_start"], frames])
         latent_key = sha256_json(material)
         refs = [f"shared:{prompt_key(c)}" if c in shared_texts else f"sample:{i}" for i, c in enumerate(row["captions"])]
-        entry = Entry(row, latent_key, refs, "", frames)
+        entry = Entry(row, latent_key, refs, "", frames, first_frame=bool(first_frame and frames))
         entry.entry_key = sha256_json([latent_key, text_identity, entry.metadata(), compression_level])
         groups.setdefault((row["dataset_id"], entry.bucket), []).append(entry)
     shards = []

@@ -95,6 +95,20 @@ class ShardEncoder:
                 tensors[f"{i}.latent"] = latent.to(self.cache_dtype)
         return tensors
 
+    def _first_frame(self, clip, latent) -> dict[str, Any] | None:
+        """A Wan i2v clip's conditioning tensors: its first frame (`0.pixels`, uint8) and the condition latents of
+        [first frame, black frames] (`0.latent`, shaped as its latent). None when they are not finite."""
+        import torch
+
+        from ..families.wan_i2v import condition_from_first_frame
+
+        first = clip[:, 0]
+        condition = condition_from_first_frame(self.encoders.vae, first.unsqueeze(0), latent.shape[1])[0, -latent.shape[0]:]
+        if not bool(condition.isfinite().all()):
+            return None
+        pixels = ((first + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return {"0.pixels": pixels, "0.latent": condition.to(self.cache_dtype)}
+
     def _encode_texts(self, entries: list[Entry]) -> dict[str, dict[str, Any]]:
         captions = sorted({c for e in entries for _, c in e.local_captions})
         return dict(zip(captions, encode_texts(self.encoders, captions, self.options)))
@@ -167,13 +181,17 @@ class ShardEncoder:
                 continue
             latents = encode_latent_batch(self.encoders, pixels, ids, self.options.seed, rows)
             control = self._control_latents(by_id, partners)
-            for sample_id, latent in zip(ids, latents):
+            for sample_id, latent, clip in zip(ids, latents, pixels):
                 bar.update(1)
                 if not bool(latent.isfinite().all()):
                     rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for this image")
                     continue
                 entry = by_id[sample_id]
-                conditioning = self._conditioning(sample_id, partners[sample_id], control) if entry.conditioning else {}
+                if entry.first_frame:
+                    conditioning = self._first_frame(clip, latent)
+                else:
+                    conditioning = self._conditioning(sample_id, partners[sample_id], control) if entry.conditioning \
+                        else {}  # fmt: skip
                 if conditioning is None:
                     rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for its conditioning image")
                     continue

@@ -13,9 +13,9 @@ Denoising: `WanPipeline`'s loop calls the transformer on the 5-D latents with `t
 and the text embeddings; the output is the flow velocity noise - x0 in the latents' shape.
 
 Flavours: SimpleTuner's table (models/wan/model.py HUGGINGFACE_PATHS). st trains the single-transformer text-to-video
-models that `WanPipeline` renders; image-conditioned flavours (WanImageToVideoPipeline, FLF2V, VACE, TI2V) and the
-two-stage Wan 2.2 A14B models are refused by name with what they need. The Wan 2.1 i2v transformer input (first-frame
-mask and condition latents, CLIP image embeddings) and its pipeline call are in `pipeline.families.wan_i2v`.
+models that `WanPipeline` renders and Wan 2.1 image-to-video (the i2v-14b-2.1 flavours and WanImageToVideoPipeline
+folders train as `pipeline.families.wan_i2v.FAMILY`); FLF2V, VACE, TI2V and the two-stage Wan 2.2 A14B models are
+refused by name with what they need.
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ _TI2V = "Wan 2.2's 48-channel VAE with per-token timesteps (expand_timesteps)"
 FLAVOURS = (
     Flavour("t2v-480p-1.3b-2.1", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
     Flavour("t2v-480p-14b-2.1", "Wan-AI/Wan2.1-T2V-14B-Diffusers"),
-    Flavour("i2v-14b-2.1", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", needs=_I2V),
-    Flavour("i2v-14b-2.1-720p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", needs=_I2V),
+    Flavour("i2v-14b-2.1", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"),
+    Flavour("i2v-14b-2.1-720p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"),
     Flavour("i2v-14b-2.2-high", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", needs=f"{_TWO_STAGE} and {_I2V}"),
     Flavour("i2v-14b-2.2-low", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", needs=f"{_TWO_STAGE} and {_I2V}"),
     Flavour("animegen-t2v-high", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", needs=_ANIMEGEN),
@@ -174,17 +174,21 @@ FLAVOURS = (
     Flavour("ti2v-5b-2.2", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", needs=_TI2V),
 )
 
-_OTHER_PIPELINES = {"WanImageToVideoPipeline": _I2V, "WanVACEPipeline": _VACE}
+I2V_FLAVOURS = ("i2v-14b-2.1", "i2v-14b-2.1-720p")  # trained as `wan_i2v.FAMILY`
+_I2V_PIPELINE = "WanImageToVideoPipeline"
+_OTHER_PIPELINES = {"WanVACEPipeline": _VACE}
 
 
 def _variant(flavour: str | None, source: str) -> Family:
-    """Wan itself, for a model `WanPipeline` renders with one transformer; a model folder of another Wan pipeline, a
+    """Wan itself, for a model `WanPipeline` renders with one transformer; Wan 2.1 image-to-video (`wan_i2v`) for the
+    i2v flavours and WanImageToVideoPipeline folders with one transformer; a model folder of another Wan pipeline, a
     two-stage Wan 2.2 A14B folder or the TI2V 5B folder is refused by name, like the flavours that need them."""
     from pipeline.families.flux_kontext import model_index_of
 
     index = model_index_of(source) or {}
-    pipeline = index.get("_class_name", "WanPipeline")
-    needs = _OTHER_PIPELINES.get(pipeline, f"its pipeline class {pipeline}") if pipeline != "WanPipeline" else None
+    pipeline = index.get("_class_name", _I2V_PIPELINE if flavour in I2V_FLAVOURS else "WanPipeline")
+    needs = None if pipeline in ("WanPipeline", _I2V_PIPELINE) else \
+        _OTHER_PIPELINES.get(pipeline, f"its pipeline class {pipeline}")  # fmt: skip
     if needs is None and (index.get("transformer_2") or [None, None])[-1]:
         needs = _TWO_STAGE
     if needs is None and index.get("expand_timesteps"):
@@ -192,7 +196,15 @@ def _variant(flavour: str | None, source: str) -> Family:
     if needs:
         raise ConfigError(f"the model at {source} ({pipeline}) needs {needs}, not supported yet: st trains Wan "
                           "text-to-video models with one transformer (model_flavour t2v-480p-1.3b-2.1 or "
-                          "t2v-480p-14b-2.1)")  # fmt: skip
+                          "t2v-480p-14b-2.1), and Wan 2.1 image-to-video (i2v-14b-2.1, i2v-14b-2.1-720p)")  # fmt: skip
+    if flavour in I2V_FLAVOURS and pipeline != _I2V_PIPELINE:
+        raise ConfigError(f"model_flavour {flavour} is Wan 2.1 image-to-video, but the model at {source} is a "
+                          f"{pipeline}: point pretrained_model_name_or_path at a {_I2V_PIPELINE} model, or choose a "
+                          "t2v flavour")  # fmt: skip
+    if pipeline == _I2V_PIPELINE:
+        from pipeline.families import wan_i2v
+
+        return wan_i2v.FAMILY
     return FAMILY
 
 

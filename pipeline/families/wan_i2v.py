@@ -16,14 +16,22 @@ pixels it falls back to the cached clip's first latent frame (`condition_from_la
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.families import tiny_parts
+from pipeline.families import tiny_parts, wan
 
 PIPELINE_CLASS = "WanImageToVideoPipeline"
 CONDITION_CHANNELS = 4 + 16  # mask + condition latents
+# What the i2v family's `predict` reads from the denoiser's text batch beside the UMT5 embeddings (the trainer adds
+# per-batch tensors there, as LTX-Video's `frame_timestep_scale`): B x 20 x f x h x w and B x tokens x dim.
+CONDITION_KEY = "i2v_condition"
+IMAGE_EMBEDS_KEY = "image_embeds"
+TEMPORAL = 4  # the Wan 2.1 VAE's temporal compression
+FIRST_FRAME_KIND = "reference_strict"
+FIRST_FRAME_DATASET_SUFFIX = "_i2v_first_frame"
 CLIP_SIZE = 32  # the tiny model's CLIP image size
 
 
@@ -106,7 +114,7 @@ def sample_extras(vae: Any, image_encoder: Any, image_processor: Any, clip: Any)
     latent_frames = 1 + (clip.shape[1] - 1) // int(vae.config.scale_factor_temporal)
     condition = condition_from_first_frame(vae, clip[:, 0].unsqueeze(0).float(), latent_frames)[0]
     embeds = encode_image(image_encoder, image_processor, [first_frame_image(clip)])[0]
-    return {"i2v_condition": condition, "image_embeds": embeds}
+    return {CONDITION_KEY: condition, IMAGE_EMBEDS_KEY: embeds}
 
 
 def predict(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], condition: Any,
@@ -126,6 +134,43 @@ def predict(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any]
         encoder_hidden_states_image=None if image_embeds is None else image_embeds.to(latents.dtype),
         return_dict=False,
     )[0]
+
+
+def family_predict(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None,
+                   guidance: Any = None, *, reference: Any) -> Any:  # fmt: skip
+    """`Family.predict` of the i2v family: `reference` is the batch's first-frame condition latents (B x 16 x f x h x
+    w, the VAE's normalised encoding of [first frame, black frames], cached as the sample's conditioning latent); the
+    mask is built here and the CLIP embeddings come with the text batch (`IMAGE_EMBEDS_KEY`)."""
+    import torch
+
+    if IMAGE_EMBEDS_KEY not in text:
+        raise InputError(f"{PIPELINE_CLASS} needs the CLIP image embeddings of each sample's first frame "
+                         f"({IMAGE_EMBEDS_KEY}) beside its text")  # fmt: skip
+    batch, _, frames, height, width = reference.shape
+    mask = first_frame_mask(batch, frames, height, width, TEMPORAL, like=reference)
+    condition = torch.cat([mask, reference], dim=1)
+    return predict(transformer, latents, timesteps, text, condition, text[IMAGE_EMBEDS_KEY])
+
+
+def first_frame_partner(row: dict[str, Any]) -> dict[str, Any]:
+    """The conditioning entry of a video sample's first frame in its cached metadata: the image of SimpleTuner's
+    auto-generated `i2v_first_frame` conditioning dataset (a reference image: its pixels and condition latents)."""
+    return {"dataset_id": f"{row['dataset_id']}{FIRST_FRAME_DATASET_SUFFIX}", "path": row["path"],
+            "kind": FIRST_FRAME_KIND}  # fmt: skip
+
+
+def load_image_encoder(source: str, revision: str | None = None) -> tuple[Any, Any]:
+    """The model's CLIP vision encoder (`image_encoder/`) and image processor (`image_processor/`), frozen."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    encoder = CLIPVisionModel.from_pretrained(source, subfolder="image_encoder", revision=revision)
+    processor = CLIPImageProcessor.from_pretrained(source, subfolder="image_processor", revision=revision)
+    return encoder.eval().requires_grad_(False), processor
+
+
+def pixels_to_images(pixels: Any) -> list[Any]:
+    """B x 3 x H x W pixels in [-1, 1] (a batch's first frames) as the RGB PIL images the pipeline would be given."""
+    return [first_frame_image(p.unsqueeze(1)) for p in pixels]
 
 
 def tiny_image_encoder() -> tuple[Any, Any]:
@@ -155,7 +200,6 @@ def tiny(out_dir: Path, seed: int) -> None:
     """Write a tiny Wan 2.1 I2V WanImageToVideoPipeline folder (the T2V tiny parts plus a tiny CLIP vision encoder)."""
     from diffusers import WanImageToVideoPipeline
 
-    from pipeline.families import wan
     from pipeline.families.tokenizers import t5_tokenizer
 
     tokenizer = t5_tokenizer(wan.MAX_LENGTH)
@@ -171,3 +215,9 @@ def tiny(out_dir: Path, seed: int) -> None:
         transformer=transformer, image_encoder=image_encoder, image_processor=image_processor,
     )  # fmt: skip
     tiny_parts.save(pipe, out_dir)
+
+
+# The Wan 2.1 i2v variant of the wan family (Flux Kontext's pattern; `wan` picks it for the i2v flavours and
+# WanImageToVideoPipeline folders): Wan's text, VAE, LoRA targets and schedule with this pipeline, predict and tiny model.
+FAMILY = dataclasses.replace(wan.FAMILY, pipeline_class=PIPELINE_CLASS, predict=family_predict, tiny=tiny,
+                             takes_reference=True, variant=None)  # fmt: skip

@@ -70,6 +70,8 @@ def yaml_lines(value: Any, indent: int = 0) -> list[str]:
 def front_matter(card: Card) -> dict[str, Any]:
     options, train = card.options, card.train
     task = "text-to-video" if card.family.video else "text-to-image"
+    if card.family.video and card.family.pipeline_class in IMAGE_ARGUMENTS:  # Wan i2v: a video from a first frame
+        task = "image-to-video"
     tags = [card.family.name, train["model_type"], task, "diffusers", "st"]
     if not options.model_card_safe_for_work:
         tags.append("not-for-all-audiences")
@@ -171,7 +173,8 @@ _DEVICE_LINES = ['device = "cuda" if torch.cuda.is_available() else "cpu"',
 
 
 # Pipelines that render from an input image (the run's conditioning images): their keyword for it.
-IMAGE_ARGUMENTS = {"FluxKontextPipeline": "image", "FluxControlPipeline": "control_image"}
+IMAGE_ARGUMENTS = {"FluxKontextPipeline": "image", "FluxControlPipeline": "control_image",
+                   "WanImageToVideoPipeline": "image"}
 
 
 def snippet(card: Card) -> str:

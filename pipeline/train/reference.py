@@ -12,7 +12,7 @@ from typing import Any
 from ..cache_reader import COND
 from ..datasets import MASK_TYPES
 from ..errors import ConfigError, InputError, NotSupportedError
-from ..families import Family, flux2, flux_control
+from ..families import Family, flux2, flux_control, wan_i2v
 from ..log import get_logger
 from .controlnet import ValidationControl, read_conditioning
 from .data import image_paired_datasets
@@ -61,6 +61,13 @@ def check(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool = 
     if controlnet:
         raise NotSupportedError(f"controlnet: true with {family.pipeline_class} (a reference-image model) is not "
                                 "supported; set controlnet to false to train the model on its reference images")  # fmt: skip
+    if family.pipeline_class == wan_i2v.PIPELINE_CLASS:  # each clip's first frame is its reference, cached with it
+        images = [d["id"] for d in cache_manifest.get("datasets", []) if d.get("dataset_type", "image") == "image"]
+        if images:
+            raise ConfigError(f"{family.pipeline_class} trains on video clips conditioned on their first frame, and "
+                              f"dataset(s) {', '.join(images)} hold images: remove them from the dataset list or mark "
+                              'them `"dataset_type": "eval"`, then re-run `st prepare` and `st cache`')  # fmt: skip
+        return
     paired, unpaired = image_paired_datasets(cache_manifest)
     if paired and not unpaired:
         return

@@ -22,6 +22,7 @@ from ..prompts import ValidationPrompt
 from . import adapters, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders
 from .control import family_for_run, prepare_denoiser
 from .family_options import FamilyText, FirstFrame, LoadBalancingLoss, load_base_parts
+from .image_embeds import ImageEmbeds
 from .checkpoint import (
     begin_checkpoint,
     finish_checkpoint,
@@ -177,6 +178,7 @@ class Trainer:
 
         self.family_text = FamilyText.for_run(config, family)  # Flux's T5 mask, SD3's caption-dropout embeddings
         self.first_frame = FirstFrame.for_run(config, family)  # LTX-Video's image-to-video conditioning, or None
+        self.image_embeds = ImageEmbeds.for_run(family, source, self.device)  # Wan i2v's CLIP embeddings, or None
         self.balance = LoadBalancingLoss.attach(config, family, denoiser)  # HiDream's expert-gate loss, or None
         self.objective = Objective(ObjectiveOptions.from_config(config), kind=family.prediction_type,
                                    scheduler_config=self.scheduler_config,
@@ -391,6 +393,8 @@ class Trainer:
         `extra_text`: tensors added to the denoiser's text batch (LTX-Video's `frame_timestep_scale`)."""
         text, guidance = self._text(texts, step), _to(guidance, self.device)
         text = {**text, **extra_text} if extra_text else text
+        if self.image_embeds is not None:
+            text = {**text, **self.image_embeds.text_inputs(batch)}
         noisy, timesteps = noised.noisy, noised.timesteps
 
         def predict():

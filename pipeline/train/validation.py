@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..families import Family, flux, load_components, sdxl
+from ..families import Family, flux, load_components, sdxl, wan_i2v
 from ..log import get_logger
 from . import validation_video
 from .family_options import FamilyText
@@ -92,6 +92,9 @@ class Validator:
         components = {family.denoiser.subfolder: self.denoiser, "vae": vae, "scheduler": scheduler}
         if control is not None:
             components["controlnet"] = control.controlnet
+        if pipeline_class.__name__ == wan_i2v.PIPELINE_CLASS:  # it embeds the first frame with the model's CLIP
+            encoder, components["image_processor"] = wan_i2v.load_image_encoder(source)
+            components["image_encoder"] = encoder.to(device)
         for spec in family.text_encoders:
             components[spec.model.subfolder] = None
             components[spec.tokenizer.subfolder] = None

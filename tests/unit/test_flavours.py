@@ -50,7 +50,6 @@ NOT_YET = [
     ("z_image", "ostris-de-turbo", "transformer from another repository"),
     ("deepfloyd", "ii-medium-450m", "stage II super-resolution training"),
     ("flux2", "dev", "Mistral-3 text encoder"),
-    ("wan", "i2v-14b-2.1", "image-to-video training"),
     ("wan", "i2v-14b-2.2-low", "two-transformer"),
     ("wan", "ti2v-5b-2.2", "48-channel VAE"),
     ("wan", "vace-1.3b-2.1", "VACE control training"),

@@ -14,7 +14,9 @@ from pipeline.train import validation_video
 
 
 @pytest.mark.parametrize(("change", "named"), [
-    ({"_class_name": "WanImageToVideoPipeline"}, "image-to-video training"),
+    ({"_class_name": "WanImageToVideoPipeline", "transformer_2": ["diffusers", "WanTransformer3DModel"]},
+     "two-transformer"),
+    ({"_class_name": "WanVACEPipeline"}, "VACE control training"),
     ({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.9}, "two-transformer"),
     ({"expand_timesteps": True}, "48-channel VAE"),
 ])  # fmt: skip

@@ -183,13 +183,16 @@ def test_validation_renders_an_i2v_video_from_a_first_frame(pipe, first_frame, t
     assert png.exists() and png.with_suffix(".mp4").exists()
 
 
-def test_training_an_i2v_model_is_refused_by_name_until_the_cache_holds_its_extras(folder):
-    """st cache does not write the condition latents and CLIP embeddings yet: the i2v folder and flavours are
-    refused with what they need, never trained as text-to-video."""
+def test_the_i2v_flavours_and_folders_train_as_the_i2v_variant(folder, tmp_path):
+    """The 2.1 i2v flavours and a WanImageToVideoPipeline folder train as `wan_i2v.FAMILY`; an i2v flavour on a
+    text-to-video folder is refused, naming both."""
     from pipeline.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="image-to-video training .*CLIP image embeddings"):
-        get_family("wan").for_run(None, str(folder))
+    wan = get_family("wan")
+    assert wan.for_run(None, str(folder)) is wan_i2v.FAMILY
     for flavour in ("i2v-14b-2.1", "i2v-14b-2.1-720p"):
-        with pytest.raises(ConfigError, match=f"flavour '{flavour}'.*first-frame condition latents"):
-            get_family("wan").flavour_hub_id(flavour)
+        assert wan.flavour_hub_id(flavour).startswith("Wan-AI/Wan2.1-I2V-14B-")
+        assert wan.for_run(flavour, wan.flavour_hub_id(flavour)) is wan_i2v.FAMILY
+    (tmp_path / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    with pytest.raises(ConfigError, match="i2v-14b-2.1 is Wan 2.1 image-to-video.*WanPipeline"):
+        wan.for_run("i2v-14b-2.1", str(tmp_path))

@@ -1,0 +1,78 @@
+"""The Wan 2.1 image-to-video variant of the wan family (`wan_i2v.FAMILY`) and `st tiny-model wan DIR --flavour i2v`:
+the folder the command writes is a WanImageToVideoPipeline, and the variant's denoiser call takes the first-frame
+condition and CLIP embeddings from the text batch, as the trainer hands per-batch extras to the denoiser."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.errors import InputError
+from pipeline.families import get_family, wan, wan_i2v
+
+FRAMES, SIZE = 5, 32  # two latent frames of 8 x 8 with the tiny VAE
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out = tmp_path_factory.mktemp("wan-i2v-cli") / "model"
+    result = CliRunner().invoke(app, ["tiny-model", "wan", str(out), "--flavour", "i2v"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_tiny_model_writes_the_i2v_pipeline_folder(folder):
+    """`st tiny-model wan DIR --flavour i2v` writes a WanImageToVideoPipeline folder with its CLIP image encoder and
+    image processor, small enough for tests."""
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline"
+    assert index["image_encoder"][1] == "CLIPVisionModel" and index["image_processor"][1].startswith("CLIPImageProcessor")
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 4 << 20
+
+
+def test_tiny_model_refuses_a_flavour_the_family_has_no_tiny_model_of(cli, tmp_path):
+    result = cli("tiny-model", "sd1x", tmp_path / "m", "--flavour", "i2v")
+    assert result.exit_code == 2
+    assert "no flavour 'i2v' for sd1x" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_variant_is_wan_with_the_i2v_pipeline_and_tiny_model():
+    family = wan_i2v.FAMILY
+    assert family.pipeline_class == "WanImageToVideoPipeline" and family.tiny is wan_i2v.tiny
+    base = get_family("wan")
+    assert (family.name, family.text_encoders, family.vae, family.lora_targets, family.video) == \
+        (base.name, base.text_encoders, base.vae, base.lora_targets, base.video)  # fmt: skip
+    assert family.takes_reference and family.variant is None
+    assert family.temporal_compression == wan.TEMPORAL_COMPRESSION == wan_i2v.TEMPORAL
+
+
+def test_denoiser_forward_is_the_pipelines_call_on_the_cached_condition(folder):
+    """`Family.denoiser_forward` of the variant, given the cached condition latents as `reference` (in the cache's
+    dtype) and the CLIP embeddings beside the text, equals `wan_i2v.predict` on the 20-channel condition the
+    pipeline builds; without the embeddings it refuses, naming them."""
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(str(folder))
+    base = get_family("wan")
+    text = base.collate_text(base.encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a red circle"]))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 2, 8, 8, generator=generator)
+    reference = torch.randn(1, 16, 2, 8, 8, generator=generator).half()
+    embeds = torch.randn(1, 17, pipe.image_encoder.config.hidden_size, generator=generator).half()
+    condition = torch.cat([wan_i2v.first_frame_mask(1, 2, 8, 8, wan_i2v.TEMPORAL), reference.float()], dim=1)
+    timesteps = torch.tensor([500.0])
+    with torch.no_grad():
+        ours = wan_i2v.FAMILY.denoiser_forward(pipe.transformer, latents, timesteps,
+                                               {**text, wan_i2v.IMAGE_EMBEDS_KEY: embeds}, reference=reference)
+        expected = wan_i2v.predict(pipe.transformer, latents, timesteps, text, condition, embeds.float())
+    assert ours.shape == latents.shape
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    with pytest.raises(InputError, match="image_embeds"):
+        wan_i2v.FAMILY.denoiser_forward(pipe.transformer, latents, timesteps, text, reference=reference)
