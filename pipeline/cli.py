@@ -324,15 +324,30 @@ def tiny_model(
                                                "cosmos2image, flux2, deepfloyd, wan, ltxvideo.")],
     output: Annotated[Path, typer.Argument(help="Folder to write the diffusers-layout model into.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
+    flavour: Annotated[Optional[str], typer.Option("--flavour", help="A variant's pipeline instead of the family's: "
+                                                "i2v (wan: Wan 2.1 image-to-video, WanImageToVideoPipeline).")] = None,
 ) -> Path:
     """Write a tiny randomly initialised model of a family's real classes (for tests and demos; no download)."""
     from .families import get_family
     from .log import quiet_libraries
 
     quiet_libraries()
-    get_family(family).tiny(output, seed)
+    _tiny_writer(get_family(family), flavour)(output, seed)
     typer.echo(console.tiny_model_written(family, output))
     return output
+
+
+def _tiny_writer(family, flavour: str | None):
+    """The `tiny` of `family`, or of its variant `flavour` (TINY_FLAVOURS)."""
+    if flavour is None:
+        return family.tiny
+    if (family.name, flavour) == ("wan", "i2v"):
+        from .families import wan_i2v
+
+        return wan_i2v.tiny
+    from .errors import ConfigError
+
+    raise ConfigError(f"st tiny-model has no flavour {flavour!r} for {family.name}; flavours: i2v (wan only)")
 
 
 def sample_data(

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .artifacts.location import is_remote_path
 from .errors import InputError, ManifestError
 from .lineage import locate, recorded_parent_path
 from .manifest import MANIFEST_NAME, read_manifest
@@ -119,10 +120,22 @@ def _load(file: Path, found_by: str, stage_hint: str | None = None) -> StageStat
                        doc=doc)  # fmt: skip
 
 
+def _load_remote(value: Path) -> StageStatus:
+    """A row for an s3://bucket/prefix output: its manifest read from the bucket, its folder the prefix."""
+    from .artifacts.inspect import manifest_copy
+
+    where, file = manifest_copy(value)
+    if file is None:
+        raise ManifestError(f"{where.url} holds no {MANIFEST_NAME} (not run yet, or its upload stopped midway)")
+    row = _load(file, "given")
+    row.folder, row.manifest = where, where / MANIFEST_NAME
+    return row
+
+
 def _recorded_parent(row: StageStatus) -> Path | None:
     """The parent manifest at the path the child recorded: as written (absolute, or relative to the current folder),
     else relative to the child's folder or the folder holding it (stage folders side by side in a run folder)."""
-    if not row.doc:
+    if not row.doc or is_remote_path(row.folder):  # a prefix's parent: give it too (another s3:// path)
         return None
     return locate(recorded_parent_path(row.doc), row.folder, row.folder.parent)
 
@@ -131,14 +144,16 @@ def _inputs(paths: list[Path]) -> dict[str, StageStatus]:
     """Rows for the given paths, by stage: manifests, stage folders, or one run folder."""
     if not paths:
         raise InputError("give at least one stage folder, manifest, or run folder")
-    runs = [(p, run_folder(p)) for p in paths]
+    runs = [(p, None if is_remote_path(p) else run_folder(p)) for p in paths]
     runs = [(p, stages) for p, stages in runs if stages is not None]
     if runs and len(paths) > 1:
         raise InputError(f"{runs[0][0]} is a run folder; give one run folder, or stage folders and manifests")
     if runs:
         rows = [_load(folder / MANIFEST_NAME, "given", stage) for stage, folder in runs[0][1].items()]
     else:
-        rows = [_load(manifest_file(p), "given", p.name if p.name in STAGES else None) for p in paths]
+        rows = [_load_remote(p) if is_remote_path(p) else _load(manifest_file(p), "given",
+                                                                  p.name if p.name in STAGES else None)
+                for p in paths]  # fmt: skip
     by_stage: dict[str, StageStatus] = {}
     for row in rows:
         if row.stage not in STAGES:
@@ -187,7 +202,7 @@ def stage_status(paths: Iterable[Path], *, verify: bool = False) -> list[StageSt
     for row in rows:
         if row.doc is None:
             continue
-        row.damaged = check_outputs(row.folder, row.doc["outputs"], rehash=verify)
+        row.damaged = _check(row, verify)
         if row.damaged:
             first = row.damaged[0]
             more = f" (+{len(row.damaged) - 1} more)" if len(row.damaged) > 1 else ""
@@ -195,6 +210,14 @@ def stage_status(paths: Iterable[Path], *, verify: bool = False) -> list[StageSt
         if row.stage in PARENT_STAGE:
             _check_parent(row, by_stage.get(PARENT_STAGE[row.stage]))
     return rows
+
+
+def _check(row: StageStatus, verify: bool) -> list[Mismatch]:
+    if is_remote_path(row.folder):
+        from .artifacts.inspect import check_objects
+
+        return check_objects(row.folder, row.doc["outputs"], rehash=verify)
+    return check_outputs(row.folder, row.doc["outputs"], rehash=verify)
 
 
 def _duration(seconds: float | None) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .artifacts.location import is_remote_path
 from .errors import ManifestError, UserError
 from .filecheck import MISSING, SHA256, SIZE, FileMismatch, check_entry
 from .manifest import MANIFEST_NAME, parse_schema_id, read_manifest
@@ -114,6 +115,9 @@ def expand(paths: Iterable[Path]) -> list[Path]:
     """Manifest files for the given manifests, stage folders and run folders, in order; raises before any work."""
     files: list[Path] = []
     for path in paths:
+        if is_remote_path(path):  # s3://bucket/prefix: its manifest is read from the bucket by verify_manifest
+            files.append(path)
+            continue
         stages = run_folder(Path(path))
         if stages is None:
             files.append(manifest_file(Path(path)))
@@ -152,6 +156,10 @@ def _detail(found: FileMismatch, entry: dict[str, Any]) -> str:
 
 def verify_manifest(path: Path, *, progress: bool = True) -> Verification:
     """Check a manifest's schema and digest, then re-hash every output it lists (and check a cache's structure)."""
+    if is_remote_path(path):
+        from .artifacts.inspect import verify_remote
+
+        return verify_remote(path)
     file = manifest_file(path)
     try:
         doc = read_manifest(file)

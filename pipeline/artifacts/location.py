@@ -43,6 +43,11 @@ def is_remote(value: object) -> bool:
     return isinstance(value, S3Prefix) or (isinstance(value, str) and value.startswith(S3_SCHEME))
 
 
+def is_remote_path(value: object) -> bool:
+    """An `s3://` argument, also as a Path (which turns `s3://` into `s3:/`)."""
+    return is_remote(value) or str(value).startswith("s3:/")
+
+
 def parse_location(value: str | Path, option: str = "--output") -> Path | S3Prefix:
     """A local path, or the S3Prefix of an `s3://bucket/prefix` value."""
     text = str(value)

@@ -24,6 +24,7 @@ from ..hashing import sha256_file
 from ..log import get_logger
 from ..manifest import MANIFEST_NAME
 from ..remote.base import local_files
+from .checkpoints import remote_checkpoints
 from .claim import RemoteClaim
 from .location import parse_location
 from .mirror import mirror, mirror_objects, state_folder
@@ -63,13 +64,15 @@ def output_folder(value: str | Path, stage: str, commit: str = MANIFEST_NAME) ->
         return
     staging = state_folder("staging", where)
     if rank_and_world()[0] != 0:  # the main process uploads, after every process finished
-        yield staging
+        with remote_checkpoints(where, staging, None):
+            yield staging
         return
     store = store_for(where)
     with RemoteClaim(store, stage) as claim:
         if commit == MANIFEST_NAME:
             _catch_up(store, staging, stage)
-        yield staging
+        with remote_checkpoints(where, staging, claim):  # uploaded as they are written
+            yield staging
         upload_output(store, claim, staging, commit)
 
 

@@ -121,14 +121,8 @@ class ArtifactStore(S3Target):
         part = dest.with_name(dest.name + PART_SUFFIX)
 
         def fetch() -> tuple[int, str]:
-            digest, count = hashlib.sha256(), 0
-            body = self.client.get_object(Bucket=self.where.bucket, Key=self.where.key(rel))["Body"]
             with open(part, "wb") as handle:
-                while chunk := body.read(_CHUNK):
-                    digest.update(chunk)
-                    count += len(chunk)
-                    handle.write(chunk)
-            return count, digest.hexdigest()
+                return self._stream(rel, handle.write)
 
         try:
             got_size, got_sha = self._call(fetch, f"downloading {rel}")
@@ -140,6 +134,20 @@ class ArtifactStore(S3Target):
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
+
+    def _stream(self, rel: str, sink) -> tuple[int, str]:
+        """Pass the object's bytes to `sink` chunk by chunk; returns their count and sha256."""
+        digest, count = hashlib.sha256(), 0
+        body = self.client.get_object(Bucket=self.where.bucket, Key=self.where.key(rel))["Body"]
+        while chunk := body.read(_CHUNK):
+            digest.update(chunk)
+            count += len(chunk)
+            sink(chunk)
+        return count, digest.hexdigest()
+
+    def digest(self, rel: str) -> tuple[int, str]:
+        """(size, sha256) of an object's bytes, read through without keeping them."""
+        return self._call(lambda: self._stream(rel, lambda chunk: None), f"reading {rel}")
 
     def upload_files(self, folder: Path, rels: list[str]) -> dict:
         """Upload these files of `folder` (skipping objects already there with the same size and sha256)."""

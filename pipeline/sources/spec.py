@@ -58,10 +58,10 @@ class HubSource(_Described):
     split: str = "train"
     revision: str | None = None
     image_column: str = "image"
-    video_column: str = "video"  # read instead of image_column by a `dataset_type: video` dataset
     caption_columns: tuple[str, ...] = ()  # several: each non-empty one is a caption of the row
     fallback_caption_column: str | None = None
     cache_dir: str | None = None
+    video_column: str = "video"  # read instead of image_column by a `dataset_type: video` dataset
     kind: ClassVar[str] = "huggingface"
     recorded: ClassVar[tuple[str, ...]] = ("dataset_name", "split", "revision", "image_column", "video_column",
                                            "caption_columns", "fallback_caption_column")  # fmt: skip

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from ..artifacts.checkpoints import checkpoint_written
 from ..errors import InputError, UserError
 from ..filecheck import check_entry
 from ..fsutil import atomic_write_text, fsync_dir
@@ -98,6 +99,7 @@ def finish_checkpoint(folder: Path, name: str, parts: dict[str, Any], info: dict
                 "(or lower checkpoints_total_limit) and resume with resume_from_checkpoint = \"latest\""
             ) from None
         raise
+    checkpoint_written(final)  # an output on S3 uploads it now
     return final
 
 

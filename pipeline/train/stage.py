@@ -30,6 +30,7 @@ from . import shard_cache
 from .checkpoint import list_checkpoints
 from .control import family_for_run
 from .offload import check_config as check_memory
+from .remote_resume import fetch_checkpoint
 from .resume import TRAINING_LENGTH, ResumePlan, RunRecord, check_target, choose_checkpoint, note_other_runs, other_runs
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     if stage_run.up_to_date:
         return TrainResult(out_dir, stage_run.previous.manifest, up_to_date=True)
     reasons = stage_run.reasons()
+    fetch_checkpoint(claim, out_dir, config.resume_from_checkpoint)  # an S3 output's, written on another machine
     plan = choose_checkpoint(config.resume_from_checkpoint, out_dir / "checkpoints", loaded.base_dir, run,
                              strict=resume_strict)  # fmt: skip
     resuming = plan.path is not None

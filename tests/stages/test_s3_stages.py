@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -271,3 +275,121 @@ def test_cache_parts_written_to_the_bucket_merge_there_into_one_run(s3, s3_cache
     assert merged["digest"] == single["digest"]
     listed = objects(client, "merged")
     assert all(listed[entry["path"]] == entry["bytes"] for entry in merged["outputs"])
+
+
+def final_digests(manifest: dict) -> dict[str, str]:
+    return {entry["path"]: entry["sha256"] for entry in manifest["final"]["files"]}
+
+
+def machine(state: Path) -> dict[str, str]:
+    """The environment of an `st` on another machine: its own state folder; one thread, as in this process, so
+    that its arithmetic matches the in-process reference run's."""
+    return {**st_env(), "ST_STATE_DIR": str(state), "OMP_NUM_THREADS": "1"}
+
+
+def test_a_train_killed_on_one_machine_resumes_from_the_bucket_on_another(s3, s3_cache, cli, tmp_path):
+    """Checkpoints reach the bucket as they are written; a run on a machine that never saw the output (an empty
+    state folder) fetches the latest of them, only that one, and ends with the uninterrupted run's weights."""
+    client, middleware = s3
+    config, prefix = s3_cache
+    sets = [*quick_sets(), "--set", "max_train_steps=3", "--set", "checkpointing_steps=1", "--set",
+            "checkpoints_total_limit=5", "--set", 'resume_from_checkpoint="latest"']  # fmt: skip
+    reference = cli("train", "-c", config, "-i", f"s3://{BUCKET}/{prefix}", "-o", tmp_path / "reference", *sets)
+    assert reference.exit_code == 0, reference.output
+    expected = final_digests(json.loads((tmp_path / "reference" / "manifest.json").read_text()))
+
+    args = [ST, "train", "-c", str(config), "-i", f"s3://{BUCKET}/{prefix}", "-o", f"s3://{BUCKET}/moved", *sets]
+    middleware.slow.set()  # uploads take a while: the run is killed before it ends
+    try:
+        first = subprocess.Popen(args, env=machine(tmp_path / "machine-a"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not any(re.fullmatch(r"checkpoints/checkpoint-\d+/manifest.json", key) for key in objects(client, "moved")):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-4000:]
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        middleware.slow.clear()
+    assert "manifest.json" not in objects(client, "moved")  # it did not finish
+
+    second = subprocess.run(args, env=machine(tmp_path / "machine-b"), capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    fetched = [line for line in second.stderr.splitlines() if "to resume from it" in line]
+    assert len(fetched) == 1, second.stderr  # the checkpoint it resumes from, not every one
+    manifest = remote_manifest(client, "moved")
+    assert manifest["stats"]["resumed_from"] is not None
+    assert final_digests(manifest) == expected
+
+
+def test_status_and_verify_check_a_prefix_in_the_bucket_and_name_a_tampered_object(s3, s3_cache, cli):
+    client, _ = s3
+    _, prefix = s3_cache
+    result = cli("status", f"s3://{BUCKET}/chain/prepare", f"s3://{BUCKET}/{prefix}", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["stages"]
+    assert [(r["stage"], r["folder"], r["state"]) for r in rows] == [
+        ("prepare", f"s3://{BUCKET}/chain/prepare", "ok"), ("cache", f"s3://{BUCKET}/{prefix}", "ok")]
+    result = cli("verify", f"s3://{BUCKET}/{prefix}")
+    assert result.exit_code == 0, result.output
+    assert f"ok  s3://{BUCKET}/{prefix}/manifest.json" in result.output
+
+    for key in objects(client, prefix):  # a copy of the cache with one shard changed, its size kept
+        client.copy_object(Bucket=BUCKET, Key=f"inspected/{key}", CopySource={"Bucket": BUCKET, "Key": f"{prefix}/{key}"})
+    shard = remote_manifest(client, prefix)["shards"][0]["path"]
+    data = bytearray(client.get_object(Bucket=BUCKET, Key=f"inspected/{shard}")["Body"].read())
+    data[600] ^= 0xFF
+    client.put_object(Bucket=BUCKET, Key=f"inspected/{shard}", Body=bytes(data))
+    result = cli("verify", f"s3://{BUCKET}/inspected")
+    assert result.exit_code == 1
+    assert f"sha256 differs: {shard}" in result.output
+    assert "ok" in cli("status", f"s3://{BUCKET}/inspected").output  # sizes only: the same
+    result = cli("status", f"s3://{BUCKET}/inspected", "--verify")
+    assert "damaged" in result.output and shard in result.output
+    client.delete_object(Bucket=BUCKET, Key=f"inspected/{shard}")
+    assert f"{shard} missing" in cli("status", f"s3://{BUCKET}/inspected").output
+    result = cli("verify", f"s3://{BUCKET}/nothing-here")
+    assert result.exit_code == 2 and "holds no manifest.json" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_stream_from_the_bucket_each_within_the_limit_and_train_as_from_a_local_cache(
+        s3, s3_cache, cached, tmp_path):  # fmt: skip
+    from pipeline.artifacts import S3Prefix
+
+    client, _ = s3
+    config, prefix = s3_cache
+    sizes = sorted(s["bytes"] for s in remote_manifest(client, prefix)["shards"])
+    limit = sizes[-1] + sizes[0]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+
+    def launch(input: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+             "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "pipeline.cli", "train",
+             "-c", str(config), "-i", input, "-o", str(out), *quick_sets(), "--set", "max_train_steps=3", "--set",
+             "num_processes=2", *flags],
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    shards = tmp_path / "shards"
+    folders = [shards / S3Prefix(BUCKET, prefix).local_name() / f"rank-{rank}" for rank in (0, 1)]
+    with PeakSize(folders[0]) as rank0, PeakSize(folders[1]) as rank1:
+        streamed = launch(f"s3://{BUCKET}/{prefix}", tmp_path / "streamed", "--shard-cache", str(shards),
+                          "--shard-cache-limit", repr(limit / GB))  # fmt: skip
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    assert 0 < rank0.peak <= limit and 0 < rank1.peak <= limit < sum(sizes)  # each process's own cache, bounded
+    local = launch(str(cached("sd1x")[0] / "cache"), tmp_path / "local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    for rank in (0, 1):  # the same batches on each process, and the same weights
+        logged = [(tmp_path / run / "logs" / f"data-rank{rank}.jsonl").read_text() for run in ("streamed", "local")]
+        keys = [[json.loads(x).get("keys") for x in text.splitlines()] for text in logged]
+        assert keys[0] == keys[1] and any(keys[0])
+    manifests = [json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("streamed", "local")]
+    assert final_digests(manifests[0]) == final_digests(manifests[1])
