@@ -65,12 +65,14 @@ def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
 
 
 def _check_crepa(loaded: LoadedConfig) -> None:
-    """CREPA is for the video families, as `st train` checks before loading the model."""
-    from .families import get_family
+    """CREPA is for the video families, and LTX-Video trains at 25 frames per second, as `st train` checks before
+    loading the model."""
+    from .families import get_family, ltxvideo
     from .video_settings import check_crepa_family
 
     if loaded.config.model_family is not None:
         check_crepa_family(bool(loaded.config.crepa_enabled), get_family(loaded.config.model_family))
+        ltxvideo.check_frame_rate(loaded.ignored.get("framerate"), loaded.config.model_family)
 
 
 def _check_lycoris_settings(loaded: LoadedConfig) -> None:

@@ -173,9 +173,9 @@ OPTION_STATES: dict[str, OptionState] = {
                  "scheduled_sampling_ramp_shape scheduled_sampling_sampler scheduled_sampling_order "
                  "scheduled_sampling_reflexflow scheduled_sampling_reflexflow_alpha "
                  "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
-    "framerate": Accepted("read by `st prepare` only as SimpleTuner reads it: a video dataset without "
+    "framerate": Accepted("read by `st prepare` as SimpleTuner reads it: a video dataset without "
                           "video.num_frames takes framerate * 5 frames (the resolved block is in the prepare "
-                          "manifest and its key)"),
+                          "manifest and its key); LTX-Video trains at 25 and refuses another rate"),
     # Refused: a feature st lacks; loads only at its default.
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),

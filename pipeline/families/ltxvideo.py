@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.families import text, tiny_parts
 from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 from pipeline.families.tokenizers import t5_tokenizer
@@ -38,6 +38,15 @@ TEMPORAL_COMPRESSION = 8  # the LTX VAE's (frames 1 + 8k encode to 1 + k latent 
 SPATIAL_COMPRESSION = 32
 DEFAULT_FRAME_RATE = 25  # LTXPipeline's frame_rate default; SimpleTuner's `framerate` for LTX when unset
 FRAME_SCALE_KEY = "frame_timestep_scale"  # B x f: each latent frame's timestep as a share of the sample's
+
+def check_frame_rate(framerate: Any, family_name: str) -> None:
+    """SimpleTuner trains LTX-Video with RoPE time scale 8 / `framerate` (25 when unset); st trains at 25, so another
+    rate would be accepted and not applied: refuse it instead (exit 2)."""
+    if family_name == "ltxvideo" and framerate is not None and float(framerate) != DEFAULT_FRAME_RATE:
+        raise ConfigError(f"framerate is {framerate}, but st trains LTX-Video at {DEFAULT_FRAME_RATE} frames per second "
+                          f"(its RoPE time scale 8/{DEFAULT_FRAME_RATE}, LTXPipeline's default) and does not apply "
+                          f"another rate yet; remove framerate or set it to {DEFAULT_FRAME_RATE}")  # fmt: skip
+
 
 TEXT_ENCODERS = (
     TextEncoderSpec(

@@ -12,7 +12,7 @@ from ..cache_reader import CacheReader
 from ..config import TRAIN, LoadedConfig
 from ..distributed import rank_and_world
 from ..errors import ConfigError, LineageError
-from ..families import check_model_family, get_family, without_source
+from ..families import check_model_family, get_family, ltxvideo, without_source
 from ..families.identity import denoiser_identity as trained_denoiser_identity
 from ..families.identity import denoiser_source, model_identity, model_sources
 from ..hashing import sha256_json
@@ -105,6 +105,7 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     forced = check_parent_chain(cache, reader.manifest_path, expect_stage="prepare", rerun="st cache", force=force)
     sources = model_sources(loaded)
     family = get_family(config.model_family)
+    ltxvideo.check_frame_rate(loaded.ignored.get("framerate"), family.name)
     source, vae_source = sources.model, sources.vae
     loaded = refiner_defaults(loaded, family, source)
     config = loaded.config

@@ -254,3 +254,14 @@ def test_block_swap_streams_ltxs_transformer_blocks(tiny_model, pipe):
     got = grads()
     assert swap.blocks == list(denoiser.transformer_blocks) and swap.first == 1 and swap.resident == set()
     assert got.keys() == expected.keys() and all(torch.equal(got[n], g) for n, g in expected.items())
+
+
+def test_a_frame_rate_st_does_not_apply_is_refused_for_ltxvideo_only():
+    """SimpleTuner's `framerate` sets LTX-Video's RoPE time scale; st trains at 25, so another rate stops the run."""
+    from pipeline.errors import ConfigError
+    from pipeline.families.ltxvideo import check_frame_rate
+
+    with pytest.raises(ConfigError, match="framerate is 30.*remove framerate or set it to 25"):
+        check_frame_rate(30, "ltxvideo")
+    for rate, family in ((None, "ltxvideo"), (25, "ltxvideo"), (30, "wan")):
+        check_frame_rate(rate, family)
