@@ -392,7 +392,7 @@ def sample_data(
 
 def status(
     paths: Annotated[List[Path], typer.Argument(help="Stage folders or manifests, or one run folder holding prepare/, "
-                                                     "cache/, train/, publish/.")],  # fmt: skip
+                                                     "cache/, train/, publish/; or s3://bucket/prefix.")],  # fmt: skip
     verify: Annotated[bool, typer.Option(
         "--verify", help="Also re-hash every output file (slow for large outputs).")] = False,
     as_json: JsonOpt = False,
@@ -412,7 +412,7 @@ def status(
 
 
 def verify(
-    paths: Annotated[List[Path], typer.Argument(help="Manifests or stage folders (or a run folder) to check.")],
+    paths: Annotated[List[Path], typer.Argument(help="Manifests or stage folders (or a run folder, or s3://bucket/prefix) to check.")],
 ):
     """Re-hash every output file each manifest lists, and check the manifest's own schema and digest.
 
