@@ -97,7 +97,7 @@ DEMO_STEPS ?= 30
 # Extra arguments for the demo's `st train`, e.g. DEMO_TRAIN_ARGS="--set validation_disable=true" (the tests use it).
 DEMO_TRAIN_ARGS ?=
 # The demo publishes ComfyUI's LoRA layout where ComfyUI has one for the family, else diffusers'.
-NO_COMFYUI_FAMILIES := sana kolors lumina2 cosmos2image deepfloyd
+NO_COMFYUI_FAMILIES := sana kolors lumina2 cosmos2image deepfloyd omnigen
 DEMO_LORA_FORMAT ?= $(if $(filter $(DEMO_FAMILY),$(NO_COMFYUI_FAMILIES)),diffusers,comfyui)
 DEMO_CONFIG := $(DEMO)/data/config.json
 # Video families train on generated clips (`st sample-data --video`) and render short validation videos.

@@ -61,18 +61,27 @@ def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
     report.attempt(_check_lycoris_settings, loaded)
     report.attempt(_check_base_precision, loaded)
     report.attempt(_check_crepa, loaded)
+    report.attempt(_check_tread, loaded)
     return report
 
 
+def _check_tread(loaded: LoadedConfig) -> None:
+    """TREAD routes the families st has routing for, as `st train` checks before loading the model."""
+    from .tread_settings import check_family
+
+    family, flavour = loaded.config.model_family, loaded.config.model_flavour
+    if family is not None:  # Flux's kontext flavour trains as flux_kontext
+        check_family(loaded.config.tread_config, "flux_kontext" if (family, flavour) == ("flux", "kontext") else family,
+                     flavour)
+
+
 def _check_crepa(loaded: LoadedConfig) -> None:
-    """CREPA is for the video families, and LTX-Video trains at 25 frames per second, as `st train` checks before
-    loading the model."""
-    from .families import get_family, ltxvideo
+    """CREPA is for the video families, as `st train` checks before loading the model."""
+    from .families import get_family
     from .video_settings import check_crepa_family
 
     if loaded.config.model_family is not None:
         check_crepa_family(bool(loaded.config.crepa_enabled), get_family(loaded.config.model_family))
-        ltxvideo.check_frame_rate(loaded.ignored.get("framerate"), loaded.config.model_family)
 
 
 def _check_lycoris_settings(loaded: LoadedConfig) -> None:
@@ -151,6 +160,7 @@ def _check_model(loaded: LoadedConfig, report: CheckReport) -> None:
     model = Path(sources.model)
     if model.exists():
         check_model_family(family, sources.model)
+        family.for_run(loaded.config.model_flavour, sources.model)  # a flavour of another pipeline than the folder's
         report.checked.append(f"model {model} ({family.name})")
     elif looks_like_path(sources.model):
         raise InputError(f"pretrained_model_name_or_path {loaded.resolve_path(sources.model)} does not exist; point "

@@ -325,7 +325,16 @@ def tiny_model(
     output: Annotated[Path, typer.Argument(help="Folder to write the diffusers-layout model into.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
     flavour: Annotated[Optional[str], typer.Option("--flavour", help="A variant's pipeline instead of the family's: "
-                                                "i2v (wan: Wan 2.1 image-to-video, WanImageToVideoPipeline).")] = None,
+                                                "i2v (wan: Wan 2.1 image-to-video, WanImageToVideoPipeline); "
+                                                "flf2v (wan: Wan 2.1 first/last-frame-to-video); "
+                                                "i2v-2.2 (wan: Wan 2.2 I2V A14B, two experts); t2v-2.2 (wan: Wan 2.2 "
+                                                "T2V "
+                                                "A14B, two experts); ti2v (wan: Wan 2.2 "
+                                                "TI2V 5B); ii "
+                                                "(deepfloyd: stage II, IFSuperResolutionPipeline); dev (flux2: "
+                                                "FLUX.2 [dev], Flux2Pipeline); edit (qwen_image: "
+                                                "Qwen-Image-Edit, QwenImageEditPipeline); edit-plus (qwen_image: "
+                                                "Qwen-Image-Edit-2509, QwenImageEditPlusPipeline).")] = None,
 ) -> Path:
     """Write a tiny randomly initialised model of a family's real classes (for tests and demos; no download)."""
     from .families import get_family
@@ -345,9 +354,42 @@ def _tiny_writer(family, flavour: str | None):
         from .families import wan_i2v
 
         return wan_i2v.tiny
+    if (family.name, flavour) == ("wan", "flf2v"):
+        from .families import wan_i2v
+
+        return wan_i2v.tiny_flf2v
+    if (family.name, flavour) == ("wan", "i2v-2.2"):
+        from .families import wan22
+
+        return wan22.tiny
+    if (family.name, flavour) == ("wan", "ti2v"):
+        from .families import wan22
+
+        return wan22.tiny_ti2v
+    if (family.name, flavour) == ("wan", "t2v-2.2"):
+        from .families import wan22
+
+        return wan22.tiny_t2v
+    if (family.name, flavour) == ("deepfloyd", "ii"):
+        from .families import deepfloyd
+
+        return deepfloyd.STAGE_II.tiny
+    if (family.name, flavour) == ("flux2", "dev"):
+        from .families import flux2
+
+        return flux2.tiny_dev
+    if (family.name, flavour) == ("qwen_image", "edit"):
+        from .families import qwen_image_edit
+
+        return qwen_image_edit.tiny
+    if (family.name, flavour) == ("qwen_image", "edit-plus"):
+        from .families import qwen_image_edit
+
+        return qwen_image_edit.tiny_plus
     from .errors import ConfigError
 
-    raise ConfigError(f"st tiny-model has no flavour {flavour!r} for {family.name}; flavours: i2v (wan only)")
+    raise ConfigError(f"st tiny-model has no flavour {flavour!r} for {family.name}; flavours: i2v, i2v-2.2, t2v-2.2, ti2v (wan only), ii "
+                      "(deepfloyd only), dev (flux2 only), edit, edit-plus (qwen_image only)")  # fmt: skip
 
 
 def sample_data(

@@ -59,7 +59,7 @@ RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 # Kept in sync with pipeline.families.FAMILIES (a test checks); listed here so that config loading stays import-light.
 MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "sana", "qwen_image",
                   "kolors", "chroma", "z_image", "hidream", "cosmos2image", "flux2",
-                  "deepfloyd", "wan", "ltxvideo")
+                  "deepfloyd", "wan", "ltxvideo", "omnigen")
 CROP_STYLES = ("center", "centre", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 # SimpleTuner's default `sana_complex_human_instruction`: the lines Sana's pipeline prepends to every caption.
@@ -231,6 +231,10 @@ class Config:
                                             "frame's noise and timestep shrink.")  # fmt: skip
     ltx_protect_first_frame: bool = opt(False, TRAIN, help="LTX-Video i2v: the first latent frame stays clean "
                                         "(timestep 0) and is left out of the loss.")  # fmt: skip
+    framerate: float | None = opt(None, PREPARE, TRAIN, key=(TRAIN,), help="Video frames per second: unset, "
+                                  "the family's (LTX-Video 25, Wan 15); LTX-Video's RoPE time scale (8 / framerate), "
+                                  "validation MP4s' rate, and video.num_frames' default (framerate * 5, 30 fps for "
+                                  "other families).")  # fmt: skip
     # CREPA (video families): see pipeline.train.crepa.
     crepa_enabled: bool = opt(False, TRAIN, help="Video families: align a transformer block's hidden states with a "
                               "frozen vision encoder's features of each frame and its neighbours (CREPA).")
@@ -249,6 +253,13 @@ class Config:
     crepa_teacher_block_index: int | None = opt(None, TRAIN, help="The teacher block with backbone features "
                                                 "(default: crepa_block_index).")
     crepa_encoder_image_size: int = opt(518, TRAIN, help="The side frames are resized to for the encoder.")
+    # TREAD token routing: see pipeline.tread_settings and pipeline.train.tread.
+    tread_config: dict | str | None = opt(None, TRAIN, help="TREAD token routing (flux incl. kontext, flux2, chroma, "
+                                          "auraflow, qwen_image, z_image, sd3, pixart_sigma, wan incl. 2.1/2.2 i2v; "
+                                          "not Wan 2.2 TI2V, sana, hidream, ltxvideo): "
+                                          "{\"routes\": [{\"selection_ratio\": 0.5, \"start_layer_idx\": 2, "
+                                          "\"end_layer_idx\": -2}]}; a seeded share of the image / video tokens "
+                                          "skips blocks start..end while training.")  # fmt: skip
     sd3_clip_uncond_behaviour: str = opt("empty_string", TRAIN, choices=("empty_string", "zero"),
                                          help="SD3 caption dropout: the empty caption's CLIP embeddings, or zeros.")
     sd3_t5_uncond_behaviour: str | None = opt(None, TRAIN, choices=(None, "empty_string", "zero"),
@@ -318,7 +329,8 @@ class Config:
     quantize_activations: bool = opt(False, TRAIN, help="Quantise activations too (8-bit optimum-quanto presets).")
     pretrained_transformer_model_name_or_path: str | None = opt(None, TRAIN, key=False,  # its files are hashed instead
         help="Train this transformer: a diffusers folder or hub id (read from pretrained_transformer_subfolder), or "
-             "a .gguf file (flux, sd3), loaded quantised by diffusers' GGUF loader.")  # fmt: skip
+             "a .gguf file (flux, sd3), loaded quantised by diffusers' GGUF loader, or a .safetensors stage file "
+             "(wan animegen-t2v-* flavours, in place of AnimeGen's).")  # fmt: skip
     pretrained_transformer_subfolder: str | None = opt("transformer", TRAIN, help="The subfolder of "
                                                        "pretrained_transformer_model_name_or_path (none: itself).")
     # In the train key by value (a changed override never resumes another run's checkpoints).
@@ -370,6 +382,10 @@ class Config:
                                                   "families; unset: the family's default, Wan 81).")  # fmt: skip
     validation_noise_scheduler: str | None = opt(None, TRAIN, choices=(None, "ddim", "ddpm", "euler", "euler-a",
                                                                        "unipc", "dpm++"))  # fmt: skip
+    wan_validation_load_other_stage: bool = opt(False, TRAIN, help="Wan 2.2 A14B stage flavours (i2v-14b-2.2-*, "
+                                                "animegen-t2v-*): validation renders with the frozen other expert "
+                                                "beside the trained one, switching at the boundary (false: the "
+                                                "trained expert alone).")  # fmt: skip
     validation_disable: bool = opt(False, TRAIN, key=False)
     disable_benchmark: bool = opt(False, TRAIN, key=False)
     eval_steps_interval: int | None = opt(None, TRAIN, key=False)
@@ -907,6 +923,7 @@ OPTION_RANGES: dict[str, Range] = {
     "hidream_load_balancing_loss_weight": _POSITIVE,
     "ltx_i2v_prob": _FRACTION,
     "ltx_partial_noise_fraction": _FRACTION,
+    "framerate": _POSITIVE,
     "crepa_block_index": Range(0, 65_536),
     "crepa_teacher_block_index": Range(0, 65_536),
     "crepa_lambda": _NON_NEGATIVE,
@@ -999,6 +1016,10 @@ def _check_relations(config: Config, where: str) -> None:
     check_resolution(config.resolution, config.resolution_type, where)
     if config.train_text_encoder:
         _check_text_encoder_training(config, where)
+    if config.tread_config is not None:
+        from .tread_settings import parse_routes
+
+        parse_routes(config.tread_config)  # its routes' structure and ranges; the blocks when the model loads
     if config.crepa_enabled and config.crepa_block_index is None:
         raise ConfigError("crepa_enabled is true but crepa_block_index is not set: name the transformer block whose "
                           f"hidden states CREPA aligns (SimpleTuner's example: 8){_place(where)}")  # fmt: skip

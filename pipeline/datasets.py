@@ -362,7 +362,7 @@ def _video_settings(entry: dict[str, Any], dataset_type: str, storage: str, load
     from .video_settings import parse_video_block
 
     config = loaded.config
-    return parse_video_block(entry.get("video"), where, framerate=loaded.ignored.get("framerate"),
+    return parse_video_block(entry.get("video"), where, framerate=config.framerate,
                              model_family=config.model_family, model_flavour=config.model_flavour)
 
 

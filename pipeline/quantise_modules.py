@@ -41,13 +41,15 @@ def check_text_encoder_precisions(precisions: tuple[str, ...], family: Any, *, t
                                   cuda: bool | None = None) -> None:  # fmt: skip
     """Refuse (exit 2, naming the option) a precision for an encoder `family` lacks, a preset this machine or st
     cannot run on a text encoder, or any preset with `trained` (train_text_encoder) text encoders."""
-    count = len(family.text_encoders)
+    # (OmniGen's text encoder slot holds only its tokenizer, `NoEncoderTokenizer`: nothing to quantise)
+    encoders = [spec for spec in family.text_encoders if not spec.model.class_name.endswith("Tokenizer")]
+    count = len(encoders)
     for number, preset in enumerate(precisions, start=1):
         if preset == NO_CHANGE:
             continue
         option = f"text_encoder_{number}_precision"
         if number > count:
-            kinds = ", ".join(f"{i} = {spec.model.class_name}" for i, spec in enumerate(family.text_encoders, 1))
+            kinds = ", ".join(f"{i} = {spec.model.class_name}" for i, spec in enumerate(encoders, 1)) or "none"
             raise ConfigError(f"{option} is {preset}, but {family.name} has {count} text encoder(s) ({kinds}); "
                               f"remove {option} or set it to no_change")  # fmt: skip
         if trained:

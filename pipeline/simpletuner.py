@@ -173,15 +173,9 @@ OPTION_STATES: dict[str, OptionState] = {
                  "scheduled_sampling_ramp_shape scheduled_sampling_sampler scheduled_sampling_order "
                  "scheduled_sampling_reflexflow scheduled_sampling_reflexflow_alpha "
                  "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
-    "framerate": Accepted("read by `st prepare` as SimpleTuner reads it: a video dataset without "
-                          "video.num_frames takes framerate * 5 frames (the resolved block is in the prepare "
-                          "manifest and its key); LTX-Video trains at 25 and refuses another rate"),
     # Refused: a feature st lacks; loads only at its default.
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
-    "tread_config": Refused("TREAD token routing (a seeded share of the image or video tokens skips a range of "
-                            "transformer blocks while training; st's transformers run every token through every "
-                            "block)"),
     **_refused("distillation", "distillation_method"),
     "evaluation_type": Refused("CLIP evaluation", "none"),
     "eval_timesteps": Refused("choosing the evaluation timesteps", 28),
@@ -262,10 +256,7 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
 REFUSED_CHOICES: dict[str, dict[str, str]] = {
     "model_family": {"ltxvideo2": "the LTX-2 family (LTX2Pipeline: an audio-video transformer with a Gemma text "
                                   "encoder, a different model from LTX-Video); model_family ltxvideo trains LTX-Video "
-                                  "0.9.x",
-                     "omnigen": "the OmniGen family (its transformer embeds Phi-3 token ids itself, so its cache holds "
-                                "token ids, position ids and attention masks, and it trains on OmniGen's reversed flow "
-                                "time); train another family"},
+                                  "0.9.x"},
     "flux_lora_target": {
         "controlnet": "ControlNet / control conditioning training",
         "all+ffs+embedder+controlnet": "ControlNet / control conditioning training",

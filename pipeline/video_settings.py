@@ -1,8 +1,9 @@
 """The `video` block of a `dataset_type: video` entry, read as SimpleTuner reads it.
 
-- `num_frames`: frames per training sample; unset, `framerate * 5` (five seconds at the global `framerate`, 30
-  unless set). The sample's frame window is the video's first `num_frames` frames (SimpleTuner keeps
-  `frames[:num_frames]`; it neither strides nor resamples by frame rate).
+- `num_frames`: frames per training sample; unset, `framerate * 5` (five seconds at the global `framerate`; unset,
+  the family's frame rate, `family_framerate`, and 30 for a family without one). The sample's frame window is the
+  video's first `num_frames` frames (SimpleTuner keeps `frames[:num_frames]`; it neither strides nor resamples by
+  frame rate).
 - `min_frames`: shorter videos are skipped; unset, `num_frames`; it may not be below `num_frames`.
 - `max_frames`: longer videos are skipped; unset, no limit.
 - `is_i2v`: image-to-video training on this dataset, read by the video families' training; unset, true for
@@ -21,8 +22,18 @@ from .errors import ConfigError
 
 VIDEO_KEYS = ("num_frames", "min_frames", "max_frames", "is_i2v", "bucket_strategy", "frame_interval")
 BUCKET_STRATEGIES = ("aspect_ratio", "resolution_frames")
-DEFAULT_FRAMERATE = 30
+DEFAULT_FRAMERATE = 30  # SimpleTuner's data backends' framerate when the model sets none
 DEFAULT_SECONDS = 5
+# The `framerate` SimpleTuner's check_user_config sets when it is unset (models/ltxvideo, models/wan), before the
+# data backends read it: LTXPipeline's frame_rate default, and Wan's.
+FAMILY_FRAMERATES = {"ltxvideo": 25, "wan": 15}
+
+
+def family_framerate(framerate: float | None, model_family: str | None) -> float | None:
+    """The run's frame rate: `framerate`, else the family's (FAMILY_FRAMERATES), else None."""
+    if framerate is not None:
+        return framerate
+    return FAMILY_FRAMERATES.get((model_family or "").lower())
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ def parse_video_block(block: Any, where: str, *, framerate: Any = None, model_fa
         if key not in VIDEO_KEYS:
             raise ConfigError(f"{where}: unknown video key '{key}'{suggest(str(key), VIDEO_KEYS)} (video keys: "
                               f"{', '.join(VIDEO_KEYS)})")  # fmt: skip
-    rate = DEFAULT_FRAMERATE if framerate is None else framerate
+    rate = family_framerate(framerate, model_family) or DEFAULT_FRAMERATE
     if isinstance(rate, str):  # a .env config spells every value as text
         try:
             rate = float(rate)

@@ -17,6 +17,7 @@ from ..families import Family, check_model_family, get_family, without_source
 from ..families.identity import ModelSources, model_identity, model_sources
 from ..families.text_training import trainable_text
 from ..families.wan_i2v import PIPELINE_CLASS as I2V_PIPELINE
+from ..families.wan_i2v import is_flf2v
 from ..hashing import sha256_json
 from ..lineage import verify_outputs
 from ..manifest import MANIFEST_NAME, read_manifest
@@ -53,10 +54,14 @@ class CacheContext:
         precisions = self.options.text_encoder_precisions
         if any(p != NO_CHANGE for p in precisions):  # quantised encoders give other embeddings; no_change keeps the ids
             text_id = sha256_json({"text": text_id, "text_encoder_precisions": precisions})
+        if self.family.text_with_reference:  # captions encoded with their sample's reference image (Qwen-Image-Edit)
+            text_id = sha256_json({"text": text_id, "encoded_with_reference": self.family.pipeline_class})
         return build_plan(self.rows, latent_identity=latent_id, text_identity=text_id,
                           control_latents=self.family.control_input == "latents",
                           temporal_compression=self.family.temporal_compression,
                           first_frame=self.family.pipeline_class == I2V_PIPELINE,
+                          last_frame=is_flf2v(self.family),
+                          per_sample_text=self.family.text_with_reference,
                           shard_samples=self.options.cache_shard_samples, extra_prompts=self.prompts,
                           compression_level=self.options.cache_compression_level)  # fmt: skip
 

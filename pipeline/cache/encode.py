@@ -71,6 +71,7 @@ class Encoders:
     streamed: dict[str, Any] = field(default_factory=dict)  # what RamTorch streams from host memory, per component
     _vae: Any = None
     _text: dict[str, Any] | None = None
+    _clip: tuple[Any, Any] | None = None
     loaded: list[str] = field(default_factory=list)
 
     def _load(self, which: tuple[str, ...], dtype=None) -> dict[str, Any]:
@@ -89,6 +90,18 @@ class Encoders:
             self.use_vae(vae)
             self.loaded.append("vae")
         return self._vae
+
+    @property
+    def clip(self) -> tuple[Any, Any]:
+        """Wan 2.1 i2v / FLF2V: the model's CLIP vision encoder (fp32, as training loads it) and image processor."""
+        if self._clip is None:
+            from ..families.wan_i2v import load_image_encoder
+
+            quiet_libraries()
+            encoder, processor = load_image_encoder(self.source, self.revision)
+            self._clip = (encoder.to(self.device), processor)
+            self.loaded.append("image_encoder")
+        return self._clip
 
     @property
     def options(self) -> Any:
@@ -154,6 +167,15 @@ class Encoders:
                                               **family_options)[: len(chunk)]  # fmt: skip
         return out
 
+    def encode_prompts_with_images(self, prompts: list[str], images: list[Any], max_length: int | None,
+                                   t5_padding: str, **family_options: Any) -> list[dict[str, Any]]:  # fmt: skip
+        """Embeddings of `prompts`, prompt i encoded with `images[i]` (`Family.text_with_reference`: such a family
+        encodes each prompt alone, so no padding is needed for a sample's bytes to be its own)."""
+        text = self.text
+        return self.family.encode_prompts(text["text_encoders"], text["tokenizers"], prompts, images=images,
+                                          max_length=max_length, t5_padding=t5_padding, device=self.device,
+                                          **family_options)  # fmt: skip
+
     def encode_latents(self, pixels, sample_ids: list[str], seed: int, batch_size: int | None = None):
         """Scaled latents (B x C x h x w, float32; B x C x f x h x w for a video family): (sample - shift) * scale,
         or normalised per channel (see `families.loading.scaled_latents`), sampled with per-sample generators. The
@@ -218,12 +240,19 @@ def family_text_options(family: Family, options: CacheOptions) -> dict[str, Any]
     return family.text_options(options) if family.text_options else {}
 
 
-def encode_texts(encoders: Encoders, prompts: list[str], options: CacheOptions) -> list[dict[str, Any]]:
+def encode_texts(encoders: Encoders, prompts: list[str], options: CacheOptions,
+                 images: list[Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Embeddings of `prompts` as cached: floating-point tensors in cache_dtype, the others (masks) as they are;
-    with train_text_encoder also each tokenizer's token ids and mask (`families.text_training`)."""
+    with train_text_encoder also each tokenizer's token ids and mask (`families.text_training`). `images`: one
+    reference image per prompt, for a family whose prompt embeddings see it (`Family.text_with_reference`)."""
     dtype = torch_dtype(options.cache_dtype)
-    encoded = encoders.encode_prompts(prompts, options.tokenizer_max_length, options.t5_padding,
-                                      **family_text_options(encoders.family, options))  # fmt: skip
+    if images is not None:
+        encoded = encoders.encode_prompts_with_images(prompts, images, options.tokenizer_max_length,
+                                                      options.t5_padding,
+                                                      **family_text_options(encoders.family, options))  # fmt: skip
+    else:
+        encoded = encoders.encode_prompts(prompts, options.tokenizer_max_length, options.t5_padding,
+                                          **family_text_options(encoders.family, options))  # fmt: skip
     if options.train_text_encoder:
         from ..families.text_training import token_items
 

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InputError
 from ..hashing import sha256_json
 from ..prompts import prompt_key
 from ..shards import shard_name
@@ -40,8 +41,11 @@ class Entry:
     entry_key: str
     frames: int | None = None  # video samples: F', the frames of its window encoded
     # Wan 2.1 image-to-video: the clip's first frame is stored as its conditioning image (pixels, and the condition
-    # latents `wan_i2v.condition_from_first_frame` builds from it), as SimpleTuner's `i2v_first_frame` dataset.
+    # latents `wan_i2v.condition_from_first_frame` builds from it, and Wan 2.1's CLIP embeddings of it), as
+    # SimpleTuner's `i2v_first_frame` dataset.
     first_frame: bool = False
+    # Wan 2.1 FLF2V: the clip's last frame too (`0.last_pixels`), and condition latents of both frames.
+    last_frame: bool = False
 
     @property
     def bucket(self) -> str:
@@ -67,9 +71,9 @@ class Entry:
         partners = [{**{k: c[k] for k in ("dataset_id", "path", "kind")},
                      **({"captions": list(c["captions"])} if c.get("captions") else {})} for c in self.conditioning]
         if self.first_frame:
-            from ..families.wan_i2v import first_frame_partner
+            from ..families.wan_i2v import first_frame_partner, first_last_frame_partner
 
-            partners = [first_frame_partner(row)]
+            partners = [first_last_frame_partner(row) if self.last_frame else first_frame_partner(row)]
         return {
             **({"conditioning": partners} if partners else {}),
             "sample_id": row["sample_id"],
@@ -120,6 +124,8 @@ def identities(model: dict[str, Any], options: CacheOptions, vae_dtype: str) -> 
     latent = sha256_json({"vae": strip(model["vae"]), "vae_dtype": vae_dtype, "seed": options.seed,
                           "cache_dtype": options.cache_dtype, "encode": options.vae_encode,
                           "format": FORMAT_VERSION})  # fmt: skip
+    if "image_encoder" in model:  # Wan 2.1 i2v / FLF2V: the clip's CLIP image embeddings are stored with its frames
+        latent = sha256_json({"latent": latent, "image_encoder": [strip(i) for i in model["image_encoder"]]})
     text = sha256_json({
         "text_encoders": [strip(i) for i in model["text_encoders"]],
         "tokenizers": [strip(i) for i in model["tokenizers"]],
@@ -137,6 +143,22 @@ def shared_prompt_set(rows: list[dict[str, Any]], extra: list[str]) -> dict[str,
     return {prompt_key(t): t for t in sorted(texts)}
 
 
+def reference_position(row: dict[str, Any]) -> int:
+    """The position of a sample's one reference image (its conditioning image that is not a mask) among its
+    conditioning images; InputError when it has none or several (an edit model's captions are encoded with it)."""
+    from ..datasets import MASK_TYPES
+
+    found = [i for i, c in enumerate(row.get("conditioning") or ()) if c["kind"] not in MASK_TYPES]
+    if len(found) == 1:
+        return found[0]
+    what = "no reference image" if not found else f"{len(found)} reference images"
+    raise InputError(f"sample {row['path']} of dataset {row['dataset_id']!r} has {what}, and the model encodes each "
+                     "caption with its sample's one reference image (Qwen2.5-VL sees it; several references per "
+                     "sample, QwenImageEditPlusPipeline's multi-image editing, are not supported yet): link exactly "
+                     'one `"dataset_type": "conditioning"` dataset (`"conditioning_type": "reference_strict"`) in its '
+                     "conditioning_data (masks may be added), then re-run `st prepare` and `st cache`")  # fmt: skip
+
+
 def build_plan(
     rows: list[dict[str, Any]],
     *,
@@ -148,11 +170,19 @@ def build_plan(
     control_latents: bool = False,
     temporal_compression: int = 1,
     first_frame: bool = False,
+    per_sample_text: bool = False,
+    last_frame: bool = False,
 ) -> CachePlan:
     """`control_latents`: conditioning images other than masks are also stored as latents (the family's control
     input is latents). `temporal_compression`: the video VAE's, which sets F' of each video sample. `first_frame`:
-    each video sample stores its first frame as its conditioning image (`Entry.first_frame`)."""
-    shared = shared_prompt_set(rows, extra_prompts)
+    each video sample stores its first frame as its conditioning image (`Entry.first_frame`), and with `last_frame` its
+    last frame too (`Entry.last_frame`, Wan 2.1 FLF2V). `per_sample_text`:
+    captions are encoded with the sample's reference image (`Family.text_with_reference`), so every caption is
+    stored in its sample's text member and each sample needs exactly one reference image (`reference_position`)."""
+    if per_sample_text:
+        for row in rows:
+            reference_position(row)
+    shared = shared_prompt_set([] if per_sample_text else rows, extra_prompts)
     shared_texts = set(shared.values())
     groups: dict[tuple[str, str], list[Entry]] = {}
     for row in rows:
@@ -163,8 +193,10 @@ def build_plan(
         if frames:
             material.append(["video", row["window_start"], frames])
         latent_key = sha256_json(material)
-        refs = [f"shared:{prompt_key(c)}" if c in shared_texts else f"sample:{i}" for i, c in enumerate(row["captions"])]
-        entry = Entry(row, latent_key, refs, "", frames, first_frame=bool(first_frame and frames))
+        refs = [f"shared:{prompt_key(c)}" if c in shared_texts and not per_sample_text else f"sample:{i}"
+                for i, c in enumerate(row["captions"])]  # fmt: skip
+        entry = Entry(row, latent_key, refs, "", frames, first_frame=bool(first_frame and frames),
+                      last_frame=bool(last_frame and first_frame and frames))  # fmt: skip
         entry.entry_key = sha256_json([latent_key, text_identity, entry.metadata(), compression_level])
         groups.setdefault((row["dataset_id"], entry.bucket), []).append(entry)
     shards = []

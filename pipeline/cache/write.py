@@ -18,7 +18,7 @@ from .encode import Encoders, encode_latent_batch, encode_texts, torch_dtype
 from .images import LOADER_FAILURE, ImageJob, iterate_batches, job_for
 from .layout import sidecar_doc
 from .options import CacheOptions
-from .plan import Entry, ShardPlan
+from .plan import Entry, ShardPlan, reference_position
 from .reuse import PreviousEntries
 from .videos import UNDECODABLE, video_job_for
 
@@ -95,23 +95,34 @@ class ShardEncoder:
                 tensors[f"{i}.latent"] = latent.to(self.cache_dtype)
         return tensors
 
-    def _first_frame(self, clip, latent) -> dict[str, Any] | None:
+    def _first_frame(self, clip, latent, last: bool = False) -> dict[str, Any] | None:
         """A Wan i2v clip's conditioning tensors: its first frame (`0.pixels`, uint8) and the condition latents of
-        [first frame, black frames] (`0.latent`, shaped as its latent). None when they are not finite."""
-        import torch
+        [first frame, black frames] (`0.latent`, shaped as its latent); with `last` (Wan 2.1 FLF2V) its last frame
+        (`0.last_pixels`) and the condition latents of [first frame, black frames, last frame]; for Wan 2.1 the CLIP
+        image embeddings of those frames (`0.image_embeds`). None when they are not finite."""
+        from ..families.wan_i2v import IMAGE_EMBEDS, cached_conditioning, cached_image_embeds, uses_clip
 
-        from ..families.wan_i2v import condition_from_first_frame
-
-        first = clip[:, 0]
-        condition = condition_from_first_frame(self.encoders.vae, first.unsqueeze(0), latent.shape[1])[0, -latent.shape[0]:]
-        if not bool(condition.isfinite().all()):
+        tensors = cached_conditioning(self.encoders.vae, clip, latent.shape[1], last=last)
+        if uses_clip(self.encoders.family):  # Wan 2.1 (not 2.2): the CLIP embeddings of the frames, as SimpleTuner
+            tensors[f"0.{IMAGE_EMBEDS}"] = cached_image_embeds(*self.encoders.clip, tensors).cpu()
+        if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
             return None
-        pixels = ((first + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return {"0.pixels": pixels, "0.latent": condition.to(self.cache_dtype)}
+        return {name: t.to(self.cache_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
 
     def _encode_texts(self, entries: list[Entry]) -> dict[str, dict[str, Any]]:
         captions = sorted({c for e in entries for _, c in e.local_captions})
         return dict(zip(captions, encode_texts(self.encoders, captions, self.options)))
+
+    def _reference_texts(self, entry: Entry, conditioning: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """A sample's captions, each encoded with its reference image as cached (`{i}.pixels`, uint8 at the target's
+        size and crop: the image its reference latents come from), for a `Family.text_with_reference` family."""
+        from PIL import Image
+
+        pixels = conditioning[f"{reference_position(entry.row)}.pixels"]
+        image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+        captions = entry.local_captions
+        encoded = encode_texts(self.encoders, [c for _, c in captions], self.options, images=[image] * len(captions))
+        return {i: values for (i, _), values in zip(captions, encoded, strict=True)}
 
     def _reject(self, entry: Entry, reason: str, detail: str) -> None:
         """Stop on a problem that must be fixed first; otherwise log the skip (the shard's sidecar records it)."""
@@ -166,8 +177,10 @@ class ShardEncoder:
                 bar) -> dict[str, dict[str, bytes]]:  # fmt: skip
         """Members of the `encode` entries (the loaded batches, then those of `late`); rejections go to `rejected`."""
         level = self.options.cache_compression_level
-        texts = self._encode_texts(encode)
-        self.encoders.release_text()
+        with_reference = self.encoders.family.text_with_reference  # captions encoded per sample, in the loop below
+        texts = {} if with_reference else self._encode_texts(encode)
+        if not with_reference:
+            self.encoders.release_text()
         by_id = {e.sample_id: e for e in encode}
         extra = self._batches(late)
         rows = 1 if _is_video(encode) else self.options.vae_rows
@@ -188,15 +201,16 @@ class ShardEncoder:
                     continue
                 entry = by_id[sample_id]
                 if entry.first_frame:
-                    conditioning = self._first_frame(clip, latent)
+                    conditioning = self._first_frame(clip, latent, entry.last_frame)
                 else:
                     conditioning = self._conditioning(sample_id, partners[sample_id], control) if entry.conditioning \
                         else {}  # fmt: skip
                 if conditioning is None:
                     rejected[sample_id] = ("non_finite_latent", "the VAE produced NaN or Inf for its conditioning image")
                     continue
-                members[sample_id] = encode_sample(entry.metadata(), latent.to(self.cache_dtype),
-                                                   captions={i: texts[caption] for i, caption in entry.local_captions},
+                captions = self._reference_texts(entry, conditioning) if with_reference else \
+                    {i: texts[caption] for i, caption in entry.local_captions}  # fmt: skip
+                members[sample_id] = encode_sample(entry.metadata(), latent.to(self.cache_dtype), captions=captions,
                                                    conditioning=conditioning, level=level)  # fmt: skip
                 self.encoded += 1
         return members

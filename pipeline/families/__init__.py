@@ -6,7 +6,8 @@ import difflib
 
 from pipeline.errors import ConfigError
 from pipeline.families import (auraflow, chroma, cosmos2image, deepfloyd, detect, flux, flux2, hidream, kolors,
-                               ltxvideo, lumina2, pixart_sigma, qwen_image, sana, sd1x, sd2x, sd3, sdxl, wan, z_image)
+                               ltxvideo, lumina2, omnigen, pixart_sigma, qwen_image, sana, sd1x, sd2x, sd3, sdxl, wan,
+                               z_image)
 from pipeline.families.identity import component_identity, without_source
 from pipeline.families.loading import load_components, vae_factors
 from pipeline.families.spec import Component, Family, TextEncoderSpec
@@ -14,7 +15,7 @@ from pipeline.families.spec import Component, Family, TextEncoderSpec
 FAMILIES: dict[str, Family] = {
     module.FAMILY.name: module.FAMILY
     for module in (sd1x, sd2x, sdxl, sd3, flux, pixart_sigma, auraflow, lumina2, sana, qwen_image, kolors, chroma, z_image,
-                   hidream, cosmos2image, flux2, deepfloyd, wan, ltxvideo)
+                   hidream, cosmos2image, flux2, deepfloyd, wan, ltxvideo, omnigen)
 }
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, UserError
 from pipeline.families.spec import Family
 from pipeline.log import get_logger
 
@@ -99,12 +99,25 @@ def _fits(family: Family, components: dict[str, str], nulls: set[str]) -> bool:
         return False
     if any(name in components for name in _DENOISERS if name != family.denoiser.subfolder):
         return False
-    expected = {spec.model.subfolder: spec.model.class_name for spec in family.text_encoders}
+    # (OmniGen's only text part is its tokenizer: nothing under a text_encoder folder to match)
+    expected = {spec.model.subfolder: spec.model.class_name for spec in family.text_encoders
+                if _TEXT_ENCODER.match(spec.model.subfolder)}
     present = {k: v for k, v in components.items() if _TEXT_ENCODER.match(k)}
     if any(expected.get(k) != v for k, v in present.items()):
         return False
     sourced = {spec.model.subfolder for spec in family.text_encoders if spec.source}  # may come from elsewhere
     return all(k in present or k in nulls or k in sourced for k in expected)
+
+
+def _variant_fits(family: Family, folder: Path, components: dict[str, str], nulls: set[str]) -> bool:
+    """Whether the folder fits the family's variant for it (`Family.variant`: FLUX.2 [dev]'s other text encoder)."""
+    if family.variant is None:
+        return False
+    try:
+        variant = family.for_run(None, str(folder))
+    except UserError:  # a variant that refuses this folder: not this family's to claim
+        return False
+    return variant is not family and _fits(variant, components, nulls)
 
 
 def _sd2_or_sd1(folder: Path) -> tuple[str, str] | None:
@@ -134,7 +147,8 @@ def detect_folder(folder: Path, families: dict[str, Family]) -> Detected | None:
         components, nulls, source = _components_from_configs(folder), set(), "the component configs"
     if not components:
         return None
-    fits = [name for name, family in families.items() if _fits(family, components, nulls)]
+    fits = [name for name, family in families.items()
+            if _fits(family, components, nulls) or _variant_fits(family, folder, components, nulls)]
     class_name = index.get("_class_name") if index else None
     evidence = f"{source}: {_describe(components, class_name if isinstance(class_name, str) else None)}"
     if set(fits) == {"sd1x", "sd2x"}:

@@ -1,5 +1,6 @@
-"""FLUX.2 [klein]: a Flux-style MMDiT over 2x2-patchified 32-channel latents, conditioned on three stacked Qwen3
-hidden layers (`Flux2KleinPipeline`; SimpleTuner's flavours klein-4b and klein-9b, its default klein-9b).
+"""FLUX.2: a Flux-style MMDiT over 2x2-patchified 32-channel latents, conditioned on three stacked hidden layers of
+its text encoder. [klein] (`Flux2KleinPipeline`, Qwen3; SimpleTuner's flavours klein-4b and klein-9b, its default
+klein-9b) is `FAMILY`; [dev] (`Flux2Pipeline`, Mistral-3; flavour dev, or a Flux2Pipeline folder) is `DEV_FAMILY`.
 
 Text: `Flux2KleinPipeline.encode_prompt` wraps each prompt in Qwen3's chat template (one user turn, a generation
 prompt, thinking disabled), pads it to 512 tokens, runs Qwen3 with the attention mask and concatenates hidden states
@@ -16,17 +17,28 @@ Reference images: as SimpleTuner, a run whose datasets link conditioning images 
 (`REFERENCE_FAMILY`, chosen by `train.reference.for_pairs`): the reference's patch tokens follow the noisy ones with
 time coordinate 10, as the pipelines' `image=` argument feeds them.
 
-FLUX.2 [dev] (`Flux2Pipeline`, the Mistral-3 text encoder with its Pixtral processor) is refused for now (its flavour
-says so).
+[dev]: `Flux2Pipeline.encode_prompt` gives the Pixtral processor a system turn (FLUX.2's system message) and the
+prompt as a user turn, pads to 512 tokens, runs Mistral3ForConditionalGeneration with the attention mask and
+concatenates hidden states 10, 20 and 30 per token. transformers 5 builds PixtralProcessor only where torchvision is
+installed; for text-only messages it renders the chat template and runs its tokenizer, so st loads that tokenizer
+(`tokenizer/`, as the processor loads it) and does the same (`processor_tokens`). The transformer has a guidance
+embedding: training passes 1.0, as SimpleTuner forces for FLUX.2 (`check_training_guidance`).
+
+DEVIATION: SimpleTuner's copy of FLUX.2's system message has a space where Black Forest Labs' and diffusers' have a
+newline ("object\nattribution"), which changes the tokens; st sends Flux2Pipeline's, so that its cached embeddings
+are the pipeline's. SimpleTuner also reads the Mistral-3 encoder and processor from
+mistralai/Mistral-Small-3.1-24B-Instruct-2503; st reads the model's own text_encoder/ and tokenizer/ (the same
+model, where Flux2Pipeline reads it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.families import text, tiny_parts, z_image
 from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 
@@ -42,6 +54,19 @@ TEXT_ENCODERS = (
         tokenizer=Component("tokenizer", "Qwen2Tokenizer", "transformers"),
         max_length=MAX_LENGTH,
         kind="qwen3",
+    ),
+)
+
+DEV_PIPELINE = "Flux2Pipeline"
+DEV_HIDDEN_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers (SimpleTuner's OUTPUT_LAYERS)
+# [dev]'s tokenizer folder holds a PixtralProcessor (model_index.json names it); st loads its tokenizer as the
+# processor does (`TokenizersBackend`, tokenizer.json as written) and replays the processor's text path.
+DEV_TEXT_ENCODERS = (
+    TextEncoderSpec(
+        model=Component("text_encoder", "Mistral3ForConditionalGeneration", "transformers"),
+        tokenizer=Component("tokenizer", "PreTrainedTokenizerFast", "transformers"),
+        max_length=MAX_LENGTH,
+        kind="mistral3",
     ),
 )
 
@@ -70,6 +95,52 @@ def encode_prompts(
     with torch.no_grad():
         hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
     stacked = torch.cat([hidden[k] for k in HIDDEN_LAYERS], dim=-1)  # the pipeline's stack + permute + reshape
+    return [{"prompt_embeds": row.detach().clone()} for row in stacked]
+
+
+def processor_tokens(tokenizer: Any, prompts: list[str], max_length: int, device: Any) -> tuple[Any, Any]:
+    """Token ids and attention mask of `PixtralProcessor.apply_chat_template` on `Flux2Pipeline`'s messages (FLUX.2's
+    system message, then the prompt as a user turn, `[IMG]` removed), padded to `max_length` and truncated. For
+    messages without images the processor renders its chat template and tokenizes the text, adding no special
+    tokens when the text starts with the beginning-of-sequence token (the template writes it)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InputError("the FLUX.2 [dev] tokenizer has no chat template: its tokenizer/ folder needs the "
+                         "processor's chat_template.jinja beside tokenizer.json")  # fmt: skip
+    messages = format_input(text.check_prompts(prompts), system_message=SYSTEM_MESSAGE)
+    texts = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    bos = tokenizer.bos_token
+    inputs = tokenizer(texts, add_special_tokens=not (bos is not None and texts[0].startswith(bos)),
+                       padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")  # fmt: skip
+    return inputs.input_ids.to(device), inputs.attention_mask.to(device)
+
+
+def encode_dev_prompts(
+    text_encoders: Any,
+    tokenizers: Any,
+    prompts: list[str],
+    *,
+    max_length: int | None = None,
+    t5_padding: str = "unmodified",
+    device: Any = "cpu",
+) -> list[dict[str, Any]]:
+    """Per prompt, `prompt_embeds` (max_length tokens x 3 * Mistral dim: hidden states 10, 20, 30 side by side), as
+    `Flux2Pipeline.encode_prompt`. `max_length` is the `max_sequence_length`; `t5_padding` does not apply."""
+    import torch
+
+    text.check_t5_padding(t5_padding)
+    (encoder,), (tokenizer,) = tuple(text_encoders), tuple(tokenizers)
+    length = text.check_max_length(max_length, MAX_LENGTH)
+    ids, mask = processor_tokens(tokenizer, prompts, length, device)
+    layers = encoder.config.text_config.num_hidden_layers
+    if layers < max(DEV_HIDDEN_LAYERS):
+        raise InputError(f"the FLUX.2 [dev] text encoder needs at least {max(DEV_HIDDEN_LAYERS)} layers (the pipeline "
+                         f"reads hidden states {DEV_HIDDEN_LAYERS}), this one has {layers}")  # fmt: skip
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+    stacked = torch.cat([hidden[k] for k in DEV_HIDDEN_LAYERS], dim=-1)  # the pipeline's stack + permute + reshape
     return [{"prompt_embeds": row.detach().clone()} for row in stacked]
 
 
@@ -196,38 +267,164 @@ def vae() -> Any:
     return model
 
 
+def tiny_transformer(joint_attention_dim: int, guidance_embeds: bool) -> Any:
+    """A tiny `Flux2Transformer2DModel`: 1 double- and 2 single-stream blocks, 128 input channels."""
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=joint_attention_dim, timestep_guidance_channels=32, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
+    ).eval()  # fmt: skip
+
+
+def scheduler() -> Any:
+    """FLUX.2's scheduler (SimpleTuner's SCHEDULER_CONFIG: dynamic shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, num_train_timesteps=1000,
+        shift=3.0, use_dynamic_shifting=True,
+    )  # fmt: skip
+
+
 def tiny(out_dir: Path, seed: int) -> None:
     """Write a tiny FLUX.2 [klein] diffusers folder: 1 double- and 2 single-stream blocks without guidance
     embedding, the FLUX.2 VAE, Qwen3 (27 layers) with its chat template, FLUX.2's scheduler (dynamic shift)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline
 
     words = z_image.tokenizer()
     tiny_parts.seed_everything(seed)
     encoder = text_encoder(words)
     tiny_parts.seed_everything(seed + 1)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=encoder.config.hidden_size * len(HIDDEN_LAYERS),
-        timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-    ).eval()  # fmt: skip
+    transformer = tiny_transformer(encoder.config.hidden_size * len(HIDDEN_LAYERS), guidance_embeds=False)
     tiny_parts.seed_everything(seed + 2)
     autoencoder = vae()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, num_train_timesteps=1000,
-        shift=3.0, use_dynamic_shifting=True,
-    )  # fmt: skip
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=autoencoder, text_encoder=encoder, tokenizer=words,
+    pipe = Flux2KleinPipeline(scheduler=scheduler(), vae=autoencoder, text_encoder=encoder, tokenizer=words,
                               transformer=transformer)  # fmt: skip
     tiny_parts.save(pipe, out_dir)
 
 
+# Mistral Small 3.1's chat template for system and user turns, as FLUX.2 [dev]'s processor applies it (the real
+# template's default system message, which carries the date, is left out: FLUX.2 always sends its own).
+DEV_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] %}"
+    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if message['content'] is string %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' }}{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] in ['image', 'image_url'] %}{{- '[IMG]' }}{%- endif %}"
+    "{%- endfor %}{{- '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{{- message['content'][0]['text'] }}{%- endif %}{{- eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+DEV_PATCH_SIZE = 8  # the tiny Pixtral vision tower's patch (the real one: 14)
+
+
+def dev_tokenizer() -> Any:
+    """The tiny Mistral-3 tokenizer with Mistral Small 3.1's chat template."""
+    from pipeline.families.tokenizers import mistral_tokenizer
+
+    words = mistral_tokenizer()
+    words.chat_template = DEV_CHAT_TEMPLATE
+    return words
+
+
+def dev_text_encoder(tokenizer: Any, hidden: int = 16) -> Any:
+    """A tiny `Mistral3ForConditionalGeneration`: a Mistral language model with the 30 layers the pipeline reads
+    hidden states from (grouped-query attention) and a one-layer Pixtral vision tower, ids matching `tokenizer`."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    language = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=max(DEV_HIDDEN_LAYERS), num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        max_position_embeddings=2048, sliding_window=None, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    vision = PixtralVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=8, image_size=64, patch_size=DEV_PATCH_SIZE)  # fmt: skip
+    config = Mistral3Config(vision_config=vision, text_config=language, spatial_merge_size=2,
+                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))  # fmt: skip
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def tiny_dev(out_dir: Path, seed: int) -> None:
+    """Write a tiny FLUX.2 [dev] diffusers folder: the [klein] tiny's transformer with a guidance embedding, the
+    FLUX.2 VAE, Mistral-3 (30 layers, a Pixtral vision tower) and its processor's files in tokenizer/ (tokenizer,
+    chat template, processor and image processor configs; model_index.json names PixtralProcessor, as FLUX.2-dev's)."""
+    from diffusers import Flux2Pipeline
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    words = dev_tokenizer()
+    tiny_parts.seed_everything(seed)
+    encoder = dev_text_encoder(words)
+    tiny_parts.seed_everything(seed + 1)
+    width = encoder.config.text_config.hidden_size * len(DEV_HIDDEN_LAYERS)
+    transformer = tiny_transformer(width, guidance_embeds=True)
+    tiny_parts.seed_everything(seed + 2)
+    autoencoder = vae()
+    pipe = Flux2Pipeline(scheduler=scheduler(), vae=autoencoder, text_encoder=encoder, tokenizer=words,
+                         transformer=transformer)  # fmt: skip
+    tiny_parts.save(pipe, out_dir)
+    folder = Path(out_dir) / "tokenizer"
+    images = PixtralImageProcessorPil(patch_size={"height": DEV_PATCH_SIZE, "width": DEV_PATCH_SIZE},
+                                      size={"longest_edge": 64})  # fmt: skip
+    preprocessor = {**json.loads(images.to_json_string()), "image_processor_type": "PixtralImageProcessor",
+                    "processor_class": "PixtralProcessor"}  # fmt: skip
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2, sort_keys=True) + "\n")
+    processor = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]", "image_token": "[IMG]",
+                 "patch_size": DEV_PATCH_SIZE, "processor_class": "PixtralProcessor", "spatial_merge_size": 2}  # fmt: skip
+    (folder / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+    index_path = Path(out_dir) / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["tokenizer"] = ["transformers", "PixtralProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 # SimpleTuner's FLUX.2 flavours (models/flux2/model.py HUGGINGFACE_PATHS); its default is "klein-9b".
 FLAVOURS = (
-    Flavour("dev", "black-forest-labs/FLUX.2-dev",
-            needs="FLUX.2 [dev]'s Mistral-3 text encoder and Flux2Pipeline (train klein-4b or klein-9b)"),
+    Flavour("dev", "black-forest-labs/FLUX.2-dev"),  # trains as DEV_FAMILY (see `_variant`)
     Flavour("klein-4b", "black-forest-labs/FLUX.2-klein-base-4B"),
     Flavour("klein-9b", "black-forest-labs/FLUX.2-klein-base-9B"),
 )  # fmt: skip
+
+
+def check_training_guidance(config: Any, family: Family) -> None:
+    """Refuse flux_guidance_* settings other than SimpleTuner's for a FLUX.2 transformer with a guidance embedding
+    ([dev]): SimpleTuner trains FLUX.2 with guidance 1.0 whatever they say (it overrides flux_guidance_mode to
+    constant and flux_guidance_value to 1.0), so honouring them would train another model than SimpleTuner does."""
+    if family.pipeline_class != DEV_PIPELINE:
+        return  # [klein] has no guidance embedding: the options cannot change what it trains
+    if config.flux_guidance_mode != "constant" or float(config.flux_guidance_value) != 1.0:
+        raise ConfigError(f"flux_guidance_mode {config.flux_guidance_mode!r} / flux_guidance_value "
+                          f"{config.flux_guidance_value}: FLUX.2 [dev] trains with guidance 1.0 (SimpleTuner forces "
+                          "flux_guidance_mode constant and flux_guidance_value 1.0 for FLUX.2); remove both options")  # fmt: skip
+
+
+def _variant(flavour: str | None, source: str) -> Family:
+    """[dev] for its flavour or a Flux2Pipeline folder, else [klein]; a flavour that names the other pipeline than
+    the model folder's is refused."""
+    from pipeline.families.flux_kontext import model_index_of
+
+    pipeline = (model_index_of(source) or {}).get("_class_name")
+    dev = flavour == "dev" if pipeline not in (DEV_PIPELINE, FAMILY.pipeline_class) else pipeline == DEV_PIPELINE
+    if flavour is not None and (flavour == "dev") != dev:
+        raise ConfigError(f"model_flavour {flavour} is FLUX.2 {'[dev]' if flavour == 'dev' else '[klein]'}, but the "
+                          f"model at {source} is a {pipeline}: set model_flavour to "
+                          f"{'dev' if dev else 'klein-4b or klein-9b'}, or point pretrained_model_name_or_path at a "
+                          f"{DEV_PIPELINE if flavour == 'dev' else FAMILY.pipeline_class} model")  # fmt: skip
+    return DEV_FAMILY if dev else FAMILY
+
 
 FAMILY = Family(
     name="flux2",
@@ -248,8 +445,16 @@ FAMILY = Family(
     default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default
     flavours=FLAVOURS,
     default_flavour="klein-9b",
+    variant=_variant,
 )
+
+# FLUX.2 [dev]: the same transformer (with a guidance embedding), VAE, latents, LoRA targets and schedule; Mistral-3's
+# prompt embeddings; rendered by Flux2Pipeline.
+DEV_FAMILY: Family = dataclasses.replace(FAMILY, pipeline_class=DEV_PIPELINE, text_encoders=DEV_TEXT_ENCODERS,
+                                         encode_prompts=encode_dev_prompts, tiny=tiny_dev, variant=None)  # fmt: skip
 
 # FLUX.2 trained on (reference image, image) pairs, as SimpleTuner trains it when its datasets link conditioning
 # images: the same pipeline, given the reference as `image`.
-REFERENCE_FAMILY: Family = dataclasses.replace(FAMILY, predict=predict_with_reference, takes_reference=True)
+REFERENCE_FAMILY: Family = dataclasses.replace(FAMILY, predict=predict_with_reference, takes_reference=True,
+                                               variant=None)  # fmt: skip
+DEV_REFERENCE_FAMILY: Family = dataclasses.replace(DEV_FAMILY, predict=predict_with_reference, takes_reference=True)

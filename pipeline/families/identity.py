@@ -26,7 +26,8 @@ from pipeline.log import get_logger
 # Config keys that say which library version or path wrote a config, not what the model is.
 _VOLATILE_CONFIG_KEYS = ("_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash")
 _CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json")
-_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt", ".model")
+# Files of a component folder that say what it computes (.jinja: chat templates, which shape the prompt tokens).
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt", ".model", ".jinja")
 _SAMPLE_WINDOWS = 64
 _SAMPLE_BYTES = 1 << 16
 _FULL_HASH_LIMIT = 16 << 20
@@ -85,6 +86,7 @@ class DenoiserSource:
 
     source: str
     subfolder: str | None
+    single_file_config: tuple[str, str] | None = None  # a single file's architecture: (folder, subfolder) (AnimeGen)
 
 
 # SimpleTuner's options naming another denoiser, per denoiser subfolder: (model option, subfolder option).
@@ -106,12 +108,28 @@ def denoiser_source(config: Any, family: Family, model: str, base_dir: Path) -> 
                               f"{family.denoiser.subfolder}: remove it")  # fmt: skip
     path_option, subfolder_option = DENOISER_OPTIONS.get(family.denoiser.subfolder, (None, None))
     value = getattr(config, path_option) if path_option else None
+    # Wan 2.2's low-noise stage trains `transformer_2` (its pipeline slot and LoRA prefix stay the denoiser's).
+    from pipeline.families.wan22 import stage_denoiser, weights_subfolder
+
+    run_family = family.for_run(getattr(config, "model_flavour", None), model)
+    stage_weights = weights_subfolder(run_family)
+    own_file = value not in (None, "") and str(value).lower().endswith(".safetensors")
+    if value in (None, "") or own_file:  # an AnimeGen stage: its hub file, or the option's file in its place
+        stage = stage_denoiser(run_family, str(resolve_relative_path(str(value), base_dir)) if own_file else None)
+        if stage is not None:
+            return DenoiserSource(stage[0], None, single_file_config=(model, stage[1]))
+    if stage_weights is not None and value in (None, ""):
+        return DenoiserSource(model, stage_weights)
     if value in (None, "") or str(value).endswith(".gguf"):
         return None
-    subfolder = getattr(config, subfolder_option)
+    subfolder = getattr(config, subfolder_option) if stage_weights is None else stage_weights
     subfolder = None if subfolder in (None, "") or str(subfolder).lower() == "none" else str(subfolder)
     candidate = resolve_relative_path(str(value), base_dir)
-    return DenoiserSource(str(candidate.resolve()) if candidate.exists() else str(value), subfolder)
+    source = str(candidate.resolve()) if candidate.exists() else str(value)
+    from pipeline.families.wan22 import check_stage_slot
+
+    check_stage_slot(run_family, model, source, subfolder)  # a T2V A14B stage trains its own slot of the base
+    return DenoiserSource(source, subfolder)
 
 
 def denoiser_identity(family: Family, model: str, override: DenoiserSource | None, revision: str | None) -> dict:
@@ -146,11 +164,16 @@ def model_identity(family: Family, sources: ModelSources) -> dict[str, Any]:
         return {"vae": whole, "text_encoders": [whole], "tokenizers": [whole]}
     t5_source = sources.t5
     is_t5 = [spec.kind == "t5" for spec in family.text_encoders]
+    from . import wan_i2v
+
+    # Wan 2.1 i2v / FLF2V: `st cache` stores each clip's CLIP image embeddings, made by these two parts.
+    clip = {"image_encoder": [identify(part, None) for part in wan_i2v.CLIP_PARTS]} if wan_i2v.uses_clip(family) else {}
     return {
         "vae": pixel_identity(source, revision) if is_pixel_space(family) else identify(family.vae, sources.vae),
         "text_encoders": [identify(s.model, t5_source if t5 else None) for s, t5 in zip(family.text_encoders, is_t5)],
         "tokenizers": [identify(s.tokenizer, t5_source if t5 and t5_source and Path(t5_source, s.tokenizer.subfolder)
                                 .is_dir() else None) for s, t5 in zip(family.text_encoders, is_t5)],
+        **clip,
     }  # fmt: skip
 
 

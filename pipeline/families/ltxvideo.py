@@ -11,9 +11,11 @@ Latents: AutoencoderKLLTXVideo with its `latents_mean` / `latents_std` buffers a
 
 Denoising: `LTXPipeline`'s loop packs the latents into tokens (B x f*h*w x C for patch size 1), calls the transformer
 with `timestep` t (0..1000) per sample, the T5 mask, `num_frames` / `height` / `width` of the latent grid and
-`rope_interpolation_scale` (8 / frame rate, 32, 32), and unpacks the output (the flow velocity). A per-frame timestep
-scale (`frame_timestep_scale` in the text batch, see `pipeline.train.family_options.FirstFrame`) gives every token of
-a frame its own timestep, as LTX's image-to-video conditioning does.
+`rope_interpolation_scale` (8 / frame rate, 32, 32), and unpacks the output (the flow velocity). The frame rate is
+`framerate` (25 unless set, as SimpleTuner sets it), which the text batch carries as `frame_rate` (see
+`frame_rate_batch`); validation hands it to LTXPipeline as `frame_rate`. A per-frame timestep scale
+(`frame_timestep_scale` in the text batch, see `pipeline.train.family_options.FirstFrame`) gives every token of a
+frame its own timestep, as LTX's image-to-video conditioning does.
 
 Flavours: SimpleTuner's table (models/ltxvideo/model.py HUGGINGFACE_PATHS): both run through LTXPipeline.
 LTX-2 (`ltxvideo2`) is another family (LTX2Pipeline, a Gemma text encoder, audio) and is refused by name.
@@ -24,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import InputError
 from pipeline.families import text, tiny_parts
 from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 from pipeline.families.tokenizers import t5_tokenizer
@@ -38,14 +40,28 @@ TEMPORAL_COMPRESSION = 8  # the LTX VAE's (frames 1 + 8k encode to 1 + k latent 
 SPATIAL_COMPRESSION = 32
 DEFAULT_FRAME_RATE = 25  # LTXPipeline's frame_rate default; SimpleTuner's `framerate` for LTX when unset
 FRAME_SCALE_KEY = "frame_timestep_scale"  # B x f: each latent frame's timestep as a share of the sample's
+FRAME_RATE_KEY = "frame_rate"  # B x 2 int64: the frame rate as numerator, denominator (see frame_rate_batch)
 
-def check_frame_rate(framerate: Any, family_name: str) -> None:
-    """SimpleTuner trains LTX-Video with RoPE time scale 8 / `framerate` (25 when unset); st trains at 25, so another
-    rate would be accepted and not applied: refuse it instead (exit 2)."""
-    if family_name == "ltxvideo" and framerate is not None and float(framerate) != DEFAULT_FRAME_RATE:
-        raise ConfigError(f"framerate is {framerate}, but st trains LTX-Video at {DEFAULT_FRAME_RATE} frames per second "
-                          f"(its RoPE time scale 8/{DEFAULT_FRAME_RATE}, LTXPipeline's default) and does not apply "
-                          f"another rate yet; remove framerate or set it to {DEFAULT_FRAME_RATE}")  # fmt: skip
+
+def frame_rate_batch(frame_rate: float, batch: int) -> Any:
+    """`frame_rate` for `batch` samples as B x 2 int64 (numerator, denominator of its decimal value): the text batch
+    casts floating tensors to the denoiser's dtype, which would round 23.976 in bf16; the ratio gives back the same
+    double as the number written in the config, so the RoPE scale equals LTXPipeline's `8 / frame_rate`."""
+    from fractions import Fraction
+
+    import torch
+
+    ratio = Fraction(str(frame_rate))
+    return torch.tensor([[ratio.numerator, ratio.denominator]], dtype=torch.int64).expand(batch, 2)
+
+
+def frame_rate_of(text: dict[str, Any]) -> float:
+    """The frame rate of a text batch (`frame_rate_batch`), DEFAULT_FRAME_RATE without one."""
+    rates = text.get(FRAME_RATE_KEY)
+    if rates is None:
+        return DEFAULT_FRAME_RATE
+    numerator, denominator = (int(v) for v in rates[0])
+    return numerator / denominator
 
 
 TEXT_ENCODERS = (
@@ -117,7 +133,7 @@ def predict(
 ) -> Any:
     """`LTXPipeline`'s transformer call on B x C x f x h x w latents: packed tokens, `timestep` (0..1000) per sample
     (per token with a `frame_timestep_scale`), the T5 sequence with its mask, the latent grid's size and the RoPE
-    scale of the pipeline's default frame rate; returns the flow velocity in the latents' shape."""
+    scale of the batch's `frame_rate` (25 without one); returns the flow velocity in the latents' shape."""
     if latents.ndim != 5:
         raise InputError(f"ltxvideo needs video latents shaped B x C x f x h x w, got {tuple(latents.shape)}")
     config = transformer.config
@@ -134,7 +150,7 @@ def predict(
         num_frames=frames,
         height=height,
         width=width,
-        rope_interpolation_scale=rope_scale(DEFAULT_FRAME_RATE),
+        rope_interpolation_scale=rope_scale(frame_rate_of(text)),
         return_dict=False,
     )[0]
     return unpack(out, frames, height, width, patch, patch_t)

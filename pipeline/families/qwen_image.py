@@ -11,6 +11,10 @@ Images go through it as one frame; st caches its latents 4-D (B x C x h x w, the
 decodes. `predict` packs 2x2 patches as the pipeline does and passes `img_shapes` (1, h/2, w/2) per sample and the
 text mask (None when every token is real, as the pipeline's `encode_prompt` leaves it); the installed diffusers
 computes the text sequence lengths from that mask, so no `txt_seq_lens` is passed.
+
+Flavour edit-v1 (or a folder whose model_index.json names QwenImageEditPipeline) trains Qwen-Image-Edit, edit-v2 and
+edit-v3 (or a QwenImageEditPlusPipeline folder) Qwen-Image-Edit-Plus: the variants in `qwen_image_edit` (`variant`);
+edit-v2+ is refused.
 """
 
 from __future__ import annotations
@@ -79,26 +83,35 @@ def predict(
     """`QwenImagePipeline`'s denoiser call: 2x2-packed latents, `timestep / 1000`, the text sequence with its mask
     (None when no position is padded), `img_shapes` of one frame of h/2 x w/2 patches per sample; guidance only
     for a guidance-distilled transformer (default 1.0). The output is unpacked to B x C x h x w."""
-    import torch
-
     b, _, h, w = latents.shape
     if h % 2 or w % 2:
         raise InputError(f"Qwen-Image packs 2x2 latent patches: latent height and width must be even, got {h} x {w}")
+    out = transformer_call(transformer, flux.pack_latents(latents), timesteps, text, [[(1, h // 2, w // 2)]] * b,
+                           guidance)  # fmt: skip
+    return flux.unpack_latents(out, h, w)
+
+
+def transformer_call(transformer: Any, tokens: Any, timesteps: Any, text: dict[str, Any], img_shapes: list,
+                     guidance: Any = None) -> Any:  # fmt: skip
+    """The transformer call of the Qwen-Image pipelines' denoising loops on packed `tokens` (B x L x 64): the packed
+    prediction (B x L x 64). `img_shapes`: per sample, the (frames, h/2, w/2) of each image in the sequence."""
+    import torch
+
+    b = tokens.shape[0]
     mask = text["attention_mask"]
     scale = None
     if transformer.config.guidance_embeds:
-        scale = torch.as_tensor(1.0 if guidance is None else guidance, dtype=torch.float32, device=latents.device)
+        scale = torch.as_tensor(1.0 if guidance is None else guidance, dtype=torch.float32, device=tokens.device)
         scale = scale.expand(b) if scale.ndim == 0 else scale
-    out = transformer(
-        hidden_states=flux.pack_latents(latents),
-        timestep=timesteps.to(latents.dtype) / 1000,
+    return transformer(
+        hidden_states=tokens,
+        timestep=timesteps.to(tokens.dtype) / 1000,
         guidance=scale,
         encoder_hidden_states_mask=None if bool(mask.all()) else mask,
         encoder_hidden_states=text["prompt_embeds"],
-        img_shapes=[[(1, h // 2, w // 2)]] * b,
+        img_shapes=img_shapes,
         return_dict=False,
     )[0]
-    return flux.unpack_latents(out, h, w)
 
 
 def text_encoder(tokenizer: Any, hidden: int = 32) -> Any:
@@ -126,16 +139,19 @@ def text_encoder(tokenizer: Any, hidden: int = 32) -> Any:
 def tiny(out_dir: Path, seed: int) -> None:
     """Write a tiny Qwen-Image diffusers folder: 2 transformer blocks, a 3-D VAE with a spatial factor of 2 and the
     real per-channel latents_mean / latents_std, the scheduler config of Qwen-Image (dynamic exponential shift)."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+    from diffusers import QwenImagePipeline
 
-    tokenizer = qwen_tokenizer()
+    tiny_parts.save(QwenImagePipeline(**tiny_components(seed)), out_dir)
+
+
+def tiny_components(seed: int, tokenizer: Any = None, encoder: Any = None) -> dict[str, Any]:
+    """The tiny pipeline's components (`tiny`); `tokenizer` and `encoder` (a builder taking the tokenizer) replace
+    the text parts (Qwen-Image-Edit's have vision tokens)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    tokenizer = qwen_tokenizer() if tokenizer is None else tokenizer
     tiny_parts.seed_everything(seed)
-    encoder = text_encoder(tokenizer)
+    encoder = (text_encoder if encoder is None else encoder)(tokenizer)
     tiny_parts.seed_everything(seed + 1)
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
@@ -161,25 +177,31 @@ def tiny(out_dir: Path, seed: int) -> None:
         time_shift_type="exponential",
         use_dynamic_shifting=True,
     )
-    pipe = QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer, transformer=transformer
-    )
-    tiny_parts.save(pipe, out_dir)
+    return {"scheduler": scheduler, "vae": vae, "text_encoder": encoder, "tokenizer": tokenizer,
+            "transformer": transformer}
 
 
 # SimpleTuner's Qwen-Image flavours (models/qwen_image/model.py HUGGINGFACE_PATHS); its default is "v2.0".
-# The edit flavours encode each caption together with its sample's reference image (Qwen2.5-VL sees the image tokens;
-# SimpleTuner caches those embeddings per sample), where st caches one embedding per caption text.
-_EDIT = ("conditioning datasets whose captions are encoded with each sample's reference image "
-         "(QwenImageEditPipeline's image-aware Qwen2.5-VL prompt embeddings, cached per sample)")
+# edit-v1 trains Qwen-Image-Edit, edit-v2 (2509) and edit-v3 (2511) Qwen-Image-Edit-Plus (`qwen_image_edit`, chosen
+# by `variant`). edit-v2+ runs the 2509 model with zero_cond_t, which its transformer config does not have.
+EDIT_V2_PLUS = ("zero_cond_t on the Qwen-Image-Edit-2509 transformer (the references at timestep 0, SimpleTuner's "
+                "own modulation code; the model's config and QwenImageEditPlusPipeline do not use it)")
 FLAVOURS = (
     Flavour("v1.0", "Qwen/Qwen-Image"),
     Flavour("v2.0", "Qwen/Qwen-Image-2512"),
-    Flavour("edit-v1", "Qwen/Qwen-Image-Edit", needs=_EDIT),
-    Flavour("edit-v2", "Qwen/Qwen-Image-Edit-2509", needs=_EDIT),
-    Flavour("edit-v2+", "Qwen/Qwen-Image-Edit-2509", needs=_EDIT),
-    Flavour("edit-v3", "Qwen/Qwen-Image-Edit-2511", needs=_EDIT),
+    Flavour("edit-v1", "Qwen/Qwen-Image-Edit"),
+    Flavour("edit-v2", "Qwen/Qwen-Image-Edit-2509"),
+    Flavour("edit-v2+", "Qwen/Qwen-Image-Edit-2509", needs=EDIT_V2_PLUS),
+    Flavour("edit-v3", "Qwen/Qwen-Image-Edit-2511"),
 )
+
+
+def variant(flavour: str | None, source: str) -> Family:
+    """Qwen-Image-Edit for flavour edit-v1 or an edit model folder (see `qwen_image_edit.variant`), else Qwen-Image."""
+    from pipeline.families import qwen_image_edit
+
+    return qwen_image_edit.variant(flavour, source)
+
 
 FAMILY = Family(
     name="qwen_image",
@@ -201,4 +223,5 @@ FAMILY = Family(
     default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default
     flavours=FLAVOURS,
     default_flavour="v2.0",
+    variant=variant,
 )

@@ -30,6 +30,8 @@ def has_component(folder: Path, component: Component) -> bool:
         return any((folder / name).is_file() for name in _TOKENIZER_FILES)
     if component.class_name.endswith("Scheduler"):
         return (folder / "scheduler_config.json").is_file()
+    if component.class_name.endswith("Processor"):  # an image processor and its tokenizer (Qwen-Image-Edit)
+        return (folder / "preprocessor_config.json").is_file() and any((folder / n).is_file() for n in _TOKENIZER_FILES)
     return (folder / "config.json").is_file()
 
 

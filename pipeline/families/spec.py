@@ -104,6 +104,9 @@ class Family:
     text_options: Callable[[Any], dict[str, Any]] | None = None
     # The pipeline takes prompt embeddings as a list, one prompt's real tokens per item (ZImagePipeline).
     list_prompt_embeds: bool = False
+    # The pipeline takes the prompt as text and tokenizes it itself (OmniGen: its denoiser embeds the token ids, so
+    # there are no embeddings to hand it): validation passes the prompt and the family's tokenizer.
+    prompt_text: bool = False
     latent_side_limit: Callable[[Any], tuple[int, str] | None] | None = None
     # What a control/conditioning image enters the model as: "pixels" (the UNet ControlNets of SD 1.x/2.x/SDXL take
     # the image itself) or "latents" (DiT ControlNets and edit models take its VAE latents). `st cache` stores the
@@ -112,6 +115,10 @@ class Family:
     # The denoiser also takes a reference image (edit models): `predict` then gets its VAE latents as `reference=`
     # (B x C x h x w, scaled like the latents), and a run needs a non-mask conditioning dataset to draw them from.
     takes_reference: bool = False
+    # The prompt embeddings depend on the reference image too (Qwen-Image-Edit: Qwen2.5-VL sees its image tokens):
+    # `encode_prompts` then takes `images=` (one PIL image or None per prompt), `st cache` encodes each paired
+    # sample's captions with its reference, and validation lets the pipeline encode prompt and reference itself.
+    text_with_reference: bool = False
     # `variant(model_flavour, source)`: the family a run trains when a flavour or model changes the pipeline (Flux's
     # Kontext flavour and Kontext checkpoints train as Flux Kontext); None: always this family.
     variant: Callable[[str | None, str], Family] | None = None

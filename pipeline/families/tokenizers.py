@@ -272,3 +272,31 @@ def llama3_tokenizer(max_length: int = 131072):
                                                            special_tokens=[(bos, vocab[bos])])  # fmt: skip
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=LLAMA3_SPECIALS[2],
                                    model_max_length=max_length)  # fmt: skip
+
+
+# Mistral-3's control tokens in its order: unknown, begin and end of sequence, the chat markers, the image markers
+# of its Pixtral vision input, padding.
+MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                    "[IMG_BREAK]", "[IMG_END]", "<pad>")  # fmt: skip
+
+
+def mistral_tokenizer(max_length: int = 131072):
+    """A Mistral-3 (Tekken) style `PreTrainedTokenizerFast`: byte-level BPE over the tiny Qwen merges (`Ġ` marks a
+    leading space) after Mistral's control tokens, `<s>` prepended, `<pad>` padding (FLUX.2 [dev]'s tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    _, merges = qwen_vocab()
+    tokens = list(MISTRAL_SPECIALS) + list(bytes_to_unicode().values()) + [left + right for left, right in merges]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), unk_token="<unk>"))
+    backend.add_special_tokens(list(MISTRAL_SPECIALS))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    bos = MISTRAL_SPECIALS[1]
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, vocab[bos])])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=max_length)  # fmt: skip

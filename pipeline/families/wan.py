@@ -14,8 +14,10 @@ and the text embeddings; the output is the flow velocity noise - x0 in the laten
 
 Flavours: SimpleTuner's table (models/wan/model.py HUGGINGFACE_PATHS). st trains the single-transformer text-to-video
 models that `WanPipeline` renders and Wan 2.1 image-to-video (the i2v-14b-2.1 flavours and WanImageToVideoPipeline
-folders train as `pipeline.families.wan_i2v.FAMILY`); FLF2V, VACE, TI2V and the two-stage Wan 2.2 A14B models are
-refused by name with what they need.
+folders train as `pipeline.families.wan_i2v.FAMILY`), and one expert at a time of the two-stage Wan 2.2 I2V A14B model
+(i2v-14b-2.2-high / -low) and Wan 2.2 TI2V 5B (ti2v-5b-2.2), both in `pipeline.families.wan22`, as is one stage of
+the two-expert Wan 2.2 T2V A14B through SimpleTuner's AnimeGen flavours (animegen-t2v-high / -low); Wan 2.1 FLF2V
+(flf2v-14b-2.1) trains as `wan_i2v.FLF2V_FAMILY`; VACE is refused by name with what it needs.
 """
 
 from __future__ import annotations
@@ -150,13 +152,7 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir)
 
 
-_I2V = ("image-to-video training (WanImageToVideoPipeline: each clip's first-frame condition latents and CLIP "
-        "image embeddings cached beside its latents)")
-_TWO_STAGE = "Wan 2.2's two-transformer (high/low noise stage) training"
-_ANIMEGEN = f"{_TWO_STAGE} with AnimeGen's single-file stage weights"
-_FLF2V = "first/last-frame conditioning (WanImageToVideoPipeline with last_image)"
 _VACE = "VACE control training (WanVACEPipeline)"
-_TI2V = "Wan 2.2's 48-channel VAE with per-token timesteps (expand_timesteps)"
 
 # SimpleTuner's Wan flavours (models/wan/model.py HUGGINGFACE_PATHS); its default is "t2v-480p-1.3b-2.1".
 FLAVOURS = (
@@ -164,46 +160,66 @@ FLAVOURS = (
     Flavour("t2v-480p-14b-2.1", "Wan-AI/Wan2.1-T2V-14B-Diffusers"),
     Flavour("i2v-14b-2.1", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"),
     Flavour("i2v-14b-2.1-720p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"),
-    Flavour("i2v-14b-2.2-high", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", needs=f"{_TWO_STAGE} and {_I2V}"),
-    Flavour("i2v-14b-2.2-low", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", needs=f"{_TWO_STAGE} and {_I2V}"),
-    Flavour("animegen-t2v-high", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", needs=_ANIMEGEN),
-    Flavour("animegen-t2v-low", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", needs=_ANIMEGEN),
-    Flavour("flf2v-14b-2.1", "Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers", needs=_FLF2V),
+    Flavour("i2v-14b-2.2-high", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"),  # trained as `wan22.I2V_HIGH`
+    Flavour("i2v-14b-2.2-low", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"),  # trained as `wan22.I2V_LOW`
+    Flavour("animegen-t2v-high", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"),  # trained as `wan22.T2V_HIGH`
+    Flavour("animegen-t2v-low", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"),  # trained as `wan22.T2V_LOW`
+    Flavour("flf2v-14b-2.1", "Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers"),  # trained as `wan_i2v.FLF2V_FAMILY`
     Flavour("vace-1.3b-2.1", "Wan-AI/Wan2.1-VACE-1.3B-diffusers", needs=_VACE),
     Flavour("vace-14b-2.1", "Wan-AI/Wan2.1-VACE-14B-diffusers", needs=_VACE),
-    Flavour("ti2v-5b-2.2", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", needs=_TI2V),
+    Flavour("ti2v-5b-2.2", "Wan-AI/Wan2.2-TI2V-5B-Diffusers"),  # trained as `wan22.TI2V`
 )
 
 I2V_FLAVOURS = ("i2v-14b-2.1", "i2v-14b-2.1-720p")  # trained as `wan_i2v.FAMILY`
+STAGE_FLAVOURS = ("i2v-14b-2.2-high", "i2v-14b-2.2-low")  # one expert of Wan 2.2 I2V A14B (`wan22`)
+TI2V_FLAVOUR = "ti2v-5b-2.2"  # Wan 2.2 TI2V 5B (`wan22.TI2V`)
+T2V_STAGE_FLAVOURS = ("animegen-t2v-high", "animegen-t2v-low")  # one stage of Wan 2.2 T2V A14B (`wan22`)
 _I2V_PIPELINE = "WanImageToVideoPipeline"
 _OTHER_PIPELINES = {"WanVACEPipeline": _VACE}
 
 
 def _variant(flavour: str | None, source: str) -> Family:
     """Wan itself, for a model `WanPipeline` renders with one transformer; Wan 2.1 image-to-video (`wan_i2v`) for the
-    i2v flavours and WanImageToVideoPipeline folders with one transformer; a model folder of another Wan pipeline, a
-    two-stage Wan 2.2 A14B folder or the TI2V 5B folder is refused by name, like the flavours that need them."""
+    i2v flavours and WanImageToVideoPipeline folders with one transformer; a model folder of another Wan pipeline;
+    the Wan 2.2 I2V A14B stage variants (`wan22`) for its flavours and two-expert WanImageToVideoPipeline folders; a
+    TI2V 5B (`wan22.TI2V`) for its flavour and expand_timesteps folders; the T2V A14B stage variants (`wan22`) for
+    the AnimeGen flavours and two-expert WanPipeline folders (refused without a stage flavour)."""
     from pipeline.families.flux_kontext import model_index_of
 
     index = model_index_of(source) or {}
-    pipeline = index.get("_class_name", _I2V_PIPELINE if flavour in I2V_FLAVOURS else "WanPipeline")
+    pipeline = index.get("_class_name", _I2V_PIPELINE if flavour in I2V_FLAVOURS + STAGE_FLAVOURS else "WanPipeline")
     needs = None if pipeline in ("WanPipeline", _I2V_PIPELINE) else \
         _OTHER_PIPELINES.get(pipeline, f"its pipeline class {pipeline}")  # fmt: skip
-    if needs is None and (index.get("transformer_2") or [None, None])[-1]:
-        needs = _TWO_STAGE
-    if needs is None and index.get("expand_timesteps"):
-        needs = _TI2V
+    two_stage = bool((index.get("transformer_2") or [None, None])[-1])
+    if needs is None and (flavour == TI2V_FLAVOUR or index.get("expand_timesteps")):
+        from pipeline.families import wan22
+
+        return wan22.ti2v_variant(flavour, source, index, pipeline)
+    if needs is None and (flavour in T2V_STAGE_FLAVOURS or
+                          (two_stage and pipeline == "WanPipeline" and flavour not in STAGE_FLAVOURS)):  # fmt: skip
+        from pipeline.families import wan22
+
+        return wan22.t2v_variant(flavour, source, index, pipeline)
+    if needs is None and (flavour in STAGE_FLAVOURS or (two_stage and pipeline == _I2V_PIPELINE)):
+        from pipeline.families import wan22
+
+        return wan22.variant(flavour, source, index, pipeline)
     if needs:
         raise ConfigError(f"the model at {source} ({pipeline}) needs {needs}, not supported yet: st trains Wan "
                           "text-to-video models with one transformer (model_flavour t2v-480p-1.3b-2.1 or "
-                          "t2v-480p-14b-2.1), and Wan 2.1 image-to-video (i2v-14b-2.1, i2v-14b-2.1-720p)")  # fmt: skip
+                          "t2v-480p-14b-2.1), Wan 2.1 image-to-video (i2v-14b-2.1, i2v-14b-2.1-720p), one expert of "
+                          "Wan 2.2 I2V A14B (i2v-14b-2.2-high, i2v-14b-2.2-low), one stage of Wan 2.2 T2V A14B "
+                          "(animegen-t2v-high, animegen-t2v-low) and Wan 2.2 TI2V 5B (ti2v-5b-2.2)")  # fmt: skip
+    from pipeline.families import wan_i2v
+
+    flf2v = wan_i2v.flf2v_variant(flavour, source, index.get("_class_name"))  # FLF2V: WanImageToVideoPipeline too
+    if flf2v is not None:
+        return flf2v
     if flavour in I2V_FLAVOURS and pipeline != _I2V_PIPELINE:
         raise ConfigError(f"model_flavour {flavour} is Wan 2.1 image-to-video, but the model at {source} is a "
                           f"{pipeline}: point pretrained_model_name_or_path at a {_I2V_PIPELINE} model, or choose a "
                           "t2v flavour")  # fmt: skip
     if pipeline == _I2V_PIPELINE:
-        from pipeline.families import wan_i2v
-
         return wan_i2v.FAMILY
     return FAMILY
 

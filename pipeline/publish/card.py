@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..families import Family
+from ..families import Family, wan_i2v
 from ..singlora_format import SINGLORA_WEIGHT_NAME
 from .options import PublishOptions
 
@@ -174,7 +174,8 @@ _DEVICE_LINES = ['device = "cuda" if torch.cuda.is_available() else "cpu"',
 
 # Pipelines that render from an input image (the run's conditioning images): their keyword for it.
 IMAGE_ARGUMENTS = {"FluxKontextPipeline": "image", "FluxControlPipeline": "control_image",
-                   "WanImageToVideoPipeline": "image"}
+                   "WanImageToVideoPipeline": "image", "IFSuperResolutionPipeline": "image",
+                   "QwenImageEditPipeline": "image", "QwenImageEditPlusPipeline": "image"}
 
 
 def snippet(card: Card) -> str:
@@ -184,6 +185,9 @@ def snippet(card: Card) -> str:
     prompt = card.widget[0]["text"] if card.widget else (config.get("validation_prompt") or "a photo")
     image_argument = IMAGE_ARGUMENTS.get(family.pipeline_class)
     given = "" if image_argument is None else f"{image_argument}=condition, "
+    flf2v = wan_i2v.trained_flf2v(card.train)  # Wan 2.1 FLF2V renders between a first and a last frame
+    if flf2v:
+        given += f"{wan_i2v.LAST_IMAGE_ARGUMENT}=last_frame, "
     call = (f"image = pipe({_py(prompt)}, {given}num_inference_steps="
             f"{config.get('validation_num_inference_steps', 30)}, "
             f"guidance_scale={config.get('validation_guidance', 7.5)}).images[0]")  # fmt: skip
@@ -205,7 +209,7 @@ def snippet(card: Card) -> str:
         lines = _lycoris_lines(card, cls, load)
     elif family.lora_loader:
         lines += [f'pipe = {cls}.{load}({_py(card.base_model)}, torch_dtype=dtype).to(device)',
-                  f"pipe.load_lora_weights({_py(hub or LOCAL_FOLDER)})"]
+                  f"pipe.load_lora_weights({_py(hub or LOCAL_FOLDER)}{_stage_arguments(card)})"]
     else:
         prefix = family.denoiser.subfolder
         weights = (f'hf_hub_download({_py(hub)}, "pytorch_lora_weights.safetensors")' if hub
@@ -226,14 +230,30 @@ def snippet(card: Card) -> str:
         lines.insert(lines.index(f"from diffusers import {cls}") + 1, "from diffusers.utils import load_image")
         lines.append('condition = load_image("conditioning.png")  # an image like the conditioning images it was '
                      "trained on")  # fmt: skip
+        if flf2v:
+            lines.append('last_frame = load_image("last_frame.png")  # the frame the video ends on')
     if family.video:  # the frames of one video, saved as MP4
         frames = config.get("validation_num_video_frames") or 81
         lines.insert(lines.index(f"from diffusers import {cls}") + 1, "from diffusers.utils import export_to_video")
         lines += [call.replace("image = ", "video = ").replace(").images[0]", f", num_frames={frames}).frames[0]"),
-                  'export_to_video(video, "video.mp4", fps=16)']  # fmt: skip
+                  f'export_to_video(video, "video.mp4", fps={_video_fps(config, family)})']  # fmt: skip
         return "\n".join(lines)
     lines += [call, 'image.save("image.png")']
     return "\n".join(lines)
+
+
+def _stage_arguments(card: Card) -> str:
+    """A Wan 2.2 A14B low-noise stage's LoRA goes into `transformer_2` (`wan22.lora_load_arguments`)."""
+    from ..families import wan22
+
+    return wan22.lora_load_arguments(wan22.run_stage(card.train))
+
+
+def _video_fps(config: dict[str, Any], family: Any) -> str:
+    """The frame rate the run's validation videos were written at: `framerate`, else the family's, else 16."""
+    from ..video_settings import family_framerate
+
+    return f"{family_framerate(config.get('framerate'), family.name) or 16:g}"
 
 
 def _lycoris_lines(card: Card, cls: str, load: str) -> list[str]:
@@ -328,6 +348,13 @@ def render(card: Card) -> str:
     out.append(f"A {kind} of `{card.base_model}` ({card.family.name}), trained with st for {card.step} step{'s' if card.step != 1 else ''}.")
     if card.checkpoint:
         out[-1] += f" These are the weights of the checkpoint `{card.checkpoint}`, not the run's final weights."
+    if card.family.pipeline_class in ("WanImageToVideoPipeline", "WanPipeline"):  # a Wan 2.2 A14B stage: which expert
+        from ..families import wan22
+        from .model_folder import base_denoiser_config
+
+        i2v = card.family.pipeline_class == "WanImageToVideoPipeline"  # its high stage is told by the config
+        note = wan22.card_note(wan22.run_stage(train, base_denoiser_config(train, card.family) if i2v else None))
+        out[-1] += f" {note}" if note else ""
     base = _quantised_base(train)
     if base:
         out[-1] += (f" The base model was quantised while training: **{base}**; the LoRA itself is full precision "

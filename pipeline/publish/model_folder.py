@@ -84,7 +84,8 @@ def _check_identity(subfolder: str, recorded: dict[str, Any], folder: Path) -> N
 def assemble(inputs: Inputs, family: Family, target: Path) -> None:
     """Write the loadable diffusers folder of a full fine-tune into `target`."""
     denoiser = inputs.train["model"]["denoiser"]
-    base = base_folder(denoiser["source"], denoiser.get("revision"), skip=family.denoiser.subfolder)
+    slot = _trained_slot(inputs, family)
+    base = base_folder(denoiser["source"], denoiser.get("revision"), skip=slot)
     index_path = base / "model_index.json"
     if not index_path.is_file():
         raise InputError(f"the base model folder {base} has no model_index.json; it is not a diffusers pipeline folder")
@@ -92,7 +93,7 @@ def assemble(inputs: Inputs, family: Family, target: Path) -> None:
     trained = _trained_text_encoders(inputs, family)
     _place(index_path, target / "model_index.json")
     for name in _components(json.loads(index_path.read_text())):
-        if name == family.denoiser.subfolder:
+        if name == slot:
             continue
         if name in trained:  # train_text_encoder: the encoder as the run trained it
             for file in trained[name]:
@@ -106,8 +107,23 @@ def assemble(inputs: Inputs, family: Family, target: Path) -> None:
             _check_identity(name, identity, folder)
         for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
             _place(file, target / name / file.relative_to(folder))
-    write_denoiser(inputs, family, target)
-    log.info("publish: assembled the full model from %s with the trained %s", base, family.denoiser.subfolder)
+    if slot == family.denoiser.subfolder:
+        write_denoiser(inputs, family, target)
+    else:  # written under the denoiser's name, then moved to the slot it was trained for
+        staging = target / f".{slot}.trained"
+        write_denoiser(inputs, family, staging)
+        os.replace(staging / family.denoiser.subfolder, target / slot)
+        staging.rmdir()
+    log.info("publish: assembled the full model from %s with the trained %s", base, slot)
+
+
+def _trained_slot(inputs: Inputs, family: Family) -> str:
+    """The pipeline component the trained denoiser replaces: its subfolder, or a Wan 2.2 A14B stage's expert (the
+    low-noise stage trains `transformer_2`)."""
+    from ..families import wan22
+
+    stage = wan22.run_stage(inputs.train)
+    return family.denoiser.subfolder if stage is None else stage.subfolder
 
 
 def _trained_text_encoders(inputs: Inputs, family: Family) -> dict[str, list[Path]]:

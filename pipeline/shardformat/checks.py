@@ -191,14 +191,18 @@ class CacheChecks:
     def _check_cond(self, specs: dict[str, TensorSpec], partners: list[Any], bucket: str, captions: int,
                     where: str) -> None:  # fmt: skip
         """`{i}.pixels`: uint8 [3, H, W] at the bucket's size, for every listed conditioning image; `{i}.latent`:
-        shaped as the sample's latent."""
+        shaped as the sample's latent; `{i}.last_pixels` (a Wan FLF2V clip's last frame): like `{i}.pixels`;
+        `{i}.image_embeds` (Wan 2.1's CLIP tokens of its frames): tokens x dim in the cache's dtype."""
         width, height, _ = bucket_size(bucket)
         expected = {f"{i}.pixels" for i in range(len(partners))}
         latents = {name for name in specs if name.endswith(".latent")}
-        if set(specs) - latents != expected or any(n.partition(".")[0] not in {str(i) for i in range(len(partners))}
-                                                   for n in latents):  # fmt: skip
+        lasts = {name for name in specs if name.endswith(".last_pixels")}
+        embeds = {name for name in specs if name.endswith(".image_embeds")}
+        slots = {str(i) for i in range(len(partners))}
+        if set(specs) - latents - lasts - embeds != expected or any(n.partition(".")[0] not in slots
+                                                                    for n in latents | lasts | embeds):  # fmt: skip
             raise malformed(where, f"expected tensors {sorted(expected)} (and latents of them), found {sorted(specs)}")
-        for name in expected:
+        for name in expected | lasts:
             spec = specs[name]
             if spec.dtype != "U8" or list(spec.shape) != [3, height, width]:
                 raise malformed(where, f"{name} is {spec.dtype} {list(spec.shape)}, expected U8 [3, {height}, {width}]")
@@ -207,6 +211,11 @@ class CacheChecks:
             spec = specs[name]
             if spec.dtype != _TENSOR_DTYPES[self.dtype] or (shape is not None and spec.shape != shape):
                 raise malformed(where, f"{name} is {spec.dtype} {list(spec.shape)}, unlike the sample's latent")
+        for name in embeds:
+            spec = specs[name]
+            if spec.dtype != _TENSOR_DTYPES[self.dtype] or len(spec.shape) != 2:
+                raise malformed(where, f"{name} is {spec.dtype} {list(spec.shape)}, expected tokens x dim in "
+                                       f"{_TENSOR_DTYPES[self.dtype]}")  # fmt: skip
         for partner in partners:
             if not isinstance(partner, dict) or partner.get("kind") not in CONDITIONING_KINDS:
                 raise malformed(where, f"conditioning entry {partner!r} has no known kind")

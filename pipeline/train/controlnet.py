@@ -135,13 +135,14 @@ def start(config, family: Family, denoiser, *, source: str, vae_source: str | No
 class ValidationControl:
     """What validation renders with: the family's ControlNet pipeline class, the live base and ControlNet, the
     pipeline's keyword for the conditioning image, and the conditioning images (prompt i uses image i modulo their
-    number)."""
+    number). `extra`: more images by pipeline keyword, paired with `images` (Wan FLF2V's `last_image`)."""
 
     pipeline_class: str
     denoiser: Any
     controlnet: Any
     argument: str
     images: list[Any]
+    extra: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
 
     def image_for(self, i: int) -> Any:
         return self.images[i % len(self.images)]

@@ -256,6 +256,10 @@ class Batch:
     # conditioning_pixel_values: B x 3 x H x W float32 in [-1, 1]; `mask_kind` says how the loss reads it.
     mask_pixels: Any = None
     mask_kind: str | None = None
+    # Wan 2.1 FLF2V: each clip's last frame (B x 3 x H x W float32 in [-1, 1]), beside its first (`control_pixels`).
+    last_pixels: Any = None
+    # Wan 2.1 i2v / FLF2V: the CLIP image embeddings `st cache` stored for each clip's frames (B x tokens x dim).
+    image_embeds: Any = None
 
 
 class TrainLoader:
@@ -351,6 +355,10 @@ class TrainLoader:
             out["control_pixels"] = stored[f"{chosen}.pixels"].float() / 127.5 - 1.0
             if f"{chosen}.latent" in stored:
                 out["control_latents"] = stored[f"{chosen}.latent"].float()
+            if f"{chosen}.last_pixels" in stored:  # a Wan FLF2V clip's last frame
+                out["last_pixels"] = stored[f"{chosen}.last_pixels"].float() / 127.5 - 1.0
+            if f"{chosen}.image_embeds" in stored:  # Wan 2.1's CLIP embeddings of the clip's frames
+                out["image_embeds"] = stored[f"{chosen}.image_embeds"].float()
         if masks:
             out["mask_pixels"] = stored[f"{masks[0]}.pixels"].float() / 127.5 - 1.0
             out["mask_kind"] = partners[masks[0]]["kind"]
@@ -364,7 +372,7 @@ class TrainLoader:
         if len(parts) != len(batch.keys):
             raise InputError(f"batch {batch.index} of dataset '{batch.dataset_id}' mixes samples with and without "
                              "conditioning images; re-run `st prepare` and `st cache`")  # fmt: skip
-        for name in ("control_pixels", "control_latents", "mask_pixels"):
+        for name in ("control_pixels", "control_latents", "mask_pixels", "last_pixels", "image_embeds"):
             if all(name in part for part in parts):
                 setattr(batch, name, torch.stack([part[name] for part in parts]))
             elif any(name in part for part in parts):

@@ -18,6 +18,8 @@
   puts it where the base model has the target size); the batch carries it as `aesthetic_score`.
 - `ltx_train_mode` / `ltx_protect_first_frame` / `ltx_i2v_prob` / `ltx_partial_noise_fraction` (LTX-Video): the
   image-to-video first-frame conditioning of SimpleTuner's `apply_first_frame_protection`, see `FirstFrame`.
+- `framerate` (LTX-Video): the RoPE time scale 8 / framerate (25 unless set, as SimpleTuner sets it); the batch
+  carries it as `frame_rate` (`ltxvideo.frame_rate_batch`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ConfigError, InputError
-from ..families import Family, flux, ltxvideo, sd3, sdxl
+from ..families import Family, flux, flux2, ltxvideo, sd3, sdxl
 from ..log import get_logger
+from ..video_settings import family_framerate
 
 log = get_logger("train")
 
@@ -41,6 +44,7 @@ class FamilyText:
     clip_uncond: str  # SD3's caption-dropout CLIP embeddings: "empty_string" or "zero"
     t5_uncond: str
     aesthetic_score: float | None = None  # the SDXL refiner's data_aesthetic_score; None: another family
+    frame_rate: float | None = None  # LTX-Video's framerate (its RoPE time scale); None: another family
 
     @classmethod
     def for_run(cls, config: Any, family: Family) -> FamilyText:
@@ -60,8 +64,10 @@ class FamilyText:
             log.warning("sd3_clip_uncond_behaviour / sd3_t5_uncond_behaviour apply to SD3 only; model_family %s "
                         "ignores them", family.name)  # fmt: skip
             clip = t5 = "empty_string"
+        flux2.check_training_guidance(config, family)  # FLUX.2 [dev] trains with guidance 1.0, as SimpleTuner
         score = float(config.data_aesthetic_score) if family.predict is sdxl.refiner_predict else None
-        return cls(attention_mask=masked, clip_uncond=clip, t5_uncond=t5, aesthetic_score=score)
+        rate = family_framerate(config.framerate, family.name) if family.predict is ltxvideo.predict else None
+        return cls(attention_mask=masked, clip_uncond=clip, t5_uncond=t5, aesthetic_score=score, frame_rate=rate)
 
     def training_texts(self, texts: Sequence[dict[str, Any]], dropped: Sequence[bool]) -> list[dict[str, Any]]:
         """A training batch's text items, caption-dropped ones replaced as `sd3_*_uncond_behaviour` asks."""
@@ -73,11 +79,13 @@ class FamilyText:
     def denoiser_text(self, texts: Sequence[dict[str, Any]], collated: dict[str, Any]) -> dict[str, Any]:
         """`collated` (the family's `collate_text` of `texts`) as the denoiser takes it: with masked training, the
         items' stored T5 masks added as `attention_mask` (Flux's collate leaves them out); for the SDXL refiner,
-        `aesthetic_score` per sample."""
+        `aesthetic_score` per sample; for LTX-Video, `frame_rate` per sample."""
         import torch
 
         if self.aesthetic_score is not None:
             collated = {**collated, "aesthetic_score": torch.full((len(texts),), self.aesthetic_score)}
+        if self.frame_rate is not None:
+            collated = {**collated, ltxvideo.FRAME_RATE_KEY: ltxvideo.frame_rate_batch(self.frame_rate, len(texts))}
         if not self.attention_mask:
             return collated
         if any("attention_mask" not in t for t in texts):
@@ -227,6 +235,12 @@ def load_base_parts(family: Family, source: str, config: Any, base_dir: Any, pre
         return load_base(family, source, precision)
     log.info("the %s comes from %s%s", family.denoiser.subfolder, override.source,
              f" (subfolder {override.subfolder})" if override.subfolder else "")  # fmt: skip
+    if override.single_file_config is not None:  # an AnimeGen stage file, over the base folder's slot
+        from ..families.wan22 import load_single_file
+
+        denoiser = load_single_file(family, override.source, *override.single_file_config,
+                                    dtype=precision.torch_dtype(), quantization_config=load_quantisation(precision))
+        return {**load_components(family, source, which=("scheduler",)), "denoiser": denoiser}
     denoiser = load_denoiser(family, override.source, override.subfolder, revision=config.revision,
                              variant=config.variant, dtype=precision.torch_dtype(),
                              quantization_config=load_quantisation(precision))  # fmt: skip

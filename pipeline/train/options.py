@@ -114,6 +114,7 @@ class ValidationOptions(OptionGroup):
     validation_seed: int | None
     seed: int | None
     validation_num_video_frames: int | None
+    framerate: float | None
     num_validation_images: int
     validation_num_inference_steps: int
     validation_guidance: float
@@ -121,6 +122,7 @@ class ValidationOptions(OptionGroup):
     validation_noise_scheduler: str | None
     keep_vae_loaded: bool
     validation_lycoris_strength: float
+    wan_validation_load_other_stage: bool
 
     def due(self, step: int, epoch_done: bool, epoch: int) -> bool:
         """Whether a validation falls on optimizer step `step` (`epoch_done`: epoch `epoch` ended with it)."""

@@ -12,7 +12,7 @@ from typing import Any
 from ..cache_reader import COND
 from ..datasets import MASK_TYPES
 from ..errors import ConfigError, InputError, NotSupportedError
-from ..families import Family, flux2, flux_control, wan_i2v
+from ..families import Family, deepfloyd, flux2, flux_control, wan_i2v
 from ..log import get_logger
 from .controlnet import ValidationControl, read_conditioning
 from .data import image_paired_datasets
@@ -24,7 +24,8 @@ IMAGE_ARGUMENT = "image"  # the edit pipelines' keyword for the reference image
 ARGUMENTS = {flux_control.PIPELINE_CLASS: flux_control.CONTROL_ARGUMENT}
 # Families that SimpleTuner trains on reference images whenever their datasets are paired (FLUX.2's optional image
 # conditioning): the family such a run trains.
-WHEN_PAIRED = {flux2.FAMILY.name: flux2.REFERENCE_FAMILY}
+WHEN_PAIRED = {flux2.FAMILY.pipeline_class: flux2.REFERENCE_FAMILY,
+               flux2.DEV_FAMILY.pipeline_class: flux2.DEV_REFERENCE_FAMILY}  # by pipeline: FLUX.2 [klein] and [dev]
 # What the pairs are, and the conditioning_type of their dataset, in the refusal of a cache without them.
 PAIRS = {None: "(reference image, edited image)", flux_control.PIPELINE_CLASS: "(control image, image)"}
 CONDITIONING_TYPES = {None: ', `"conditioning_type": "reference_strict"`', flux_control.PIPELINE_CLASS: ""}
@@ -33,7 +34,7 @@ CONDITIONING_TYPES = {None: ', `"conditioning_type": "reference_strict"`', flux_
 def for_pairs(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool) -> Family:
     """The family a run trains on this cache: a family's reference-image variant (`WHEN_PAIRED`) when the cache
     pairs its samples with conditioning images (not masks) and no ControlNet trains on them, else `family`."""
-    variant = WHEN_PAIRED.get(family.name)
+    variant = WHEN_PAIRED.get(family.pipeline_class)
     if variant is None or family.takes_reference or controlnet or not image_paired_datasets(cache_manifest)[0]:
         return family
     log.info("%s trains on the datasets' conditioning images as reference images (%s `image`)", family.name,
@@ -53,9 +54,21 @@ def note_unused(family: Family, cache_manifest: dict[str, Any], *, controlnet: b
                     ", ".join(paired), family.name)  # fmt: skip
 
 
+# Families SimpleTuner trains on paired conditioning images in a way st does not implement yet: pipeline -> feature.
+PAIRED_NOT_YET = {"OmniGenPipeline": "OmniGen's instruction / reference-image training (conditioning images as "
+                                     "<img><|image_1|></img> inputs of the prompt)"}
+
+
 def check(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool = False) -> None:
     """Refuse, before the model loads, a run of a reference family whose training datasets link no image (non-mask)
-    conditioning dataset, or that asks for a ControlNet (its conditioning images are the references)."""
+    conditioning dataset, or that asks for a ControlNet (its conditioning images are the references); and a run of
+    a `PAIRED_NOT_YET` family whose datasets link conditioning images."""
+    feature = PAIRED_NOT_YET.get(family.pipeline_class)
+    paired_datasets = image_paired_datasets(cache_manifest)[0] if feature else []
+    if paired_datasets:
+        raise NotSupportedError(f"dataset(s) {', '.join(paired_datasets)} link conditioning images, and st does not "
+                                f"implement {feature} yet; remove their conditioning_data to train {family.name} on "
+                                "text-to-image")  # fmt: skip
     if not family.takes_reference:
         return
     if controlnet:
@@ -97,7 +110,11 @@ def latents(family: Family, batch: Any) -> Any:
 
 def validation_control(family: Family, denoiser: Any, index: Any, count: int) -> ValidationControl | None:
     """What validation renders with for a reference family (None for others): the family's pipeline on the live
-    `denoiser`, prompt i with the reference image of the i-th cached sample that has one (modulo their number)."""
+    `denoiser`, prompt i with the reference image of the i-th cached sample that has one (modulo their number).
+    DeepFloyd IF stage II renders from the i-th cached training image (the cache holds pixels), resized to its
+    low-resolution input size (`deepfloyd.low_resolution_image`)."""
+    if family.pipeline_class == deepfloyd.STAGE_II_PIPELINE:
+        return _low_resolution_inputs(family, denoiser, index, count)
     if not family.takes_reference:
         return None
     from PIL import Image
@@ -105,7 +122,8 @@ def validation_control(family: Family, denoiser: Any, index: Any, count: int) ->
     from .data import SampleReader
 
     reader = SampleReader()
-    images = []
+    images, lasts = [], []
+    flf2v = wan_i2v.is_flf2v(family)  # the pipeline's `last_image` too: each clip's cached last frame
     try:
         for key in sorted(index.samples):
             ref = index.samples[key]
@@ -114,6 +132,13 @@ def validation_control(family: Family, denoiser: Any, index: Any, count: int) ->
                 continue
             pixels, _ = read_conditioning(reader, ref)
             images.append(Image.fromarray(((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()))
+            if flf2v:
+                last = reader.tensors(ref, COND).get(f"0.{wan_i2v.LAST_PIXELS}")
+                if last is None:
+                    raise InputError(f"cached sample {ref.key} has no last frame, which {family.pipeline_class} "
+                                     "first/last-frame-to-video validation renders from: re-run `st cache` with "
+                                     f"model_flavour {wan_i2v.FLF2V_FLAVOUR}")  # fmt: skip
+                lasts.append(Image.fromarray(last.permute(1, 2, 0).contiguous().numpy()))
             if len(images) >= max(1, count):
                 break
     finally:
@@ -122,4 +147,27 @@ def validation_control(family: Family, denoiser: Any, index: Any, count: int) ->
         raise InputError(f"{family.pipeline_class} validation needs a cached reference image and the cache has none; "
                          "re-run `st cache` after linking conditioning_data")  # fmt: skip
     return ValidationControl(family.pipeline_class, denoiser, None, ARGUMENTS.get(family.pipeline_class, IMAGE_ARGUMENT),
-                             images)  # fmt: skip
+                             images, {wan_i2v.LAST_IMAGE_ARGUMENT: lasts} if flf2v else {})  # fmt: skip
+
+
+def _low_resolution_inputs(family: Family, denoiser: Any, index: Any, count: int) -> ValidationControl:
+    """DeepFloyd IF stage II's validation inputs: the first `count` cached training images (sorted by key), each
+    resized to a 64-pixel short edge, as SimpleTuner's stage II validation takes dataset images. (SimpleTuner's
+    prompt validation instead renders them with a separate stage I model, which st does not load.)"""
+    from PIL import Image
+
+    from .data import SampleReader
+
+    reader = SampleReader()
+    images = []
+    try:
+        for key in sorted(index.samples)[: max(1, count)]:
+            pixels = reader.latent(index.samples[key])  # a pixel-space cache: the image itself, in [-1, 1]
+            image = Image.fromarray(((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+            images.append(deepfloyd.low_resolution_image(image))
+    finally:
+        reader.close()
+    if not images:
+        raise InputError(f"{family.pipeline_class} validation renders from a cached training image and the cache has "
+                         "none; re-run `st cache`")  # fmt: skip
+    return ValidationControl(family.pipeline_class, denoiser, None, IMAGE_ARGUMENT, images)

@@ -12,7 +12,7 @@ from ..cache_reader import CacheReader
 from ..config import TRAIN, LoadedConfig
 from ..distributed import rank_and_world
 from ..errors import ConfigError, LineageError
-from ..families import check_model_family, get_family, ltxvideo, without_source
+from ..families import check_model_family, get_family, wan_i2v, without_source
 from ..families.identity import denoiser_identity as trained_denoiser_identity
 from ..families.identity import denoiser_source, model_identity, model_sources
 from ..hashing import sha256_json
@@ -56,6 +56,10 @@ def check_lineage(cache: dict[str, Any], family_name: str, model: dict[str, Any]
     checks = [("VAE", cache["model"]["vae"], model["vae"])]
     checks += [(f"text encoder {i + 1}", a, b) for i, (a, b) in enumerate(zip(cache["model"]["text_encoders"],
                                                                              model["text_encoders"]))]  # fmt: skip
+    # Wan 2.1 i2v / FLF2V caches store CLIP image embeddings (a cache written before they did has no identity of them)
+    checks += [(f"CLIP {part.subfolder}", a, b) for part, a, b in zip(wan_i2v.CLIP_PARTS,
+                                                                       cache["model"].get("image_encoder") or (),
+                                                                       model.get("image_encoder") or ())]  # fmt: skip
     for what, cached, given in checks:
         if without_source(cached) != without_source(given):
             raise LineageError(
@@ -105,7 +109,6 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     forced = check_parent_chain(cache, reader.manifest_path, expect_stage="prepare", rerun="st cache", force=force)
     sources = model_sources(loaded)
     family = get_family(config.model_family)
-    ltxvideo.check_frame_rate(loaded.ignored.get("framerate"), family.name)
     source, vae_source = sources.model, sources.vae
     loaded = refiner_defaults(loaded, family, source)
     config = loaded.config
@@ -135,6 +138,10 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     variant = family_for_run(family, config, source)
     if variant.pipeline_class != family.pipeline_class:
         stage_config["pipeline"] = variant.pipeline_class
+    from ..families import wan22
+
+    stage_config.update(wan22.train_key_entries(variant))  # a Wan 2.2 T2V A14B stage: which it trains
+    stage_config.update(wan_i2v.train_key_entries(variant))  # Wan 2.1 FLF2V: conditioned on first and last frames
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
                        "denoiser": without_source(denoiser_identity), "family": family.name})  # fmt: skip
     stage_run = StageRun(TRAIN, SCHEMA_VERSION, out_dir, key, stage_config, force=force)
@@ -294,6 +301,7 @@ def _document(claim: OutputClaim, trainer, state: RunState, out_dir: Path, *, ru
         "stats": {"steps": state.step, "samples": cache["stats"]["samples"], "batch_size": trainer.samples_per_step,
                   "steps_this_run": state.step - plan.step, "denoiser": _denoiser_record(trainer),
                   "memory": trainer.memory.record(),
+                  "tread": trainer.tread.record() if trainer.tread is not None else None,
                   "resumed_from": plan.summary(stage_config) if plan.path is not None else None},  # fmt: skip
     }
 

@@ -19,7 +19,7 @@ from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
 from ..quantise import BasePrecision, parameter_bytes, quantise, upcast_trainable
 from ..prompts import ValidationPrompt
-from . import adapters, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders
+from . import adapters, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders, tread
 from .control import family_for_run, prepare_denoiser
 from .family_options import FamilyText, FirstFrame, LoadBalancingLoss, load_base_parts
 from .image_embeds import ImageEmbeds
@@ -138,6 +138,7 @@ class Trainer:
         self.shared = shared_embeds
         speed.check_train_options(config, self.device)
         crepa_options = crepa.options_for(config, family)  # a family CREPA cannot train stops before the model loads
+        tread.check(config, family.name)  # so does a tread_config this run cannot route
         self.memory_options = offload.MemoryOptions.from_config(config)
         offload.check(self.memory_options, self.device)
 
@@ -167,6 +168,8 @@ class Trainer:
         denoiser.train()
         # Group offload or block swap: where frozen blocks wait between uses (manifest: stats.memory).
         self.memory = offload.hold(denoiser, self.memory_options, family.name, self.device)
+        # TREAD token routing (tread_config): hooks on the transformer's blocks, or None.
+        self.tread = tread.attach(config, family.name, denoiser, self.device)
         # In place, after the adapters (so that they are compiled in) and before accelerate wraps the model.
         self.compiled = speed.compile_module(denoiser, config)
         if self.control is not None:  # the model becomes base + ControlNet; the ControlNet's parameters train
@@ -272,7 +275,8 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         from .state_io import generator_state, rng_state
 
-        return {"rng": rng_state(), "generator": generator_state(self.generator)}
+        state = {"rng": rng_state(), "generator": generator_state(self.generator)}
+        return {**state, "tread": self.tread.state()} if self.tread is not None else state
 
     def save_checkpoint(self, kind: str = "checkpoint") -> Path | None:
         name = f"{kind}-{self.state.step}"
@@ -348,6 +352,11 @@ class Trainer:
         if state is not None and info.get("world") == self.world:
             set_rng_state(state["rng"])
             set_generator_state(self.generator, state["generator"])
+            if self.tread is not None and "tread" in state:
+                self.tread.load_state(state["tread"])
+            elif self.tread is not None:
+                log.warning("checkpoint %s was saved without tread_config: TREAD's router starts from its seed, so "
+                            "the routed tokens differ from a run that had it all along", path.name)  # fmt: skip
         else:
             seed_global(self.seed)
             log.warning("checkpoint %s was written by %s process(es), this run has %d: random streams restart, so "
@@ -415,6 +424,8 @@ class Trainer:
         guidance = self.objective.guidance(latents.shape[0], self.generator)
         mask = self.objective.choose_mask(batch.mask_pixels, batch.mask_kind, self.generator)
         texts = self.family_text.training_texts(batch.texts, batch.dropped)
+        if self.tread is not None:  # TREAD keeps the tokens under a mask / segmentation image (SimpleTuner's)
+            self.tread.keep_masked(batch.mask_pixels, batch.mask_kind, latents, self.unwrapped.config)
         extra_text = None
         if self.first_frame is not None and self.first_frame.applies(self.index.datasets[batch.dataset_id], latents):
             noised, extra_text, frame_mask = self.first_frame.apply(noised, latents, self.generator)

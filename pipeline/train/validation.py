@@ -6,6 +6,8 @@ while training; with train_text_encoder the encoders being trained embed the pro
 Video families (Wan, LTX-Video) render `validation_num_video_frames` frames per prompt, saved as an MP4 and a frame
 grid PNG (`validation_video`).
 
+Qwen-Image-Edit (`Family.text_with_reference`) renders with its Qwen2.5-VL and processor loaded: the pipeline encodes
+each prompt, and the negative prompt, together with the reference image it edits, as it does for a user.
 The SDXL refiner renders through StableDiffusionXLImg2ImgPipeline from an empty latent image over the whole schedule
 (strength 1.0: the refiner's own text-to-image render), with `data_aesthetic_score` as its aesthetic score. With
 `flux_attention_masked_training`, the Flux pipelines render with the prompt's T5 mask added to every joint
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..families import Family, flux, load_components, sdxl, wan_i2v
+from ..families import Family, deepfloyd, flux, load_components, sdxl, wan22, wan_i2v
 from ..log import get_logger
+from ..video_settings import family_framerate
 from . import validation_video
 from .family_options import FamilyText
 from .offload import model_cpu_offload, note_model_cpu_offload, stream_vae
@@ -92,12 +95,30 @@ class Validator:
         components = {family.denoiser.subfolder: self.denoiser, "vae": vae, "scheduler": scheduler}
         if control is not None:
             components["controlnet"] = control.controlnet
-        if pipeline_class.__name__ == wan_i2v.PIPELINE_CLASS:  # it embeds the first frame with the model's CLIP
+        if wan_i2v.uses_clip(family):  # Wan 2.1 i2v / FLF2V embed the first (and last) frame with the model's CLIP
             encoder, components["image_processor"] = wan_i2v.load_image_encoder(source)
             components["image_encoder"] = encoder.to(device)
+        # Wan 2.2: an A14B stage's expert slots and boundary, TI2V's expand_timesteps
+        components.update(wan22.pipeline_components(family, source, self.denoiser,
+                                                    options.wan_validation_load_other_stage, device))
+        if pipeline_class.__name__ == deepfloyd.STAGE_II_PIPELINE:  # it noises the upscaled low-resolution image
+            components["image_noising_scheduler"] = deepfloyd.load_image_noising_scheduler(source)
         for spec in family.text_encoders:
             components[spec.model.subfolder] = None
             components[spec.tokenizer.subfolder] = None
+        self.text_encoder = None
+        if family.text_with_reference:  # Qwen-Image-Edit: the pipeline encodes each prompt with its reference image
+            texts = load_components(family, source, which=("text_encoders",))
+            for spec, encoder, tokenizer in zip(family.text_encoders, texts["text_encoders"], texts["tokenizers"],
+                                                strict=True):  # fmt: skip
+                self.text_encoder = encoder.eval().requires_grad_(False).to(device if self.keep_vae else "cpu",
+                                                                             dtype=vae.dtype)  # the embeddings' dtype
+                components[spec.model.subfolder], components[spec.tokenizer.subfolder] = self.text_encoder, tokenizer
+            components["tokenizer"] = getattr(components.get("processor"), "tokenizer", None)
+        if family.prompt_text:  # OmniGen: the pipeline tokenizes the prompt itself
+            texts = load_components(family, source, which=("text_encoders",))
+            for spec, tokenizer in zip(family.text_encoders, texts["tokenizers"], strict=True):
+                components[spec.tokenizer.subfolder] = tokenizer
         self.refiner = family.pipeline_class == sdxl.REFINER_PIPELINE and control is None
         if self.refiner:
             components["requires_aesthetics_score"] = True  # its time ids hold the aesthetic score
@@ -181,16 +202,20 @@ class Validator:
 
     @contextlib.contextmanager
     def _vae_on_device(self):
-        """The VAE on the accelerator while rendering; back on the CPU after, unless keep_vae_loaded."""
+        """The VAE (and a text encoder the pipeline runs) on the accelerator while rendering; back on the CPU after,
+        unless keep_vae_loaded."""
         vae = getattr(self.pipe, "vae", None)
         if vae is None or self.keep_vae or str(self.device) == "cpu":  # None: a pixel-space pipeline (DeepFloyd IF)
             yield
             return
-        vae.to(self.device)
+        moved = [m for m in (vae, self.text_encoder) if m is not None]
+        for module in moved:
+            module.to(self.device)
         try:
             yield
         finally:
-            vae.to("cpu")
+            for module in moved:
+                module.to("cpu")
             import torch
 
             if torch.cuda.is_available():
@@ -203,11 +228,19 @@ class Validator:
         paths: list[Path] = []
         for n, prompt in enumerate(self.prompts):
             for width, height in self.sizes:
-                kwargs = self._prompt_kwargs(self.embeds[prompt.text], negative)
+                if self.text_encoder is not None:  # the pipeline encodes prompt and negative with the image
+                    kwargs = {"prompt": prompt.text, "negative_prompt": options.validation_negative_prompt or ""}
+                elif self.family.prompt_text:  # OmniGenPipeline takes no negative prompt (its processor has its own)
+                    kwargs = {"prompt": prompt.text}
+                else:
+                    kwargs = self._prompt_kwargs(self.embeds[prompt.text], negative)
                 if self.control is not None:  # the conditioning image, saved beside the render (input / output)
                     kwargs[self.control.argument] = self.control.image_for(n)
                     path = folder / f"{prompt.name}-{width}x{height}-control.png"
                     self.control.image_for(n).resize((width, height)).save(path)
+                    for name, images in self.control.extra.items():  # Wan FLF2V's last_image, saved beside it too
+                        kwargs[name] = images[n % len(images)]
+                        kwargs[name].resize((width, height)).save(folder / f"{prompt.name}-{width}x{height}-{name}.png")
                 extra = {"num_inference_steps": options.validation_num_inference_steps,
                          "guidance_scale": options.validation_guidance, "height": height, "width": width,
                          "num_images_per_prompt": options.num_validation_images, "output_type": "pil",
@@ -226,8 +259,13 @@ class Validator:
                     frames = validation_video.frame_count(
                         options.validation_num_video_frames, self.family.temporal_compression,
                         validation_video.FAMILY_FRAMES.get(self.family.name, validation_video.DEFAULT_FRAMES))
+                    rate = family_framerate(options.framerate, self.family.name)
+                    if rate is not None and "frame_rate" in self.call_params:
+                        # LTXPipeline's RoPE time scale, as training used it. DEVIATION: SimpleTuner leaves the
+                        # pipeline at its default 25 whatever framerate says.
+                        extra["frame_rate"] = rate
                     paths += validation_video.render(self.pipe, kwargs, extra, folder / f"{prompt.name}-{width}x{height}",
-                                                     frames)  # fmt: skip
+                                                     frames, fps=rate or validation_video.DEFAULT_FPS)  # fmt: skip
                     continue
                 with torch.no_grad(), self._text_mask(self.embeds[prompt.text]):
                     images = self.pipe(**kwargs, **extra).images

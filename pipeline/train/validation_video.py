@@ -4,7 +4,8 @@
 The grid PNG carries the name an image render would have (`<prompt>-<W>x<H>-<i>.png`), so the validation grid, the
 trackers and the model card show the videos through their frames; the MP4 has the same stem. SimpleTuner renders
 `validation_num_video_frames` frames (Wan: at most 81, 81 when unset; LTX-Video: at most 125) and exports at
-`framerate` (16 when unset).
+`framerate`, which SimpleTuner sets for the video families when it is unset (LTX-Video 25, Wan 15:
+`video_settings.family_framerate`); 16 for a family without one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = get_logger("train")
 DEFAULT_FRAMES = 81  # Wan's validation length in SimpleTuner (min(81, validation_num_video_frames or 81))
 # Families whose SimpleTuner validation length differs (LTX-Video: min(125, validation_num_video_frames or 125)).
 FAMILY_FRAMES = {"ltxvideo": 125}
-DEFAULT_FPS = 16  # SimpleTuner's export frame rate when `framerate` is unset
+DEFAULT_FPS = 16  # SimpleTuner's export frame rate when `framerate` is unset and the family sets none
 GRID_COLUMNS = 8
 CODECS = ("libx264", "mpeg4")  # the first one the installed PyAV can encode
 
@@ -58,9 +59,20 @@ def as_uint8(frames: Any) -> Any:
     return frames
 
 
-def write_mp4(frames: Any, path: Path, fps: int = DEFAULT_FPS) -> Path:
-    """Encode `frames` (F x H x W x 3) as an MP4 with the first codec of CODECS that PyAV has (yuv420p, so odd
-    sizes are padded by one pixel)."""
+def stream_rate(fps: float) -> Any:
+    """The MP4 stream rate of `fps`: an int for a whole rate, else the exact fraction of its decimal value (23.976
+    -> 2997/125). DEVIATION: SimpleTuner exports at int(framerate), so 23.976 plays at 23 frames per second."""
+    from fractions import Fraction
+
+    if float(fps) <= 0:
+        raise InputError(f"a video's frame rate must be positive, got {fps}")
+    rate = Fraction(str(fps))
+    return int(rate) if rate.denominator == 1 else rate
+
+
+def write_mp4(frames: Any, path: Path, fps: float = DEFAULT_FPS) -> Path:
+    """Encode `frames` (F x H x W x 3) as an MP4 at `fps` (`stream_rate`) with the first codec of CODECS that PyAV
+    has (yuv420p, so odd sizes are padded by one pixel)."""
     import av
     import numpy as np
 
@@ -72,7 +84,7 @@ def write_mp4(frames: Any, path: Path, fps: int = DEFAULT_FPS) -> Path:
     if codec is None:
         raise InputError(f"the installed PyAV encodes none of {', '.join(CODECS)}: install a PyAV wheel with FFmpeg")
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=int(fps))
+        stream = container.add_stream(codec, rate=stream_rate(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         for frame in frames:
@@ -106,7 +118,7 @@ def frame_grid(frames: Any, columns: int = GRID_COLUMNS, pad: int = 2):
     return grid
 
 
-def save_videos(videos: Any, stem: Path, fps: int = DEFAULT_FPS) -> list[Path]:
+def save_videos(videos: Any, stem: Path, fps: float = DEFAULT_FPS) -> list[Path]:
     """Each video of a render (V x F x H x W x 3) as `<stem>-<i>.mp4` and its frame grid `<stem>-<i>.png`; returns
     the PNG paths."""
     paths = []
@@ -119,7 +131,7 @@ def save_videos(videos: Any, stem: Path, fps: int = DEFAULT_FPS) -> list[Path]:
 
 
 def render(pipe: Any, kwargs: dict[str, Any], extra: dict[str, Any], stem: Path, frames: int,
-           fps: int = DEFAULT_FPS) -> list[Path]:  # fmt: skip
+           fps: float = DEFAULT_FPS) -> list[Path]:  # fmt: skip
     """Render one prompt at one size through a video pipeline and save its videos (see `save_videos`)."""
     import torch
 

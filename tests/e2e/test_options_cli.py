@@ -47,9 +47,10 @@ def test_refused_accepted_and_aliases_are_listed(cli):
     result = cli("options", "--json")
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)}
-    refused = rows["tread_config"]
+    refused = rows["trust_remote_code"]
     assert refused["state"] == "refused"
-    assert "TREAD" in refused["notes"]
+    assert "model code from the hub" in refused["notes"]
+    assert rows["tread_config"]["state"] == "implemented" and "TREAD" in rows["tread_config"]["notes"]
     precision = rows["base_model_precision"]
     assert precision["state"] == "implemented" and precision["default"] == "no_change"
     assert rows["cache_dir_vae"]["state"] == "accepted" and "cache" in rows["cache_dir_vae"]["notes"]

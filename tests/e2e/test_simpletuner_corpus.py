@@ -67,7 +67,7 @@ def corpus(tmp_path_factory) -> dict[str, dict]:
             lycoris_config="config/examples/sdxl.lycoris-lokr/lycoris_config.json"),
         "simpletuner/examples/sdxl.lycoris-lokr/lycoris_config.json": json.dumps({"algo": "lokr", "factor": 16}),
         "simpletuner/examples/pixart.peft-lora/config.json": _config(model_family="pixart"),
-        "simpletuner/examples/omnigen.peft-lora/config.json": _config(model_family="omnigen"),
+        "simpletuner/examples/ltxvideo2.peft-lora/config.json": _config(model_family="ltxvideo2"),
         "simpletuner/examples/multidatabackend-local.json": json.dumps(LOCAL_LIST),
         "config/config.json.example": "{}",
         "documentation/quickstart/FLUX.md": QUICKSTART,
@@ -102,7 +102,7 @@ def test_simpletuners_misnamed_family_fails_with_simpletuners_name(corpus):
 
 
 def test_only_the_families_st_supports_are_checked(corpus):
-    assert "examples/omnigen.peft-lora" not in corpus
+    assert "examples/ltxvideo2.peft-lora" not in corpus
 
 
 def test_an_incomplete_config_fails_with_its_fix(corpus):

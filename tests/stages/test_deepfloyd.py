@@ -1,16 +1,14 @@
-"""DeepFloyd IF (pixel space): `st cache` stores the images themselves, stage II models stop with the missing feature
-named, and SimpleTuner's example checks unchanged. Resume, publish into `IFPipeline` and the ComfyUI refusal are in
-tests/stages/test_family_runs.py with the other families."""
+"""DeepFloyd IF (pixel space): `st cache` stores the images themselves, and SimpleTuner's example checks unchanged.
+Resume, publish into `IFPipeline` and the ComfyUI refusal are in tests/stages/test_family_runs.py with the other
+families; stage II (IFSuperResolutionPipeline) in tests/stages/test_deepfloyd_stage_ii.py."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from pipeline.cache_reader import CacheReader
-from pipeline.errors import InputError
 from pipeline.families import get_family
 
 FAMILY = get_family("deepfloyd")
@@ -27,15 +25,6 @@ def test_the_cache_holds_the_pixels_in_minus_one_to_one(cached):
     image = image.resize((width, height), Image.Resampling.LANCZOS)
     expected = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
     assert (sample.latent.float() - expected).abs().mean() < 0.05
-
-
-def test_a_stage_ii_unet_is_refused_naming_the_feature():
-    from pipeline.families.deepfloyd import tiny_unet
-
-    unet = tiny_unet(in_channels=6)  # IF-II: the noised low-resolution image rides along as 3 more channels
-    text = {"prompt_embeds": torch.zeros(1, 77, 32)}
-    with pytest.raises(InputError, match="stage II super-resolution training .* not supported yet"):
-        FAMILY.denoiser_forward(unet, torch.zeros(1, 3, 32, 32), 500, text)
 
 
 def test_simpletuners_example_checks_unchanged(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.families import ltxvideo
 from pipeline.publish.stage import run_publish
 from tests.helpers.training import losses, train
 
@@ -75,8 +76,50 @@ def test_validation_writes_mp4_and_frame_grid(chain):
     folder = run / "validation" / "step-2"
     with av.open(str(folder / "validation-32x32-0.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        rate = container.streams.video[0].average_rate
     assert len(frames) == FRAMES and frames[0].shape == (32, 32, 3)
+    assert rate == 25  # framerate unset: LTX-Video's 25, as SimpleTuner sets it
     assert (folder / "validation-32x32-0.png").is_file()
+
+
+def test_framerate_changes_training_and_the_validation_videos_rate(chain, tmp_path):
+    """framerate 24: the RoPE time scale 8/24 changes the first step's loss, LTXPipeline renders at frame_rate 24 and
+    the MP4 plays at 24 frames per second."""
+    import av
+
+    root, config, straight = chain
+    run = tmp_path / "fps24"
+    train(config, root / "cache", run, *SETS, "framerate=24", "max_train_steps=1", "validation_disable=false",
+          "validation_step_interval=1")  # fmt: skip
+    assert losses(run)[1] != losses(straight)[1]
+    with av.open(str(run / "validation" / "step-1" / "validation-32x32-0.mp4")) as container:
+        assert container.streams.video[0].average_rate == 24
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["framerate"] == 24
+
+
+def test_validation_renders_at_the_framerate_training_used(chain, tmp_path):
+    """LTXPipeline gets frame_rate=framerate, so each validation transformer call has the RoPE scale of training."""
+    from pipeline.cache_reader import CacheReader
+    from pipeline.prompts import ValidationPrompt
+    from pipeline.train.validation import Validator
+    from tests.helpers.trainers import build_trainer
+
+    root, config, _ = chain
+    trainer = build_trainer((root, config), tmp_path / "out", *SETS, "framerate=24")
+    text, reader = load_config(config).config.validation_prompt, CacheReader(root / "cache")
+    validator = Validator(trainer.family, trainer.validation_options, source=trainer.source, vae_source=None,
+                          denoiser=trainer.unwrapped, prompts=[ValidationPrompt("p", text)],
+                          embeds={t: reader.prompt(t) for t in (text, "")}, out_dir=tmp_path / "v",
+                          device="cpu", family_text=trainer.family_text)  # fmt: skip
+    scales = []
+    handle = trainer.unwrapped.register_forward_pre_hook(
+        lambda module, args, kwargs: scales.append(kwargs["rope_interpolation_scale"]), with_kwargs=True)
+    try:
+        validator.render(0, "step")
+    finally:
+        handle.remove()
+    assert scales and set(scales) == {ltxvideo.rope_scale(24)}
 
 
 def _render(model: Path, lora: Path | None = None) -> np.ndarray:

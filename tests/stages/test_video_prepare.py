@@ -133,6 +133,10 @@ def test_video_block_defaults_as_simpletuner():
     settings = parse_video_block(None, "here", framerate=24)
     assert (settings.num_frames, settings.min_frames, settings.max_frames, settings.is_i2v) == (120, 120, None, False)
     assert parse_video_block({}, "here").num_frames == 150  # framerate 30 unless set
+    # unset, SimpleTuner's check_user_config sets the family's rate before the datasets read it: Wan 15, LTX-Video 25
+    assert parse_video_block({}, "here", model_family="wan").num_frames == 75
+    assert parse_video_block({}, "here", model_family="ltxvideo").num_frames == 125
+    assert parse_video_block({}, "here", framerate=8, model_family="wan").num_frames == 40
     assert parse_video_block({}, "here", model_family="ltxvideo").is_i2v
     assert parse_video_block({"is_i2v": False}, "here", model_family="wan", model_flavour="i2v-14b-2.1").is_i2v
 

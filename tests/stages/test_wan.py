@@ -63,7 +63,9 @@ def test_validation_writes_mp4_and_frame_grid(chain):
     folder = run / "validation" / "step-2"
     with av.open(str(folder / "validation-32x32-0.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        rate = container.streams.video[0].average_rate
     assert len(frames) == FRAMES and frames[0].shape == (32, 32, 3)
+    assert rate == 15  # framerate unset: Wan's 15, as SimpleTuner sets it
     grid = Image.open(folder / "validation-32x32-0.png")
     assert grid.height == 32 + 2 * 2 and grid.width == FRAMES * 32 + (FRAMES + 1) * 2  # one row of 5 frames
     assert (folder / "grid.png").is_file()
@@ -91,6 +93,7 @@ def test_published_lora_changes_wan_pipeline_output(chain, tmp_path, tiny_model)
     card = (diffusers_out / "README.md").read_text()
     assert "## Validation videos" in card and "![validation grid](assets/grid.png)" in card
     assert "export_to_video" in card and 'pipeline_tag: "text-to-video"' in card
+    assert '"video.mp4", fps=15)' in card  # the rate of the run's validation videos (Wan's 15)
     assert (diffusers_out / "assets" / "validation-32x32-0.mp4").is_file()
 
     base = _render(tiny_model("wan"))

@@ -72,6 +72,31 @@ def test_cache_stores_each_clips_first_frame_and_condition_latents(chain, model)
                                            torch.device("cpu"))  # fmt: skip
         assert condition.dtype == latent.dtype  # the cache_dtype
         torch.testing.assert_close(condition, expected[0, 4:].to(condition.dtype), rtol=1e-2, atol=1e-2)
+        with torch.no_grad():  # the CLIP embeddings, cached as SimpleTuner caches them
+            tokens = pipe.encode_image(image, torch.device("cpu"))[0]
+        assert torch.equal(sample.conditioning["0.image_embeds"], tokens.to(condition.dtype))
+
+
+def test_cached_clip_embeddings_are_keyed_by_the_image_encoder(chain, model, tmp_path):
+    """The cache records the CLIP encoder and processor that made its embeddings; a run whose model has another CLIP
+    encoder is refused before training, naming it (another CLIP would make other embeddings)."""
+    import shutil
+
+    from transformers import CLIPVisionModel
+
+    from pipeline.errors import LineageError
+
+    root, config, _ = chain
+    recorded = read_manifest(root / "cache")["model"]["image_encoder"]
+    assert [i["subfolder"] for i in recorded] == ["image_encoder", "image_processor"]
+    other = tmp_path / "other-clip"
+    shutil.copytree(model, other)
+    encoder = CLIPVisionModel.from_pretrained(str(other), subfolder="image_encoder")
+    with torch.no_grad():
+        next(p for n, p in encoder.named_parameters() if n.endswith("post_layernorm.weight")).add_(1.0)
+    encoder.save_pretrained(str(other / "image_encoder"))
+    with pytest.raises(LineageError, match="CLIP image_encoder of .* differs from the model given"):
+        train(config, root / "cache", tmp_path / "run", *SETS, f'pretrained_model_name_or_path="{other}"')
 
 
 def test_validation_renders_from_the_first_training_clips_first_frame(chain):

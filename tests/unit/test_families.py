@@ -114,6 +114,11 @@ def pipeline_encode(name: str, pipe, prompts: list[str], max_length: int | None 
         if name == "ltxvideo":  # T5 runs without the mask; the transformer masks padded positions (bool mask here)
             embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu", **kw)
             return {"prompt_embeds": embeds, "attention_mask": mask.long()}
+        if name == "omnigen":  # no embeddings: the processor's token ids, left-padded by its collator
+            processor = pipe.multimodal_processor
+            ids = [processor.process_multi_modal_prompt(p, None)["input_ids"] for p in prompts]
+            padded, mask, _ = processor.collator.pad_input_ids(ids, {})
+            return {"input_ids": padded, "attention_mask": mask}
     raise AssertionError(name)
 
 
@@ -154,7 +159,7 @@ def test_unknown_family_lists_known_names():
 def test_registry_is_consistent():
     assert set(NAMES) == {"sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "auraflow", "lumina2", "qwen_image",
                           "sana", "kolors", "z_image", "chroma", "hidream", "cosmos2image", "flux2", "deepfloyd",
-                          "wan", "ltxvideo"}  # fmt: skip
+                          "wan", "ltxvideo", "omnigen"}  # fmt: skip
     for name, family in FAMILIES.items():
         assert family.name == name
         assert family.bucket_alignment >= 16
@@ -176,8 +181,10 @@ def test_tiny_folder_runs_in_its_pipeline(name, tiny_model, tiny_pipe):
     assert index[family.denoiser.subfolder] == [family.denoiser.library, family.denoiser.class_name]
     for spec in family.text_encoders:
         library, class_name = index[spec.model.subfolder]
-        # Kolors' ChatGLM lives in diffusers.pipelines.kolors, which model_index.json names "kolors"
-        assert class_name == spec.model.class_name and spec.model.library.split(".")[-1] == library
+        if spec.model.subfolder == spec.tokenizer.subfolder:  # OmniGen: no text encoder, only a tokenizer
+            assert name == "omnigen" and spec.model.class_name == "NoEncoderTokenizer"
+        else:  # Kolors' ChatGLM lives in diffusers.pipelines.kolors, which model_index.json names "kolors"
+            assert class_name == spec.model.class_name and spec.model.library.split(".")[-1] == library
         # transformers 5 writes its PreTrainedTokenizerFast (HiDream's Llama tokenizer) as TokenizersBackend
         assert index[spec.tokenizer.subfolder][1] in {spec.tokenizer.class_name, "TokenizersBackend"}
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -247,6 +254,8 @@ def test_encode_prompts_equals_pipeline(name, tiny_model, tiny_pipe):
         lengths = [int(item["attention_mask"].sum()) for item in items]
         assert [item["prompt_embeds"].shape[0] for item in items] == lengths
         assert lengths[0] < lengths[1]
+    elif name == "omnigen":  # each prompt's own token ids, as many as it has
+        assert set(items[0]) == {"input_ids"} and items[0]["input_ids"].shape[0] < items[1]["input_ids"].shape[0]
     else:
         assert all(items[0][k].shape == items[1][k].shape for k in items[0])
     assert_same_batch(name, family.collate_text(items), pipeline_encode(name, pipe, PROMPTS))

@@ -293,6 +293,9 @@ def test_flow_shift_and_lora_loader(name, tiny_model):
         assert family.default_flow_shift == 1.0 and scheduler.config.flow_shift == 3.0
     elif name == "wan":  # SimpleTuner's default; the shipped UniPC scheduler samples at the same flow_shift
         assert family.default_flow_shift == 3.0 == scheduler.config.flow_shift and scheduler.config.use_flow_sigmas
+    elif name == "omnigen":  # SimpleTuner's unshifted sigmoid draw; the scheduler counts time 0 -> 1 (t = 1: image)
+        assert family.default_flow_shift is None and family.flow_sigmas is not None
+        assert scheduler.config.invert_sigmas and scheduler.config.num_train_timesteps == 1
     elif name == "cosmos2image":  # SimpleTuner's EDM draw is unshifted; the scheduler uses Karras sigmas up to 80
         assert family.default_flow_shift == 1.0 == scheduler.config.shift and scheduler.config.use_karras_sigmas
     else:

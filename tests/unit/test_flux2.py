@@ -1,6 +1,7 @@
-"""FLUX.2 [klein] specifics: the denoiser call of the pipeline's loop (patchified tokens, 4-axis ids, no guidance
+"""FLUX.2 specifics: the [klein] denoiser call of the pipeline's loop (patchified tokens, 4-axis ids, no guidance
 embedding), latents cached as the pipeline encodes them (VAE mode, BatchNorm statistics over 2x2 patches), ComfyUI's
-original names, the refused [dev] flavour and SimpleTuner's example config."""
+original names, SimpleTuner's example config; [dev]: Mistral-3 prompt embeddings equal to `Flux2Pipeline`'s, its
+denoiser call with the guidance embedding, the flavour and folder choosing it, SimpleTuner's training guidance."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.families import get_family
+from pipeline.families import flux2, get_family, load_components
 from pipeline.families.loading import patch_batch_norm, scaled_latents
 
 FAMILY = get_family("flux2")
@@ -26,6 +27,39 @@ EXAMPLES = Path("/tmp/simpletuner-src/simpletuner/examples")
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
     loaded = FAMILY.load_pipeline_class().from_pretrained(tiny_model("flux2"))
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def dev_model(tmp_path_factory):
+    """A tiny FLUX.2 [dev] folder, written by `st tiny-model flux2 DIR --flavour dev`."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    folder = tmp_path_factory.mktemp("flux2-dev") / "model"
+    result = CliRunner().invoke(app, ["tiny-model", "flux2", str(folder), "--flavour", "dev"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dev_parts(dev_model):
+    """The [dev] folder's parts as st loads them (the family chosen by the folder)."""
+    family = FAMILY.for_run(None, str(dev_model))
+    return family, load_components(family, str(dev_model), which=("vae", "text_encoders", "denoiser", "scheduler"))
+
+
+@pytest.fixture(scope="module")
+def dev_pipe(dev_model, dev_parts):
+    """`Flux2Pipeline` on the [dev] folder. transformers 5 builds its PixtralProcessor only with torchvision (and
+    diffusers then refuses any object passed in its place), so the pipeline loads without it and gets the tokenizer
+    the processor wraps, which it calls the same way for text prompts."""
+    from diffusers import Flux2Pipeline
+
+    loaded = Flux2Pipeline.from_pretrained(str(dev_model), tokenizer=None)
+    loaded.tokenizer = dev_parts[1]["tokenizers"][0]
     loaded.set_progress_bar_config(disable=True)
     return loaded
 
@@ -107,15 +141,16 @@ def test_comfyui_names_are_the_original_checkpoint_names(pipe):
         torch.testing.assert_close(delta * scale, mod.up @ mod.down * mod.scale)
 
 
-def test_dev_is_refused_and_klein_is_the_default():
-    with pytest.raises(ConfigError, match=r"flavour 'dev' .* needs FLUX.2 \[dev\]'s Mistral-3 text encoder"):
-        FAMILY.flavour_hub_id("dev")
+def test_dev_is_a_flavour_and_klein_is_the_default():
+    assert FAMILY.flavour_hub_id("dev") == "black-forest-labs/FLUX.2-dev"
     assert FAMILY.flavour_hub_id(None) == "black-forest-labs/FLUX.2-klein-base-9B"
 
 
 @pytest.mark.skipif(not EXAMPLES.is_dir(), reason="SimpleTuner's examples are not extracted here")
-def test_simpletuners_example_config_checks_but_for_sdnq(tmp_path, monkeypatch):
-    """SimpleTuner's flux2.peft-lora example, unchanged: every problem `st check` finds is its SDNQ quantisation,
+@pytest.mark.parametrize("sets", [[], ['model_flavour="dev"']], ids=["klein-9b", "dev"])
+def test_simpletuners_example_config_checks_but_for_sdnq(tmp_path, monkeypatch, sets):
+    """SimpleTuner's flux2.peft-lora example, unchanged (its default flavour klein-9b; none of SimpleTuner's FLUX.2
+    examples names dev, so also with model_flavour dev): every problem `st check` finds is its SDNQ quantisation,
     which the option reference st implements does not have."""
     from pipeline.check import run_check
 
@@ -126,7 +161,7 @@ def test_simpletuners_example_config_checks_but_for_sdnq(tmp_path, monkeypatch):
     datasets = [{"id": "dreambooth-512", "type": "local", "instance_data_dir": "pics", "resolution": 512,
                  "resolution_type": "pixel_area", "caption_strategy": "instanceprompt", "instance_prompt": "🟫"}]  # fmt: skip
     (folder / "multidatabackend-small-dreambooth-512px.json").write_text(json.dumps(datasets))
-    report = run_check(folder / "flux2.peft-lora" / "config.json", [])
+    report = run_check(folder / "flux2.peft-lora" / "config.json", sets)
     assert report.problems and all("sdnq" in problem for problem in report.problems), report.problems
 
 
@@ -145,3 +180,104 @@ def test_a_flux2_single_file_is_told_apart_from_flux(tmp_path):
         check_model_family(get_family("flux"), str(path))
     with pytest.raises(NotSupportedError, match="flux2 cannot be loaded from a single-file checkpoint"):
         load_components(FAMILY, str(path), which=("vae",))
+
+
+def test_dev_prompt_embeddings_are_flux2pipelines(dev_parts, dev_pipe):
+    """st's cached [dev] embeddings are `Flux2Pipeline.encode_prompt`'s, bit for bit: FLUX.2's system turn, the prompt
+    as a user turn without `[IMG]`, one `<s>`, padded to 512 tokens, Mistral hidden states 10, 20, 30 side by side."""
+    family, parts = dev_parts
+    prompts = [*PROMPTS, "an [IMG] owl"]
+    ours = family.collate_text(family.encode_prompts(parts["text_encoders"], parts["tokenizers"], prompts))
+    theirs, _ = dev_pipe.encode_prompt(prompts, device="cpu")
+    assert ours["prompt_embeds"].shape == (3, 512, 48)
+    assert torch.equal(ours["prompt_embeds"], theirs)
+    tokenizer = parts["tokenizers"][0]
+    ids, mask = flux2.processor_tokens(tokenizer, prompts, 512, "cpu")
+    words = tokenizer.decode(ids[2][mask[2].bool()])
+    assert words.startswith("<s>[SYSTEM_PROMPT]You are an AI that reasons about image descriptions.")
+    assert words.endswith("[/SYSTEM_PROMPT][INST]an  owl[/INST]") and words.count("<s>") == 1
+    with pytest.raises(Exception, match="at least 30 layers"):
+        small = dict(parts["text_encoders"][0].config.text_config.to_dict(), num_hidden_layers=20)
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+        config = Mistral3Config(text_config=small, vision_config=parts["text_encoders"][0].config.vision_config)
+        family.encode_prompts([Mistral3ForConditionalGeneration(config)], parts["tokenizers"], PROMPTS[:1])
+
+
+def test_dev_predict_is_the_pipelines_denoiser_call_with_its_guidance(dev_parts, dev_pipe):
+    """The [dev] loop's call: as [klein]'s, plus the guidance embedding's value (the pipeline's guidance_scale)."""
+    family, parts = dev_parts
+    text = family.collate_text(family.encode_prompts(parts["text_encoders"], parts["tokenizers"], PROMPTS))
+    embeds, text_ids = dev_pipe.encode_prompt(PROMPTS, device="cpu")
+    latents = torch.randn(2, 32, 8, 12, generator=torch.Generator().manual_seed(4))
+    timesteps = torch.tensor([900.0, 300.0])
+    patches = dev_pipe._patchify_latents(latents)
+    ids = dev_pipe._prepare_latent_ids(patches)
+    with torch.no_grad():
+        ours = family.denoiser_forward(parts["denoiser"], latents, timesteps, text, guidance=4.0)
+        trained = family.denoiser_forward(parts["denoiser"], latents, timesteps, text)
+        out, one = (dev_pipe.transformer(hidden_states=dev_pipe._pack_latents(patches), timestep=timesteps / 1000,
+                                         guidance=torch.full([2], g, dtype=torch.float32), encoder_hidden_states=embeds,
+                                         txt_ids=text_ids, img_ids=ids, return_dict=False)[0] for g in (4.0, 1.0))  # fmt: skip
+    assert torch.equal(ours, dev_pipe._unpatchify_latents(dev_pipe._unpack_latents_with_ids(out, ids)))
+    assert torch.equal(trained, dev_pipe._unpatchify_latents(dev_pipe._unpack_latents_with_ids(one, ids)))
+    assert not torch.equal(ours, trained)  # the guidance embedding is live
+
+
+def test_dev_is_chosen_by_flavour_or_folder_and_a_mismatch_is_refused(dev_model, tiny_model):
+    """model_flavour dev or a Flux2Pipeline folder trains [dev]; a flavour of the other pipeline than the folder's
+    stops with the fix; `st check`'s family detection takes the [dev] folder as flux2."""
+    from pipeline.families import check_model_family
+
+    dev = flux2.DEV_FAMILY
+    assert FAMILY.for_run("dev", "black-forest-labs/FLUX.2-dev") is dev
+    assert FAMILY.for_run(None, str(dev_model)) is dev and FAMILY.for_run("dev", str(dev_model)) is dev
+    assert FAMILY.for_run(None, str(tiny_model("flux2"))) is FAMILY
+    assert dev.pipeline_class == "Flux2Pipeline" and dev.lora_targets == FAMILY.lora_targets
+    with pytest.raises(ConfigError, match=r"model_flavour klein-9b is FLUX.2 \[klein\], but .* Flux2Pipeline"):
+        FAMILY.for_run("klein-9b", str(dev_model))
+    with pytest.raises(ConfigError, match=r"model_flavour dev is FLUX.2 \[dev\], but .* Flux2KleinPipeline"):
+        FAMILY.for_run("dev", str(tiny_model("flux2")))
+    check_model_family(FAMILY, str(dev_model))
+
+
+def test_dev_trains_with_simpletuners_guidance_only():
+    """SimpleTuner trains FLUX.2 with guidance 1.0 whatever flux_guidance_* say: st refuses other values for [dev]
+    (whose transformer embeds the guidance) instead of training another model; [klein] has no guidance embedding."""
+    from types import SimpleNamespace
+
+    def config(mode="constant", value=1.0):
+        return SimpleNamespace(flux_guidance_mode=mode, flux_guidance_value=value)
+
+    flux2.check_training_guidance(config(), flux2.DEV_FAMILY)
+    flux2.check_training_guidance(config(value=3.5), FAMILY)
+    for bad in (config(value=3.5), config(mode="random-range")):
+        with pytest.raises(ConfigError, match="FLUX.2 \\[dev\\] trains with guidance 1.0"):
+            flux2.check_training_guidance(bad, flux2.DEV_REFERENCE_FAMILY)
+
+
+def test_dev_paired_datasets_train_dev_with_its_reference_input(dev_parts, dev_pipe):
+    """A cache pairing samples with conditioning images trains [dev] (not [klein]) with the reference tokens after
+    the noisy ones, as Flux2Pipeline's `image=` feeds them, guidance included."""
+    from pipeline.train.reference import for_pairs
+
+    manifest = {"conditioning_datasets": [{"id": "edges", "conditioning_type": "controlnet"}],
+                "datasets": [{"id": "shapes", "conditioning_data": ["edges"]}]}  # fmt: skip
+    family, parts = dev_parts
+    assert for_pairs(family, manifest, controlnet=False) is flux2.DEV_REFERENCE_FAMILY
+    assert for_pairs(FAMILY, manifest, controlnet=False) is flux2.REFERENCE_FAMILY
+    text = family.collate_text(family.encode_prompts(parts["text_encoders"], parts["tokenizers"], PROMPTS[:1]))
+    embeds, text_ids = dev_pipe.encode_prompt(PROMPTS[:1], device="cpu")
+    generator = torch.Generator().manual_seed(5)
+    latents, reference = torch.randn(1, 32, 8, 12, generator=generator), torch.randn(1, 32, 4, 6, generator=generator)
+    patches, ref_patches = dev_pipe._patchify_latents(latents), dev_pipe._patchify_latents(reference)
+    ids, ref_ids = dev_pipe._prepare_latent_ids(patches), dev_pipe._prepare_image_ids([ref_patches])
+    with torch.no_grad():
+        ours = flux2.DEV_REFERENCE_FAMILY.denoiser_forward(parts["denoiser"], latents, torch.tensor([600.0]), text,
+                                                           guidance=2.5, reference=reference)  # fmt: skip
+        out = dev_pipe.transformer(
+            hidden_states=torch.cat([dev_pipe._pack_latents(patches), dev_pipe._pack_latents(ref_patches)], 1),
+            timestep=torch.tensor([0.6]), guidance=torch.tensor([2.5]), encoder_hidden_states=embeds,
+            txt_ids=text_ids, img_ids=torch.cat([ids, ref_ids], 1), return_dict=False)[0]  # fmt: skip
+    expected = dev_pipe._unpatchify_latents(dev_pipe._unpack_latents_with_ids(out[:, : ids.shape[1]], ids))
+    assert torch.equal(ours, expected)

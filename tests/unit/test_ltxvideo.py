@@ -36,12 +36,12 @@ def text_batch(pipe, prompts):
     return FAMILY.collate_text(FAMILY.encode_prompts([pipe.text_encoder], [pipe.tokenizer], prompts))
 
 
-def render(pipe, seed=0):
+def render(pipe, seed=0, **call):
     return pipe(prompt=PROMPTS[0], height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=1.0,
-                output_type="np", generator=torch.Generator().manual_seed(seed)).frames  # fmt: skip
+                output_type="np", generator=torch.Generator().manual_seed(seed), **call).frames  # fmt: skip
 
 
-def first_call(pipe):
+def first_call(pipe, **call):
     """The keyword arguments and the output of the transformer's first call in a pipeline render."""
     seen = {}
 
@@ -51,7 +51,7 @@ def first_call(pipe):
 
     handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
     try:
-        render(pipe)
+        render(pipe, **call)
     finally:
         handle.remove()
     return seen["kwargs"], seen["output"]
@@ -256,12 +256,43 @@ def test_block_swap_streams_ltxs_transformer_blocks(tiny_model, pipe):
     assert got.keys() == expected.keys() and all(torch.equal(got[n], g) for n, g in expected.items())
 
 
-def test_a_frame_rate_st_does_not_apply_is_refused_for_ltxvideo_only():
-    """SimpleTuner's `framerate` sets LTX-Video's RoPE time scale; st trains at 25, so another rate stops the run."""
-    from pipeline.errors import ConfigError
-    from pipeline.families.ltxvideo import check_frame_rate
+def test_framerate_sets_the_rope_time_scale_of_ltxpipelines_call(pipe):
+    """`framerate` 24: the text batch carries it, and the prediction is the transformer call LTXPipeline makes with
+    frame_rate=24 (RoPE time scale 8/24); at the default 25 the prediction differs."""
+    from pipeline.train.family_options import FamilyText
 
-    with pytest.raises(ConfigError, match="framerate is 30.*remove framerate or set it to 25"):
-        check_frame_rate(30, "ltxvideo")
-    for rate, family in ((None, "ltxvideo"), (25, "ltxvideo"), (30, "wan")):
-        check_frame_rate(rate, family)
+    kwargs, output = first_call(pipe, frame_rate=24)
+    assert kwargs["rope_interpolation_scale"] == ltxvideo.rope_scale(24) == (8 / 24, 32, 32)
+    grid = (kwargs["num_frames"], kwargs["height"], kwargs["width"])
+    latents = ltxvideo.unpack(kwargs["hidden_states"], *grid)
+    texts = FAMILY.encode_prompts([pipe.text_encoder], [pipe.tokenizer], PROMPTS[:1])
+    predictions = {}
+    for rate in (24, None):
+        family_text = FamilyText.for_run(Config(model_family="ltxvideo", framerate=rate), FAMILY)
+        assert family_text.frame_rate == (24 if rate else 25)  # unset: 25, as SimpleTuner sets it for LTX-Video
+        text = family_text.denoiser_text(texts, FAMILY.collate_text(texts))
+        with torch.no_grad():
+            predictions[rate] = FAMILY.denoiser_forward(pipe.transformer, latents, kwargs["timestep"], text)
+    assert torch.equal(predictions[24], ltxvideo.unpack(output, *grid))
+    assert not torch.allclose(predictions[24], predictions[None], atol=1e-4)
+
+
+def test_a_fractional_frame_rate_survives_the_bf16_text_batch():
+    """23.976 travels as an integer ratio, so a bf16 batch keeps the exact double LTXPipeline divides by."""
+    batch = ltxvideo.frame_rate_batch(23.976, 2)
+    assert batch.dtype == torch.int64 and batch.shape == (2, 2)
+    assert ltxvideo.frame_rate_of({ltxvideo.FRAME_RATE_KEY: batch}) == 23.976
+    assert ltxvideo.rope_scale(ltxvideo.frame_rate_of({ltxvideo.FRAME_RATE_KEY: batch}))[0] == 8 / 23.976
+    assert ltxvideo.frame_rate_of({}) == ltxvideo.DEFAULT_FRAME_RATE == 25
+
+
+def test_framerate_is_an_implemented_option_with_a_range(tmp_path):
+    from pipeline.simpletuner import OPTION_STATES
+
+    assert "framerate" not in OPTION_STATES and Config().framerate is None
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"--model_family": "ltxvideo", "--framerate": 24}))
+    assert load_config(path).config.framerate == 24
+    path.write_text(json.dumps({"--model_family": "ltxvideo", "--framerate": 0}))
+    with pytest.raises(ConfigError, match="framerate"):
+        load_config(path)

@@ -1,5 +1,6 @@
-"""SimpleTuner's Wan 2.1 (t2v, RamTorch) and LTX-Video 0.9.5 example configs pass `st check` unchanged, run from a
-folder laid out like SimpleTuner's repository root (their dataset lists are named from there). The configs and their
+"""SimpleTuner's Wan 2.1 (t2v, RamTorch), Wan TREAD (2.1 1.3B, 2.2 I2V A14B high and low) and LTX-Video 0.9.5
+example configs pass `st check` unchanged, run from a folder laid out like SimpleTuner's repository root (their
+dataset lists are named from there). The configs and their
 Hugging Face video dataset lists are in tests/data/simpletuner_video_examples.json as SimpleTuner ships them."""
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def simpletuner_root(tmp_path, monkeypatch) -> Path:
 def test_every_option_of_the_example_loads(simpletuner_root, config):
     loaded = load_config(simpletuner_root / config)
     assert loaded.config.model_family in ("wan", "ltxvideo")
+    if "TREAD" in config:  # the routes are kept as the example writes them
+        assert loaded.config.tread_config["routes"] == DATA["configs"][config]["tread_config"]["routes"]
     if loaded.config.ramtorch:
         assert loaded.config.ramtorch_transformer_percent == 100
         assert "ramtorch_disable_sync_hooks" in loaded.ignored

@@ -4,6 +4,7 @@ the validation video writer (frame counts, MP4, frame grid)."""
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -15,10 +16,10 @@ from pipeline.train import validation_video
 
 @pytest.mark.parametrize(("change", "named"), [
     ({"_class_name": "WanImageToVideoPipeline", "transformer_2": ["diffusers", "WanTransformer3DModel"]},
-     "two-transformer"),
+     "two transformers .* set model_flavour to i2v-14b-2.2-high"),
     ({"_class_name": "WanVACEPipeline"}, "VACE control training"),
-    ({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.9}, "two-transformer"),
-    ({"expand_timesteps": True}, "48-channel VAE"),
+    ({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875},
+     "two transformers .* set model_flavour to animegen-t2v-high"),
 ])  # fmt: skip
 def test_a_model_folder_st_cannot_train_is_refused_by_name(tmp_path, tiny_model, change, named):
     index = json.loads((tiny_model("wan") / "model_index.json").read_text())
@@ -70,6 +71,24 @@ def test_mp4_and_frame_grid_hold_every_frame(tmp_path):
     grid = Image.open(png)
     assert grid.size == (5 * 22 + 6 * 2, 18 + 2 * 2)
     assert grid.getpixel((2 + 4 * 24 + 5, 2 + 5))[0] > 240  # the last frame's cell is red
+
+
+@pytest.mark.parametrize(("fps", "expected"), [(24, 24), (15.0, 15), (23.976, Fraction(2997, 125))])
+def test_mp4_plays_at_the_frame_rate_asked(tmp_path, fps, expected):
+    """The stream rate read back is the rate asked, a fractional one exactly (not truncated to 23)."""
+    import av
+
+    path = validation_video.write_mp4(np.zeros((3, 16, 16, 3), dtype=np.uint8), tmp_path / "v.mp4", fps=fps)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].average_rate == expected
+        assert len(list(container.decode(video=0))) == 3
+
+
+def test_video_families_default_frame_rates_are_simpletuners():
+    from pipeline.video_settings import family_framerate
+
+    assert family_framerate(None, "ltxvideo") == 25 and family_framerate(None, "wan") == 15
+    assert family_framerate(24, "wan") == 24 and family_framerate(None, "flux") is None
 
 
 def test_predict_is_the_pipeline_call(tiny_model):

@@ -76,3 +76,26 @@ def test_denoiser_forward_is_the_pipelines_call_on_the_cached_condition(folder):
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     with pytest.raises(InputError, match="image_embeds"):
         wan_i2v.FAMILY.denoiser_forward(pipe.transformer, latents, timesteps, text, reference=reference)
+
+
+def test_an_flf2v_transformer_is_refused_by_the_first_frame_i2v_call(folder, tmp_path):
+    """A Wan 2.1 FLF2V transformer (pos_embed_seq_len: two images' CLIP tokens) handed to the first-frame i2v call (a
+    denoiser override) is refused at its first call, naming the flavour that trains it; FLF2V folders themselves
+    train as `wan_i2v.FLF2V_FAMILY` (tests/unit/test_wan_flf2v.py)."""
+    import shutil
+
+    flf2v = tmp_path / "flf2v"
+    shutil.copytree(folder, flf2v)
+    config_path = flf2v / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "pos_embed_seq_len": 2 * 17}))
+    assert get_family("wan").for_run(None, str(folder)) is wan_i2v.FAMILY
+    assert get_family("wan").for_run(None, str(flf2v)) is wan_i2v.FLF2V_FAMILY
+
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(str(flf2v), subfolder="transformer")
+    with pytest.raises(InputError, match="first/last-frame-to-video.*model_flavour flf2v-14b-2.1"):
+        wan_i2v.family_predict(transformer, torch.zeros(1, 16, 2, 8, 8), torch.tensor([500.0]),
+                               {wan_i2v.IMAGE_EMBEDS_KEY: torch.zeros(1, 17, 16)},
+                               reference=torch.zeros(1, 16, 2, 8, 8))  # fmt: skip
