@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ("sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma")
 IMAGES = 6
 FP32 = "cache_dtype='fp32'"
+FP32_VAE = "vae_dtype='fp32'"  # the VAE itself in fp32, where a test compares with an fp32 encode (bf16 is the default
+# on a CPU with AVX512-BF16 / AMX)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -240,7 +242,7 @@ def test_cached_latent_is_the_scaled_vae_sample_of_the_prepared_pixels(family, s
     from pipeline.cache.images import job_for, load_pixels
 
     config, prep = shapes
-    out = shape_cache(family, FP32)
+    out = shape_cache(family, FP32, FP32_VAE)
     vae = AutoencoderKL.from_pretrained(str(tiny_model(family)), subfolder="vae").eval()
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     seed = load_config(config).config.seed or 0

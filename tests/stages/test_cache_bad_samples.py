@@ -150,7 +150,7 @@ def odd_images(tmp_path, sd1x):
                  "crop": False}]  # fmt: skip
     config = write_config(tmp_path / "data", datasets, resolution=64, resolution_type="pixel_area",
                           aspect_bucket_alignment=32, model_family="sd1x", pretrained_model_name_or_path=str(sd1x),
-                          cache_dtype="fp32", vae_batch_size=2, max_workers=1)  # fmt: skip
+                          cache_dtype="fp32", vae_dtype="fp32", vae_batch_size=2, max_workers=1)  # fmt: skip
     run_prepare(load_config(config), tmp_path / "prepare")
     prepared = read_manifest(tmp_path / "prepare", stage="prepare")
     assert prepared["stats"]["samples"] == 4, "st prepare no longer accepts the corrupt JPEG: this test needs another"

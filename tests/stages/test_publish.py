@@ -28,9 +28,10 @@ TRAIN = ["disable_benchmark=true", 'report_to="none"', "dataloader_prefetch=fals
          "train_batch_size=1", "eval_steps_interval=0", "lora_rank=4", "lora_alpha=8",
          "learning_rate=1e-2"]  # fmt: skip
 QUIET = ["validation_disable=true"]
-# sd1x LoRA: validation after the last step (2 inference steps, 64 px) and a checkpoint at every step.
+# sd1x LoRA: validation after the last step (2 inference steps, 64 px) and a checkpoint at every step, in fp32 (the
+# default bf16 is kept on a CPU with AVX512-BF16 / AMX), so that an fp32 render of the published LoRA reproduces it.
 VALIDATED = ["validation_disable=false", "validation_num_inference_steps=2", 'validation_resolution="64"',
-             "validation_guidance=3.0", "checkpoint_step_interval=1"]  # fmt: skip
+             "validation_guidance=3.0", "checkpoint_step_interval=1", 'mixed_precision="no"']  # fmt: skip
 RUNS = {
     "sd1x-lora": ("sd1x", VALIDATED),
     "sd1x-full": ("sd1x", [*QUIET, 'model_type="full"', "use_ema=true", "learning_rate=1e-4"]),

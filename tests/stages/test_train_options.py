@@ -196,7 +196,8 @@ def test_init_lora_starts_from_the_given_weights(data, baseline, tmp_path):
     # lora_B starts at zero, so a fresh run's weights could not equal these.
     assert any(".lora_B." in k and v.abs().max() > 0 for k, v in start.items())
     init = baseline / "final" / "pytorch_lora_weights.safetensors"
-    train(config, root / "cache", tmp_path / "out", f'init_lora="{init}"', "learning_rate=0")
+    # fp32: under the default bf16 (kept on a CPU with AVX512-BF16 / AMX) the weights do not come back bit for bit
+    train(config, root / "cache", tmp_path / "out", f'init_lora="{init}"', "learning_rate=0", 'mixed_precision="no"')
     end = _load(tmp_path / "out" / "final" / "pytorch_lora_weights.safetensors")
     assert set(end) == set(start)
     assert all(torch.equal(end[k], start[k]) for k in start)
