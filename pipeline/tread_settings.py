@@ -141,6 +141,7 @@ def check_family(value: Any, family_name: str, flavour: str | None = None) -> No
                           f"{OPTION}")  # fmt: skip
     if family_name not in SUPPORTED_FAMILIES:
         why = f" ({NOT_ROUTED[family_name]})" if family_name in NOT_ROUTED else ""
+        named = [f for f in SUPPORTED_FAMILIES if f not in ("flux_kontext", "wan_i2v")]  # variants, not families
         raise ConfigError(f"{OPTION} (TREAD token routing) is supported for model_family "
-                          f"{', '.join(SUPPORTED_FAMILIES)} in st; model_family {family_name} is not routed yet"
+                          f"{', '.join(named)} in st; model_family {family_name} is not routed yet"
                           f"{why}: remove {OPTION}")  # fmt: skip

@@ -305,8 +305,8 @@ def test_route_indices_count_from_the_end_and_must_fit_the_model():
 def test_st_check_refuses_bad_routes_and_unsupported_families(cli, tmp_path):
     config = tmp_path / "config.json"
     good = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}]}
-    supported = ("supported for model_family auraflow, chroma, flux, flux2, flux_kontext, pixart_sigma, qwen_image, "
-                 "sd3, wan, wan_i2v, z_image")
+    supported = ("supported for model_family auraflow, chroma, flux, flux2, pixart_sigma, qwen_image, sd3, wan, "
+                 "z_image in st")
     for family, flavour, value, words in (
             ("sdxl", None, good, supported), ("sana", None, good, "Mix-FFN convolves the 2-D token grid"),
             ("wan", "ti2v-5b-2.2", good, "model_flavour ti2v-5b-2.2 is not supported"),
