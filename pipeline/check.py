@@ -99,6 +99,8 @@ def _check_base_precision(loaded: LoadedConfig) -> None:
     from .quantise_modules import check_text_encoder_precisions, text_encoder_precisions
 
     config = loaded.config
+    if config.model_family is None:  # a missing or rejected model_family is the model check's problem
+        return
     check(config, base_dir=loaded.base_dir)
     check_text_encoder_precisions(text_encoder_precisions(config), get_family(config.model_family),
                                   trained=config.train_text_encoder)  # fmt: skip

@@ -61,6 +61,18 @@ def test_check_goes_on_past_bad_options(cli, sample):
     assert "model_family is 'sdxl'" in out and "instance_data_dir" in out
 
 
+def test_a_rejected_model_family_is_one_problem(cli, sample):
+    """SimpleTuner's newer name for a family is reported once, with the fix, not again by the checks that need one."""
+    config, _ = sample
+    options = json.loads(config.read_text())
+    options["--model_family"] = "cosmos"
+    config.write_text(json.dumps(options))
+    result = cli("check", "-c", config)
+    assert result.exit_code == 2, result.output
+    assert "check: 1 problem(s)" in result.stdout, result.stdout
+    assert "set model_family to 'cosmos2image'" in result.stdout and "unknown model family" not in result.stdout
+
+
 def test_check_names_a_missing_local_model_and_a_missing_dataset_list(cli, sample):
     config, _ = sample
     result = cli("check", "-c", config, "--set", 'pretrained_model_name_or_path="./gone"',
