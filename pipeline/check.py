@@ -175,6 +175,8 @@ def _check_model(loaded: LoadedConfig, report: CheckReport) -> None:
         if source is not None and not Path(source).exists() and looks_like_path(source):
             raise InputError(f"{option} {loaded.resolve_path(source)} does not exist; point it at a local folder or "
                              "a hub id, or remove the option")  # fmt: skip
+    if family.check_config is not None:  # what the family trains otherwise in SimpleTuner (flux's flavours, FLUX.2)
+        family.check_config(loaded.config, family)
     _check_sourced_parts(family, sources.model, report)
 
 

@@ -218,6 +218,16 @@ class Config:
     flux_guidance_max: float = opt(4.0, TRAIN)
     flux_fast_schedule: bool = opt(False, TRAIN, help="Flow sigmas drawn from 1.0 (7 in 10), 0.75, 0.5, 0.25, "
                                    "unshifted (Schnell's; SimpleTuner: below the uniform and beta schedules).")
+    # SimpleTuner's assistant LoRA (flux schnell, z_image turbo flavours; pipeline.train.assistant).
+    assistant_lora_path: str | None = opt(None, TRAIN, help="The frozen assistant LoRA a LoRA of flux schnell / "
+                                          "z_image turbo trains over (hub id, folder or file; unset: ostris' adapter).")
+    assistant_lora_weight_name: str | None = opt(None, TRAIN, help="The assistant LoRA's file in its repository or "
+                                                 "folder (unset: the flavour's).")  # fmt: skip
+    disable_assistant_lora: bool = opt(False, TRAIN, help="Train flux schnell / z_image turbo without the assistant "
+                                       "LoRA.")  # fmt: skip
+    assistant_lora_strength: float = opt(1.0, TRAIN, help="The assistant LoRA's weight while training.")
+    assistant_lora_inference_strength: float = opt(0.0, TRAIN, help="The assistant LoRA's weight in validation "
+                                                   "renders (0: off, as in SimpleTuner).")  # fmt: skip
     flux_attention_masked_training: bool = opt(False, TRAIN, help="Flux: the T5 token mask enters every joint "
                                                "attention (added to the scores, as in SimpleTuner).")  # fmt: skip
     hidream_use_load_balancing_loss: bool = opt(False, TRAIN, help="HiDream: add the expert gates' auxiliary loss "
@@ -291,12 +301,17 @@ class Config:
     # Optimisation.
     optimizer: str = opt("adamw_bf16", TRAIN, choices=("adamw_bf16", "optimi-adamw", "optimi-stableadamw",
                                                        "optimi-lion", "prodigy", "adamw_schedulefree",
-                                                       "bnb-adamw8bit"))  # fmt: skip
+                                                       "bnb-adamw8bit"),
+                         help="prodigy is SimpleTuner's: Prodigy-Plus-Schedule-Free with SimpleTuner's settings (lr "
+                              "1.0, not learning_rate; no weight decay; no gradient clipping; the lr_scheduler "
+                              "applies); override them with optimizer_config.")  # fmt: skip
     optimizer_config: str | None = opt(None, TRAIN, help="Extra optimizer arguments: 'key=value,key=value'.")
     optimizer_beta1: float | None = opt(None, TRAIN)
     optimizer_beta2: float | None = opt(None, TRAIN)
     adam_weight_decay: float = opt(1e-2, TRAIN)
     adam_epsilon: float = opt(1e-8, TRAIN)
+    prodigy_steps: int | None = opt(None, TRAIN, help="optimizer=prodigy: freeze its step-size estimate d after this "
+                                                      "many steps (unset or 0: never); no effect with other optimizers.")
     max_grad_norm: float = opt(2.0, TRAIN)
     grad_clip_method: str = opt("value", TRAIN, choices=("value", "norm"))
     learning_rate: float = opt(4e-7, TRAIN, help="SimpleTuner's default 4e-7 suits full tuning; LoRA runs usually "
@@ -377,6 +392,10 @@ class Config:
     validation_num_inference_steps: int = opt(30, TRAIN)
     validation_guidance: float = opt(7.5, TRAIN)
     validation_guidance_rescale: float = opt(0.0, TRAIN)
+    validation_guidance_real: float = opt(1.0, TRAIN, help="Flux: true classifier-free guidance scale with the "
+                                          "negative prompt while validating (> 1 turns it on).")  # fmt: skip
+    validation_no_cfg_until_timestep: int = opt(2, TRAIN, help="Flux with validation_guidance_real: the first "
+                                                "validation steps that skip true CFG.")  # fmt: skip
     validation_seed: int | None = opt(None, TRAIN)
     validation_num_video_frames: int | None = opt(None, TRAIN, help="Frames of each validation video (video "
                                                   "families; unset: the family's default, Wan 81).")  # fmt: skip
@@ -694,6 +713,8 @@ ENV_VARIABLE_OPTIONS = {
     "VALIDATION_EXTERNAL_BACKGROUND": "validation_external_background",
     "POST_CHECKPOINT_SCRIPT": "post_checkpoint_script", "POST_UPLOAD_SCRIPT": "post_upload_script",
     "VALIDATION_GUIDANCE_RESCALE": "validation_guidance_rescale",
+    "VALIDATION_GUIDANCE_REAL": "validation_guidance_real",
+    "VALIDATION_NO_CFG_UNTIL_TIMESTEP": "validation_no_cfg_until_timestep",
     "VALIDATION_NUM_INFERENCE_STEPS": "validation_num_inference_steps", "VALIDATION_PROMPT": "validation_prompt",
     "ALLOW_TF32": "allow_tf32", "MIXED_PRECISION": "mixed_precision", "OPTIMIZER": "optimizer",
     "LEARNING_RATE": "learning_rate", "LR_SCHEDULE": "lr_scheduler", "LR_WARMUP_STEPS": "lr_warmup_steps",
@@ -935,6 +956,7 @@ OPTION_RANGES: dict[str, Range] = {
     "optimizer_beta2": Range(0, 1, high_open=True),
     "adam_weight_decay": _NON_NEGATIVE,
     "adam_epsilon": _NON_NEGATIVE,
+    "prodigy_steps": _NON_NEGATIVE,
     "max_grad_norm": Range(0, note="0 turns clipping off"),
     "learning_rate": _NON_NEGATIVE,
     "lr_warmup_steps": _NON_NEGATIVE,
@@ -956,6 +978,8 @@ OPTION_RANGES: dict[str, Range] = {
     "validation_num_inference_steps": _COUNT,
     "validation_guidance": _NON_NEGATIVE,
     "validation_guidance_rescale": _FRACTION,
+    "validation_guidance_real": _NON_NEGATIVE,
+    "validation_no_cfg_until_timestep": Range(0),
     "validation_seed": _SEED,
     "validation_num_video_frames": _COUNT,
     "eval_steps_interval": _OFF_OR_EVERY,

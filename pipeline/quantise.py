@@ -1,10 +1,11 @@
 """The frozen denoiser's precision: the dtype its weights are kept in, and `base_model_precision` quantisation.
 
-As in SimpleTuner, frozen weights live in the training dtype (mixed_precision bf16 -> bf16, fp16 -> fp16) and only
-what is trained is fp32; a quantised base keeps its unquantised parts in `base_model_default_dtype`. Quantisation is
-optimum-quanto's or torchao's after loading (quantize_via cpu / accelerator), or diffusers' while loading
-(quantize_via pipeline, nf4-bnb, int4-torchao, quantization_config: pipeline.quantise_pipeline). Every preset this
-device cannot run stops the stage with exit 2 before any work, never falling back to another precision.
+As in SimpleTuner, frozen weights live in the training dtype (mixed_precision bf16 -> bf16, fp16 -> fp16); LoRA /
+LyCORIS weights are bf16 with a bf16 base and fp32 otherwise (`adapter_dtype`); a quantised base keeps its
+unquantised parts in `base_model_default_dtype`. Quantisation is optimum-quanto's or torchao's after loading
+(quantize_via cpu / accelerator), or diffusers' while loading (quantize_via pipeline, nf4-bnb, int4-torchao,
+quantization_config: pipeline.quantise_pipeline). Every preset this device cannot run stops the stage with exit 2
+before any work, never falling back to another precision.
 """
 
 from __future__ import annotations
@@ -312,8 +313,26 @@ def _tensor_bytes(tensor: Any) -> int:
 
 def upcast_trainable(params: list[Any]) -> None:
     """Trainable parameters in fp32 whatever the frozen weights' dtype (peft creates adapters in the base's dtype)."""
+    cast_trainable(params, "float32")
+
+
+def adapter_dtype(precision: BasePrecision) -> str:
+    """The torch dtype name LoRA / LyCORIS weights are held, trained and saved in: bf16 when the frozen denoiser is
+    bf16 (mixed_precision bf16, or a quantised base whose base_model_default_dtype is bf16), else fp32.
+
+    As in SimpleTuner: peft creates adapters in the base layer's dtype, the trainer then moves the trained component
+    (adapters included) and the LyCORIS network to `weight_dtype`, adamw_bf16 updates the bf16 weights with stochastic
+    rounding, and the saved file keeps their dtype. DEVIATION: with fp16 the adapters are fp32 (accelerate's fp16
+    gradient scaler cannot unscale fp16 gradients), and under mixed_precision no they stay fp32 even with adamw_bf16
+    (SimpleTuner converts them to bf16 for that optimizer; st keeps the full precision the config asked for)."""
+    return "bfloat16" if precision.dtype == "bfloat16" else "float32"
+
+
+def cast_trainable(params: list[Any], dtype: str) -> None:
+    """Hold the trainable parameters in `dtype` (a torch dtype name), in place: the Parameter objects stay the same."""
     import torch
 
+    target = getattr(torch, dtype)
     for param in params:
-        if param.dtype != torch.float32:
-            param.data = param.data.float()
+        if param.is_floating_point() and param.dtype != target:
+            param.data = param.data.to(target)

@@ -210,6 +210,8 @@ def write_sample_dataset(
             "--validation_negative_prompt": "", "--validation_resolution": "96", "--validation_step_interval": 15,
             "--validation_num_inference_steps": 4, "--validation_guidance": 3.0, "--num_validation_images": 1,
         })  # fmt: skip
+        if family == "z_image":  # its default flavour, turbo-ostris-v2, trains over an assistant LoRA from the hub
+            config["--model_flavour"] = "base"
     if model is not None:
         config["--pretrained_model_name_or_path"] = os.path.relpath(Path(model).resolve(), out_dir.resolve())
     config_path = out_dir / "config.json"

@@ -188,7 +188,6 @@ OPTION_STATES: dict[str, OptionState] = {
                "vae_cache_ondemand vae_cache_disable"),
     **_refused("fused optimizer steps during the backward pass",
                "fuse_optimizer optimizer_release_gradients optimizer_release_gradient"),
-    "prodigy_steps": Refused("Prodigy's prodigy_steps"),
     "use_adafactor_optimizer": Refused("the Adafactor optimizer"),
     "seed_for_each_device": Refused("one shared seed on every device", True),
     "trust_remote_code": Refused("model code from the hub"),
@@ -202,8 +201,6 @@ OPTION_STATES: dict[str, OptionState] = {
     "validation_on_startup": Refused(_VALIDATION + ": validation before the first step"),
     "validation_seed_source": Refused(_VALIDATION + ": the generator's device", "cpu"),
     "validation_using_datasets": Refused(_VALIDATION + ": validation from dataset images"),
-    "validation_guidance_real": Refused(_VALIDATION + ": real CFG for distilled models", 1.0),
-    "validation_no_cfg_until_timestep": Refused(_VALIDATION + ": skipping CFG for the first timesteps", 2),
     "validation_randomize": Refused(_VALIDATION + ": random validation seeds"),
     # st's validation never renders an extra unconditional image: it always does what `true` asks for.
     "validation_disable_unconditional": Accepted("st renders no unconditional validation image either way"),

@@ -9,6 +9,8 @@ from typing import Any
 from ..quantise_modules import text_encoder_precisions
 from ..speed import SpeedOptions
 
+SCHNELL_T5_LENGTH = 256  # Flux Schnell's T5 sequence length (SimpleTuner's models/flux/model.py, FluxPipeline's)
+
 
 @dataclass(frozen=True)
 class CacheOptions:
@@ -44,6 +46,8 @@ class CacheOptions:
     def from_config(cls, config: Any) -> CacheOptions:
         """The fields of the same name copied from `config` (every one exists there); no seed samples as seed 0."""
         copied = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in ("seed", "speed")}
+        if (config.model_family, config.model_flavour) == ("flux", "schnell"):
+            copied["tokenizer_max_length"] = SCHNELL_T5_LENGTH  # SimpleTuner sets 256 for Schnell, whatever was set
         return cls(seed=config.seed or 0, speed=SpeedOptions.from_config(config), **copied)
 
     @property

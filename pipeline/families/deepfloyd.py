@@ -126,6 +126,11 @@ def load_image_noising_scheduler(source: str, revision: str | None = None) -> An
                          f"({error}); {STAGE_II_PIPELINE} needs it to render validation images") from error
 
 
+def noising_scheduler(family: Any, source: str, trained: Any, load_other_stage: bool, device: Any) -> dict[str, Any]:
+    """`Family.validation_components` of stage II: the pipeline noises the upscaled low-resolution image."""
+    return {"image_noising_scheduler": load_image_noising_scheduler(source)}
+
+
 def tiny_unet(**extra: Any) -> Any:
     """A tiny IF-style `UNet2DConditionModel`: added-KV cross-attention blocks, T5 states projected in
     (`encoder_hid_dim`), the pooled text added to the time embedding, 6 output channels (noise and variance).
@@ -241,4 +246,5 @@ FAMILY = Family(
 # Stage II: stage I's text, cache, schedule and LoRA targets with the super-resolution pipeline, its UNet call and
 # tiny model (Flux Kontext's pattern; `deepfloyd` picks it for the ii-* flavours and IFSuperResolutionPipeline folders).
 STAGE_II: Family = replace(FAMILY, pipeline_class=STAGE_II_PIPELINE, predict=predict_stage_ii,
-                           tiny=functools.partial(tiny, stage_ii=True), variant=None)  # fmt: skip
+                           tiny=functools.partial(tiny, stage_ii=True), variant=None,
+                           validation_components=noising_scheduler, validation_input=low_resolution_image)  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.families import sd3, text, tiny_parts
 from pipeline.families.spec import Component, Family, Flavour, TextEncoderSpec
 from pipeline.families.tokenizers import EOS, clip_tokenizer, t5_tokenizer
@@ -232,16 +232,27 @@ def tiny(out_dir: Path, seed: int) -> None:
 FLAVOURS = (
     Flavour("dev", "black-forest-labs/flux.1-dev"),
     Flavour("krea", "black-forest-labs/flux.1-krea-dev"),
-    Flavour("schnell", "black-forest-labs/flux.1-schnell",
-            needs="Flux Schnell's training adapter (SimpleTuner's assistant LoRA, used with the fast schedule)"),
+    Flavour("schnell", "black-forest-labs/flux.1-schnell"),  # LoRAs train over an assistant (pipeline.train.assistant)
     Flavour("kontext", "black-forest-labs/flux.1-kontext-dev"),  # trains as flux_kontext.FAMILY (see `variant`)
-    Flavour("fluxbooru", "terminusresearch/fluxbooru-v0.3",
-            needs="real classifier-free guidance validation (validation_guidance_real)"),
-    # SimpleTuner trains LibreFlux with flux_attention_masked_training forced on and validates it with real CFG.
-    Flavour("libreflux", "jimmycarter/LibreFlux-SimpleTuner",
-            needs="real classifier-free guidance validation (validation_guidance_real; SimpleTuner also forces "
-                  "attention-masked training on)"),
+    # Both validate with true CFG (pipeline.train.validation.real_cfg); what they train with: `check_flavour`.
+    Flavour("fluxbooru", "terminusresearch/fluxbooru-v0.3"),
+    Flavour("libreflux", "jimmycarter/LibreFlux-SimpleTuner"),
 )  # fmt: skip
+
+
+def check_flavour(config: Any, family: Family) -> None:
+    """Refuse what SimpleTuner would override for fluxbooru (flux_guidance_value 3.5, no attention masking) and
+    libreflux (flux_attention_masked_training on). st refuses rather than overrides: model_flavour stays out of the
+    train key, so an overridden option would give two different trainings the same key."""
+    flavour, masked = config.model_flavour, bool(config.flux_attention_masked_training)
+    if flavour == "libreflux" and not masked:
+        raise ConfigError("model_flavour libreflux trains with flux_attention_masked_training on (SimpleTuner forces "
+                          "it on): set flux_attention_masked_training=true")  # fmt: skip
+    if flavour == "fluxbooru" and (masked or float(config.flux_guidance_value) != 3.5):
+        raise ConfigError(f"model_flavour fluxbooru trains with flux_guidance_value 3.5 and without attention masking "
+                          f"(SimpleTuner forces both), not flux_guidance_value {config.flux_guidance_value} / "
+                          f"flux_attention_masked_training {masked}: set flux_guidance_value=3.5 and "
+                          f"flux_attention_masked_training=false")  # fmt: skip
 
 
 def _variant(flavour: str | None, source: str) -> Family:
@@ -272,4 +283,5 @@ FAMILY = Family(
     default_flavour="krea",
     variant=_variant,
     text_options=lambda _options: {"attention_mask": True},  # the T5 mask, for flux_attention_masked_training
+    check_config=check_flavour,
 )

@@ -451,7 +451,8 @@ FAMILY = Family(
 # FLUX.2 [dev]: the same transformer (with a guidance embedding), VAE, latents, LoRA targets and schedule; Mistral-3's
 # prompt embeddings; rendered by Flux2Pipeline.
 DEV_FAMILY: Family = dataclasses.replace(FAMILY, pipeline_class=DEV_PIPELINE, text_encoders=DEV_TEXT_ENCODERS,
-                                         encode_prompts=encode_dev_prompts, tiny=tiny_dev, variant=None)  # fmt: skip
+                                         encode_prompts=encode_dev_prompts, tiny=tiny_dev, variant=None,
+                                         check_config=check_training_guidance)  # fmt: skip
 
 # FLUX.2 trained on (reference image, image) pairs, as SimpleTuner trains it when its datasets link conditioning
 # images: the same pipeline, given the reference as `image`.

@@ -109,13 +109,13 @@ def denoiser_source(config: Any, family: Family, model: str, base_dir: Path) -> 
     path_option, subfolder_option = DENOISER_OPTIONS.get(family.denoiser.subfolder, (None, None))
     value = getattr(config, path_option) if path_option else None
     # Wan 2.2's low-noise stage trains `transformer_2` (its pipeline slot and LoRA prefix stay the denoiser's).
-    from pipeline.families.wan22 import stage_denoiser, weights_subfolder
-
     run_family = family.for_run(getattr(config, "model_flavour", None), model)
-    stage_weights = weights_subfolder(run_family)
+    stage_weights = None if run_family.denoiser_subfolder is None else run_family.denoiser_subfolder(run_family)
     own_file = value not in (None, "") and str(value).lower().endswith(".safetensors")
-    if value in (None, "") or own_file:  # an AnimeGen stage: its hub file, or the option's file in its place
-        stage = stage_denoiser(run_family, str(resolve_relative_path(str(value), base_dir)) if own_file else None)
+    if (value in (None, "") or own_file) and run_family.denoiser_file is not None:
+        # an AnimeGen stage: its hub file, or the option's file in its place
+        file = str(resolve_relative_path(str(value), base_dir)) if own_file else None
+        stage = run_family.denoiser_file(run_family, file)
         if stage is not None:
             return DenoiserSource(stage[0], None, single_file_config=(model, stage[1]))
     if stage_weights is not None and value in (None, ""):
@@ -126,9 +126,8 @@ def denoiser_source(config: Any, family: Family, model: str, base_dir: Path) -> 
     subfolder = None if subfolder in (None, "") or str(subfolder).lower() == "none" else str(subfolder)
     candidate = resolve_relative_path(str(value), base_dir)
     source = str(candidate.resolve()) if candidate.exists() else str(value)
-    from pipeline.families.wan22 import check_stage_slot
-
-    check_stage_slot(run_family, model, source, subfolder)  # a T2V A14B stage trains its own slot of the base
+    if run_family.check_denoiser_source is not None:  # a T2V A14B stage trains its own slot of the base
+        run_family.check_denoiser_source(run_family, model, source, subfolder)
     return DenoiserSource(source, subfolder)
 
 
@@ -164,10 +163,8 @@ def model_identity(family: Family, sources: ModelSources) -> dict[str, Any]:
         return {"vae": whole, "text_encoders": [whole], "tokenizers": [whole]}
     t5_source = sources.t5
     is_t5 = [spec.kind == "t5" for spec in family.text_encoders]
-    from . import wan_i2v
-
     # Wan 2.1 i2v / FLF2V: `st cache` stores each clip's CLIP image embeddings, made by these two parts.
-    clip = {"image_encoder": [identify(part, None) for part in wan_i2v.CLIP_PARTS]} if wan_i2v.uses_clip(family) else {}
+    clip = {"image_encoder": [identify(part, None) for part in family.image_encoder]} if family.image_encoder else {}
     return {
         "vae": pixel_identity(source, revision) if is_pixel_space(family) else identify(family.vae, sources.vae),
         "text_encoders": [identify(s.model, t5_source if t5 else None) for s, t5 in zip(family.text_encoders, is_t5)],

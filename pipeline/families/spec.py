@@ -130,6 +130,45 @@ class Family:
     # encodes to f = 1 + (F - 1) / temporal_compression latent frames, so F must be 1 + k * temporal_compression.
     video: bool = False
     temporal_compression: int = 1
+    # Parts beside the text encoders whose outputs `st cache` stores (Wan 2.1 i2v / FLF2V: the CLIP vision encoder and
+    # its processor): the model identity records them as `image_encoder`.
+    image_encoder: tuple[Component, ...] = ()
+    # The family's own steps in shared code; None: it has none. Hooks that take `family` get the run's family, so one
+    # function serves a family and the variants made from it.
+    # `check_config(config, family)`: refuse option values the family trains otherwise in SimpleTuner (FLUX.2 [dev]).
+    check_config: Callable[[Any, Family], None] | None = None
+    # `train_key_entries(family)`: what train's key and manifest config record beside the options, so that publish can
+    # tell what the run trained when its pipeline class does not (a Wan 2.2 T2V A14B stage, Wan 2.1 FLF2V).
+    train_key_entries: Callable[[Family], dict[str, str]] | None = None
+    # A trained denoiser that is not the model folder's `denoiser.subfolder` (the Wan 2.2 A14B stages):
+    # `denoiser_subfolder(family)` the model folder's subfolder it is read from (None: the family's own);
+    # `denoiser_file(family, file)` (local single file, the model folder's subfolder whose config it takes) of a stage
+    # trained from one file (`file`: the user's file in its place; None: not such a run); `load_denoiser_file(family,
+    # path, config_folder, config_subfolder, dtype=, quantization_config=)` loads that file; `check_denoiser_source(
+    # family, model, source, subfolder)` refuses a pretrained_transformer_* override that names the wrong expert.
+    denoiser_subfolder: Callable[[Family], str | None] | None = None
+    denoiser_file: Callable[[Family, str | None], tuple[str, str] | None] | None = None
+    load_denoiser_file: Callable[..., Any] | None = None
+    check_denoiser_source: Callable[[Family, str, str, str | None], None] | None = None
+    # `validation_components(family, source, trained_denoiser, load_other_stage, device)`: what the validation pipeline
+    # needs beside the usual components (Wan 2.1 i2v's CLIP, a Wan 2.2 stage's expert slots, DeepFloyd II's noising
+    # scheduler).
+    validation_components: Callable[..., dict[str, Any]] | None = None
+    # `validation_input(image)`: validation renders from the cached training images (a pixel-space cache), each made
+    # into the pipeline's input image by this (DeepFloyd II's low-resolution image).
+    validation_input: Callable[[Any], Any] | None = None
+    # `validation_extras(family, tensors, key)`: the pipeline inputs beside the reference image, from a cached sample's
+    # conditioning tensors (`key`: the sample's, for the message when they lack one): {keyword: PIL image} (Wan FLF2V).
+    validation_extras: Callable[[Family, dict[str, Any], str], dict[str, Any]] | None = None
+    # Publish, from the train manifest (`train`) of a run of this family: `trained_slot(train)` the pipeline component
+    # the trained denoiser replaces (None: `denoiser.subfolder`); `lora_load_arguments(train)` extra arguments of the
+    # snippet's `load_lora_weights`; `card_note(family, train, denoiser_config)` a sentence for the model card
+    # (`denoiser_config()`: the base denoiser's config.json, or None); `snippet_images(train)` the snippet's extra input
+    # images, (keyword, variable, comment) each (Wan FLF2V's last frame).
+    trained_slot: Callable[[dict[str, Any]], str | None] | None = None
+    lora_load_arguments: Callable[[dict[str, Any]], str] | None = None
+    card_note: Callable[[Family, dict[str, Any], Callable[[], Any]], str | None] | None = None
+    snippet_images: Callable[[dict[str, Any]], list[tuple[str, str, str]]] | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:

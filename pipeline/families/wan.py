@@ -224,6 +224,32 @@ def _variant(flavour: str | None, source: str) -> Family:
     return FAMILY
 
 
+# Publish's hooks (`Family.trained_slot`, ...): what a Wan run's variant trained, read from its train manifest by
+# `wan22` / `wan_i2v`, imported when called (they import this module).
+def _trained_slot(train: dict[str, Any]) -> str | None:
+    from pipeline.families import wan22
+
+    return wan22.trained_slot(train)
+
+
+def _lora_load_arguments(train: dict[str, Any]) -> str:
+    from pipeline.families import wan22
+
+    return wan22.stage_lora_arguments(train)
+
+
+def _card_note(family: Family, train: dict[str, Any], denoiser_config: Any) -> str | None:
+    from pipeline.families import wan22
+
+    return wan22.stage_card_note(family, train, denoiser_config)
+
+
+def _snippet_images(train: dict[str, Any]) -> list[tuple[str, str, str]]:
+    from pipeline.families import wan_i2v
+
+    return wan_i2v.snippet_images(train)
+
+
 FAMILY = Family(
     name="wan",
     pipeline_class="WanPipeline",
@@ -248,4 +274,8 @@ FAMILY = Family(
     video=True,
     temporal_compression=TEMPORAL_COMPRESSION,
     variant=_variant,
+    trained_slot=_trained_slot,
+    lora_load_arguments=_lora_load_arguments,
+    card_note=_card_note,
+    snippet_images=_snippet_images,
 )

@@ -159,6 +159,7 @@ def tiny(out_dir: Path, seed: int) -> None:
 # stages' flow shift. The low stage's weights come from `transformer_2` (`identity.denoiser_source`); its pipeline slot
 # and LoRA prefix stay `transformer`, as diffusers' loader reads a Wan LoRA (`load_into_transformer_2` picks the slot).
 # Each names its flavour as `default_flavour`, which `stage_of` reads (a copy made with dataclasses.replace keeps it).
+# Their hooks (`_STAGE_HOOKS`) are set at the end of this module, below the functions they name.
 I2V_HIGH = dataclasses.replace(wan_i2v.FAMILY, predict=family_predict, tiny=tiny, default_flavour="i2v-14b-2.2-high",
                                default_flow_shift=STAGES["i2v-14b-2.2-high"].flow_shift)  # fmt: skip
 I2V_LOW = dataclasses.replace(I2V_HIGH, default_flavour="i2v-14b-2.2-low",
@@ -520,3 +521,37 @@ def card_note(stage: Stage | None) -> str | None:
             f"which denoises timesteps {'at or above' if stage.trained == HIGH else 'below'} boundary_ratio "
             f"{stage.boundary_ratio} x 1000; the original repository's `{stage.trained}_noise_model`); the "
             f"{other}-noise expert stays as it is. In ComfyUI, apply the LoRA to the {stage.trained}-noise model.")
+
+
+def trained_slot(train: dict[str, Any]) -> str | None:
+    """`Family.trained_slot`: a Wan 2.2 A14B stage's expert (the low-noise stage trains `transformer_2`); None for
+    other runs."""
+    stage = run_stage(train)
+    return None if stage is None else stage.subfolder
+
+
+def stage_lora_arguments(train: dict[str, Any]) -> str:
+    """`Family.lora_load_arguments`: the low-noise stage's LoRA goes into `transformer_2` (`lora_load_arguments`)."""
+    return lora_load_arguments(run_stage(train))
+
+
+def stage_card_note(family: Any, train: dict[str, Any], denoiser_config: Any) -> str | None:
+    """`Family.card_note`: which expert a Wan 2.2 A14B stage's weights belong to (`card_note`); an I2V high stage is
+    told by the base denoiser's config (`run_stage`)."""
+    if family.pipeline_class not in (wan_i2v.PIPELINE_CLASS, wan.FAMILY.pipeline_class):
+        return None
+    i2v = family.pipeline_class == wan_i2v.PIPELINE_CLASS
+    return card_note(run_stage(train, denoiser_config() if i2v else None))
+
+
+# The variants' hooks, set here below the functions they name (`stage_of` reads the stage from the family). The I2V
+# variants come from Wan 2.1 i2v's family, without its CLIP.
+_STAGE_HOOKS = {"image_encoder": (), "validation_components": pipeline_components,
+                "train_key_entries": train_key_entries, "denoiser_subfolder": weights_subfolder,
+                "denoiser_file": stage_denoiser, "load_denoiser_file": load_single_file,
+                "check_denoiser_source": check_stage_slot}  # fmt: skip
+I2V_HIGH, I2V_LOW, T2V_HIGH, T2V_LOW = (dataclasses.replace(f, **_STAGE_HOOKS)
+                                        for f in (I2V_HIGH, I2V_LOW, T2V_HIGH, T2V_LOW))  # fmt: skip
+TI2V = dataclasses.replace(TI2V, image_encoder=(), validation_components=pipeline_components)
+_FAMILIES = {"i2v-14b-2.2-high": I2V_HIGH, "i2v-14b-2.2-low": I2V_LOW}
+_T2V_FAMILIES = {"animegen-t2v-high": T2V_HIGH, "animegen-t2v-low": T2V_LOW}

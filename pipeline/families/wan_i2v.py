@@ -446,10 +446,35 @@ def flf2v_variant(flavour: str | None, source: str, pipeline: str | None) -> Any
     return FLF2V_FAMILY
 
 
+def clip_components(family: Any, source: str, trained: Any, load_other_stage: bool, device: Any) -> dict[str, Any]:
+    """`Family.validation_components`: the pipeline embeds the first (and last) frame with the model's CLIP."""
+    encoder, processor = load_image_encoder(source)
+    return {"image_processor": processor, "image_encoder": encoder.to(device)}
+
+
+def last_frame_input(family: Any, conditioning: dict[str, Any], key: str) -> dict[str, Any]:
+    """`Family.validation_extras` of FLF2V: the pipeline's `last_image`, the cached sample's last frame."""
+    from PIL import Image
+
+    last = conditioning.get(f"0.{LAST_PIXELS}")
+    if last is None:
+        raise InputError(f"cached sample {key} has no last frame, which {family.pipeline_class} "
+                         "first/last-frame-to-video validation renders from: re-run `st cache` with "
+                         f"model_flavour {FLF2V_FLAVOUR}")  # fmt: skip
+    return {LAST_IMAGE_ARGUMENT: Image.fromarray(last.permute(1, 2, 0).contiguous().numpy())}
+
+
+def snippet_images(train: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """`Family.snippet_images`: Wan 2.1 FLF2V renders between a first and a last frame (`trained_flf2v`)."""
+    return [(LAST_IMAGE_ARGUMENT, "last_frame", "the frame the video ends on")] if trained_flf2v(train) else []
+
+
 # The Wan 2.1 i2v variant of the wan family (Flux Kontext's pattern; `wan` picks it for the i2v flavours and
 # WanImageToVideoPipeline folders): Wan's text, VAE, LoRA targets and schedule with this pipeline, predict and tiny model.
 FAMILY = dataclasses.replace(wan.FAMILY, pipeline_class=PIPELINE_CLASS, predict=family_predict, tiny=tiny,
-                             takes_reference=True, variant=None)  # fmt: skip
+                             takes_reference=True, variant=None, image_encoder=CLIP_PARTS,
+                             validation_components=clip_components, train_key_entries=train_key_entries)  # fmt: skip
 # Wan 2.1 FLF2V (`wan` picks it for the flf2v-14b-2.1 flavour and FLF2V folders, `flf2v_variant`): the i2v family with
 # the first/last-frame condition and two images' CLIP tokens.
-FLF2V_FAMILY = dataclasses.replace(FAMILY, predict=flf2v_family_predict, tiny=tiny_flf2v)
+FLF2V_FAMILY = dataclasses.replace(FAMILY, predict=flf2v_family_predict, tiny=tiny_flf2v,
+                                   validation_extras=last_frame_input)  # fmt: skip

@@ -128,12 +128,11 @@ def latent_side_limit(config: Any) -> tuple[int, str]:
 
 
 # SimpleTuner's Z-Image flavours (models/z_image/model.py HUGGINGFACE_PATHS). Its default, "turbo-ostris-v2", trains a
-# LoRA on top of ostris' turbo training adapter (an assistant LoRA st does not load), so st's default is "base".
-_ASSISTANT = "an assistant LoRA (SimpleTuner trains turbo LoRAs over ostris/zimage_turbo_training_adapter)"
+# LoRA on top of ostris' turbo training adapter (v1 for "turbo"): the assistant LoRA of pipeline.train.assistant.
 FLAVOURS = (
     Flavour("base", "TONGYI-MAI/Z-Image"),
-    Flavour("turbo", "TONGYI-MAI/Z-Image-Turbo", needs=_ASSISTANT),
-    Flavour("turbo-ostris-v2", "TONGYI-MAI/Z-Image-Turbo", needs=_ASSISTANT),
+    Flavour("turbo", "TONGYI-MAI/Z-Image-Turbo"),
+    Flavour("turbo-ostris-v2", "TONGYI-MAI/Z-Image-Turbo"),
     Flavour("ostris-de-turbo", "TONGYI-MAI/Z-Image-Turbo",
             needs="a transformer from another repository (ostris/Z-Image-De-Turbo) under the Turbo pipeline"),
 )  # fmt: skip
@@ -157,7 +156,7 @@ FAMILY = Family(
     trims_text=True,
     default_flow_shift=3.0,  # SimpleTuner's flow_schedule_shift default (Z-Image sets no other)
     flavours=FLAVOURS,
-    default_flavour="turbo-ostris-v2",  # SimpleTuner's default; refused until assistant LoRAs exist
+    default_flavour="turbo-ostris-v2",  # SimpleTuner's default (a LoRA trains over the v2 assistant LoRA)
     list_prompt_embeds=True,  # ZImagePipeline takes one tensor of real tokens per prompt
     latent_side_limit=latent_side_limit,
 )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..families import Family, wan_i2v
+from ..families import Family
 from ..singlora_format import SINGLORA_WEIGHT_NAME
 from .options import PublishOptions
 
@@ -185,9 +185,9 @@ def snippet(card: Card) -> str:
     prompt = card.widget[0]["text"] if card.widget else (config.get("validation_prompt") or "a photo")
     image_argument = IMAGE_ARGUMENTS.get(family.pipeline_class)
     given = "" if image_argument is None else f"{image_argument}=condition, "
-    flf2v = wan_i2v.trained_flf2v(card.train)  # Wan 2.1 FLF2V renders between a first and a last frame
-    if flf2v:
-        given += f"{wan_i2v.LAST_IMAGE_ARGUMENT}=last_frame, "
+    # the run's other input images (Wan 2.1 FLF2V renders between a first and a last frame)
+    images = family.snippet_images(card.train) if family.snippet_images is not None else []
+    given += "".join(f"{keyword}={variable}, " for keyword, variable, _ in images)
     call = (f"image = pipe({_py(prompt)}, {given}num_inference_steps="
             f"{config.get('validation_num_inference_steps', 30)}, "
             f"guidance_scale={config.get('validation_guidance', 7.5)}).images[0]")  # fmt: skip
@@ -230,8 +230,7 @@ def snippet(card: Card) -> str:
         lines.insert(lines.index(f"from diffusers import {cls}") + 1, "from diffusers.utils import load_image")
         lines.append('condition = load_image("conditioning.png")  # an image like the conditioning images it was '
                      "trained on")  # fmt: skip
-        if flf2v:
-            lines.append('last_frame = load_image("last_frame.png")  # the frame the video ends on')
+        lines += [f'{variable} = load_image("{variable}.png")  # {comment}' for _, variable, comment in images]
     if family.video:  # the frames of one video, saved as MP4
         frames = config.get("validation_num_video_frames") or 81
         lines.insert(lines.index(f"from diffusers import {cls}") + 1, "from diffusers.utils import export_to_video")
@@ -243,10 +242,10 @@ def snippet(card: Card) -> str:
 
 
 def _stage_arguments(card: Card) -> str:
-    """A Wan 2.2 A14B low-noise stage's LoRA goes into `transformer_2` (`wan22.lora_load_arguments`)."""
-    from ..families import wan22
-
-    return wan22.lora_load_arguments(wan22.run_stage(card.train))
+    """The family's extra `load_lora_weights` arguments for the run (a Wan 2.2 A14B low-noise stage's LoRA goes into
+    `transformer_2`)."""
+    hook = card.family.lora_load_arguments
+    return "" if hook is None else hook(card.train)
 
 
 def _video_fps(config: dict[str, Any], family: Any) -> str:
@@ -348,12 +347,10 @@ def render(card: Card) -> str:
     out.append(f"A {kind} of `{card.base_model}` ({card.family.name}), trained with st for {card.step} step{'s' if card.step != 1 else ''}.")
     if card.checkpoint:
         out[-1] += f" These are the weights of the checkpoint `{card.checkpoint}`, not the run's final weights."
-    if card.family.pipeline_class in ("WanImageToVideoPipeline", "WanPipeline"):  # a Wan 2.2 A14B stage: which expert
-        from ..families import wan22
+    if card.family.card_note is not None:  # a Wan 2.2 A14B stage: which expert
         from .model_folder import base_denoiser_config
 
-        i2v = card.family.pipeline_class == "WanImageToVideoPipeline"  # its high stage is told by the config
-        note = wan22.card_note(wan22.run_stage(train, base_denoiser_config(train, card.family) if i2v else None))
+        note = card.family.card_note(card.family, train, lambda: base_denoiser_config(train, card.family))
         out[-1] += f" {note}" if note else ""
     base = _quantised_base(train)
     if base:

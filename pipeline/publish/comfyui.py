@@ -74,7 +74,8 @@ def _alpha_tensor(alpha: float) -> Any:
 
 
 def _scaled(up: Any, factor: float) -> Any:
-    return up if factor == 1.0 else (up.float() * factor).to(up.dtype)
+    """`up` times `factor`, in fp32: a bf16 LoRA (trained under mixed_precision bf16) would be rounded again."""
+    return up if factor == 1.0 else up.float() * factor
 
 
 def _unmapped(family: str, module: str) -> NotSupportedError:
@@ -208,12 +209,15 @@ def _fuse(native: str, parts: list[tuple[keymaps.Target, LoraModule]]) -> tuple[
         raise NotSupportedError(f"the LoRA parts of {native} have inconsistent output sizes")
     unit = units.pop()
     offsets = [sum(slots[:i]) * unit for i in range(len(slots))]
-    first = parts[0][1].up
-    up = torch.zeros(sum(slots) * unit, rank, dtype=first.dtype)
+    scaled = [_scaled(m.up, m.scale * rank / alpha) for _, m in parts]
+    dtype = scaled[0].dtype
+    for u in scaled[1:]:
+        dtype = torch.promote_types(dtype, u.dtype)  # fp32 where a bf16 part was rescaled: never rounded back
+    up = torch.zeros(sum(slots) * unit, rank, dtype=dtype)
     column = 0
-    for target, mod in parts:
+    for (target, mod), scaled_up in zip(parts, scaled):
         row = offsets[target.slot]
-        up[row : row + mod.up.shape[0], column : column + mod.rank] = _scaled(mod.up, mod.scale * rank / alpha)
+        up[row : row + mod.up.shape[0], column : column + mod.rank] = scaled_up
         column += mod.rank
     down = torch.cat([m.down for _, m in parts], dim=0)
     return down, up, alpha

@@ -118,12 +118,10 @@ def assemble(inputs: Inputs, family: Family, target: Path) -> None:
 
 
 def _trained_slot(inputs: Inputs, family: Family) -> str:
-    """The pipeline component the trained denoiser replaces: its subfolder, or a Wan 2.2 A14B stage's expert (the
-    low-noise stage trains `transformer_2`)."""
-    from ..families import wan22
-
-    stage = wan22.run_stage(inputs.train)
-    return family.denoiser.subfolder if stage is None else stage.subfolder
+    """The pipeline component the trained denoiser replaces: its subfolder, or the family's `trained_slot` (a Wan 2.2
+    A14B stage's expert: the low-noise stage trains `transformer_2`)."""
+    slot = None if family.trained_slot is None else family.trained_slot(inputs.train)
+    return family.denoiser.subfolder if slot is None else slot
 
 
 def _trained_text_encoders(inputs: Inputs, family: Family) -> dict[str, list[Path]]:

@@ -9,6 +9,7 @@ from ..errors import ConfigError, InputError
 from ..families import Family
 from ..families.lora import LORA_WEIGHT_NAME
 from ..log import get_logger
+from ..quantise import cast_trainable
 from ..lycoris_settings import read_config, resolve_config_path
 from ..tensorfile import normalise_file
 from ..singlora_format import is_singlora_state, ramp_up_steps, to_plain_lora
@@ -69,15 +70,20 @@ def lora_config(options: AdapterOptions, family: Family, saved: bool = False, co
     return LoraConfig(**settings)
 
 
-def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | None = None) -> list[Any]:
+def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | None = None,
+           dtype: str = "float32") -> list[Any]:  # fmt: skip
     """Make the denoiser trainable as `model_type` and `lora_type` say; returns the trainable parameters.
-    `base_dir`: where relative `lycoris_config` / `init_lora` paths are looked up after the working folder."""
+    `base_dir`: where relative `lycoris_config` / `init_lora` paths are looked up after the working folder. `dtype`:
+    the torch dtype name adapters are held in (`quantise.adapter_dtype`), set before `init_lora` is loaded so that
+    its weights are rounded at most once, to that dtype."""
     if options.model_type == "full":
         denoiser.requires_grad_(True)
         return [p for p in denoiser.parameters() if p.requires_grad]
     denoiser.requires_grad_(False)
     if options.lora_type == "lycoris":
-        return _attach_lycoris(denoiser, options, base_dir)
+        params = _attach_lycoris(denoiser, options, base_dir)
+        cast_trainable(params, dtype)
+        return params
     from peft import inject_adapter_in_model
 
     if options.peft_lora_mode == "singlora":
@@ -93,6 +99,7 @@ def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | N
 
         initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(denoiser).items()}
         object.__setattr__(denoiser, _INITIAL_ATTR, initial)  # a plain attribute, not a registered submodule/buffer
+    cast_trainable([p for n, p in denoiser.named_parameters() if "lora_" in n], dtype)
     if options.init_lora:
         load_lora_into(denoiser, Path(options.init_lora))
     if options.peft_lora_mode == "singlora":

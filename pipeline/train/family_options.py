@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ConfigError, InputError
-from ..families import Family, flux, flux2, ltxvideo, sd3, sdxl
+from ..families import Family, flux, ltxvideo, sd3, sdxl
 from ..log import get_logger
 from ..video_settings import family_framerate
 
@@ -64,7 +64,8 @@ class FamilyText:
             log.warning("sd3_clip_uncond_behaviour / sd3_t5_uncond_behaviour apply to SD3 only; model_family %s "
                         "ignores them", family.name)  # fmt: skip
             clip = t5 = "empty_string"
-        flux2.check_training_guidance(config, family)  # FLUX.2 [dev] trains with guidance 1.0, as SimpleTuner
+        if family.check_config is not None:  # FLUX.2 [dev] trains with guidance 1.0, as SimpleTuner
+            family.check_config(config, family)
         score = float(config.data_aesthetic_score) if family.predict is sdxl.refiner_predict else None
         rate = family_framerate(config.framerate, family.name) if family.predict is ltxvideo.predict else None
         return cls(attention_mask=masked, clip_uncond=clip, t5_uncond=t5, aesthetic_score=score, frame_rate=rate)
@@ -235,11 +236,10 @@ def load_base_parts(family: Family, source: str, config: Any, base_dir: Any, pre
         return load_base(family, source, precision)
     log.info("the %s comes from %s%s", family.denoiser.subfolder, override.source,
              f" (subfolder {override.subfolder})" if override.subfolder else "")  # fmt: skip
-    if override.single_file_config is not None:  # an AnimeGen stage file, over the base folder's slot
-        from ..families.wan22 import load_single_file
-
-        denoiser = load_single_file(family, override.source, *override.single_file_config,
-                                    dtype=precision.torch_dtype(), quantization_config=load_quantisation(precision))
+    if override.single_file_config is not None:  # an AnimeGen stage file over the base folder's slot (`denoiser_file`)
+        denoiser = family.load_denoiser_file(family, override.source, *override.single_file_config,
+                                             dtype=precision.torch_dtype(),
+                                             quantization_config=load_quantisation(precision))  # fmt: skip
         return {**load_components(family, source, which=("scheduler",)), "denoiser": denoiser}
     denoiser = load_denoiser(family, override.source, override.subfolder, revision=config.revision,
                              variant=config.variant, dtype=precision.torch_dtype(),

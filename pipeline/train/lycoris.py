@@ -108,9 +108,11 @@ def state(network) -> dict[str, Any]:
 
 
 def save(network, path: Path, settings: dict[str, Any]) -> Path:
-    """The library's file: `lycoris_*` keys, the settings in the `lycoris_config` header entry (as SimpleTuner)."""
+    """The library's file: `lycoris_*` keys, the settings in the `lycoris_config` header entry, every tensor in the
+    dtype of the network's first parameter (as SimpleTuner's `save_weights(path, parameters()[0].dtype, ...)`)."""
     from ..tensorfile import save_tensors
 
-    tensors = {k: v.contiguous() for k, v in state(network).items()}
+    dtype = next(network.parameters()).dtype
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state(network).items()}
     save_tensors(path, tensors, metadata={HEADER_KEY: json.dumps(settings, sort_keys=True)})
     return path

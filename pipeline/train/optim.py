@@ -3,12 +3,16 @@
 `build_optimizer` turns `optimizer` (+ `optimizer_config`, betas, weight decay, eps, learning rate) into a
 `torch.optim.Optimizer`; `build_lr_scheduler` gives a torch `LambdaLR` whose `state_dict` round-trips through JSON;
 `clip_gradients` applies `grad_clip_method` / `max_grad_norm`.
+
+`optimizer=prodigy` is SimpleTuner's: `prodigyplus.ProdigyPlusScheduleFree` built from SimpleTuner's settings
+(`PRODIGY_DEFAULTS`, helpers/training/optimizer_param.py), not the reference `prodigyopt.Prodigy`.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import inspect
 import io
 import itertools
@@ -25,7 +29,22 @@ from .options import OptimizerOptions
 log = get_logger("train.optim")
 
 DEFAULT_BETAS = (0.9, 0.999)
+# Optimizers that schedule (and warm up) their own learning rate: SimpleTuner's `override_lr_scheduler` / `can_warmup`.
+# prodigy is schedule-free too (train()/eval() switch its weights) but keeps the lr_scheduler, as in SimpleTuner.
 SCHEDULE_FREE = ("adamw_schedulefree",)
+# SimpleTuner's optimizers that are never clipped: Prodigy-Plus scales its updates itself (use_stableadamw).
+UNCLIPPED = ("prodigy",)
+
+# SimpleTuner's `optimizer_choices["prodigy"]["default_settings"]`. `optimizer_config` overrides them, then
+# optimizer_beta1 with optimizer_beta2 (both set) the betas, then `prodigy_steps` (> 0); learning_rate,
+# adam_weight_decay and adam_epsilon are not used, as in SimpleTuner.
+PRODIGY_DEFAULTS: dict[str, Any] = {
+    "lr": 1.0, "betas": (0.9, 0.99), "beta3": None, "weight_decay": 0.0, "weight_decay_by_lr": True,
+    "use_bias_correction": False, "d0": 1e-6, "d_coef": 1, "prodigy_steps": 0, "use_speed": False, "eps": 1e-8,
+    "split_groups": True, "split_groups_mean": True, "factored": True, "factored_fp32": True,
+    "fused_back_pass": False, "use_stableadamw": True, "use_cautious": False, "use_grams": False,
+    "use_adopt": False, "stochastic_rounding": True,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -151,11 +170,7 @@ def optimizer_class(name: str, *, device_type: str) -> type[torch.optim.Optimize
         return {"optimi-adamw": optimi.AdamW, "optimi-stableadamw": optimi.StableAdamW,
                 "optimi-lion": optimi.Lion}[name]  # fmt: skip
     if name == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise _missing("prodigyopt", name) from None
-        return Prodigy
+        return _prodigy_plus()
     if name == "adamw_schedulefree":
         try:
             from schedulefree import AdamWScheduleFree
@@ -173,6 +188,40 @@ def optimizer_class(name: str, *, device_type: str) -> type[torch.optim.Optimize
             raise _missing("bitsandbytes", name) from None
         return bitsandbytes.optim.AdamW8bit
     raise ConfigError(f"unknown optimizer '{name}'")
+
+
+@functools.cache
+def _prodigy_plus() -> type[torch.optim.Optimizer]:
+    """ProdigyPlusScheduleFree whose loaded state keeps the dtypes it was saved with (see `load_state_dict`)."""
+    try:
+        from prodigyplus.prodigy_plus_schedulefree import ProdigyPlusScheduleFree
+    except ImportError:
+        raise _missing("prodigy-plus-schedule-free", "prodigy") from None
+
+    class ProdigyPlus(ProdigyPlusScheduleFree):
+        """SimpleTuner's `prodigy`, resumable exactly.
+
+        torch's `load_state_dict` casts every state tensor to its parameter's dtype; Prodigy-Plus keeps p0 and s in
+        bf16 and the factored second moments in fp32 whatever the parameter's dtype, so that cast would change the
+        arithmetic of every step after a resume (and round fp32 moments of bf16 weights). The saved tensors are put
+        back as they were saved.
+        """
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            super().load_state_dict(state_dict)
+            saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+            params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+            by_id = dict(zip(saved_ids, params))
+            for param_id, saved in state_dict["state"].items():
+                p = by_id.get(param_id)
+                if p is None:
+                    continue
+                for key, value in saved.items():
+                    if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
+                        self.state[p][key] = value.to(device=self.state[p][key].device)
+
+    ProdigyPlus.__name__ = ProdigyPlus.__qualname__ = "ProdigyPlusScheduleFree"
+    return ProdigyPlus
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -237,8 +286,36 @@ def _accepted_arguments(cls: type) -> tuple[set[str], bool]:
     return names, any_kwargs
 
 
+def _check_accepted(extra: dict[str, Any], cls: type, name: str) -> None:
+    accepted, any_kwargs = _accepted_arguments(cls)
+    unknown = sorted(k for k in extra if not any_kwargs and k not in accepted)
+    if unknown:
+        raise ConfigError(
+            f"optimizer_config has {', '.join(repr(k) for k in unknown)}, which optimizer '{name}' does "
+            f"not accept; it accepts: {', '.join(sorted(accepted))}"
+        )
+
+
+def prodigy_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
+    """SimpleTuner's ProdigyPlusScheduleFree arguments: `PRODIGY_DEFAULTS`, then `optimizer_config`, then the betas
+    when optimizer_beta1 and optimizer_beta2 are both set, then `prodigy_steps` when it is > 0."""
+    extra = parse_optimizer_config(options.optimizer_config)
+    _check_accepted(extra, cls, options.optimizer)  # DEVIATION: SimpleTuner drops unknown keys with a warning
+    kwargs = {**PRODIGY_DEFAULTS, **extra}
+    if options.optimizer_beta1 is not None and options.optimizer_beta2 is not None:
+        kwargs["betas"] = (float(options.optimizer_beta1), float(options.optimizer_beta2))
+    elif options.optimizer_beta1 is not None or options.optimizer_beta2 is not None:
+        log.warning("optimizer=prodigy takes optimizer_beta1 and optimizer_beta2 only together (as SimpleTuner); "
+                    "using betas %s", kwargs["betas"])  # fmt: skip
+    if options.prodigy_steps:
+        kwargs["prodigy_steps"] = int(options.prodigy_steps)
+    return kwargs
+
+
 def optimizer_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
     """The keyword arguments for `cls`: lr, betas, weight decay, eps (where it takes them), then `optimizer_config`."""
+    if options.optimizer == "prodigy":
+        return prodigy_kwargs(options, cls)
     accepted, any_kwargs = _accepted_arguments(cls)
     betas = (
         DEFAULT_BETAS[0] if options.optimizer_beta1 is None else float(options.optimizer_beta1),
@@ -254,12 +331,7 @@ def optimizer_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
         base["warmup_steps"] = int(options.lr_warmup_steps)  # schedule-free optimizers warm up by themselves
     kwargs = {k: v for k, v in base.items() if any_kwargs or k in accepted}
     extra = parse_optimizer_config(options.optimizer_config)
-    unknown = sorted(k for k in extra if not any_kwargs and k not in accepted)
-    if unknown:
-        raise ConfigError(
-            f"optimizer_config has {', '.join(repr(k) for k in unknown)}, which optimizer '{options.optimizer}' does "
-            f"not accept; it accepts: {', '.join(sorted(accepted))}"
-        )
+    _check_accepted(extra, cls, options.optimizer)
     kwargs.update(extra)
     return kwargs
 
@@ -273,15 +345,19 @@ def build_optimizer(params: Iterable, options: OptimizerOptions, *, device_type:
     cls = optimizer_class(name, device_type=device_type)
     kwargs = optimizer_kwargs(options, cls)
     if name == "prodigy":
-        lr = kwargs.get("lr", 1.0)
-        if not math.isclose(float(lr), 1.0, rel_tol=0.5):
+        if options.prodigy_steps:
+            log.info("prodigy adapts its step size for %d steps, then keeps it", kwargs["prodigy_steps"])
+        if not math.isclose(effective_learning_rate(options), float(kwargs["lr"])):
             log.warning(
-                "prodigy estimates the step size itself and expects learning_rate=1.0; learning_rate=%g multiplies "
-                "its estimate (set learning_rate=1.0 unless you mean that)", lr,
+                "optimizer=prodigy multiplies its own step-size estimate by lr=%g (SimpleTuner's setting); "
+                "learning_rate=%g is not used: set optimizer_config=\"lr=...\" to change it", kwargs["lr"],
+                effective_learning_rate(options),
             )  # fmt: skip
+    elif options.prodigy_steps:
+        log.warning("prodigy_steps=%d has no effect with optimizer=%s (as in SimpleTuner)", options.prodigy_steps, name)
     stdout = io.StringIO()
     try:
-        with contextlib.redirect_stdout(stdout):  # prodigy prints on construction
+        with contextlib.redirect_stdout(stdout):  # Prodigy-Plus prints its notes
             optimizer = cls(params, **kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"optimizer '{name}' rejected its settings {kwargs}: {exc}") from None
@@ -304,6 +380,29 @@ def optimizer_eval_mode(optimizer: torch.optim.Optimizer) -> None:
     evaluate = getattr(optimizer, "eval", None)
     if callable(evaluate):
         evaluate()
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: torch.optim.Optimizer):
+    """The parameters at a schedule-free optimizer's averaged point inside the block (SimpleTuner's eval() around
+    validation, evaluation and checkpoint saves), and back in the mode they were in after it."""
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    training = bool(groups[0].get("train_mode", True))
+    optimizer_eval_mode(optimizer)
+    try:
+        yield
+    finally:
+        if training:
+            optimizer_train_mode(optimizer)
+
+
+def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Prodigy's step-size estimate d and d x lr (SimpleTuner's prodigy_d, prodigy_effective_lr); else nothing."""
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    if "d" not in groups[0] or "d0" not in groups[0]:
+        return {}
+    d = float(groups[0]["d"])
+    return {"prodigy_d": d, "prodigy_effective_lr": d * float(groups[0].get("lr", 1.0))}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -383,7 +482,8 @@ def build_lr_scheduler(
       warning that it misbehaves; st runs the schedule the class describes.)
     SimpleTuner also truncates each learning rate to 9 decimals; st does not. `lr_num_cycles` is used by none.
 
-    Schedule-free optimizers carry their own warmup and need no decay, so they always get a flat schedule.
+    `SCHEDULE_FREE` optimizers carry their own warmup and need no decay, so they always get a flat schedule;
+    prodigy keeps the schedule (over its lr of 1.0), as in SimpleTuner.
     """
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
@@ -431,12 +531,13 @@ def build_lr_scheduler(
 def clip_gradients(params: Iterable[torch.Tensor], options: OptimizerOptions) -> float:
     """Clip gradients by `grad_clip_method` ("value": each element to ±max_grad_norm; "norm": the global L2 norm).
 
-    Returns the global L2 norm of the gradients measured before clipping; `max_grad_norm <= 0` disables clipping.
+    Returns the global L2 norm of the gradients measured before clipping; `max_grad_norm <= 0` disables clipping,
+    and `UNCLIPPED` optimizers are never clipped (as in SimpleTuner).
     """
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
-    limit = float(options.max_grad_norm)
+    limit = 0.0 if options.optimizer in UNCLIPPED else float(options.max_grad_norm)
     method = options.grad_clip_method
     if method not in ("value", "norm"):
         raise ConfigError(f"grad_clip_method must be 'value' or 'norm', got {method!r}")

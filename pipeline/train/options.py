@@ -22,6 +22,7 @@ class OptimizerOptions(OptionGroup):
     optimizer_beta2: float | None
     adam_weight_decay: float
     adam_epsilon: float
+    prodigy_steps: int | None
     learning_rate: float
     lr_scale: bool
     lr_scale_sqrt: bool
@@ -119,6 +120,9 @@ class ValidationOptions(OptionGroup):
     validation_num_inference_steps: int
     validation_guidance: float
     validation_guidance_rescale: float
+    validation_guidance_real: float
+    validation_no_cfg_until_timestep: int
+    model_flavour: str | None  # Flux's fluxbooru / libreflux validate with true CFG (validation.real_cfg)
     validation_noise_scheduler: str | None
     keep_vae_loaded: bool
     validation_lycoris_strength: float

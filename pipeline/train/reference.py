@@ -12,7 +12,7 @@ from typing import Any
 from ..cache_reader import COND
 from ..datasets import MASK_TYPES
 from ..errors import ConfigError, InputError, NotSupportedError
-from ..families import Family, deepfloyd, flux2, flux_control, wan_i2v
+from ..families import Family, flux2, flux_control, wan_i2v
 from ..log import get_logger
 from .controlnet import ValidationControl, read_conditioning
 from .data import image_paired_datasets
@@ -111,10 +111,11 @@ def latents(family: Family, batch: Any) -> Any:
 def validation_control(family: Family, denoiser: Any, index: Any, count: int) -> ValidationControl | None:
     """What validation renders with for a reference family (None for others): the family's pipeline on the live
     `denoiser`, prompt i with the reference image of the i-th cached sample that has one (modulo their number).
-    DeepFloyd IF stage II renders from the i-th cached training image (the cache holds pixels), resized to its
-    low-resolution input size (`deepfloyd.low_resolution_image`)."""
-    if family.pipeline_class == deepfloyd.STAGE_II_PIPELINE:
-        return _low_resolution_inputs(family, denoiser, index, count)
+    A family with `validation_input` (DeepFloyd IF stage II) renders from the i-th cached training image (the cache
+    holds pixels), made into its input image by that hook; one with `validation_extras` (Wan FLF2V's `last_image`)
+    also gets those inputs of each sample."""
+    if family.validation_input is not None:
+        return _training_image_inputs(family, denoiser, index, count)
     if not family.takes_reference:
         return None
     from PIL import Image
@@ -122,8 +123,8 @@ def validation_control(family: Family, denoiser: Any, index: Any, count: int) ->
     from .data import SampleReader
 
     reader = SampleReader()
-    images, lasts = [], []
-    flf2v = wan_i2v.is_flf2v(family)  # the pipeline's `last_image` too: each clip's cached last frame
+    images: list[Any] = []
+    extras: dict[str, list[Any]] = {}  # the pipeline's other inputs (FLF2V: each clip's cached last frame)
     try:
         for key in sorted(index.samples):
             ref = index.samples[key]
@@ -132,13 +133,9 @@ def validation_control(family: Family, denoiser: Any, index: Any, count: int) ->
                 continue
             pixels, _ = read_conditioning(reader, ref)
             images.append(Image.fromarray(((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()))
-            if flf2v:
-                last = reader.tensors(ref, COND).get(f"0.{wan_i2v.LAST_PIXELS}")
-                if last is None:
-                    raise InputError(f"cached sample {ref.key} has no last frame, which {family.pipeline_class} "
-                                     "first/last-frame-to-video validation renders from: re-run `st cache` with "
-                                     f"model_flavour {wan_i2v.FLF2V_FLAVOUR}")  # fmt: skip
-                lasts.append(Image.fromarray(last.permute(1, 2, 0).contiguous().numpy()))
+            if family.validation_extras is not None:
+                for name, image in family.validation_extras(family, reader.tensors(ref, COND), ref.key).items():
+                    extras.setdefault(name, []).append(image)
             if len(images) >= max(1, count):
                 break
     finally:
@@ -147,13 +144,14 @@ def validation_control(family: Family, denoiser: Any, index: Any, count: int) ->
         raise InputError(f"{family.pipeline_class} validation needs a cached reference image and the cache has none; "
                          "re-run `st cache` after linking conditioning_data")  # fmt: skip
     return ValidationControl(family.pipeline_class, denoiser, None, ARGUMENTS.get(family.pipeline_class, IMAGE_ARGUMENT),
-                             images, {wan_i2v.LAST_IMAGE_ARGUMENT: lasts} if flf2v else {})  # fmt: skip
+                             images, extras)  # fmt: skip
 
 
-def _low_resolution_inputs(family: Family, denoiser: Any, index: Any, count: int) -> ValidationControl:
-    """DeepFloyd IF stage II's validation inputs: the first `count` cached training images (sorted by key), each
-    resized to a 64-pixel short edge, as SimpleTuner's stage II validation takes dataset images. (SimpleTuner's
-    prompt validation instead renders them with a separate stage I model, which st does not load.)"""
+def _training_image_inputs(family: Family, denoiser: Any, index: Any, count: int) -> ValidationControl:
+    """The validation inputs of a family with `validation_input`: the first `count` cached training images (sorted by
+    key), each passed through it (DeepFloyd IF stage II: resized to a 64-pixel short edge, as SimpleTuner's stage II
+    validation takes dataset images; SimpleTuner's prompt validation instead renders them with a separate stage I
+    model, which st does not load)."""
     from PIL import Image
 
     from .data import SampleReader
@@ -164,7 +162,7 @@ def _low_resolution_inputs(family: Family, denoiser: Any, index: Any, count: int
         for key in sorted(index.samples)[: max(1, count)]:
             pixels = reader.latent(index.samples[key])  # a pixel-space cache: the image itself, in [-1, 1]
             image = Image.fromarray(((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-            images.append(deepfloyd.low_resolution_image(image))
+            images.append(family.validation_input(image))
     finally:
         reader.close()
     if not images:

@@ -40,6 +40,8 @@ RESUMABLE_OPTIONS = (
     "validation_num_inference_steps",
     "validation_guidance",
     "validation_guidance_rescale",
+    "validation_guidance_real",
+    "validation_no_cfg_until_timestep",
     "validation_seed",
     "validation_noise_scheduler",
     "ema_validation",

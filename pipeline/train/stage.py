@@ -27,6 +27,7 @@ from ..quantise import check as check_precision
 from ..quantise import key_content as quantisation_key_content
 from ..runner import StageResult, StageRun
 from . import shard_cache
+from .assistant import key_content as assistant_key_content
 from .checkpoint import list_checkpoints
 from .control import family_for_run
 from .offload import check_config as check_memory
@@ -133,15 +134,14 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     if lycoris_settings is not None:  # the file's settings, not its path: editing the file re-runs training
         stage_config["lycoris_config"] = lycoris_settings
     stage_config.update(quantisation_key_content(config, loaded.base_dir))
+    stage_config.update(assistant_key_content(config, family.name, loaded.base_dir))  # flux schnell, z_image turbo
     # A flavour or model that trains another pipeline (Flux Kontext) changes the training: in the key, and only then,
     # so that other runs keep their keys.
     variant = family_for_run(family, config, source)
     if variant.pipeline_class != family.pipeline_class:
         stage_config["pipeline"] = variant.pipeline_class
-    from ..families import wan22
-
-    stage_config.update(wan22.train_key_entries(variant))  # a Wan 2.2 T2V A14B stage: which it trains
-    stage_config.update(wan_i2v.train_key_entries(variant))  # Wan 2.1 FLF2V: conditioned on first and last frames
+    if variant.train_key_entries is not None:  # a Wan 2.2 T2V A14B stage: which it trains; Wan 2.1 FLF2V
+        stage_config.update(variant.train_key_entries(variant))
     key = sha256_json({"format": FORMAT_VERSION, "parent": cache["digest"], "config": stage_config,
                        "denoiser": without_source(denoiser_identity), "family": family.name})  # fmt: skip
     stage_run = StageRun(TRAIN, SCHEMA_VERSION, out_dir, key, stage_config, force=force)

@@ -17,9 +17,10 @@ from ..errors import InputError, UserError
 from ..families import Family
 from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
-from ..quantise import BasePrecision, parameter_bytes, quantise, upcast_trainable
+from ..quantise import BasePrecision, adapter_dtype, cast_trainable, parameter_bytes, quantise
 from ..prompts import ValidationPrompt
-from . import adapters, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders, tread
+from . import (adapters, assistant, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders,
+               tread)  # fmt: skip
 from .control import family_for_run, prepare_denoiser
 from .family_options import FamilyText, FirstFrame, LoadBalancingLoss, load_base_parts
 from .image_embeds import ImageEmbeds
@@ -142,8 +143,10 @@ class Trainer:
         self.memory_options = offload.MemoryOptions.from_config(config)
         offload.check(self.memory_options, self.device)
 
-        # Frozen weights in the training dtype (quantised when base_model_precision says so), trainable ones in fp32.
+        # Frozen weights in the training dtype (quantised when base_model_precision says so); LoRA / LyCORIS weights in
+        # bf16 with a bf16 base, else fp32, as in SimpleTuner (quantise.adapter_dtype); full training in fp32.
         self.base_precision = BasePrecision.from_config(config, base_dir)
+        assistant_file = assistant.resolve(config, family.name, base_dir)  # a missing adapter stops before loading
         parts = load_base_parts(family, source, config, base_dir, self.base_precision)  # another denoiser, if set
         denoiser = parts["denoiser"]
         self._check_image_sizes(denoiser.config, bool(validation_prompts))
@@ -156,11 +159,14 @@ class Trainer:
         self.speed_setup = speed.setup_denoiser(denoiser, config)
         quantise(denoiser, self.base_precision, family.name, self.device)
         self.denoiser_bytes = parameter_bytes(denoiser)
+        # Flux schnell / Z-Image turbo: SimpleTuner's frozen assistant LoRA under the trained one (or None).
+        self.assistant = assistant.attach(assistant_file, family, denoiser, adapter_dtype(self.base_precision))
         with isolated_rng(seed=self.seed):  # the initial LoRA weights depend on `seed` only
-            self.params = adapters.attach(denoiser, self.adapter_options, family, base_dir=self.base_dir) \
+            self.params = adapters.attach(denoiser, self.adapter_options, family, base_dir=self.base_dir,
+                                          dtype=adapter_dtype(self.base_precision)) \
                 if self.control is None else []  # fmt: skip
             self.text = text_encoders.attach(denoiser, family, source, config, cache_manifest, cache_root, self.device)
-        upcast_trainable(self.params)
+        cast_trainable(self.params, adapter_dtype(self.base_precision))
         # CREPA's hooks and projector (its teacher: a frozen encoder, or another block), before blocks are compiled.
         self.crepa = crepa.attach(crepa_options, family, denoiser, source=source, vae_source=vae_source,
                                   base_dir=base_dir, seed=self.seed, device=self.device) if crepa_options else None
@@ -447,13 +453,17 @@ class Trainer:
 
         if not any(self.eval_sets.values()):
             return {}
+        from .optim import averaged_weights
+
         reader = SampleReader()
         losses: dict[str, list[float]] = {}
         was_training = self.model.training
         self.model.eval()
         try:
             # Compiled blocks run eagerly here: batch 1 without gradients would only add graphs to compile.
-            with torch.no_grad(), self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device):
+            # A schedule-free optimizer's averaged weights are evaluated, as in SimpleTuner.
+            with torch.no_grad(), self._attention(), speed.eager_stance(bool(self.compiled)), \
+                    isolated_rng(self.device), averaged_weights(self.optimizer):  # fmt: skip
                 for name, keys in self.eval_sets.items():
                     losses[name] = self._eval_losses(keys, reader)
         finally:
@@ -488,7 +498,7 @@ class Trainer:
         """Train to `total_steps` (or until SIGINT/SIGTERM); `tracker` receives metrics on the main process."""
         import torch
 
-        from .optim import clip_gradients, optimizer_eval_mode, optimizer_train_mode
+        from .optim import clip_gradients, optimizer_eval_mode, optimizer_metrics, optimizer_train_mode
 
         config = self.config
         self.resume()
@@ -551,6 +561,7 @@ class Trainer:
                               "samples_per_s": self.samples_per_step / max(elapsed, 1e-9)}  # fmt: skip
                     if self.crepa is not None:
                         record.update(self.crepa.metrics())
+                    record.update(optimizer_metrics(self.optimizer))  # prodigy's d, as SimpleTuner logs it
                     if self.evaluation.due(state.step, self.steps_per_epoch):
                         record.update(self.evaluate())
                     if self.is_main:
@@ -609,30 +620,35 @@ class Trainer:
         """The checkpoint and validation that fall on this step (`epoch_done`: it ended epoch `epoch`)."""
         kind = self.checkpoint_options.due(state.step, epoch_done, epoch)
         if kind is not None:
-            self.save_checkpoint(kind)
+            from .optim import averaged_weights
+
+            with averaged_weights(self.optimizer):  # schedule-free: SimpleTuner saves the averaged weights (eval())
+                self.save_checkpoint(kind)
         wants_validation = self.validation_options.due(state.step, epoch_done, epoch)
         if self.has_validation and wants_validation and state.step < self.total_steps:
             self._validate(tracker, f"step-{state.step}")
 
     def _validate(self, tracker, label: str) -> None:
-        from .optim import optimizer_eval_mode, optimizer_train_mode
+        from .optim import averaged_weights
 
         if self.validation_options.validation_method == "external-script":
             self._external_validation(label)
             return
-        if not self.is_main:
-            self.accelerator.wait_for_everyone()
-            return
-        optimizer_eval_mode(self.optimizer)
-        was_training = self.model.training
-        self.unwrapped.eval()
-        try:
-            # Validation renders other shapes than training: compiled blocks run eagerly rather than recompiling.
-            with self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device):
-                self._render(tracker, label)
-        finally:
-            self.unwrapped.train(was_training)
-            optimizer_train_mode(self.optimizer)
+        # Every process moves a schedule-free optimizer's weights to their average and back (their weights stay
+        # equal), and leaves them in the mode they were in: after the last step they stay averaged for the export.
+        with averaged_weights(self.optimizer):
+            if not self.is_main:
+                self.accelerator.wait_for_everyone()
+                return
+            was_training = self.model.training
+            self.unwrapped.eval()
+            try:
+                # Validation renders other shapes than training: compiled blocks run eagerly rather than recompiling.
+                with self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device), \
+                        (self.assistant.for_validation() if self.assistant else nullcontext()):
+                    self._render(tracker, label)
+            finally:
+                self.unwrapped.train(was_training)
         self.accelerator.wait_for_everyone()
 
     def _render(self, tracker, label: str) -> None:

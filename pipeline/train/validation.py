@@ -13,18 +13,26 @@ The SDXL refiner renders through StableDiffusionXLImg2ImgPipeline from an empty 
 `flux_attention_masked_training`, the Flux pipelines render with the prompt's T5 mask added to every joint
 attention, over the whole sequence each transformer call gets (image, and Kontext's reference, tokens), as training
 adds it.
+
+Flux's `validation_guidance_real` > 1 renders with true classifier-free guidance against the cached negative prompt
+(FluxPipeline's `true_cfg_scale`: uncond + scale * (cond - uncond), at the same embedded guidance), skipped for the
+first `validation_no_cfg_until_timestep` steps as in SimpleTuner's Flux pipeline (step i uses it when
+i >= validation_no_cfg_until_timestep). The fluxbooru and libreflux flavours validate as SimpleTuner forces them: true
+CFG 6.0 unless set above 1, at least 28 steps (`real_cfg`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import itertools
 import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..families import Family, deepfloyd, flux, load_components, sdxl, wan22, wan_i2v
+from ..errors import ConfigError, InputError
+from ..families import Family, flux, load_components, sdxl
 from ..log import get_logger
 from ..video_settings import family_framerate
 from . import validation_video
@@ -39,6 +47,33 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
 }  # fmt: skip
+
+
+# SimpleTuner's Flux flavours that validate with true CFG (models/flux/model.py forces these settings on).
+REAL_CFG_FLAVOURS = ("fluxbooru", "libreflux")
+FLAVOUR_REAL_CFG, FLAVOUR_MIN_STEPS = 6.0, 28
+
+
+def real_cfg(family: Family, options: ValidationOptions) -> tuple[ValidationOptions, float | None]:
+    """The validation options as rendered and the true CFG scale (None: off). ConfigError for true CFG, or a
+    CFG-skip count, asked of a family other than Flux."""
+    scale = float(options.validation_guidance_real)
+    if family.name != "flux":
+        if scale > 1.0 or options.validation_no_cfg_until_timestep != 2:
+            raise ConfigError(f"validation_guidance_real / validation_no_cfg_until_timestep (true classifier-free "
+                              f"guidance in validation) are implemented for model_family flux only, not "
+                              f"{family.name}: leave them at 1.0 / 2")  # fmt: skip
+        return options, None
+    if options.model_flavour in REAL_CFG_FLAVOURS:
+        if scale <= 1.0:
+            log.warning("model_flavour %s validates with true CFG: validation_guidance_real %s (as SimpleTuner)",
+                        options.model_flavour, FLAVOUR_REAL_CFG)  # fmt: skip
+            scale = FLAVOUR_REAL_CFG
+        if options.validation_num_inference_steps < FLAVOUR_MIN_STEPS:
+            log.warning("model_flavour %s validates with at least %d steps: validation_num_inference_steps %d (as "
+                        "SimpleTuner)", options.model_flavour, FLAVOUR_MIN_STEPS, FLAVOUR_MIN_STEPS)  # fmt: skip
+            options = dataclasses.replace(options, validation_num_inference_steps=FLAVOUR_MIN_STEPS)
+    return options, (scale if scale > 1.0 else None)
 
 
 def parse_resolutions(value: str, alignment: int = 16) -> list[tuple[int, int]]:
@@ -73,6 +108,7 @@ class Validator:
         the prompts' cached token ids at each validation. `control`: a `controlnet.ValidationControl` (controlnet:
         true), whose ControlNet pipeline renders each prompt with a conditioning image, saved beside the render.
         `family_text`: the run's `FamilyText` (Flux's T5 mask, the refiner's aesthetic score)."""
+        options, self.true_cfg = real_cfg(family, options)
         self.family, self.options, self.out_dir, self.device = family, options, out_dir, device
         self.family_text = family_text
         self.text_encoders = text_encoders
@@ -95,14 +131,9 @@ class Validator:
         components = {family.denoiser.subfolder: self.denoiser, "vae": vae, "scheduler": scheduler}
         if control is not None:
             components["controlnet"] = control.controlnet
-        if wan_i2v.uses_clip(family):  # Wan 2.1 i2v / FLF2V embed the first (and last) frame with the model's CLIP
-            encoder, components["image_processor"] = wan_i2v.load_image_encoder(source)
-            components["image_encoder"] = encoder.to(device)
-        # Wan 2.2: an A14B stage's expert slots and boundary, TI2V's expand_timesteps
-        components.update(wan22.pipeline_components(family, source, self.denoiser,
-                                                    options.wan_validation_load_other_stage, device))
-        if pipeline_class.__name__ == deepfloyd.STAGE_II_PIPELINE:  # it noises the upscaled low-resolution image
-            components["image_noising_scheduler"] = deepfloyd.load_image_noising_scheduler(source)
+        if family.validation_components is not None:  # Wan's CLIP or expert slots, DeepFloyd II's noising scheduler
+            components.update(family.validation_components(family, source, self.denoiser,
+                                                           options.wan_validation_load_other_stage, device))
         for spec in family.text_encoders:
             components[spec.model.subfolder] = None
             components[spec.tokenizer.subfolder] = None
@@ -172,6 +203,9 @@ class Validator:
         folder.mkdir(parents=True, exist_ok=True)
         negative_text = options.validation_negative_prompt if options.validation_negative_prompt is not None else ""
         negative = self.embeds.get(negative_text)
+        if self.true_cfg is not None and negative is None:
+            raise InputError(f"validation_guidance_real needs the negative prompt {negative_text!r} in the cache, "
+                             f"which has no embeddings for it: re-run `st cache` with this validation_negative_prompt")
         seed = options.validation_seed if options.validation_seed is not None else (options.seed or 0)
         with self._vae_on_device(), self._lycoris_strength(), \
                 model_cpu_offload(self.pipe, self.device, self.model_cpu_offload):
@@ -253,6 +287,8 @@ class Validator:
                     extra.update(max_area=width * height, _auto_resize=False)
                 if self.refiner:
                     extra.update(self._refiner_inputs(extra.pop("width"), extra.pop("height")))
+                if self.true_cfg is not None:  # FluxPipeline: true CFG with the negative embeddings
+                    extra["true_cfg_scale"] = self.true_cfg
                 if "negative_prompt_embeds" in kwargs and "negative_prompt" in self.call_params:
                     extra["negative_prompt"] = None  # Sana and PixArt default it to "", which clashes with the embeds
                 if self.family.video:  # MP4 + frame grid PNG per video (validation_video)
@@ -267,7 +303,7 @@ class Validator:
                     paths += validation_video.render(self.pipe, kwargs, extra, folder / f"{prompt.name}-{width}x{height}",
                                                      frames, fps=rate or validation_video.DEFAULT_FPS)  # fmt: skip
                     continue
-                with torch.no_grad(), self._text_mask(self.embeds[prompt.text]):
+                with torch.no_grad(), self._transformer_calls(self.embeds[prompt.text], negative):
                     images = self.pipe(**kwargs, **extra).images
                 for i, image in enumerate(images):
                     path = folder / f"{prompt.name}-{width}x{height}-{i}.png"
@@ -287,25 +323,47 @@ class Validator:
                 "aesthetic_score": sdxl.DEFAULT_AESTHETIC_SCORE if score is None else score}  # fmt: skip
 
     @contextlib.contextmanager
-    def _text_mask(self, item: dict[str, Any]):
-        """With flux_attention_masked_training, every transformer call of the pipeline gets the prompt's stored T5
-        mask as its `joint_attention_kwargs`, built for the tokens of that call (`flux.joint_attention_mask`)."""
-        if self.family_text is None or not self.family_text.attention_mask:
+    def _transformer_calls(self, item: dict[str, Any], negative: dict[str, Any] | None):
+        """Hooks on the pipeline's transformer calls. With flux_attention_masked_training, each call gets its text's
+        stored T5 mask (the prompt's; with true CFG, the negative prompt's on the unconditional call) as its
+        `joint_attention_kwargs`, built for the tokens of that call (`flux.joint_attention_mask`). With true CFG,
+        FluxPipeline calls the transformer twice a step (conditional, then unconditional); on the first
+        `validation_no_cfg_until_timestep` steps the unconditional call returns the conditional output, so the
+        pipeline's uncond + scale * (cond - uncond) is exactly the conditional prediction: no CFG on those steps,
+        as SimpleTuner's pipeline. (The skipped call still runs: a forward hook cannot skip the forward.)"""
+        masked = self.family_text is not None and self.family_text.attention_mask
+        cfg = self.true_cfg is not None
+        until = self.options.validation_no_cfg_until_timestep if cfg else 0
+        if not masked and until <= 0:
             yield
             return
-        mask = self.family_text.denoiser_text([item], {})["attention_mask"].to(self.device)
+        texts = [item, negative] if cfg else [item]
+        masks = [self.family_text.denoiser_text([t], {})["attention_mask"].to(self.device) for t in texts] \
+            if masked else []  # fmt: skip
+        calls, state = itertools.count(), {}
 
-        def masked(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-            tokens = kwargs["hidden_states"]
-            kwargs["joint_attention_kwargs"] = {
-                "attention_mask": flux.joint_attention_mask(mask, tokens.shape[1], tokens.dtype)}
+        def before(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            n = next(calls)
+            state["uncond"], state["step"] = (n % 2 == 1, n // 2) if cfg else (False, n)
+            if masked:
+                tokens = kwargs["hidden_states"]
+                kwargs["joint_attention_kwargs"] = {"attention_mask": flux.joint_attention_mask(
+                    masks[int(state["uncond"])], tokens.shape[1], tokens.dtype)}  # fmt: skip
             return args, kwargs
 
-        handle = self.denoiser.register_forward_pre_hook(masked, with_kwargs=True)
+        def after(module: Any, args: Any, output: Any) -> Any:
+            if not state["uncond"]:
+                state["cond"] = output
+                return None
+            return state.pop("cond") if state["step"] < until else None
+
+        handles = [self.denoiser.register_forward_pre_hook(before, with_kwargs=True),
+                   self.denoiser.register_forward_hook(after)]  # fmt: skip
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
 
 def _diffusers_class(name: str) -> type:

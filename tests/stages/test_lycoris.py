@@ -216,3 +216,26 @@ def test_lycoris_trains_on_an_int8_base(cached, tmp_path):
     assert_trained(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stats"]["denoiser"]["base_model_precision"] == "int8-quanto"
+
+
+def test_bf16_network_is_held_and_saved_in_bf16_and_restarts_exactly(cached, tmp_path):
+    """mixed_precision bf16: the LyCORIS network is trained and saved in bf16 (SimpleTuner moves it to weight_dtype
+    and saves it in its parameters' dtype); started from that file with learning_rate 0, a run gives it back bit for
+    bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.train.checkpoint import read_checkpoint
+
+    first, again = tmp_path / "first", tmp_path / "again"
+    lycoris_train(cached("sd1x"), first, ALGOS["loha"], 'mixed_precision="bf16"', "checkpoint_step_interval=1")
+    assert_trained(first)
+    saved = first / "final" / "pytorch_lora_weights.safetensors"
+    start = load_file(str(saved))
+    assert {v.dtype for v in start.values()} == {torch.bfloat16}
+    weights = read_checkpoint(first / "checkpoints" / "checkpoint-2")["weights"]
+    assert {v.dtype for k, v in weights.items() if "hada_w" in k} == {torch.bfloat16}
+    lycoris_train(cached("sd1x"), again, ALGOS["loha"], 'mixed_precision="bf16"', f'init_lora="{saved}"',
+                  "learning_rate=0")  # fmt: skip
+    end = load_file(str(again / "final" / "pytorch_lora_weights.safetensors"))
+    assert set(end) == set(start) and all(torch.equal(end[k], start[k]) for k in start)

@@ -237,10 +237,12 @@ def test_comfyui_sgm_names_cover_every_unet_module_kind(runs, tiny_model, tmp_pa
 
 
 def _deltas(tensors: dict, prefix: str = "diffusion_model.") -> dict:
-    """Native module -> the weight change ComfyUI applies: alpha / rank * up @ down."""
+    """Native module -> the weight change ComfyUI applies: alpha / rank * up @ down (in fp32, as ComfyUI patches; a
+    LoRA trained under bf16 is stored in bf16)."""
     names = {k[len(prefix) : -len(".alpha")] for k in tensors if k.endswith(".alpha")}
-    return {n: tensors[f"{prefix}{n}.alpha"] / tensors[f"{prefix}{n}.lora_A.weight"].shape[0]
-            * tensors[f"{prefix}{n}.lora_B.weight"] @ tensors[f"{prefix}{n}.lora_A.weight"] for n in names}  # fmt: skip
+    return {n: tensors[f"{prefix}{n}.alpha"].float() / tensors[f"{prefix}{n}.lora_A.weight"].shape[0]
+            * tensors[f"{prefix}{n}.lora_B.weight"].float() @ tensors[f"{prefix}{n}.lora_A.weight"].float()
+            for n in names}  # fmt: skip
 
 
 def _check_fused(mods, tensors, expected: dict[str, tuple[str, int, tuple[int, ...]]]) -> None:
@@ -252,7 +254,7 @@ def _check_fused(mods, tensors, expected: dict[str, tuple[str, int, tuple[int, .
         mod = by_name[module]
         unit = mod.up.shape[0] // sizes[slot]
         start = sum(sizes[:slot]) * unit
-        want = mod.scale * mod.up @ mod.down
+        want = mod.scale * mod.up.float() @ mod.down.float()
         got = deltas[native][start : start + want.shape[0]]
         assert float((got - want).abs().max()) <= 1e-6 * max(1.0, float(want.abs().max())), module
 

@@ -188,19 +188,28 @@ def test_a_diverging_loss_stops_with_advice_and_keeps_the_checkpoint(data, tmp_p
 # ------------------------------------------------------------------------------------------------------- init_lora
 
 
-def test_init_lora_starts_from_the_given_weights(data, baseline, tmp_path):
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", "bfloat16"), ("no", "float32")])
+def test_init_lora_starts_from_the_given_weights(data, baseline, tmp_path, precision, dtype):
+    """The baseline ran under the default bf16 (kept on a CPU with AVX512-BF16 / AMX), so its LoRA was held, trained
+    and saved in bf16, as SimpleTuner does. Started from it with learning_rate 0, a bf16 run gives it back bit for bit,
+    and an fp32 run (mixed_precision no) holds and saves the same values in fp32."""
     import torch
 
     root, config = data("sd1x")
-    start = _load(baseline / "final" / "pytorch_lora_weights.safetensors")
+    init = baseline / "final" / "pytorch_lora_weights.safetensors"
+    start = _load(init)
+    assert {v.dtype for v in start.values()} == {torch.bfloat16}
     # lora_B starts at zero, so a fresh run's weights could not equal these.
     assert any(".lora_B." in k and v.abs().max() > 0 for k, v in start.items())
-    init = baseline / "final" / "pytorch_lora_weights.safetensors"
-    # fp32: under the default bf16 (kept on a CPU with AVX512-BF16 / AMX) the weights do not come back bit for bit
-    train(config, root / "cache", tmp_path / "out", f'init_lora="{init}"', "learning_rate=0", 'mixed_precision="no"')
+    train(config, root / "cache", tmp_path / "out", f'init_lora="{init}"', "learning_rate=0",
+          f'mixed_precision="{precision}"', "checkpoint_step_interval=1")  # fmt: skip
     end = _load(tmp_path / "out" / "final" / "pytorch_lora_weights.safetensors")
     assert set(end) == set(start)
-    assert all(torch.equal(end[k], start[k]) for k in start)
+    assert {v.dtype for v in end.values()} == {getattr(torch, dtype)}
+    assert all(torch.equal(end[k], start[k].to(end[k].dtype)) for k in start)
+    # the trained parameters themselves (what a checkpoint stores) are held in that dtype
+    weights = read_checkpoint(tmp_path / "out" / "checkpoints" / "checkpoint-2")["weights"]
+    assert weights and {v.dtype for v in weights.values()} == {getattr(torch, dtype)}
 
 
 # ------------------------------------------------------------------------------------------ objective and optimizer
@@ -224,14 +233,55 @@ def test_other_optimizers_train(data, tmp_path, optimizer):
     import torch
 
     root, config = data("sd1x")
-    lr = 1.0 if optimizer == "prodigy" else 1e-3  # prodigy estimates the step size; learning_rate scales it
-    result = train(config, root / "cache", tmp_path / "out", f'optimizer="{optimizer}"', f"learning_rate={lr}")
+    # SimpleTuner's prodigy estimates the step size and runs at lr 1.0: learning_rate is not used (d0 raised so
+    # that 2 steps move the weights visibly).
+    sets = ['optimizer_config="d0=1e-3"'] if optimizer == "prodigy" else ["learning_rate=1e-3"]
+    result = train(config, root / "cache", tmp_path / "out", f'optimizer="{optimizer}"', *sets)
     assert result.manifest["metrics"]["steps"] == 2
     losses = _losses(tmp_path / "out")
     assert sorted(losses) == [1, 2] and all(math.isfinite(x) for x in losses.values())
     weights = _load(tmp_path / "out" / "final" / "pytorch_lora_weights.safetensors")
     assert any(".lora_B." in k and v.abs().max() > 0 for k, v in weights.items())  # the weights moved
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_prodigy_resumes_exactly_and_logs_its_step_size(data, tmp_path):
+    """SimpleTuner's prodigy (Prodigy-Plus-Schedule-Free): a checkpoint holds the averaged weights and the optimizer's
+    state (z, p0, s, moments, d per group); a run resumed from it equals the uninterrupted run bit for bit."""
+    root, config = data("sd1x")
+    # d_coef 10: d grows within 2 steps of the tiny LoRA; the step-0 and per-checkpoint evaluations and the checkpoint
+    # switch the weights to their average and back in both runs.
+    sets = ['optimizer="prodigy"', 'optimizer_config="d_coef=10"', "prodigy_steps=4", "checkpoint_step_interval=2",
+            'mixed_precision="no"', "max_train_steps=4"]  # fmt: skip
+    straight = tmp_path / "straight"
+    train(config, root / "cache", straight, *sets)
+    records = {r["step"]: r for r in _records(straight) if "loss" in r}
+    # Step 1 cannot adapt d (the weights are still at their start); steps 2 and 3 do; step 4 keeps it.
+    assert records[2]["prodigy_d"] > records[1]["prodigy_d"] == 1e-6, records
+    assert records[2]["prodigy_effective_lr"] == records[2]["prodigy_d"]
+    assert records[4]["prodigy_d"] == records[3]["prodigy_d"]
+    resumed = tmp_path / "resumed"
+    checkpoint = straight / "checkpoints" / "checkpoint-2"
+    train(config, root / "cache", resumed, *sets, f'resume_from_checkpoint="{checkpoint}"')
+    again = {r["step"]: r for r in _records(resumed) if "loss" in r}
+    assert sorted(again) == [3, 4]
+    assert [again[s]["loss"] for s in (3, 4)] == [records[s]["loss"] for s in (3, 4)]
+    assert [again[s]["prodigy_d"] for s in (3, 4)] == [records[s]["prodigy_d"] for s in (3, 4)]
+    weights = Path("final") / "pytorch_lora_weights.safetensors"
+    assert (resumed / weights).read_bytes() == (straight / weights).read_bytes()
+
+
+def test_schedule_free_exports_its_averaged_weights_after_the_final_validation(data, tmp_path):
+    """The final validation renders the averaged weights and leaves them averaged: the exported LoRA is the same
+    with and without validation (before, validation put the training point back and that was exported)."""
+    root, config = data("sd1x")
+    sets = ['optimizer="adamw_schedulefree"', "learning_rate=1e-3"]
+    train(config, root / "cache", tmp_path / "plain", *sets)
+    train(config, root / "cache", tmp_path / "validated", *sets, "validation_disable=false",
+          'validation_resolution="64"', "validation_num_inference_steps=1")  # fmt: skip
+    assert list((tmp_path / "validated" / "validation").rglob("*.png"))
+    weights = Path("final") / "pytorch_lora_weights.safetensors"
+    assert (tmp_path / "validated" / weights).read_bytes() == (tmp_path / "plain" / weights).read_bytes()
 
 
 def test_cosine_schedule_is_simpletuners_wave(data, tmp_path):

@@ -28,8 +28,8 @@ DEFAULTS = {
     "qwen_image": ("v2.0", "Qwen/Qwen-Image-2512"),
     "sana": ("sana1.5-4.8b-1024", "Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers"),
     "kolors": ("1.0", "terminusresearch/kwai-kolors-1.0"),
-    # SimpleTuner's default "turbo-ostris-v2" needs its assistant LoRA: refused (NOT_YET), never swapped for "base".
-    "z_image": ("turbo-ostris-v2", None),
+    # SimpleTuner's default "turbo-ostris-v2": a LoRA trains over its assistant LoRA (pipeline.train.assistant).
+    "z_image": ("turbo-ostris-v2", "TONGYI-MAI/Z-Image-Turbo"),
     "chroma": ("base", "lodestones/Chroma1-Base"),
     "hidream": ("full", "HiDream-ai/HiDream-I1-Full"),
     "cosmos2image": ("2b", "nvidia/Cosmos-Predict2-2B-Text2Image"),
@@ -42,13 +42,9 @@ DEFAULTS = {
 }
 # Flavours SimpleTuner trains with features st lacks: (family, flavour, the feature named in the error).
 NOT_YET = [
-    ("flux", "schnell", "fast schedule"),
-    ("flux", "libreflux", "attention-masked training"),
-    ("flux", "fluxbooru", "validation_guidance_real"),
     ("sd1x", "realvis", "model_family sdxl"),
     ("pixart_sigma", "900M-1024-v0.7-stage1", "refiner_training"),
     ("qwen_image", "edit-v2+", "needs zero_cond_t on the Qwen-Image-Edit-2509 transformer"),
-    ("z_image", "turbo-ostris-v2", "needs an assistant LoRA"),
     ("z_image", "ostris-de-turbo", "transformer from another repository"),
     ("wan", "vace-1.3b-2.1", "VACE control training"),
 ]
@@ -94,6 +90,8 @@ def test_without_a_path_the_default_flavour_names_the_model(tmp_path, name):
         ("hidream", "fast", "HiDream-ai/HiDream-I1-Fast"),
         ("flux2", "klein-4b", "black-forest-labs/FLUX.2-klein-base-4B"),
         ("flux2", "dev", "black-forest-labs/FLUX.2-dev"),
+        ("flux", "fluxbooru", "terminusresearch/fluxbooru-v0.3"),
+        ("flux", "libreflux", "jimmycarter/LibreFlux-SimpleTuner"),
     ],
 )
 def test_a_flavour_names_its_hub_id(tmp_path, family, flavour, hub_id):
@@ -124,10 +122,10 @@ def test_a_flavour_st_cannot_train_yet_is_refused(tmp_path, family, flavour, fea
 
 
 def test_a_refused_flavour_is_refused_beside_a_path_too(tmp_path, tiny_model):
-    """SimpleTuner's libreflux flavour changes how it trains whatever model the path names."""
-    loaded = load(tmp_path, model_family="flux", model_flavour="libreflux",
+    """SimpleTuner's stage-1 PixArt flavour changes how it trains whatever model the path names."""
+    loaded = load(tmp_path, model_family="pixart_sigma", model_flavour="900M-1024-v0.7-stage1",
                   pretrained_model_name_or_path=str(tiny_model("sd1x")))  # fmt: skip
-    with pytest.raises(ConfigError, match="attention-masked"):
+    with pytest.raises(ConfigError, match="refiner_training"):
         model_sources(loaded)
 
 
@@ -159,9 +157,24 @@ def test_check_names_the_flavours_hub_id(tmp_path):
 
 
 def test_check_reports_a_refused_flavour(tmp_path):
+    config = write_sample_dataset(tmp_path, images=2, family="z_image")
+    report = run_check(config, ["model_flavour=ostris-de-turbo"])
+    assert [p for p in report.problems if "flavour 'ostris-de-turbo'" in p and "not supported yet" in p]
+
+
+@pytest.mark.parametrize(("flavour", "hub_id", "needs"), [
+    ("fluxbooru", "terminusresearch/fluxbooru-v0.3", "flux_guidance_value=3.5"),
+    ("libreflux", "jimmycarter/LibreFlux-SimpleTuner", "flux_attention_masked_training=true"),
+])  # fmt: skip
+def test_check_resolves_the_true_cfg_flavours(tmp_path, flavour, hub_id, needs):
+    """fluxbooru and libreflux validate with true CFG (validation_guidance_real), which st implements for Flux; what
+    SimpleTuner overrides for them to train, st asks for (exit 2 naming the setting)."""
     config = write_sample_dataset(tmp_path, images=2, family="flux")
-    report = run_check(config, ["model_flavour=libreflux"])
-    assert [p for p in report.problems if "flavour 'libreflux'" in p and "not supported yet" in p]
+    report = run_check(config, [f"model_flavour={flavour}"])
+    assert [p for p in report.problems if f"model_flavour {flavour}" in p and f"set {needs}" in p]
+    report = run_check(config, [f"model_flavour={flavour}", needs])
+    assert report.ok, report.problems
+    assert any(line.startswith(f"model {hub_id} (flux; a hub id") for line in report.checked)
 
 
 def test_cache_stops_offline_naming_the_hub_id(cli, tmp_path, monkeypatch):

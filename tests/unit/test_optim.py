@@ -19,6 +19,7 @@ from pipeline.train.optim import (
     build_optimizer,
     clip_gradients,
     effective_learning_rate,
+    averaged_weights,
     optimizer_eval_mode,
     optimizer_train_mode,
     parse_optimizer_config,
@@ -36,7 +37,7 @@ CPU_OPTIMIZERS = {
     "optimi-adamw": 0.1,
     "optimi-stableadamw": 0.1,
     "optimi-lion": 0.05,
-    "prodigy": 1.0,
+    "prodigy": 1.0,  # not used: SimpleTuner's prodigy runs at lr 1.0 (its d0 is raised below for a 20-step test)
     "adamw_schedulefree": 0.1,
 }
 
@@ -49,7 +50,8 @@ def quadratic(p: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(CPU_OPTIMIZERS))
 def test_each_cpu_optimizer_reduces_a_quadratic(name):
     p = torch.nn.Parameter(torch.zeros(4))
-    config = Config(optimizer=name, learning_rate=CPU_OPTIMIZERS[name], adam_weight_decay=0.0)
+    extra = {"optimizer_config": "d0=1e-2"} if name == "prodigy" else {}
+    config = Config(optimizer=name, learning_rate=CPU_OPTIMIZERS[name], adam_weight_decay=0.0, **extra)
     opt = build_optimizer([p], config, device_type="cpu")
     start = quadratic(p).item()
     for _ in range(20):
@@ -140,12 +142,100 @@ def test_parse_optimizer_config_values():
         parse_optimizer_config("novalue")
 
 
-def test_prodigy_hints_about_learning_rate(caplog):
-    p = torch.nn.Parameter(torch.zeros(2))
+# SimpleTuner's optimizer_choices["prodigy"]["default_settings"] (helpers/training/optimizer_param.py).
+SIMPLETUNER_PRODIGY = dict(lr=1.0, betas=(0.9, 0.99), beta3=None, weight_decay=0.0, weight_decay_by_lr=True,
+                           use_bias_correction=False, d0=1e-6, d_coef=1, prodigy_steps=0, use_speed=False, eps=1e-8,
+                           split_groups=True, split_groups_mean=True, factored=True, factored_fp32=True,
+                           fused_back_pass=False, use_stableadamw=True, use_cautious=False, use_grams=False,
+                           use_adopt=False, stochastic_rounding=True)  # fmt: skip
+
+
+def prodigy_params(dtype=torch.float32):
+    """Two groups (split_groups applies), one matrix large enough for the factored second moment (dims >= 32)."""
+    torch.manual_seed(0)
+    return [{"params": [torch.nn.Parameter(torch.randn(40, 36).to(dtype))]},
+            {"params": [torch.nn.Parameter(torch.randn(6).to(dtype))]}]  # fmt: skip
+
+
+def prodigy_steps_of(opt, groups, steps, start=0):
+    params = [p for g in groups for p in g["params"]]
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        gen = torch.Generator().manual_seed(step)
+        sum(((p.float() - torch.randn(p.shape, generator=gen)) ** 2).sum() for p in params).backward()
+        opt.step()
+
+
+def test_prodigy_is_simpletuners_prodigy_plus_schedule_free(caplog):
+    from prodigyplus.prodigy_plus_schedulefree import ProdigyPlusScheduleFree
+
+    ours, reference = prodigy_params(), prodigy_params()
     with caplog.at_level(logging.WARNING, logger="st"):
-        opt = build_optimizer([p], Config(optimizer="prodigy", learning_rate=1e-4), device_type="cpu")
-    assert opt.param_groups[0]["lr"] == 1e-4
-    assert "learning_rate=1.0" in caplog.text
+        opt = build_optimizer(ours, Config(optimizer="prodigy", learning_rate=1e-4, adam_weight_decay=0.3,
+                                           adam_epsilon=1e-3, max_grad_norm=0.01), device_type="cpu")  # fmt: skip
+    assert isinstance(opt, ProdigyPlusScheduleFree)
+    assert "learning_rate=0.0001 is not used" in caplog.text
+    group = opt.param_groups[0]
+    assert {k: group[k] for k in SIMPLETUNER_PRODIGY} == SIMPLETUNER_PRODIGY  # learning_rate, decay, eps unused
+    ref = ProdigyPlusScheduleFree(reference, **SIMPLETUNER_PRODIGY)
+    prodigy_steps_of(opt, ours, 30)
+    prodigy_steps_of(ref, reference, 30)
+    assert opt.param_groups[0]["d"] > 1e-6  # d has grown ...
+    for a, b in zip(ours, reference):  # ... exactly as the package's optimizer with SimpleTuner's settings
+        assert torch.equal(a["params"][0], b["params"][0])
+    # Gradients are never clipped for prodigy (SimpleTuner's should_clip_gradients), whatever max_grad_norm says.
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([30.0, -40.0, 0.0])
+    assert clip_gradients([p], Config(optimizer="prodigy", max_grad_norm=1.0)) == 50.0
+    assert torch.equal(p.grad, torch.tensor([30.0, -40.0, 0.0]))
+
+
+def test_prodigy_settings_from_optimizer_config_betas_and_prodigy_steps(caplog):
+    groups = prodigy_params()
+    config = Config(optimizer="prodigy", optimizer_config="d_coef=2,lr=0.5,use_speed=true,prodigy_steps=7",
+                    optimizer_beta1=0.95, optimizer_beta2=0.98, prodigy_steps=3)  # fmt: skip
+    group = build_optimizer(groups, config, device_type="cpu").param_groups[0]
+    assert (group["d_coef"], group["lr"], group["use_speed"]) == (2, 0.5, True)
+    assert group["betas"] == (0.95, 0.98) and group["prodigy_steps"] == 3  # prodigy_steps > 0 wins
+    group = build_optimizer(prodigy_params(), Config(optimizer="prodigy", optimizer_beta2=0.9, prodigy_steps=0,
+                                                     optimizer_config="prodigy_steps=7"), device_type="cpu").param_groups[0]  # fmt: skip
+    assert group["betas"] == (0.9, 0.99) and group["prodigy_steps"] == 7  # one beta alone is not used (SimpleTuner)
+    with pytest.raises(ConfigError, match=r"'bogus'.*prodigy"):
+        build_optimizer(prodigy_params(), Config(optimizer="prodigy", optimizer_config="bogus=1"), device_type="cpu")
+    with caplog.at_level(logging.WARNING, logger="st"):
+        build_optimizer(prodigy_params(), Config(optimizer="optimi-lion", prodigy_steps=5), device_type="cpu")
+    assert "prodigy_steps=5 has no effect with optimizer=optimi-lion" in caplog.text
+
+
+def test_prodigy_steps_freezes_the_step_size():
+    frozen_groups, free_groups = prodigy_params(), prodigy_params()
+    frozen = build_optimizer(frozen_groups, Config(optimizer="prodigy", prodigy_steps=10), device_type="cpu")
+    free = build_optimizer(free_groups, Config(optimizer="prodigy"), device_type="cpu")
+    prodigy_steps_of(frozen, frozen_groups, 9)
+    prodigy_steps_of(free, free_groups, 9)
+    d_last = [g["d"] for g in frozen.param_groups]  # set by step 9; step 10 (k = prodigy_steps) no longer adapts
+    assert d_last == [g["d"] for g in free.param_groups] and d_last[0] > 1e-6  # the same run so far
+    prodigy_steps_of(frozen, frozen_groups, 21, start=9)
+    prodigy_steps_of(free, free_groups, 21, start=9)
+    assert [g["d"] for g in frozen.param_groups] == d_last
+    assert all(g["d"] > d for g, d in zip(free.param_groups, d_last))
+    assert "p0" not in frozen.state[frozen_groups[0]["params"][0]]  # Prodigy's own state is released
+
+
+def test_averaged_weights_switches_schedule_free_optimizers_and_restores_the_mode():
+    groups = prodigy_params()
+    opt = build_optimizer(groups, Config(optimizer="prodigy"), device_type="cpu")
+    prodigy_steps_of(opt, groups, 3)
+    p = groups[0]["params"][0]
+    training = p.detach().clone()
+    with averaged_weights(opt):
+        assert opt.param_groups[0]["train_mode"] is False and not torch.equal(p, training)
+    assert opt.param_groups[0]["train_mode"] is True
+    torch.testing.assert_close(p, training)
+    optimizer_eval_mode(opt)  # at the end of a run: the mode stays eval after a final validation
+    with averaged_weights(opt):
+        pass
+    assert opt.param_groups[0]["train_mode"] is False
 
 
 def test_invalid_value_is_a_config_error():
@@ -279,6 +369,21 @@ def test_schedule_free_gets_a_flat_schedule_and_its_warmup():
         opt.step()
         scheduler.step()
     assert scheduler.get_last_lr() == [1e-4]
+
+
+def test_prodigy_keeps_the_lr_scheduler_over_its_lr_of_one():
+    # SimpleTuner's prodigy: override_lr_scheduler False, can_warmup False: the schedule runs over lr 1.0.
+    config = Config(optimizer="prodigy", lr_scheduler="linear", lr_warmup_steps=4, learning_rate=1e-4)
+    groups = prodigy_params()
+    opt = build_optimizer(groups, config, device_type="cpu")
+    assert "warmup_steps" not in opt.param_groups[0]
+    scheduler = build_lr_scheduler(opt, config, 10)
+    lrs = []
+    for step in range(6):
+        prodigy_steps_of(opt, groups, 1, start=step)
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6])  # linear: warmup 4, then down to 0 at 10
 
 
 def test_lr_scale():

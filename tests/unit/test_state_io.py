@@ -141,7 +141,8 @@ def run_steps(opt, params, steps):
 @pytest.mark.parametrize("name,dtype", [("torch-adamw", torch.float32), ("adamw_bf16", torch.float32),
                                         ("adamw_bf16", torch.bfloat16), ("optimi-adamw", torch.float32),
                                         ("optimi-adamw", torch.bfloat16), ("optimi-lion", torch.float32),
-                                        ("prodigy", torch.float32), ("adamw_schedulefree", torch.float32)])  # fmt: skip
+                                        ("prodigy", torch.float32), ("prodigy", torch.bfloat16),
+                                        ("adamw_schedulefree", torch.float32)])  # fmt: skip
 def test_optimizer_resumes_bitwise(name, dtype, tmp_path):
     torch.manual_seed(0)
     inits = [torch.randn(4, 3).to(dtype), torch.randn(5).to(dtype)]
@@ -168,6 +169,50 @@ def test_optimizer_resumes_bitwise(name, dtype, tmp_path):
         assert a.dtype == b.dtype == dtype
         assert torch.equal(a, b), name
     for a, b in zip(opt.state.values(), resumed.state.values()):
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prodigy_resumes_bitwise_from_an_averaged_checkpoint(dtype, tmp_path):
+    """SimpleTuner's prodigy (Prodigy-Plus-Schedule-Free) as the trainer checkpoints it: the averaged weights (eval
+    mode) with z, p0, s, the factored second moments (fp32 with bf16 weights, p0 and s bf16 with fp32 weights) and the
+    per-group d values; the resumed run equals the uninterrupted one bit for bit, state dtypes included."""
+    from pipeline.train.optim import averaged_weights
+
+    torch.manual_seed(0)
+    inits = [torch.randn(40, 36).to(dtype), torch.randn(6).to(dtype)]
+
+    def make(values):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        groups = [{"params": params[:1]}, {"params": params[1:]}]  # split_groups: d per group
+        return params, build_optimizer(groups, Config(optimizer="prodigy", optimizer_config="d0=1e-4"),
+                                       device_type="cpu")  # fmt: skip
+
+    params, opt = make(inits)
+    run_steps(opt, params, range(4))
+    with averaged_weights(opt):
+        save_state(tmp_path / "opt", {"optimizer": optimizer_state(opt), "rng": rng_state()})
+        snapshot = [p.detach().clone() for p in params]
+    run_steps(opt, params, range(4, 8))
+
+    resumed_params, resumed = make(snapshot)
+    state = load_state(tmp_path / "opt")
+    load_optimizer_state(resumed, state["optimizer"])
+    set_rng_state(state["rng"])  # bf16 weights round stochastically with the global torch generator
+    assert resumed.param_groups[0]["train_mode"] is False
+    run_steps(resumed, resumed_params, range(4, 8))  # run_steps puts it back in train mode first, as the trainer
+    assert opt.param_groups[0]["d"] > 1e-4 and opt.param_groups[0]["k"] == 9
+    for key in ("d", "d_numerator", "k", "weight_sum"):
+        assert [g[key] for g in opt.param_groups] == [g[key] for g in resumed.param_groups], key
+    for a, b in zip(params, resumed_params):
+        assert a.dtype == b.dtype == dtype
+        assert torch.equal(a, b)
+    big = opt.state[params[0]]
+    assert big["p0"].dtype == torch.bfloat16 and big["exp_avg_sq_row"].dtype == torch.float32
+    for a, b in zip(opt.state.values(), resumed.state.values()):
+        assert set(a) == set(b)
         for key in a:
             if isinstance(a[key], torch.Tensor):
                 assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key

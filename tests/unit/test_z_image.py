@@ -65,14 +65,12 @@ def test_predict_is_the_pipelines_denoiser_call(pipe):
     assert torch.equal(ours, -torch.stack(out).squeeze(2))
 
 
-@pytest.mark.parametrize("flavour", ["turbo", "turbo-ostris-v2", "ostris-de-turbo"])
-def test_turbo_flavours_are_refused_with_what_they_need(flavour):
-    need = "assistant LoRA" if flavour != "ostris-de-turbo" else "transformer from another repository"
-    with pytest.raises(ConfigError, match=rf"flavour '{re.escape(flavour)}' .* needs .*{need}"):
-        FAMILY.flavour_hub_id(flavour)
+def test_turbo_flavours_train_over_the_assistant_and_de_turbo_is_refused():
+    with pytest.raises(ConfigError, match=r"flavour 'ostris-de-turbo' .* needs .*transformer from another repository"):
+        FAMILY.flavour_hub_id("ostris-de-turbo")
     assert FAMILY.flavour_hub_id("base") == "TONGYI-MAI/Z-Image"
-    with pytest.raises(ConfigError, match="z_image's default flavour .* set model_flavour to one of base"):
-        FAMILY.flavour_hub_id(None)  # SimpleTuner's default: refused, never replaced by another model
+    assert FAMILY.flavour_hub_id("turbo") == FAMILY.flavour_hub_id("turbo-ostris-v2") == "TONGYI-MAI/Z-Image-Turbo"
+    assert FAMILY.flavour_hub_id(None) == "TONGYI-MAI/Z-Image-Turbo"  # SimpleTuner's default, turbo-ostris-v2
 
 
 # SimpleTuner's simpletuner/examples/z-image.peft-lora/config.json, unchanged.
