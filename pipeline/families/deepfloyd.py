@@ -196,7 +196,7 @@ def is_stage_ii(flavour: str | None, source: str) -> bool:
     """Whether a run of `model_flavour` `flavour` on the model at `source` trains stage II: an ii-* flavour, or a
     diffusers folder (local, or in the hub cache) whose model_index.json names IFSuperResolutionPipeline. An ii-*
     flavour with a stage I folder is refused."""
-    from pipeline.families.flux_kontext import model_index_of
+    from pipeline.families.hub import model_index_of
 
     index = model_index_of(source) or {}
     named = index.get("_class_name")

@@ -414,7 +414,7 @@ def check_training_guidance(config: Any, family: Family) -> None:
 def _variant(flavour: str | None, source: str) -> Family:
     """[dev] for its flavour or a Flux2Pipeline folder, else [klein]; a flavour that names the other pipeline than
     the model folder's is refused."""
-    from pipeline.families.flux_kontext import model_index_of
+    from pipeline.families.hub import model_index_of
 
     pipeline = (model_index_of(source) or {}).get("_class_name")
     dev = flavour == "dev" if pipeline not in (DEV_PIPELINE, FAMILY.pipeline_class) else pipeline == DEV_PIPELINE

@@ -9,12 +9,10 @@ instruction. Everything else (text encoders, LoRA targets, schedule, LoRA files)
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.families import flux
+from pipeline.families import flux, hub
 from pipeline.families.spec import Family
 
 PIPELINE_CLASS = "FluxKontextPipeline"
@@ -55,30 +53,8 @@ def is_kontext(flavour: str | None, source: str) -> bool:
     diffusers folder (local, or in the hub cache) whose `model_index.json` names FluxKontextPipeline."""
     if flavour == FLAVOUR:
         return True
-    index = model_index_of(source)
+    index = hub.model_index_of(source)
     return index is not None and index.get("_class_name") == PIPELINE_CLASS
-
-
-def model_index_of(source: str) -> dict[str, Any] | None:
-    path = Path(str(source)).expanduser()
-    if path.is_dir():
-        found: Any = path / "model_index.json"
-    elif path.exists():
-        return None  # a single-file checkpoint: only the flavour says Kontext
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            found = try_to_load_from_cache(str(source), "model_index.json")
-        except ValueError:  # not a repository id
-            return None
-        if not isinstance(found, str):
-            return None
-    try:
-        loaded = json.loads(Path(found).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
 
 
 FAMILY: Family = dataclasses.replace(flux.FAMILY, pipeline_class=PIPELINE_CLASS, predict=predict,

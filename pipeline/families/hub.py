@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 
 def hub_offline() -> bool:
@@ -57,3 +58,34 @@ def hub_has_folder(repo: str, folder: str, revision: str | None = None) -> bool:
         return any(name.startswith(f"{folder}/") for name in list_repo_files(repo, revision=revision))
     except hub_errors():
         return False
+
+
+def model_json(source: str, name: str) -> dict[str, Any] | None:
+    """The JSON file `name` (e.g. "model_index.json", "transformer/config.json") of a diffusers model folder, or of a
+    hub id in the local hub cache (nothing is downloaded); None for a single-file checkpoint or when not found."""
+    import json
+
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        found: Any = path / name
+    elif path.exists():
+        return None  # a single-file checkpoint
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(str(source), name)
+        except ValueError:  # not a repository id
+            return None
+        if not isinstance(found, str):
+            return None
+    try:
+        loaded = json.loads(Path(found).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def model_index_of(source: str) -> dict[str, Any] | None:
+    """The `model_index.json` of a model folder or of a hub id in the local cache (`model_json`)."""
+    return model_json(source, "model_index.json")

@@ -227,7 +227,7 @@ def variant(flavour: str | None, source: str) -> Family:
     """The family a `qwen_image` run trains: Qwen-Image-Edit for flavour edit-v1, Qwen-Image-Edit-Plus for edit-v2
     and edit-v3, or as the folder's model_index.json names it (QwenImageEditPipeline, QwenImageEditPlusPipeline);
     else Qwen-Image. edit-v2+ is refused (see `PLUS_REFUSED`)."""
-    from pipeline.families.flux_kontext import model_index_of
+    from pipeline.families.hub import model_index_of
 
     if flavour == PLUS_REFUSED:
         raise NotSupportedError(f"qwen_image flavour {PLUS_REFUSED!r} needs {qwen_image.EDIT_V2_PLUS}, not supported "

@@ -203,7 +203,7 @@ def is_refiner(flavour: str | None, source: str) -> bool:
     a diffusers folder (local, or in the hub cache) whose `model_index.json` sets `requires_aesthetics_score`."""
     if flavour is not None and flavour.startswith("refiner-"):
         return True
-    from pipeline.families.flux_kontext import model_index_of
+    from pipeline.families.hub import model_index_of
 
     index = model_index_of(source)
     return index is not None and bool(index.get("requires_aesthetics_score"))

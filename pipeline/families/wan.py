@@ -184,7 +184,7 @@ def _variant(flavour: str | None, source: str) -> Family:
     the Wan 2.2 I2V A14B stage variants (`wan22`) for its flavours and two-expert WanImageToVideoPipeline folders; a
     TI2V 5B (`wan22.TI2V`) for its flavour and expand_timesteps folders; the T2V A14B stage variants (`wan22`) for
     the AnimeGen flavours and two-expert WanPipeline folders (refused without a stage flavour)."""
-    from pipeline.families.flux_kontext import model_index_of
+    from pipeline.families.hub import model_index_of
 
     index = model_index_of(source) or {}
     pipeline = index.get("_class_name", _I2V_PIPELINE if flavour in I2V_FLAVOURS + STAGE_FLAVOURS else "WanPipeline")

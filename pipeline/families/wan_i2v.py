@@ -299,8 +299,6 @@ def cached_conditioning(vae: Any, clip: Any, latent_frames: int, *, last: bool) 
     """A Wan 2.1 i2v / FLF2V clip's conditioning as `st cache` stores it, from the clip (3 x F x H x W in [-1, 1]):
     `0.pixels` (its first frame), with `last` also `0.last_pixels` (the last frame encoded, `last_frame_index`), and
     `0.latent`, the 16 condition channels the pipeline builds from them (float32; the caller casts)."""
-    import torch
-
     first = clip[:, 0].unsqueeze(0)
     if last:
         final = clip[:, last_frame_index(latent_frames, int(vae.config.scale_factor_temporal))].unsqueeze(0)
@@ -332,27 +330,9 @@ def _uint8(pixels: Any) -> Any:
 
 def _transformer_config(source: str) -> dict[str, Any] | None:
     """The `transformer/config.json` of a model folder or of a hub id in the local cache; None when not found."""
-    import json
+    from pipeline.families.hub import model_json
 
-    path = Path(str(source)).expanduser()
-    if path.is_dir():
-        found: Any = path / "transformer" / "config.json"
-    elif path.exists():
-        return None  # a single-file checkpoint
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            found = try_to_load_from_cache(str(source), "transformer/config.json")
-        except ValueError:  # not a repository id
-            return None
-        if not isinstance(found, str):
-            return None
-    try:
-        loaded = json.loads(Path(found).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
+    return model_json(source, "transformer/config.json")
 
 
 def load_image_encoder(source: str, revision: str | None = None) -> tuple[Any, Any]:

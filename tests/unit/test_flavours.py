@@ -62,7 +62,7 @@ def test_every_family_has_simpletuners_default_flavour():
         family = get_family(name)
         assert family.default_flavour == flavour
         if hub_id is None:
-            with pytest.raises(ConfigError, match=f"default flavour .* set model_flavour to one of"):
+            with pytest.raises(ConfigError, match="default flavour .* set model_flavour to one of"):
                 family.flavour_hub_id(None)
         else:
             assert family.flavour_hub_id(None) == hub_id

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
