@@ -396,6 +396,13 @@ class Config:
                                           "negative prompt while validating (> 1 turns it on).")  # fmt: skip
     validation_no_cfg_until_timestep: int = opt(2, TRAIN, help="Flux with validation_guidance_real: the first "
                                                 "validation steps that skip true CFG.")  # fmt: skip
+    validation_guidance_skip_layers: list | None = opt(None, TRAIN, help="SD3: transformer layers (a JSON list) "
+                                                       "skipped for skip-layer guidance while validating.")  # fmt: skip
+    validation_guidance_skip_layers_start: float = opt(0.01, TRAIN, help="SD3 skip-layer guidance: the fraction of "
+                                                       "the validation steps where it starts.")  # fmt: skip
+    validation_guidance_skip_layers_stop: float = opt(0.2, TRAIN, help="SD3 skip-layer guidance: the fraction of "
+                                                      "the validation steps where it stops.")  # fmt: skip
+    validation_guidance_skip_scale: float = opt(2.8, TRAIN, help="SD3 skip-layer guidance scale.")
     validation_seed: int | None = opt(None, TRAIN)
     validation_num_video_frames: int | None = opt(None, TRAIN, help="Frames of each validation video (video "
                                                   "families; unset: the family's default, Wan 81).")  # fmt: skip
@@ -416,6 +423,10 @@ class Config:
                                              "evaluation loss uses; default: all of them.")  # fmt: skip
     eval_dataset_pooling: bool = opt(False, TRAIN, help="One eval_loss over all eval datasets instead of "
                                      "eval_loss/<id> per dataset.")  # fmt: skip
+    evaluation_type: str = opt("none", TRAIN, key=False, choices=("none", "clip"),
+                               help="clip: log the CLIP score of each validation (clip/min, max, mean, std).")
+    pretrained_evaluation_model_name_or_path: str = opt("openai/clip-vit-large-patch14-336", TRAIN, key=False,
+                                                        help="The CLIP model evaluation_type clip scores with.")
     report_to: str = opt("none", TRAIN, choices=("tensorboard", "wandb", "none"), key=False)
     logging_dir: str | None = opt(None, TRAIN, key=False)
     tracker_project_name: str = opt("st", TRAIN, key=False)
@@ -980,6 +991,9 @@ OPTION_RANGES: dict[str, Range] = {
     "validation_guidance_rescale": _FRACTION,
     "validation_guidance_real": _NON_NEGATIVE,
     "validation_no_cfg_until_timestep": Range(0),
+    "validation_guidance_skip_layers_start": _NON_NEGATIVE,
+    "validation_guidance_skip_layers_stop": _NON_NEGATIVE,
+    "validation_guidance_skip_scale": _NON_NEGATIVE,
     "validation_seed": _SEED,
     "validation_num_video_frames": _COUNT,
     "eval_steps_interval": _OFF_OR_EVERY,
@@ -1044,6 +1058,9 @@ def _check_relations(config: Config, where: str) -> None:
         from .tread_settings import parse_routes
 
         parse_routes(config.tread_config)  # its routes' structure and ranges; the blocks when the model loads
+    if config.validation_guidance_skip_layers is not None or any(
+            getattr(config, key) != OPTION_FIELDS[key].default for key in SKIP_LAYER_OPTIONS[1:]):
+        _check_skip_layer_guidance(config, where)
     if config.crepa_enabled and config.crepa_block_index is None:
         raise ConfigError("crepa_enabled is true but crepa_block_index is not set: name the transformer block whose "
                           f"hidden states CREPA aligns (SimpleTuner's example: 8){_place(where)}")  # fmt: skip
@@ -1052,6 +1069,24 @@ def _check_relations(config: Config, where: str) -> None:
         low, high = getattr(config, low_key), getattr(config, high_key)
         if low is not None and high is not None and low > high:
             raise ConfigError(f"option '{low_key}' ({low:g}) is larger than '{high_key}' ({high:g}){_place(where)}")
+
+
+SKIP_LAYER_OPTIONS = ("validation_guidance_skip_layers", "validation_guidance_skip_layers_start",
+                      "validation_guidance_skip_layers_stop", "validation_guidance_skip_scale")
+
+
+def _check_skip_layer_guidance(config: Config, where: str) -> None:
+    """Skip-layer guidance renders through StableDiffusion3Pipeline's `skip_guidance_layers`: SD3 only, a list of
+    layer indices. DEVIATION: SimpleTuner also accepts wan, wan_s2v and zlab_i1 (its own pipelines); st's Wan renders
+    through diffusers' WanPipeline, which has no skip-layer guidance, so it refuses them."""
+    if config.model_family is not None and config.model_family != "sd3":
+        raise ConfigError(f"validation_guidance_skip_layers (and its _start/_stop/_scale options: skip-layer "
+                          f"guidance in validation) is implemented for model_family sd3 only, not "
+                          f"{config.model_family}: remove them{_place(where)}")  # fmt: skip
+    layers = config.validation_guidance_skip_layers
+    if layers is not None and not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in layers):
+        raise ConfigError(f"option 'validation_guidance_skip_layers' must be a JSON list of transformer layer "
+                          f"indices (integers >= 0), e.g. [7, 8, 9]; got {layers!r}{_place(where)}")  # fmt: skip
 
 
 def _check_text_encoder_training(config: Config, where: str) -> None:

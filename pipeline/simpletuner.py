@@ -159,12 +159,9 @@ OPTION_STATES: dict[str, OptionState] = {
                                                  "image; st saves it as its own file beside each render "
                                                  "(`<name>-control.png`), the same pixels either way"),
     **_only_with("distillation_method", "distillation_config"),
-    **_only_with("evaluation_type", "pretrained_evaluation_model_name_or_path"),
     **_only_with("use_adafactor_optimizer", "adafactor_relative_step"),
     **_only_with("validation_adapter_path", "validation_adapter_name validation_adapter_strength "
                                             "validation_adapter_mode validation_adapter_config"),
-    **_only_with("validation_guidance_skip_layers", "validation_guidance_skip_layers_start "
-                                                    "validation_guidance_skip_layers_stop validation_guidance_skip_scale"),
     **_only_with("validation_preview", "validation_preview_steps"),
     **_only_with("layersync_enabled", "layersync_student_block layersync_teacher_block layersync_lambda"),
     **_only_with("scheduled_sampling_max_step_offset",
@@ -177,7 +174,6 @@ OPTION_STATES: dict[str, OptionState] = {
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
     **_refused("distillation", "distillation_method"),
-    "evaluation_type": Refused("CLIP evaluation", "none"),
     "eval_timesteps": Refused("choosing the evaluation timesteps", 28),
     "sdxl_refiner_uses_full_range": Accepted("SimpleTuner defines it but never reads it (refiner_training's range "
                                              "applies whatever it says)"),
@@ -206,7 +202,6 @@ OPTION_STATES: dict[str, OptionState] = {
     "validation_disable_unconditional": Accepted("st renders no unconditional validation image either way"),
     "validation_prompt_library": Refused(_VALIDATION + ": SimpleTuner's built-in prompt library"),
     "validation_adapter_path": Refused(_VALIDATION + ": an extra adapter during validation"),
-    "validation_guidance_skip_layers": Refused(_VALIDATION + ": skip-layer guidance"),
     "validation_preview": Refused(_VALIDATION + ": step-by-step previews"),
 }
 # fmt: on

@@ -178,6 +178,21 @@ IMAGE_ARGUMENTS = {"FluxKontextPipeline": "image", "FluxControlPipeline": "contr
                    "QwenImageEditPipeline": "image", "QwenImageEditPlusPipeline": "image"}
 
 
+def _skip_layers(config: dict) -> str:
+    """SD3's skip-layer guidance as validation rendered it (SimpleTuner's card names the layers; st also names a
+    start, stop or scale that differs from the pipeline's defaults, which are SimpleTuner's)."""
+    layers = config.get("validation_guidance_skip_layers")
+    if layers is None:
+        return ""
+    text = f", skip_guidance_layers={list(layers)}"
+    for option, argument, default in (("validation_guidance_skip_layers_start", "skip_layer_guidance_start", 0.01),
+                                      ("validation_guidance_skip_layers_stop", "skip_layer_guidance_stop", 0.2),
+                                      ("validation_guidance_skip_scale", "skip_layer_guidance_scale", 2.8)):
+        if config.get(option, default) != default:
+            text += f", {argument}={config[option]}"
+    return text
+
+
 def snippet(card: Card) -> str:
     """A diffusers snippet that loads this publication (local folder, or `hub_model_id` when set)."""
     options, family = card.options, card.family
@@ -190,7 +205,7 @@ def snippet(card: Card) -> str:
     given += "".join(f"{keyword}={variable}, " for keyword, variable, _ in images)
     call = (f"image = pipe({_py(prompt)}, {given}num_inference_steps="
             f"{config.get('validation_num_inference_steps', 30)}, "
-            f"guidance_scale={config.get('validation_guidance', 7.5)}).images[0]")  # fmt: skip
+            f"guidance_scale={config.get('validation_guidance', 7.5)}{_skip_layers(config)}).images[0]")  # fmt: skip
     hub = options.hub_model_id
     single = Path(card.base_model).suffix == ".safetensors"
     # A pipeline chosen by the run (control: true loads a Flux base into FluxControlPipeline) is named, not guessed.

@@ -122,6 +122,10 @@ class ValidationOptions(OptionGroup):
     validation_guidance_rescale: float
     validation_guidance_real: float
     validation_no_cfg_until_timestep: int
+    validation_guidance_skip_layers: list | None  # SD3 skip-layer guidance (validation.skip_layer_guidance)
+    validation_guidance_skip_layers_start: float
+    validation_guidance_skip_layers_stop: float
+    validation_guidance_skip_scale: float
     model_flavour: str | None  # Flux's fluxbooru / libreflux validate with true CFG (validation.real_cfg)
     validation_noise_scheduler: str | None
     keep_vae_loaded: bool

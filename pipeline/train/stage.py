@@ -295,7 +295,8 @@ def _document(claim: OutputClaim, trainer, state: RunState, out_dir: Path, *, ru
                   "files": [o for o in outputs if o["path"].startswith("final/")]},  # fmt: skip
         "checkpoints": checkpoints,
         "metrics": {"steps": state.step, "final_loss": state.last_loss, "first_eval_loss": state.first_eval,
-                    "final_eval_loss": state.last_eval},  # fmt: skip
+                    "final_eval_loss": state.last_eval,
+                    **({"final_clip_score": state.last_clip} if state.last_clip is not None else {})},  # fmt: skip
         "validations": state.validations,
         "outputs": outputs,
         "stats": {"steps": state.step, "samples": cache["stats"]["samples"], "batch_size": trainer.samples_per_step,

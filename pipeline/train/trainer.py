@@ -62,6 +62,7 @@ class RunState:
     last_loss: float | None = None
     last_eval: float | None = None
     first_eval: float | None = None
+    last_clip: float | None = None  # evaluation_type clip: the newest validation's mean CLIP score
     checkpoints: list[str] = field(default_factory=list)
     validations: list[str] = field(default_factory=list)
     interrupted: str | None = None
@@ -252,6 +253,11 @@ class Trainer:
                                        embeds=prompts_by_text, out_dir=out_dir / "validation",
                                        device=self.device, text_encoders=self.text,
                                        model_cpu_offload=self.memory_options.enable_model_cpu_offload)  # fmt: skip
+        self.clip_eval = None  # evaluation_type clip: scores each validation's renders (main process)
+        if self.validator is not None and config.evaluation_type == "clip":
+            from .clip_eval import ClipEvaluator
+
+            self.clip_eval = ClipEvaluator(config.pretrained_evaluation_model_name_or_path, self.device)
         self.uploads: list[Any] = []  # checkpoint uploads to the hub (push_checkpoints_to_hub), awaited at the end
 
     def _check_image_sizes(self, denoiser_config, validating: bool) -> None:
@@ -666,6 +672,11 @@ class Trainer:
             paths = validator.render(self.state.step, label)
             tracker.images(f"validation/{label}", paths, self.state.step)
         self.state.validations.append(label)
+        if self.clip_eval is not None:
+            scores = self.clip_eval.evaluate(paths, {p.name: p.text for p in validator.prompts})
+            if scores:
+                tracker.log({"step": self.state.step, **scores})
+                self.state.last_clip = scores["clip/mean"]
         if self.notifier is not None:
             self.notifier.validation(self.state.step, paths, [p.text for p in validator.prompts])
 

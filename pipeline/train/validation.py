@@ -19,6 +19,12 @@ Flux's `validation_guidance_real` > 1 renders with true classifier-free guidance
 first `validation_no_cfg_until_timestep` steps as in SimpleTuner's Flux pipeline (step i uses it when
 i >= validation_no_cfg_until_timestep). The fluxbooru and libreflux flavours validate as SimpleTuner forces them: true
 CFG 6.0 unless set above 1, at least 28 steps (`real_cfg`).
+
+SD3's `validation_guidance_skip_layers` renders with skip-layer guidance, as SimpleTuner does:
+StableDiffusion3Pipeline's `skip_guidance_layers`, `skip_layer_guidance_start` / `_stop` / `_scale` from
+`validation_guidance_skip_layers_start`, `_stop` and `validation_guidance_skip_scale` (`skip_layer_guidance`). The
+pipeline applies it only with classifier-free guidance (validation_guidance > 1), on the steps i with
+start < i / steps < stop.
 """
 
 from __future__ import annotations
@@ -76,6 +82,28 @@ def real_cfg(family: Family, options: ValidationOptions) -> tuple[ValidationOpti
     return options, (scale if scale > 1.0 else None)
 
 
+def skip_layer_guidance(family: Family, options: ValidationOptions) -> dict[str, Any]:
+    """StableDiffusion3Pipeline's skip-layer guidance arguments ({}: off), as SimpleTuner passes them. ConfigError
+    for a family other than SD3 (the config check refuses it first; see config._check_skip_layer_guidance)."""
+    from ..config import OPTION_FIELDS, SKIP_LAYER_OPTIONS
+
+    if family.name != "sd3":
+        if any(getattr(options, key) != OPTION_FIELDS[key].default for key in SKIP_LAYER_OPTIONS):
+            raise ConfigError(f"validation_guidance_skip_layers (skip-layer guidance in validation) is implemented "
+                              f"for model_family sd3 only, not {family.name}: remove it")  # fmt: skip
+        return {}
+    if options.validation_guidance_skip_layers is None:
+        return {}
+    if options.validation_guidance <= 1.0:
+        log.warning("validation_guidance_skip_layers has no effect with validation_guidance %s: "
+                    "StableDiffusion3Pipeline applies skip-layer guidance only with classifier-free guidance (> 1)",
+                    options.validation_guidance)  # fmt: skip
+    return {"skip_guidance_layers": [int(n) for n in options.validation_guidance_skip_layers],
+            "skip_layer_guidance_start": float(options.validation_guidance_skip_layers_start),
+            "skip_layer_guidance_stop": float(options.validation_guidance_skip_layers_stop),
+            "skip_layer_guidance_scale": float(options.validation_guidance_skip_scale)}  # fmt: skip
+
+
 def parse_resolutions(value: str, alignment: int = 16) -> list[tuple[int, int]]:
     """`validation_resolution`: "1024", "1024x768" or several separated by commas -> [(W, H)], rounded down to a
     multiple of 16 (what every family's VAE and patch size divide)."""
@@ -109,6 +137,7 @@ class Validator:
         true), whose ControlNet pipeline renders each prompt with a conditioning image, saved beside the render.
         `family_text`: the run's `FamilyText` (Flux's T5 mask, the refiner's aesthetic score)."""
         options, self.true_cfg = real_cfg(family, options)
+        self.skip_layers = skip_layer_guidance(family, options)
         self.family, self.options, self.out_dir, self.device = family, options, out_dir, device
         self.family_text = family_text
         self.text_encoders = text_encoders
@@ -118,6 +147,10 @@ class Validator:
         self.embeds = embeds
         self.control = control
         self.denoiser = denoiser if control is None else control.denoiser
+        layers = getattr(getattr(self.denoiser, "config", None), "num_layers", None)
+        if self.skip_layers and isinstance(layers, int) and max(self.skip_layers["skip_guidance_layers"]) >= layers:
+            raise ConfigError(f"validation_guidance_skip_layers {self.skip_layers['skip_guidance_layers']} names a "
+                              f"layer past the transformer's {layers} (0..{layers - 1})")  # fmt: skip
         parts = load_components(family, source, vae_source=vae_source, which=("vae", "scheduler"))
         pipeline_class = family.load_pipeline_class() if control is None else _diffusers_class(control.pipeline_class)
         scheduler = parts["scheduler"]
@@ -161,6 +194,9 @@ class Validator:
         self.pipe = pipeline_class(**components)
         self.pipe.set_progress_bar_config(disable=True)
         self.call_params = set(inspect.signature(self.pipe.__call__).parameters)
+        if self.skip_layers and "skip_guidance_layers" not in self.call_params:  # SD3's ControlNet pipeline
+            raise ConfigError(f"validation_guidance_skip_layers: {type(self.pipe).__name__} has no skip-layer "
+                              f"guidance; remove it for this run")  # fmt: skip
         self.sizes = parse_resolutions(options.validation_resolution)
 
     @property
@@ -289,6 +325,7 @@ class Validator:
                     extra.update(self._refiner_inputs(extra.pop("width"), extra.pop("height")))
                 if self.true_cfg is not None:  # FluxPipeline: true CFG with the negative embeddings
                     extra["true_cfg_scale"] = self.true_cfg
+                extra.update(self.skip_layers)  # SD3 skip-layer guidance (skip_layer_guidance)
                 if "negative_prompt_embeds" in kwargs and "negative_prompt" in self.call_params:
                     extra["negative_prompt"] = None  # Sana and PixArt default it to "", which clashes with the embeds
                 if self.family.video:  # MP4 + frame grid PNG per video (validation_video)

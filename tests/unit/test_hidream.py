@@ -95,16 +95,14 @@ EXAMPLE = {
 }  # fmt: skip
 
 
-def test_simpletuners_example_checks_but_for_one_option_st_lacks(tmp_path, monkeypatch):
+def test_simpletuners_example_checks(tmp_path, monkeypatch):
     """Family, flavour, the load-balancing settings (off) and int4 Llama are accepted, and `prodigy_steps` (set though
-    the optimizer is Lion: no effect, as in SimpleTuner); the problem is SimpleTuner's CLIP evaluation, a refusal
-    that names it."""
+    the optimizer is Lion: no effect, as in SimpleTuner), and SimpleTuner's CLIP evaluation."""
     from tests.unit.test_sana_kolors import check_example
 
     report = check_example(tmp_path, monkeypatch, "hidream.peft-lora", EXAMPLE)
-    assert sorted(p.split("`")[1] for p in report.problems) == ["evaluation_type"], report.problems
-    sets = ['evaluation_type="none"']
-    assert check_example(tmp_path, monkeypatch, "hidream.peft-lora", EXAMPLE, sets=sets).ok
-    config = load_config(tmp_path / "config" / "examples" / "hidream.peft-lora" / "config.json", sets).config
+    assert report.ok, report.problems
+    config = load_config(tmp_path / "config" / "examples" / "hidream.peft-lora" / "config.json", []).config
+    assert config.evaluation_type == "clip"
     assert FAMILY.flavour_hub_id(config.model_flavour) == "HiDream-ai/HiDream-I1-Full"
     assert config.prodigy_steps == 100000 and config.optimizer == "optimi-lion"
