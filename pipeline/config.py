@@ -930,6 +930,8 @@ OPTION_RANGES: dict[str, Range] = {
     "lora_dropout": Range(0, 1, high_open=True),
     "init_lokr_norm": _POSITIVE,
     "validation_lycoris_strength": Range(),
+    "assistant_lora_strength": Range(),  # LoRA multipliers: any finite weight, as validation_lycoris_strength
+    "assistant_lora_inference_strength": Range(),
     "singlora_ramp_up_steps": _NON_NEGATIVE,
     "timestep_bias_begin": Range(0, 1000),
     "timestep_bias_end": Range(0, 1000),
