@@ -17,7 +17,7 @@ import pytest
 from pipeline.errors import ConfigError, NotSupportedError, UserError
 from pipeline.train.checkpoint import list_checkpoints, read_checkpoint
 from pipeline.train.trainer import TrainingDiverged
-from tests.helpers.training import QUICK, train
+from tests.helpers.training import QUICK, run_st_train, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -253,8 +253,10 @@ def test_prodigy_resumes_exactly_and_logs_its_step_size(data, tmp_path):
     # switch the weights to their average and back in both runs.
     sets = ['optimizer="prodigy"', 'optimizer_config="d_coef=10"', "prodigy_steps=4", "checkpoint_step_interval=2",
             'mixed_precision="no"', "max_train_steps=4"]  # fmt: skip
+    # Separate `st train` processes, as a user resumes: nothing an earlier in-process run left behind can reach them.
     straight = tmp_path / "straight"
-    train(config, root / "cache", straight, *sets)
+    done = run_st_train((root, config), straight, *QUICK, *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
     records = {r["step"]: r for r in _records(straight) if "loss" in r}
     # Step 1 cannot adapt d (the weights are still at their start); steps 2 and 3 do; step 4 keeps it.
     assert records[2]["prodigy_d"] > records[1]["prodigy_d"] == 1e-6, records
@@ -262,7 +264,8 @@ def test_prodigy_resumes_exactly_and_logs_its_step_size(data, tmp_path):
     assert records[4]["prodigy_d"] == records[3]["prodigy_d"]
     resumed = tmp_path / "resumed"
     checkpoint = straight / "checkpoints" / "checkpoint-2"
-    train(config, root / "cache", resumed, *sets, f'resume_from_checkpoint="{checkpoint}"')
+    done = run_st_train((root, config), resumed, *QUICK, *sets, f'resume_from_checkpoint="{checkpoint}"')
+    assert done.returncode == 0, done.stderr[-3000:]
     again = {r["step"]: r for r in _records(resumed) if "loss" in r}
     assert sorted(again) == [3, 4]
     assert [again[s]["loss"] for s in (3, 4)] == [records[s]["loss"] for s in (3, 4)]
