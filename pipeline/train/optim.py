@@ -32,8 +32,9 @@ DEFAULT_BETAS = (0.9, 0.999)
 # Optimizers that schedule (and warm up) their own learning rate: SimpleTuner's `override_lr_scheduler` / `can_warmup`.
 # prodigy is schedule-free too (train()/eval() switch its weights) but keeps the lr_scheduler, as in SimpleTuner.
 SCHEDULE_FREE = ("adamw_schedulefree",)
-# SimpleTuner's optimizers that are never clipped: Prodigy-Plus scales its updates itself (use_stableadamw).
-UNCLIPPED = ("prodigy",)
+# SimpleTuner's optimizers that are never clipped (its `should_clip_gradients`): StableAdamW and Prodigy-Plus (run with
+# use_stableadamw) scale each update by its own RMS, which does the clipping's work.
+UNCLIPPED = ("prodigy", "optimi-stableadamw")
 
 # SimpleTuner's `optimizer_choices["prodigy"]["default_settings"]`. `optimizer_config` overrides them, then
 # optimizer_beta1 with optimizer_beta2 (both set) the betas, then `prodigy_steps` (> 0); learning_rate,

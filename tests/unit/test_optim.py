@@ -190,6 +190,18 @@ def test_prodigy_is_simpletuners_prodigy_plus_schedule_free(caplog):
     assert torch.equal(p.grad, torch.tensor([30.0, -40.0, 0.0]))
 
 
+@pytest.mark.parametrize("optimizer, clipped", [("optimi-stableadamw", False), ("prodigy", False),
+                                                ("optimi-adamw", True), ("adamw_bf16", True)])  # fmt: skip
+def test_stableadamw_and_prodigy_are_never_clipped_as_in_simpletuner(optimizer, clipped):
+    # SimpleTuner's trainer skips clipping for exactly these two (should_clip_gradients); the norm is still reported.
+    for method in ("value", "norm"):
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.tensor([30.0, -40.0, 0.0])
+        config = Config(optimizer=optimizer, max_grad_norm=1.0, grad_clip_method=method)
+        assert clip_gradients([p], config) == 50.0
+        assert torch.equal(p.grad, torch.tensor([30.0, -40.0, 0.0])) != clipped
+
+
 def test_prodigy_settings_from_optimizer_config_betas_and_prodigy_steps(caplog):
     groups = prodigy_params()
     config = Config(optimizer="prodigy", optimizer_config="d_coef=2,lr=0.5,use_speed=true,prodigy_steps=7",
