@@ -62,7 +62,28 @@ def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
     report.attempt(_check_base_precision, loaded)
     report.attempt(_check_crepa, loaded)
     report.attempt(_check_tread, loaded)
+    report.attempt(_check_context_parallel, loaded)
+    report.attempt(_check_attention, loaded)
     return report
+
+
+def _check_attention(loaded: LoadedConfig) -> None:
+    """attention_mechanism as `st train` decides it before loading the model: the value, the family's transformer,
+    and the packages and device its kernel needs (a CUDA kernel needs a CUDA GPU here, as base_model_precision's
+    CUDA presets do)."""
+    from .speed import check_attention_settings
+
+    check_attention_settings(loaded.config)
+
+
+def _check_context_parallel(loaded: LoadedConfig) -> None:
+    """context_parallel_size, as `st train` checks it before loading the model."""
+    from .families import get_family
+    from .context_parallel_settings import check
+
+    family = loaded.config.model_family
+    if family is not None:
+        check(loaded.config, family, get_family(family).denoiser.class_name)
 
 
 def _check_tread(loaded: LoadedConfig) -> None:

@@ -330,7 +330,7 @@ def tiny_model(
                                                 "i2v-2.2 (wan: Wan 2.2 I2V A14B, two experts); t2v-2.2 (wan: Wan 2.2 "
                                                 "T2V "
                                                 "A14B, two experts); ti2v (wan: Wan 2.2 "
-                                                "TI2V 5B); ii "
+                                                "TI2V 5B); vace (wan: Wan 2.1 VACE, WanVACEPipeline); ii "
                                                 "(deepfloyd: stage II, IFSuperResolutionPipeline); dev (flux2: "
                                                 "FLUX.2 [dev], Flux2Pipeline); edit (qwen_image: "
                                                 "Qwen-Image-Edit, QwenImageEditPipeline); edit-plus (qwen_image: "
@@ -370,6 +370,10 @@ def _tiny_writer(family, flavour: str | None):
         from .families import wan22
 
         return wan22.tiny_t2v
+    if (family.name, flavour) == ("wan", "vace"):
+        from .families import wan_vace
+
+        return wan_vace.tiny
     if (family.name, flavour) == ("deepfloyd", "ii"):
         from .families import deepfloyd
 
@@ -388,7 +392,7 @@ def _tiny_writer(family, flavour: str | None):
         return qwen_image_edit.tiny_plus
     from .errors import ConfigError
 
-    raise ConfigError(f"st tiny-model has no flavour {flavour!r} for {family.name}; flavours: i2v, i2v-2.2, t2v-2.2, ti2v (wan only), ii "
+    raise ConfigError(f"st tiny-model has no flavour {flavour!r} for {family.name}; flavours: i2v, i2v-2.2, t2v-2.2, ti2v, vace (wan only), ii "
                       "(deepfloyd only), dev (flux2 only), edit, edit-plus (qwen_image only)")  # fmt: skip
 
 

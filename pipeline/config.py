@@ -120,6 +120,11 @@ class Config:
     train_batch_size: int = opt(4, PREPARE, TRAIN)
     gradient_accumulation_steps: int = opt(1, PREPARE, TRAIN)
     num_processes: int = opt(1, PREPARE, TRAIN, help="Training processes (accelerate's num_processes).")
+    context_parallel_size: int = opt(1, TRAIN, help="Processes that share one sample's token sequence (context "
+                                     "parallelism, diffusers' _cp_plan; Wan); must divide num_processes.")
+    context_parallel_comm_strategy: str = opt("allgather", TRAIN, key=False, choices=("allgather", "alltoall"),
+                                              help="alltoall: Ulysses attention. allgather (ring attention) runs "
+                                                   "as Ulysses too (the same attention).")  # fmt: skip
     seed: int | None = opt(None, PREPARE, CACHE, TRAIN)
     max_workers: int | None = opt(None, PREPARE, CACHE, key=False, help="Worker processes for scans/decoding.")
 
@@ -163,7 +168,10 @@ class Config:
     singlora_ramp_up_steps: int = opt(0, TRAIN, help="SingLoRA's update ramps in over this many steps (0: 100).")
     peft_lora_target_modules: list | None = opt(None, TRAIN, help="Module names; default: the family's attention.")
     flux_lora_target: str = opt("all", TRAIN, choices=("mmdit", "context", "context+ffs", "all", "all+ffs",
-                                                       "all+ffs+embedder", "ai-toolkit", "tiny", "nano"))  # fmt: skip
+                                                       "all+ffs+embedder", "ai-toolkit", "tiny", "nano", "controlnet",
+                                                       "all+ffs+embedder+controlnet"),
+                                help="Flux's (and Chroma's) LoRA layers; controlnet, all+ffs+embedder+controlnet: "
+                                "the ControlNet's (controlnet true).")  # fmt: skip
     slider_lora_target: bool = opt(False, TRAIN, help="SimpleTuner's slider targets (self-attention, projections, "
                                    "convolutions in and out, time embedding) instead of the family's default.")
     use_dora: bool = opt(False, TRAIN)
@@ -265,8 +273,8 @@ class Config:
     crepa_encoder_image_size: int = opt(518, TRAIN, help="The side frames are resized to for the encoder.")
     # TREAD token routing: see pipeline.tread_settings and pipeline.train.tread.
     tread_config: dict | str | None = opt(None, TRAIN, help="TREAD token routing (flux incl. kontext, flux2, chroma, "
-                                          "auraflow, qwen_image, z_image, sd3, pixart_sigma, wan incl. 2.1/2.2 i2v; "
-                                          "not Wan 2.2 TI2V, sana, hidream, ltxvideo): "
+                                          "auraflow, qwen_image incl. edit, z_image, sd3, pixart_sigma, wan incl. "
+                                          "2.1/2.2 i2v and 2.2 TI2V, sana, hidream, ltxvideo): "
                                           "{\"routes\": [{\"selection_ratio\": 0.5, \"start_layer_idx\": 2, "
                                           "\"end_layer_idx\": -2}]}; a seeded share of the image / video tokens "
                                           "skips blocks start..end while training.")  # fmt: skip
@@ -409,9 +417,9 @@ class Config:
     validation_noise_scheduler: str | None = opt(None, TRAIN, choices=(None, "ddim", "ddpm", "euler", "euler-a",
                                                                        "unipc", "dpm++"))  # fmt: skip
     wan_validation_load_other_stage: bool = opt(False, TRAIN, help="Wan 2.2 A14B stage flavours (i2v-14b-2.2-*, "
-                                                "animegen-t2v-*): validation renders with the frozen other expert "
-                                                "beside the trained one, switching at the boundary (false: the "
-                                                "trained expert alone).")  # fmt: skip
+                                                "flf2v-14b-2.2-*, animegen-t2v-*): validation renders with the "
+                                                "frozen other expert beside the trained one, switching at the "
+                                                "boundary (false: the trained expert alone).")  # fmt: skip
     validation_disable: bool = opt(False, TRAIN, key=False)
     disable_benchmark: bool = opt(False, TRAIN, key=False)
     eval_steps_interval: int | None = opt(None, TRAIN, key=False)
@@ -435,7 +443,10 @@ class Config:
     # Speed and memory (chosen from measurements; see BENCHMARKS.md).
     attention_mechanism: str = opt("diffusers", CACHE, TRAIN, key=False,
                                    help="diffusers (PyTorch SDPA, auto), native-flash, native-efficient, native-math, "
-                                        "cudnn.")  # fmt: skip
+                                        "cudnn, xformers, flash-attn*, flex, native*, sageattention*.")  # fmt: skip
+    sageattention_usage: str = opt("inference", TRAIN, key=False,
+                                   choices=("training", "inference", "training+inference"),
+                                   help="Where a sageattention attention_mechanism runs: validation, training, both.")
     dynamo_backend: str | None = opt(None, CACHE, TRAIN, key=False,
                                      help="torch.compile backend (inductor, ...); env TRAINING_DYNAMO_BACKEND.")
     dynamo_mode: str | None = opt(None, CACHE, TRAIN, key=False)
@@ -915,6 +926,7 @@ OPTION_RANGES: dict[str, Range] = {
     "train_batch_size": Range(1, 65_536),
     "gradient_accumulation_steps": Range(1, 65_536),
     "num_processes": Range(1, 65_536),
+    "context_parallel_size": Range(1, 65_536),
     "seed": _SEED,
     "max_workers": Range(0, 1024, note="0: one per CPU core"),
     # cache
@@ -1063,6 +1075,10 @@ def _check_relations(config: Config, where: str) -> None:
     if config.validation_guidance_skip_layers is not None or any(
             getattr(config, key) != OPTION_FIELDS[key].default for key in SKIP_LAYER_OPTIONS[1:]):
         _check_skip_layer_guidance(config, where)
+    if config.flux_lora_target != OPTION_FIELDS["flux_lora_target"].default:
+        from .families.flux import check_lora_target
+
+        check_lora_target(config, _place(where))
     if config.crepa_enabled and config.crepa_block_index is None:
         raise ConfigError("crepa_enabled is true but crepa_block_index is not set: name the transformer block whose "
                           f"hidden states CREPA aligns (SimpleTuner's example: 8){_place(where)}")  # fmt: skip

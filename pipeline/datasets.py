@@ -355,10 +355,10 @@ def _video_settings(entry: dict[str, Any], dataset_type: str, storage: str, load
     if storage not in ("local", "huggingface"):
         raise NotSupportedError(f"{where}: dataset_type 'video' with storage type '{storage}' is not supported yet; "
                                 "download the videos into a folder and use type 'local' with instance_data_dir")
-    paired = next((k for k in ("conditioning_data", "conditioning") if entry.get(k)), None)
-    if paired is not None:
-        raise NotSupportedError(f"{where}: '{paired}' on a video dataset is not supported yet (st pairs conditioning "
-                                "images with image datasets only); remove it")
+    if entry.get("conditioning"):  # conditioning_data (clips paired by path): Wan VACE, pipeline.families.wan_vace
+        raise NotSupportedError(f"{where}: 'conditioning' (generated conditioning images) on a video dataset is not "
+                                "supported yet; generate the conditioning clips yourself and link their folder with "
+                                "conditioning_data")  # fmt: skip
     from .video_settings import parse_video_block
 
     config = loaded.config

@@ -60,7 +60,8 @@ class BasePrecision:
 
     @classmethod
     def from_config(cls, config: Any, base_dir: Path | None = None) -> "BasePrecision":
-        """The precision of `config` (after `check`): fp32 for model_type full, else the training dtype.
+        """The precision of `config` (after `check`): the training dtype (SimpleTuner's `weight_dtype`: bf16 under
+        mixed_precision bf16, for full training too), fp32 under mixed_precision no and for fp16 full training.
         `base_dir`: where a relative quantization_config path is read from (the config file's folder)."""
         from .families import get_family
 
@@ -72,8 +73,8 @@ class BasePrecision:
         settings = read_quantization_config(config.quantization_config, base_dir or Path.cwd())
         load = resolve(preset, config.quantize_via, settings, family.denoiser.subfolder)
         gguf = gguf_path(config, base_dir)
-        if config.model_type == "full" or config.mixed_precision == "no":
-            dtype = "fp32"
+        if config.mixed_precision == "no" or (config.model_type == "full" and config.mixed_precision != "bf16"):
+            dtype = "fp32"  # DEVIATION: fp16 full training keeps fp32 weights (see adapter_dtype)
         elif (preset != NO_CHANGE or load is not None or gguf) and config.mixed_precision == "bf16":
             dtype = config.base_model_default_dtype
         else:
@@ -150,10 +151,36 @@ def check(config: Any, cuda: bool | None = None, base_dir: Path | None = None) -
         raise ConfigError(f"{precision.described} quantises the frozen base for LoRA training; model_type full "
                           "trains every weight, which cannot be quantised: use model_type lora, or an unquantised base")  # fmt: skip
     if config.lora_type != "standard" and precision.backend != "optimum-quanto":
-        raise NotSupportedError(f"st does not implement {precision.described} with lora_type {config.lora_type} yet: "
-                                f"LyCORIS on a {precision.backend} base (optimum-quanto presets work); set lora_type "
-                                "standard, use a *-quanto preset or an unquantised base")  # fmt: skip
+        _check_lycoris_base(config, precision, base_dir)
     _require_backend(preset, precision.backend)
+
+
+def _check_lycoris_base(config: Any, precision: BasePrecision, base_dir: Path | None) -> None:
+    """LyCORIS on a quantised base other than optimum-quanto's: int8-torchao (quantised after loading) in LyCORIS's
+    bypass mode only. Without bypass_mode a LyCORIS module adds its weight difference to the base layer's weight on
+    every forward, an addition torchao's int8 training weight does not implement; in bypass mode the base layer runs
+    as it is and the LyCORIS path is added to its output (gradients reach the LyCORIS weights, the int8 base stays
+    frozen). The other torchao presets (CUDA-only) and diffusers' load-time quantisation are refused."""
+    from .lycoris_settings import read_config, resolve_config_path
+
+    if precision.preset != "int8-torchao" or precision.load is not None or precision.gguf is not None:
+        raise NotSupportedError(f"st does not implement {precision.described} with lora_type {config.lora_type} yet: "
+                                f"LyCORIS on a {precision.backend} base (optimum-quanto presets work, and "
+                                "int8-torchao with quantize_via cpu or accelerator and \"bypass_mode\": true); set "
+                                "lora_type standard, use a *-quanto preset or an unquantised base")  # fmt: skip
+    try:
+        path = resolve_config_path(config.lycoris_config, base_dir)
+        settings = read_config(path)
+    except ConfigError:
+        return  # a missing or bad lycoris_config is reported by its own check (st check, st train)
+    preset = settings.get("apply_preset") or {}
+    overrides = [o for key in ("module_algo_map", "name_algo_map") for o in (preset.get(key) or {}).values()]
+    bypass = settings.get("bypass_mode") is True and all(o.get("bypass_mode", True) is True for o in overrides)
+    if not bypass:
+        raise ConfigError(f"base_model_precision int8-torchao with lora_type lycoris needs \"bypass_mode\": true in "
+                          f"lycoris_config {path}: without it LyCORIS adds its weight difference to each base weight, "
+                          "which torchao's int8 weights cannot take (in bypass mode the LyCORIS path is added to the "
+                          "int8 layer's output); set \"bypass_mode\": true, or use a *-quanto preset")  # fmt: skip
 
 
 def _require_backend(preset: str, backend: str) -> None:
@@ -309,11 +336,6 @@ def _tensor_bytes(tensor: Any) -> int:
         return inner.numel() * inner.element_size()
     names, _ = flatten()
     return sum(_tensor_bytes(getattr(inner, name)) for name in names)
-
-
-def upcast_trainable(params: list[Any]) -> None:
-    """Trainable parameters in fp32 whatever the frozen weights' dtype (peft creates adapters in the base's dtype)."""
-    cast_trainable(params, "float32")
 
 
 def adapter_dtype(precision: BasePrecision) -> str:

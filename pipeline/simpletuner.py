@@ -134,13 +134,11 @@ OPTION_STATES: dict[str, OptionState] = {
                                             "ramtorch's transfer buffers being overwritten while in use"),
     "ramtorch_disable_extensions": Refused("RamTorch streaming of the denoiser's Embedding, Conv and norm layers "
                                            "(st streams Linear layers only, what true asks for)", True),
-    "context_parallel_size": Refused("context parallelism (one sample's sequence split across GPUs); st trains "
-                                     "data-parallel only, each GPU holding whole samples", 1),
-    "context_parallel_comm_strategy": Accepted("read only with context_parallel_size above 1, which st refuses"),
+    # context_parallel_size and context_parallel_comm_strategy are Config fields (pipeline.train.context_parallel).
     **_accepted(_SPEED, "enable_xformers_memory_efficient_attention validation_torch_compile "
                         "validation_torch_compile_mode"),
-    "sageattention_usage": Accepted("read only with a sageattention attention_mechanism, which st does not offer"),
-    "sla_config": Accepted("read only with attention_mechanism sla, which st does not offer"),
+    # sageattention_usage is a Config field (pipeline.speed).
+    "sla_config": Accepted("read only with attention_mechanism sla, which st refuses"),
     "output_dir": Accepted("st writes each stage's outputs where its `-o/--output` points"),
     "checkpointing_use_tempdir": Accepted("st always writes checkpoints under a temporary name and renames them"),
     "delete_model_after_load": Accepted("st never deletes model files (a local model folder, or a hub cache that other runs share); it only frees disk space"),
@@ -203,6 +201,15 @@ OPTION_STATES: dict[str, OptionState] = {
     "validation_prompt_library": Refused(_VALIDATION + ": SimpleTuner's built-in prompt library"),
     "validation_adapter_path": Refused(_VALIDATION + ": an extra adapter during validation"),
     "validation_preview": Refused(_VALIDATION + ": step-by-step previews"),
+    # Newer than the option reference st implements: SDNQ's settings, read only with an SDNQ precision preset, which
+    # st refuses (SDNQ_PRESETS below).
+    **_accepted("read only with an SDNQ precision preset (base_model_precision or text_encoder_*_precision "
+                "int8-sdnq, ...), which st does not implement yet",
+                 "sdnq_weights_dtype sdnq_quantized_matmul_dtype sdnq_group_size sdnq_use_quantized_matmul "
+                 "sdnq_compile_mode sdnq_use_static_quantization sdnq_use_stochastic_rounding sdnq_dequantize_fp32 "
+                 "sdnq_use_svd sdnq_svd_rank sdnq_svd_steps sdnq_use_hadamard sdnq_hadamard_group_size "
+                 "sdnq_modules_to_not_convert sdnq_modules_to_not_use_matmul sdnq_modules_dtype_dict "
+                 "sdnq_modules_quant_config"),
 }
 # fmt: on
 
@@ -244,15 +251,20 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
 }
 # fmt: on
 
+# SimpleTuner's SDNQ presets (SD.Next's quantisation engine, the `sdnq` package), newer than the option reference st
+# implements: st has no SDNQ backend (its quantised layers, their LoRA wrapping and hadamard / SVD options).
+SDNQ_PRESETS = ("int8-sdnq", "uint8-sdnq", "int16-sdnq", "uint16-sdnq", "fp16-sdnq", "fp8-sdnq", "int6-sdnq",
+                "int5-sdnq", "uint5-sdnq", "uint4-sdnq", "uint3-sdnq", "uint2-sdnq")  # fmt: skip
+_SDNQ = ("SDNQ quantisation (SD.Next's quantisation engine, the sdnq package), which st has no backend for; "
+         "int8-quanto and int8-torchao give an 8-bit base")  # fmt: skip
+
 # Values of an implemented option that SimpleTuner offers and st does not implement yet: option -> value -> feature.
 REFUSED_CHOICES: dict[str, dict[str, str]] = {
+    **{key: dict.fromkeys(SDNQ_PRESETS, _SDNQ)
+       for key in ("base_model_precision", *(f"text_encoder_{i}_precision" for i in range(1, 5)))},
     "model_family": {"ltxvideo2": "the LTX-2 family (LTX2Pipeline: an audio-video transformer with a Gemma text "
                                   "encoder, a different model from LTX-Video); model_family ltxvideo trains LTX-Video "
                                   "0.9.x"},
-    "flux_lora_target": {
-        "controlnet": "ControlNet / control conditioning training",
-        "all+ffs+embedder+controlnet": "ControlNet / control conditioning training",
-    },
     "lora_init_type": {"loftq": "LoftQ initialisation (peft replaces the base weights by its own quantised copy, so "
                                 "the LoRA would fit that quantised base model, not the base it is published for; "
                                 "quantise with base_model_precision and keep lora_init_type default)"},

@@ -9,8 +9,16 @@ What each option does here:
   cuDNN attention's backward crashed with an illegal memory access on Flux shapes (torch 2.11, H100), so it runs only
   when asked for by name (`cudnn`). `native-flash`, `native-efficient`, `native-math` and `cudnn` allow only that
   kernel (`torch.nn.attention.sdpa_kernel`); where it cannot run (the efficient and cuDNN kernels have no CPU
-  implementation) `check_attention(name, device)` refuses the run before it starts. SimpleTuner's other values
-  (xformers, flash-attn*, flex, sageattention*, sla, native-npu, native-xla) exit 2 as not supported yet.
+  implementation) `check_attention(name, device)` refuses the run before it starts.
+  SimpleTuner's diffusers-dispatcher values (flash-attn, flash-attn-2, flash-attn-3, flash-attn-3-varlen, their -hub
+  variants, flex, native, native-npu, native-xla; `DISPATCHER_BACKENDS`, its alias table) and sageattention* enter
+  diffusers' `attention_backend(...)` context around each step as well, for the transformers whose attention
+  processors call `dispatch_attention_fn` (Flux, Chroma, FLUX.2, Qwen-Image, Z-Image, Cosmos, Wan, LTX-Video); other
+  families (the UNets, SD3, PixArt, ...) refuse them, as they would change nothing there. sageattention* runs where
+  `sageattention_usage` says (default: validation only). `xformers` sets diffusers' xformers processors on the
+  denoiser. The package and device each kernel needs are checked before any model loads
+  (`check_attention_requirements`, also by `st check`): missing, the run exits 2 naming the package (SimpleTuner
+  raises too; nothing falls back to SDPA). `sla` and the Metal kernels exit 2 as not supported yet.
 - `dynamo_backend` (else env `TRAINING_DYNAMO_BACKEND`; unset, "no" or "none": off), `dynamo_mode`,
   `dynamo_fullgraph`, `dynamo_dynamic`: `torch.compile` settings. `compile_module` compiles in place
   (`nn.Module.compile`), so parameter names, state dicts, checkpoints and saved weights are unchanged.
@@ -36,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -57,15 +66,56 @@ SDPA_BACKENDS: dict[str, tuple[str, ...]] = {
     "native-math": ("MATH",),
     "cudnn": ("CUDNN_ATTENTION",),
 }
-ATTENTION_MECHANISMS = tuple(SDPA_BACKENDS)
+# attention_mechanism -> diffusers' attention-dispatcher backend (`AttentionBackendName` value): SimpleTuner's
+# `_DIFFUSERS_BACKEND_TARGETS` (helpers/training/attention_backend.py; "_" and "-" are the same there) and its
+# sageattention values. DEVIATION: SimpleTuner also sends cudnn and native-* through the dispatcher; st restricts
+# SDPA to the same kernel with `sdpa_kernel` (SDPA_BACKENDS), which reaches UNets too and keeps diffusers' native
+# backend, which context parallelism uses.
+DISPATCHER_BACKENDS: dict[str, str] = {
+    "flash": "flash", "flash-attn": "flash", "flash-hub": "flash_hub", "flash-attn-hub": "flash_hub",
+    "flash-attn-2": "flash_varlen", "flash-attn-varlen": "flash_varlen", "flash-varlen": "flash_varlen",
+    "flash-varlen-hub": "flash_varlen_hub", "flash-attn-varlen-hub": "flash_varlen_hub",
+    "flash-attn-3": "_flash_3", "flash3": "_flash_3", "flash-attn3": "_flash_3",
+    "flash3-hub": "_flash_3_hub", "flash-attn-3-hub": "_flash_3_hub",
+    "flash-attn-3-varlen": "_flash_varlen_3", "flash3-varlen": "_flash_varlen_3",
+    "flash-attn3-varlen": "_flash_varlen_3",
+    "flash3-varlen-hub": "_flash_3_varlen_hub", "flash-attn-3-varlen-hub": "_flash_3_varlen_hub",
+    "flash4-hub": "flash_4_hub", "flash-attn-4-hub": "flash_4_hub",
+    "flex": "flex", "flex-attn": "flex", "native": "native", "native-npu": "_native_npu", "native-xla": "_native_xla",
+    # SimpleTuner swaps torch's SDPA for these SageAttention kernels; st selects diffusers' backends of the same ones.
+    "sageattention": "sage", "sageattention-int8-fp16-triton": "_sage_qk_int8_pv_fp16_triton",
+    "sageattention-int8-fp16-cuda": "_sage_qk_int8_pv_fp16_cuda",
+    "sageattention-int8-fp8-cuda": "_sage_qk_int8_pv_fp8_cuda",
+}  # fmt: skip
+XFORMERS = "xformers"  # diffusers' enable_xformers_memory_efficient_attention on the denoiser, as in SimpleTuner
+ATTENTION_MECHANISMS = (*SDPA_BACKENDS, XFORMERS, *DISPATCHER_BACKENDS)  # and native-cudnn (normalise_attention)
 # SimpleTuner's other values: known, not available in st yet.
 ATTENTION_NOT_YET = (
-    "xformers", "flash-attn", "flash-attn-2", "flash-attn-3", "flash-attn-3-varlen", "flex", "sla", "native-npu",
-    "native-xla", "sageattention", "sageattention-int8-fp16-triton", "sageattention-int8-fp16-cuda",
-    "sageattention-int8-fp8-cuda",
+    "sla", "metal-flash-attention", "metal-flash-attention-int8", "metal-flash-attention-int4", "metal-sdpa", "umfa",
+    "universal-metal-flash-attention",
 )  # fmt: skip
 # Kernels PyTorch implements only for CUDA devices.
 _CUDA_ONLY = ("native-efficient", "cudnn")
+# diffusers backend -> (the module it imports, how to get it, the device type it runs on). Training needs flex's
+# backward, which PyTorch's FlexAttention has on CUDA only.
+_HUB = ("kernels", "pip install kernels; diffusers then downloads the kernel from the Hugging Face Hub on first use",
+        "cuda")  # fmt: skip
+_SAGE = ("sageattention", "pip install sageattention", "cuda")
+_FA3 = ("flash_attn_interface", "install it by building flash-attention's hopper/ folder; Hopper GPUs", "cuda")
+_REQUIREMENTS: dict[str, tuple[str | None, str, str | None]] = {
+    "flash": ("flash_attn", "pip install flash-attn", "cuda"),
+    "flash_varlen": ("flash_attn", "pip install flash-attn", "cuda"),
+    "_flash_3": _FA3, "_flash_varlen_3": _FA3,
+    "flash_hub": _HUB, "flash_varlen_hub": _HUB, "_flash_3_hub": _HUB, "_flash_3_varlen_hub": _HUB, "flash_4_hub": _HUB,
+    "flex": (None, "", "cuda"),
+    "native": (None, "", None),
+    "_native_npu": ("torch_npu", "pip install torch-npu", "npu"),
+    "_native_xla": ("torch_xla", "pip install torch-xla", "xla"),
+    "sage": _SAGE, "_sage_qk_int8_pv_fp16_triton": _SAGE, "_sage_qk_int8_pv_fp16_cuda": _SAGE,
+    "_sage_qk_int8_pv_fp8_cuda": _SAGE,
+    XFORMERS: ("xformers", "pip install xformers", "cuda"),
+}  # fmt: skip
+SAGEATTENTION_USAGES = ("training", "inference", "training+inference")
 
 # Whole compiled graphs are kept per input shape (aspect buckets, the last short batch); torch's default of 8 would
 # fall back to eager after the 8th bucket shape.
@@ -90,18 +140,31 @@ class SpeedOptions(OptionGroup):
 # ------------------------------------------------------------------------------------------------------- attention
 
 
+def normalise_attention(name: Any) -> str:
+    """SimpleTuner's spelling rules: case and surrounding space ignored, "_" read as "-", native-cudnn is cudnn;
+    unset is diffusers."""
+    value = str(name or "diffusers").strip().lower().replace("_", "-")
+    return "cudnn" if value == "native-cudnn" else value
+
+
+_OFFERED = ("diffusers, native-flash, native-efficient, native-math, cudnn, xformers, flash-attn, flash-attn-2, "
+            "flash-attn-3, flash-attn-3-varlen, flash-attn-hub, flash-attn-3-hub, flex, native, native-npu, "
+            "native-xla, sageattention, sageattention-int8-fp16-triton, sageattention-int8-fp16-cuda, "
+            "sageattention-int8-fp8-cuda")
+
+
 def check_attention(name: str, device: Any = None) -> str:
-    """Validate `attention_mechanism` (and, given `device`, that its kernel exists there); returns the name."""
-    value = str(name).strip().lower()
+    """Validate `attention_mechanism` (and, given `device`, that an SDPA kernel exists there); returns its
+    normalised name. Requirements of the other kernels: `check_attention_requirements`."""
+    value = normalise_attention(name)
     if value in ATTENTION_NOT_YET:
-        raise NotSupportedError(
-            f"attention_mechanism '{name}' is not supported by st yet; choose one of {', '.join(ATTENTION_MECHANISMS)}"
-        )
-    if value not in SDPA_BACKENDS:
-        raise ConfigError(
-            f"unknown attention_mechanism '{name}'; choose one of {', '.join(ATTENTION_MECHANISMS)} (SimpleTuner's "
-            f"{', '.join(ATTENTION_NOT_YET)} are not supported yet)"
-        )
+        why = ("SparseLinearAttention trains extra projection weights that st does not save" if value == "sla" else
+               "Apple's Metal flash-attention extension")  # fmt: skip
+        raise NotSupportedError(f"attention_mechanism '{name}' is not supported by st yet ({why}); choose one of "
+                                f"{_OFFERED}")  # fmt: skip
+    if value not in ATTENTION_MECHANISMS:
+        raise ConfigError(f"unknown attention_mechanism '{name}'; choose one of {_OFFERED} (SimpleTuner's "
+                          f"{', '.join(ATTENTION_NOT_YET)} are not supported yet)")  # fmt: skip
     if device is not None and value in _CUDA_ONLY and _device_type(device) != "cuda":
         raise ConfigError(
             f"attention_mechanism '{value}' is a CUDA kernel and this run is on {_device_type(device)}; use "
@@ -110,13 +173,213 @@ def check_attention(name: str, device: Any = None) -> str:
     return value
 
 
-def attention_context(name: str = "diffusers", device: Any = None) -> contextlib.AbstractContextManager:
-    """A context manager that restricts SDPA to the kernel(s) of `attention_mechanism` `name`. Enter it around the
-    forward and the backward. A fresh context is returned on each call (enter it once per step)."""
+def attention_backend_of(name: str) -> str | None:
+    """The diffusers dispatcher backend `attention_mechanism` selects (None: SDPA kernel choices, xformers)."""
+    return DISPATCHER_BACKENDS.get(normalise_attention(name))
+
+
+def check_attention_requirements(name: str, device: Any = None) -> str:
+    """Refuse, before any model loads, a kernel whose package or device is missing (exit 2 naming the value, the
+    package and how to get it). `device`: the run's device; None (`st check`): the device `st train` would use here.
+    SimpleTuner raises in these cases too (no fallback to SDPA)."""
+    device = local_device() if device is None else device
+    value = check_attention(name, device)
+    backend = XFORMERS if value == XFORMERS else DISPATCHER_BACKENDS.get(value)
+    if backend is None:
+        return value
+    module, how, needs = _REQUIREMENTS[backend]
+    what = ("xformers' memory-efficient attention" if backend == XFORMERS else
+            f"diffusers' '{backend}' attention backend")  # fmt: skip
+    missing = []
+    if module is not None and importlib.util.find_spec(module) is None:
+        missing.append(f"the {module} package ({how})")
+    here = _device_type(device)
+    if needs is not None and here != needs:
+        device_name = {"cuda": "a CUDA GPU", "npu": "an Ascend NPU", "xla": "an XLA device"}[needs]
+        why = "; PyTorch's FlexAttention has no backward pass on other devices" if backend == "flex" else ""
+        missing.append(f"{device_name} (this run is on {here}{why})")
+    if missing:
+        raise ConfigError(f"attention_mechanism {value} ({what}) needs {' and '.join(missing)}; on this machine use "
+                          "diffusers, native-flash or native-math")  # fmt: skip
+    if backend == XFORMERS:
+        import torch
+
+        if torch.cuda.get_device_capability()[0] >= 9:  # SimpleTuner's rule (xformers_compute_capability_error)
+            raise ConfigError("attention_mechanism xformers does not support GPUs of compute capability 9.0 or newer; "
+                              "use diffusers or flash-attn-3")  # fmt: skip
+        return value
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:  # the package versions diffusers needs
+        _check_attention_backend_requirements(AttentionBackendName(backend))
+    except RuntimeError as exc:
+        raise ConfigError(f"attention_mechanism {value}: {exc}") from None
+    return value
+
+
+def local_device() -> str:
+    """The device `st train` picks on this machine (accelerate's order: CUDA, then MPS, else the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+@functools.cache
+def _dispatches(processor_class: type) -> bool:
+    """Whether an attention processor class computes attention through diffusers' `dispatch_attention_fn`."""
+    import inspect
+
+    try:
+        return "dispatch_attention_fn" in inspect.getsource(processor_class)
+    except (OSError, TypeError):
+        return False
+
+
+def dispatcher_class(denoiser_class: type) -> bool:
+    """Whether a diffusers model class's attention processors go through the dispatcher (read from the module that
+    defines the class: the processors it declares)."""
+    import inspect
+
+    module = inspect.getmodule(denoiser_class)
+    processors = [v for n, v in vars(module).items() if inspect.isclass(v) and "Processor" in n] if module else []
+    return any(_dispatches(p) for p in processors)
+
+
+def check_attention_family(name: str, family_name: str | None) -> None:
+    """A dispatcher value is refused for a family whose transformer does not use diffusers' attention dispatcher
+    (the UNets, SD3, PixArt, ...): it would change nothing there. DEVIATION: SimpleTuner enters the dispatcher's
+    context for every model, and says its UNets keep PyTorch SDPA."""
+    value = normalise_attention(name)
+    if family_name is None or value not in DISPATCHER_BACKENDS:
+        return
+    from .families import get_family
+
+    spec = get_family(family_name).denoiser
+    try:
+        cls = spec.load_class()
+    except (ImportError, AttributeError):
+        return
+    if not dispatcher_class(cls):
+        raise ConfigError(_not_dispatched(value, f"model_family {family_name}'s {spec.class_name}"))
+
+
+def _not_dispatched(value: str, what: str) -> str:
+    return (f"attention_mechanism {value} selects diffusers' attention-dispatcher backend "
+            f"'{DISPATCHER_BACKENDS[value]}', and {what} computes attention without that dispatcher (it calls PyTorch "
+            "SDPA itself), so it would change nothing; use diffusers, native-flash, native-math, cudnn or xformers "
+            "for it")  # fmt: skip
+
+
+def check_attention_settings(config: Any, device: Any = None) -> str:
+    """Everything `st train` decides about attention_mechanism before a model loads (and `st check` with no device):
+    the value, the family, the packages and device it needs. Returns the normalised value."""
+    check_attention_family(check_attention(config.attention_mechanism), getattr(config, "model_family", None))
+    value = check_attention_requirements(config.attention_mechanism, device)
+    usage = str(getattr(config, "sageattention_usage", None) or "inference")
+    if usage not in SAGEATTENTION_USAGES:
+        raise ConfigError(f"sageattention_usage '{usage}' is not one of {', '.join(SAGEATTENTION_USAGES)}")
+    return value
+
+
+def _phase_uses(value: str, phase: str, usage: str) -> bool:
+    """Whether `phase` ("training" or "inference") runs `value`'s kernel: SageAttention only where
+    sageattention_usage allows it (SimpleTuner's AttentionBackendMode), every other kernel always."""
+    if not value.startswith("sageattention"):
+        return True
+    usage = usage or "inference"
+    return usage == "training+inference" or usage == phase
+
+
+def attention_context(name: str = "diffusers", device: Any = None, phase: str | None = None,
+                      usage: str | None = "inference") -> contextlib.AbstractContextManager:  # fmt: skip
+    """A context manager for attention_mechanism `name`: SDPA restricted to its kernel(s), and for a dispatcher
+    value diffusers' `attention_backend` context, which every `dispatch_attention_fn` call inside uses. Enter it
+    around the forward and the backward. `phase`: "training" or "inference" (the denoiser; sageattention_usage
+    `usage` says which use SageAttention); None: not the denoiser (`st cache`'s VAE), which gets SDPA's default
+    for the dispatcher values. A fresh context is returned on each call (enter it once per step)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     value = check_attention(name, device)
-    return sdpa_kernel([getattr(SDPBackend, b) for b in SDPA_BACKENDS[value]])
+    kernels = sdpa_kernel([getattr(SDPBackend, b) for b in SDPA_BACKENDS.get(value, SDPA_BACKENDS["diffusers"])])
+    backend = DISPATCHER_BACKENDS.get(value)
+    if phase is None or backend is None or not _phase_uses(value, phase, usage or "inference"):
+        return kernels
+    return _dispatched(kernels, backend)
+
+
+@contextlib.contextmanager
+def _dispatched(kernels: contextlib.AbstractContextManager, backend: str):
+    from diffusers.models.attention_dispatch import attention_backend
+
+    with kernels, attention_backend(backend):
+        yield
+
+
+def active_dispatcher_backend() -> str:
+    """The backend diffusers' dispatcher uses now (its registry's active backend)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    name, _ = _AttentionBackendRegistry.get_active_backend()
+    return getattr(name, "value", str(name))
+
+
+def setup_attention(denoiser: Any, value: str, usage: str | None = "inference") -> str | None:
+    """What attention_mechanism does to the loaded denoiser: xformers sets diffusers' xformers processors; a
+    dispatcher value needs every attention processor to go through the dispatcher (a flavour's class may differ from
+    its family's). Returns what was set up (None for the SDPA kernel choices)."""
+    if value == XFORMERS:
+        if not hasattr(denoiser, "enable_xformers_memory_efficient_attention"):  # SimpleTuner falls back likewise
+            log.warning("%s has no xformers attention: attention_mechanism xformers falls back to diffusers (PyTorch "
+                        "SDPA)", type(denoiser).__name__)  # fmt: skip
+            return None
+        denoiser.enable_xformers_memory_efficient_attention()
+        return XFORMERS
+    backend = DISPATCHER_BACKENDS.get(value)
+    if backend is None:
+        return None
+    processors = {type(m.processor) for m in denoiser.modules() if getattr(m, "processor", None) is not None}
+    others = sorted(p.__name__ for p in processors if not _dispatches(p))
+    if not processors or others:
+        raise ConfigError(_not_dispatched(value, f"{type(denoiser).__name__} ({', '.join(others) or 'no processors'})"))
+    from diffusers.models.attention_dispatch import attention_backend
+
+    try:  # the requirements again, and a hub kernel's download (once), before the first step rather than in it
+        with attention_backend(backend):
+            pass
+    except (RuntimeError, ValueError, ImportError, OSError) as exc:
+        raise ConfigError(f"attention_mechanism {value}: diffusers cannot use its '{backend}' backend: {exc}") from None
+    if value.startswith("sageattention") and _phase_uses(value, "training", usage or "inference"):
+        log.warning("attention_mechanism %s with sageattention_usage %s: SageAttention's kernels propagate no "
+                    "gradients to the q/k/v projections, so the attention layers are not trained (as SimpleTuner "
+                    "warns; experimental)", value, usage)  # fmt: skip
+    log.info("attention: diffusers' '%s' backend for %s's %d attention processor class(es)", backend,
+             type(denoiser).__name__, len(processors))  # fmt: skip
+    return backend
+
+
+def check_context_parallel_attention(config: Any) -> None:
+    """context_parallel_size > 1 runs diffusers' context-parallel attention, which only some dispatcher backends
+    implement: refuse the others (and xformers, whose processors bypass it)."""
+    value = normalise_attention(config.attention_mechanism)
+    size = int(getattr(config, "context_parallel_size", None) or 1)
+    usage = str(getattr(config, "sageattention_usage", None) or "inference")
+    backend = DISPATCHER_BACKENDS.get(value) if _phase_uses(value, "training", usage) else None
+    if value != XFORMERS and backend is None:
+        return
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    able = _AttentionBackendRegistry._supports_context_parallel
+    if backend is not None and _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(backend)):
+        return
+    offered = [k for k, v in DISPATCHER_BACKENDS.items() if AttentionBackendName(v) in able and "-" in k]
+    raise ConfigError(f"context_parallel_size {size} with attention_mechanism {value}: "
+                      + ("xformers' processors bypass diffusers' context-parallel attention" if backend is None else
+                         f"diffusers' '{backend}' backend has no context-parallel attention")
+                      + f"; use diffusers, native-flash, native-math, cudnn or one of {', '.join(offered)}, or set "
+                      "context_parallel_size 1")  # fmt: skip
 
 
 def _device_type(device: Any) -> str:
@@ -432,11 +695,14 @@ def maybe_clear_cache(step: int, interval: int | None) -> bool:
 
 
 def setup_denoiser(denoiser: Any, config: Any) -> dict[str, Any]:
-    """What `st train` does to the denoiser before adapters are added: TF32, QKV fusion, gradient checkpointing.
-    Checks the attention mechanism too, so that a bad value fails before the model moves to the device."""
-    check_attention(config.attention_mechanism)
+    """What `st train` does to the denoiser before adapters are added: TF32, attention (`setup_attention`), QKV
+    fusion, gradient checkpointing. A bad attention value fails here, before the model moves to the device."""
+    value = check_attention(config.attention_mechanism)
     apply_tf32(config.disable_tf32)
     report: dict[str, Any] = {}
+    attention = setup_attention(denoiser, value, getattr(config, "sageattention_usage", None))
+    if attention is not None:
+        report["attention"] = attention
     if config.fuse_qkv_projections:
         report["fused"] = fuse_qkv(denoiser, model_type=config.model_type)
     interval = config.gradient_checkpointing_interval
@@ -449,7 +715,7 @@ def setup_denoiser(denoiser: Any, config: Any) -> dict[str, Any]:
 
 def check_train_options(config: Any, device: Any = None) -> None:
     """Fail on bad speed options before any model is loaded."""
-    check_attention(config.attention_mechanism, device)
+    check_attention_settings(config, device)
     compile_options(config)
     if config.fuse_qkv_projections and config.model_type != "full":
         fuse_qkv(None, model_type=config.model_type)  # raises the ConfigError that explains why

@@ -18,17 +18,11 @@ from typing import Any
 from .errors import ConfigError
 
 OPTION = "tread_config"
-# The families whose transformer st routes (pipeline.train.tread.LAYOUTS). SimpleTuner also routes hidream, sana,
-# cosmos, ltxvideo2 and more; st refuses those for now (NOT_ROUTED says why, where known).
-SUPPORTED_FAMILIES = ("auraflow", "chroma", "flux", "flux2", "flux_kontext", "pixart_sigma", "qwen_image", "sd3", "wan",
-                      "wan_i2v", "z_image")
-NOT_ROUTED = {
-    "sana": "Sana's Mix-FFN convolves the 2-D token grid, which a route breaks up (SimpleTuner convolves the kept "
-            "tokens as a shuffled one-pixel-wide column)",
-    "hidream": "HiDream's blocks join per-block Llama states to the sequence and route tokens through experts, which "
-               "st does not route yet",
-    "ltxvideo": "SimpleTuner routes LTX-2 only, not LTX-Video 0.9",
-}
+# The families whose transformer st routes (pipeline.train.tread.LAYOUTS). SimpleTuner also routes cosmos, ltxvideo2
+# and more; st refuses those for now (NOT_ROUTED says why, where known).
+SUPPORTED_FAMILIES = ("auraflow", "chroma", "flux", "flux2", "flux_kontext", "hidream", "ltxvideo", "pixart_sigma",
+                      "qwen_image", "sana", "sd3", "wan", "wan_i2v", "z_image")
+NOT_ROUTED: dict[str, str] = {}
 _ROUTE_KEYS = ("selection_ratio", "start_layer_idx", "end_layer_idx")
 
 
@@ -123,22 +117,11 @@ def resolve(routes: list[Route], depth: int) -> list[Route]:
     return resolved
 
 
-TI2V_FLAVOUR = "ti2v-5b-2.2"  # Wan 2.2 TI2V 5B: one timestep per token
-ZERO_COND_FLAVOUR = "edit-v3"  # Qwen-Image-Edit-2511: zero_cond_t, a modulation index per token
-
-
-def check_family(value: Any, family_name: str, flavour: str | None = None) -> None:
-    """Refuse TREAD for a family (or flavour) st does not route."""
+def check_family(value: Any, family_name: str, flavour: str | None = None) -> None:  # noqa: ARG001
+    """Refuse TREAD for a family st does not route (every flavour of a routed family is routed: Wan 2.2 TI2V's
+    per-token timesteps and Qwen-Image Edit 2511's per-token modulation index go with the kept tokens)."""
     if parse_routes(value) is None:
         return
-    if family_name in ("wan", "wan_i2v") and flavour == TI2V_FLAVOUR:
-        raise ConfigError(f"{OPTION} with model_flavour {TI2V_FLAVOUR} is not supported: Wan 2.2 TI2V embeds one "
-                          "timestep per token, which SimpleTuner's TREAD does not route with the tokens; remove "
-                          f"{OPTION}")  # fmt: skip
-    if family_name == "qwen_image" and flavour == ZERO_COND_FLAVOUR:
-        raise ConfigError(f"{OPTION} with model_flavour {ZERO_COND_FLAVOUR} is not supported: Qwen-Image-Edit-2511's "
-                          "zero_cond_t modulates each token by its own index, which TREAD does not route; remove "
-                          f"{OPTION}")  # fmt: skip
     if family_name not in SUPPORTED_FAMILIES:
         why = f" ({NOT_ROUTED[family_name]})" if family_name in NOT_ROUTED else ""
         named = [f for f in SUPPORTED_FAMILIES if f not in ("flux_kontext", "wan_i2v")]  # variants, not families

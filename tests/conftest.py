@@ -54,20 +54,49 @@ def cli():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """`tiny_model(family, seed=0)`: the folder of a tiny random-weight model of that family (as `st tiny-model`
-    writes it), built once per test run on first use. Tests that change a model work on a copy."""
+    """`tiny_model(family, seed=0, flavour=None)`: the folder of a tiny random-weight model of that family (of its
+    variant `flavour`, as `st tiny-model FAMILY DIR --flavour FLAVOUR` writes it: that command builds it), built once
+    per test run on first use. Tests that change a model work on a copy."""
     from pipeline.families import get_family
 
     root = tmp_path_factory.mktemp("tiny-models")
-    built: dict[tuple[str, int], Path] = {}
+    built: dict[tuple[str, int, str | None], Path] = {}
 
-    def build(family: str, seed: int = 0) -> Path:
-        if (family, seed) not in built:
-            get_family(family).tiny(root / f"{family}-{seed}", seed)
-            built[(family, seed)] = root / f"{family}-{seed}"
-        return built[(family, seed)]
+    def build(family: str, seed: int = 0, flavour: str | None = None) -> Path:
+        key = (family, seed, flavour)
+        if key not in built:
+            folder = root / "-".join(str(part) for part in key if part is not None)
+            if flavour is None:
+                get_family(family).tiny(folder, seed)
+            else:
+                from typer.testing import CliRunner
+
+                from pipeline.cli import app
+
+                args = ["tiny-model", family, str(folder), "--seed", str(seed), "--flavour", flavour]
+                result = CliRunner().invoke(app, args, catch_exceptions=False)
+                assert result.exit_code == 0, result.output
+            built[key] = folder
+        return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def wan_pipeline(tiny_model):
+    """`wan_pipeline(flavour=None, cls="WanPipeline")`: the diffusers pipeline `cls` of `tiny_model("wan",
+    flavour=flavour)`, loaded once per test run and shared: tests run it without gradients and read it; a test that
+    changes a pipeline (a LoRA) loads its own (tests/helpers/wan.py `pipeline`)."""
+    from tests.helpers.wan import pipeline
+
+    loaded: dict[tuple[str | None, str], object] = {}
+
+    def get(flavour: str | None = None, cls: str = "WanPipeline"):
+        if (flavour, cls) not in loaded:
+            loaded[(flavour, cls)] = pipeline(tiny_model("wan", flavour=flavour), cls)
+        return loaded[(flavour, cls)]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +114,16 @@ def cached(tmp_path_factory, tiny_model):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def wan_clips(tmp_path_factory, tiny_model):
+    """(root, config) of two `st sample-data --video` clips prepared and cached for the tiny Wan model, built on first
+    use and shared like `cached` (tests/helpers/wan.py `sample_clips`)."""
+    from tests.helpers.wan import sample_clips
+
+    root = tmp_path_factory.mktemp("wan-clips")
+    return root, sample_clips(root, tiny_model("wan"))
 
 
 @pytest.fixture(scope="session")

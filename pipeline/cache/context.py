@@ -18,6 +18,7 @@ from ..families.identity import ModelSources, model_identity, model_sources
 from ..families.text_training import trainable_text
 from ..families.wan_i2v import PIPELINE_CLASS as I2V_PIPELINE
 from ..families.wan_i2v import is_flf2v
+from ..families.wan_vace import check_cache as check_conditioning_clips
 from ..hashing import sha256_json
 from ..lineage import verify_outputs
 from ..manifest import MANIFEST_NAME, read_manifest
@@ -117,6 +118,7 @@ def build_context(loaded: LoadedConfig, input_path: Path) -> CacheContext:
     sources = model_sources(loaded)
     check_model_family(family, sources.model)
     family = family.for_run(config.model_flavour, sources.model)  # the encoders of the variant trained (SDXL refiner)
+    check_conditioning_clips(family, rows)  # a video dataset's conditioning clips: Wan VACE's control videos only
     check_text_encoder_precisions(options.text_encoder_precisions, family, trained=options.train_text_encoder)
     check_components(ComponentOptions.from_config(options), encode_device(), "encodes", options.text_encoder_precisions)
     model = model_identity(family, sources)

@@ -136,7 +136,7 @@ class BatchLoader:
 
 def _partner_pixels(job: ImageJob):
     try:
-        return load_pixels(job)
+        return job.load()  # a conditioning image, or a video job's conditioning clip
     except SourceProblem as exc:
         detail = exc.detail if job.path in exc.detail else f"{job.path} {exc.detail}"
         raise SourceProblem(exc.reason, f"conditioning image {detail}") from None

@@ -52,10 +52,14 @@ class VideoJob(ImageJob):
         return load_clip(self)
 
 
-def video_job_for(row: dict[str, Any], root: str, frames: int) -> VideoJob:
-    image = job_for(row, root)
-    return VideoJob(image.sample_id, image.path, image.intermediate, image.crop_box,
-                    window_start=int(row["window_start"]), frames=frames)  # fmt: skip
+def video_job_for(row: dict[str, Any], root: str, frames: int, roots: dict[str, str] | None = None) -> VideoJob:
+    """The job of a video row; `roots` (dataset id -> folder) locates its conditioning clips (Wan VACE's control /
+    mask videos, which `st prepare` checked have the clip's frame count and size): each is read through the same
+    window, resize and crop, frame for frame."""
+    image = job_for(row, root, roots)
+    window = {"window_start": int(row["window_start"]), "frames": frames}
+    partners = tuple(VideoJob(p.sample_id, p.path, p.intermediate, p.crop_box, **window) for p in image.partners)
+    return VideoJob(image.sample_id, image.path, image.intermediate, image.crop_box, partners=partners, **window)
 
 
 def load_clip(job: VideoJob):

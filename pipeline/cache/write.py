@@ -52,7 +52,9 @@ class ShardEncoder:
 
     def _job(self, entry: Entry) -> ImageJob:
         root = self.roots[entry.row["dataset_id"]]
-        return video_job_for(entry.row, root, entry.frames) if entry.frames else job_for(entry.row, root, self.roots)
+        if entry.frames:
+            return video_job_for(entry.row, root, entry.frames, self.roots)
+        return job_for(entry.row, root, self.roots)
 
     def _batches(self, entries: list[Entry]) -> list[list[ImageJob]]:
         """The entries' jobs in VAE batches: one clip per batch for video, `vae_batch_size` images otherwise."""
@@ -67,6 +69,8 @@ class ShardEncoder:
             return {}
         keys, images = [], []
         for sample_id, pixels in partners.items():
+            if entries[sample_id].frames:  # conditioning clips: `_control_clip`
+                continue
             for i, partner in enumerate(entries[sample_id].conditioning):
                 if partner["kind"] not in MASK_TYPES:
                     keys.append(f"{sample_id}:conditioning:{i}")
@@ -105,6 +109,16 @@ class ShardEncoder:
         tensors = cached_conditioning(self.encoders.vae, clip, latent.shape[1], last=last)
         if uses_clip(self.encoders.family):  # Wan 2.1 (not 2.2): the CLIP embeddings of the frames, as SimpleTuner
             tensors[f"0.{IMAGE_EMBEDS}"] = cached_image_embeds(*self.encoders.clip, tensors).cpu()
+        if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
+            return None
+        return {name: t.to(self.cache_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+
+    def _control_clip(self, entry: Entry, clips: list) -> dict[str, Any] | None:
+        """A video sample's conditioning clips (Wan VACE): each clip's uint8 pixels and the control latents
+        WanVACEPipeline computes for them (`wan_vace.cached_control`). None when they are not finite."""
+        from ..families.wan_vace import cached_control
+
+        tensors = cached_control(self.encoders.vae, entry.conditioning, clips, self.encoders.device)
         if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
             return None
         return {name: t.to(self.cache_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
@@ -202,6 +216,8 @@ class ShardEncoder:
                 entry = by_id[sample_id]
                 if entry.first_frame:
                     conditioning = self._first_frame(clip, latent, entry.last_frame)
+                elif entry.frames and entry.conditioning:
+                    conditioning = self._control_clip(entry, partners[sample_id])
                 else:
                     conditioning = self._conditioning(sample_id, partners[sample_id], control) if entry.conditioning \
                         else {}  # fmt: skip

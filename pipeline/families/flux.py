@@ -41,6 +41,39 @@ LORA_PRESETS = (
     ("tiny", ("single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out")),
     ("nano", ("single_transformer_blocks.7.proj_out",)),
 )
+# SimpleTuner's presets for a LoRA on a Flux ControlNet. With controlnet true and model_type lora, SimpleTuner sets
+# flux_lora_target to "controlnet" whatever it was, and trains a LoRA on the FluxControlNetModel's input embedder and
+# output blocks: what st's ControlNet adapter trains (pipeline.families.controlnet.FLUX_LORA_TARGETS). Without a
+# ControlNet the transformer has none of those layers.
+CONTROLNET_PRESETS = ("controlnet", "all+ffs+embedder+controlnet")
+
+
+def check_lora_target(config: Any, place: str = "") -> None:
+    """flux_lora_target's ControlNet presets where they would select the layers of a standard LoRA on the transformer
+    itself (exit 2 naming the fix). SimpleTuner's `controlnet` preset on the transformer matches no module (peft
+    fails); for `all+ffs+embedder+controlnet` it has no list at all and falls back to its default attention layers
+    (st's `mmdit`). Where the preset is unused (a ControlNet run, lycoris, full training, explicit
+    peft_lora_target_modules, slider targets) it is accepted, as SimpleTuner ignores it there. `place`: where the
+    option was set, for the message (" (in config.json)")."""
+    target = config.flux_lora_target
+    unused = (config.model_type != "lora" or config.lora_type != "standard" or config.peft_lora_target_modules
+              or config.slider_lora_target)  # fmt: skip
+    if target not in CONTROLNET_PRESETS or config.model_family not in ("flux", "chroma") or unused:
+        return
+    if config.model_family == "chroma":
+        raise ConfigError(f"flux_lora_target {target!r} is a Flux ControlNet preset, not one of Chroma's LoRA targets "
+                          "(SimpleTuner falls back to Chroma's default attention layers for it): remove "
+                          f"flux_lora_target or choose all, all+ffs, context, ...{place}")  # fmt: skip
+    if config.controlnet:
+        return
+    layers = "controlnet_x_embedder, controlnet_blocks.*, controlnet_single_blocks.*"
+    fallback = "" if target == "controlnet" else (
+        "; SimpleTuner has no layer list for this preset outside ControlNet training and falls back to its default "
+        "attention layers, which flux_lora_target mmdit names")  # fmt: skip
+    raise ConfigError(f"flux_lora_target {target!r} (a SimpleTuner preset) trains a LoRA on a Flux ControlNet's layers "
+                      f"({layers}), which exist only with controlnet true (the ControlNet trained beside the frozen "
+                      f"transformer){fallback}: set controlnet true, or choose a transformer preset (all, all+ffs, "
+                      f"mmdit, ...){place}")  # fmt: skip
 
 TEXT_ENCODERS = (
     TextEncoderSpec(

@@ -82,19 +82,25 @@ def encode_prompts(
 ) -> list[dict[str, Any]]:
     """Per prompt, `prompt_embeds` (max_length tokens x 3 * Qwen3 dim: hidden states 9, 18, 27 side by side), as
     `Flux2KleinPipeline.encode_prompt`. `max_length` is the `max_sequence_length`; `t5_padding` does not apply."""
-    import torch
-
     text.check_t5_padding(t5_padding)
     (encoder,), (tokenizer,) = tuple(text_encoders), tuple(tokenizers)
     length = text.check_max_length(max_length, MAX_LENGTH)
     ids, mask = text.tokenize(tokenizer, text.chat_turns(tokenizer, prompts, enable_thinking=False), length, device)
-    layers = encoder.config.num_hidden_layers
-    if layers < max(HIDDEN_LAYERS):
-        raise InputError(f"the FLUX.2 [klein] text encoder needs at least {max(HIDDEN_LAYERS)} layers (the pipeline "
-                         f"reads hidden states {HIDDEN_LAYERS}), this one has {layers}")  # fmt: skip
+    return _stacked_hidden_states(encoder, encoder.config.num_hidden_layers, ids, mask, HIDDEN_LAYERS, "[klein]")
+
+
+def _stacked_hidden_states(encoder: Any, layers: int, ids: Any, mask: Any, wanted: tuple[int, ...],
+                           name: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Per prompt, `prompt_embeds`: the encoder's hidden states `wanted` side by side (the pipelines' stack + permute +
+    reshape). `layers`: the encoder's layer count, checked against `wanted` (`name` says which FLUX.2 it is for)."""
+    import torch
+
+    if layers < max(wanted):
+        raise InputError(f"the FLUX.2 {name} text encoder needs at least {max(wanted)} layers (the pipeline reads "
+                         f"hidden states {wanted}), this one has {layers}")  # fmt: skip
     with torch.no_grad():
         hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
-    stacked = torch.cat([hidden[k] for k in HIDDEN_LAYERS], dim=-1)  # the pipeline's stack + permute + reshape
+    stacked = torch.cat([hidden[k] for k in wanted], dim=-1)
     return [{"prompt_embeds": row.detach().clone()} for row in stacked]
 
 
@@ -128,20 +134,12 @@ def encode_dev_prompts(
 ) -> list[dict[str, Any]]:
     """Per prompt, `prompt_embeds` (max_length tokens x 3 * Mistral dim: hidden states 10, 20, 30 side by side), as
     `Flux2Pipeline.encode_prompt`. `max_length` is the `max_sequence_length`; `t5_padding` does not apply."""
-    import torch
-
     text.check_t5_padding(t5_padding)
     (encoder,), (tokenizer,) = tuple(text_encoders), tuple(tokenizers)
     length = text.check_max_length(max_length, MAX_LENGTH)
     ids, mask = processor_tokens(tokenizer, prompts, length, device)
-    layers = encoder.config.text_config.num_hidden_layers
-    if layers < max(DEV_HIDDEN_LAYERS):
-        raise InputError(f"the FLUX.2 [dev] text encoder needs at least {max(DEV_HIDDEN_LAYERS)} layers (the pipeline "
-                         f"reads hidden states {DEV_HIDDEN_LAYERS}), this one has {layers}")  # fmt: skip
-    with torch.no_grad():
-        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
-    stacked = torch.cat([hidden[k] for k in DEV_HIDDEN_LAYERS], dim=-1)  # the pipeline's stack + permute + reshape
-    return [{"prompt_embeds": row.detach().clone()} for row in stacked]
+    return _stacked_hidden_states(encoder, encoder.config.text_config.num_hidden_layers, ids, mask, DEV_HIDDEN_LAYERS,
+                                  "[dev]")  # fmt: skip
 
 
 def patchify(latents: Any) -> Any:

@@ -110,6 +110,8 @@ def denoiser_source(config: Any, family: Family, model: str, base_dir: Path) -> 
     value = getattr(config, path_option) if path_option else None
     # Wan 2.2's low-noise stage trains `transformer_2` (its pipeline slot and LoRA prefix stay the denoiser's).
     run_family = family.for_run(getattr(config, "model_flavour", None), model)
+    if value in (None, "") and run_family.default_denoiser is not None:  # a flavour's transformer (Z-Image de-turbo)
+        value = run_family.default_denoiser
     stage_weights = None if run_family.denoiser_subfolder is None else run_family.denoiser_subfolder(run_family)
     own_file = value not in (None, "") and str(value).lower().endswith(".safetensors")
     if (value in (None, "") or own_file) and run_family.denoiser_file is not None:

@@ -13,8 +13,8 @@ text mask (None when every token is real, as the pipeline's `encode_prompt` leav
 computes the text sequence lengths from that mask, so no `txt_seq_lens` is passed.
 
 Flavour edit-v1 (or a folder whose model_index.json names QwenImageEditPipeline) trains Qwen-Image-Edit, edit-v2 and
-edit-v3 (or a QwenImageEditPlusPipeline folder) Qwen-Image-Edit-Plus: the variants in `qwen_image_edit` (`variant`);
-edit-v2+ is refused.
+edit-v3 (or a QwenImageEditPlusPipeline folder) Qwen-Image-Edit-Plus, and edit-v2+ the 2509 model with zero_cond_t
+forced on: the variants in `qwen_image_edit` (`variant`).
 """
 
 from __future__ import annotations
@@ -183,15 +183,13 @@ def tiny_components(seed: int, tokenizer: Any = None, encoder: Any = None) -> di
 
 # SimpleTuner's Qwen-Image flavours (models/qwen_image/model.py HUGGINGFACE_PATHS); its default is "v2.0".
 # edit-v1 trains Qwen-Image-Edit, edit-v2 (2509) and edit-v3 (2511) Qwen-Image-Edit-Plus (`qwen_image_edit`, chosen
-# by `variant`). edit-v2+ runs the 2509 model with zero_cond_t, which its transformer config does not have.
-EDIT_V2_PLUS = ("zero_cond_t on the Qwen-Image-Edit-2509 transformer (the references at timestep 0, SimpleTuner's "
-                "own modulation code; the model's config and QwenImageEditPlusPipeline do not use it)")
+# by `variant`). edit-v2+ runs the 2509 model with zero_cond_t forced on, which its transformer config does not set.
 FLAVOURS = (
     Flavour("v1.0", "Qwen/Qwen-Image"),
     Flavour("v2.0", "Qwen/Qwen-Image-2512"),
     Flavour("edit-v1", "Qwen/Qwen-Image-Edit"),
     Flavour("edit-v2", "Qwen/Qwen-Image-Edit-2509"),
-    Flavour("edit-v2+", "Qwen/Qwen-Image-Edit-2509", needs=EDIT_V2_PLUS),
+    Flavour("edit-v2+", "Qwen/Qwen-Image-Edit-2509"),
     Flavour("edit-v3", "Qwen/Qwen-Image-Edit-2511"),
 )
 
@@ -201,6 +199,13 @@ def variant(flavour: str | None, source: str) -> Family:
     from pipeline.families import qwen_image_edit
 
     return qwen_image_edit.variant(flavour, source)
+
+
+def card_note(family: Family, train: dict[str, Any], denoiser_config: Any) -> str | None:
+    """The model card's note on an edit-v2+ run (`qwen_image_edit.card_note`); None for other runs."""
+    from pipeline.families import qwen_image_edit
+
+    return qwen_image_edit.card_note(family, train, denoiser_config)
 
 
 FAMILY = Family(
@@ -224,4 +229,5 @@ FAMILY = Family(
     flavours=FLAVOURS,
     default_flavour="v2.0",
     variant=variant,
+    card_note=card_note,
 )

@@ -17,8 +17,19 @@ Qwen-Image-Edit-Plus (`QwenImageEditPlusPipeline`; flavours edit-v2, the 2509 mo
 denoiser call and template, the user turn "Picture 1: <image> caption" with the reference resized to a 384x384 area
 (`PLUS_FAMILY`); the 2511 transformer's config sets zero_cond_t (the reference tokens at timestep 0, applied by the
 transformer itself), which edit-v3 requires as SimpleTuner always uses it (`V3_FAMILY`). One reference per sample:
-several (the Plus pipeline's multi-image editing) are refused by `st cache`, and so is edit-v2+ (SimpleTuner's
-zero_cond_t on the 2509 transformer, whose config and pipeline do not use it).
+several (the Plus pipeline's multi-image editing) are refused by `st cache`.
+
+edit-v2+ (`V2_PLUS_FAMILY`): the 2509 model trained with zero_cond_t on, as SimpleTuner's ZERO_COND_T_FLAVOURS do. Its
+`_model_predict_edit_plus` doubles the timesteps to [t, 0] and passes `modulate_index` (0 for the target's tokens, 1
+for the reference's) to its own transformer, whose image stream takes shift / scale / gate per token from the t or
+the 0 half, while the text stream and the output norm take the t half. diffusers' QwenImageTransformer2DModel does
+exactly that when its config sets `zero_cond_t` (the flag adds no weights), so edit-v2+ loads the 2509 transformer
+with `zero_cond_t=True` (`zero_cond_transformer_class`, for every way st loads a denoiser) and calls it as edit-v2.
+Validation runs QwenImageEditPlusPipeline around that live transformer, so its renders use zero_cond_t too.
+DEVIATION: SimpleTuner's validation pipeline passes no `modulate_index` (its transformer ignores the config flag), so
+its edit-v2+ / edit-v3 renders run without zero_cond_t; st renders with the conditioning it trains with. The train
+manifest records `qwen_zero_cond_t` (the flavour changes training, not the files it reads) and the model card says
+how to load the transformer with it.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, InputError, NotSupportedError
+from pipeline.errors import ConfigError, InputError
 from pipeline.families import flux, qwen_image, text, tiny_parts
 from pipeline.families.spec import Component, Family, TextEncoderSpec
 
@@ -36,7 +47,9 @@ PIPELINE_CLASS = "QwenImageEditPipeline"
 FLAVOUR = "edit-v1"
 PLUS_PIPELINE = "QwenImageEditPlusPipeline"  # Qwen-Image-Edit-2509 (edit-v2) and -2511 (edit-v3)
 PLUS_FLAVOURS = ("edit-v2", "edit-v3")
-PLUS_REFUSED = "edit-v2+"  # 2509 with zero_cond_t forced on (SimpleTuner's own transformer code)
+ZERO_COND_FLAVOUR = "edit-v2+"  # 2509 with zero_cond_t forced on (SimpleTuner's ZERO_COND_T_FLAVOURS)
+TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
+ZERO_COND_KEY = "qwen_zero_cond_t"  # train's key / manifest entry of an edit-v2+ run (`train_key_entries`)
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
     "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
@@ -84,10 +97,34 @@ def processor_class() -> type:
     return Qwen2VLPilProcessor
 
 
+@functools.cache
+def zero_cond_transformer_class() -> type:
+    """What edit-v2+'s denoiser component loads: diffusers' `QwenImageTransformer2DModel` (the instance returned is
+    of that class, config and all) with `zero_cond_t=True` over the folder's config, from a diffusers folder, a hub id
+    or a single file (GGUF included), as SimpleTuner's edit-v2+ always runs the 2509 transformer."""
+    from diffusers import QwenImageTransformer2DModel
+
+    class QwenImageTransformer2DModelZeroCondT(QwenImageTransformer2DModel):
+        """A loader only: `from_pretrained` / `from_single_file` return the diffusers class with zero_cond_t on."""
+
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+            return QwenImageTransformer2DModel.from_pretrained(*args, **{**kwargs, "zero_cond_t": True})
+
+        @classmethod
+        def from_single_file(cls, *args: Any, **kwargs: Any) -> Any:
+            return QwenImageTransformer2DModel.from_single_file(*args, **{**kwargs, "zero_cond_t": True})
+
+    return QwenImageTransformer2DModelZeroCondT
+
+
 def __getattr__(name: str) -> Any:
-    """`Component.load_class` finds the processor class here (built on first use: transformers loads lazily)."""
+    """`Component.load_class` finds the processor class here (built on first use: transformers loads lazily), and
+    edit-v2+'s transformer loader under the diffusers class name its component keeps (`V2_PLUS_FAMILY`)."""
     if name == PROCESSOR_CLASS:
         return processor_class()
+    if name == TRANSFORMER_CLASS:
+        return zero_cond_transformer_class()
     raise AttributeError(name)
 
 
@@ -223,16 +260,44 @@ def predict_zero_cond(transformer: Any, latents: Any, timesteps: Any, text: dict
     return predict(transformer, latents, timesteps, text, meta, guidance, reference=reference)
 
 
+def predict_zero_cond_forced(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None,
+                             guidance: Any = None, *, reference: Any) -> Any:  # fmt: skip
+    """`predict` for edit-v2+: the 2509 transformer loaded with zero_cond_t on (`zero_cond_transformer_class`);
+    InputError for a transformer built without it (its call would silently be edit-v2's)."""
+    if not getattr(transformer.config, "zero_cond_t", False):
+        raise InputError(f"model_flavour {ZERO_COND_FLAVOUR} trains with zero_cond_t, and this transformer was loaded "
+                         "without it: load it through the edit-v2+ family (its denoiser component sets it), or use "
+                         "model_flavour edit-v2")  # fmt: skip
+    return predict(transformer, latents, timesteps, text, meta, guidance, reference=reference)
+
+
+def zero_cond_key_entries(family: Family) -> dict[str, str]:
+    """`Family.train_key_entries` of edit-v2+: zero_cond_t changes training but no file the run reads, so train's key
+    and manifest record it (an edit-v2 run of the same folder keys otherwise; publish's card reads it)."""
+    return {ZERO_COND_KEY: "forced"}
+
+
+def card_note(family: Family, train: dict[str, Any], denoiser_config: Any) -> str | None:
+    """`Family.card_note` of Qwen-Image: for an edit-v2+ run, that the transformer must run with zero_cond_t."""
+    if train.get("config", {}).get(ZERO_COND_KEY) is None:
+        return None
+    if train.get("model_type") == "full":
+        return ("It was trained as edit-v2+: the transformer runs with `zero_cond_t` on (the reference image's tokens "
+                "at timestep 0), which its published config sets.")
+    return ("It was trained as edit-v2+: the transformer ran with `zero_cond_t` on (the reference image's tokens at "
+            "timestep 0), which the base model's config does not set; load the transformer with "
+            "`QwenImageTransformer2DModel.from_pretrained(<base>, subfolder=\"transformer\", zero_cond_t=True)` and "
+            "pass it to the pipeline as `transformer=` before loading these weights.")
+
+
 def variant(flavour: str | None, source: str) -> Family:
     """The family a `qwen_image` run trains: Qwen-Image-Edit for flavour edit-v1, Qwen-Image-Edit-Plus for edit-v2
-    and edit-v3, or as the folder's model_index.json names it (QwenImageEditPipeline, QwenImageEditPlusPipeline);
-    else Qwen-Image. edit-v2+ is refused (see `PLUS_REFUSED`)."""
+    and edit-v3, Qwen-Image-Edit-Plus with zero_cond_t forced on for edit-v2+, or as the folder's model_index.json
+    names it (QwenImageEditPipeline, QwenImageEditPlusPipeline); else Qwen-Image."""
     from pipeline.families.hub import model_index_of
 
-    if flavour == PLUS_REFUSED:
-        raise NotSupportedError(f"qwen_image flavour {PLUS_REFUSED!r} needs {qwen_image.EDIT_V2_PLUS}, not supported "
-                                f"yet; use model_flavour edit-v2 (the same model, as {PLUS_PIPELINE} runs it) or "
-                                "edit-v3")  # fmt: skip
+    if flavour == ZERO_COND_FLAVOUR:
+        return V2_PLUS_FAMILY
     if flavour == FLAVOUR:
         return FAMILY
     if flavour in PLUS_FLAVOURS:
@@ -298,3 +363,8 @@ FAMILY: Family = dataclasses.replace(qwen_image.FAMILY, pipeline_class=PIPELINE_
 PLUS_FAMILY: Family = dataclasses.replace(FAMILY, pipeline_class=PLUS_PIPELINE, encode_prompts=encode_prompts_plus,
                                           tiny=tiny_plus)  # fmt: skip
 V3_FAMILY: Family = dataclasses.replace(PLUS_FAMILY, predict=predict_zero_cond)  # edit-v3: zero_cond_t required
+# edit-v2+: the 2509 transformer loaded with zero_cond_t on (the component keeps diffusers' class name and subfolder, so
+# folder checks and identities are edit-v2's; only the loader differs).
+V2_PLUS_FAMILY: Family = dataclasses.replace(PLUS_FAMILY, predict=predict_zero_cond_forced,
+                                             denoiser=Component("transformer", TRANSFORMER_CLASS, __name__),
+                                             train_key_entries=zero_cond_key_entries)  # fmt: skip

@@ -150,6 +150,10 @@ class Family:
     denoiser_file: Callable[[Family, str | None], tuple[str, str] | None] | None = None
     load_denoiser_file: Callable[..., Any] | None = None
     check_denoiser_source: Callable[[Family, str, str, str | None], None] | None = None
+    # The denoiser a run reads when pretrained_transformer_model_name_or_path is unset (a hub id or folder, read from
+    # pretrained_transformer_subfolder): SimpleTuner's TRANSFORMER_PATH_OVERRIDES (Z-Image ostris-de-turbo); None: the
+    # model's own.
+    default_denoiser: str | None = None
     # `validation_components(family, source, trained_denoiser, load_other_stage, device)`: what the validation pipeline
     # needs beside the usual components (Wan 2.1 i2v's CLIP, a Wan 2.2 stage's expert slots, DeepFloyd II's noising
     # scheduler).

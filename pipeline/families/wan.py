@@ -15,9 +15,11 @@ and the text embeddings; the output is the flow velocity noise - x0 in the laten
 Flavours: SimpleTuner's table (models/wan/model.py HUGGINGFACE_PATHS). st trains the single-transformer text-to-video
 models that `WanPipeline` renders and Wan 2.1 image-to-video (the i2v-14b-2.1 flavours and WanImageToVideoPipeline
 folders train as `pipeline.families.wan_i2v.FAMILY`), and one expert at a time of the two-stage Wan 2.2 I2V A14B model
-(i2v-14b-2.2-high / -low) and Wan 2.2 TI2V 5B (ti2v-5b-2.2), both in `pipeline.families.wan22`, as is one stage of
-the two-expert Wan 2.2 T2V A14B through SimpleTuner's AnimeGen flavours (animegen-t2v-high / -low); Wan 2.1 FLF2V
-(flf2v-14b-2.1) trains as `wan_i2v.FLF2V_FAMILY`; VACE is refused by name with what it needs.
+(i2v-14b-2.2-high / -low, and flf2v-14b-2.2-high / -low conditioned on the first and last frames) and Wan 2.2 TI2V 5B
+(ti2v-5b-2.2), both in `pipeline.families.wan22`, as is one stage of the two-expert Wan 2.2 T2V A14B through
+SimpleTuner's AnimeGen flavours (animegen-t2v-high / -low); Wan 2.1 FLF2V (flf2v-14b-2.1) trains as
+`wan_i2v.FLF2V_FAMILY`, and Wan 2.1 VACE (vace-1.3b-2.1, vace-14b-2.1, WanVACEPipeline folders) as
+`wan_vace.FAMILY`, in the pipeline's no-control mode.
 """
 
 from __future__ import annotations
@@ -152,8 +154,6 @@ def tiny(out_dir: Path, seed: int) -> None:
     tiny_parts.save(pipe, out_dir)
 
 
-_VACE = "VACE control training (WanVACEPipeline)"
-
 # SimpleTuner's Wan flavours (models/wan/model.py HUGGINGFACE_PATHS); its default is "t2v-480p-1.3b-2.1".
 FLAVOURS = (
     Flavour("t2v-480p-1.3b-2.1", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
@@ -165,17 +165,23 @@ FLAVOURS = (
     Flavour("animegen-t2v-high", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"),  # trained as `wan22.T2V_HIGH`
     Flavour("animegen-t2v-low", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"),  # trained as `wan22.T2V_LOW`
     Flavour("flf2v-14b-2.1", "Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers"),  # trained as `wan_i2v.FLF2V_FAMILY`
-    Flavour("vace-1.3b-2.1", "Wan-AI/Wan2.1-VACE-1.3B-diffusers", needs=_VACE),
-    Flavour("vace-14b-2.1", "Wan-AI/Wan2.1-VACE-14B-diffusers", needs=_VACE),
+    # Not in SimpleTuner's HUGGINGFACE_PATHS (there they need pretrained_model_name_or_path); DEVIATION: st defaults
+    # them to the model whose experts they train, Wan 2.2 I2V A14B. Trained as `wan22.FLF2V_HIGH` / `FLF2V_LOW`.
+    Flavour("flf2v-14b-2.2-high", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"),
+    Flavour("flf2v-14b-2.2-low", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"),
+    Flavour("vace-1.3b-2.1", "Wan-AI/Wan2.1-VACE-1.3B-diffusers"),  # trained as `wan_vace.FAMILY`
+    Flavour("vace-14b-2.1", "Wan-AI/Wan2.1-VACE-14B-diffusers"),
     Flavour("ti2v-5b-2.2", "Wan-AI/Wan2.2-TI2V-5B-Diffusers"),  # trained as `wan22.TI2V`
 )
 
 I2V_FLAVOURS = ("i2v-14b-2.1", "i2v-14b-2.1-720p")  # trained as `wan_i2v.FAMILY`
-STAGE_FLAVOURS = ("i2v-14b-2.2-high", "i2v-14b-2.2-low")  # one expert of Wan 2.2 I2V A14B (`wan22`)
+# One expert of Wan 2.2 I2V A14B (`wan22`), first-frame or first/last-frame conditioned.
+STAGE_FLAVOURS = ("i2v-14b-2.2-high", "i2v-14b-2.2-low", "flf2v-14b-2.2-high", "flf2v-14b-2.2-low")
 TI2V_FLAVOUR = "ti2v-5b-2.2"  # Wan 2.2 TI2V 5B (`wan22.TI2V`)
 T2V_STAGE_FLAVOURS = ("animegen-t2v-high", "animegen-t2v-low")  # one stage of Wan 2.2 T2V A14B (`wan22`)
+VACE_FLAVOURS = ("vace-1.3b-2.1", "vace-14b-2.1")  # Wan 2.1 VACE (`wan_vace.FAMILY`)
 _I2V_PIPELINE = "WanImageToVideoPipeline"
-_OTHER_PIPELINES = {"WanVACEPipeline": _VACE}
+_VACE_PIPELINE = "WanVACEPipeline"
 
 
 def _variant(flavour: str | None, source: str) -> Family:
@@ -183,13 +189,17 @@ def _variant(flavour: str | None, source: str) -> Family:
     i2v flavours and WanImageToVideoPipeline folders with one transformer; a model folder of another Wan pipeline;
     the Wan 2.2 I2V A14B stage variants (`wan22`) for its flavours and two-expert WanImageToVideoPipeline folders; a
     TI2V 5B (`wan22.TI2V`) for its flavour and expand_timesteps folders; the T2V A14B stage variants (`wan22`) for
-    the AnimeGen flavours and two-expert WanPipeline folders (refused without a stage flavour)."""
+    the AnimeGen flavours and two-expert WanPipeline folders (refused without a stage flavour); Wan 2.1 VACE
+    (`wan_vace`) for its flavours and WanVACEPipeline folders."""
     from pipeline.families.hub import model_index_of
 
     index = model_index_of(source) or {}
     pipeline = index.get("_class_name", _I2V_PIPELINE if flavour in I2V_FLAVOURS + STAGE_FLAVOURS else "WanPipeline")
-    needs = None if pipeline in ("WanPipeline", _I2V_PIPELINE) else \
-        _OTHER_PIPELINES.get(pipeline, f"its pipeline class {pipeline}")  # fmt: skip
+    if flavour in VACE_FLAVOURS or pipeline == _VACE_PIPELINE:
+        from pipeline.families import wan_vace
+
+        return wan_vace.variant(flavour, source, index, pipeline)
+    needs = None if pipeline in ("WanPipeline", _I2V_PIPELINE) else f"its pipeline class {pipeline}"
     two_stage = bool((index.get("transformer_2") or [None, None])[-1])
     if needs is None and (flavour == TI2V_FLAVOUR or index.get("expand_timesteps")):
         from pipeline.families import wan22
@@ -209,7 +219,8 @@ def _variant(flavour: str | None, source: str) -> Family:
                           "text-to-video models with one transformer (model_flavour t2v-480p-1.3b-2.1 or "
                           "t2v-480p-14b-2.1), Wan 2.1 image-to-video (i2v-14b-2.1, i2v-14b-2.1-720p), one expert of "
                           "Wan 2.2 I2V A14B (i2v-14b-2.2-high, i2v-14b-2.2-low), one stage of Wan 2.2 T2V A14B "
-                          "(animegen-t2v-high, animegen-t2v-low) and Wan 2.2 TI2V 5B (ti2v-5b-2.2)")  # fmt: skip
+                          "(animegen-t2v-high, animegen-t2v-low), Wan 2.2 TI2V 5B (ti2v-5b-2.2) and Wan 2.1 VACE "
+                          "(vace-1.3b-2.1, vace-14b-2.1)")  # fmt: skip
     from pipeline.families import wan_i2v
 
     flf2v = wan_i2v.flf2v_variant(flavour, source, index.get("_class_name"))  # FLF2V: WanImageToVideoPipeline too

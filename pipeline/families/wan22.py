@@ -20,6 +20,14 @@ alone over every step (`wan_validation_load_other_stage` false, SimpleTuner's de
 loaded beside it in its own slot, with the boundary (true). A published LoRA applies to the trained expert:
 `load_lora_weights(...)` for the high stage, `load_lora_weights(..., load_into_transformer_2=True)` for the low one.
 
+First/last-frame stages (flf2v-14b-2.2-high / -low, `FLF2V_HIGH` / `FLF2V_LOW`, SimpleTuner's FLF2V_FLAVOURS with the
+same stage table): the same experts, trained as WanImageToVideoPipeline renders them with `last_image` (the condition
+latents of [first frame, black frames, last frame] cached with each clip and the first/last-frame mask, as Wan 2.1
+FLF2V in `wan_i2v`, without CLIP), validated with `last_image`. SimpleTuner lists no model for them (its
+HUGGINGFACE_PATHS has no entry: without pretrained_model_name_or_path it stops); DEVIATION: st defaults them to
+Wan 2.2 I2V A14B, whose experts they train. DEVIATION: SimpleTuner's training conditions these non-expand_timesteps
+models on the first frame only (`add_first_frame_conditioning`; its validation passes `last_image`); st trains on both.
+
 Wan 2.2 TI2V 5B (ti2v-5b-2.2, `TI2V`): one transformer over the 48-channel Wan 2.2 VAE (residual, 2x2 pixel patches
 before the encoder: 16x spatial, 4x temporal compression) with per-token timesteps (`expand_timesteps`). Its
 image-to-video input, as `WanImageToVideoPipeline` with expand_timesteps builds it: latent frame 0 is replaced by the
@@ -87,7 +95,11 @@ _I2V_STAGE = {"boundary_ratio": 0.90, "flow_shift": 5.0, "sample_steps": 40, "gu
 STAGES = {
     "i2v-14b-2.2-high": Stage(HIGH, **_I2V_STAGE),
     "i2v-14b-2.2-low": Stage(LOW, **_I2V_STAGE),
+    # The same experts conditioned on the first and the last frame (SimpleTuner's FLF2V_FLAVOURS, same stage table).
+    "flf2v-14b-2.2-high": Stage(HIGH, **_I2V_STAGE),
+    "flf2v-14b-2.2-low": Stage(LOW, **_I2V_STAGE),
 }
+FLF2V_FLAVOURS = ("flf2v-14b-2.2-high", "flf2v-14b-2.2-low")
 HUB_ID = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
 T2V_HUB_ID = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 ANIMEGEN_REPO = "aidealab/AnimeGen-T2V"  # SimpleTuner's ANIMEGEN_T2V_*_PATH: huggingface.co/<repo>/resolve/main/<file>
@@ -105,11 +117,14 @@ def family_predict(transformer: Any, latents: Any, timesteps: Any, text: dict[st
     """`Family.predict` of the A14B i2v experts: `wan_i2v`'s 36-channel call (the mask built here, `reference` the
     cached first-frame condition latents) without CLIP embeddings, as `WanImageToVideoPipeline` calls a transformer
     whose `image_dim` is null."""
-    import torch
+    return wan_i2v.predict(transformer, latents, timesteps, text, wan_i2v.masked_condition(reference), None)
 
-    batch, _, frames, height, width = reference.shape
-    mask = wan_i2v.first_frame_mask(batch, frames, height, width, wan_i2v.TEMPORAL, like=reference)
-    return wan_i2v.predict(transformer, latents, timesteps, text, torch.cat([mask, reference], dim=1), None)
+
+def flf2v_family_predict(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None,
+                         guidance: Any = None, *, reference: Any) -> Any:  # fmt: skip
+    """`Family.predict` of the A14B FLF2V stages: the pipeline's call with `last_image` (`reference`: the cached
+    condition latents of [first frame, black frames, last frame]; the first/last-frame mask built here), no CLIP."""
+    return wan_i2v.predict(transformer, latents, timesteps, text, wan_i2v.masked_condition(reference, last=True), None)
 
 
 def tiny_transformer(text_dim: int) -> Any:
@@ -164,7 +179,11 @@ I2V_HIGH = dataclasses.replace(wan_i2v.FAMILY, predict=family_predict, tiny=tiny
                                default_flow_shift=STAGES["i2v-14b-2.2-high"].flow_shift)  # fmt: skip
 I2V_LOW = dataclasses.replace(I2V_HIGH, default_flavour="i2v-14b-2.2-low",
                               default_flow_shift=STAGES["i2v-14b-2.2-low"].flow_shift)  # fmt: skip
-_FAMILIES = {"i2v-14b-2.2-high": I2V_HIGH, "i2v-14b-2.2-low": I2V_LOW}
+# The FLF2V stages: the same experts and stage table, conditioned on each clip's first and last frames (cached as Wan
+# 2.1 FLF2V's, without CLIP), validated with `last_image`.
+FLF2V_HIGH = dataclasses.replace(I2V_HIGH, predict=flf2v_family_predict, default_flavour="flf2v-14b-2.2-high",
+                                 validation_extras=wan_i2v.last_frame_input)  # fmt: skip
+FLF2V_LOW = dataclasses.replace(FLF2V_HIGH, default_flavour="flf2v-14b-2.2-low")
 
 
 def t2v_family_predict(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None,
@@ -401,9 +420,10 @@ def pipeline_components(family: Any, source: str, trained: Any, load_other_stage
 
 def stage_of(family: Any) -> Stage | None:
     """The stage a family variant trains (None: not a Wan 2.2 stage variant)."""
-    if family.name != wan.FAMILY.name or family.predict not in (family_predict, t2v_family_predict):
+    if family.name != wan.FAMILY.name or family.predict not in (family_predict, flf2v_family_predict,
+                                                                t2v_family_predict):  # fmt: skip
         return None
-    return (STAGES if family.predict is family_predict else T2V_STAGES).get(family.default_flavour or "")
+    return (T2V_STAGES if family.predict is t2v_family_predict else STAGES).get(family.default_flavour or "")
 
 
 def weights_subfolder(family: Any) -> str | None:
@@ -441,7 +461,8 @@ def variant(flavour: str | None, source: str, index: dict[str, Any], pipeline: s
         return _FAMILIES[flavour]
     raise ConfigError(f"the model at {source} ({pipeline}) has two transformers (Wan 2.2 A14B high- and low-noise "
                       "experts), and st trains one at a time: set model_flavour to i2v-14b-2.2-high (transformer, "
-                      "t >= boundary) or i2v-14b-2.2-low (transformer_2)")  # fmt: skip
+                      "t >= boundary) or i2v-14b-2.2-low (transformer_2), or flf2v-14b-2.2-high / flf2v-14b-2.2-low "
+                      "to condition on each clip's first and last frames")  # fmt: skip
 
 
 def validation_components(family: Any, source: str, trained: Any, load_other_stage: bool,
@@ -485,7 +506,8 @@ def train_key_entries(family: Any) -> dict[str, str]:
     """What train's key and manifest record of a T2V A14B stage run: its stage (its pipeline class is Wan's own, so
     nothing else tells `run_stage` which it trained); nothing for other runs."""
     stage = stage_of(family)
-    return {STAGE_KEY: stage.trained} if stage is not None and stage.file is not None else {}
+    entries = wan_i2v.train_key_entries(family)  # an FLF2V stage renders with `last_image`
+    return {**entries, STAGE_KEY: stage.trained} if stage is not None and stage.file is not None else entries
 
 
 def run_stage(train: dict[str, Any], denoiser_config: dict[str, Any] | None = None) -> Stage | None:
@@ -550,8 +572,9 @@ _STAGE_HOOKS = {"image_encoder": (), "validation_components": pipeline_component
                 "train_key_entries": train_key_entries, "denoiser_subfolder": weights_subfolder,
                 "denoiser_file": stage_denoiser, "load_denoiser_file": load_single_file,
                 "check_denoiser_source": check_stage_slot}  # fmt: skip
-I2V_HIGH, I2V_LOW, T2V_HIGH, T2V_LOW = (dataclasses.replace(f, **_STAGE_HOOKS)
-                                        for f in (I2V_HIGH, I2V_LOW, T2V_HIGH, T2V_LOW))  # fmt: skip
+I2V_HIGH, I2V_LOW, FLF2V_HIGH, FLF2V_LOW, T2V_HIGH, T2V_LOW = (
+    dataclasses.replace(f, **_STAGE_HOOKS) for f in (I2V_HIGH, I2V_LOW, FLF2V_HIGH, FLF2V_LOW, T2V_HIGH, T2V_LOW))
 TI2V = dataclasses.replace(TI2V, image_encoder=(), validation_components=pipeline_components)
-_FAMILIES = {"i2v-14b-2.2-high": I2V_HIGH, "i2v-14b-2.2-low": I2V_LOW}
+_FAMILIES = {"i2v-14b-2.2-high": I2V_HIGH, "i2v-14b-2.2-low": I2V_LOW, "flf2v-14b-2.2-high": FLF2V_HIGH,
+             "flf2v-14b-2.2-low": FLF2V_LOW}  # fmt: skip
 _T2V_FAMILIES = {"animegen-t2v-high": T2V_HIGH, "animegen-t2v-low": T2V_LOW}

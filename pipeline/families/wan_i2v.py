@@ -21,7 +21,8 @@ latents of [first frame, F - 2 black frames, last frame], a mask set on the firs
 tokens of both images concatenated (`pos_embed_seq_len` = 2 x tokens). `st cache` stores the clip's last frame
 (`0.last_pixels`) beside its first for these runs only, and the CLIP tokens of both (2T x dim). DEVIATION:
 SimpleTuner's Wan 2.1 path conditions on the first frame only and caches one image's CLIP embeddings
-(`add_first_frame_conditioning`), which cannot feed an FLF2V transformer; st follows the pipeline.
+(`add_first_frame_conditioning`), which cannot feed an FLF2V transformer; st follows the pipeline. The Wan 2.2 A14B
+FLF2V stages (`wan22.FLF2V_HIGH` / `FLF2V_LOW`) reuse this caching and condition without CLIP (`is_flf2v`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ def first_last_frame_mask(batch: int, latent_frames: int, height: int, width: in
     mask = first_frame_mask(batch, latent_frames, height, width, temporal, like=like)
     mask[:, -1, -1] = 1
     return mask
+
+
+def masked_condition(reference: Any, last: bool = False) -> Any:
+    """B x 20 x f x h x w: the first-frame mask (`last`: the first/last-frame mask) before `reference`, a batch's
+    cached condition latents (B x 16 x f x h x w), as the pipeline concatenates them for the transformer."""
+    import torch
+
+    batch, _, frames, height, width = reference.shape
+    build = first_last_frame_mask if last else first_frame_mask
+    return torch.cat([build(batch, frames, height, width, TEMPORAL, like=reference), reference], dim=1)
 
 
 def normalise(vae: Any, latents: Any) -> Any:
@@ -219,8 +230,6 @@ def family_predict(transformer: Any, latents: Any, timesteps: Any, text: dict[st
     """`Family.predict` of the i2v family: `reference` is the batch's first-frame condition latents (B x 16 x f x h x
     w, the VAE's normalised encoding of [first frame, black frames], cached as the sample's conditioning latent); the
     mask is built here and the CLIP embeddings come with the text batch (`IMAGE_EMBEDS_KEY`)."""
-    import torch
-
     if IMAGE_EMBEDS_KEY not in text:
         raise InputError(f"{PIPELINE_CLASS} needs the CLIP image embeddings of each sample's first frame "
                          f"({IMAGE_EMBEDS_KEY}) beside its text")  # fmt: skip
@@ -229,10 +238,7 @@ def family_predict(transformer: Any, latents: Any, timesteps: Any, text: dict[st
                          "images), and this run trains first-frame image-to-video: train it with model_flavour "
                          f"{FLF2V_FLAVOUR} (first and last frames cached), or use an i2v-14b-2.1 "
                          "transformer")  # fmt: skip
-    batch, _, frames, height, width = reference.shape
-    mask = first_frame_mask(batch, frames, height, width, TEMPORAL, like=reference)
-    condition = torch.cat([mask, reference], dim=1)
-    return predict(transformer, latents, timesteps, text, condition, text[IMAGE_EMBEDS_KEY])
+    return predict(transformer, latents, timesteps, text, masked_condition(reference), text[IMAGE_EMBEDS_KEY])
 
 
 def flf2v_family_predict(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None,
@@ -240,8 +246,6 @@ def flf2v_family_predict(transformer: Any, latents: Any, timesteps: Any, text: d
     """`Family.predict` of Wan 2.1 FLF2V: `reference` is the batch's cached condition latents of [first frame, black
     frames, last frame] (B x 16 x f x h x w); the first/last-frame mask is built here, and the CLIP tokens of both
     frames (B x 2T x dim, `encode_first_last`) come with the text batch."""
-    import torch
-
     if IMAGE_EMBEDS_KEY not in text:
         raise InputError(f"{PIPELINE_CLASS} (first/last-frame-to-video) needs the CLIP image embeddings of each "
                          f"sample's first and last frames ({IMAGE_EMBEDS_KEY}) beside its text")  # fmt: skip
@@ -254,10 +258,7 @@ def flf2v_family_predict(transformer: Any, latents: Any, timesteps: Any, text: d
     if embeds.ndim != 3 or embeds.shape[1] != expected:
         raise InputError(f"wan flf2v needs CLIP tokens of the first and last frames, {expected} per sample (the "
                          f"transformer's pos_embed_seq_len), got {tuple(embeds.shape)}")  # fmt: skip
-    batch, _, frames, height, width = reference.shape
-    mask = first_last_frame_mask(batch, frames, height, width, TEMPORAL, like=reference)
-    condition = torch.cat([mask, reference], dim=1)
-    return predict(transformer, latents, timesteps, text, condition, pair_tokens(embeds))
+    return predict(transformer, latents, timesteps, text, masked_condition(reference, last=True), pair_tokens(embeds))
 
 
 def uses_clip(family: Any) -> bool:
@@ -266,8 +267,25 @@ def uses_clip(family: Any) -> bool:
 
 
 def is_flf2v(family: Any) -> bool:
-    """Whether `family` is Wan 2.1 FLF2V (its clips' last frames are cached and condition training)."""
-    return family.predict is flf2v_family_predict
+    """Whether `family` is first/last-frame-to-video (Wan 2.1 FLF2V, or a Wan 2.2 A14B FLF2V stage): its clips' last
+    frames are cached and condition training, and validation renders with `last_image` (`last_frame_input`)."""
+    return family.validation_extras is last_frame_input
+
+
+def check_condition_frames(family: Any, batch: Any) -> None:
+    """InputError when a batch's cached condition latents are not those the run's model takes: a first/last-frame
+    cache (its samples carry `last_pixels`) on a first-frame run, or the reverse (the mask would not match them)."""
+    cached_last = getattr(batch, "last_pixels", None) is not None
+    if batch is None or cached_last == is_flf2v(family):
+        return
+    dataset = getattr(batch, "dataset_id", "?")
+    if cached_last:
+        raise InputError(f"a batch of dataset {dataset!r} was cached for first/last-frame-to-video (its condition "
+                         "latents hold the last frame too), and this run trains first-frame image-to-video: re-run "
+                         "`st cache` with this run's model and model_flavour")  # fmt: skip
+    raise InputError(f"a first/last-frame-to-video batch (dataset {dataset!r}) has no last frame: its cache was built "
+                     "for first-frame image-to-video; re-run `st cache` with this run's model and "
+                     "model_flavour")  # fmt: skip
 
 
 def train_key_entries(family: Any) -> dict[str, str]:

@@ -8,10 +8,18 @@ of ones; `text.collate` pads a batch with zeros and mask 0 and `predict` cuts ev
 Denoiser: the transformer takes lists (one B-less C x 1 x h x w latent and one caption tensor per sample), counts
 time the other way (t = 1 is the image) and predicts the reversed velocity: `predict` passes (1000 - t) / 1000 and
 negates the stacked output, as the pipeline's denoising loop does.
+
+Flavour ostris-de-turbo (`DE_TURBO`): SimpleTuner's TRANSFORMER_PATH_OVERRIDES: Z-Image-Turbo's pipeline
+(TONGYI-MAI/Z-Image-Turbo: VAE, Qwen3, scheduler) around ostris' de-distilled transformer, which it loads with
+`ZImageTransformer2DModel.from_pretrained("ostris/Z-Image-De-Turbo", subfolder=pretrained_transformer_subfolder)`
+when pretrained_transformer_model_name_or_path is unset (`Family.default_denoiser`; st reads it the way it reads that
+option: a hub id through the hub cache, HF_HUB_OFFLINE honoured, or a folder set in the option instead). It forces no
+other setting and trains without an assistant LoRA (not one of SimpleTuner's ASSISTANT_LORA_FLAVOURS).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +141,34 @@ FLAVOURS = (
     Flavour("base", "TONGYI-MAI/Z-Image"),
     Flavour("turbo", "TONGYI-MAI/Z-Image-Turbo"),
     Flavour("turbo-ostris-v2", "TONGYI-MAI/Z-Image-Turbo"),
-    Flavour("ostris-de-turbo", "TONGYI-MAI/Z-Image-Turbo",
-            needs="a transformer from another repository (ostris/Z-Image-De-Turbo) under the Turbo pipeline"),
+    Flavour("ostris-de-turbo", "TONGYI-MAI/Z-Image-Turbo"),  # with DE_TURBO_TRANSFORMER (`variant`)
 )  # fmt: skip
+DE_TURBO = "ostris-de-turbo"
+DE_TURBO_TRANSFORMER = "ostris/Z-Image-De-Turbo"  # SimpleTuner's TRANSFORMER_PATH_OVERRIDES["ostris-de-turbo"]
+
+
+def variant(flavour: str | None, source: str) -> Family:
+    """Z-Image with ostris' de-turbo transformer as the default denoiser for flavour ostris-de-turbo; else Z-Image."""
+    return DE_TURBO_FAMILY if flavour == DE_TURBO else FAMILY
+
+
+def card_note(family: Family, train: dict[str, Any], denoiser_config: Any) -> str | None:
+    """The model card's note when the trained transformer came from elsewhere than the rest of the pipeline (the
+    ostris-de-turbo flavour, or pretrained_transformer_model_name_or_path): where each part is loaded from."""
+    model = train.get("model", {})
+    denoiser, vae = model.get("denoiser") or {}, model.get("vae") or {}
+    if not denoiser.get("source") or not vae.get("source") or denoiser["source"] == vae["source"]:
+        return None
+
+    def name(source: str) -> str:  # as the card names a base model: a hub id as it is, a local path by its name
+        return Path(source).name if Path(source).is_absolute() or Path(source).exists() else source
+
+    subfolder = f", subfolder={denoiser['subfolder']!r}" if denoiser.get("subfolder") else ""
+    return (f"Its transformer is `{name(denoiser['source'])}`'s and the rest of the pipeline "
+            f"`{name(vae['source'])}`'s: load the pipeline from the latter with "
+            f"`transformer=ZImageTransformer2DModel.from_pretrained({name(denoiser['source'])!r}{subfolder})` before "
+            "loading these weights.")
+
 
 FAMILY = Family(
     name="z_image",
@@ -159,4 +192,7 @@ FAMILY = Family(
     default_flavour="turbo-ostris-v2",  # SimpleTuner's default (a LoRA trains over the v2 assistant LoRA)
     list_prompt_embeds=True,  # ZImagePipeline takes one tensor of real tokens per prompt
     latent_side_limit=latent_side_limit,
+    variant=variant,
+    card_note=card_note,
 )
+DE_TURBO_FAMILY = dataclasses.replace(FAMILY, default_denoiser=DE_TURBO_TRANSFORMER)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..datasets import ConditioningSpec, DatasetSpec
+from ..errors import InputError
 from ..fsutil import atomic_path, atomic_write_text
 from ..hashing import sha256_bytes, sha256_json
 from ..log import get_logger
@@ -27,6 +28,7 @@ from ..progress import progress_bar
 from .discover import DatasetFiles, relative_path
 from .scan import IMAGE_EXTENSIONS, Probe, list_files
 from .select import Sample, Skip
+from .video_probe import VIDEO_EXTENSIONS
 
 log = get_logger("prepare")
 
@@ -54,9 +56,10 @@ class Partner:
                 "height": self.height, "kind": self.kind, "captions": list(self.captions)}  # fmt: skip
 
 
-def list_conditioning(spec: ConditioningSpec) -> DatasetFiles:
-    """One walk of a conditioning folder (images only; no captions are read)."""
-    listing = list_files(spec.root, IMAGE_EXTENSIONS)
+def list_conditioning(spec: ConditioningSpec, videos: bool = False) -> DatasetFiles:
+    """One walk of a conditioning folder (images only, or with `videos` the video files of a conditioning dataset a
+    video dataset links; no captions are read)."""
+    listing = list_files(spec.root, VIDEO_EXTENSIONS if videos else IMAGE_EXTENSIONS)
     return DatasetFiles(spec, listing.files, [], unlisted=listing.skips)  # type: ignore[arg-type]
 
 
@@ -103,6 +106,8 @@ def pair_samples(samples: list[Sample], specs: list[DatasetSpec], finders: dict[
             if isinstance(found, str):
                 problem = found
                 break
+            if sample.video is not None:
+                check_clip_partner(sample, by_id[sample.dataset_id], finder, found)
             partners.append(found)
         if problem is not None:
             skips.append(Skip(sample.dataset_id, sample.path, MISSING, problem))
@@ -110,6 +115,21 @@ def pair_samples(samples: list[Sample], specs: list[DatasetSpec], finders: dict[
         sample.conditioning = partners
         kept.append(sample)
     return kept, skips
+
+
+def check_clip_partner(sample: Sample, spec: DatasetSpec, finder: PartnerFinder, partner: Partner) -> None:
+    """A video sample's conditioning clip (Wan VACE's control or mask video) must have the clip's frame count and
+    frame size: it is read through the same frame window, resize and crop, frame for frame. InputError naming both
+    files otherwise (a clip cut or scaled differently would condition frames on other frames)."""
+    probe = finder.probes[finder.by_path[partner.path]]
+    facts = sample.video
+    if (probe.frames, probe.width, probe.height) == (facts.frames, sample.width, sample.height):
+        return
+    raise InputError(f"conditioning clip {probe.path} (dataset '{partner.dataset_id}') has {probe.frames} frames of "
+                     f"{probe.width}x{probe.height}, but its video {os.path.join(str(spec.root), sample.path)} "
+                     f"(dataset '{sample.dataset_id}') has {facts.frames} frames of {sample.width}x{sample.height}; "
+                     "a conditioning clip needs its video's frame count and size: re-export it to match, or remove "
+                     "the pair")  # fmt: skip
 
 
 def generated_root(out_dir: Path, spec: ConditioningSpec) -> Path:

@@ -80,7 +80,9 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
     # Generated conditioning datasets live in this output folder; the others are walked like image folders.
     generated = {c.id: dataclasses.replace(c, root=generated_root(out_dir.absolute(), c))
                  for c in lists.conditioning if c.generator is not None}  # fmt: skip
-    conditioning = [list_conditioning(c) for c in lists.conditioning if c.generator is None]
+    # A conditioning dataset linked from a video dataset holds clips (Wan VACE's control / mask videos).
+    clip_linked = {i for spec in specs if spec.video is not None for i in spec.conditioning_data}
+    conditioning = [list_conditioning(c, videos=c.id in clip_linked) for c in lists.conditioning if c.generator is None]
     index = load_index(out_dir)
     probes, probe_stats = probe_all(datasets + conditioning, index, config.max_workers)
     stage_config = config.stage_keys(PREPARE)

@@ -123,7 +123,8 @@ class CacheChecks:
         if suffix == TEXT:
             return self.text_bytes(len(checked.local_captions))
         partners = len(checked.meta.get("conditioning", []))
-        return min(partners * (self.pixel_bytes(shard["bucket"]) + latent) + MARGIN, MAX_MEMBER_BYTES)
+        clip = bucket_size(shard["bucket"])[2]  # a video bucket's conditioning clips (Wan VACE) hold every frame
+        return min(partners * (clip * self.pixel_bytes(shard["bucket"]) + latent) + MARGIN, MAX_MEMBER_BYTES)
 
     def check_specs(self, shard: dict[str, Any], checked: CheckedSample, suffix: str, specs: dict[str, TensorSpec],
                     where: str) -> None:  # fmt: skip
@@ -193,7 +194,7 @@ class CacheChecks:
         """`{i}.pixels`: uint8 [3, H, W] at the bucket's size, for every listed conditioning image; `{i}.latent`:
         shaped as the sample's latent; `{i}.last_pixels` (a Wan FLF2V clip's last frame): like `{i}.pixels`;
         `{i}.image_embeds` (Wan 2.1's CLIP tokens of its frames): tokens x dim in the cache's dtype."""
-        width, height, _ = bucket_size(bucket)
+        width, height, frames = bucket_size(bucket)
         expected = {f"{i}.pixels" for i in range(len(partners))}
         latents = {name for name in specs if name.endswith(".latent")}
         lasts = {name for name in specs if name.endswith(".last_pixels")}
@@ -202,14 +203,20 @@ class CacheChecks:
         if set(specs) - latents - lasts - embeds != expected or any(n.partition(".")[0] not in slots
                                                                     for n in latents | lasts | embeds):  # fmt: skip
             raise malformed(where, f"expected tensors {sorted(expected)} (and latents of them), found {sorted(specs)}")
+        # A video bucket's conditioning clip (Wan VACE's control video): U8 [3, F, H, W], its latent the pipeline's
+        # control latents (their own channel count, the sample latent's f x h x w).
+        clip_shape = [3, frames, height, width]
+        clips = {n.partition(".")[0] for n in expected if frames > 1 and list(specs[n].shape) == clip_shape}
         for name in expected | lasts:
             spec = specs[name]
-            if spec.dtype != "U8" or list(spec.shape) != [3, height, width]:
+            if spec.dtype != "U8" or (list(spec.shape) != [3, height, width] and name.partition(".")[0] not in clips):
                 raise malformed(where, f"{name} is {spec.dtype} {list(spec.shape)}, expected U8 [3, {height}, {width}]")
         shape = self._latent_shapes.get(bucket)
         for name in latents:
             spec = specs[name]
-            if spec.dtype != _TENSOR_DTYPES[self.dtype] or (shape is not None and spec.shape != shape):
+            start = 1 if name.partition(".")[0] in clips else 0  # a clip's control latents: any channel count
+            mismatch = shape is not None and tuple(spec.shape)[start:] != tuple(shape)[start:]
+            if spec.dtype != _TENSOR_DTYPES[self.dtype] or mismatch:
                 raise malformed(where, f"{name} is {spec.dtype} {list(spec.shape)}, unlike the sample's latent")
         for name in embeds:
             spec = specs[name]

@@ -178,15 +178,17 @@ class ControlNetTraining:
                  sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad) / 1e6,
                  f" ({self.spec.adapter})" if config.model_type == "lora" else "")  # fmt: skip
 
-    def wrap(self, denoiser, device) -> tuple[Any, list[Any]]:
-        """The trainer's model (base + ControlNet on `device`) and the trainable parameters (fp32)."""
-        from ..quantise import upcast_trainable
+    def wrap(self, denoiser, device, dtype: str = "float32") -> tuple[Any, list[Any]]:
+        """The trainer's model (base + ControlNet on `device`) and the trainable parameters, held in `dtype` (the
+        torch dtype name of `quantise.adapter_dtype`: bf16 under mixed_precision bf16, as SimpleTuner moves the
+        ControlNet to its weight_dtype). Its frozen weights follow, so the ControlNet computes in one dtype."""
+        import torch
 
         controlnet = self.controlnet
         if self.config.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
         params = [p for p in controlnet.parameters() if p.requires_grad]
-        upcast_trainable(params)
+        controlnet.to(getattr(torch, dtype))
         _stream_controlnet(controlnet, self.config, device)
         controlnet.to(device)
         controlnet.train()

@@ -12,7 +12,7 @@ from typing import Any
 from ..cache_reader import COND
 from ..datasets import MASK_TYPES
 from ..errors import ConfigError, InputError, NotSupportedError
-from ..families import Family, flux2, flux_control, wan_i2v
+from ..families import Family, flux2, flux_control, wan_i2v, wan_vace
 from ..log import get_logger
 from .controlnet import ValidationControl, read_conditioning
 from .data import image_paired_datasets
@@ -45,7 +45,7 @@ def for_pairs(family: Family, cache_manifest: dict[str, Any], *, controlnet: boo
 def note_unused(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool) -> None:
     """One warning when the cache pairs training samples with conditioning images (not masks) that this run does not
     use: only a ControlNet or a reference-image model trains with them, so a plain run is likely a missed option."""
-    if controlnet or family.takes_reference:
+    if controlnet or family.takes_reference or family.pipeline_class == wan_vace.PIPELINE_CLASS:
         return
     paired, _ = image_paired_datasets(cache_manifest)
     if paired:
@@ -56,7 +56,11 @@ def note_unused(family: Family, cache_manifest: dict[str, Any], *, controlnet: b
 
 # Families SimpleTuner trains on paired conditioning images in a way st does not implement yet: pipeline -> feature.
 PAIRED_NOT_YET = {"OmniGenPipeline": "OmniGen's instruction / reference-image training (conditioning images as "
-                                     "<img><|image_1|></img> inputs of the prompt)"}
+                                     "<img><|image_1|></img> inputs of the prompt)",
+                  # VACE trains on the control clips of video datasets (pipeline.families.wan_vace); conditioning
+                  # images of image datasets are refused here.
+                  wan_vace.PIPELINE_CLASS: "Wan VACE control training on image datasets (st trains VACE on the "
+                                           "conditioning clips of video datasets as WanVACEPipeline's `video`)"}
 
 
 def check(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool = False) -> None:
@@ -65,10 +69,13 @@ def check(family: Family, cache_manifest: dict[str, Any], *, controlnet: bool = 
     a `PAIRED_NOT_YET` family whose datasets link conditioning images."""
     feature = PAIRED_NOT_YET.get(family.pipeline_class)
     paired_datasets = image_paired_datasets(cache_manifest)[0] if feature else []
+    if family.pipeline_class == wan_vace.PIPELINE_CLASS:  # its video datasets' control clips train
+        clips = {d["id"] for d in cache_manifest.get("datasets", []) if d.get("dataset_type") == "video"}
+        paired_datasets = [d for d in paired_datasets if d not in clips]
     if paired_datasets:
         raise NotSupportedError(f"dataset(s) {', '.join(paired_datasets)} link conditioning images, and st does not "
                                 f"implement {feature} yet; remove their conditioning_data to train {family.name} on "
-                                "text-to-image")  # fmt: skip
+                                f"text-to-{'video' if family.video else 'image'}")  # fmt: skip
     if not family.takes_reference:
         return
     if controlnet:
@@ -105,6 +112,8 @@ def latents(family: Family, batch: Any) -> Any:
         raise InputError(f"a {family.pipeline_class} batch (dataset {getattr(batch, 'dataset_id', '?')!r}) has no "
                          "reference image latents: every dataset it trains on needs conditioning_data; re-run "
                          "`st prepare` and `st cache` after linking one")  # fmt: skip
+    if family.pipeline_class == wan_i2v.PIPELINE_CLASS:  # a first-frame cache on a first/last-frame run, or the reverse
+        wan_i2v.check_condition_frames(family, batch)
     return found
 
 
@@ -116,6 +125,8 @@ def validation_control(family: Family, denoiser: Any, index: Any, count: int) ->
     also gets those inputs of each sample."""
     if family.validation_input is not None:
         return _training_image_inputs(family, denoiser, index, count)
+    if family.pipeline_class == wan_vace.PIPELINE_CLASS:
+        return _control_clips(denoiser, index, count)
     if not family.takes_reference:
         return None
     from PIL import Image
@@ -169,3 +180,32 @@ def _training_image_inputs(family: Family, denoiser: Any, index: Any, count: int
         raise InputError(f"{family.pipeline_class} validation renders from a cached training image and the cache has "
                          "none; re-run `st cache`")  # fmt: skip
     return ValidationControl(family.pipeline_class, denoiser, None, IMAGE_ARGUMENT, images)
+
+
+def _control_clips(denoiser: Any, index: Any, count: int) -> ValidationControl | None:
+    """Wan VACE: WanVACEPipeline's `video` for prompt i, the i-th cached control clip (sorted by key, modulo their
+    number; the clip's frames as cached, uint8 at its training size), with its cached mask clip as `mask` when the
+    clips have one; None when the cache holds none (the run renders the prompts alone, as it trains unpaired clips)."""
+    from .data import SampleReader
+
+    reader = SampleReader()
+    clips: list[Any] = []
+    masks: list[Any] = []
+    try:
+        for key in sorted(index.samples):
+            ref = index.samples[key]
+            kinds = [c.get("kind") for c in ref.meta.get("conditioning") or ()]
+            if COND not in ref.members or wan_vace.CONTROL_KIND not in kinds:
+                continue
+            stored = reader.tensors(ref, COND)
+            clips.append(wan_vace.frames_of(stored[f"{kinds.index(wan_vace.CONTROL_KIND)}.pixels"]))
+            if wan_vace.MASK_KIND in kinds:
+                masks.append(wan_vace.frames_of(stored[f"{kinds.index(wan_vace.MASK_KIND)}.pixels"]))
+            if len(clips) >= max(1, count):
+                break
+    finally:
+        reader.close()
+    if not clips:
+        return None
+    extra = {wan_vace.MASK_ARGUMENT: masks} if len(masks) == len(clips) else {}
+    return ValidationControl(wan_vace.PIPELINE_CLASS, denoiser, None, wan_vace.VIDEO_ARGUMENT, clips, extra)

@@ -8,6 +8,11 @@ attention projections `q_proj k_proj v_proj out_proj`. Its parameters are an own
 changing. Checkpoints store its weights under the encoder's subfolder name (`text_encoder.` / `text_encoder_2.`); the
 final LoRA file holds them in diffusers' layout next to the denoiser's, and a full run's final folder holds the trained
 encoders as diffusers subfolders.
+
+The encoders are held in the run's training dtype, as SimpleTuner holds them (`load_text_encoder` loads them with
+`torch_dtype=weight_dtype` and moves them to the device in it; peft then creates their LoRA in that dtype): under
+mixed_precision bf16 their frozen weights, their LoRA and (model_type full) all their weights are bf16, trained and
+saved in bf16; under `no` everything is fp32 (`encoder_dtypes`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class TextEncoderOptions(OptionGroup):
     text_encoder_limit: int
     lora_rank: int
     lora_alpha: float | None
+    mixed_precision: str
     revision: str | None
     variant: str | None
     ramtorch: bool
@@ -51,11 +57,24 @@ def check_cache(manifest: dict[str, Any], where: Path | str) -> None:
                          f"{OPTION} false); re-run `st cache` with {OPTION} true")
 
 
+def encoder_dtypes(mixed_precision: str, full: bool) -> tuple[str, str]:
+    """(the frozen weights' dtype, the trained weights' dtype) of trained text encoders, torch dtype names.
+
+    SimpleTuner's `weight_dtype` (bf16, fp16, or fp32 for mixed_precision no) for both, as the denoiser's adapters
+    (quantise.adapter_dtype) and full training (quantise.BasePrecision) hold theirs. DEVIATION, as for those: with fp16
+    the trained weights (the LoRA, or the whole encoders of a full run) are fp32, since accelerate's fp16 gradient
+    scaler cannot unscale fp16 gradients; a LoRA run's frozen weights are fp16 there, as SimpleTuner's."""
+    frozen = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
+    trained = "bfloat16" if mixed_precision == "bf16" else "float32"
+    return (trained if full else frozen), trained
+
+
 class TextEncoders:
     """The family's text encoders (with a LoRA each, or whole in a full run) on `device`, training until
-    `text_encoder_limit` steps."""
+    `text_encoder_limit` steps; held in `encoder_dtypes`."""
 
     def __init__(self, family: Family, source: str, options: TextEncoderOptions, device: Any) -> None:
+        import torch
         from peft import LoraConfig, inject_adapter_in_model
 
         self.embed_tokens = trainable_text(family.name).embed
@@ -67,17 +86,20 @@ class TextEncoders:
         self.lora_config = LoraConfig(r=rank, lora_alpha=options.lora_alpha or rank, init_lora_weights="gaussian",
                                       target_modules=list(LORA_TARGETS))  # fmt: skip
         self.full = options.model_type == "full"
+        frozen, trained = (getattr(torch, name) for name in encoder_dtypes(options.mixed_precision, self.full))
         self.encoders = []
         self.ramtorch: list[dict[str, Any]] | None = None  # ramtorch_text_encoder: what each encoder streams
         for number, encoder in enumerate(parts["text_encoders"], start=1):
+            encoder.to(dtype=frozen)
             if self.full:
-                encoder.float().requires_grad_(True)
+                encoder.requires_grad_(True)
             else:
                 encoder.requires_grad_(False)
+                # peft creates the LoRA in its base layers' dtype (its gaussian A drawn in fp32, then rounded)
                 inject_adapter_in_model(self.lora_config, encoder)  # transformers' add_adapter wants a newer peft
                 for name, param in encoder.named_parameters():
-                    if "lora_" in name:
-                        param.data = param.data.float()
+                    if "lora_" in name and param.dtype != trained:
+                        param.data = param.data.to(trained)
             if options.ramtorch and options.ramtorch_text_encoder:  # the frozen layers, before the move to the GPU
                 from ..ramtorch_layers import parse_targets, stream_text_encoder
 

@@ -15,12 +15,14 @@ from .. import speed
 from ..distributed import check_launcher, check_world_size, global_batch
 from ..errors import InputError, UserError
 from ..families import Family
+from ..families.wan_vace import ZeroControl
 from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
 from ..quantise import BasePrecision, adapter_dtype, cast_trainable, parameter_bytes, quantise
 from ..prompts import ValidationPrompt
 from . import (adapters, assistant, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders,
                tread)  # fmt: skip
+from . import context_parallel
 from .control import family_for_run, prepare_denoiser
 from .family_options import FamilyText, FirstFrame, LoadBalancingLoss, load_base_parts
 from .image_embeds import ImageEmbeds
@@ -141,15 +143,20 @@ class Trainer:
         speed.check_train_options(config, self.device)
         crepa_options = crepa.options_for(config, family)  # a family CREPA cannot train stops before the model loads
         tread.check(config, family.name)  # so does a tread_config this run cannot route
+        # context_parallel_size: each group of consecutive ranks shares one replica's batches (train.context_parallel)
+        context_parallel.check(config, config.model_family or family.name, family.denoiser.class_name, self.world)
+        self.cp = context_parallel.layout_for(config, self.rank, self.world)
         self.memory_options = offload.MemoryOptions.from_config(config)
         offload.check(self.memory_options, self.device)
 
         # Frozen weights in the training dtype (quantised when base_model_precision says so); LoRA / LyCORIS weights in
-        # bf16 with a bf16 base, else fp32, as in SimpleTuner (quantise.adapter_dtype); full training in fp32.
+        # bf16 with a bf16 base, else fp32, as in SimpleTuner (quantise.adapter_dtype); full training and the ControlNet
+        # in the same dtype (SimpleTuner's weight_dtype).
         self.base_precision = BasePrecision.from_config(config, base_dir)
         assistant_file = assistant.resolve(config, family.name, base_dir)  # a missing adapter stops before loading
         parts = load_base_parts(family, source, config, base_dir, self.base_precision)  # another denoiser, if set
         denoiser = parts["denoiser"]
+        context_parallel.check_denoiser(denoiser, self.cp)
         self._check_image_sizes(denoiser.config, bool(validation_prompts))
         self.scheduler_config = dict(parts["scheduler"].config)
         prepare_denoiser(family, denoiser)  # control: true widens the input layer (pipeline.train.control)
@@ -177,10 +184,11 @@ class Trainer:
         self.memory = offload.hold(denoiser, self.memory_options, family.name, self.device)
         # TREAD token routing (tread_config): hooks on the transformer's blocks, or None.
         self.tread = tread.attach(config, family.name, denoiser, self.device)
+        context_parallel.apply(denoiser, self.cp, self.device)  # after the adapters, before compiling and wrapping
         # In place, after the adapters (so that they are compiled in) and before accelerate wraps the model.
         self.compiled = speed.compile_module(denoiser, config)
         if self.control is not None:  # the model becomes base + ControlNet; the ControlNet's parameters train
-            denoiser, self.params = self.control.wrap(denoiser, self.device)
+            denoiser, self.params = self.control.wrap(denoiser, self.device, adapter_dtype(self.base_precision))
         self.trainable_names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
 
         from .objectives import Objective
@@ -189,6 +197,8 @@ class Trainer:
         self.family_text = FamilyText.for_run(config, family)  # Flux's T5 mask, SD3's caption-dropout embeddings
         self.first_frame = FirstFrame.for_run(config, family)  # LTX-Video's image-to-video conditioning, or None
         self.image_embeds = ImageEmbeds.for_run(family, source, self.device)  # Wan i2v's CLIP embeddings, or None
+        # Wan VACE's zero-control conditioning (WanVACEPipeline without control inputs), or None.
+        self.vace = ZeroControl.for_run(family, source, vae_source, denoiser, self.device, config)
         self.balance = LoadBalancingLoss.attach(config, family, denoiser)  # HiDream's expert-gate loss, or None
         self.objective = Objective(ObjectiveOptions.from_config(config), kind=family.prediction_type,
                                    scheduler_config=self.scheduler_config,
@@ -198,7 +208,8 @@ class Trainer:
         self.index = CacheIndex(cache_root, cache_manifest)
         self.eval_sets = evaluation.sample_sets(self.index.samples, self.index.datasets, self.evaluation)
         self.planner = EpochPlanner(self.index, seed=self.seed, sampling=config.data_backend_sampling,
-                                    global_batch=global_batch(config.train_batch_size, self.world))  # fmt: skip
+                                    global_batch=global_batch(config.train_batch_size,
+                                                              self.cp.data_parallel))  # fmt: skip
         micro_per_epoch = self.planner.batches_per_epoch()
         if micro_per_epoch == 0:
             sizes = ", ".join(f"{d}/{b}: {len(k)}" for (d, b), k in sorted(self.index.groups.items()))
@@ -225,11 +236,12 @@ class Trainer:
         self.prepared_params = [p for p in self.model.parameters() if p.requires_grad]
         self.prepared_params += self.text.parameters() if self.text is not None else []
         self.prepared_params += self.crepa.parameters() if self.crepa is not None else []
-        self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1000 + self.rank)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1000 + self.cp.data_rank)
         ema_device = self.device if config.ema_device == "accelerator" and not config.ema_cpu_only else "cpu"
         self.ema = (adapters.EMA(self._named_trainable(), config.ema_decay, ema_device, not config.ema_foreach_disable)
                     if config.use_ema else None)  # fmt: skip
-        self.loader = TrainLoader(self.index, self.planner, rank=self.rank, world=self.world, shared_text=self.shared,
+        self.loader = TrainLoader(self.index, self.planner, rank=self.cp.data_rank, world=self.cp.data_parallel,
+                                  shared_text=self.shared,
                                   empty_key=cache_manifest["embeds"]["empty"],
                                   caption_dropout=config.caption_dropout_probability, seed=self.seed,
                                   conditioning_sampling=config.conditioning_multidataset_sampling,
@@ -272,7 +284,7 @@ class Trainer:
     @property
     def samples_per_step(self) -> int:
         """Samples in one optimizer step across all processes."""
-        return global_batch(self.config.train_batch_size, self.world, self.accum)
+        return global_batch(self.config.train_batch_size, self.cp.data_parallel, self.accum)
 
     # ---------------------------------------------------------------------------------------------- helpers
 
@@ -401,9 +413,11 @@ class Trainer:
             collated = self.text.embed(collated, step)
         return {k: v.to(self.device) for k, v in collated.items()}
 
-    def _attention(self):
-        """The SDPA kernel choice of attention_mechanism; entered around forward and backward."""
-        return speed.attention_context(self.config.attention_mechanism)
+    def _attention(self, phase: str = "training"):
+        """The kernel choice of attention_mechanism for `phase` (training, or inference: validation renders);
+        entered around forward and backward."""
+        return speed.attention_context(self.config.attention_mechanism, phase=phase,
+                                       usage=self.config.sageattention_usage)  # fmt: skip
 
     def forward_loss(self, noised, texts: list[dict[str, Any]], meta: list[dict[str, Any]], guidance, step: int,
                      batch: Batch | None = None, mask=None, extra_text: dict[str, Any] | None = None):  # fmt: skip
@@ -416,6 +430,8 @@ class Trainer:
         text = {**text, **extra_text} if extra_text else text
         if self.image_embeds is not None:
             text = {**text, **self.image_embeds.text_inputs(batch)}
+        if self.vace is not None:
+            text = {**text, **self.vace.text_inputs(noised.noisy, batch)}
         noisy, timesteps = noised.noisy, noised.timesteps
 
         def predict():
@@ -432,9 +448,12 @@ class Trainer:
     def _forward_loss(self, batch: Batch, step: int):
         """A training batch's loss: noise, timesteps and guidance drawn from the run's generator."""
         latents = batch.latents.to(self.device)
+        context_parallel.check_batch(latents, self.unwrapped.config, self.cp, f"dataset {batch.dataset_id}")
         noised = self.objective.draw(latents, self.generator, step)
         guidance = self.objective.guidance(latents.shape[0], self.generator)
-        mask = self.objective.choose_mask(batch.mask_pixels, batch.mask_kind, self.generator)
+        # (Wan VACE: a mask clip is the pipeline's `mask` input, inside the cached control latents, not a loss mask.)
+        mask = None if self.vace is not None else self.objective.choose_mask(batch.mask_pixels, batch.mask_kind,
+                                                                              self.generator)  # fmt: skip
         texts = self.family_text.training_texts(batch.texts, batch.dropped)
         if self.tread is not None:  # TREAD keeps the tokens under a mask / segmentation image (SimpleTuner's)
             self.tread.keep_masked(batch.mask_pixels, batch.mask_kind, latents, self.unwrapped.config)
@@ -536,7 +555,7 @@ class Trainer:
                     sync = nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.model)
                     with sync, self._attention():
                         loss = self._forward_loss(batch, state.step)
-                        self.accelerator.backward(loss / self.accum)
+                        self.accelerator.backward((loss * self.cp.loss_scale if self.cp.enabled else loss) / self.accum)
                     losses.append(float(loss.detach()))
                     micro += 1
                     state.cursor = Cursor(batch.epoch, batch.index + 1)
@@ -650,9 +669,10 @@ class Trainer:
             self.unwrapped.eval()
             try:
                 # Validation renders other shapes than training: compiled blocks run eagerly rather than recompiling.
-                with self._attention(), speed.eager_stance(bool(self.compiled)), isolated_rng(self.device), \
-                        (self.assistant.for_validation() if self.assistant else nullcontext()):
-                    self._render(tracker, label)
+                with self._attention("inference"), speed.eager_stance(bool(self.compiled)), \
+                        isolated_rng(self.device), (self.assistant.for_validation() if self.assistant else nullcontext()):
+                    with context_parallel.suspended(self.unwrapped):  # the main process renders alone
+                        self._render(tracker, label)
             finally:
                 self.unwrapped.train(was_training)
         self.accelerator.wait_for_everyone()

@@ -18,11 +18,13 @@ st's trainer does): the record is that of the latest training forward.
 The router's `torch.Generator` lives on the training device, seeded with `seed or 42` as in SimpleTuner; its state is
 saved in checkpoints (`state` / `load_state`) so that a resumed run draws the masks an uninterrupted one draws.
 
-Families (LAYOUTS): Wan (Wan 2.1 and 2.2 t2v / i2v; not Wan 2.2 TI2V, whose timesteps are per token), Flux (and
-Kontext, whose reference tokens follow the target's and are routed alike), FLUX.2 (klein and dev), Chroma, AuraFlow,
-Qwen-Image, Z-Image, SD3 and PixArt Sigma. Blocks are counted in execution order (double / joint blocks, then single
-ones; Z-Image: its main layers); in single-stream blocks, which take the text and image tokens as one sequence, only
-the image part is routed (Z-Image: the caption tokens are force-kept).
+Families (LAYOUTS): Wan (Wan 2.1 and 2.2 t2v / i2v, and Wan 2.2 TI2V, whose per-token time embeddings go with the
+tokens), Flux (and Kontext, whose reference tokens follow the target's and are routed alike), FLUX.2 (klein and dev),
+Chroma, AuraFlow, Qwen-Image (Edit 2511's per-token modulation index too), Z-Image, SD3, PixArt Sigma, Sana, HiDream
+and LTX-Video. Blocks are counted in execution order (double / joint blocks, then single ones; Z-Image: its main
+layers); in single-stream blocks, which take the text and image tokens as one sequence, only the image part is routed
+(Z-Image: the caption tokens are force-kept). Sana, HiDream and LTX-Video route as SimpleTuner's transformers for them
+do: each block of a route draws its own tokens (`Layout.per_block`).
 
 Masked loss (mask / segmentation datasets), Flux, FLUX.2, Chroma and Wan: as SimpleTuner's model_predict does, the
 tokens under the mask (the mask image's channel mean mapped to [0, 1], resized to the token grid - trilinear for Wan,
@@ -122,7 +124,6 @@ class Layout:
     rope: tuple[int, str] | None  # (position, keyword) of the rotary embeddings (None: positions added before)
     text: tuple[int, str] | None  # (position, keyword) of the text hidden states (Flux: rope rows come first)
     output_index: int | None  # index of the hidden states in a tuple output (None: the output is them)
-    temb: tuple[int, str] | None = None  # Wan's time embedding: per token (B x S x 6 x D) in Wan 2.2 TI2V
     keeps_masked: bool = True  # SimpleTuner's model_predict passes masked-loss tokens as force-keep (Flux, Wan)
     # The hidden states (and the output) are the text tokens, then the image tokens, in one sequence (single-stream
     # blocks of FLUX.2, Chroma, AuraFlow): only the image part is routed, the text rows stay.
@@ -138,6 +139,21 @@ class Layout:
     # rotary table (B x L x D/2) and the mask (B x L) are per token and gathered with them, and the caption and padding
     # are force-kept. Each sample's image length comes from the first block of this list (its mask, else its width).
     unified: str | None = None
+    # Arguments (position, keyword, ndim) with a token axis (dim 1) whose first S rows belong to the S routed tokens,
+    # gathered with the kept ones when the argument has that ndim and at least S rows: Wan 2.2 TI2V's per-token time
+    # embedding, LTX-Video's per-token temb, Qwen-Image Edit 2511's modulate_index, HiDream's image mask and rotary
+    # table (its text rows follow the image's and stay).
+    per_token: tuple[tuple[int, str, int], ...] = ()
+    # Each block of a route draws its own tokens and puts the skipped ones back after itself (SimpleTuner's Sana,
+    # HiDream and LTX-Video transformers route so), instead of one draw carried through the route's blocks.
+    per_block: bool = False
+    # The hidden states (and the output) are the image tokens, then the text tokens (HiDream's single blocks): only
+    # the first S rows are routed, S being the image token count of the first block of `image_len_from`.
+    image_first: bool = False
+    image_len_from: str | None = None
+    # Sana: the (height, width) arguments of the block's Mix-FFN token grid; the kept tokens are convolved at their
+    # own grid positions (see `Tread._ff_scatter`).
+    grid: tuple[tuple[int, str], tuple[int, str]] | None = None
 
     def route_rope(self, rope, info: MaskInfo, batch: int, text_len: int):
         """Wan: (cos, sin), each 1 x S x 1 x D -> B x keep x 1 x D. Flux: (cos, sin), each (T + S) x D for T text and
@@ -194,9 +210,39 @@ class Layout:
 # tokens, as every other family does. SimpleTuner sets the routed attention mask to all ones (padding becomes
 # visible); st gathers the mask with the tokens, so padding stays masked. Its model_predict passes no force-keep
 # mask; omni mode (per-token noise_mask) is refused.
+# Wan 2.2 TI2V (5B) embeds one timestep per token: its blocks take a B x S x 6 x D temb, gathered with the kept tokens.
+# DEVIATION: SimpleTuner's Wan transformer passes the full per-token temb to the routed blocks, whose shapes then do
+# not match (a routed TI2V step stops there); st routes each kept token with its own time embedding.
+# Qwen-Image Edit 2511 (zero_cond_t): modulate_index (B x S, 0 for the target's tokens, 1 for the references') picks
+# each token's modulation; it is gathered with the kept tokens. DEVIATION: SimpleTuner passes the full index with the
+# kept tokens (shapes that do not match); st routes it.
+# Sana: block(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep, height, width)
+# -> hidden_states; linear self-attention (no positions: none added, or added at the patch embedding), cross-attention
+# to the text, and a Mix-FFN whose 3 x 3 depthwise convolution runs over the height x width token grid. As
+# SimpleTuner's Sana transformer does, each block of a route draws its own tokens (get_mask on that block's input,
+# start_route, the block, end_route with the skipped tokens as they entered it). DEVIATION: SimpleTuner's block
+# reshapes the kept tokens to a (keep x 1) column in their shuffled order, so its convolution mixes each token with
+# randomly drawn others; st convolves each kept token at its own place in the grid, the dropped places as zero padding
+# (as the grid's border is). Its model_predict passes no force-keep mask.
+# HiDream: double blocks block(hidden_states, hidden_states_masks, encoder_hidden_states, temb, image_rotary_emb) ->
+# (image, text); single blocks take the image tokens, then the text tokens (T5, Llama, the block's own Llama layer) in
+# one sequence and return it; the rotary table (B x (S + T) x 1 x D/2 x 2 x 2) and the image mask (non-square
+# images: B x max_seq, ones over the real tokens) have the image rows first. As SimpleTuner's HiDream transformer
+# intends, each block of a route routes its own draw of the image tokens (its MoE feed-forward sees the kept ones
+# only); the rotary rows and the mask go with them. DEVIATIONS: SimpleTuner's HiDream transformer calls
+# `get_mask(token_count, ..., force_keep_mask=...)`, which its TREADRouter does not take (a routed step stops there),
+# and passes the full rotary table and mask; st routes both. One draw per route could not run here: diffusers cuts
+# the single blocks' sequence to the length it had before the route.
+# LTX-Video (0.9.x): block(hidden_states, encoder_hidden_states, temb, image_rotary_emb, encoder_attention_mask) ->
+# hidden_states; the rotary tables (cos, sin) are B x S x D and the temb is per token (B x S x 6D) when the first
+# frame is a condition (frame_timestep_scale), else B x 1 x 6D. DEVIATION: SimpleTuner's LTX-Video model has no
+# tread_init (a tread_config stops with NotImplementedError) and its transformer's routing code calls get_mask as
+# HiDream's does; st routes LTX-Video as that code lays out: each block of a route draws its own video tokens, the
+# rotary tables and a per-token temb go with them. No force-keep mask (SimpleTuner has no LTX-Video model_predict
+# for it).
 LAYOUTS = {
     "wan": Layout(hidden=(0, "hidden_states"), rope=(3, "rotary_emb"), text=None, output_index=None,
-                  temb=(2, "temb")),
+                  per_token=((2, "temb", 4),)),
     "flux": Layout(hidden=(0, "hidden_states"), rope=(3, "image_rotary_emb"), text=(1, "encoder_hidden_states"),
                    output_index=1, joint_kwargs=(4, "joint_attention_kwargs")),
     "flux2": Layout(hidden=(0, "hidden_states"), rope=(4, "image_rotary_emb"), text=(1, "encoder_hidden_states"),
@@ -208,8 +254,8 @@ LAYOUTS = {
                      single=Layout(hidden=(0, "hidden_states"), rope=(2, "image_rotary_emb"), text=None,
                                    output_index=None, joint=True, mask=(3, "attention_mask"))),
     "qwen_image": Layout(hidden=(0, "hidden_states"), rope=(4, "image_rotary_emb"), text=(1, "encoder_hidden_states"),
-                         output_index=1, keeps_masked=False, complex_rope=True, refused=(6, "modulate_index"),
-                         refused_why="Qwen-Image Edit 2511's zero_cond_t modulates each token by its own index"),
+                         output_index=1, keeps_masked=False, complex_rope=True,
+                         per_token=((6, "modulate_index", 2),)),
     "z_image": Layout(hidden=(0, "x"), rope=(2, "freqs_cis"), text=None, output_index=None, mask=(1, "attn_mask"),
                       keeps_masked=False, refused=(4, "noise_mask"), unified="noise_refiner",
                       refused_why="Z-Image's omni mode modulates each token by its own noise mask"),
@@ -219,6 +265,16 @@ LAYOUTS = {
                                      joint=True, keeps_masked=False)),
     "sd3": Layout(hidden=(0, "hidden_states"), rope=None, text=None, output_index=1, keeps_masked=False),
     "pixart_sigma": Layout(hidden=(0, "hidden_states"), rope=None, text=None, output_index=None, keeps_masked=False),
+    "sana": Layout(hidden=(0, "hidden_states"), rope=None, text=None, output_index=None, keeps_masked=False,
+                   per_block=True, grid=((5, "height"), (6, "width"))),
+    "hidream": Layout(hidden=(0, "hidden_states"), rope=None, text=None, output_index=0, keeps_masked=False,
+                      per_block=True, image_len_from="double_stream_blocks",
+                      per_token=((1, "hidden_states_masks", 2), (4, "image_rotary_emb", 6)),
+                      single=Layout(hidden=(0, "hidden_states"), rope=None, text=None, output_index=None,
+                                    keeps_masked=False, image_first=True,
+                                    per_token=((1, "hidden_states_masks", 2), (4, "image_rotary_emb", 6)))),
+    "ltxvideo": Layout(hidden=(0, "hidden_states"), rope=(3, "image_rotary_emb"), text=None, output_index=None,
+                       keeps_masked=False, per_block=True, per_token=((2, "temb", 3),)),
 }
 LAYOUTS["wan_i2v"] = LAYOUTS["wan"]
 LAYOUTS["flux_kontext"] = LAYOUTS["flux"]  # the reference image's tokens follow the target's, routed alike
@@ -241,6 +297,19 @@ def _set(args: tuple, kwargs: dict, where: tuple[int, str], value) -> tuple:
 def _get_optional(args: tuple, kwargs: dict, where: tuple[int, str]):
     position, name = where
     return kwargs.get(name) if name in kwargs else (args[position] if len(args) > position else None)
+
+
+def _route_rows(value, info: MaskInfo):
+    """`value` (B or 1 x L x ..., L >= S) with the S routed tokens' rows first: those rows gathered to the kept tokens
+    (B x keep x ...), the rows after them as they are."""
+    import torch
+
+    batch, seq = info.ids_shuffle.shape
+    kept = _gather_tokens(value[:, :seq], info, batch)
+    if value.shape[1] == seq:
+        return kept
+    rest = value[:, seq:]
+    return torch.cat([kept, rest.expand(batch, *rest.shape[1:])], dim=1)
 
 
 def _shorten_attention_mask(args: tuple, kwargs: dict, where: tuple[int, str], length: int) -> tuple:
@@ -399,6 +468,8 @@ class _Forward:
     force_keep: Any = None
     text_len: int = 0
     image_lengths: Any = None  # Z-Image: each sample's image token count (B)
+    image_len: int = 0  # HiDream: the image token count, which its single blocks' sequences start with
+    grid: Any = None  # Sana: (draw, height, width) of the routed block running now
 
 
 @dataclass
@@ -413,6 +484,14 @@ class Tread:
     pending_force_keep: Any = None
     current: _Forward | None = None
     handles: list = field(default_factory=list)
+    # The routes the hooks run: the routes themselves, or one route per block of each (`Layout.per_block`).
+    spans: list[Route] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.spans:
+            self.spans = ([Route(r.selection_ratio, i, i) for r in self.routes
+                           for i in range(r.start_layer_idx, r.end_layer_idx + 1)]
+                          if self.layout.per_block else list(self.routes))  # fmt: skip
 
     def record(self) -> dict[str, Any]:
         """What the train manifest records: the routes with block indices counted from 0."""
@@ -458,14 +537,18 @@ class Tread:
     # --------------------------------------------------------------------------------------------------- hooks
 
     def install(self, denoiser, blocks: list) -> None:
-        starts = {r.start_layer_idx: k for k, r in enumerate(self.routes)}
-        ends = {r.end_layer_idx: k for k, r in enumerate(self.routes)}
-        inside = {i: k for k, r in enumerate(self.routes) for i in range(r.start_layer_idx, r.end_layer_idx + 1)}
-        single = {id(b) for b in getattr(denoiser, "single_transformer_blocks", None) or ()}
+        starts = {r.start_layer_idx: k for k, r in enumerate(self.spans)}
+        ends = {r.end_layer_idx: k for k, r in enumerate(self.spans)}
+        inside = {i: k for k, r in enumerate(self.spans) for i in range(r.start_layer_idx, r.end_layer_idx + 1)}
+        single = {id(b) for name in ("single_transformer_blocks", "single_stream_blocks")
+                  for b in getattr(denoiser, name, None) or ()}  # fmt: skip
         self.handles.append(denoiser.register_forward_pre_hook(self._begin, with_kwargs=True))
         if self.layout.unified is not None:
             first = getattr(denoiser, self.layout.unified)[0]
             self.handles.append(first.register_forward_pre_hook(self._image_lengths, with_kwargs=True))
+        if self.layout.image_len_from is not None:  # before the block's own routing hook, which may need it
+            first = getattr(denoiser, self.layout.image_len_from)[0]
+            self.handles.append(first.register_forward_pre_hook(self._image_len, with_kwargs=True))
         for i, block in enumerate(blocks):
             if i not in inside:
                 continue
@@ -474,6 +557,9 @@ class Tread:
                 self._pre_hook(inside[i], i in starts, layout), with_kwargs=True))  # fmt: skip
             if i in ends:
                 self.handles.append(block.register_forward_hook(self._post_hook(ends[i], layout)))
+            if layout.grid is not None:  # Sana's Mix-FFN: the kept tokens convolved at their grid places
+                self.handles += [block.ff.conv_inverted.register_forward_hook(self._ff_scatter),
+                                 block.ff.conv_depth.register_forward_hook(self._ff_gather)]
             attn = getattr(block, "attn", None)
             rows_with_text = layout.text is not None or layout.joint
             if layout.rope is not None and rows_with_text and attn is not None and hasattr(attn, "set_processor"):
@@ -490,7 +576,7 @@ class Tread:
         import torch
 
         if module.training and torch.is_grad_enabled():
-            self.current = _Forward([_RouteDraw() for _ in self.routes], force_keep=self.pending_force_keep)
+            self.current = _Forward([_RouteDraw() for _ in self.spans], force_keep=self.pending_force_keep)
             self.pending_force_keep = None
             if self.layout.single is not None and self.layout.single.joint:
                 # single blocks see text then image tokens: the text length (after any prefix tokens) splits them
@@ -508,6 +594,11 @@ class Tread:
         self.current.image_lengths = (mask.sum(1) if mask is not None else
                                       torch.full((x.shape[0],), x.shape[1], device=x.device))  # fmt: skip
 
+    def _image_len(self, block, args, kwargs) -> None:
+        """HiDream: the image token count, from the first double block's hidden states."""
+        if self._active(block):
+            self.current.image_len = _get(args, kwargs, (0, "hidden_states")).shape[1]
+
     def _active(self, block) -> bool:
         import torch
 
@@ -516,7 +607,7 @@ class Tread:
     def _pre_hook(self, k: int, starts: bool, layout: Layout):
         import torch
 
-        route = self.routes[k]
+        route = self.spans[k]
 
         def hook(block, args, kwargs):
             if not self._active(block):
@@ -527,9 +618,11 @@ class Tread:
             text_len = self.current.text_len
             if starts:
                 joined = _get(args, kwargs, layout.hidden)
-                hidden = joined[:, text_len:] if layout.joint else joined
+                image_len = self.current.image_len
+                hidden = (joined[:, text_len:] if layout.joint else joined[:, :image_len] if layout.image_first
+                          else joined)  # fmt: skip
                 if draw.info is None:  # once per forward: a checkpointed recompute reuses the draw
-                    self._check_tokens(hidden, _get(args, kwargs, layout.temb) if layout.temb else None)
+                    self._check_tokens(hidden)
                     if layout.refused and _get_optional(args, kwargs, layout.refused) is not None:
                         raise ConfigError(f"{OPTION}: {layout.refused_why} ({layout.refused[1]}), which TREAD does "
                                           f"not route; remove {OPTION}")  # fmt: skip
@@ -556,6 +649,8 @@ class Tread:
                 routed = Router.start_route(hidden, draw.info)
                 if layout.joint:
                     routed = torch.cat([joined[:, :text_len], routed], dim=1)
+                elif layout.image_first:
+                    routed = torch.cat([routed, joined[:, image_len:]], dim=1)
                 args = _set(args, kwargs, layout.hidden, routed)
             if draw.info is None:
                 raise RuntimeError(f"TREAD route {k} reached block {route.end_layer_idx} without its start")
@@ -569,6 +664,15 @@ class Tread:
                     args = _set(args, kwargs, layout.mask, _gather_tokens(mask, draw.info, mask.shape[0]))
             elif layout.mask is not None:
                 args = _shorten_mask_argument(args, kwargs, layout.mask, text_len + draw.info.keep)
+            for position, name, ndim in layout.per_token:
+                value = _get_optional(args, kwargs, (position, name))
+                if value is not None and value.ndim == ndim and value.shape[1] >= draw.info.ids_shuffle.shape[1]:
+                    args = _set(args, kwargs, (position, name), _route_rows(value, draw.info))
+            if layout.grid is not None:  # the block's grid becomes keep x 1 (its depthwise convolution: the real one)
+                height, width = (int(_get(args, kwargs, where)) for where in layout.grid)
+                self.current.grid = (draw.info, height, width)
+                args = _set(args, kwargs, layout.grid[0], draw.info.keep)
+                args = _set(args, kwargs, layout.grid[1], 1)
             return args, kwargs
 
         return hook
@@ -580,6 +684,11 @@ class Tread:
             if not self._active(block):
                 return None
             draw = self.current.draws[k]
+            self.current.grid = None
+            if layout.image_first:  # the routed image rows, then the text rows
+                keep = draw.info.keep
+                image = Router.end_route(output[:, :keep], draw.info, draw.original)
+                return torch.cat([image, output[:, keep:]], dim=1)
             if layout.joint:  # text rows, then the routed image rows
                 text_len = self.current.text_len
                 image = Router.end_route(output[:, text_len:], draw.info, draw.original)
@@ -592,12 +701,35 @@ class Tread:
 
         return hook
 
+    # ------------------------------------------------------------------------------------------ Sana's Mix-FFN
+
+    def _ff_scatter(self, conv, args, output):  # noqa: ARG002
+        """After the Mix-FFN's first 1 x 1 convolution (which, like the last one, runs on the kept tokens only, as
+        the routed block shapes them: B x C x keep x 1): its output put at the kept tokens' own places of the
+        height x width grid, zeros elsewhere, for the 3 x 3 depthwise convolution. The SiLU between them keeps the
+        zeros, so the dropped places are what the grid's zero-padded border is to that convolution."""
+        if self.current is None or self.current.grid is None:
+            return None
+        info, height, width = self.current.grid
+        batch, channels = output.shape[:2]
+        index = info.ids_shuffle[:, : info.keep].to(output.device)
+        grid = output.new_zeros(batch, channels, height * width)
+        grid = grid.scatter(2, index[:, None, :].expand(batch, channels, info.keep), output.flatten(2))
+        return grid.view(batch, channels, height, width)
+
+    def _ff_gather(self, conv, args, output):  # noqa: ARG002
+        """After the depthwise convolution: the kept tokens' places again, B x C x keep x 1 in their routed order."""
+        import torch
+
+        if self.current is None or self.current.grid is None:
+            return None
+        info = self.current.grid[0]
+        batch, channels = output.shape[:2]
+        index = info.ids_shuffle[:, : info.keep].to(output.device)
+        return torch.gather(output.flatten(2), 2, index[:, None, :].expand(batch, channels, info.keep)).unsqueeze(-1)
+
     @staticmethod
-    def _check_tokens(hidden, temb) -> None:
-        if getattr(temb, "ndim", 0) == 4:  # Wan 2.2 TI2V: one timestep per token
-            raise ConfigError(f"{OPTION}: this Wan model embeds one timestep per token (Wan 2.2 TI2V), which TREAD "
-                              f"does not route; TREAD routes model_family {', '.join(SUPPORTED_FAMILIES)} with one "
-                              "timestep per sample")  # fmt: skip
+    def _check_tokens(hidden) -> None:
         if hidden.ndim != 3:
             raise ConfigError(f"{OPTION}: expected B x tokens x width hidden states, got {tuple(hidden.shape)}")
 
@@ -627,7 +759,8 @@ def check(config, family_name: str) -> None:
 
 # The block lists routes count, in execution order: block swap's (Flux: double blocks, then single ones; Wan:
 # `blocks`), AuraFlow's joint blocks, which run before its single ones, and Z-Image's main `layers`.
-TREAD_BLOCK_LISTS = ("joint_transformer_blocks", *BLOCK_LISTS, "layers")
+# HiDream: its double-stream blocks, then its single-stream ones.
+TREAD_BLOCK_LISTS = ("joint_transformer_blocks", "double_stream_blocks", "single_stream_blocks", *BLOCK_LISTS, "layers")
 
 
 def transformer_blocks_of(denoiser) -> list:

@@ -304,7 +304,20 @@ class Validator:
                     kwargs = {"prompt": prompt.text}
                 else:
                     kwargs = self._prompt_kwargs(self.embeds[prompt.text], negative)
-                if self.control is not None:  # the conditioning image, saved beside the render (input / output)
+                clip = None  # a control clip (Wan VACE's `video`): its frames at this size, saved as MP4 beside
+                if self.control is not None and isinstance(self.control.image_for(n), list):
+                    import numpy as np
+
+                    clip = [frame.resize((width, height)) for frame in self.control.image_for(n)]
+                    kwargs[self.control.argument] = clip
+                    rate = family_framerate(options.framerate, self.family.name) or validation_video.DEFAULT_FPS
+                    validation_video.write_mp4(np.stack([np.asarray(f) for f in clip]),
+                                               folder / f"{prompt.name}-{width}x{height}-control.mp4", rate)
+                    for name, clips in self.control.extra.items():  # its mask clip, saved beside it too
+                        kwargs[name] = [frame.resize((width, height), 0) for frame in clips[n % len(clips)]]  # nearest
+                        validation_video.write_mp4(np.stack([np.asarray(f) for f in kwargs[name]]),
+                                                   folder / f"{prompt.name}-{width}x{height}-{name}.mp4", rate)
+                elif self.control is not None:  # the conditioning image, saved beside the render (input / output)
                     kwargs[self.control.argument] = self.control.image_for(n)
                     path = folder / f"{prompt.name}-{width}x{height}-control.png"
                     self.control.image_for(n).resize((width, height)).save(path)
@@ -332,6 +345,7 @@ class Validator:
                     frames = validation_video.frame_count(
                         options.validation_num_video_frames, self.family.temporal_compression,
                         validation_video.FAMILY_FRAMES.get(self.family.name, validation_video.DEFAULT_FRAMES))
+                    frames = len(clip) if clip is not None else frames  # the control clip's frames, as cached
                     rate = family_framerate(options.framerate, self.family.name)
                     if rate is not None and "frame_rate" in self.call_params:
                         # LTXPipeline's RoPE time scale, as training used it. DEVIATION: SimpleTuner leaves the

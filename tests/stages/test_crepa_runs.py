@@ -20,21 +20,13 @@ OPTIONS = ["learning_rate=1e-3", "lora_dropout=0", "caption_dropout_probability=
 
 
 @pytest.fixture(scope="module")
-def video_run(tmp_path_factory, tiny_model):
-    """(config, cache, CREPA options) for two generated clips prepared and cached for the tiny Wan model, with a
-    tiny DINOv2 as the CREPA encoder."""
-    from pipeline.cache.stage import run_cache
-    from pipeline.config import load_config
-    from pipeline.prepare.stage import run_prepare
-    from pipeline.sampledata import write_sample_dataset
+def video_run(tmp_path_factory, wan_clips):
+    """(config, cache, CREPA options) for two generated clips prepared and cached for the tiny Wan model (`wan_clips`),
+    with a tiny DINOv2 as the CREPA encoder."""
     from pipeline.train.crepa_encoder import write_tiny_dinov2
 
-    root = tmp_path_factory.mktemp("crepa-wan")
-    config = write_sample_dataset(root / "data", family="wan", model=tiny_model("wan"), videos=2)
-    loaded = load_config(config)
-    run_prepare(loaded, root / "prepare")
-    run_cache(loaded, root / "prepare", root / "cache")
-    dino = write_tiny_dinov2(root / "dino")
+    root, config = wan_clips
+    dino = write_tiny_dinov2(tmp_path_factory.mktemp("crepa-wan") / "dino")
     crepa = ["crepa_enabled=true", "crepa_block_index=0", f'crepa_model="{dino}"', "crepa_encoder_image_size=16"]
     return config, root / "cache", [*OPTIONS, *crepa]
 

@@ -205,13 +205,15 @@ def test_flux_lora_target_presets_match_simpletuner(tiny_model, tmp_path, preset
 
 
 @pytest.mark.parametrize("preset", ["controlnet", "all+ffs+embedder+controlnet"])
-def test_flux_controlnet_targets_stay_refused(tmp_path, preset):
+def test_flux_controlnet_targets_need_a_controlnet(tmp_path, preset):
+    """The ControlNet presets name a Flux ControlNet's layers: without controlnet true a standard LoRA on the
+    transformer would have none of them (tests/stages/test_flux_controlnet_preset.py: accepted with it)."""
     from pipeline.config import load_config
-    from pipeline.errors import NotSupportedError
+    from pipeline.errors import ConfigError
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"--model_family": "flux", "--flux_lora_target": preset}))
-    with pytest.raises(NotSupportedError, match="ControlNet"):
+    with pytest.raises(ConfigError, match="exist only with controlnet true"):
         load_config(path)
 
 

@@ -7,34 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.config import load_config
 from pipeline.manifest import read_manifest
 from pipeline.publish.stage import run_publish
-from tests.helpers.training import losses, train
-
-FRAMES = 5  # validation_num_video_frames: two latent frames
-SETS = ("validation_num_video_frames=5", 'validation_resolution="32"', "validation_num_inference_steps=2",
-        "checkpoint_step_interval=1", "learning_rate=0.01", "lora_dropout=0.0", "caption_dropout_probability=0.0",
-        'mixed_precision="no"')  # fmt: skip
+from tests.helpers.training import WEIGHTS, losses, train
+from tests.helpers.wan import FRAMES, SETS, VALIDATE_AT_2, render_lora
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, tiny_model):
-    """Two generated clips prepared and cached for the tiny Wan model, and a 2-step LoRA run over them that
-    validates at step 2 (root, config, run folder)."""
-    from pipeline.cache.stage import run_cache
-    from pipeline.prepare.stage import run_prepare
-    from pipeline.sampledata import write_sample_dataset
-
-    root = tmp_path_factory.mktemp("wan-chain")
-    config = write_sample_dataset(root / "data", family="wan", model=tiny_model("wan"), videos=2)
-    loaded = load_config(config)
-    run_prepare(loaded, root / "prepare")
-    run_cache(loaded, root / "prepare", root / "cache")
-    run = root / "straight"
-    train(config, root / "cache", run, *SETS, "validation_disable=false", "validation_step_interval=2")
+def chain(tmp_path_factory, wan_clips):
+    """Two generated clips prepared and cached for the tiny Wan model (`wan_clips`), and a 2-step LoRA run over them
+    that validates at step 2 (root, config, run folder)."""
+    root, config = wan_clips
+    run = tmp_path_factory.mktemp("wan-chain") / "straight"
+    train(config, root / "cache", run, *SETS, *VALIDATE_AT_2)
     return root, config, run
 
 
@@ -44,15 +31,13 @@ def test_lora_resumes_exactly(chain, tmp_path):
     train(config, root / "cache", resumed, *SETS, "max_train_steps=1")
     train(config, root / "cache", resumed, *SETS, 'resume_from_checkpoint="latest"')
     assert losses(resumed) == losses(straight)
-    final = Path("final") / "pytorch_lora_weights.safetensors"
-    assert (resumed / final).read_bytes() == (straight / final).read_bytes()
+    assert (resumed / WEIGHTS).read_bytes() == (straight / WEIGHTS).read_bytes()
 
 
 def test_block_swap_over_wans_blocks_trains_the_same_lora(chain, tmp_path):
     root, config, straight = chain
     train(config, root / "cache", tmp_path / "swapped", *SETS, "musubi_blocks_to_swap=1")
-    final = Path("final") / "pytorch_lora_weights.safetensors"
-    assert (tmp_path / "swapped" / final).read_bytes() == (straight / final).read_bytes()
+    assert (tmp_path / "swapped" / WEIGHTS).read_bytes() == (straight / WEIGHTS).read_bytes()
 
 
 def test_validation_writes_mp4_and_frame_grid(chain):
@@ -74,15 +59,8 @@ def test_validation_writes_mp4_and_frame_grid(chain):
 
 
 def _render(model: Path, lora: Path | None = None) -> np.ndarray:
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    out = pipe("a red circle", height=32, width=32, num_frames=FRAMES, num_inference_steps=2, output_type="np",
-               generator=torch.Generator().manual_seed(0))  # fmt: skip
-    return out.frames
+    """WanPipeline's video of the prompt (its own text encoding and default guidance, 5)."""
+    return render_lora(model, lora, prompt="a red circle", guidance_scale=5.0)
 
 
 def test_published_lora_changes_wan_pipeline_output(chain, tmp_path, tiny_model):

@@ -12,26 +12,21 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.families import get_family
 from pipeline.manifest import read_manifest
 from pipeline.publish.stage import run_publish
 from tests.helpers.training import train
-from tests.helpers.videos import cached_video_dataset
+from tests.helpers.wan import FRAMES, SETS, render_lora, trained_run
 
-# The Wan chain's options (5 frames, 32 px, 2 steps), and its exact-resume test (1 step + resume == 2 steps, byte for
-# byte), collected here on this module's low-stage `chain`.
-from tests.stages.test_wan import FRAMES, SETS, test_lora_resumes_exactly  # noqa: F401
+# The Wan chain's exact-resume test (1 step + resume == 2 steps, byte for byte), collected here on this module's
+# low-stage `chain`.
+from tests.stages.test_wan import test_lora_resumes_exactly  # noqa: F401
 
 LOW = "i2v-14b-2.2-low"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from pipeline.families import wan22
-
-    out = tmp_path_factory.mktemp("wan22-model") / "model"
-    wan22.tiny(out, 0)
-    return out
+def model(tiny_model) -> Path:
+    return tiny_model("wan", flavour="i2v-2.2")
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +34,7 @@ def chain(tmp_path_factory, model):
     """Two generated clips cached for the tiny two-expert model, and a 2-step LoRA run of the low stage that
     validates at step 2 with both experts (root, config, run folder)."""
     root = tmp_path_factory.mktemp("wan22-chain")
-    config = cached_video_dataset(root, "wan", model, videos=2, **{"--model_flavour": LOW})
-    run = root / "straight"
-    train(config, root / "cache", run, *SETS, "validation_disable=false", "validation_step_interval=2",
-          "wan_validation_load_other_stage=true")  # fmt: skip
+    config, run = trained_run(root, model, LOW, *SETS, "wan_validation_load_other_stage=true", run="straight")
     return root, config, run
 
 
@@ -56,19 +48,9 @@ def test_the_run_trains_transformer_2_and_validates_with_both_experts(chain):
     assert (folder / "validation-32x32-0.mp4").is_file() and (folder / "validation-32x32-control.png").is_file()
 
 
-def _render(model: Path, image, lora: Path | None = None, **load) -> np.ndarray:
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, **load)
-    family = get_family("wan")
-    text = family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a red circle"]))
-    out = pipe(image=image, prompt_embeds=text["prompt_embeds"], height=32, width=32, num_frames=FRAMES,
-               num_inference_steps=4, guidance_scale=1.0, output_type="np",
-               generator=torch.Generator().manual_seed(0))  # fmt: skip
-    return out.frames
+def _render(model: Path, image, lora: Path | None = None, into_transformer_2: bool = False) -> np.ndarray:
+    return render_lora(model, lora, cls="WanImageToVideoPipeline", into_transformer_2=into_transformer_2, steps=4,
+                       image=image)  # fmt: skip
 
 
 def test_published_lora_is_the_low_experts(chain, model, tmp_path):
@@ -88,7 +70,7 @@ def test_published_lora_is_the_low_experts(chain, model, tmp_path):
     image = Image.open(run / "validation" / "step-2" / "validation-32x32-control.png").convert("RGB")
     lora = out / "pytorch_lora_weights.safetensors"
     base = _render(model, image)
-    low = _render(model, image, lora, load_into_transformer_2=True)
+    low = _render(model, image, lora, into_transformer_2=True)
     assert base.shape == low.shape == (1, FRAMES, 32, 32, 3)
     assert np.abs(low - base).max() > 1e-4
 
@@ -112,17 +94,12 @@ def test_a_full_fine_tune_publishes_the_trained_transformer_2(chain, model, tmp_
 
 
 @pytest.fixture(scope="module")
-def ti2v(tmp_path_factory):
+def ti2v(tmp_path_factory, tiny_model):
     """The tiny TI2V 5B folder, two generated clips cached for it, and a 2-step LoRA run validating at step 2
     (model, config, run folder)."""
-    from pipeline.families import wan22
-
-    root = tmp_path_factory.mktemp("wan22-ti2v")
-    wan22.tiny_ti2v(root / "model", 0)
-    config = cached_video_dataset(root, "wan", root / "model", videos=2, **{"--model_flavour": "ti2v-5b-2.2"})
-    run = root / "run"
-    train(config, root / "cache", run, *SETS, "validation_disable=false", "validation_step_interval=2")
-    return root / "model", config, run
+    model = tiny_model("wan", flavour="ti2v")
+    config, run = trained_run(tmp_path_factory.mktemp("wan22-ti2v"), model, "ti2v-5b-2.2", *SETS)
+    return model, config, run
 
 
 def test_ti2v_lora_trains_validates_and_changes_the_pipelines_video(ti2v, tmp_path):

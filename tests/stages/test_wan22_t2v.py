@@ -9,65 +9,47 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.config import load_config
-from pipeline.families import get_family, wan22
 from pipeline.manifest import read_manifest
 from pipeline.publish.stage import run_publish
 from tests.helpers.training import train
-from tests.helpers.videos import cached_video_dataset
-from tests.stages.test_wan import FRAMES, SETS
-from tests.unit.test_wan22_t2v import animegen_cache, shifted
+from tests.helpers.wan import FRAMES, SETS, animegen_cache, render_lora, shifted, trained_run
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(tmp_path_factory, tiny_model):
     """The tiny T2V A14B folder and a hub cache holding AnimeGen's two stage files (its experts, moved), read with
     HF_HUB_OFFLINE=1 for the whole module: (model, high expert, low expert)."""
     import huggingface_hub.constants
     from diffusers import WanTransformer3DModel
 
-    root = tmp_path_factory.mktemp("wan22-t2v-hub")
-    wan22.tiny_t2v(root / "model", 0)
-    high = shifted(WanTransformer3DModel.from_pretrained(str(root / "model"), subfolder="transformer"), 0.01)
-    low = shifted(WanTransformer3DModel.from_pretrained(str(root / "model"), subfolder="transformer_2"), -0.01)
+    model = tiny_model("wan", flavour="t2v-2.2")
+    high = shifted(WanTransformer3DModel.from_pretrained(str(model), subfolder="transformer"), 0.01)
+    low = shifted(WanTransformer3DModel.from_pretrained(str(model), subfolder="transformer_2"), -0.01)
     patch = pytest.MonkeyPatch()
     patch.setenv("HF_HUB_OFFLINE", "1")
-    patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(animegen_cache(root / "hub", high, low)))
-    yield root / "model", high, low
+    hub_cache = animegen_cache(tmp_path_factory.mktemp("wan22-t2v-hub") / "hub", high, low)
+    patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    yield model, high, low
     patch.undo()
 
 
 @pytest.fixture(scope="module")
 def low_chain(tmp_path_factory, hub):
     """Two generated clips cached for the tiny model, and a 2-step LoRA run of animegen-t2v-low validating at step 2
-    with the high-noise file beside it (config, run folder)."""
-    model = hub[0]
+    with the high-noise file beside it (root, config, run folder); the high stage's test trains on the same cache."""
     root = tmp_path_factory.mktemp("wan22-t2v-low")
-    config = cached_video_dataset(root, "wan", model, videos=2, **{"--model_flavour": "animegen-t2v-low"})
-    run = root / "run"
-    train(config, root / "cache", run, *SETS, "validation_disable=false", "validation_step_interval=2",
-          "wan_validation_load_other_stage=true")  # fmt: skip
-    return config, run
+    config, run = trained_run(root, hub[0], "animegen-t2v-low", *SETS, "wan_validation_load_other_stage=true")
+    return root, config, run
 
 
-def _render(model: Path, transformers: dict, lora: Path | None = None, **load) -> np.ndarray:
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(str(model), **transformers)
-    pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, **load)
-    family = get_family("wan")
-    text = family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a red circle"]))
-    out = pipe(prompt_embeds=text["prompt_embeds"], height=32, width=32, num_frames=FRAMES, num_inference_steps=4,
-               guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
-    return out.frames
+def _render(model: Path, transformers: dict, lora: Path | None = None, into_transformer_2: bool = False) -> np.ndarray:
+    return render_lora(model, lora, components=transformers, into_transformer_2=into_transformer_2, steps=4)
 
 
 def test_the_low_stage_trains_animegens_file_and_its_lora_loads_into_transformer_2(low_chain, hub, tmp_path):
-    config, run = low_chain
+    _, config, run = low_chain
     manifest = read_manifest(run)
     assert manifest["config"]["wan_stage"] == "low"
     assert Path(manifest["model"]["denoiser"]["source"]).name == "low_noise.safetensors"
@@ -81,19 +63,20 @@ def test_the_low_stage_trains_animegens_file_and_its_lora_loads_into_transformer
     animegen = {"transformer": high, "transformer_2": low}
     lora = out / "pytorch_lora_weights.safetensors"
     base = _render(model, animegen)
-    with_lora = _render(model, animegen, lora, load_into_transformer_2=True)
+    with_lora = _render(model, animegen, lora, into_transformer_2=True)
     assert base.shape == with_lora.shape == (1, FRAMES, 32, 32, 3)
     assert np.abs(with_lora - base).max() > 1e-4
 
 
-def test_the_high_stage_trains_the_folders_own_expert_when_named(tmp_path, hub):
+def test_the_high_stage_trains_the_folders_own_expert_when_named(tmp_path, hub, low_chain):
     """animegen-t2v-high with pretrained_transformer_model_name_or_path = the folder (subfolder transformer): the
-    run trains the base's high-noise expert, not AnimeGen's file; its LoRA changes WanPipeline's video."""
+    run trains the base's high-noise expert, not AnimeGen's file; its LoRA changes WanPipeline's video (trained on
+    the low stage's cache: the stages share the text encoder and VAE)."""
     model = hub[0]
-    config = cached_video_dataset(tmp_path, "wan", model, videos=2, **{"--model_flavour": "animegen-t2v-high"})
+    root, config, _ = low_chain
     run = tmp_path / "run"
-    train(config, tmp_path / "cache", run, *SETS, f'pretrained_transformer_model_name_or_path="{model}"',
-          'pretrained_transformer_subfolder="transformer"')  # fmt: skip
+    train(config, root / "cache", run, *SETS, 'model_flavour="animegen-t2v-high"',
+          f'pretrained_transformer_model_name_or_path="{model}"', 'pretrained_transformer_subfolder="transformer"')
     manifest = read_manifest(run)
     denoiser = manifest["model"]["denoiser"]
     assert (denoiser["source"], denoiser["subfolder"], manifest["config"]["wan_stage"]) == (str(model), "transformer",

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +12,19 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.families import get_family, wan_i2v
+from pipeline.families import wan_i2v
 from pipeline.manifest import read_manifest
 from pipeline.publish.stage import run_publish
-from pipeline.train.data import CacheIndex, SampleReader
-from tests.helpers.training import train
-from tests.helpers.videos import cached_video_dataset
+from tests.helpers.wan import FRAMES, SETS, cached_samples, render_lora, run_losses, trained_run, video_frames
 
-# The Wan chain's options (5 frames, 32 px, 2 steps), and its exact-resume test (1 step + resume == 2 steps, byte for
-# byte), collected here on this module's FLF2V `chain`.
-from tests.stages.test_wan import FRAMES, SETS, test_lora_resumes_exactly  # noqa: F401
-
-FLAVOUR = {"--model_flavour": wan_i2v.FLF2V_FLAVOUR}
+# The Wan chain's exact-resume test (1 step + resume == 2 steps, byte for byte), collected here on this module's
+# FLF2V `chain`.
+from tests.stages.test_wan import test_lora_resumes_exactly  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wan-flf2v-model") / "model"
-    wan_i2v.tiny_flf2v(out, 0)
-    return out
+def model(tiny_model) -> Path:
+    return tiny_model("wan", flavour="flf2v")
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +32,12 @@ def chain(tmp_path_factory, model):
     """Two generated clips prepared and cached for the tiny FLF2V model, and a 2-step LoRA run over them that
     validates at step 2 (root, config, run folder)."""
     root = tmp_path_factory.mktemp("wan-flf2v-chain")
-    config = cached_video_dataset(root, "wan", model, videos=2, **FLAVOUR)
-    run = root / "run"
-    train(config, root / "cache", run, *SETS, "validation_disable=false", "validation_step_interval=2")
+    config, run = trained_run(root, model, wan_i2v.FLF2V_FLAVOUR, *SETS)
     return root, config, run
 
 
 def _samples(root: Path):
-    index = CacheIndex(root / "cache", read_manifest(root / "cache"))
-    reader = SampleReader()
-    try:
-        return [reader.sample(index.samples[key]) for key in sorted(index.samples)]
-    finally:
-        reader.close()
+    return cached_samples(root / "cache")
 
 
 def _image(pixels):
@@ -60,14 +46,12 @@ def _image(pixels):
     return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
 
 
-def test_cache_stores_each_clips_first_and_last_frames_and_their_condition_latents(chain, model):
+def test_cache_stores_each_clips_first_and_last_frames_and_their_condition_latents(chain, wan_pipeline):
     """Beside each clip's latents: its first and last frames (uint8, the bucket's size), the condition latents and
     the CLIP tokens of both frames, equal to what WanImageToVideoPipeline builds from them as `image` and
     `last_image` (`prepare_latents`, `encode_image([image, last_image])`)."""
-    from diffusers import WanImageToVideoPipeline
-
     root, _, _ = chain
-    pipe = WanImageToVideoPipeline.from_pretrained(str(model))
+    pipe = wan_pipeline("flf2v", "WanImageToVideoPipeline")
     samples = _samples(root)
     assert len(samples) == 2
     for sample in samples:
@@ -112,15 +96,13 @@ def test_shard_checks_accept_the_last_frame_and_refuse_a_wrong_one(chain):
 
 def test_training_ran_with_finite_losses(chain):
     _, _, run = chain
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]  # fmt: skip
+    losses = run_losses(run)
     assert len(losses) >= 2 and all(np.isfinite(losses))
 
 
 def test_validation_renders_from_the_first_clips_first_and_last_frames(chain):
     """The video and, saved beside it, the first frame (`image`) and the last frame (`last_image`) it was rendered
     from: those of the first cached clip."""
-    import av
     from PIL import Image
 
     root, _, run = chain
@@ -131,24 +113,12 @@ def test_validation_renders_from_the_first_clips_first_and_last_frames(chain):
         assert saved.shape == (32, 32, 3)
         expected = np.asarray(_image(first[key]).resize((32, 32)))
         assert np.array_equal(saved, expected)
-    with av.open(str(folder / "validation-32x32-0.mp4")) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames = video_frames(folder / "validation-32x32-0.mp4")
     assert len(frames) == FRAMES and frames[0].shape == (32, 32, 3)
 
 
 def _render(model: Path, image, last_image, lora: Path | None = None) -> np.ndarray:
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    family = get_family("wan")
-    text = family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a red circle"]))
-    out = pipe(image=image, last_image=last_image, prompt_embeds=text["prompt_embeds"], height=32, width=32,
-               num_frames=FRAMES, num_inference_steps=2, guidance_scale=1.0, output_type="np",
-               generator=torch.Generator().manual_seed(0))  # fmt: skip
-    return out.frames
+    return render_lora(model, lora, cls="WanImageToVideoPipeline", image=image, last_image=last_image)
 
 
 def test_published_lora_changes_the_flf2v_pipelines_video(chain, model, tmp_path):

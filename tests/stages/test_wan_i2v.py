@@ -11,25 +11,19 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.families import get_family
 from pipeline.manifest import read_manifest
 from pipeline.publish.stage import run_publish
-from pipeline.train.data import CacheIndex, SampleReader
 from tests.helpers.training import train
-from tests.helpers.videos import cached_video_dataset
+from tests.helpers.wan import FRAMES, SETS, cached_samples, render_lora, trained_run, video_frames
 
-# The Wan chain's options (5 frames, 32 px, 2 steps), and its exact-resume test (1 step + resume == 2 steps, byte for
-# byte), collected here on this module's i2v `chain`.
-from tests.stages.test_wan import FRAMES, SETS, test_lora_resumes_exactly  # noqa: F401
+# The Wan chain's exact-resume test (1 step + resume == 2 steps, byte for byte), collected here on this module's i2v
+# `chain`.
+from tests.stages.test_wan import test_lora_resumes_exactly  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from pipeline.families import wan_i2v
-
-    out = tmp_path_factory.mktemp("wan-i2v-model") / "model"
-    wan_i2v.tiny(out, 0)
-    return out
+def model(tiny_model) -> Path:
+    return tiny_model("wan", flavour="i2v")
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +31,18 @@ def chain(tmp_path_factory, model):
     """Two generated clips prepared and cached for the tiny Wan i2v model, and a 2-step LoRA run over them that
     validates at step 2 (root, config, run folder)."""
     root = tmp_path_factory.mktemp("wan-i2v-chain")
-    config = cached_video_dataset(root, "wan", model, videos=2)
-    run = root / "straight"
-    train(config, root / "cache", run, *SETS, "validation_disable=false", "validation_step_interval=2")
+    config, run = trained_run(root, model, None, *SETS, run="straight")
     return root, config, run
 
 
-def test_cache_stores_each_clips_first_frame_and_condition_latents(chain, model):
+def test_cache_stores_each_clips_first_frame_and_condition_latents(chain, wan_pipeline):
     """Beside each clip's latents: its first frame (uint8, the bucket's size) and the condition latents, equal to
     what WanImageToVideoPipeline.prepare_latents builds from that frame as its `image`."""
-    from diffusers import WanImageToVideoPipeline
-
     from pipeline.families import wan_i2v
 
     root, _, _ = chain
-    pipe = WanImageToVideoPipeline.from_pretrained(str(model))
-    index = CacheIndex(root / "cache", read_manifest(root / "cache"))
-    reader = SampleReader()
-    try:
-        samples = [reader.sample(ref) for ref in index.samples.values()]
-    finally:
-        reader.close()
+    pipe = wan_pipeline("i2v", "WanImageToVideoPipeline")
+    samples = cached_samples(root / "cache")
     assert len(samples) == 2
     for sample in samples:
         (partner,) = sample.meta["conditioning"]
@@ -100,28 +85,15 @@ def test_cached_clip_embeddings_are_keyed_by_the_image_encoder(chain, model, tmp
 
 
 def test_validation_renders_from_the_first_training_clips_first_frame(chain):
-    import av
-
     _, _, run = chain
     folder = run / "validation" / "step-2"
     assert (folder / "validation-32x32-control.png").is_file()
-    with av.open(str(folder / "validation-32x32-0.mp4")) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames = video_frames(folder / "validation-32x32-0.mp4")
     assert len(frames) == FRAMES and frames[0].shape == (32, 32, 3)
 
 
 def _render(model: Path, image, lora: Path | None = None) -> np.ndarray:
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    family = get_family("wan")
-    text = family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a red circle"]))
-    out = pipe(image=image, prompt_embeds=text["prompt_embeds"], height=32, width=32, num_frames=FRAMES, num_inference_steps=2,
-               guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
-    return out.frames
+    return render_lora(model, lora, cls="WanImageToVideoPipeline", image=image)
 
 
 def test_published_lora_changes_the_i2v_pipelines_video(chain, model, tmp_path):

@@ -20,7 +20,8 @@ def config(family="sd1x", **options):
     ({"mixed_precision": "bf16"}, "bfloat16"),
     ({"mixed_precision": "fp16"}, "float16"),
     ({"mixed_precision": "no"}, "float32"),
-    ({"mixed_precision": "bf16", "model_type": "full"}, "float32"),
+    ({"mixed_precision": "bf16", "model_type": "full"}, "bfloat16"),  # SimpleTuner's weight_dtype: full trains in bf16
+    ({"mixed_precision": "fp16", "model_type": "full"}, "float32"),  # fp16 weights cannot take fp16 gradient scaling
     ({"mixed_precision": "bf16", "base_model_precision": "int8-quanto"}, "bfloat16"),
     ({"mixed_precision": "bf16", "base_model_precision": "int8-quanto", "base_model_default_dtype": "fp32"}, "float32"),
 ])  # fmt: skip
@@ -52,7 +53,8 @@ def test_cuda_only_presets_name_the_requirement(options, requirement):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"base_model_precision": "int8-quanto", "model_type": "full"}, "model_type full"),
-    ({"base_model_precision": "int8-torchao", "lora_type": "lycoris"}, "LyCORIS on a torchao base"),
+    ({"base_model_precision": "int8-torchao", "quantize_via": "pipeline", "lora_type": "lycoris"},
+     "LyCORIS on a torchao base"),
     ({"base_model_precision": "int4-quanto", "quantize_activations": True}, "quantize_activations needs"),
     ({"base_model_precision": "int8-torchao", "quantize_activations": True}, "quantize_activations needs"),
     ({"base_model_precision": "int8-quanto", "quantize_via": "pipeline", "quantize_activations": True},

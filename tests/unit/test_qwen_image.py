@@ -91,10 +91,9 @@ def test_cached_latents_are_4d_and_normalised_per_channel(tiny_model):
     assert described["latents_mean"] == pytest.approx(vae.config.latents_mean)
 
 
-def test_edit_v2_plus_is_refused():
-    """edit-v1, edit-v2 and edit-v3 train (tests/unit/test_qwen_image_edit.py); edit-v2+ does not yet."""
-    with pytest.raises(ConfigError, match=r"flavour 'edit-v2\+' .* needs zero_cond_t"):
-        FAMILY.flavour_hub_id("edit-v2+")
+def test_edit_flavours_name_their_models():
+    """edit-v1, edit-v2, edit-v2+ and edit-v3 train (tests/unit/test_qwen_image_edit*.py)."""
+    assert FAMILY.flavour_hub_id("edit-v2+") == FAMILY.flavour_hub_id("edit-v2") == "Qwen/Qwen-Image-Edit-2509"
     assert FAMILY.flavour_hub_id(None) == "Qwen/Qwen-Image-2512"
 
 

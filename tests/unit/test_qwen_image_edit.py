@@ -1,7 +1,7 @@
 """Qwen-Image-Edit (`qwen_image` flavour edit-v1): the tiny model with its vision tower and PIL processor, prompt
 embeddings computed with the reference image exactly as QwenImageEditPipeline.encode_prompt, the denoiser call with the
 reference latents after the noisy ones, which runs choose the edit pipelines, Qwen-Image-Edit-Plus's (2509 / 2511)
-prompt embeddings and zero_cond_t call, and the refused edit-v2+ flavour."""
+prompt embeddings and zero_cond_t call (edit-v2+: tests/unit/test_qwen_image_edit_v2_plus.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ConfigError, InputError, NotSupportedError
+from pipeline.errors import ConfigError, InputError
 from pipeline.families import get_family, load_components, qwen_image_edit
 
 BASE = get_family("qwen_image")
@@ -124,15 +124,6 @@ def test_flavours_and_edit_folders_choose_the_edit_pipelines(model, tmp_path):
     qwen_image_edit.tiny_plus(plus, 0)
     assert json.loads((plus / "model_index.json").read_text())["_class_name"] == "QwenImageEditPlusPipeline"
     assert BASE.for_run(None, str(plus)) is PLUS and PLUS.text_with_reference and PLUS.takes_reference
-
-
-def test_edit_v2_plus_is_refused_naming_what_it_needs():
-    with pytest.raises(ConfigError, match=r"flavour 'edit-v2\+' .* needs zero_cond_t on the Qwen-Image-Edit-2509 "
-                                          "transformer") as error:  # fmt: skip
-        BASE.flavour_hub_id("edit-v2+")
-    assert error.value.exit_code == 2
-    with pytest.raises(NotSupportedError, match="use model_flavour edit-v2"):
-        BASE.for_run("edit-v2+", "Qwen/Qwen-Image-Edit-2509")
 
 
 def test_plus_prompt_embeds_are_the_plus_pipelines(pipe):

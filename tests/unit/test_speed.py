@@ -363,7 +363,8 @@ def test_train_runs_with_native_math_and_eager_compilation(sd1x_cache, tmp_path,
     monkeypatch.setattr(speed, "compile_module", lambda m, c, **kw: seen["compiled"].append(compile_module(m, c, **kw))
                         or seen["compiled"][-1])  # fmt: skip
     monkeypatch.setattr(speed, "maybe_clear_cache", lambda step, n: seen["cleared"].append(clear(step, n)))
-    monkeypatch.setattr(speed, "attention_context", lambda name, *a: seen["attention"].append(name) or attention(name))
+    monkeypatch.setattr(speed, "attention_context", lambda name, *a, **k: seen["attention"].append(name)
+                        or attention(name, *a, **k))  # fmt: skip
     root, config = sd1x_cache
     train(config, root / "cache", tmp_path / "out", 'attention_mechanism="native-math"', 'dynamo_backend="eager"',
           "gradient_checkpointing=true", "gradient_checkpointing_interval=2", "accelerator_cache_clear_interval=1",
@@ -398,7 +399,7 @@ def test_unsupported_attention_exits_2_from_the_cli(sd1x_cache, tmp_path, cli):
     from tests.helpers.training import QUICK
 
     root, config = sd1x_cache
-    sets = sum((["--set", s] for s in [*QUICK, 'attention_mechanism="xformers"']), [])
+    sets = sum((["--set", s] for s in [*QUICK, 'attention_mechanism="sla"']), [])
     result = cli("train", "-c", config, "-i", root / "cache", "-o", tmp_path / "out", *sets)
     assert result.exit_code == 2
-    assert "attention_mechanism 'xformers' is not supported by st yet" in result.stderr
+    assert "attention_mechanism 'sla' is not supported by st yet" in result.stderr

@@ -1,8 +1,8 @@
 """TREAD token routing (`tread_config`) on tiny real Wan (2.1, 2.2 I2V experts), Flux, FLUX.2, Chroma,
 AuraFlow, Qwen-Image, SD3 and PixArt transformers: routing nothing changes nothing, routing half changes the loss while
 every block's LoRA still learns, evaluation sees every token, gradient checkpointing recomputes the same routing,
-single-stream blocks route only their image tokens, masked tokens are kept, and bad routes, families or flavours stop
-with exit 2."""
+single-stream blocks route only their image tokens, masked tokens are kept, and bad routes or families stop with exit
+2 (Sana, HiDream, LTX-Video, Wan 2.2 TI2V and Qwen-Image Edit 2511: test_tread_families.py)."""
 
 from __future__ import annotations
 
@@ -305,12 +305,10 @@ def test_route_indices_count_from_the_end_and_must_fit_the_model():
 def test_st_check_refuses_bad_routes_and_unsupported_families(cli, tmp_path):
     config = tmp_path / "config.json"
     good = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}]}
-    supported = ("supported for model_family auraflow, chroma, flux, flux2, pixart_sigma, qwen_image, sd3, wan, "
-                 "z_image in st")
+    supported = ("supported for model_family auraflow, chroma, flux, flux2, hidream, ltxvideo, pixart_sigma, "
+                 "qwen_image, sana, sd3, wan, z_image in st")
     for family, flavour, value, words in (
-            ("sdxl", None, good, supported), ("sana", None, good, "Mix-FFN convolves the 2-D token grid"),
-            ("wan", "ti2v-5b-2.2", good, "model_flavour ti2v-5b-2.2 is not supported"),
-            ("qwen_image", "edit-v3", good, "model_flavour edit-v3 is not supported"),
+            ("sdxl", None, good, supported), ("cosmos2image", None, good, "model_family cosmos2image is not routed"),
             ("flux", None, {"routes": [{"selection_ratio": 2}]}, "tread_config routes[0]")):  # fmt: skip
         config.write_text(json.dumps({"model_family": family, "model_flavour": flavour, "model_type": "lora",
                                       "tread_config": value}))  # fmt: skip
@@ -348,13 +346,9 @@ def test_flux2_and_chroma_keep_masked_tokens_and_auraflow_routes_them():
 
 
 @pytest.fixture(scope="module")
-def wan22_i2v(tmp_path_factory):
+def wan22_i2v(tiny_model):
     """The folder `st tiny-model wan DIR --flavour i2v-2.2` writes: the two Wan 2.2 I2V A14B experts."""
-    from pipeline.families import wan22
-
-    folder = tmp_path_factory.mktemp("wan22") / "i2v"
-    wan22.tiny(folder, 0)
-    return folder
+    return tiny_model("wan", flavour="i2v-2.2")
 
 
 @pytest.mark.parametrize("expert", ["transformer", "transformer_2"])  # the high- and low-noise stages
@@ -395,28 +389,6 @@ def test_wan_22_i2v_experts_are_routed(wan22_i2v, expert):
     assert abs(half - plain) > 1e-5 and half_ckpt == half
     assert max((grads[n] - grads_ckpt[n]).abs().max().item() for n in grads) < 1e-6
     assert all(grads[n].abs().sum() > 0 for n in grads)  # both blocks' LoRAs learn
-
-
-def test_wan_22_ti2v_is_refused_before_the_model_loads():
-    """TI2V 5B embeds one timestep per token; SimpleTuner's Wan transformer routes the tokens but not those
-    embeddings, so st refuses the flavour rather than route them its own way."""
-    with pytest.raises(ConfigError, match="tread_config.*ti2v-5b-2.2"):
-        tread.check(_config((0.5, 0, -1), model_flavour="ti2v-5b-2.2"), "wan_i2v")
-
-
-def test_qwen_image_with_per_token_modulation_is_refused():
-    """Qwen-Image Edit 2511's zero_cond_t modulates the reference tokens apart (modulate_index, one per token): not
-    routed, so refused with the option's name rather than trained with mismatched modulation."""
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(0)
-    model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
-                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                        axes_dims_rope=(4, 6, 6), zero_cond_t=True).train()  # fmt: skip
-    tread.attach(_config((0.5, 0, -1)), "qwen_image", model, "cpu")
-    with pytest.raises(ConfigError, match="tread_config: .*modulate_index"):
-        model(hidden_states=torch.randn(1, 32, 64), encoder_hidden_states=torch.randn(1, 5, 32),
-              timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)  # fmt: skip
 
 
 def test_z_image_drops_a_share_of_the_image_tokens_and_keeps_every_caption_token():

@@ -12,12 +12,12 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.families import get_family, load_components
 from pipeline.train import validation_video
+from tests.helpers.wan import pipeline_calls, prompt_inputs
 
 
 @pytest.mark.parametrize(("change", "named"), [
     ({"_class_name": "WanImageToVideoPipeline", "transformer_2": ["diffusers", "WanTransformer3DModel"]},
      "two transformers .* set model_flavour to i2v-14b-2.2-high"),
-    ({"_class_name": "WanVACEPipeline"}, "VACE control training"),
     ({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875},
      "two transformers .* set model_flavour to animegen-t2v-high"),
 ])  # fmt: skip
@@ -91,28 +91,16 @@ def test_video_families_default_frame_rates_are_simpletuners():
     assert family_framerate(24, "wan") == 24 and family_framerate(None, "flux") is None
 
 
-def test_predict_is_the_pipeline_call(tiny_model):
+def test_predict_is_the_pipeline_call(wan_pipeline):
     """The transformer call of WanPipeline's denoising loop, replayed through `denoiser_forward` with st's cached
     text (encode_prompts + collate_text), gives the same output."""
     import torch
-    from diffusers import WanPipeline
 
     family = get_family("wan")
-    pipe = WanPipeline.from_pretrained(str(tiny_model("wan")))
-    pipe.set_progress_bar_config(disable=True)
-    seen = {}
-
-    def record(module, args, kwargs, output):
-        seen.update(kwargs, output=output[0])
-
-    handle = pipe.transformer.register_forward_hook(record, with_kwargs=True)
+    pipe = wan_pipeline()
+    seen = pipeline_calls(pipe, prompt="a red  circle &amp; a square")[-1]
+    text = prompt_inputs(pipe, "a red  circle &amp; a square")
     with torch.no_grad():
-        pipe("a red  circle &amp; a square", height=32, width=32, num_frames=5, num_inference_steps=1,
-             guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(0))  # fmt: skip
-    handle.remove()
-    text = family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer],
-                                                     ["a red  circle &amp; a square"]))  # fmt: skip
-    with torch.no_grad():
-        ours = family.denoiser_forward(pipe.transformer, seen["hidden_states"], seen["timestep"], text)
-    assert seen["hidden_states"].shape == (1, 16, 2, 8, 8)
-    torch.testing.assert_close(ours, seen["output"], rtol=0, atol=0)
+        ours = family.denoiser_forward(pipe.transformer, seen.kwargs["hidden_states"], seen.kwargs["timestep"], text)
+    assert seen.kwargs["hidden_states"].shape == (1, 16, 2, 8, 8)
+    torch.testing.assert_close(ours, seen.output, rtol=0, atol=0)

@@ -6,48 +6,27 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import ConfigError
 from pipeline.families import get_family, wan22, wan_i2v
-
-FRAMES, SIZE = 5, 32  # two latent frames of 8 x 8 with the tiny VAE
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    out = tmp_path_factory.mktemp("wan22-cli") / "model"
-    result = CliRunner().invoke(app, ["tiny-model", "wan", str(out), "--flavour", "i2v-2.2"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+from tests.helpers.wan import assert_same_weights, pipeline_calls, pixels, prompt_inputs, random_frames, stage_config
 
 
 @pytest.fixture(scope="module")
-def pipe(folder):
-    from diffusers import WanImageToVideoPipeline
+def folder(tiny_model):
+    return tiny_model("wan", flavour="i2v-2.2")
 
-    loaded = WanImageToVideoPipeline.from_pretrained(str(folder))
-    loaded.set_progress_bar_config(disable=True)
-    return loaded
+
+@pytest.fixture(scope="module")
+def pipe(wan_pipeline):
+    return wan_pipeline("i2v-2.2", "WanImageToVideoPipeline")
 
 
 @pytest.fixture(scope="module")
 def first_frame():
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.uniform(0, 255, (SIZE, SIZE, 3)).astype("uint8"))
-
-
-def _text(pipe, prompt: str):
-    family = get_family("wan")
-    return family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], [prompt]))
+    return random_frames(1)[0]
 
 
 def test_tiny_model_is_a_two_expert_i2v_folder_without_clip(folder):
@@ -86,14 +65,10 @@ def test_the_flavours_train_their_stage_and_a_two_expert_folder_needs_one(folder
 def test_the_low_stage_reads_transformer_2(folder):
     """The low stage's weights come from `transformer_2` (its slot and LoRA prefix stay `transformer`); the high
     stage reads the model's own `transformer`."""
-    from types import SimpleNamespace
-
     from pipeline.families.identity import denoiser_source
 
     wan = get_family("wan")
-    config = SimpleNamespace(model_flavour="i2v-14b-2.2-low", pretrained_transformer_model_name_or_path=None,
-                             pretrained_transformer_subfolder="transformer", pretrained_unet_model_name_or_path=None,
-                             pretrained_unet_subfolder="unet")  # fmt: skip
+    config = stage_config("i2v-14b-2.2-low")
     low = denoiser_source(config, wan, str(folder), folder)
     assert (low.source, low.subfolder) == (str(folder), "transformer_2")
     config.model_flavour = "i2v-14b-2.2-high"
@@ -103,22 +78,9 @@ def test_the_low_stage_reads_transformer_2(folder):
 def test_each_expert_call_of_the_pipeline_is_the_familys_denoiser_call(pipe, first_frame):
     """WanImageToVideoPipeline runs `transformer` at t >= 900 and `transformer_2` below; each call, replayed through
     the stage family's `denoiser_forward` with the condition latents as `reference`, gives the same output."""
-    calls = []
-
-    def recorder(name):
-        def record(module, args, kwargs, output):
-            calls.append((name, module, dict(kwargs), output[0]))
-        return record
-
-    text = _text(pipe, "a red circle")
-    handles = [pipe.transformer.register_forward_hook(recorder("transformer"), with_kwargs=True),
-               pipe.transformer_2.register_forward_hook(recorder("transformer_2"), with_kwargs=True)]  # fmt: skip
-    with torch.no_grad():
-        pipe(image=first_frame, prompt_embeds=text["prompt_embeds"], height=SIZE, width=SIZE, num_frames=FRAMES,
-             num_inference_steps=4, guidance_scale=1.0, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
-    for handle in handles:
-        handle.remove()
+    text = prompt_inputs(pipe)
+    calls = pipeline_calls(pipe, "transformer", "transformer_2", steps=4, image=first_frame,
+                           prompt_embeds=text["prompt_embeds"])  # fmt: skip
     routed = [(name, float(kw["timestep"][0]) >= 900) for name, _, kw, _ in calls]
     assert set(routed) == {("transformer", True), ("transformer_2", False)}  # both experts, each its side
     assert all(kw["encoder_hidden_states_image"] is None for _, _, kw, _ in calls)
@@ -141,22 +103,14 @@ def test_validation_slots_follow_wan_validation_load_other_stage(folder, pipe):
     both = wan22.validation_components(wan22.I2V_LOW, str(folder), trained, True, "cpu")
     assert both["transformer_2"] is trained and both["boundary_ratio"] == 0.9
     assert not any(p.requires_grad for p in both["transformer"].parameters())
-    for (name, ours), theirs in zip(both["transformer"].state_dict().items(), pipe.transformer.state_dict().values()):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
+    assert_same_weights(both["transformer"], pipe.transformer)
     high = wan22.validation_components(wan22.I2V_HIGH, str(folder), pipe.transformer, True, "cpu")
     assert high["transformer"] is pipe.transformer and high["transformer_2"] is not pipe.transformer_2
 
 
 @pytest.fixture(scope="module")
-def ti2v_folder(tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    out = tmp_path_factory.mktemp("wan22-ti2v") / "model"
-    result = CliRunner().invoke(app, ["tiny-model", "wan", str(out), "--flavour", "ti2v"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def ti2v_folder(tiny_model):
+    return tiny_model("wan", flavour="ti2v")
 
 
 def test_ti2v_folder_flavour_and_variant(ti2v_folder, folder):
@@ -173,27 +127,16 @@ def test_ti2v_folder_flavour_and_variant(ti2v_folder, folder):
         wan.for_run("ti2v-5b-2.2", str(folder))
 
 
-def test_ti2v_denoiser_call_is_the_i2v_pipelines_with_expand_timesteps(ti2v_folder, first_frame):
+def test_ti2v_denoiser_call_is_the_i2v_pipelines_with_expand_timesteps(wan_pipeline, first_frame):
     """WanImageToVideoPipeline (expand_timesteps) on the TI2V folder: latent frame 0 is the first frame's condition
     with timestep 0 on its tokens; the family's call on (latents, cached condition) gives the same output, and the
     condition `st cache` stores for the clip matches the pipeline's at frame 0."""
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(str(ti2v_folder))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = wan_pipeline("ti2v", "WanImageToVideoPipeline")
     assert pipe.config.expand_timesteps and pipe.transformer_2 is None and pipe.image_encoder is None
-    seen = []
-    handle = pipe.transformer.register_forward_hook(
-        lambda module, args, kwargs, output: seen.append((dict(kwargs), output[0])), with_kwargs=True)
-    text = _text(pipe, "a red circle")
-    with torch.no_grad():
-        pipe(image=first_frame, prompt_embeds=text["prompt_embeds"], height=SIZE, width=SIZE, num_frames=FRAMES,
-             num_inference_steps=2, guidance_scale=1.0, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
-    handle.remove()
-    pixels = pipe.video_processor.preprocess(first_frame, height=SIZE, width=SIZE).float()
-    cached = wan_i2v.condition_from_first_frame(pipe.vae, pixels, latent_frames=2)[:, 4:]
-    for kwargs, output in seen:
+    text = prompt_inputs(pipe)
+    seen = pipeline_calls(pipe, steps=2, image=first_frame, prompt_embeds=text["prompt_embeds"])
+    cached = wan_i2v.condition_from_first_frame(pipe.vae, pixels(pipe, first_frame), latent_frames=2)[:, 4:]
+    for _, _, kwargs, output in seen:
         hidden, tokens = kwargs["hidden_states"], kwargs["timestep"]
         assert hidden.shape == (1, 48, 2, 4, 4) and tokens.shape == (1, 2 * 2 * 2)
         assert bool((tokens[:, :4] == 0).all()) and bool((tokens[:, 4:] > 0).all())

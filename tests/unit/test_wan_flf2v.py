@@ -13,51 +13,26 @@ import torch
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.families import get_family, wan_i2v
+from tests.helpers.wan import (FRAMES, SIZE, lora_by_hand, pipeline, pipeline_calls, pixels, prompt_inputs,
+                               random_frames, render)  # fmt: skip
 
-FRAMES, SIZE = 5, 32  # two latent frames of 8 x 8 with the tiny VAE
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    out = tmp_path_factory.mktemp("wan-flf2v") / "model"
-    result = CliRunner().invoke(app, ["tiny-model", "wan", str(out), "--flavour", "flf2v"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def _load(folder):
-    from diffusers import WanImageToVideoPipeline
-
-    loaded = WanImageToVideoPipeline.from_pretrained(str(folder))
-    loaded.set_progress_bar_config(disable=True)
-    return loaded
+I2V = "WanImageToVideoPipeline"
 
 
 @pytest.fixture(scope="module")
-def pipe(folder):
-    return _load(folder)
+def folder(tiny_model):
+    return tiny_model("wan", flavour="flf2v")
+
+
+@pytest.fixture(scope="module")
+def pipe(wan_pipeline):
+    return wan_pipeline("flf2v", I2V)
 
 
 @pytest.fixture(scope="module")
 def frames():
     """A random first and last frame (PIL images)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    return tuple(Image.fromarray(rng.uniform(0, 255, (SIZE, SIZE, 3)).astype("uint8")) for _ in range(2))
-
-
-def _text(pipe, prompt: str):
-    family = get_family("wan")
-    return family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], [prompt]))
-
-
-def _pixels(pipe, image):
-    return pipe.video_processor.preprocess(image, height=SIZE, width=SIZE).float()
+    return random_frames(2)
 
 
 def test_tiny_model_is_an_flf2v_pipeline_folder(folder):
@@ -72,7 +47,7 @@ def test_condition_is_the_pipelines_prepare_latents_with_last_image(pipe, frames
     """The mask (latent frame 0, and the last pixel frame's slot of the last latent frame) and the VAE mode of
     [first, black, last] frames: exactly what `prepare_latents` builds with `last_image`; the cache's builder, from a
     clip, gives the same from its first and last frames."""
-    first, last = (_pixels(pipe, image) for image in frames)
+    first, last = (pixels(pipe, image) for image in frames)
     with torch.no_grad():
         _, expected = pipe.prepare_latents(first, 1, 16, SIZE, SIZE, FRAMES, torch.float32, torch.device("cpu"),
                                            torch.Generator().manual_seed(0), None, last)  # fmt: skip
@@ -94,18 +69,9 @@ def test_predict_is_the_pipelines_transformer_call_with_last_image(pipe, frames)
     """The transformer call of the pipeline's loop with `image` and `last_image`, replayed through the FLF2V family's
     denoiser call with the cached-form inputs (condition latents, B x 2T CLIP tokens of both frames), is identical;
     the order of the two images matters (the image embedder's position embedding)."""
-    seen = {}
-
-    def record(module, args, kwargs, output):
-        seen.update(kwargs, output=output[0])
-
-    text = _text(pipe, "a red circle")
-    handle = pipe.transformer.register_forward_hook(record, with_kwargs=True)
-    with torch.no_grad():
-        pipe(image=frames[0], last_image=frames[1], prompt_embeds=text["prompt_embeds"], height=SIZE, width=SIZE,
-             num_frames=FRAMES, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
-    handle.remove()
+    text = prompt_inputs(pipe)
+    call = pipeline_calls(pipe, image=frames[0], last_image=frames[1], prompt_embeds=text["prompt_embeds"])[-1]
+    seen = {**call.kwargs, "output": call.output}
     embeds = wan_i2v.encode_first_last(pipe.image_encoder, pipe.image_processor, [frames[0]], [frames[1]])
     assert embeds.shape == (1, 34, 16)
     torch.testing.assert_close(wan_i2v.pair_tokens(embeds), seen["encoder_hidden_states_image"], rtol=0, atol=0)
@@ -185,53 +151,33 @@ def test_the_flf2v_flavour_and_folders_train_as_flf2v(folder, tmp_path):
         wan.for_run("flf2v-14b-2.1", str(t2v))
 
 
-def _render(pipe, frames, text):
-    with torch.no_grad():
-        return pipe(image=frames[0], last_image=frames[1], prompt_embeds=text["prompt_embeds"], height=SIZE,
-                    width=SIZE, num_frames=FRAMES, num_inference_steps=2, guidance_scale=1.0, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
-
-
 def test_a_lora_trained_through_the_flf2v_call_loads_into_the_pipeline_and_changes_it(folder, frames, tmp_path):
     """Two flow-matching steps of a LoRA through the FLF2V denoiser call on a clip's latents, its cached-form
     condition and both frames' CLIP tokens; the file st writes loads into WanImageToVideoPipeline and changes the
     video it renders from the same first and last frames."""
-    from peft import LoraConfig, get_peft_model_state_dict
+    from pipeline.families import lora
 
-    from pipeline.families import lora, wan
-
-    trained = _load(folder)
-    text = _text(trained, "a red circle")
-    first, last = (_pixels(trained, image) for image in frames)
+    trained = pipeline(folder, I2V)
+    text = prompt_inputs(trained)
+    first, last = (pixels(trained, image) for image in frames)
     clip = torch.cat([first.unsqueeze(2), first.unsqueeze(2).flip(-1).expand(-1, -1, FRAMES - 2, -1, -1),
                       last.unsqueeze(2)], dim=2)  # fmt: skip
     with torch.no_grad():
         latents = wan_i2v.normalise(trained.vae, trained.vae.encode(clip).latent_dist.mode())
     reference = wan_i2v.cached_conditioning(trained.vae, clip[0], 2, last=True)["0.latent"][None]
     embeds = wan_i2v.encode_first_last(trained.image_encoder, trained.image_processor, [frames[0]], [frames[1]])
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=list(wan.LORA_TARGETS), lora_dropout=0.0)
-    lora.add_adapter(trained.transformer, config)
-    params = [p for p in trained.transformer.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=0.05)
-    generator = torch.Generator().manual_seed(3)
-    losses = []
-    for _ in range(2):
-        noise = torch.randn(latents.shape, generator=generator)
-        sigma = torch.rand(1, generator=generator)
-        noisy = (1 - sigma) * latents + sigma * noise
-        prediction = wan_i2v.FLF2V_FAMILY.denoiser_forward(trained.transformer, noisy, sigma * 1000,
-                                                           {**text, wan_i2v.IMAGE_EMBEDS_KEY: embeds},
-                                                           reference=reference)  # fmt: skip
-        loss = torch.nn.functional.mse_loss(prediction, noise - latents)
-        loss.backward()
-        optimiser.step()
-        optimiser.zero_grad()
-        losses.append(float(loss.detach()))
+
+    def predict(noisy, timesteps):
+        return wan_i2v.FLF2V_FAMILY.denoiser_forward(trained.transformer, noisy, timesteps,
+                                                     {**text, wan_i2v.IMAGE_EMBEDS_KEY: embeds},
+                                                     reference=reference)  # fmt: skip
+
+    losses, written = lora_by_hand(trained.transformer, latents, predict, tmp_path)
     assert all(np.isfinite(losses))
-    written = lora.save_weights(get_family("wan"), tmp_path, get_peft_model_state_dict(trained.transformer), config)
-    plain = _load(folder)
-    before = _render(plain, frames, text)
+    plain = pipeline(folder, I2V)
+    inputs = {"image": frames[0], "last_image": frames[1], "prompt_embeds": text["prompt_embeds"]}
+    before = render(plain, **inputs)
     lora.load_weights(get_family("wan"), plain, written)
-    after = _render(plain, frames, text)
+    after = render(plain, **inputs)
     assert before.shape == after.shape == (1, FRAMES, SIZE, SIZE, 3)
     assert float(np.abs(after - before).max()) > 1e-3

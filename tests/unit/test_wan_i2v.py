@@ -8,50 +8,34 @@ import pytest
 import torch
 
 from pipeline.families import get_family, wan_i2v
+from tests.helpers.wan import (FRAMES, SIZE, lora_by_hand, pipeline, pipeline_calls, pixels, prompt_inputs,
+                               random_frames, render)  # fmt: skip
 
-FRAMES, SIZE = 5, 32  # two latent frames of 8 x 8 with the tiny VAE
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wan-i2v") / "model"
-    wan_i2v.tiny(out, 0)
-    return out
-
-
-def _load(folder):
-    from diffusers import WanImageToVideoPipeline
-
-    loaded = WanImageToVideoPipeline.from_pretrained(str(folder))
-    loaded.set_progress_bar_config(disable=True)
-    return loaded
+I2V = "WanImageToVideoPipeline"
 
 
 @pytest.fixture(scope="module")
-def pipe(folder):
-    return _load(folder)
+def folder(tiny_model):
+    return tiny_model("wan", flavour="i2v")
+
+
+@pytest.fixture(scope="module")
+def pipe(wan_pipeline):
+    return wan_pipeline("i2v", I2V)
 
 
 @pytest.fixture(scope="module")
 def first_frame():
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.uniform(0, 255, (SIZE, SIZE, 3)).astype("uint8"))
-
-
-def _text(pipe, prompt: str):
-    family = get_family("wan")
-    return family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], [prompt]))
+    return random_frames(1)[0]
 
 
 def test_condition_is_the_pipelines_prepare_latents(pipe, first_frame):
     """Mask ones on latent frame 0 only (4 channels), then the VAE mode of [first frame, black frames], normalised:
     exactly the condition `prepare_latents` builds for the denoising loop."""
-    pixels = pipe.video_processor.preprocess(first_frame, height=SIZE, width=SIZE).float()
-    _, expected = pipe.prepare_latents(pixels, 1, 16, SIZE, SIZE, FRAMES, torch.float32, torch.device("cpu"),
+    image = pixels(pipe, first_frame)
+    _, expected = pipe.prepare_latents(image, 1, 16, SIZE, SIZE, FRAMES, torch.float32, torch.device("cpu"),
                                        torch.Generator().manual_seed(0))  # fmt: skip
-    ours = wan_i2v.condition_from_first_frame(pipe.vae, pixels, latent_frames=2)
+    ours = wan_i2v.condition_from_first_frame(pipe.vae, image, latent_frames=2)
     assert ours.shape == (1, 20, 2, 8, 8)
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     assert bool((ours[:, :4, 0] == 1).all()) and bool((ours[:, :4, 1:] == 0).all())
@@ -60,12 +44,12 @@ def test_condition_is_the_pipelines_prepare_latents(pipe, first_frame):
 def test_first_latent_frame_of_the_condition_is_the_clips_first_frame_encoding(pipe, first_frame):
     """The Wan VAE is causal: latent frame 0 of a whole clip encodes its first frame alone, so the condition built
     from the first frame and SimpleTuner's fallback from the cached clip latents agree on it."""
-    pixels = pipe.video_processor.preprocess(first_frame, height=SIZE, width=SIZE).float()
+    image = pixels(pipe, first_frame)
     later = torch.rand(1, 3, FRAMES - 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    clip = torch.cat([pixels.unsqueeze(2), later], dim=2)
+    clip = torch.cat([image.unsqueeze(2), later], dim=2)
     with torch.no_grad():
         clip_latents = wan_i2v.normalise(pipe.vae, pipe.vae.encode(clip).latent_dist.mode())
-    from_pixels = wan_i2v.condition_from_first_frame(pipe.vae, pixels, latent_frames=2)
+    from_pixels = wan_i2v.condition_from_first_frame(pipe.vae, image, latent_frames=2)
     from_latents = wan_i2v.condition_from_latents(clip_latents, temporal=4)
     torch.testing.assert_close(from_pixels[:, 4:, 0], clip_latents[:, :, 0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(from_latents[:, :, 0], from_pixels[:, :, 0], rtol=1e-4, atol=1e-5)
@@ -75,18 +59,9 @@ def test_first_latent_frame_of_the_condition_is_the_clips_first_frame_encoding(p
 def test_predict_is_the_pipelines_transformer_call(pipe, first_frame):
     """The transformer call of WanImageToVideoPipeline's loop, replayed through `wan_i2v.predict` with st's text
     embeddings, the condition and the CLIP embeddings of `encode_image`, gives the same output."""
-    seen = {}
-
-    def record(module, args, kwargs, output):
-        seen.update(kwargs, output=output[0])
-
-    text = _text(pipe, "a red circle")
-    handle = pipe.transformer.register_forward_hook(record, with_kwargs=True)
-    with torch.no_grad():
-        pipe(image=first_frame, prompt_embeds=text["prompt_embeds"], height=SIZE, width=SIZE, num_frames=FRAMES,
-             num_inference_steps=1, guidance_scale=1.0, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
-    handle.remove()
+    text = prompt_inputs(pipe)
+    call = pipeline_calls(pipe, image=first_frame, prompt_embeds=text["prompt_embeds"])[-1]
+    seen = {**call.kwargs, "output": call.output}
     embeds = wan_i2v.encode_image(pipe.image_encoder, pipe.image_processor, [first_frame])
     torch.testing.assert_close(embeds, seen["encoder_hidden_states_image"], rtol=0, atol=0)
     latents, condition = seen["hidden_states"][:, :16], seen["hidden_states"][:, 16:]
@@ -98,7 +73,7 @@ def test_predict_is_the_pipelines_transformer_call(pipe, first_frame):
 
 def test_the_image_embeddings_change_the_prediction(pipe, first_frame):
     """The CLIP tokens reach the transformer (its added K/V projections): other embeddings, another output."""
-    text = _text(pipe, "a red circle")
+    text = prompt_inputs(pipe)
     latents = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
     condition = wan_i2v.condition_from_latents(latents, temporal=4)
     embeds = wan_i2v.encode_image(pipe.image_encoder, pipe.image_processor, [first_frame])
@@ -108,51 +83,30 @@ def test_the_image_embeddings_change_the_prediction(pipe, first_frame):
     assert one.shape == latents.shape and not torch.allclose(one, other)
 
 
-def _render(pipe, first_frame, text):
-    with torch.no_grad():
-        return pipe(image=first_frame, prompt_embeds=text["prompt_embeds"], height=SIZE, width=SIZE,
-                    num_frames=FRAMES, num_inference_steps=2, guidance_scale=1.0, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
-
-
 def test_a_lora_trained_on_the_i2v_input_loads_into_the_pipeline_and_changes_it(folder, first_frame, tmp_path):
     """Two flow-matching steps of a LoRA (Wan's targets) through `wan_i2v.predict` on a clip's latents, with the
     condition from its first latent frame and the CLIP embeddings of its first frame; the file st writes loads into
     WanImageToVideoPipeline and changes the video it renders."""
-    from peft import LoraConfig, get_peft_model_state_dict
+    from pipeline.families import lora
 
-    from pipeline.families import lora, wan
-
-    trained = _load(folder)
-    text = _text(trained, "a red circle")
-    pixels = trained.video_processor.preprocess(first_frame, height=SIZE, width=SIZE).float()
-    clip = torch.cat([pixels.unsqueeze(2), pixels.unsqueeze(2).flip(-1).expand(-1, -1, FRAMES - 1, -1, -1)], dim=2)
+    trained = pipeline(folder, I2V)
+    text = prompt_inputs(trained)
+    first = pixels(trained, first_frame)
+    clip = torch.cat([first.unsqueeze(2), first.unsqueeze(2).flip(-1).expand(-1, -1, FRAMES - 1, -1, -1)], dim=2)
     with torch.no_grad():
         latents = wan_i2v.normalise(trained.vae, trained.vae.encode(clip).latent_dist.mode())
     condition = wan_i2v.condition_from_latents(latents, temporal=4)
     embeds = wan_i2v.encode_image(trained.image_encoder, trained.image_processor, [first_frame])
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=list(wan.LORA_TARGETS), lora_dropout=0.0)
-    lora.add_adapter(trained.transformer, config)
-    params = [p for p in trained.transformer.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=0.05)
-    generator = torch.Generator().manual_seed(3)
-    losses = []
-    for _ in range(2):
-        noise = torch.randn(latents.shape, generator=generator)
-        sigma = torch.rand(1, generator=generator)
-        noisy = (1 - sigma) * latents + sigma * noise
-        prediction = wan_i2v.predict(trained.transformer, noisy, sigma * 1000, text, condition, embeds)
-        loss = torch.nn.functional.mse_loss(prediction, noise - latents)
-        loss.backward()
-        optimiser.step()
-        optimiser.zero_grad()
-        losses.append(float(loss.detach()))
+
+    def predict(noisy, timesteps):
+        return wan_i2v.predict(trained.transformer, noisy, timesteps, text, condition, embeds)
+
+    losses, written = lora_by_hand(trained.transformer, latents, predict, tmp_path)
     assert all(np.isfinite(losses))
-    written = lora.save_weights(get_family("wan"), tmp_path, get_peft_model_state_dict(trained.transformer), config)
-    plain = _load(folder)
-    before = _render(plain, first_frame, text)
+    plain = pipeline(folder, I2V)
+    before = render(plain, image=first_frame, prompt_embeds=text["prompt_embeds"])
     lora.load_weights(get_family("wan"), plain, written)
-    after = _render(plain, first_frame, text)
+    after = render(plain, image=first_frame, prompt_embeds=text["prompt_embeds"])
     assert before.shape == after.shape == (1, FRAMES, SIZE, SIZE, 3)
     assert float(np.abs(after - before).max()) > 1e-3
 
@@ -164,8 +118,8 @@ def test_a_clips_extras_are_what_the_pipeline_builds_from_its_first_frame(pipe):
     clip = torch.randint(0, 256, (3, FRAMES, SIZE, SIZE), generator=generator).float() / 127.5 - 1.0
     extras = wan_i2v.sample_extras(pipe.vae, pipe.image_encoder, pipe.image_processor, clip)
     image = wan_i2v.first_frame_image(clip)
-    pixels = pipe.video_processor.preprocess(image, height=SIZE, width=SIZE).float()
-    _, expected = pipe.prepare_latents(pixels, 1, 16, SIZE, SIZE, FRAMES, torch.float32, torch.device("cpu"))
+    _, expected = pipe.prepare_latents(pixels(pipe, image), 1, 16, SIZE, SIZE, FRAMES, torch.float32,
+                                       torch.device("cpu"))  # fmt: skip
     assert extras["i2v_condition"].shape == (20, 2, 8, 8)
     torch.testing.assert_close(extras["i2v_condition"], expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(extras["image_embeds"], pipe.encode_image(image, torch.device("cpu"))[0], rtol=0, atol=0)
@@ -175,7 +129,7 @@ def test_validation_renders_an_i2v_video_from_a_first_frame(pipe, first_frame, t
     """The validation video writer renders through WanImageToVideoPipeline with the first frame as `image`."""
     from pipeline.train import validation_video
 
-    text = _text(pipe, "a red circle")
+    text = prompt_inputs(pipe)
     kwargs = {"prompt_embeds": text["prompt_embeds"], "height": SIZE, "width": SIZE, "num_inference_steps": 1,
               "guidance_scale": 1.0}  # fmt: skip
     extra = {"image": first_frame, "num_images_per_prompt": 1, "generator": torch.Generator().manual_seed(0)}

@@ -11,20 +11,12 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.families import get_family, wan, wan_i2v
-
-FRAMES, SIZE = 5, 32  # two latent frames of 8 x 8 with the tiny VAE
+from tests.helpers.wan import prompt_inputs
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    out = tmp_path_factory.mktemp("wan-i2v-cli") / "model"
-    result = CliRunner().invoke(app, ["tiny-model", "wan", str(out), "--flavour", "i2v"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def folder(tiny_model):
+    return tiny_model("wan", flavour="i2v")
 
 
 def test_tiny_model_writes_the_i2v_pipeline_folder(folder):
@@ -53,15 +45,12 @@ def test_the_variant_is_wan_with_the_i2v_pipeline_and_tiny_model():
     assert family.temporal_compression == wan.TEMPORAL_COMPRESSION == wan_i2v.TEMPORAL
 
 
-def test_denoiser_forward_is_the_pipelines_call_on_the_cached_condition(folder):
+def test_denoiser_forward_is_the_pipelines_call_on_the_cached_condition(wan_pipeline):
     """`Family.denoiser_forward` of the variant, given the cached condition latents as `reference` (in the cache's
     dtype) and the CLIP embeddings beside the text, equals `wan_i2v.predict` on the 20-channel condition the
     pipeline builds; without the embeddings it refuses, naming them."""
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(str(folder))
-    base = get_family("wan")
-    text = base.collate_text(base.encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a red circle"]))
+    pipe = wan_pipeline("i2v", "WanImageToVideoPipeline")
+    text = prompt_inputs(pipe)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 16, 2, 8, 8, generator=generator)
     reference = torch.randn(1, 16, 2, 8, 8, generator=generator).half()

@@ -1,5 +1,5 @@
 """Z-Image specifics: the chat template and Qwen3's penultimate layer, the list-based denoiser call with reversed time,
-refused flavours, SimpleTuner's example config, and the ComfyUI LoRA key names."""
+the flavours' hub ids, SimpleTuner's example config, and the ComfyUI LoRA key names."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
 from pipeline.families import get_family
 
 FAMILY = get_family("z_image")
@@ -65,9 +64,9 @@ def test_predict_is_the_pipelines_denoiser_call(pipe):
     assert torch.equal(ours, -torch.stack(out).squeeze(2))
 
 
-def test_turbo_flavours_train_over_the_assistant_and_de_turbo_is_refused():
-    with pytest.raises(ConfigError, match=r"flavour 'ostris-de-turbo' .* needs .*transformer from another repository"):
-        FAMILY.flavour_hub_id("ostris-de-turbo")
+def test_flavours_hub_ids():
+    """ostris-de-turbo: the Turbo pipeline around ostris' transformer (tests/unit/test_z_image_de_turbo.py)."""
+    assert FAMILY.flavour_hub_id("ostris-de-turbo") == "TONGYI-MAI/Z-Image-Turbo"
     assert FAMILY.flavour_hub_id("base") == "TONGYI-MAI/Z-Image"
     assert FAMILY.flavour_hub_id("turbo") == FAMILY.flavour_hub_id("turbo-ostris-v2") == "TONGYI-MAI/Z-Image-Turbo"
     assert FAMILY.flavour_hub_id(None) == "TONGYI-MAI/Z-Image-Turbo"  # SimpleTuner's default, turbo-ostris-v2

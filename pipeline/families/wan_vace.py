@@ -1,0 +1,302 @@
+"""Wan 2.1 VACE (the vace-1.3b-2.1 / vace-14b-2.1 flavours, `WanVACEPipeline`): a Wan 2.1 text-to-video transformer
+with a control branch (`WanVACETransformer3DModel`): `vace_patch_embedding` and `vace_blocks`, whose outputs are added
+(times `conditioning_scale`) to the hidden states after the base blocks listed in `vace_layers`.
+
+What the transformer takes beside the 16-channel noisy latents and the UMT5 sequence: `control_hidden_states`, the
+pipeline's conditioning latents (`vace_in_channels` = 2 x 16 + spatial factor^2: the VAE's normalised mode of the
+control video outside the mask ("inactive") and inside it ("reactive"), then the mask folded from pixels into latent
+cells, `prepare_video_latents` / `prepare_masks`).
+
+st trains VACE in two modes of `WanVACEPipeline`. Control-video training: a video dataset names a conditioning dataset
+of clips in `conditioning_data` (`conditioning_type` controlnet: the pipeline's `video`; optionally a second one of
+type mask: its `mask`); `st prepare` pairs each clip with the file of the same relative path and refuses a clip whose
+frame count or frame size differs from its video's, naming both files (`prepare.pairing.check_clip_partner`);
+`st cache` reads each conditioning clip through its video's frame window, resize and crop and stores its uint8 pixels
+and the control latents the pipeline computes for it (`cached_control`: the pipeline's own `preprocess_conditions`,
+`prepare_video_latents` and `prepare_masks` on the clip's frames; every part - the VAE modes of the inactive and
+reactive halves and the folded mask - is a deterministic function of the clips' pixels, so the whole tensor is cached
+per clip, content-addressed like the clip's latents, and training never loads the VAE for it); training passes them as
+`control_hidden_states`, and validation renders the pipeline with the first cached control (and mask) clip, saved as
+MP4 beside each render. A mask clip is the pipeline's input only, not a loss mask. Without conditioning clips (the
+user's plain text-to-video call): a black control video under an all-ones mask, which depends on the clip's frame
+count and size only; training computes it per latent shape with the pipeline's own helpers (`zero_control`) and the
+model's VAE (loaded on first use, kept on the CPU between shapes). The LoRA targets (Wan's `to_q` / `to_k` / `to_v` /
+`to_out.0`) match the attention of the VACE blocks as well as the base blocks'; the published LoRA loads into
+`WanVACEPipeline`. Not implemented (refused by `check_cache`): `reference_images`, conditioning images on image
+datasets, more than one control or mask clip per video, segmentation clips.
+
+DEVIATION: SimpleTuner cannot train VACE with control inputs at all (it drops the VACE branch, below), so control-video
+training has no SimpleTuner counterpart: the pairing (same relative path; a clip whose frame count or size differs
+from its video's stops `st prepare`; a conditioning entry's `video` block is not read, its clips follow their video's
+window) and the cached pipeline control latents are st's own.
+
+DEVIATION: SimpleTuner loads the VACE repositories' transformer with `WanTransformer3DModel` (its MODEL_CLASS), which
+drops `vace_patch_embedding` and every `vace_blocks` weight (unexpected keys; the `vace_layers` / `vace_in_channels`
+config keys are ignored), trains the remaining base blocks as Wan 2.1 text-to-video and validates with `WanPipeline`:
+its VACE LoRA never touches the control branch and is checked without it. st keeps the whole VACE transformer, trains
+and validates it as `WanVACEPipeline` runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, InputError, NotSupportedError
+from pipeline.families import tiny_parts, wan
+from pipeline.families.spec import Component
+from pipeline.log import get_logger
+
+log = get_logger("families")
+
+PIPELINE_CLASS = "WanVACEPipeline"
+FLAVOURS = ("vace-1.3b-2.1", "vace-14b-2.1")
+CONTROL_KIND, MASK_KIND = "controlnet", "mask"  # the conditioning_type of a control clip and of a mask clip
+# WanVACEPipeline's keywords for the control clip and its mask clip (lists of PIL frames).
+VIDEO_ARGUMENT, MASK_ARGUMENT = "video", "mask"
+CONTROL_KEY = "vace_control"  # the denoiser text batch's control latents (B x vace_in_channels x f x h x w)
+TINY_VACE_LAYERS = (0, 1)
+# The Wan 2.1 VACE transformers' patch size (1.3B and 14B): what the pipeline's condition helpers read of the
+# transformer when `st cache` builds control latents without loading it. With frame sizes that are multiples of the
+# VAE's spatial factor x 2 (Wan's 16-pixel buckets) it does not change them.
+PATCH_SIZE = (1, 2, 2)
+
+
+def _pipeline_helper(vae: Any, patch_size: Any, device: Any) -> Any:
+    """What `WanVACEPipeline`'s condition helpers read of the pipeline (its VAE, video processor, scale factors and the
+    transformer's patch size), without building the pipeline."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers.video_processor import VideoProcessor
+
+    spatial = 2 ** len(vae.temperal_downsample)
+    return SimpleNamespace(
+        vae=vae, transformer=SimpleNamespace(config=SimpleNamespace(patch_size=tuple(patch_size))),
+        transformer_2=None, vae_scale_factor_temporal=2 ** sum(vae.temperal_downsample),
+        vae_scale_factor_spatial=spatial, video_processor=VideoProcessor(vae_scale_factor=spatial),
+        _execution_device=torch.device(device),
+    )  # fmt: skip
+
+
+def control_latents(vae: Any, patch_size: Any, frames: int, height: int, width: int, video: list[Any] | None = None,
+                    mask: list[Any] | None = None, device: Any = "cpu") -> Any:  # fmt: skip
+    """1 x (2 x z_dim + spatial^2) x f x h x w: the conditioning latents `WanVACEPipeline.__call__` builds for a
+    `frames` x `height` x `width` video (pixels) given `video` (the control clip: a list of PIL frames at that size)
+    and `mask` (its mask clip, PIL frames; None: all ones), without `reference_images`, computed by the pipeline's own
+    `preprocess_conditions`, `prepare_video_latents` and `prepare_masks` (called on the VAE and the transformer's patch
+    size, what they read of the pipeline) in float32 on `device`. No `video`: the zero control (a black clip under an
+    all-ones mask). Deterministic: the VAE's mode, as the pipeline takes it."""
+    import torch
+    from diffusers import WanVACEPipeline
+
+    helper = _pipeline_helper(vae, patch_size, device)
+    with torch.no_grad():
+        video, mask, references = WanVACEPipeline.preprocess_conditions(helper, video, mask, None, 1, height, width,
+                                                                        frames, torch.float32, device)  # fmt: skip
+        latents = WanVACEPipeline.prepare_video_latents(helper, video, mask, references, None, device)
+        masks = WanVACEPipeline.prepare_masks(helper, mask, references, None)
+    return torch.cat([latents, masks.to(latents.dtype)], dim=1)
+
+
+def zero_control(vae: Any, patch_size: Any, frames: int, height: int, width: int, device: Any = "cpu") -> Any:
+    """`control_latents` without `video`, `mask` or `reference_images` (a user's plain text-to-video call)."""
+    return control_latents(vae, patch_size, frames, height, width, device=device)
+
+
+def frames_of(pixels: Any) -> list[Any]:
+    """A cached clip (uint8 3 x F x H x W) as the list of PIL frames the pipeline takes as `video` / `mask`."""
+    from PIL import Image
+
+    return [Image.fromarray(frame.permute(1, 2, 0).contiguous().numpy()) for frame in pixels.unbind(1)]
+
+
+def cached_control(vae: Any, partners: list[dict[str, Any]], clips: list[Any], device: Any = "cpu") -> dict[str, Any]:
+    """What `st cache` stores of a clip's conditioning clips (`partners`: the prepare row's, in conditioning_data
+    order, one control clip and at most one mask clip, see `check_cache`; `clips`: each 3 x F x H x W in [-1, 1], the
+    clip's frame window fitted like its frames): `{i}.pixels` (uint8) for each, and `{c}.latent` for the control
+    clip c: `control_latents` of it as `video` (and of the mask clip as `mask`) - the VAE's encodings of the
+    pipeline's inactive / reactive split and the folded mask, 2 x z_dim + spatial^2 channels, a function of the
+    clips' pixels alone, so cached once per clip - on the CPU in float32."""
+    import torch
+
+    pixels = [((clip + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8) for clip in clips]
+    control = next(i for i, p in enumerate(partners) if p["kind"] == CONTROL_KIND)
+    mask = next((i for i, p in enumerate(partners) if p["kind"] == MASK_KIND), None)
+    _, frames, height, width = pixels[control].shape
+    latents = control_latents(vae, PATCH_SIZE, frames, height, width, video=frames_of(pixels[control]),
+                              mask=None if mask is None else frames_of(pixels[mask]), device=device)  # fmt: skip
+    return {**{f"{i}.pixels": p for i, p in enumerate(pixels)}, f"{control}.latent": latents[0].float().cpu()}
+
+
+def check_cache(family: Any, rows: list[dict[str, Any]]) -> None:
+    """Refuse, before a cache run loads a model, conditioning the run cannot use: conditioning clips (a video
+    dataset's conditioning_data) for a family other than Wan VACE; for Wan VACE conditioning images on image
+    datasets, and clips other than one control clip (conditioning_type controlnet, the pipeline's `video`) and at
+    most one mask clip (conditioning_type mask, its `mask`)."""
+    vace = getattr(family, "pipeline_class", None) == PIPELINE_CLASS
+    clips = sorted({r["dataset_id"] for r in rows if r.get("conditioning") and r.get("window_frames") is not None})
+    images = sorted({r["dataset_id"] for r in rows if r.get("conditioning") and r.get("window_frames") is None})
+    if clips and not vace:
+        raise NotSupportedError(f"video dataset(s) {', '.join(clips)} link conditioning clips (conditioning_data), "
+                                f"which only Wan VACE ({', '.join(FLAVOURS)}, {PIPELINE_CLASS}) trains with; "
+                                f"{getattr(family, 'pipeline_class', family)} does not: remove their "
+                                "conditioning_data")  # fmt: skip
+    if not vace:
+        return
+    if images:
+        raise NotSupportedError(f"dataset(s) {', '.join(images)} link conditioning images to image datasets, and st "
+                                f"trains {PIPELINE_CLASS} on conditioning clips of video datasets only; remove their "
+                                "conditioning_data")  # fmt: skip
+    for row in rows:
+        linked = row.get("conditioning") or []
+        kinds = [c["kind"] for c in linked]
+        if linked and (kinds.count(CONTROL_KIND) != 1 or kinds.count(MASK_KIND) > 1 or
+                       len(kinds) != kinds.count(CONTROL_KIND) + kinds.count(MASK_KIND)):  # fmt: skip
+            found = ", ".join(f"{c['dataset_id']} ({c['kind']})" for c in linked)
+            raise NotSupportedError(f"dataset '{row['dataset_id']}' links {found}, but {PIPELINE_CLASS} takes one "
+                                    f"control clip (`video`) and at most one mask clip (`mask`): link one "
+                                    f"conditioning dataset of conditioning_type {CONTROL_KIND} and at most one of "
+                                    f"conditioning_type {MASK_KIND}")  # fmt: skip
+
+
+def pixel_shape(vae: Any, latents_shape: Any) -> tuple[int, int, int]:
+    """(frames, height, width) of the video whose latents are `latents_shape` (... x f x h x w) for this VAE."""
+    _, _, frames, height, width = latents_shape
+    temporal, spatial = 2 ** sum(vae.temperal_downsample), 2 ** len(vae.temperal_downsample)
+    return (frames - 1) * temporal + 1, height * spatial, width * spatial
+
+
+class ZeroControl:
+    """The control latents of a VACE run's batches: those `st cache` stored for a batch's conditioning clips, else
+    the zero-control conditioning (`zero_control`), one per latent shape, from the model's VAE (loaded on first use,
+    in float32 as the conditioning is built; on `device` while computing)."""
+
+    def __init__(self, family: Any, source: str, vae_source: str | None, patch_size: Any, device: Any,
+                 revision: str | None = None) -> None:  # fmt: skip
+        self.family, self.source, self.vae_source, self.revision = family, source, vae_source, revision
+        self.patch_size, self.device = tuple(patch_size), device
+        self._vae: Any = None
+        self._by_shape: dict[tuple[int, ...], Any] = {}
+
+    @classmethod
+    def for_run(cls, family: Any, source: str, vae_source: str | None, denoiser: Any, device: Any,
+                config: Any = None) -> ZeroControl | None:  # fmt: skip
+        """The run's provider for a VACE family (None for other families); ConfigError for a `tread_config` (the VACE
+        hints are added to every token of the base blocks they follow, which a route shortens)."""
+        if family.predict is not predict:
+            return None
+        if getattr(config, "tread_config", None):
+            raise ConfigError("tread_config with a Wan VACE model is not supported: the VACE blocks' hints are added "
+                              "to every video token of the blocks they follow, which a route shortens; remove "
+                              "tread_config")  # fmt: skip
+        return cls(family, source, vae_source, getattr(getattr(denoiser, "config", None), "patch_size", (1, 2, 2)),
+                   device, getattr(config, "revision", None))  # fmt: skip
+
+    def conditioning(self, latents: Any) -> Any:
+        """B x C x f x h x w control latents for a batch of latents (B x 16 x f x h x w), in the latents' dtype."""
+        import torch
+
+        key = tuple(int(n) for n in latents.shape[2:])
+        if key not in self._by_shape:
+            if self._vae is None:
+                from pipeline.families.loading import load_components
+
+                self._vae = load_components(self.family, self.source, vae_source=self.vae_source, which=("vae",),
+                                            revision=self.revision,
+                                            dtype=torch.float32)["vae"].eval().requires_grad_(False)  # fmt: skip
+            vae = self._vae.to(self.device)
+            log.info("wan vace: the zero-control conditioning of %d x %d x %d latents (WanVACEPipeline without "
+                     "video / mask / reference_images)", *key)  # fmt: skip
+            try:
+                self._by_shape[key] = zero_control(vae, self.patch_size, *pixel_shape(vae, latents.shape),
+                                                   device=self.device)  # fmt: skip
+            finally:
+                self._vae = vae.to("cpu")
+        control = self._by_shape[key]
+        return control.to(latents.device, latents.dtype).expand(latents.shape[0], *control.shape[1:])
+
+    def text_inputs(self, latents: Any, batch: Any = None) -> dict[str, Any]:
+        """What the VACE family's `predict` reads from the denoiser's text batch: the control latents `st cache`
+        stored for the batch's conditioning clips (`Batch.control_latents`), else the zero control."""
+        control = getattr(batch, "control_latents", None)
+        if control is None:
+            return {CONTROL_KEY: self.conditioning(latents)}
+        if control.shape[0] != latents.shape[0] or control.shape[2:] != latents.shape[2:]:
+            raise InputError(f"the cached control latents of batch {batch.index} (dataset '{batch.dataset_id}') "
+                             f"are {tuple(control.shape)} for latents {tuple(latents.shape)}; re-run `st cache`")
+        return {CONTROL_KEY: control.to(latents.device, latents.dtype)}
+
+
+def predict(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any], meta: Any = None,
+            guidance: Any = None) -> Any:  # fmt: skip
+    """`WanVACEPipeline`'s transformer call: the 5-D latents, the timestep per sample, the zero-padded UMT5 sequence
+    and the control latents (`CONTROL_KEY`, from `ZeroControl`) at `conditioning_scale` 1 on every VACE layer."""
+    control = text.get(CONTROL_KEY)
+    if control is None:
+        raise InputError(f"{PIPELINE_CLASS} needs the control latents of each batch ({CONTROL_KEY}) beside its text")
+    if latents.ndim != 5 or control.shape[0] != latents.shape[0] or control.shape[2:] != latents.shape[2:]:
+        raise InputError(f"wan vace needs latents B x 16 x f x h x w and control latents B x C x f x h x w alike, "
+                         f"got {tuple(latents.shape)} and {tuple(control.shape)}")  # fmt: skip
+    return transformer(
+        hidden_states=latents,
+        timestep=timesteps,
+        encoder_hidden_states=text["prompt_embeds"],
+        control_hidden_states=control.to(latents.dtype),
+        return_dict=False,
+    )[0]
+
+
+def tiny_transformer(text_dim: int, vae_spatial: int) -> Any:
+    """A tiny WanVACETransformer3DModel: the 2.1 T2V tiny layout (2 blocks of 2 heads x 12) with a VACE block after
+    each, `vace_in_channels` 2 x 16 + the VAE's spatial factor squared (the pipeline's folded mask)."""
+    from diffusers import WanVACETransformer3DModel
+
+    return WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=text_dim, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=list(TINY_VACE_LAYERS),
+        vace_in_channels=2 * 16 + vae_spatial**2,
+    ).eval()  # fmt: skip
+
+
+def tiny(out_dir: Path, seed: int) -> None:
+    """Write a tiny Wan 2.1 VACE WanVACEPipeline folder (`st tiny-model wan DIR --flavour vace`): the T2V tiny parts
+    with a VACE transformer."""
+    from diffusers import WanVACEPipeline
+
+    from pipeline.families.tokenizers import t5_tokenizer
+
+    tokenizer = t5_tokenizer(wan.MAX_LENGTH)
+    tiny_parts.seed_everything(seed)
+    encoder = tiny_parts.t5_encoder(tokenizer, umt5=True)
+    tiny_parts.seed_everything(seed + 2)
+    vae = wan.tiny_vae()
+    tiny_parts.seed_everything(seed + 1)
+    transformer = tiny_transformer(encoder.config.d_model, 2 ** len(vae.temperal_downsample))
+    pipe = WanVACEPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=wan.tiny_scheduler(),
+                           transformer=transformer)  # fmt: skip
+    tiny_parts.save(pipe, out_dir)
+
+
+def variant(flavour: str | None, source: str, index: dict[str, Any], pipeline: str) -> Any:
+    """`FAMILY` for the VACE flavours (on a WanVACEPipeline folder, or a hub id whose model_index.json is not cached)
+    and for WanVACEPipeline folders; a VACE flavour on another pipeline's folder, or a two-expert (Wan 2.2) VACE
+    folder, is refused."""
+    if index and pipeline != PIPELINE_CLASS:
+        raise ConfigError(f"model_flavour {flavour} is Wan 2.1 VACE, but the model at {source} is a {pipeline}: point "
+                          f"pretrained_model_name_or_path at a {PIPELINE_CLASS} model (e.g. "
+                          "Wan-AI/Wan2.1-VACE-1.3B-diffusers), or choose another flavour")  # fmt: skip
+    if (index.get("transformer_2") or [None, None])[-1]:
+        raise ConfigError(f"the model at {source} is a {PIPELINE_CLASS} with two transformers (Wan 2.2 VACE "
+                          "experts), which st does not train yet; st trains Wan 2.1 VACE (vace-1.3b-2.1, "
+                          "vace-14b-2.1)")  # fmt: skip
+    return FAMILY
+
+
+# The VACE variant of the wan family (`wan` picks it for the vace flavours and WanVACEPipeline folders): Wan's text,
+# VAE, schedule and LoRA targets (which also match the VACE blocks' attention) with the VACE transformer and pipeline.
+FAMILY = dataclasses.replace(wan.FAMILY, pipeline_class=PIPELINE_CLASS,
+                             denoiser=Component("transformer", "WanVACETransformer3DModel", "diffusers"),
+                             predict=predict, tiny=tiny, variant=None)  # fmt: skip

@@ -1,0 +1,188 @@
+"""Context parallelism (`context_parallel_size`, `context_parallel_comm_strategy`): one sample's token sequence split
+across the processes of a context-parallel (CP) group, as SimpleTuner's standalone CP does it
+(helpers/training/context_parallel.py, helpers/data_backend/runtime/context_parallel_sync.py).
+
+The launched processes form `world / context_parallel_size` data-parallel replicas of `context_parallel_size`
+consecutive ranks each (ranks 0-1, 2-3, ... for size 2). The sharding itself is diffusers': `enable_parallelism` with a
+`ContextParallelConfig` on a device mesh ("dp_replicate", "ring", "ulysses"), which hooks the transformer's `_cp_plan`
+(split the image / video tokens and rotary embeddings before the first block, gather the output of `proj_out`) and
+routes its self-attention through diffusers' context-parallel attention. st adds what a training run needs around it:
+
+- data: every rank of a CP group trains on its replica's batch (the data plan is split by replica, `data_rank`), and
+  draws the same noise, timesteps and guidance (the run's generator is seeded by replica, not by rank);
+- gradients: each rank's gradients are the part of the replica's gradient that flows through its own tokens (the
+  gather's backward keeps the local slice), so the replica's gradient is their sum; DDP averages over all `world`
+  ranks, so the loss is scaled by `context_parallel_size` before the backward (SimpleTuner's
+  `scale_standalone_context_parallel_loss`), which makes the averaged gradient the mean over replicas of each replica's
+  full-batch gradient - the gradient a run with one process per replica computes;
+- validation renders on the main process alone, with the CP hooks lifted for its duration (`suspended`).
+
+`context_parallel_comm_strategy`: alltoall is Ulysses attention (an all-to-all trades the sequence split for a head
+split; every rank attends over the whole sequence with its share of the heads). allgather asks for ring attention
+(SimpleTuner's default), but diffusers 0.42's ring attention needs an attention kernel that returns its log-sum-exp,
+and the default `attention_mechanism` runs PyTorch SDPA through diffusers' native backend, whose ring path cannot
+(it raises) - so st runs Ulysses for it too, with a warning, whatever the backend
+(`speed.check_context_parallel_attention` refuses the dispatcher backends without context-parallel support, and
+xformers). DEVIATION: SimpleTuner rotates keys and values around
+the ring (its own override of diffusers' ring attention); both compute exact attention over the whole sequence, so
+the trained weights are the same up to float rounding. Ulysses needs the heads to divide evenly across the group,
+which ring attention does not (`check_denoiser` refuses otherwise), and holds less: diffusers' "allgather" ring
+gathers every rank's keys and values of all heads at once, Ulysses only those of its share of the heads.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from ..context_parallel_settings import OPTION, STRATEGY, VERIFIED_FAMILIES, check, strategy_of
+from ..errors import ConfigError, InputError
+from ..log import get_logger
+
+log = get_logger("train")
+
+__all__ = ["OPTION", "STRATEGY", "VERIFIED_FAMILIES", "Layout", "apply", "check", "check_batch", "check_denoiser",
+           "layout_for", "suspended"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This process's place in a run of `world` processes with CP groups of `size` consecutive ranks."""
+
+    size: int = 1
+    strategy: str = "allgather"
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel replicas: each trains on its own share of the data plan."""
+        return self.world // self.size
+
+    @property
+    def data_rank(self) -> int:
+        """This process's replica (its share of the data plan, its noise stream)."""
+        return self.rank // self.size
+
+    @property
+    def loss_scale(self) -> float:
+        """What the loss is multiplied by before the backward: DDP's mean over `world` ranks of partial gradients
+        becomes the mean over replicas of full ones."""
+        return float(self.size)
+
+
+def layout_for(config: Any, rank: int, world: int) -> Layout:
+    return Layout(size=int(config.context_parallel_size or 1), strategy=strategy_of(config), rank=rank, world=world)
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+
+
+def check_denoiser(denoiser: Any, layout: Layout) -> None:
+    """The loaded transformer can be split: it has a `_cp_plan`, and Ulysses can share its heads out evenly."""
+    if not layout.enabled:
+        return
+    name = type(denoiser).__name__
+    if getattr(denoiser, "_cp_plan", None) is None or not hasattr(denoiser, "enable_parallelism"):
+        raise ConfigError(f"{OPTION} {layout.size}: {name} has no context-parallel plan (`_cp_plan`); set {OPTION} "
+                          "to 1")  # fmt: skip
+    heads = getattr(denoiser.config, "num_attention_heads", None)
+    if heads is not None and heads % layout.size:
+        raise ConfigError(f"{OPTION} {layout.size} must divide the transformer's {heads} attention heads (st's "
+                          "Ulysses attention gives each process an equal share of them, whichever "
+                          f"{STRATEGY}); choose a divisor of {heads}")  # fmt: skip
+
+
+def check_batch(latents: Any, denoiser_config: Any, layout: Layout, where: str) -> None:
+    """The batch's token sequence splits evenly across the CP group (diffusers splits it into equal parts)."""
+    if not layout.enabled:
+        return
+    patch = tuple(getattr(denoiser_config, "patch_size", None) or (1, 1, 1))
+    dims = latents.shape[2:]
+    tokens = 1
+    for size, step in zip(dims, patch[-len(dims):]):
+        tokens *= int(size) // int(step)
+    if tokens % layout.size:
+        raise InputError(f"{where}: its {tokens} tokens per sample do not split evenly across {OPTION} "
+                         f"{layout.size} processes; use a resolution / frame count whose token count is a multiple "
+                         f"of {layout.size}, or set {OPTION} to 1")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- applying
+
+
+def apply(denoiser: Any, layout: Layout, device: Any) -> Any:
+    """Hook `denoiser` for context parallelism with diffusers' `enable_parallelism`; returns its parallel config (None
+    without CP). Call it after the adapters are attached (a LoRA layer on a hooked module must see the gathered
+    output) and before accelerate wraps the model."""
+    if not layout.enabled:
+        return None
+    import torch.distributed as dist
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise ConfigError(f"{OPTION} {layout.size} needs a multi-process launch (accelerate launch / torchrun)")
+    if layout.strategy != "alltoall":
+        log.warning("%s %s: st runs Ulysses all-to-all attention (the same attention: PyTorch SDPA cannot do "
+                    "diffusers' ring attention); set it to alltoall to silence this", STRATEGY, layout.strategy)
+    # The mesh SimpleTuner builds: replicas outermost, so CP groups are runs of consecutive ranks.
+    mesh = init_device_mesh(device.type, (layout.data_parallel, 1, layout.size),
+                            mesh_dim_names=("dp_replicate", "ring", "ulysses"))  # fmt: skip
+    config = ContextParallelConfig(ring_degree=1, ulysses_degree=layout.size, rotate_method="allgather", mesh=mesh,
+                                   ulysses_anything=False)  # fmt: skip
+    with _cpu_device_count(device):
+        denoiser.enable_parallelism(config=config)
+    log.info("context parallelism: %d processes per sample (Ulysses all-to-all), %d data-parallel replica(s)",
+             layout.size, layout.data_parallel)
+    return denoiser._parallel_config
+
+
+@contextmanager
+def _cpu_device_count(device: Any) -> Iterator[None]:
+    """diffusers' `_resolve_parallel_config` picks the rank's device as `rank % torch.accelerator.device_count()`,
+    which is 0 on a machine without accelerators; there it counts the CPU as the one device."""
+    import torch
+
+    if device.type != "cpu" or torch.accelerator.device_count() > 0:
+        yield
+        return
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original
+
+
+def _processors(denoiser: Any) -> list[Any]:
+    return [m.processor for m in denoiser.modules()
+            if hasattr(getattr(m, "processor", None), "_parallel_config")]  # fmt: skip
+
+
+@contextmanager
+def suspended(denoiser: Any) -> Iterator[None]:
+    """The denoiser without its CP hooks (a forward on one process alone: validation renders on the main process);
+    they are put back on exit."""
+    config = getattr(denoiser, "_parallel_config", None)
+    if config is None or config.context_parallel_config is None:
+        yield
+        return
+    from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
+
+    plan = denoiser._cp_plan
+    processors = [p for p in _processors(denoiser) if p._parallel_config is config]
+    remove_context_parallel(denoiser, plan)
+    for processor in processors:
+        processor._parallel_config = None
+    try:
+        yield
+    finally:
+        for processor in processors:
+            processor._parallel_config = config
+        apply_context_parallel(denoiser, config.context_parallel_config, plan)

@@ -1,0 +1,130 @@
+"""What context_parallel_size refuses, by name, before any model loads (`st check` and `st train`), and SimpleTuner's
+Wan 2.1 context-parallel examples under `st check`. The two-process training run that matches a single process is
+tests/stages/test_context_parallel.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, InputError
+from pipeline.train import context_parallel
+from pipeline.train.context_parallel import Layout, check, check_batch, check_denoiser
+
+DATA = json.loads((Path(__file__).resolve().parents[1] / "data" / "simpletuner_video_examples.json").read_text())
+CP = Config(model_family="wan", model_type="lora", num_processes=4, context_parallel_size=2,
+            context_parallel_comm_strategy="alltoall")  # fmt: skip
+
+
+def test_wan_passes_with_either_strategy_and_size_one_checks_nothing():
+    check(CP, "wan", "WanTransformer3DModel", world=4)
+    check(replace(CP, context_parallel_comm_strategy="allgather"), "wan", "WanTransformer3DModel", world=4)
+    check(replace(CP, context_parallel_size=1, model_family="sd1x"), "sd1x", "UNet2DConditionModel", world=3)
+
+
+@pytest.mark.parametrize(("change", "family", "denoiser", "words"), [
+    ({}, "sd1x", "UNet2DConditionModel",
+     "not supported for model_family sd1x: its transformer (UNet2DConditionModel) has no context-parallel plan"),
+    ({}, "flux", "FluxTransformer2DModel", "model_family flux: st has not verified its context-parallel training"),
+    ({"context_parallel_comm_strategy": "ring"}, "wan", "WanTransformer3DModel",
+     "context_parallel_comm_strategy 'ring' is not one of allgather, alltoall"),
+    ({"model_flavour": "vace-14b-2.1"}, "wan", "WanTransformer3DModel",
+     "model_family wan: its transformer (WanVACETransformer3DModel) has no context-parallel plan"),
+    ({"tread_config": {"routes": []}}, "wan", "WanTransformer3DModel", "context_parallel_size 2 with tread_config"),
+    ({"crepa_enabled": True}, "wan", "WanTransformer3DModel", "context_parallel_size 2 with crepa_enabled"),
+    ({"controlnet": True}, "wan", "WanTransformer3DModel", "context_parallel_size 2 with controlnet"),
+    ({"dynamo_backend": "inductor"}, "wan", "WanTransformer3DModel",
+     "context_parallel_size 2 with dynamo_backend inductor is not supported yet"),
+])  # fmt: skip
+def test_what_st_cannot_split_is_refused_by_name(change, family, denoiser, words):
+    with pytest.raises(ConfigError) as raised:
+        check(replace(CP, model_family=family, **change), family, denoiser, world=4)
+    assert words in str(raised.value)
+
+
+def test_the_launched_world_must_be_a_multiple_of_the_group():
+    with pytest.raises(ConfigError, match=r"context_parallel_size 2 must divide the 3 process\(es\)"):
+        check(CP, "wan", "WanTransformer3DModel", world=3)
+    # `st check` runs before the launch: num_processes counts once it is set above 1
+    check(replace(CP, num_processes=1), "wan", "WanTransformer3DModel")
+    with pytest.raises(ConfigError, match="must divide the 5 process"):
+        check(replace(CP, num_processes=5), "wan", "WanTransformer3DModel")
+
+
+def test_groups_are_consecutive_ranks_sharing_one_replicas_data():
+    layouts = [Layout(size=2, strategy="alltoall", rank=r, world=4) for r in range(4)]
+    assert [lay.data_rank for lay in layouts] == [0, 0, 1, 1]
+    assert {lay.data_parallel for lay in layouts} == {2} and layouts[0].loss_scale == 2.0
+    assert not Layout().enabled and Layout().data_parallel == 1
+
+
+def test_the_heads_and_the_token_sequence_must_split_evenly():
+    from pipeline.families.wan import tiny_transformer
+
+    denoiser = tiny_transformer(32)  # 2 attention heads, patch (1, 2, 2)
+    check_denoiser(denoiser, Layout(size=2, strategy="alltoall", world=2))
+    with pytest.raises(ConfigError, match="must divide the transformer's 2 attention heads"):
+        check_denoiser(denoiser, Layout(size=4, strategy="alltoall", world=4))
+    layout = Layout(size=2, strategy="alltoall", world=2)
+    check_batch(torch.zeros(1, 16, 2, 6, 6), denoiser.config, layout, "dataset clips")  # 2 x 3 x 3 tokens
+    with pytest.raises(InputError, match="dataset clips: its 9 tokens per sample do not split evenly"):
+        check_batch(torch.zeros(1, 16, 1, 6, 6), denoiser.config, layout, "dataset clips")
+
+
+def test_a_denoiser_without_a_plan_is_refused():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=8,
+                                cross_attention_dim=8, attention_head_dim=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
+    with pytest.raises(ConfigError, match="UNet2DConditionModel has no context-parallel plan"):
+        check_denoiser(unet, Layout(size=2, strategy="alltoall", world=2))
+
+
+@pytest.fixture
+def examples_root(tmp_path, monkeypatch) -> Path:
+    for relative, content in {**DATA["context_parallel_configs"], **DATA["lists"]}.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(json.dumps(content))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _problems(output: str) -> list[str]:
+    return [line.strip()[2:] for line in output.splitlines() if line.strip().startswith("- ")]
+
+
+def test_simpletuners_t2v_cp_example_fails_st_check_only_on_what_needs_cuda(examples_root, cli):
+    """The +cp-fa3 examples' context parallelism passes `st check` (tests/unit/test_simpletuner_video_examples.py); the
+    t2v one has context_parallel_size 2 too, its base_model_precision fp8-torchao needs a CUDA GPU, and its
+    attention_mechanism flash-attn-3-hub the kernels package and a CUDA GPU."""
+    (name,) = DATA["context_parallel_configs"]
+    assert name.split("/")[2] == "wan2.1-t2v-14b-480p-8xh100.peft-lora+cp-fa3"
+    assert {DATA["context_parallel_configs"][name][k] for k in ("context_parallel_size",
+                                                                "context_parallel_comm_strategy")} == {2, "alltoall"}
+    result = cli("check", "--config", name)
+    kernels = importlib.util.find_spec("kernels") is not None
+    if torch.cuda.is_available() and kernels:
+        assert result.exit_code == 0, result.output
+        return
+    problems = _problems(result.output)
+    assert result.exit_code == 2 and len(problems) == 1 + (not torch.cuda.is_available()), result.output
+    assert problems[-1].startswith("attention_mechanism flash-attn-3-hub") and "kernels" in problems[-1]
+    if not torch.cuda.is_available():
+        assert problems[0].startswith("base_model_precision fp8-torchao") and "needs a CUDA GPU and none is present" in (
+            problems[0])
+
+
+def test_context_parallel_options_are_implemented_config_fields():
+    from pipeline.simpletuner import OPTION_STATES
+
+    assert "context_parallel_size" not in OPTION_STATES and "context_parallel_comm_strategy" not in OPTION_STATES
+    assert Config().context_parallel_size == 1 and Config().context_parallel_comm_strategy == "allgather"
+    assert context_parallel.VERIFIED_FAMILIES == ("wan",)
