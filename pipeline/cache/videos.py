@@ -58,8 +58,44 @@ def video_job_for(row: dict[str, Any], root: str, frames: int, roots: dict[str, 
     window, resize and crop, frame for frame."""
     image = job_for(row, root, roots)
     window = {"window_start": int(row["window_start"]), "frames": frames}
-    partners = tuple(VideoJob(p.sample_id, p.path, p.intermediate, p.crop_box, **window) for p in image.partners)
+    kinds = [c["kind"] for c in row.get("conditioning") or ()]
+    # A reference image (Wan VACE's `reference_images`, conditioning_type reference_*) is read at its own size: the
+    # pipeline letterboxes it onto the clip's frame size itself (`wan_vace.cached_control`).
+    partners = tuple(ReferenceJob(p.sample_id, p.path, p.intermediate, p.crop_box) if kind.startswith("reference_")
+                     else VideoJob(p.sample_id, p.path, p.intermediate, p.crop_box, **window)
+                     for p, kind in zip(image.partners, kinds, strict=True))  # fmt: skip
     return VideoJob(image.sample_id, image.path, image.intermediate, image.crop_box, partners=partners, **window)
+
+
+@dataclass(frozen=True)
+class ReferenceJob(ImageJob):
+    """A clip's reference image: decoded (EXIF orientation, RGB) at its own size, neither resized nor cropped."""
+
+    def load(self):
+        return load_reference(self)
+
+
+def load_reference(job: ImageJob):
+    """The image's pixels in [-1, 1]: 3 x H x W float32 at its own size. Raises SourceProblem."""
+    import numpy as np
+    import torch
+
+    from ..image_decode import decode_rgb
+
+    try:
+        with open(job.path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise unreadable(job.path, exc) from None
+    if hashlib.sha256(data).hexdigest() != job.sample_id:
+        raise changed(job.path)
+    try:
+        array = np.asarray(decode_rgb(data), dtype=np.float32) / 127.5 - 1.0
+    except MemoryError:
+        raise
+    except Exception as exc:  # whatever the decoder says about these bytes, it says it on every run
+        raise SourceProblem(CORRUPT, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def load_clip(job: VideoJob):

@@ -113,12 +113,14 @@ class ShardEncoder:
             return None
         return {name: t.to(self.cache_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
 
-    def _control_clip(self, entry: Entry, clips: list) -> dict[str, Any] | None:
-        """A video sample's conditioning clips (Wan VACE): each clip's uint8 pixels and the control latents
-        WanVACEPipeline computes for them (`wan_vace.cached_control`). None when they are not finite."""
+    def _control_clip(self, entry: Entry, clips: list, clip: Any = None) -> dict[str, Any] | None:
+        """A video sample's conditioning clips (Wan VACE; and its reference image): each one's uint8 pixels and the
+        control latents WanVACEPipeline computes for them (`wan_vace.cached_control`; `clip`: the sample's own
+        pixels, whose shape a reference without a control clip takes). None when they are not finite."""
         from ..families.wan_vace import cached_control
 
-        tensors = cached_control(self.encoders.vae, entry.conditioning, clips, self.encoders.device)
+        shape = None if clip is None else tuple(int(n) for n in clip.shape[1:])
+        tensors = cached_control(self.encoders.vae, entry.conditioning, clips, self.encoders.device, shape=shape)
         if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
             return None
         return {name: t.to(self.cache_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
@@ -217,7 +219,7 @@ class ShardEncoder:
                 if entry.first_frame:
                     conditioning = self._first_frame(clip, latent, entry.last_frame)
                 elif entry.frames and entry.conditioning:
-                    conditioning = self._control_clip(entry, partners[sample_id])
+                    conditioning = self._control_clip(entry, partners[sample_id], clip)
                 else:
                     conditioning = self._conditioning(sample_id, partners[sample_id], control) if entry.conditioning \
                         else {}  # fmt: skip

@@ -22,8 +22,19 @@ user's plain text-to-video call): a black control video under an all-ones mask, 
 count and size only; training computes it per latent shape with the pipeline's own helpers (`zero_control`) and the
 model's VAE (loaded on first use, kept on the CPU between shapes). The LoRA targets (Wan's `to_q` / `to_k` / `to_v` /
 `to_out.0`) match the attention of the VACE blocks as well as the base blocks'; the published LoRA loads into
-`WanVACEPipeline`. Not implemented (refused by `check_cache`): `reference_images`, conditioning images on image
-datasets, more than one control or mask clip per video, segmentation clips.
+`WanVACEPipeline`.
+
+Reference images (the pipeline's `reference_images`): a video dataset may also link one conditioning dataset of
+images of conditioning_type reference_strict / reference_loose (paired by relative path or stem like any partner, a
+reference of any size: `st cache` reads it at its own size). The pipeline letterboxes it onto a white canvas of the
+clip's frame size, encodes it as one latent frame and prepends it to the control latents (the reactive half and the
+mask zero there), and denoises one more latent frame, whose output it drops. `st cache` stores those control latents
+(`control_latents(reference=...)`, with the control clip or alone on the zero control) on the clip's first non-mask
+partner, and the letterbox as the reference's pixels; `predict` prepends the reference frame to the noisy latents
+(`with_references`) and returns the video frames' prediction only, so the loss covers the video frames; validation
+passes the first cached clip's reference as `reference_images`. Not implemented (refused by `check_cache`):
+conditioning images on image datasets, more than one control, mask or reference per video, a mask clip without a
+control clip, segmentation clips.
 
 DEVIATION: SimpleTuner cannot train VACE with control inputs at all (it drops the VACE branch, below), so control-video
 training has no SimpleTuner counterpart: the pairing (same relative path; a clip whose frame count or size differs
@@ -53,8 +64,10 @@ log = get_logger("families")
 PIPELINE_CLASS = "WanVACEPipeline"
 FLAVOURS = ("vace-1.3b-2.1", "vace-14b-2.1")
 CONTROL_KIND, MASK_KIND = "controlnet", "mask"  # the conditioning_type of a control clip and of a mask clip
-# WanVACEPipeline's keywords for the control clip and its mask clip (lists of PIL frames).
-VIDEO_ARGUMENT, MASK_ARGUMENT = "video", "mask"
+# The conditioning_types of a clip's reference image (WanVACEPipeline's `reference_images`).
+REFERENCE_KINDS = ("reference_strict", "reference_loose")
+# WanVACEPipeline's keywords for the control clip and its mask clip (lists of PIL frames) and its reference images.
+VIDEO_ARGUMENT, MASK_ARGUMENT, REFERENCE_ARGUMENT = "video", "mask", "reference_images"
 CONTROL_KEY = "vace_control"  # the denoiser text batch's control latents (B x vace_in_channels x f x h x w)
 TINY_VACE_LAYERS = (0, 1)
 # The Wan 2.1 VACE transformers' patch size (1.3B and 14B): what the pipeline's condition helpers read of the
@@ -81,23 +94,59 @@ def _pipeline_helper(vae: Any, patch_size: Any, device: Any) -> Any:
 
 
 def control_latents(vae: Any, patch_size: Any, frames: int, height: int, width: int, video: list[Any] | None = None,
-                    mask: list[Any] | None = None, device: Any = "cpu") -> Any:  # fmt: skip
-    """1 x (2 x z_dim + spatial^2) x f x h x w: the conditioning latents `WanVACEPipeline.__call__` builds for a
-    `frames` x `height` x `width` video (pixels) given `video` (the control clip: a list of PIL frames at that size)
-    and `mask` (its mask clip, PIL frames; None: all ones), without `reference_images`, computed by the pipeline's own
-    `preprocess_conditions`, `prepare_video_latents` and `prepare_masks` (called on the VAE and the transformer's patch
-    size, what they read of the pipeline) in float32 on `device`. No `video`: the zero control (a black clip under an
-    all-ones mask). Deterministic: the VAE's mode, as the pipeline takes it."""
+                    mask: list[Any] | None = None, device: Any = "cpu", reference: list[Any] | None = None) -> Any:
+    """1 x (2 x z_dim + spatial^2) x (r + f) x h x w: the conditioning latents `WanVACEPipeline.__call__` builds for a
+    `frames` x `height` x `width` video (pixels) given `video` (the control clip: a list of PIL frames at that size),
+    `mask` (its mask clip, PIL frames; None: all ones) and `reference` (its `reference_images`, r PIL images; at most
+    one, `check_references`), computed by the pipeline's own `preprocess_conditions`, `prepare_video_latents` and
+    `prepare_masks` (called on the VAE and the transformer's patch size, what they read of the pipeline) in float32 on
+    `device`. No `video`: the zero control (a black clip under an all-ones mask). A reference is letterboxed onto a
+    white canvas of the video's size, encoded as one latent frame and prepended (its VAE mode, then zeros for the
+    reactive half, and zeros in the mask channels). Deterministic: the VAE's mode, as the pipeline takes it."""
     import torch
     from diffusers import WanVACEPipeline
 
+    check_references(reference or [])
     helper = _pipeline_helper(vae, patch_size, device)
     with torch.no_grad():
-        video, mask, references = WanVACEPipeline.preprocess_conditions(helper, video, mask, None, 1, height, width,
-                                                                        frames, torch.float32, device)  # fmt: skip
+        video, mask, references = WanVACEPipeline.preprocess_conditions(helper, video, mask, list(reference or []) or
+                                                                        None, 1, height, width, frames, torch.float32,
+                                                                        device)  # fmt: skip
         latents = WanVACEPipeline.prepare_video_latents(helper, video, mask, references, None, device)
         masks = WanVACEPipeline.prepare_masks(helper, mask, references, None)
     return torch.cat([latents, masks.to(latents.dtype)], dim=1)
+
+
+def check_references(references: list[Any], where: str = "") -> None:
+    """At most one reference image per clip: NotSupportedError otherwise (st caches and trains one)."""
+    if len(references) > 1:
+        raise NotSupportedError(f"{where or 'a clip'} has {len(references)} reference images, but st trains "
+                                f"{PIPELINE_CLASS} with at most one `reference_images` entry per clip; link one "
+                                "conditioning dataset of conditioning_type reference_strict or reference_loose")
+
+
+def reference_frames(control: Any, latents: Any) -> int:
+    """How many reference frames `control` (B x C x (r + f) x h x w) prepends to latents B x 16 x f x h x w."""
+    return int(control.shape[2]) - int(latents.shape[2])
+
+
+def with_references(latents: Any, control: Any, timesteps: Any, noise: Any = None) -> Any:
+    """The transformer's input for latents whose control prepends r reference frames: WanVACEPipeline denoises
+    r + f latent frames (`prepare_latents` with num_frames + r x temporal factor) from noise at the same timestep
+    and drops the first r of the output. Training puts at those r positions the reference's own latents (the
+    control's first z_dim channels there: the pipeline's normalised VAE mode of the reference) noised like the
+    video's at the batch's sigma (timestep / 1000, the flow-matching interpolation x_t = (1 - s) x0 + s noise), so a
+    step sees what a sampling step sees; `predict` drops their prediction, so the loss covers the video frames only.
+    DEVIATION: the pipeline never gives those frames a target; the reference latents as their clean value are st's
+    choice (the trajectory the pipeline's output discards)."""
+    import torch
+
+    frames = reference_frames(control, latents)
+    clean = control[:, : latents.shape[1], :frames].to(latents.dtype)
+    noise = torch.randn_like(clean) if noise is None else noise
+    sigma = (timesteps.to(torch.float32) / 1000.0).view(-1, 1, 1, 1, 1)
+    noisy = ((1.0 - sigma) * clean.float() + sigma * noise.float()).to(latents.dtype)
+    return torch.cat([noisy, latents], dim=2)
 
 
 def zero_control(vae: Any, patch_size: Any, frames: int, height: int, width: int, device: Any = "cpu") -> Any:
@@ -112,29 +161,64 @@ def frames_of(pixels: Any) -> list[Any]:
     return [Image.fromarray(frame.permute(1, 2, 0).contiguous().numpy()) for frame in pixels.unbind(1)]
 
 
-def cached_control(vae: Any, partners: list[dict[str, Any]], clips: list[Any], device: Any = "cpu") -> dict[str, Any]:
-    """What `st cache` stores of a clip's conditioning clips (`partners`: the prepare row's, in conditioning_data
-    order, one control clip and at most one mask clip, see `check_cache`; `clips`: each 3 x F x H x W in [-1, 1], the
-    clip's frame window fitted like its frames): `{i}.pixels` (uint8) for each, and `{c}.latent` for the control
-    clip c: `control_latents` of it as `video` (and of the mask clip as `mask`) - the VAE's encodings of the
-    pipeline's inactive / reactive split and the folded mask, 2 x z_dim + spatial^2 channels, a function of the
-    clips' pixels alone, so cached once per clip - on the CPU in float32."""
+def cached_control(vae: Any, partners: list[dict[str, Any]], clips: list[Any], device: Any = "cpu",
+                   shape: tuple[int, int, int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """What `st cache` stores of a clip's conditioning (`partners`: the prepare row's, in conditioning_data order: at
+    most one control clip, at most one mask clip, at most one reference image, see `check_cache`; `clips`: each
+    control / mask clip 3 x F x H x W in [-1, 1], the clip's frame window fitted like its frames, a reference image
+    3 x H x W in [-1, 1] at its own size; `shape`: the clip's (frames, height, width), needed without a control
+    clip): `{i}.pixels` (uint8) for each (a reference: the white-canvas letterbox the pipeline makes of it at the
+    clip's size), and `{c}.latent` for the first non-mask partner c: `control_latents` of the control clip as `video`
+    (none: the zero control), the mask clip as `mask` and the reference image (as decoded, at its own size) as
+    `reference_images` - the VAE's encodings of the pipeline's inactive / reactive split, the reference frame
+    prepended and the folded mask, 2 x z_dim + spatial^2 channels, a function of the pixels alone, so cached once
+    per clip - on the CPU in float32."""
     import torch
+    from PIL import Image
 
     pixels = [((clip + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8) for clip in clips]
-    control = next(i for i, p in enumerate(partners) if p["kind"] == CONTROL_KIND)
-    mask = next((i for i, p in enumerate(partners) if p["kind"] == MASK_KIND), None)
-    _, frames, height, width = pixels[control].shape
-    latents = control_latents(vae, PATCH_SIZE, frames, height, width, video=frames_of(pixels[control]),
-                              mask=None if mask is None else frames_of(pixels[mask]), device=device)  # fmt: skip
-    return {**{f"{i}.pixels": p for i, p in enumerate(pixels)}, f"{control}.latent": latents[0].float().cpu()}
+    kinds = [p["kind"] for p in partners]
+    control = kinds.index(CONTROL_KIND) if CONTROL_KIND in kinds else None
+    mask = kinds.index(MASK_KIND) if MASK_KIND in kinds else None
+    references = [i for i, kind in enumerate(kinds) if kind in REFERENCE_KINDS]
+    check_references(references)
+    if control is not None:
+        _, frames, height, width = pixels[control].shape
+    elif references and shape is not None:
+        frames, height, width = shape
+    else:
+        raise InputError(f"a clip's conditioning ({', '.join(kinds)}) needs a control clip or a reference image "
+                         "(with the clip's shape)")  # fmt: skip
+    reference = [Image.fromarray(pixels[i].permute(1, 2, 0).contiguous().numpy()) for i in references]
+    latents = control_latents(vae, PATCH_SIZE, frames, height, width,
+                              video=None if control is None else frames_of(pixels[control]),
+                              mask=None if mask is None else frames_of(pixels[mask]), device=device,
+                              reference=reference)  # fmt: skip
+    stored = {f"{i}.pixels": p for i, p in enumerate(pixels)}
+    for i, image in zip(references, reference, strict=True):  # what the pipeline conditions on: the letterbox
+        stored[f"{i}.pixels"] = letterbox(vae, image, height, width)
+    first = next(i for i, kind in enumerate(kinds) if kind != MASK_KIND)
+    return {**stored, f"{first}.latent": latents[0].float().cpu()}
+
+
+def letterbox(vae: Any, image: Any, height: int, width: int) -> Any:
+    """uint8 3 x height x width: a `reference_images` image as WanVACEPipeline's `preprocess_conditions` places it
+    for a height x width video (scaled to fit, bilinear, centred on white), rounded to 8 bits."""
+    import torch
+    from diffusers import WanVACEPipeline
+
+    helper = _pipeline_helper(vae, PATCH_SIZE, "cpu")
+    _, _, placed = WanVACEPipeline.preprocess_conditions(helper, None, None, [image], 1, height, width, 1,
+                                                         torch.float32, "cpu")  # fmt: skip
+    return ((placed[0][0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def check_cache(family: Any, rows: list[dict[str, Any]]) -> None:
     """Refuse, before a cache run loads a model, conditioning the run cannot use: conditioning clips (a video
     dataset's conditioning_data) for a family other than Wan VACE; for Wan VACE conditioning images on image
-    datasets, and clips other than one control clip (conditioning_type controlnet, the pipeline's `video`) and at
-    most one mask clip (conditioning_type mask, its `mask`)."""
+    datasets, and clip conditioning other than one control clip (conditioning_type controlnet, the pipeline's
+    `video`) with at most one mask clip (conditioning_type mask, its `mask`), and/or one reference image
+    (reference_strict / reference_loose, its `reference_images`)."""
     vace = getattr(family, "pipeline_class", None) == PIPELINE_CLASS
     clips = sorted({r["dataset_id"] for r in rows if r.get("conditioning") and r.get("window_frames") is not None})
     images = sorted({r["dataset_id"] for r in rows if r.get("conditioning") and r.get("window_frames") is None})
@@ -152,13 +236,17 @@ def check_cache(family: Any, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         linked = row.get("conditioning") or []
         kinds = [c["kind"] for c in linked]
-        if linked and (kinds.count(CONTROL_KIND) != 1 or kinds.count(MASK_KIND) > 1 or
-                       len(kinds) != kinds.count(CONTROL_KIND) + kinds.count(MASK_KIND)):  # fmt: skip
+        references = [kind for kind in kinds if kind in REFERENCE_KINDS]
+        check_references(references, f"sample {row.get('path', '?')} of dataset '{row['dataset_id']}'")
+        controls, masks = kinds.count(CONTROL_KIND), kinds.count(MASK_KIND)
+        if linked and (controls > 1 or masks > controls or controls + len(references) == 0 or
+                       len(kinds) != controls + masks + len(references)):  # fmt: skip
             found = ", ".join(f"{c['dataset_id']} ({c['kind']})" for c in linked)
             raise NotSupportedError(f"dataset '{row['dataset_id']}' links {found}, but {PIPELINE_CLASS} takes one "
-                                    f"control clip (`video`) and at most one mask clip (`mask`): link one "
-                                    f"conditioning dataset of conditioning_type {CONTROL_KIND} and at most one of "
-                                    f"conditioning_type {MASK_KIND}")  # fmt: skip
+                                    f"control clip (`video`) and at most one mask clip (`mask`), and/or one "
+                                    f"reference image (`reference_images`): link one conditioning dataset of "
+                                    f"conditioning_type {CONTROL_KIND} and at most one of conditioning_type "
+                                    f"{MASK_KIND}, and/or one of {' / '.join(REFERENCE_KINDS)} (images)")  # fmt: skip
 
 
 def pixel_shape(vae: Any, latents_shape: Any) -> tuple[int, int, int]:
@@ -223,7 +311,8 @@ class ZeroControl:
         control = getattr(batch, "control_latents", None)
         if control is None:
             return {CONTROL_KEY: self.conditioning(latents)}
-        if control.shape[0] != latents.shape[0] or control.shape[2:] != latents.shape[2:]:
+        if control.shape[0] != latents.shape[0] or control.shape[3:] != latents.shape[3:] or \
+                reference_frames(control, latents) not in (0, 1):  # fmt: skip
             raise InputError(f"the cached control latents of batch {batch.index} (dataset '{batch.dataset_id}') "
                              f"are {tuple(control.shape)} for latents {tuple(latents.shape)}; re-run `st cache`")
         return {CONTROL_KEY: control.to(latents.device, latents.dtype)}
@@ -236,16 +325,20 @@ def predict(transformer: Any, latents: Any, timesteps: Any, text: dict[str, Any]
     control = text.get(CONTROL_KEY)
     if control is None:
         raise InputError(f"{PIPELINE_CLASS} needs the control latents of each batch ({CONTROL_KEY}) beside its text")
-    if latents.ndim != 5 or control.shape[0] != latents.shape[0] or control.shape[2:] != latents.shape[2:]:
-        raise InputError(f"wan vace needs latents B x 16 x f x h x w and control latents B x C x f x h x w alike, "
-                         f"got {tuple(latents.shape)} and {tuple(control.shape)}")  # fmt: skip
+    if latents.ndim != 5 or control.shape[0] != latents.shape[0] or control.shape[3:] != latents.shape[3:] or \
+            reference_frames(control, latents) not in (0, 1):  # fmt: skip
+        raise InputError(f"wan vace needs latents B x 16 x f x h x w and control latents B x C x f x h x w alike "
+                         f"(or f + 1 frames with a reference image), got {tuple(latents.shape)} and "
+                         f"{tuple(control.shape)}")  # fmt: skip
+    references = reference_frames(control, latents)
+    hidden = with_references(latents, control, timesteps) if references else latents
     return transformer(
-        hidden_states=latents,
+        hidden_states=hidden,
         timestep=timesteps,
         encoder_hidden_states=text["prompt_embeds"],
         control_hidden_states=control.to(latents.dtype),
         return_dict=False,
-    )[0]
+    )[0][:, :, references:]
 
 
 def tiny_transformer(text_dim: int, vae_spatial: int) -> Any:

@@ -106,7 +106,7 @@ def pair_samples(samples: list[Sample], specs: list[DatasetSpec], finders: dict[
             if isinstance(found, str):
                 problem = found
                 break
-            if sample.video is not None:
+            if sample.video is not None and not found.kind.startswith("reference_"):  # a reference is an image
                 check_clip_partner(sample, by_id[sample.dataset_id], finder, found)
             partners.append(found)
         if problem is not None:

@@ -81,7 +81,9 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
     generated = {c.id: dataclasses.replace(c, root=generated_root(out_dir.absolute(), c))
                  for c in lists.conditioning if c.generator is not None}  # fmt: skip
     # A conditioning dataset linked from a video dataset holds clips (Wan VACE's control / mask videos).
-    clip_linked = {i for spec in specs if spec.video is not None for i in spec.conditioning_data}
+    # Its reference images (reference_strict / reference_loose: WanVACEPipeline's `reference_images`) stay images.
+    clip_linked = {i for spec in specs if spec.video is not None for i in spec.conditioning_data} - \
+        {c.id for c in lists.conditioning if c.conditioning_type.startswith("reference_")}  # fmt: skip
     conditioning = [list_conditioning(c, videos=c.id in clip_linked) for c in lists.conditioning if c.generator is None]
     index = load_index(out_dir)
     probes, probe_stats = probe_all(datasets + conditioning, index, config.max_workers)

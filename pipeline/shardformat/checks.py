@@ -207,6 +207,10 @@ class CacheChecks:
         # control latents (their own channel count, the sample latent's f x h x w).
         clip_shape = [3, frames, height, width]
         clips = {n.partition(".")[0] for n in expected if frames > 1 and list(specs[n].shape) == clip_shape}
+        # A clip's reference image (Wan VACE's `reference_images`): U8 [3, H, W]; the clip's control latents may sit on
+        # it (no control clip) and hold one more latent frame (the reference's, prepended).
+        references = {str(i) for i, p in enumerate(partners) if frames > 1 and
+                      str(p.get("kind", "")).startswith("reference_")}  # fmt: skip
         for name in expected | lasts:
             spec = specs[name]
             if spec.dtype != "U8" or (list(spec.shape) != [3, height, width] and name.partition(".")[0] not in clips):
@@ -214,8 +218,10 @@ class CacheChecks:
         shape = self._latent_shapes.get(bucket)
         for name in latents:
             spec = specs[name]
-            start = 1 if name.partition(".")[0] in clips else 0  # a clip's control latents: any channel count
-            mismatch = shape is not None and tuple(spec.shape)[start:] != tuple(shape)[start:]
+            start = 1 if name.partition(".")[0] in clips | references else 0  # a clip's control latents: any
+            mismatch = shape is not None and tuple(spec.shape)[start:] != tuple(shape)[start:]  # channel count
+            if mismatch and references and start and len(spec.shape) == len(shape) == 4:
+                mismatch = (spec.shape[1] - shape[1], *spec.shape[2:]) != (1, *shape[2:])  # + the reference frame
             if spec.dtype != _TENSOR_DTYPES[self.dtype] or mismatch:
                 raise malformed(where, f"{name} is {spec.dtype} {list(spec.shape)}, unlike the sample's latent")
         for name in embeds:

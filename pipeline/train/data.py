@@ -342,6 +342,8 @@ class TrainLoader:
         controls = [i for i, p in enumerate(ref.meta.get("conditioning", [])) if p["kind"] not in MASK_TYPES]
         if not controls:
             return None
+        if "video" in ref.meta:  # a clip's conditioning (Wan VACE: control clip, reference image) trains as one
+            return controls[0]  # tensor, cached on its first non-mask partner (`wan_vace.cached_control`)
         return controls[0] if len(controls) == 1 else random.Random(seed_key).choice(controls)
 
     def conditioning(self, sample: DecodedSample, chosen: int | None) -> dict[str, Any]:

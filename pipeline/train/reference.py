@@ -184,28 +184,42 @@ def _training_image_inputs(family: Family, denoiser: Any, index: Any, count: int
 
 def _control_clips(denoiser: Any, index: Any, count: int) -> ValidationControl | None:
     """Wan VACE: WanVACEPipeline's `video` for prompt i, the i-th cached control clip (sorted by key, modulo their
-    number; the clip's frames as cached, uint8 at its training size), with its cached mask clip as `mask` when the
-    clips have one; None when the cache holds none (the run renders the prompts alone, as it trains unpaired clips)."""
+    number; the clip's frames as cached, uint8 at its training size), with its cached mask clip as `mask` and its
+    cached reference image (the pipeline's letterbox of it at the clip's size) as `reference_images` when the clips
+    have them; clips with a reference image and no control clip give `reference_images` alone. None when the cache
+    holds none (the run renders the prompts alone, as it trains unpaired clips)."""
     from .data import SampleReader
 
     reader = SampleReader()
     clips: list[Any] = []
     masks: list[Any] = []
+    references: list[Any] = []
     try:
         for key in sorted(index.samples):
             ref = index.samples[key]
             kinds = [c.get("kind") for c in ref.meta.get("conditioning") or ()]
-            if COND not in ref.members or wan_vace.CONTROL_KIND not in kinds:
+            found = [k for k in kinds if k in wan_vace.REFERENCE_KINDS]
+            if COND not in ref.members or (wan_vace.CONTROL_KIND not in kinds and not found):
                 continue
+            if clips and (wan_vace.CONTROL_KIND in kinds) != bool(clips[0]):
+                continue  # the first cached clip's kind of conditioning (control clip or reference alone) renders
             stored = reader.tensors(ref, COND)
-            clips.append(wan_vace.frames_of(stored[f"{kinds.index(wan_vace.CONTROL_KIND)}.pixels"]))
+            clips.append(wan_vace.frames_of(stored[f"{kinds.index(wan_vace.CONTROL_KIND)}.pixels"])
+                         if wan_vace.CONTROL_KIND in kinds else [])  # fmt: skip
             if wan_vace.MASK_KIND in kinds:
                 masks.append(wan_vace.frames_of(stored[f"{kinds.index(wan_vace.MASK_KIND)}.pixels"]))
+            if found:
+                references.append(wan_vace.frames_of(stored[f"{kinds.index(found[0])}.pixels"][:, None]))
             if len(clips) >= max(1, count):
                 break
     finally:
         reader.close()
     if not clips:
         return None
+    if not clips[0]:  # reference images alone (the zero control): one image each, rendered (and saved) as images
+        return ValidationControl(wan_vace.PIPELINE_CLASS, denoiser, None, wan_vace.REFERENCE_ARGUMENT,
+                                 [images[0] for images in references], {})  # fmt: skip
     extra = {wan_vace.MASK_ARGUMENT: masks} if len(masks) == len(clips) else {}
+    if len(references) == len(clips):
+        extra[wan_vace.REFERENCE_ARGUMENT] = references
     return ValidationControl(wan_vace.PIPELINE_CLASS, denoiser, None, wan_vace.VIDEO_ARGUMENT, clips, extra)
