@@ -78,3 +78,27 @@ def check_launcher(distributed_type: object) -> None:
             "many machines) and fit a large model with st's memory options instead (base_model_precision, "
             "gradient_checkpointing, layer offload / block swap; README: 'Big models on small GPUs')"
         )
+
+
+class WrappedDenoiser:
+    """A denoiser wrapped for data parallelism (DDP), as the family forward functions see it: calls go through the
+    wrapper, so that its gradient synchronisation runs; attribute reads (`config`, `dtype`, blocks) go to the model
+    inside, which the wrapper does not expose (`'DistributedDataParallel' object has no attribute 'config'`)."""
+
+    __slots__ = ("wrapper", "inner")
+
+    def __init__(self, wrapper: object, inner: object) -> None:
+        self.wrapper, self.inner = wrapper, inner
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapper(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def forward_view(model: object) -> object:
+    """`model` as the family forward functions take it: the model itself, or a `WrappedDenoiser` when a data-parallel
+    wrapper (an object with `.module`, as DistributedDataParallel) holds it."""
+    inner = getattr(model, "module", None)
+    return model if inner is None else WrappedDenoiser(model, inner)

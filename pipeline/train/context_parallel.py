@@ -15,7 +15,11 @@ routes its self-attention through diffusers' context-parallel attention. st adds
   ranks, so the loss is scaled by `context_parallel_size` before the backward (SimpleTuner's
   `scale_standalone_context_parallel_loss`), which makes the averaged gradient the mean over replicas of each replica's
   full-batch gradient - the gradient a run with one process per replica computes;
-- validation renders on the main process alone, with the CP hooks lifted for its duration (`suspended`).
+- validation renders on the main process alone, with the CP hooks lifted for its duration (`suspended`);
+- inputs: what the plan splits must split evenly (`_guard_splits`, a clear InputError instead of diffusers'
+  assertion); Flux, FLUX.2 and Qwen-Image split their text tokens with their image tokens (joint attention: Ulysses
+  gathers each process's text and image tokens, and a key mask of the local length, alike), and Qwen-Image's text
+  (any caption length) is padded under its mask to a multiple of the group (`_pad_text`).
 
 `context_parallel_comm_strategy`: alltoall is Ulysses attention (an all-to-all trades the sequence split for a head
 split; every rank attends over the whole sequence with its share of the heads). allgather asks for ring attention
@@ -102,8 +106,10 @@ def check_batch(latents: Any, denoiser_config: Any, layout: Layout, where: str) 
     """The batch's token sequence splits evenly across the CP group (diffusers splits it into equal parts)."""
     if not layout.enabled:
         return
-    patch = tuple(getattr(denoiser_config, "patch_size", None) or (1, 1, 1))
+    patch = getattr(denoiser_config, "patch_size", None) or (1, 1, 1)
     dims = latents.shape[2:]
+    if not isinstance(patch, (tuple, list)) or len(patch) < len(dims):
+        return  # packed by the family before the transformer (Flux): `_guard_splits` checks what the plan splits
     tokens = 1
     for size, step in zip(dims, patch[-len(dims):]):
         tokens *= int(size) // int(step)
@@ -136,11 +142,78 @@ def apply(denoiser: Any, layout: Layout, device: Any) -> Any:
                             mesh_dim_names=("dp_replicate", "ring", "ulysses"))  # fmt: skip
     config = ContextParallelConfig(ring_degree=1, ulysses_degree=layout.size, rotate_method="allgather", mesh=mesh,
                                    ulysses_anything=False)  # fmt: skip
+    _guard_splits(denoiser, layout)
+    _pad_text(denoiser, layout)
     with _cpu_device_count(device):
         denoiser.enable_parallelism(config=config)
     log.info("context parallelism: %d processes per sample (Ulysses all-to-all), %d data-parallel replica(s)",
              layout.size, layout.data_parallel)
     return denoiser._parallel_config
+
+
+def _guard_splits(denoiser: Any, layout: Layout) -> None:
+    """Before each module whose named inputs the `_cp_plan` splits (image and text tokens, position ids, masks), check
+    that they split evenly: diffusers would stop with a bare assertion. Registered before diffusers' own hooks, so it
+    sees the inputs whole."""
+    import inspect
+
+    from diffusers.hooks.context_parallel import _get_submodule_by_name
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    for name, entry in denoiser._cp_plan.items():
+        if not isinstance(entry, dict):
+            continue
+        splits = {key: value for key, value in entry.items()
+                  if isinstance(key, str) and isinstance(value, ContextParallelInput) and not value.split_output}
+        if not splits:
+            continue
+        modules = _get_submodule_by_name(denoiser, name)
+        for module in modules if isinstance(modules, list) else [modules]:
+            parameters = list(inspect.signature(type(module).forward).parameters)[1:]
+
+            def check(_module, args, kwargs, splits=splits, parameters=parameters):
+                if getattr(denoiser, "_st_cp_suspended", False):
+                    return
+                given = {**dict(zip(parameters, args)), **kwargs}
+                for key, spec in splits.items():
+                    value = given.get(key)
+                    if value is None or not hasattr(value, "shape") or value.dim() != spec.expected_dims:
+                        continue
+                    length = int(value.shape[spec.split_dim])
+                    if length % layout.size:
+                        raise InputError(f"{OPTION} {layout.size}: the transformer's {key} has {length} tokens per "
+                                         f"sample, which do not split evenly across {layout.size} processes; use a "
+                                         f"resolution (or text length) whose token count is a multiple of "
+                                         f"{layout.size}, or set {OPTION} to 1")  # fmt: skip
+
+            module.register_forward_pre_hook(check, with_kwargs=True)
+
+
+def _pad_text(denoiser: Any, layout: Layout) -> None:
+    """A transformer whose plan splits its text mask with its text (Qwen-Image) gets its text padded to a multiple of
+    the group size, the padding masked out: captions have any token count. The prediction is the unpadded one up to
+    float rounding (no key attends to the padding; the text's positions come first in its RoPE table, so padding
+    after them moves none; only image tokens leave the transformer). Registered before diffusers' hooks.
+    DEVIATION: SimpleTuner hands the text over unpadded, so an odd caption length stops at diffusers' assertion."""
+    splits = {key for entry in denoiser._cp_plan.values() if isinstance(entry, dict) for key in entry}
+    if "encoder_hidden_states_mask" not in splits:
+        return
+    import torch
+
+    def pad(_module, args, kwargs):
+        embeds = kwargs.get("encoder_hidden_states")
+        if getattr(denoiser, "_st_cp_suspended", False) or embeds is None or embeds.shape[1] % layout.size == 0:
+            return None
+        b, length = embeds.shape[:2]
+        extra = layout.size - length % layout.size
+        mask = kwargs.get("encoder_hidden_states_mask")
+        mask = torch.ones(b, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        kwargs = {**kwargs, "encoder_hidden_states": torch.cat([embeds, embeds.new_zeros(b, extra, *embeds.shape[2:])],
+                                                               dim=1),
+                  "encoder_hidden_states_mask": torch.cat([mask, mask.new_zeros(b, extra)], dim=1)}  # fmt: skip
+        return args, kwargs
+
+    denoiser.register_forward_pre_hook(pad, with_kwargs=True)
 
 
 @contextmanager
@@ -180,9 +253,11 @@ def suspended(denoiser: Any) -> Iterator[None]:
     remove_context_parallel(denoiser, plan)
     for processor in processors:
         processor._parallel_config = None
+    denoiser._st_cp_suspended = True  # `_guard_splits` stands aside
     try:
         yield
     finally:
+        denoiser._st_cp_suspended = False
         for processor in processors:
             processor._parallel_config = config
         apply_context_parallel(denoiser, config.context_parallel_config, plan)

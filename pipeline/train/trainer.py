@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import speed
-from ..distributed import check_launcher, check_world_size, global_batch
+from ..distributed import check_launcher, check_world_size, forward_view, global_batch
 from ..errors import InputError, UserError
 from ..families import Family
 from ..families.wan_vace import ZeroControl
@@ -144,7 +144,8 @@ class Trainer:
         crepa_options = crepa.options_for(config, family)  # a family CREPA cannot train stops before the model loads
         tread.check(config, family.name)  # so does a tread_config this run cannot route
         # context_parallel_size: each group of consecutive ranks shares one replica's batches (train.context_parallel)
-        context_parallel.check(config, config.model_family or family.name, family.denoiser.class_name, self.world)
+        context_parallel.check(config, config.model_family or family.name, family.denoiser.class_name, self.world,
+                               takes_reference=family.takes_reference)  # fmt: skip
         self.cp = context_parallel.layout_for(config, self.rank, self.world)
         self.memory_options = offload.MemoryOptions.from_config(config)
         offload.check(self.memory_options, self.device)
@@ -232,6 +233,7 @@ class Trainer:
         optimizer = build_optimizer(groups, self.optimizer_options, device_type=self.device.type)
         self.lr_scheduler = build_lr_scheduler(optimizer, self.optimizer_options, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(denoiser, optimizer)
+        self.forward_model = forward_view(self.model)  # what the family forwards call (DDP: calls wrapped, attrs not)
         # The parameters as the prepared (possibly wrapped) model holds them, listed once: clipping runs every step.
         self.prepared_params = [p for p in self.model.parameters() if p.requires_grad]
         self.prepared_params += self.text.parameters() if self.text is not None else []
@@ -437,8 +439,8 @@ class Trainer:
         def predict():
             with self.accelerator.autocast():
                 if self.control is not None:  # base + ControlNet on the batch's conditioning (pipeline.train.controlnet)
-                    return self.control.predict(self.model, noisy, timesteps, text, meta, guidance, batch)
-                return self.family.denoiser_forward(self.model, noisy, timesteps, text, meta, guidance=guidance,
+                    return self.control.predict(self.forward_model, noisy, timesteps, text, meta, guidance, batch)
+                return self.family.denoiser_forward(self.forward_model, noisy, timesteps, text, meta, guidance=guidance,
                                                     reference=reference.latents(self.family, batch))
 
         if batch is not None and batch.regularisation:

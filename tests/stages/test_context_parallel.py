@@ -1,7 +1,8 @@
 """Context parallelism (context_parallel_size 2): two `accelerate launch` CPU processes (gloo) share each sample's
 video tokens and train the tiny Wan model to the LoRA a single process trains on the same data - the same batches,
 noise and timesteps, the same losses and weights up to float rounding. The run asks for allgather, as SimpleTuner's
-Wan i2v examples do, which st runs as Ulysses all-to-all attention, exactly what alltoall runs."""
+Wan i2v examples do, which st runs as Ulysses all-to-all attention, exactly what alltoall runs. Flux, Qwen-Image and
+FLUX.2 are checked the same way on two images."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
-from tests.helpers.training import QUICK, WEIGHTS, train
+from tests.helpers.training import QUICK, WEIGHTS, cached_dataset, train
 
 SETS = ("max_train_steps=3", "learning_rate=0.01", "lora_dropout=0.0", "caption_dropout_probability=0.0",
         'mixed_precision="no"')  # fmt: skip
@@ -87,6 +88,50 @@ def test_two_processes_sharing_each_sample_train_the_single_process_lora(wan, tm
     # in the cross-attention keys, whose tiny gradients AdamW's normalisation turns into full-size steps.
     expected, got = _metrics(single), _metrics(split)
     assert sorted(got) == [1, 2, 3]
+    for step, (loss, norm) in expected.items():
+        assert got[step][0] == pytest.approx(loss, rel=1e-5), step
+        assert got[step][1] == pytest.approx(norm, rel=1e-5), step
+    a, b = load_file(single / WEIGHTS), load_file(split / WEIGHTS)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny_model):
+    """`cached(family)`: two generated images (96 px) prepared and cached for that family's tiny model."""
+    built: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in built:
+            built[family] = cached_dataset(tmp_path_factory.mktemp(f"{family}-cp"), family, tiny_model(family),
+                                           images=2)  # fmt: skip
+        return built[family]
+
+    return build
+
+
+FAMILIES = ("flux", "qwen_image", "flux2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_other_families_split_text_and_image_tokens_and_train_the_single_process_lora(family, cached, tmp_path):
+    """The plans split the image tokens and the text tokens with what goes with them (Flux: both position ids, 2-D;
+    FLUX.2 [klein]: both, 3-D; Qwen-Image: the text mask and the RoPE tables, st pads the text - of odd length here - to
+    a multiple of the group); pooled text, guidance and timesteps stay whole. Two steps with context_parallel_size 2
+    match one process (no gradient checkpointing, no validation: the Wan test covers those)."""
+    config = cached(family)
+    root = config.parent.parent
+    sets = ("max_train_steps=2", "learning_rate=0.01", "lora_dropout=0.0", "caption_dropout_probability=0.0",
+            'mixed_precision="no"')  # fmt: skip
+    single = tmp_path / "single"
+    train(config, root / "cache", single, *sets)
+    split = tmp_path / "cp"
+    proc = _launch(root, config, split, *sets, "num_processes=2", "context_parallel_size=2",
+                   'context_parallel_comm_strategy="alltoall"')  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    expected, got = _metrics(single), _metrics(split)
+    assert sorted(got) == [1, 2]
     for step, (loss, norm) in expected.items():
         assert got[step][0] == pytest.approx(loss, rel=1e-5), step
         assert got[step][1] == pytest.approx(norm, rel=1e-5), step

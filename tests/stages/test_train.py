@@ -142,8 +142,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_disjoint_data_and_end_identical(cached, tmp_path):
-    root, config = cached("sd1x")
+# pixart_sigma: a transformer family whose forward reads the model's config (through the DDP wrapper's view).
+@pytest.mark.parametrize("family", ["sd1x", "pixart_sigma"])
+def test_two_processes_train_disjoint_data_and_end_identical(cached, tmp_path, family):
+    root, config = cached(family)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",

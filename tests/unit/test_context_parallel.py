@@ -31,7 +31,17 @@ def test_wan_passes_with_either_strategy_and_size_one_checks_nothing():
 @pytest.mark.parametrize(("change", "family", "denoiser", "words"), [
     ({}, "sd1x", "UNet2DConditionModel",
      "not supported for model_family sd1x: its transformer (UNet2DConditionModel) has no context-parallel plan"),
-    ({}, "flux", "FluxTransformer2DModel", "model_family flux: st has not verified its context-parallel training"),
+    ({}, "ltxvideo", "LTXVideoTransformer3DModel",
+     "model_family ltxvideo: st has not verified its context-parallel training"),
+    ({"flux_attention_masked_training": True}, "flux", "FluxTransformer2DModel",
+     "context_parallel_size 2 with flux_attention_masked_training is not supported"),
+    ({"model_flavour": "kontext"}, "flux", "FluxTransformer2DModel",
+     "not supported for model_flavour kontext: st has not verified the reference-image tokens"),
+    ({"control": True}, "flux", "FluxTransformer2DModel", "context_parallel_size 2 with control"),
+    ({"tokenizer_max_length": 77}, "flux", "FluxTransformer2DModel",
+     "context_parallel_size 2 with tokenizer_max_length 77: flux's text sequence (77 tokens) must split evenly"),
+    ({"model_flavour": "edit-v2"}, "qwen_image", "QwenImageTransformer2DModel",
+     "not supported for model_flavour edit-v2"),
     ({"context_parallel_comm_strategy": "ring"}, "wan", "WanTransformer3DModel",
      "context_parallel_comm_strategy 'ring' is not one of allgather, alltoall"),
     ({"model_flavour": "vace-14b-2.1"}, "wan", "WanTransformer3DModel",
@@ -46,6 +56,42 @@ def test_what_st_cannot_split_is_refused_by_name(change, family, denoiser, words
     with pytest.raises(ConfigError) as raised:
         check(replace(CP, model_family=family, **change), family, denoiser, world=4)
     assert words in str(raised.value)
+
+
+def test_flux_qwen_image_and_flux2_pass_and_reference_image_training_is_refused():
+    for family, denoiser in (("flux", "FluxTransformer2DModel"), ("qwen_image", "QwenImageTransformer2DModel"),
+                             ("flux2", "Flux2Transformer2DModel")):  # fmt: skip
+        check(replace(CP, model_family=family), family, denoiser, world=4)
+    with pytest.raises(ConfigError, match="model_family flux2 trained on reference images"):
+        check(replace(CP, model_family="flux2"), "flux2", "Flux2Transformer2DModel", world=4, takes_reference=True)
+
+
+def test_what_the_plan_splits_must_split_evenly_and_qwen_image_text_is_padded_exactly():
+    """Flux's T5 tokens split across the group: an odd count stops with the input named. Qwen-Image's text is
+    padded to a multiple of the group under a mask: the prediction is the unpadded one."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    layout = Layout(size=2, strategy="alltoall", world=2)
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8,
+                                  axes_dims_rope=(4, 6, 6)).eval()  # fmt: skip
+    context_parallel._guard_splits(flux, layout)
+    with pytest.raises(InputError, match="the transformer's encoder_hidden_states has 3 tokens per sample"):
+        flux(hidden_states=torch.randn(1, 4, 8), encoder_hidden_states=torch.randn(1, 3, 8),
+             pooled_projections=torch.randn(1, 8), timestep=torch.tensor([0.5]), img_ids=torch.zeros(4, 3),
+             txt_ids=torch.zeros(3, 3), return_dict=False)  # fmt: skip
+
+    qwen = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=8,
+                                       axes_dims_rope=(4, 6, 6)).eval()  # fmt: skip
+    inputs = {"hidden_states": torch.randn(1, 4, 16), "encoder_hidden_states": torch.randn(1, 3, 8),
+              "timestep": torch.tensor([0.5]), "img_shapes": [[(1, 2, 2)]], "return_dict": False}  # fmt: skip
+    with torch.no_grad():
+        alone = qwen(**inputs)[0]
+        context_parallel._pad_text(qwen, layout)
+        padded = qwen(**inputs)[0]
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-6)
 
 
 def test_the_launched_world_must_be_a_multiple_of_the_group():
@@ -127,4 +173,4 @@ def test_context_parallel_options_are_implemented_config_fields():
 
     assert "context_parallel_size" not in OPTION_STATES and "context_parallel_comm_strategy" not in OPTION_STATES
     assert Config().context_parallel_size == 1 and Config().context_parallel_comm_strategy == "allgather"
-    assert context_parallel.VERIFIED_FAMILIES == ("wan",)
+    assert context_parallel.VERIFIED_FAMILIES == ("wan", "flux", "qwen_image", "flux2")
