@@ -37,6 +37,18 @@ def changed(path: str) -> SourceProblem:
     return SourceProblem("source_changed", f"{path} changed since `st prepare` (its content hash differs)")
 
 
+def read_verified(path: str, sample_id: str) -> bytes:
+    """The file's bytes, if they still hash to `sample_id` (what `st prepare` recorded). Raises SourceProblem."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise unreadable(path, exc) from None
+    if hashlib.sha256(data).hexdigest() != sample_id:
+        raise changed(path)
+    return data
+
+
 @dataclass(frozen=True)
 class ImageJob:
     sample_id: str  # the content hash the file must still have
@@ -69,13 +81,7 @@ def load_pixels(job: ImageJob):
     """RGB pixels in [-1, 1], CHW float32, after EXIF orientation, resize and crop. Raises SourceProblem."""
     from PIL import Image
 
-    try:
-        with open(job.path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise unreadable(job.path, exc) from None
-    if hashlib.sha256(data).hexdigest() != job.sample_id:
-        raise changed(job.path)
+    data = read_verified(job.path, job.sample_id)
     try:
         img = decode_rgb(data)
         if job.source_size is not None and img.size != job.source_size:

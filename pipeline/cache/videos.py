@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from .images import CORRUPT, ImageJob, SourceProblem, changed, fitted_pixels, job_for, unreadable
+from .images import CORRUPT, ImageJob, SourceProblem, changed, fitted_pixels, job_for, read_verified, unreadable
 
 CORRUPT_VIDEO = "corrupt_video"
 TRUNCATED_VIDEO = "truncated_video"
@@ -82,13 +82,7 @@ def load_reference(job: ImageJob):
 
     from ..image_decode import decode_rgb
 
-    try:
-        with open(job.path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise unreadable(job.path, exc) from None
-    if hashlib.sha256(data).hexdigest() != job.sample_id:
-        raise changed(job.path)
+    data = read_verified(job.path, job.sample_id)
     try:
         array = np.asarray(decode_rgb(data), dtype=np.float32) / 127.5 - 1.0
     except MemoryError:
