@@ -258,9 +258,13 @@ def test_prodigy_resumes_exactly_and_logs_its_step_size(data, tmp_path):
     done = run_st_train((root, config), straight, *QUICK, *sets)
     assert done.returncode == 0, done.stderr[-3000:]
     records = {r["step"]: r for r in _records(straight) if "loss" in r}
-    # Step 1 cannot adapt d (the weights are still at their start); steps 2 and 3 do; step 4 keeps it.
-    assert records[2]["prodigy_d"] > records[1]["prodigy_d"] == 1e-6, records
-    assert records[2]["prodigy_effective_lr"] == records[2]["prodigy_d"]
+    # Step 1 cannot adapt d (the weights are still at their start). Whether a later step raises it depends on the sign
+    # of Prodigy's numerator for these batch-1 draws (the cached latents differ in their last bits between machines),
+    # so this run only checks what is logged: d never falls, lr x d is logged, and prodigy_steps 4 freezes it at step
+    # 4. d's growth itself is tested on fixed gradients in tests/unit/test_optim.py.
+    assert records[1]["prodigy_d"] == 1e-6, records
+    assert all(records[s + 1]["prodigy_d"] >= records[s]["prodigy_d"] for s in (1, 2, 3)), records
+    assert all(records[s]["prodigy_effective_lr"] == records[s]["prodigy_d"] for s in (1, 2, 3, 4))
     assert records[4]["prodigy_d"] == records[3]["prodigy_d"]
     resumed = tmp_path / "resumed"
     checkpoint = straight / "checkpoints" / "checkpoint-2"
