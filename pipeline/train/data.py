@@ -1,13 +1,13 @@
-"""Training batches from cache shards, in an order that is a pure function of (seed, epoch, cache digest).
+"""Training batches from cache shards, in an order that is a pure function of (seed, epoch, the cache's contents).
 
 The loader reads the cache's shard index (`shardformat.index`: where each sample's members sit in its shard and how
 often it repeats, recorded by the shard writer), not the shards, so the start does not grow with the cache. An epoch's
-plan is then computed, not streamed: every (dataset, bucket) group's
-samples, each repeated `1 + repeats` times, are shuffled with a generator seeded by (seed, epoch, cache digest) and cut
-into global batches of `train_batch_size x num_processes`; datasets are interleaved by weight (`probability`, times the
-dataset's size under `data_backend_sampling: auto-weighting`). Rank r of n takes slice r of every global batch, so
-processes read disjoint samples. A cursor (epoch, batch) is all a checkpoint needs to resume exactly; the plan does not
-depend on the number of processes as long as the global batch size is the same.
+plan is then computed, not streamed: every (dataset, bucket) group's samples, each repeated `1 + repeats` times, are
+shuffled with a generator seeded by (seed, epoch, the cache's contents) and cut into global batches of `train_batch_size
+x num_processes`; datasets are interleaved by weight (`probability`, times the dataset's size under
+`data_backend_sampling: auto-weighting`). Rank r of n takes slice r of every global batch, so processes read disjoint
+samples. A cursor (epoch, batch) is all a checkpoint needs to resume exactly; the plan does not depend on the number of
+processes as long as the global batch size is the same.
 
 Reading a sample is a seek and a read of its members (tar shards are uncompressed; each member is one zstd frame).
 The first time a shard is read on this machine, one process checks its sha256, its tar headers against the index and
@@ -142,8 +142,27 @@ class CacheIndex:
                                  "reference image; set it to 'random' (one conditioning image per sample)")  # fmt: skip
 
 
+def _contents_digest(index: CacheIndex) -> str:
+    """sha256 of what the plan draws from: each training group's dataset id, bucket and sample keys with their repeats,
+    and each dataset's probability."""
+    import hashlib
+    import json
+
+    groups = [[d, str(b), [[k, index.samples[k].repeats] for k in keys]]
+              for (d, b), keys in sorted(index.groups.items())]  # fmt: skip
+    probabilities = {d: float(spec.get("probability", 1.0)) for d, spec in sorted(index.datasets.items())}
+    payload = json.dumps({"groups": groups, "probabilities": probabilities}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 class EpochPlanner:
-    """The batches of each epoch, a pure function of (seed, epoch, cache digest, global batch size)."""
+    """The batches of each epoch, a pure function of (seed, epoch, the cache's contents, global batch size).
+
+    The shuffles are seeded with the cache's contents (dataset ids, buckets, sample keys, repeats, probabilities), not
+    its manifest digest: that digest covers where the data folder was when `st prepare` ran, and the same images
+    prepared from another folder or machine must train in the same order under the same seed."""
+
+    PLAN_VERSION = 2  # 1: seeded with the cache manifest's digest
 
     def __init__(self, index: CacheIndex, *, seed: int, global_batch: int, sampling: str) -> None:
         self.index = index
@@ -151,12 +170,13 @@ class EpochPlanner:
         self.global_batch = global_batch
         self.sampling = sampling
         self.digest = index.manifest["digest"]
+        self.contents = _contents_digest(index)
         self._cache: dict[int, list[PlannedBatch]] = {0: self._plan(0)}
         self._count = len(self._cache[0])  # every epoch has the same number of batches
 
     def fingerprint(self) -> dict[str, Any]:
         return {"seed": self.seed, "cache_digest": self.digest, "global_batch": self.global_batch,
-                "sampling": self.sampling}  # fmt: skip
+                "sampling": self.sampling, "plan_version": self.PLAN_VERSION}  # fmt: skip
 
     def epoch(self, epoch: int) -> list[PlannedBatch]:
         if epoch not in self._cache:
@@ -167,7 +187,7 @@ class EpochPlanner:
         return self._count
 
     def _plan(self, epoch: int) -> list[PlannedBatch]:
-        rng = random.Random(f"{self.seed}:{epoch}:{self.digest}")
+        rng = random.Random(f"{self.seed}:{epoch}:{self.contents}")
         per_dataset: dict[str, list[PlannedBatch]] = {}
         for (dataset_id, bucket), keys in sorted(self.index.groups.items()):
             if self.index.is_eval(dataset_id):
