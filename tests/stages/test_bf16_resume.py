@@ -62,8 +62,9 @@ def test_a_bf16_run_resumed_at_step_2_equals_the_uninterrupted_run(cached, tmp_p
     done = _st_train(setup, resumed, *sets, f'resume_from_checkpoint="{checkpoint}"')
     assert done.returncode == 0, done.stderr[-3000:]
     first = _steps(straight)
-    if run.startswith("prodigy"):  # d adapted before the interruption: the resumed steps depend on its state
-        assert first[2]["prodigy_d"] > first[1]["prodigy_d"] == 1e-6, first
+    if run.startswith("prodigy"):  # d adapts within the run (at step 2 or 3, as the batch draws fall): the resumed
+        # steps reproduce it only from the restored state (p0, s, z, d)
+        assert max(first[s]["prodigy_d"] for s in (2, 3, 4)) > first[1]["prodigy_d"] == 1e-6, first
     again = _steps(resumed)
     assert sorted(again) == [3, 4] and again == {s: v for s, v in first.items() if s > 2}
     assert _weights(resumed) == weights
