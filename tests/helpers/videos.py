@@ -77,3 +77,16 @@ def cached_video_dataset(root: Path, family: str, model: Path, **kwargs) -> Path
     run_prepare(loaded, root / "prepare")
     run_cache(loaded, root / "prepare", root / "cache")
     return config
+
+
+def decoded_frames(path, count: int) -> list:
+    """The first `count` frames of a clip as PIL images, decoded as `st cache` decodes them (PyAV, RGB)."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = []
+        for frame in container.decode(video=0):
+            frames.append(frame.to_image())
+            if len(frames) == count:
+                return frames
+    raise AssertionError(f"{path} has fewer than {count} frames")

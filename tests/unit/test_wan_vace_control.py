@@ -16,7 +16,7 @@ from pipeline.errors import InputError, NotSupportedError
 from pipeline.families import get_family, wan_vace
 from pipeline.manifest import read_manifest
 from tests.helpers.training import train
-from tests.helpers.videos import moving_square, video_dataset
+from tests.helpers.videos import decoded_frames, moving_square, video_dataset
 
 FLAVOUR = "vace-1.3b-2.1"
 FRAMES, SIZE = 5, 64  # the sample clips' window (8 frames) trimmed to 1 + 4k, at their 64 x 64 bucket
@@ -68,18 +68,6 @@ def _frames(size: tuple[int, int], count: int, colour) -> list:
 
     return [Image.fromarray(f) for f in moving_square(size, count, colour)]
 
-
-def _decoded(path: Path, count: int) -> list:
-    """The first `count` frames of a clip, decoded as `st cache` decodes them (PyAV, RGB)."""
-    import av
-
-    with av.open(str(path)) as container:
-        frames = []
-        for frame in container.decode(video=0):
-            frames.append(frame.to_image())
-            if len(frames) == count:
-                return frames
-    raise AssertionError(f"{path} has fewer than {count} frames")
 
 
 def test_control_latents_are_the_pipelines_for_a_clip_and_a_mask(folder):
@@ -204,8 +192,8 @@ def test_the_cache_holds_the_pipelines_control_latents_of_each_clip(chain, folde
             assert [(p["dataset_id"], p["kind"]) for p in (partner, holes)] == [("controls", "controlnet"),
                                                                                ("holes", "mask")]  # fmt: skip
             stored = reader.tensors(ref, COND)
-            clip = _decoded(root / "data" / "controls" / partner["path"], FRAMES)
-            mask = _decoded(root / "data" / "holes" / holes["path"], FRAMES)
+            clip = decoded_frames(root / "data" / "controls" / partner["path"], FRAMES)
+            mask = decoded_frames(root / "data" / "holes" / holes["path"], FRAMES)
             expected = _pipeline_control(pipe, (SIZE, SIZE), FRAMES, video=clip, mask=mask)[0]
             assert not torch.equal(expected, _pipeline_control(pipe, (SIZE, SIZE), FRAMES, video=clip)[0])
             assert sorted(stored) == ["0.latent", "0.pixels", "1.pixels"]
@@ -228,7 +216,7 @@ def test_the_run_trains_on_the_control_clips_and_validates_with_the_first(chain)
     with av.open(str(folder / "validation-32x32-0.mp4")) as container:
         assert len(list(container.decode(video=0))) == FRAMES
     for name in ("control", "mask"):  # the first cached clip's control and mask clips, as rendered with
-        assert _decoded(folder / f"validation-32x32-{name}.mp4", FRAMES)[0].size == (32, 32)
+        assert decoded_frames(folder / f"validation-32x32-{name}.mp4", FRAMES)[0].size == (32, 32)
 
 
 def test_the_trainer_passes_a_batchs_cached_control_latents(folder):

@@ -17,7 +17,7 @@ from pipeline.errors import NotSupportedError
 from pipeline.families import get_family, wan_vace
 from pipeline.manifest import read_manifest
 from tests.helpers.training import train
-from tests.helpers.videos import moving_square, video_dataset
+from tests.helpers.videos import decoded_frames, moving_square, video_dataset
 
 FLAVOUR = "vace-1.3b-2.1"
 FRAMES, SIZE = 5, 64  # the sample clips' window trimmed to 1 + 4k, at their 64 x 64 bucket
@@ -183,17 +183,6 @@ def chain(tmp_path_factory, folder):
     return root, run
 
 
-def _decoded(path: Path, count: int) -> list:
-    import av
-
-    with av.open(str(path)) as container:
-        frames = []
-        for frame in container.decode(video=0):
-            frames.append(frame.to_image())
-            if len(frames) == count:
-                return frames
-    raise AssertionError(f"{path} has fewer than {count} frames")
-
 
 def test_the_cache_holds_the_pipelines_control_latents_with_the_reference(chain, folder):
     """Each cached clip's control latents are WanVACEPipeline's for `video=` its control clip's frames and
@@ -214,7 +203,7 @@ def test_the_cache_holds_the_pipelines_control_latents_with_the_reference(chain,
             control, reference = ref.meta["conditioning"]
             assert (control["kind"], reference["kind"]) == ("controlnet", "reference_strict")
             stored = reader.tensors(ref, COND)
-            clip = _decoded(root / "data" / "controls" / control["path"], FRAMES)
+            clip = decoded_frames(root / "data" / "controls" / control["path"], FRAMES)
             image = Image.open(root / "data" / "refs" / reference["path"]).convert("RGB")
             expected = _pipeline_call(pipe, (SIZE, SIZE), FRAMES, video=clip,
                                       reference_images=[image])["control_hidden_states"][0]  # fmt: skip
@@ -238,8 +227,8 @@ def test_the_run_trains_with_the_reference_and_validates_with_it(chain):
     step = run / "validation" / "step-2"
     with av.open(str(step / "validation-32x32-0.mp4")) as container:
         assert len(list(container.decode(video=0))) == FRAMES
-    assert _decoded(step / "validation-32x32-control.mp4", FRAMES)[0].size == (32, 32)
-    assert _decoded(step / "validation-32x32-reference_images.mp4", 1)[0].size == (32, 32)
+    assert decoded_frames(step / "validation-32x32-control.mp4", FRAMES)[0].size == (32, 32)
+    assert decoded_frames(step / "validation-32x32-reference_images.mp4", 1)[0].size == (32, 32)
 
 
 def test_a_reference_alone_trains_on_the_zero_control_with_the_reference_frame(tmp_path, folder):
@@ -280,5 +269,5 @@ def test_a_reference_alone_trains_on_the_zero_control_with_the_reference_frame(t
               if '"loss"' in line]  # fmt: skip
     assert len(losses) == 2 and all(np.isfinite(losses))
     step = run / "validation" / "step-2"
-    assert _decoded(step / "validation-32x32-0.mp4", FRAMES)[0].size == (32, 32)
+    assert decoded_frames(step / "validation-32x32-0.mp4", FRAMES)[0].size == (32, 32)
     assert Image.open(step / "validation-32x32-control.png").size == (32, 32)  # the reference it rendered with
