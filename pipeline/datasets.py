@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,41 @@ def _check_entry_keys(entry: dict[str, Any], ident: str, where: str) -> None:
         raise ConfigError(f"{where}: unknown dataset key '{key}'{suggest(key, ENTRY_KEYS)}")
 
 
+# A file name holds at most 255 bytes; the longest st makes of an id is a shard's side index while `st train`
+# downloads it from an s3:// cache: `<id>-<12 hex>-<6 digits>.json.part` (30 bytes after the id).
+MAX_ID_BYTES = 255 - len("-0123456789ab-000000.json.part")
+
+
+def check_dataset_id(ident: Any, where: str) -> str:
+    """`ident` if it can be a dataset id, else a ConfigError naming it and the rule.
+
+    An id is used verbatim as one file-name part of st's outputs: cache shards `shards/<bucket>/<id>-<hash>-N.tar`,
+    prepare's generated datasets `conditioning/<id>/`, downloads `views/<id>/`; and in metric names
+    (`eval_loss/<id>`). Never in a shard member name (those are `<sample hex key>.<suffix>`, so webdataset's
+    key-ends-at-the-first-dot rule cannot split an id). Dots inside an id are therefore fine, as SimpleTuner allows
+    them (`ltxvideo2-2.5-disney-video-768x512-49f`); what would turn the id into a path, a hidden or relative folder,
+    or an unprintable name is refused. DEVIATION: SimpleTuner accepts any string."""
+    if not isinstance(ident, str) or not ident:
+        raise ConfigError(f"{where}: every dataset needs a non-empty string 'id'")
+    problem = None
+    if "/" in ident or "\\" in ident:
+        problem = "contains a path separator ('/' or '\\')"
+    elif ident in (".", ".."):
+        problem = f"is the folder name {ident!r}"
+    elif ident.startswith("."):
+        problem = "starts with '.' (a hidden file name)"
+    elif any(unicodedata.category(c) in ("Cc", "Cs") for c in ident):  # Cs: a lone surrogate, no UTF-8 file name
+        problem = "contains a control character"
+    elif len(ident.encode()) > MAX_ID_BYTES:
+        problem = f"is longer than {MAX_ID_BYTES} bytes (in UTF-8)"
+    if problem:
+        raise ConfigError(f"{where}: dataset id {ident!r} {problem}; st names cache shards and folders after dataset "
+                          "ids, so an id may not contain '/', '\\' or control characters, be '.' or '..', start with "
+                          f"'.', or be longer than {MAX_ID_BYTES} bytes (dots inside are fine); rename the id (and "
+                          "the entries that name it)")  # fmt: skip
+    return ident
+
+
 def embed_ids(entries: list[Any]) -> dict[str, str]:
     """The ids other entries name as their `text_embeds` / `image_embeds` cache -> that dataset type: SimpleTuner
     treats such an entry as that cache even without a `dataset_type`."""
@@ -274,7 +310,7 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
     ident = entry.get("id")
     where = f"{list_path} entry {index}" + (f" (id '{ident}')" if ident else "")
     dataset_type = entry.get("dataset_type", (embeds or {}).get(ident, "image"))
-    if dataset_type in IGNORED_DATASET_TYPES:  # before the id checks: SimpleTuner's embed ids may hold dots
+    if dataset_type in IGNORED_DATASET_TYPES:  # before the id checks: st writes no file named by such an id
         log.info("ignoring dataset '%s' (dataset_type %s): %s", ident, dataset_type,
                  IGNORED_DATASET_TYPES[dataset_type])  # fmt: skip
         return None
@@ -290,10 +326,7 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         kinds = "type 'local'" if dataset_type == "conditioning" else f"types 'local', {', '.join(REMOTE_TYPES)}"
         raise NotSupportedError(f"{where}: storage type '{storage}' is not supported yet for this dataset; st reads "
                                 f"{kinds}")  # fmt: skip
-    if not isinstance(ident, str) or not ident:
-        raise ConfigError(f"{where}: every dataset needs a non-empty string 'id'")
-    if "." in ident or "/" in ident:
-        raise ConfigError(f"{where}: dataset id {ident!r} may not contain '.' or '/'")
+    check_dataset_id(ident, where)
     if "is_regularization_data" in entry and "is_regularisation_data" not in entry:  # SimpleTuner reads either
         entry["is_regularisation_data"] = entry.pop("is_regularization_data")
     if dataset_type == "conditioning":
@@ -402,8 +435,7 @@ def _conditioning_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: 
     storage = entry.get("type", "local")
     if storage != "local":
         raise NotSupportedError(f"{where}: storage type '{storage}' is not supported yet; st reads type 'local'")
-    if not isinstance(ident, str) or not ident or "." in ident or "/" in ident:
-        raise ConfigError(f"{where}: every dataset needs a non-empty string 'id' without '.' or '/'")
+    check_dataset_id(ident, where)
     followed = []
     for key in entry:
         if key in CONDITIONING_KEYS:
@@ -463,6 +495,8 @@ def load_dataset_list(loaded: LoadedConfig) -> DatasetList:
             continue
         generated = [ConditioningSpec(_generated_id(spec.id, g), None, g.conditioning_type, spec.id, g)
                      for g in getattr(spec, "conditioning", ())]  # fmt: skip
+        for item in generated:  # `<id>_conditioning_<type>`: only its length can break the rule
+            check_dataset_id(item.id, f"{list_path}: the dataset generated for '{spec.id}'")
         for item in (spec, *generated):
             if item.id in seen:
                 raise ConfigError(f"{list_path}: dataset id '{item.id}' is used twice; ids must be unique")
