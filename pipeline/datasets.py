@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 import unicodedata
 from dataclasses import dataclass
@@ -51,8 +52,12 @@ PER_DATASET_OPTIONS = (
     "maximum_aspect_ratio", "crop", "crop_style", "crop_aspect", "crop_aspect_buckets", "max_upscale_threshold",
     "repeats", "probability",
 )  # fmt: skip
+# Caption and sample-count keys of an entry (no global option of that name): `st prepare` applies them.
+CAPTION_KEYS = ("disable_multiline_split", "caption_shuffle", "max_num_samples")
 ENTRY_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "parquet", "conditioning_data",
-              "conditioning", "is_regularisation_data", "video", *PER_DATASET_OPTIONS)  # fmt: skip
+              "conditioning", "is_regularisation_data", "video", *PER_DATASET_OPTIONS, *CAPTION_KEYS)  # fmt: skip
+CAPTION_SHUFFLE_KEYS = ("enable", "count", "seed", "split_on", "position_start", "include_original")
+SHUFFLE_SPLITS = ("comma", "space", "period")
 # A conditioning entry's own keys; its resize and crop follow its target image, so the image options it may carry
 # (SimpleTuner's examples repeat the target's) are read by nothing.
 CONDITIONING_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "conditioning_type",
@@ -81,6 +86,18 @@ class ParquetCaptions:
     width_column: str | None = None
     height_column: str | None = None
     identifier_includes_extension: bool = False
+
+
+@dataclass(frozen=True)
+class CaptionShuffle:
+    """An entry's enabled `caption_shuffle` block (SimpleTuner's CaptionShuffler): `count` reordered copies of each
+    caption's tags, the first `position_start` tags kept in place, seeded by `seed` and the caption's text."""
+
+    count: int = 1
+    seed: int | None = None  # the block's seed, else the global seed
+    split_on: str = "comma"
+    position_start: int = 0
+    include_original: bool = True
 
 
 # The caption table `st prepare` writes for a remote source's caption column (its path is set there).
@@ -122,11 +139,18 @@ class DatasetSpec:
     source: Any = None
     # `dataset_type: video`: its `video` block (`pipeline.video_settings.VideoSettings`).
     video: Any = None
+    # Caption keys (`pipeline.prepare.captions`): a multi-line caption file read as one caption, tag-shuffled
+    # copies, and the filters of the text_embeds entry the dataset uses (`caption_filter_list`: its items, in order).
+    disable_multiline_split: bool = False
+    caption_shuffle: CaptionShuffle | None = None
+    caption_filters: tuple[str, ...] = ()
+    # At most this many image files, a subset fixed by the dataset id (`pipeline.prepare.select.cap_samples`).
+    max_num_samples: int | None = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as recorded in manifests and stage keys."""
         skip = ("parquet", "dataset_type", "conditioning_data", "conditioning", "is_regularisation_data", "source",
-                "video")
+                "video", "disable_multiline_split", "caption_shuffle", "caption_filters", "max_num_samples")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         # Paired-data fields only when set, so that the stage keys of plain datasets stay as they were.
         if self.dataset_type != "image":
@@ -141,6 +165,15 @@ class DatasetSpec:
             out["source"] = self.source.describe()
         if self.video is not None:
             out["video"] = self.video.describe()
+        # Caption keys only when set, likewise; the filters' text (not their file's path) enters the key.
+        if self.disable_multiline_split:
+            out["disable_multiline_split"] = True
+        if self.caption_shuffle is not None:
+            out["caption_shuffle"] = dataclasses.asdict(self.caption_shuffle)
+        if self.caption_filters:
+            out["caption_filters"] = list(self.caption_filters)
+        if self.max_num_samples is not None:
+            out["max_num_samples"] = self.max_num_samples
         out["root"] = str(self.root)
         out["crop_aspect_buckets"] = list(self.crop_aspect_buckets) if self.crop_aspect_buckets else None
         if self.parquet is not None:
@@ -337,6 +370,11 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
         source = parse_source(storage, entry, lambda p: loaded.resolve_path(p, base=list_path.parent).resolve(), where)
         if uses_caption_column(storage, entry.get("caption_strategy"), where):  # read as st's parquet captions
             entry["caption_strategy"] = "parquet"
+    if "caption_filter_list" in entry:
+        raise ConfigError(f"{where}: caption_filter_list is read on a `dataset_type: text_embeds` entry only, as "
+                          "SimpleTuner requires; move it to the text_embeds entry this dataset uses (the one its "
+                          "`text_embeds` key names, else the default one), whose filters then apply to the captions "
+                          "of every dataset using it")  # fmt: skip
     _check_entry_keys(entry, ident, where)
     if "instance_data_dir" not in entry and source is None:
         raise ConfigError(f"{where}: 'instance_data_dir' (the image folder) is required")
@@ -375,7 +413,144 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
     regularisation = coerce("is_regularisation_data", entry.get("is_regularisation_data", False), bool, where=where)
     return DatasetSpec(id=ident, root=root, parquet=parquet, repeats_explicit=explicit, dataset_type=dataset_type,
                        conditioning_data=linked, conditioning=generators, is_regularisation_data=regularisation,
-                       source=source, video=video, **values)  # fmt: skip
+                       source=source, video=video, **_caption_keys(entry, config, where), **values)  # fmt: skip
+
+
+def _caption_keys(entry: dict[str, Any], config: Config, where: str) -> dict[str, Any]:
+    """disable_multiline_split, caption_shuffle and max_num_samples, checked as SimpleTuner checks them."""
+    out: dict[str, Any] = {}
+    out["disable_multiline_split"] = coerce("disable_multiline_split", entry.get("disable_multiline_split") or False,
+                                            bool, where=where)  # fmt: skip
+    cap = entry.get("max_num_samples")
+    if cap is not None and cap != "":
+        cap = coerce("max_num_samples", cap, int, where=where)
+        if cap < 0:
+            raise ConfigError(f"{where}: max_num_samples must be a whole number of samples (0 or unset: no limit), "
+                              f"got {cap}")  # fmt: skip
+        out["max_num_samples"] = cap or None  # SimpleTuner reads 0 as no limit
+    out["caption_shuffle"] = _caption_shuffle(entry.get("caption_shuffle"), config, where)
+    return out
+
+
+def _caption_shuffle(block: Any, config: Config, where: str) -> CaptionShuffle | None:
+    """An entry's `caption_shuffle` block; None unless it is enabled. Its seed defaults to the global seed."""
+    if not block:
+        return None
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: caption_shuffle must be an object such as {{\"enable\": true, \"count\": 2}}, "
+                          f"got {block!r}")  # fmt: skip
+    for key in block:
+        if key not in CAPTION_SHUFFLE_KEYS:
+            raise ConfigError(f"{where}: unknown caption_shuffle key '{key}'{suggest(str(key), CAPTION_SHUFFLE_KEYS)}")
+    split_on = block.get("split_on", "comma")
+    if split_on not in SHUFFLE_SPLITS:
+        raise ConfigError(f"{where}: caption_shuffle.split_on must be one of {', '.join(SHUFFLE_SPLITS)}, got "
+                          f"{split_on!r}")  # fmt: skip
+    count, start = block.get("count", 1), block.get("position_start", 0)
+    # SimpleTuner's own checks: a positive whole count, a non-negative whole position_start.
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"{where}: caption_shuffle.count must be a positive whole number, got {count!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ConfigError(f"{where}: caption_shuffle.position_start must be a whole number of tags (0 or more), got "
+                          f"{start!r}")  # fmt: skip
+    enable = coerce("caption_shuffle.enable", block.get("enable", False), bool, where=where)
+    if not enable:
+        return None
+    seed = block.get("seed", config.seed)
+    if seed is not None:
+        seed = coerce("caption_shuffle.seed", seed, int, where=where)
+    include = coerce("caption_shuffle.include_original", block.get("include_original", True), bool, where=where)
+    return CaptionShuffle(count=count, seed=seed, split_on=split_on, position_start=start, include_original=include)
+
+
+def _text_embed_filters(entries: list[Any], where: str) -> tuple[dict[str, Any], str | None]:
+    """The enabled text_embeds entries' `caption_filter_list` values by id, and the id of the default one (marked
+    `default: true`, else the first), as SimpleTuner assigns a dataset without a `text_embeds` key."""
+    named = embed_ids(entries)
+    found: dict[str, Any] = {}
+    default = None
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        entry = {normalise_key(str(k)): v for k, v in entry.items()}
+        ident = entry.get("id")
+        if entry.get("dataset_type", named.get(ident)) != "text_embeds" or not isinstance(ident, str):
+            continue
+        if coerce("disabled", entry.get("disabled", entry.get("disable", False)), bool, where=where):
+            continue
+        found[ident] = entry.get("caption_filter_list")
+        if default is None and coerce("default", entry.get("default", False), bool, where=where):
+            default = ident
+    return found, default or next(iter(found), None)
+
+
+def load_caption_filters(value: Any, loaded: LoadedConfig, list_path: Path, dataset_id: str,
+                         text_id: str) -> tuple[str, ...]:  # fmt: skip
+    """A text_embeds entry's caption_filter_list: an inline list, a .txt file (one filter a line, kept verbatim but
+    for its line break) or a .json file holding a list, as SimpleTuner reads them. Each substitution (`s/search/
+    replace/`) is compiled here, so that a broken one stops before any work. DEVIATION: SimpleTuner skips a value of
+    another kind (another file type, a JSON file not holding a list) without a word; st refuses it."""
+    key = f"caption_filter_list of text_embeds dataset '{text_id}' (used by dataset '{dataset_id}')"
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, str):
+        path = loaded.resolve_path(value, base=list_path.parent)
+        suffix = path.suffix.lower()
+        if suffix not in (".txt", ".json"):
+            raise ConfigError(f"{list_path}: {key} is {value!r}; it must be a list of filters, or the path of a .txt "
+                              "file (one filter a line) or a .json file holding a list")  # fmt: skip
+        if not path.is_file():
+            raise InputError(f"dataset '{dataset_id}': {key}: {path} does not exist; create the filter file or "
+                             "fix the path")  # fmt: skip
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"dataset '{dataset_id}': {key}: cannot read {path}: {exc}") from None
+        if suffix == ".json":
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"dataset '{dataset_id}': {key}: {path} is not valid JSON: {exc}") from None
+            if not isinstance(value, list):
+                raise ConfigError(f"dataset '{dataset_id}': {key}: {path} must hold a JSON list of filters")
+        else:
+            import io
+
+            value = [line.rstrip("\n") for line in io.StringIO(text, newline=None).readlines()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{list_path}: {key} must be a list of strings (filters), got {value!r}")
+    filters = tuple(v for v in value if v)  # an empty line filters nothing
+    for item in filters:
+        sub = substitution(item)
+        if sub is not None:
+            try:
+                re.compile(sub[0]).sub(sub[1], "")
+            except re.error as exc:
+                raise ConfigError(f"dataset '{dataset_id}': {key}: the substitution {item!r} is not a valid regular "
+                                  f"expression: {exc}") from None  # fmt: skip
+        else:
+            try:
+                re.compile(item)
+            except re.error:
+                log.warning("dataset '%s': caption filter %r is not a regular expression; it only removes that "
+                            "exact text", dataset_id, item)  # fmt: skip
+    return filters
+
+
+def substitution(item: str) -> tuple[str, str] | None:
+    """(search, replace) of a `s/search/replace` filter; None for a removal filter. SimpleTuner's training code
+    takes exactly two slashes; its documentation and its filter tester also write a trailing one
+    (`s/search/replace/`). DEVIATION: st reads both forms as a substitution (SimpleTuner's training reads the
+    trailing-slash form as text to remove)."""
+    if not item.startswith("s/"):
+        return None
+    if item.count("/") == 2:
+        _, search, replace = item.split("/")
+        return search, replace
+    if item.count("/") == 3 and item.endswith("/"):
+        _, search, replace, _ = item.split("/")
+        return search, replace
+    return None
 
 
 def _video_settings(entry: dict[str, Any], dataset_type: str, storage: str, loaded: LoadedConfig, where: str) -> Any:
@@ -489,10 +664,19 @@ def load_dataset_list(loaded: LoadedConfig) -> DatasetList:
     conditioning: list[ConditioningSpec] = []
     seen: set[str] = set()
     entries = read_dataset_list(list_path)
+    filter_lists, default_text = _text_embed_filters(entries, str(list_path))
+    loaded_filters: dict[str, tuple[str, ...]] = {}
     for index, entry in enumerate(entries):
         spec = parse_entry(entry, loaded, list_path, index, embed_ids(entries))
         if spec is None:
             continue
+        text_id = {normalise_key(str(k)): v for k, v in entry.items()}.get("text_embeds")
+        text_id = text_id if isinstance(text_id, str) and text_id else default_text
+        if isinstance(spec, DatasetSpec) and filter_lists.get(text_id):
+            if text_id not in loaded_filters:
+                loaded_filters[text_id] = load_caption_filters(filter_lists[text_id], loaded, list_path, spec.id,
+                                                               text_id)  # fmt: skip
+            spec = dataclasses.replace(spec, caption_filters=loaded_filters[text_id])
         generated = [ConditioningSpec(_generated_id(spec.id, g), None, g.conditioning_type, spec.id, g)
                      for g in getattr(spec, "conditioning", ())]  # fmt: skip
         for item in generated:  # `<id>_conditioning_<type>`: only its length can break the rule
@@ -505,6 +689,11 @@ def load_dataset_list(loaded: LoadedConfig) -> DatasetList:
         conditioning.extend(generated)
     if not any(s.dataset_type in ("image", "video") for s in specs):
         raise ConfigError(f"{list_path} has no enabled image or video dataset")
+    if filter_lists.get(default_text) and (loaded.config.validation_prompt or loaded.config.user_prompt_library):
+        # DEVIATION: SimpleTuner also filters the validation prompts with the default text_embeds entry's filters.
+        log.warning("the caption_filter_list of text_embeds dataset '%s' rewrites dataset captions only; st encodes "
+                    "validation prompts as written (SimpleTuner filters them too): write them as the filters would "
+                    "leave them", default_text)  # fmt: skip
     datasets = DatasetList(specs, conditioning)
     specs = _link_sources(datasets, list_path)
     for spec in specs:

@@ -215,7 +215,8 @@ OPTION_STATES: dict[str, OptionState] = {
 
 _DATASET_RUNTIME = "sets how SimpleTuner reads or caches the dataset, not what st trains on"
 
-# Keys of a multidatabackend.json entry that are not st's own dataset keys.
+# Keys of a multidatabackend.json entry that are not st's own dataset keys. (disable_multiline_split, caption_shuffle
+# and max_num_samples are st's, `pipeline.datasets.CAPTION_KEYS`; caption_filter_list is read on text_embeds entries.)
 # fmt: off
 DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     **_accepted(_DATASET_RUNTIME, "default text_embeds image_embeds vae_cache_clear_each_epoch skip_file_discovery "
@@ -227,14 +228,9 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     **_accepted(_WORKERS, "text_encoder_batch_size"),
     **_accepted("st never deletes dataset files; it skips such images and `st prepare` reports them",
                 "delete_unwanted_images delete_problematic_images"),
-    "caption_filter_list": Refused("caption filter lists"),
     "train_batch_size": Refused("a batch size per dataset (set the global train_batch_size)"),
-    "disable_multiline_split": Refused("keeping a multi-line caption file as one caption (st reads each line as "
-                                       "one caption, SimpleTuner's default)"),
-    "caption_shuffle": Refused("caption shuffling"),
     **_refused("dataset scheduling (start/end epoch or step)", "start_step end_epoch end_step"),
     "start_epoch": Refused("dataset scheduling (start/end epoch or step)", 1),
-    "max_num_samples": Refused("capping a dataset's sample count"),
     "delete_nsfw_images": Refused("NSFW filtering"),
     "grounding": Refused("spatial grounding (bounding boxes and masks)"),
     "audio": Refused("audio datasets and audio taken from videos (the `audio` block)"),

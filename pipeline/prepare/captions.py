@@ -6,16 +6,22 @@
   a cell may hold one string or a list of strings.
 - instanceprompt: every image gets `instance_prompt`.
 `prepend_instance_prompt` puts the instance prompt before each caption; `only_instance_prompt` replaces them.
+
+Then, in SimpleTuner's order: `disable_multiline_split` reads a caption file as one caption (its line breaks kept);
+`caption_shuffle` adds tag-reordered copies of each caption (before the instance prompt is prepended); the text_embeds
+entry's `caption_filter_list` rewrites every caption last (SimpleTuner filters each prompt as it encodes it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any
 
-from ..datasets import DatasetSpec, ParquetCaptions
+from ..datasets import CaptionShuffle, DatasetSpec, ParquetCaptions, substitution
 from ..errors import InputError
 from .walk import NotRegularFile, read_regular_file
 
@@ -30,11 +36,21 @@ def clean(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
+def tidy(text: str) -> str:
+    """`clean` line by line: a caption's own line breaks (disable_multiline_split) stay, blank lines go."""
+    if "\n" not in text and "\r" not in text:
+        return clean(text)
+    return "\n".join(line for line in (clean(part) for part in text.splitlines()) if line)
+
+
 def caption_file_for(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + ".txt"
 
 
-def read_textfile(path: str) -> list[str]:
+def read_textfile(path: str, multiline_split: bool = True) -> list[str]:
+    """Each non-empty line is one caption; with `multiline_split` false the whole file is one caption.
+    DEVIATION: SimpleTuner then keeps the file's text as it is; st keeps its line breaks but drops blank lines and
+    collapses spaces, as it does in every caption."""
     try:
         text = read_regular_file(path).decode("utf-8", errors="replace")
     except FileNotFoundError:
@@ -44,7 +60,7 @@ def read_textfile(path: str) -> list[str]:
         raise MissingCaption(f"caption file {exc}") from None
     except OSError as exc:
         raise MissingCaption(f"caption file {os.path.basename(path)} cannot be read: {exc.strerror or exc}") from None
-    captions = [clean(line) for line in text.splitlines()]
+    captions = [tidy(text)] if not multiline_split else [clean(line) for line in text.splitlines()]
     captions = [c for c in captions if c]
     if not captions:
         raise MissingCaption(f"caption file {os.path.basename(path)} is empty")
@@ -124,13 +140,59 @@ def captions_for(spec: DatasetSpec, rel_path: str, abs_path: str, table: Parquet
         stem = Path(rel_path).stem
         captions = [clean(stem.replace("_", " "))]
     elif strategy == "textfile":
-        captions = read_textfile(caption_file_for(abs_path))
+        captions = read_textfile(caption_file_for(abs_path), multiline_split=not spec.disable_multiline_split)
     elif strategy == "parquet":
         if table is None:
             raise MissingCaption("no caption table")
         captions = table.lookup(rel_path)
     else:  # pragma: no cover - config validation rejects other values
         raise MissingCaption(f"unknown caption_strategy {strategy}")
+    if spec.caption_shuffle is not None:
+        captions = [variant for caption in captions for variant in shuffled(caption, spec.caption_shuffle)]
     if spec.prepend_instance_prompt and spec.instance_prompt:
-        captions = [clean(f"{spec.instance_prompt} {c}") for c in captions]
+        captions = [tidy(f"{spec.instance_prompt} {c}") for c in captions]
+    if spec.caption_filters:
+        captions = [filtered(c, spec.caption_filters) for c in captions]
     return captions
+
+
+_SPLIT = {"comma": (",", ", "), "space": (" ", " "), "period": (".", ". ")}
+
+
+def shuffled(caption: str, shuffle: CaptionShuffle) -> list[str]:
+    """SimpleTuner's CaptionShuffler.expand_with_shuffles: the caption (unless include_original is false) and
+    `count` copies with the tags after the first `position_start` reordered, each seeded by seed + the caption's
+    md5 + its index; copies equal to one already listed are dropped. Fewer than two tags to move: the caption
+    alone. `st train` then picks one of a sample's captions at random each time, as SimpleTuner does."""
+    split_char, delimiter = _SPLIT[shuffle.split_on]
+    parts = [p.strip() for p in caption.split(split_char) if p.strip()]
+    fixed, movable = parts[: shuffle.position_start], parts[shuffle.position_start :]
+    if len(movable) <= 1:
+        return [caption]
+    results = [caption] if shuffle.include_original else []
+    caption_hash = int(hashlib.md5(caption.encode("utf-8")).hexdigest(), 16) & 0xFFFFFFFF
+    for i in range(shuffle.count):
+        order = movable.copy()
+        random.Random((shuffle.seed or 0) + caption_hash + i).shuffle(order)
+        result = delimiter.join(fixed + order)
+        if result not in results:
+            results.append(result)
+    return results or [caption]
+
+
+def filtered(caption: str, filters: tuple[str, ...]) -> str:
+    """SimpleTuner's PromptHandler.filter_captions, filter by filter in order: a substitution (`s/search/replace`)
+    replaces every match of `search`; any other filter's text is removed wherever it occurs; then every filter is
+    also used as a regular expression whose matches are removed (a filter that is no regular expression skips
+    that). The result has its spaces collapsed, as every st caption; it may be empty (the empty prompt)."""
+    for item in filters:
+        sub = substitution(item)
+        if sub is not None:
+            caption = re.sub(sub[0], sub[1], caption)
+        else:
+            caption = caption.replace(item, "")
+        try:
+            caption = re.sub(item, "", caption)
+        except re.error:
+            pass
+    return tidy(caption)

@@ -35,6 +35,8 @@ class DatasetFiles:
     unlisted: list[WalkSkip] = field(default_factory=list)
     # Caption files the walk refused, by absolute path: their image is skipped as missing_caption with the reason.
     refused_captions: dict[str, WalkSkip] = field(default_factory=dict)
+    # Image files left out by the dataset's max_num_samples (`select.cap_samples`).
+    capped: int = 0
 
 
 def relative_path(root: Path, path: str) -> str:

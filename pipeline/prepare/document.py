@@ -82,7 +82,7 @@ def dataset_entries(datasets: list[DatasetFiles], samples: list[Sample], skips: 
                 "id": spec.id,
                 "root": str(spec.root),
                 "caption_strategy": spec.caption_strategy,
-                "files": len(files.images),
+                "files": len(files.images) + files.capped,  # found in the folder, max_num_samples's too
                 "samples": len(mine),
                 "skipped": sum(1 for k in skips if k.dataset_id == spec.id),
                 "repeats": spec.repeats,
@@ -96,6 +96,9 @@ def dataset_entries(datasets: list[DatasetFiles], samples: list[Sample], skips: 
                 **({"conditioning_data": list(spec.conditioning_data)} if spec.conditioning_data else {}),
                 **({"is_regularisation_data": True} if spec.is_regularisation_data else {}),
                 **({"video": spec.video.describe()} if spec.video is not None else {}),
+                # max_num_samples: only when set; `capped`: files it left out (in no other count).
+                **({"max_num_samples": spec.max_num_samples, "capped": files.capped}
+                   if spec.max_num_samples is not None else {}),
             }
         )
     return entries

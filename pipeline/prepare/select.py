@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -52,6 +53,24 @@ class Skip:
 
     def as_json(self) -> dict[str, str]:
         return {"dataset_id": self.dataset_id, "path": self.path, "reason": self.reason, "detail": self.detail}
+
+
+def cap_samples(datasets: list[DatasetFiles]) -> None:
+    """max_num_samples: keep at most that many of each dataset's image files, the subset SimpleTuner picks
+    (`_apply_max_num_samples_limit`): the paths sorted, shuffled by a generator seeded with the dataset id, the first
+    N kept. It is the same subset on every run and machine while the folder holds the same files; it is picked
+    before any file is read, so a skipped image is not replaced. Kept files stay in folder order."""
+    for files in datasets:
+        limit = files.spec.max_num_samples
+        if limit is None or len(files.images) <= limit:
+            continue
+        order = sorted(stat.path for stat in files.images)
+        random.Random(files.spec.id).shuffle(order)
+        kept = set(order[:limit])
+        files.capped = len(files.images) - limit
+        files.images = [stat for stat in files.images if stat.path in kept]
+        log.info("dataset '%s': max_num_samples %d keeps %d of %d files (a fixed subset chosen by the dataset id); "
+                 "%d left out", files.spec.id, limit, limit, limit + files.capped, files.capped)  # fmt: skip
 
 
 def select(

@@ -32,7 +32,7 @@ from .pairing import GENERATED_FOLDER, GENERATED_INDEX, Generation, PartnerFinde
 from .pairing import pair_samples
 from .remote import sync_remote
 from .scan import Probe
-from .select import batch_size, delete_files, prune, refuse_empty, select
+from .select import batch_size, cap_samples, delete_files, prune, refuse_empty, select
 
 log = get_logger("prepare")
 
@@ -77,6 +77,7 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
     datasets = discover(specs)
     for files in datasets:
         files.unlisted.extend(remote.skips.get(files.spec.id, ()))
+    cap_samples(datasets)  # before probing: the files max_num_samples leaves out are never read
     # Generated conditioning datasets live in this output folder; the others are walked like image folders.
     generated = {c.id: dataclasses.replace(c, root=generated_root(out_dir.absolute(), c))
                  for c in lists.conditioning if c.generator is not None}  # fmt: skip
@@ -149,7 +150,7 @@ def _run_prepare(claim: OutputClaim, loaded: LoadedConfig, lists: DatasetList, o
         "outputs": [output_entry(out_dir, out_dir / SAMPLES_NAME), output_entry(out_dir, out_dir / SKIPPED_NAME),
                     *(output_entry(out_dir, out_dir / rel) for rel in sorted(generated_files))],
         "stats": {
-            "files": sum(len(d.images) for d in datasets),
+            "files": sum(len(d.images) + d.capped for d in datasets),
             "samples": len(kept),
             "skipped": by_reason,
             "deleted": deleted,
