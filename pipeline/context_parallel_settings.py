@@ -11,10 +11,9 @@ OPTION = "context_parallel_size"
 STRATEGY = "context_parallel_comm_strategy"
 STRATEGIES = ("allgather", "alltoall")
 # Families whose CP training st has verified against a one-process run (tests/stages/test_context_parallel.py).
-# Others whose transformer has a `_cp_plan` are refused until verified. LTX-Video's is refused: its plan splits the
-# text too, and diffusers' Ulysses backward assumes as many key as query tokens (true of joint attention, not of
-# LTX's cross-attention from video to text), and its processor's mask repeats over all heads.
-VERIFIED_FAMILIES = ("wan", "flux", "qwen_image", "flux2")
+# Others whose transformer has a `_cp_plan` are refused until verified. LTX-Video trains with st's own plan
+# (pipeline.train.context_parallel `_ltx_plan`): diffusers' splits the text too, which its cross-attention cannot take.
+VERIFIED_FAMILIES = ("wan", "flux", "qwen_image", "flux2", "ltxvideo")
 
 
 # ------------------------------------------------------------------------------------------------------- checks

@@ -19,7 +19,9 @@ routes its self-attention through diffusers' context-parallel attention. st adds
 - inputs: what the plan splits must split evenly (`_guard_splits`, a clear InputError instead of diffusers'
   assertion); Flux, FLUX.2 and Qwen-Image split their text tokens with their image tokens (joint attention: Ulysses
   gathers each process's text and image tokens, and a key mask of the local length, alike), and Qwen-Image's text
-  (any caption length) is padded under its mask to a multiple of the group (`_pad_text`).
+  (any caption length) is padded under its mask to a multiple of the group (`_pad_text`); LTX-Video, whose text
+  enters through cross-attention, trains with st's own plan (`_ltx_plan`): the text stays whole on every process and
+  the cross-attention runs locally, each process's query shard over all of it (`_keep_local`).
 
 `context_parallel_comm_strategy`: alltoall is Ulysses attention (an all-to-all trades the sequence split for a head
 split; every rank attends over the whole sequence with its share of the heads). allgather asks for ring attention
@@ -142,13 +144,74 @@ def apply(denoiser: Any, layout: Layout, device: Any) -> Any:
                             mesh_dim_names=("dp_replicate", "ring", "ulysses"))  # fmt: skip
     config = ContextParallelConfig(ring_degree=1, ulysses_degree=layout.size, rotate_method="allgather", mesh=mesh,
                                    ulysses_anything=False)  # fmt: skip
+    local = _own_plan(denoiser)
     _guard_splits(denoiser, layout)
     _pad_text(denoiser, layout)
     with _cpu_device_count(device):
         denoiser.enable_parallelism(config=config)
+    _keep_local(denoiser, local)
     log.info("context parallelism: %d processes per sample (Ulysses all-to-all), %d data-parallel replica(s)",
              layout.size, layout.data_parallel)
     return denoiser._parallel_config
+
+
+def _ltx_plan() -> dict[str, Any]:
+    """LTX-Video's plan without its text: diffusers' `LTXVideoTransformer3DModel._cp_plan` splits the T5 sequence and
+    its mask with the video tokens, and its cross-attention (video queries, text keys) through Ulysses then attends
+    each query shard to a text shard only, which diffusers' Ulysses backward cannot take either (it assumes as many
+    key as query tokens). Here the video tokens, their rotary tables (computed on the whole grid inside the model,
+    split after) and per-token timesteps (first-frame conditioning: B x tokens; a per-sample timestep, 1-D, is left
+    whole) are split; the text stays whole on every process and the cross-attention runs locally (`_keep_local`)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return {
+        "": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "timestep": ContextParallelInput(split_dim=1, expected_dims=2, split_output=False),
+        },
+        "rope": {
+            0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True),
+            1: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+# Transformers whose `_cp_plan` st replaces with its own, and their attention modules that run on each process alone.
+_OWN_PLANS = {"LTXVideoTransformer3DModel": (_ltx_plan, "transformer_blocks.*.attn2")}
+
+
+def _own_plan(denoiser: Any) -> str | None:
+    """Set st's plan on `denoiser` (an instance attribute over the class's) where it has one; returns the name of the
+    attention modules to keep local (`_keep_local`), None otherwise."""
+    own = _OWN_PLANS.get(type(denoiser).__name__)
+    if own is None:
+        return None
+    plan, local = own
+    denoiser._cp_plan = plan()
+    return local
+
+
+def _keep_local(denoiser: Any, name: str | None) -> None:
+    """The cross-attention modules `name` attend with their own query shard to the whole text, which every process
+    holds: no exchange, so plain attention (`_parallel_config` None; `enable_parallelism` set it on every processor).
+    Each query's attention is complete, and the gradients of the text projections are each process's share, summed
+    like every other gradient (see the module docstring). A processor shared with a split attention is copied first."""
+    if name is None:
+        return
+    import copy
+
+    from diffusers.hooks.context_parallel import _get_submodule_by_name
+
+    modules = _get_submodule_by_name(denoiser, name)
+    modules = modules if isinstance(modules, list) else [modules]
+    chosen = {id(m) for m in modules}
+    split = {id(m.processor) for m in denoiser.modules()
+             if id(m) not in chosen and hasattr(getattr(m, "processor", None), "_parallel_config")}  # fmt: skip
+    for module in modules:
+        if id(module.processor) in split:
+            module.set_processor(copy.copy(module.processor))
+        module.processor._parallel_config = None
 
 
 def _guard_splits(denoiser: Any, layout: Layout) -> None:

@@ -31,8 +31,7 @@ def test_wan_passes_with_either_strategy_and_size_one_checks_nothing():
 @pytest.mark.parametrize(("change", "family", "denoiser", "words"), [
     ({}, "sd1x", "UNet2DConditionModel",
      "not supported for model_family sd1x: its transformer (UNet2DConditionModel) has no context-parallel plan"),
-    ({}, "ltxvideo", "LTXVideoTransformer3DModel",
-     "model_family ltxvideo: st has not verified its context-parallel training"),
+    ({}, "hidream", None, "model_family hidream: st has not verified its context-parallel training"),
     ({"flux_attention_masked_training": True}, "flux", "FluxTransformer2DModel",
      "context_parallel_size 2 with flux_attention_masked_training is not supported"),
     ({"model_flavour": "kontext"}, "flux", "FluxTransformer2DModel",
@@ -58,10 +57,13 @@ def test_what_st_cannot_split_is_refused_by_name(change, family, denoiser, words
     assert words in str(raised.value)
 
 
-def test_flux_qwen_image_and_flux2_pass_and_reference_image_training_is_refused():
+def test_flux_qwen_image_flux2_and_ltxvideo_pass_and_reference_image_training_is_refused():
     for family, denoiser in (("flux", "FluxTransformer2DModel"), ("qwen_image", "QwenImageTransformer2DModel"),
-                             ("flux2", "Flux2Transformer2DModel")):  # fmt: skip
+                             ("flux2", "Flux2Transformer2DModel"), ("ltxvideo", "LTXVideoTransformer3DModel")):
         check(replace(CP, model_family=family), family, denoiser, world=4)
+    for mode in ("t2v", "i2v"):
+        check(replace(CP, model_family="ltxvideo", ltx_train_mode=mode), "ltxvideo", "LTXVideoTransformer3DModel",
+              world=4)  # fmt: skip
     with pytest.raises(ConfigError, match="model_family flux2 trained on reference images"):
         check(replace(CP, model_family="flux2"), "flux2", "Flux2Transformer2DModel", world=4, takes_reference=True)
 
@@ -92,6 +94,38 @@ def test_what_the_plan_splits_must_split_evenly_and_qwen_image_text_is_padded_ex
         context_parallel._pad_text(qwen, layout)
         padded = qwen(**inputs)[0]
     torch.testing.assert_close(padded, alone, rtol=0, atol=1e-6)
+
+
+def test_ltxvideo_splits_its_video_tokens_and_per_token_timesteps_and_keeps_the_text_and_cross_attention_whole():
+    """st's LTX-Video plan replaces diffusers' (which splits the text): the cross-attention processors lose the
+    parallel config `enable_parallelism` gives every processor, a processor shared with a self-attention is copied
+    first, and an odd video token count stops with the input named."""
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    from pipeline.families.ltxvideo import tiny_transformer
+
+    denoiser = tiny_transformer(8)
+    local = context_parallel._own_plan(denoiser)
+    plan = denoiser._cp_plan
+    assert set(plan[""]) == {"hidden_states", "timestep"} and type(denoiser)._cp_plan[""].keys() >= {
+        "encoder_hidden_states", "encoder_attention_mask"}  # the class's plan is left as diffusers has it
+    assert plan[""]["timestep"] == ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)
+    shared = denoiser.transformer_blocks[0].attn1.processor
+    denoiser.transformer_blocks[1].attn2.set_processor(shared)
+    marker = object()
+    for block in denoiser.transformer_blocks:
+        for attn in (block.attn1, block.attn2):
+            attn.processor._parallel_config = marker  # what enable_parallelism does
+    context_parallel._keep_local(denoiser, local)
+    for block in denoiser.transformer_blocks:
+        assert block.attn1.processor._parallel_config is marker and block.attn2.processor._parallel_config is None
+    assert denoiser.transformer_blocks[1].attn2.processor is not shared
+
+    context_parallel._guard_splits(denoiser, Layout(size=2, strategy="alltoall", world=2))
+    with pytest.raises(InputError, match="the transformer's hidden_states has 3 tokens per sample"):
+        denoiser(hidden_states=torch.randn(1, 3, 128), encoder_hidden_states=torch.randn(1, 4, 8),
+                 timestep=torch.tensor([500]), encoder_attention_mask=torch.ones(1, 4), num_frames=3, height=1,
+                 width=1, return_dict=False)  # fmt: skip
 
 
 def test_the_launched_world_must_be_a_multiple_of_the_group():
@@ -173,4 +207,4 @@ def test_context_parallel_options_are_implemented_config_fields():
 
     assert "context_parallel_size" not in OPTION_STATES and "context_parallel_comm_strategy" not in OPTION_STATES
     assert Config().context_parallel_size == 1 and Config().context_parallel_comm_strategy == "allgather"
-    assert context_parallel.VERIFIED_FAMILIES == ("wan", "flux", "qwen_image", "flux2")
+    assert context_parallel.VERIFIED_FAMILIES == ("wan", "flux", "qwen_image", "flux2", "ltxvideo")
