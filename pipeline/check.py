@@ -3,6 +3,11 @@
 Each check runs on its own; a `UserError` it raises becomes one problem in the report (its message says what failed
 and the fix), and the next check still runs. Only a config that cannot be read at all stops the rest. Nothing is
 decoded or downloaded: dataset folders are listed, model folders are read through their metadata.
+
+What the config needs of the machine (a CUDA GPU, a compute capability, a GPU-only package: `pipeline.machine`) is
+decided against this machine, as `st train` would decide it here. With `any_machine` (`st check --any-machine`, for a
+config written on one machine and trained on another) those needs are collected and listed apart; they are not
+problems, and the checks they occur in go on to find the config's own problems.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from .config import (
     read_config_file,
     set_problem,
 )
-from .errors import InputError, UserError
+from .errors import InputError, MachineError, UserError
+from .machine import ANY_MACHINE_HINT, deferred_machine_needs
 
 if TYPE_CHECKING:
     from .datasets import ConditioningSpec, DatasetSpec
@@ -35,6 +41,7 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
     rejected_options: set[str] = field(default_factory=set)  # options already reported, left unset for the rest
+    machine_needs: list[str] = field(default_factory=list)  # with any_machine: what the training machine needs
 
     @property
     def ok(self) -> bool:
@@ -44,12 +51,24 @@ class CheckReport:
         """Run one check; a user error it raises is recorded as a problem instead of stopping the others."""
         try:
             check(*args)
+        except MachineError as exc:  # (raised only without any_machine)
+            self.problems.append(f"{exc} {ANY_MACHINE_HINT}")
         except UserError as exc:
             self.problems.append(str(exc))
 
 
-def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
-    """Load the config, then check its model, its datasets and its prompt library, each independently."""
+def run_check(config_path: Path, sets: Sequence[str] = (), any_machine: bool = False) -> CheckReport:
+    """Load the config, then check its model, its datasets and its prompt library, each independently.
+    `any_machine`: list what the config needs of the machine in `machine_needs` instead of as problems."""
+    if not any_machine:
+        return _run_check(config_path, sets)
+    with deferred_machine_needs() as needs:
+        report = _run_check(config_path, sets)
+    report.machine_needs = needs
+    return report
+
+
+def _run_check(config_path: Path, sets: Sequence[str]) -> CheckReport:
     report = CheckReport(config_path)
     loaded = _load(config_path, sets, report)
     if loaded is None:
@@ -60,6 +79,7 @@ def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
     report.attempt(_check_prompt_library, loaded)
     report.attempt(_check_lycoris_settings, loaded)
     report.attempt(_check_base_precision, loaded)
+    report.attempt(_check_optimizer, loaded)
     report.attempt(_check_crepa, loaded)
     report.attempt(_check_tread, loaded)
     report.attempt(_check_context_parallel, loaded)
@@ -69,8 +89,8 @@ def run_check(config_path: Path, sets: Sequence[str] = ()) -> CheckReport:
 
 def _check_attention(loaded: LoadedConfig) -> None:
     """attention_mechanism as `st train` decides it before loading the model: the value, the family's transformer,
-    and the packages and device its kernel needs (a CUDA kernel needs a CUDA GPU here, as base_model_precision's
-    CUDA presets do)."""
+    and the packages and device its kernel needs (machine needs: a CUDA kernel needs a CUDA GPU, as
+    base_model_precision's CUDA presets do)."""
     from .speed import check_attention_settings
 
     check_attention_settings(loaded.config)
@@ -112,9 +132,17 @@ def _check_lycoris_settings(loaded: LoadedConfig) -> None:
     key_content(loaded.config, loaded.base_dir)
 
 
+def _check_optimizer(loaded: LoadedConfig) -> None:
+    """The optimizer's package, its optimizer_config and what it needs of the machine, as `st train` checks them
+    before any work."""
+    from .train.optim import check
+
+    check(loaded.config)
+
+
 def _check_base_precision(loaded: LoadedConfig) -> None:
-    """Whether this machine (and st) can run base_model_precision and the text encoders' precisions, as `st train`
-    and `st cache` check before any work."""
+    """Whether st can run base_model_precision and the text encoders' precisions, and what they need of the
+    machine, as `st train` and `st cache` check before any work."""
     from .families import get_family
     from .quantise import check
     from .quantise_modules import check_text_encoder_precisions, text_encoder_precisions

@@ -268,13 +268,19 @@ def publish(
     return result
 
 
-def check(config: ConfigOpt = None, set_: SetOpt = NO_SETS):
+def check(config: ConfigOpt = None, set_: SetOpt = NO_SETS,
+          any_machine: Annotated[bool, typer.Option(
+              "--any-machine", help="Check the config for another machine (the one that will train it): what it "
+                                    "needs of the machine (a CUDA GPU, a compute capability, GPU-only packages such "
+                                    "as kernels or flash-attn) is listed after the verdict instead of counting as a "
+                                    "problem; without it, st check decides them against this machine, as `st train` "
+                                    "would here.")] = False):  # fmt: skip
     """Check a config, its dataset list and its model without running a stage (nothing is decoded or downloaded).
 
     Lists every problem at once, each with its fix, and exits 2 when there is any; output folders are not checked."""
     from .check import run_check
 
-    report = run_check(_config_path(config), set_)
+    report = run_check(_config_path(config), set_, any_machine=any_machine)
     typer.echo(console.check_report(report))
     if not report.ok:
         raise typer.Exit(2)

@@ -158,11 +158,17 @@ def verify_failed(failed: int, total: int) -> str:
 
 
 def check_report(report: Any) -> str:
-    """What `st check` looked at, then each problem with its fix, or the ok line."""
+    """What `st check` looked at, then each problem with its fix, or the ok line; then, with --any-machine, what
+    the machine that trains needs (not problems)."""
     if report.ok:
-        return f"check: ok ({'; '.join(report.checked)})"
-    lines = [f"check: {len(report.problems)} problem(s) in {report.config}:"]
-    lines += [f"  - {problem}" for problem in report.problems]
+        lines = [f"check: ok ({'; '.join(report.checked)})"]
+    else:
+        lines = [f"check: {len(report.problems)} problem(s) in {report.config}:"]
+        lines += [f"  - {problem}" for problem in report.problems]
+    needs = getattr(report, "machine_needs", ())
+    if needs:
+        lines.append("the machine that runs `st train` needs (this one lacks it):")
+        lines += [f"  * {need}" for need in needs]
     return "\n".join(lines)
 
 

@@ -34,3 +34,8 @@ class LineageError(UserError):
 
 class NotSupportedError(UserError):
     """A feature that exists in SimpleTuner but is not available in st yet."""
+
+
+class MachineError(ConfigError):
+    """This machine lacks what the config needs (a CUDA GPU, a compute capability, a GPU-only package): raised
+    through `pipeline.machine.require`, which `st check --any-machine` turns into a listed need instead."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import ConfigError, NotSupportedError
 from .log import get_logger
+from .machine import require
 from .quantise_gguf import gguf_path
 from .quantise_pipeline import PIPELINE_ONLY, LoadQuantisation, read_quantization_config, resolve
 
@@ -129,15 +130,11 @@ def check(config: Any, cuda: bool | None = None, base_dir: Path | None = None) -
             raise ConfigError("quantize_activations quantises the activations of a quanto-quantised base; set "
                               "base_model_precision to int8-quanto, fp8-quanto or fp8uz-quanto, or remove it")  # fmt: skip
         return
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available() and (preset != "fp8-torchao" or torch.cuda.get_device_capability() >= (8, 9))
     requirement = precision.load.cuda_requirement if precision.load else CUDA_ONLY.get(preset)
-    if requirement and not cuda:
-        raise ConfigError(f"base_model_precision {preset} ({requirement}) needs a CUDA GPU and none is present; on "
-                          "this machine use int8-quanto, int4-quanto, int2-quanto, fp8-quanto or int8-torchao, "
-                          "or no_change")  # fmt: skip
+    if requirement:
+        require(cuda_capable(preset) if cuda is None else cuda,
+                f"base_model_precision {preset} ({requirement}) needs a CUDA GPU and none is present; on this machine "
+                "use int8-quanto, int4-quanto, int2-quanto, fp8-quanto or int8-torchao, or no_change")  # fmt: skip
     if precision.load is not None and preset not in (NO_CHANGE, *PIPELINE_ONLY) and config.quantize_via != "pipeline":
         raise ConfigError(f"quantization_config quantises the denoiser while loading, and base_model_precision "
                           f"{preset} with quantize_via {config.quantize_via} would quantise it again; set "
@@ -153,6 +150,13 @@ def check(config: Any, cuda: bool | None = None, base_dir: Path | None = None) -
     if config.lora_type != "standard" and precision.backend != "optimum-quanto":
         _check_lycoris_base(config, precision, base_dir)
     _require_backend(preset, precision.backend)
+
+
+def cuda_capable(preset: str) -> bool:
+    """Whether this machine has a CUDA GPU that runs `preset` (fp8-torchao: compute capability 8.9 or newer)."""
+    import torch
+
+    return torch.cuda.is_available() and (preset != "fp8-torchao" or torch.cuda.get_device_capability() >= (8, 9))
 
 
 def _check_lycoris_base(config: Any, precision: BasePrecision, base_dir: Path | None) -> None:
@@ -187,8 +191,8 @@ def _require_backend(preset: str, backend: str) -> None:
     """The package the chosen backend needs, or exit 2 naming the pip install."""
     from importlib.util import find_spec
 
-    if find_spec("optimum.quanto" if backend == "optimum-quanto" else backend) is None:
-        raise ConfigError(f"base_model_precision {preset} needs the {backend} package: pip install {backend}")
+    require(find_spec("optimum.quanto" if backend == "optimum-quanto" else backend) is not None,
+            f"base_model_precision {preset} needs the {backend} package: pip install {backend}")
 
 
 def key_content(config: Any, base_dir: Path) -> dict[str, Any]:

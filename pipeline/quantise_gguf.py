@@ -32,8 +32,9 @@ def gguf_path(config: Any, base_dir: Path | None) -> Path | None:
                           "and quantization_config (or use the diffusers folder unquantised and quantise it)")  # fmt: skip
     from importlib.util import find_spec
 
-    if find_spec("gguf") is None:
-        raise ConfigError(f"{OPTION} {path.name} needs the gguf package: pip install gguf")
+    from .machine import require
+
+    require(find_spec("gguf") is not None, f"{OPTION} {path.name} needs the gguf package: pip install gguf")
     return path
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import ConfigError, NotSupportedError
 from .log import get_logger
+from .machine import require
 from .quantise import (
     CUDA_ONLY,
     NO_CHANGE,
@@ -21,6 +22,7 @@ from .quantise import (
     BasePrecision,
     _quanto,
     _torchao,
+    cuda_capable,
     parameter_bytes,
 )  # fmt: skip
 from .quantise_pipeline import PIPELINE_ONLY
@@ -65,15 +67,9 @@ def check_preset(option: str, preset: str, cuda: bool | None = None) -> None:
     if preset == NO_CHANGE:
         return
     if preset in CUDA_ONLY:
-        if cuda is None:
-            import torch
-
-            capable = (8, 9) if preset == "fp8-torchao" else (0, 0)
-            cuda = torch.cuda.is_available() and torch.cuda.get_device_capability() >= capable
-        if not cuda:
-            raise ConfigError(f"{option} {preset} ({CUDA_ONLY[preset]}) needs a CUDA GPU and none is present; on "
-                              f"this machine use one of {', '.join(p for p in MODULE_PRESETS if p not in CUDA_ONLY)}, "
-                              "or no_change")  # fmt: skip
+        require(cuda_capable(preset) if cuda is None else cuda,
+                f"{option} {preset} ({CUDA_ONLY[preset]}) needs a CUDA GPU and none is present; on this machine use "
+                f"one of {', '.join(p for p in MODULE_PRESETS if p not in CUDA_ONLY)}, or no_change")  # fmt: skip
     if preset not in MODULE_PRESETS:
         raise NotSupportedError(f"st does not implement {option} {preset} yet (st loads {preset} through diffusers "
                                 f"for the denoiser only); use one of {', '.join(MODULE_PRESETS)}, or "
@@ -81,8 +77,8 @@ def check_preset(option: str, preset: str, cuda: bool | None = None) -> None:
     from importlib.util import find_spec
 
     package = "optimum.quanto" if preset in QUANTO_WEIGHTS else "torchao"
-    if find_spec(package) is None:
-        raise ConfigError(f"{option} {preset} needs the {package} package: pip install {package.replace('.', '-')}")
+    require(find_spec(package) is not None,
+            f"{option} {preset} needs the {package} package: pip install {package.replace('.', '-')}")
 
 
 def quantise_module(module: Any, preset: str, family: str, what: str) -> Any:

@@ -18,7 +18,8 @@ What each option does here:
   `sageattention_usage` says (default: validation only). `xformers` sets diffusers' xformers processors on the
   denoiser. The package and device each kernel needs are checked before any model loads
   (`check_attention_requirements`, also by `st check`): missing, the run exits 2 naming the package (SimpleTuner
-  raises too; nothing falls back to SDPA). `sla` and the Metal kernels exit 2 as not supported yet.
+  raises too; nothing falls back to SDPA). They are machine needs (`pipeline.machine.require`), which
+  `st check --any-machine` lists instead of refusing. `sla` and the Metal kernels exit 2 as not supported yet.
 - `dynamo_backend` (else env `TRAINING_DYNAMO_BACKEND`; unset, "no" or "none": off), `dynamo_mode`,
   `dynamo_fullgraph`, `dynamo_dynamic`: `torch.compile` settings. `compile_module` compiles in place
   (`nn.Module.compile`), so parameter names, state dicts, checkpoints and saved weights are unchanged.
@@ -52,6 +53,7 @@ from typing import Any
 from .config import OptionGroup
 from .errors import ConfigError, NotSupportedError
 from .log import get_logger
+from .machine import require
 
 log = get_logger("speed")
 
@@ -165,11 +167,10 @@ def check_attention(name: str, device: Any = None) -> str:
     if value not in ATTENTION_MECHANISMS:
         raise ConfigError(f"unknown attention_mechanism '{name}'; choose one of {_OFFERED} (SimpleTuner's "
                           f"{', '.join(ATTENTION_NOT_YET)} are not supported yet)")  # fmt: skip
-    if device is not None and value in _CUDA_ONLY and _device_type(device) != "cuda":
-        raise ConfigError(
-            f"attention_mechanism '{value}' is a CUDA kernel and this run is on {_device_type(device)}; use "
-            "diffusers, native-flash or native-math there"
-        )
+    if device is not None and value in _CUDA_ONLY:
+        here = _device_type(device)
+        require(here == "cuda", f"attention_mechanism '{value}' is a CUDA kernel and this run is on {here}; use "
+                                "diffusers, native-flash or native-math there")  # fmt: skip
     return value
 
 
@@ -191,29 +192,33 @@ def check_attention_requirements(name: str, device: Any = None) -> str:
     what = ("xformers' memory-efficient attention" if backend == XFORMERS else
             f"diffusers' '{backend}' attention backend")  # fmt: skip
     missing = []
-    if module is not None and importlib.util.find_spec(module) is None:
+    package_missing = module is not None and importlib.util.find_spec(module) is None
+    if package_missing:
         missing.append(f"the {module} package ({how})")
     here = _device_type(device)
     if needs is not None and here != needs:
         device_name = {"cuda": "a CUDA GPU", "npu": "an Ascend NPU", "xla": "an XLA device"}[needs]
+        if backend == XFORMERS:
+            device_name += " of compute capability below 9.0"
         why = "; PyTorch's FlexAttention has no backward pass on other devices" if backend == "flex" else ""
         missing.append(f"{device_name} (this run is on {here}{why})")
-    if missing:
-        raise ConfigError(f"attention_mechanism {value} ({what}) needs {' and '.join(missing)}; on this machine use "
-                          "diffusers, native-flash or native-math")  # fmt: skip
+    require(not missing, f"attention_mechanism {value} ({what}) needs {' and '.join(missing)}; on this machine use "
+                         "diffusers, native-flash or native-math")  # fmt: skip
     if backend == XFORMERS:
         import torch
 
-        if torch.cuda.get_device_capability()[0] >= 9:  # SimpleTuner's rule (xformers_compute_capability_error)
-            raise ConfigError("attention_mechanism xformers does not support GPUs of compute capability 9.0 or newer; "
-                              "use diffusers or flash-attn-3")  # fmt: skip
+        if torch.cuda.is_available():  # SimpleTuner's rule (xformers_compute_capability_error)
+            require(torch.cuda.get_device_capability()[0] < 9, "attention_mechanism xformers does not support GPUs "
+                    "of compute capability 9.0 or newer; use diffusers or flash-attn-3")  # fmt: skip
+        return value
+    if package_missing:  # (recorded above by `st check --any-machine`): diffusers' version checks need the package
         return value
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     try:  # the package versions diffusers needs
         _check_attention_backend_requirements(AttentionBackendName(backend))
     except RuntimeError as exc:
-        raise ConfigError(f"attention_mechanism {value}: {exc}") from None
+        require(False, f"attention_mechanism {value}: {exc}")
     return value
 
 

@@ -18,6 +18,7 @@ import torch
 from pipeline import speed
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.machine import ANY_MACHINE_HINT
 
 DATA = json.loads((Path(__file__).resolve().parents[1] / "data" / "simpletuner_video_examples.json").read_text())
 CONFIGS = sorted(DATA["configs"])
@@ -65,4 +66,4 @@ def test_st_check_decides_the_example_as_st_train_would(simpletuner_root, config
     assert refusal.startswith("attention_mechanism flash-attn-3-hub (diffusers' '_flash_3_hub' attention backend) "
                               "needs ")  # fmt: skip
     problems = [line.strip()[2:] for line in result.output.splitlines() if line.strip().startswith("- ")]
-    assert result.exit_code == 2 and problems == [refusal], result.output
+    assert result.exit_code == 2 and problems == [f"{refusal} {ANY_MACHINE_HINT}"], result.output
