@@ -309,10 +309,17 @@ class Config:
     # Optimisation.
     optimizer: str = opt("adamw_bf16", TRAIN, choices=("adamw_bf16", "optimi-adamw", "optimi-stableadamw",
                                                        "optimi-lion", "prodigy", "adamw_schedulefree",
-                                                       "bnb-adamw8bit"),
+                                                       "bnb-adamw8bit", "optimi-radam", "optimi-ranger", "optimi-adan",
+                                                       "optimi-adam", "optimi-sgd", "ao-adamw8bit", "ao-adamw4bit",
+                                                       "ao-adamfp8", "ao-adamwfp8", "adamw_schedulefree+aggressive",
+                                                       "adamw_schedulefree+no_kahan", "soap"),
                          help="prodigy is SimpleTuner's: Prodigy-Plus-Schedule-Free with SimpleTuner's settings (lr "
                               "1.0, not learning_rate; no weight decay; no gradient clipping; the lr_scheduler "
-                              "applies); override them with optimizer_config.")  # fmt: skip
+                              "applies); override them with optimizer_config. optimi-radam/ranger/adan/adam/sgd, "
+                              "ao-* (torchao low-bit moments; fp8 ones need CUDA compute capability 8.9 on a GPU, run "
+                              "on the CPU), adamw_schedulefree+aggressive / +no_kahan (weight_decay 1e-3, eps 1e-6; "
+                              "no Kahan summation in st's schedule-free AdamW) and soap (st's own SOAP) take "
+                              "learning_rate and SimpleTuner's default settings, not adam_weight_decay / adam_epsilon.")  # fmt: skip
     optimizer_config: str | None = opt(None, TRAIN, help="Extra optimizer arguments: 'key=value,key=value'.")
     optimizer_beta1: float | None = opt(None, TRAIN)
     optimizer_beta2: float | None = opt(None, TRAIN)

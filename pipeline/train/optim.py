@@ -5,13 +5,17 @@
 `clip_gradients` applies `grad_clip_method` / `max_grad_norm`.
 
 `optimizer=prodigy` is SimpleTuner's: `prodigyplus.ProdigyPlusScheduleFree` built from SimpleTuner's settings
-(`PRODIGY_DEFAULTS`, helpers/training/optimizer_param.py), not the reference `prodigyopt.Prodigy`.
+(`PRODIGY_DEFAULTS`, helpers/training/optimizer_param.py), not the reference `prodigyopt.Prodigy`. The optimizers of
+`SIMPLETUNER_DEFAULTS` (optimi-radam/-ranger/-adan/-adam/-sgd, torchao's ao-*, the adamw_schedulefree variants, soap)
+are built as SimpleTuner builds them: learning_rate, then SimpleTuner's default settings, then `optimizer_config`,
+then the betas when optimizer_beta1 and optimizer_beta2 are both set.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import functools
 import inspect
 import io
@@ -24,6 +28,7 @@ import torch
 from ..errors import ConfigError, NotSupportedError
 from ..distributed import global_batch
 from ..log import get_logger
+from ..machine import require
 from .options import OptimizerOptions
 
 log = get_logger("train.optim")
@@ -31,7 +36,7 @@ log = get_logger("train.optim")
 DEFAULT_BETAS = (0.9, 0.999)
 # Optimizers that schedule (and warm up) their own learning rate: SimpleTuner's `override_lr_scheduler` / `can_warmup`.
 # prodigy is schedule-free too (train()/eval() switch its weights) but keeps the lr_scheduler, as in SimpleTuner.
-SCHEDULE_FREE = ("adamw_schedulefree",)
+SCHEDULE_FREE = ("adamw_schedulefree", "adamw_schedulefree+aggressive", "adamw_schedulefree+no_kahan")
 # SimpleTuner's optimizers that are never clipped (its `should_clip_gradients`): StableAdamW and Prodigy-Plus (run with
 # use_stableadamw) scale each update by its own RMS, which does the clipping's work.
 UNCLIPPED = ("prodigy", "optimi-stableadamw")
@@ -46,6 +51,39 @@ PRODIGY_DEFAULTS: dict[str, Any] = {
     "fused_back_pass": False, "use_stableadamw": True, "use_cautious": False, "use_grams": False,
     "use_adopt": False, "stochastic_rounding": True,
 }  # fmt: skip
+
+# SimpleTuner's `optimizer_choices[name]["default_settings"]` for the optimizers st builds as SimpleTuner does
+# (`simpletuner_kwargs`): learning_rate, these, then optimizer_config, then both betas; adam_weight_decay and
+# adam_epsilon are not used. adamw_schedulefree+no_kahan's `use_kahan: False` is left out: SimpleTuner's own class
+# takes `kahan_sum`, so its kwargs filter drops `use_kahan` (and +no_kahan runs exactly as +aggressive there);
+# st's schedule-free AdamW (the schedulefree package's) has no Kahan summation in any variant.
+_OPTIMI_COMMON = {"decouple_lr": False, "kahan_sum": True}
+_AO_ADAM = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-6}
+SIMPLETUNER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "optimi-radam": {"betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-6, "decouple_wd": True, **_OPTIMI_COMMON,
+                     "foreach": True},
+    "optimi-ranger": {"betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-6, "k": 6, "alpha": 0.5, "decouple_wd": True,
+                      **_OPTIMI_COMMON, "max_lr": None, "foreach": True},
+    "optimi-adan": {"betas": (0.98, 0.92, 0.999), "weight_decay": 2e-2, "eps": 1e-6, **_OPTIMI_COMMON, "max_lr": None,
+                    "adam_wd": False, "foreach": True},
+    "optimi-adam": {"betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.0, "decouple_wd": False, **_OPTIMI_COMMON,
+                    "max_lr": None},
+    "optimi-sgd": {"momentum": 0, "weight_decay": 0.0, "dampening": False, "decouple_wd": False, **_OPTIMI_COMMON,
+                   "max_lr": None, "torch_init": False, "foreach": True},
+    "ao-adamw8bit": _AO_ADAM, "ao-adamw4bit": _AO_ADAM, "ao-adamfp8": _AO_ADAM, "ao-adamwfp8": _AO_ADAM,
+    "adamw_schedulefree+aggressive": {"betas": (0.9, 0.999), "weight_decay": 1e-3, "eps": 1e-6},
+    "adamw_schedulefree+no_kahan": {"betas": (0.9, 0.999), "weight_decay": 1e-3, "eps": 1e-6},
+    "soap": {"betas": (0.95, 0.95), "shampoo_beta": -1, "eps": 1e-8, "weight_decay": 0.01, "precondition_frequency": 10,
+             "max_precond_dim": 10000, "merge_dims": False, "precondition_1d": False, "normalize_grads": False,
+             "data_format": "channels_first", "correct_bias": True},
+}  # fmt: skip
+OPTIMI = {"optimi-adamw": "AdamW", "optimi-stableadamw": "StableAdamW", "optimi-lion": "Lion", "optimi-radam": "RAdam",
+          "optimi-ranger": "Ranger", "optimi-adan": "Adan", "optimi-adam": "Adam", "optimi-sgd": "SGD"}  # fmt: skip
+# torchao's low-bit AdamW/Adam: the moments are kept quantised (8-bit, 4-bit or fp8 blocks) for tensors of 4096 values
+# or more; smaller ones keep plain moments, as in bitsandbytes.
+TORCHAO = {"ao-adamw8bit": "AdamW8bit", "ao-adamw4bit": "AdamW4bit", "ao-adamfp8": "AdamFp8",
+           "ao-adamwfp8": "AdamWFp8"}  # fmt: skip
+TORCHAO_FP8 = ("ao-adamfp8", "ao-adamwfp8")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,16 +201,21 @@ def optimizer_class(name: str, *, device_type: str) -> type[torch.optim.Optimize
     device_type = str(device_type).split(":")[0]
     if name == "adamw_bf16":
         return AdamWBF16
-    if name in ("optimi-adamw", "optimi-stableadamw", "optimi-lion"):
+    if name in OPTIMI:
         try:
             import optimi
         except ImportError:
             raise _missing("torch-optimi", name) from None
-        return {"optimi-adamw": optimi.AdamW, "optimi-stableadamw": optimi.StableAdamW,
-                "optimi-lion": optimi.Lion}[name]  # fmt: skip
+        return getattr(optimi, OPTIMI[name])
     if name == "prodigy":
         return _prodigy_plus()
-    if name == "adamw_schedulefree":
+    if name in TORCHAO:
+        return _torchao_adam(TORCHAO[name])
+    if name == "soap":
+        from .soap import SOAP
+
+        return SOAP
+    if name in SCHEDULE_FREE:
         try:
             from schedulefree import AdamWScheduleFree
         except ImportError:
@@ -223,6 +266,100 @@ def _prodigy_plus() -> type[torch.optim.Optimizer]:
 
     ProdigyPlus.__name__ = ProdigyPlus.__qualname__ = "ProdigyPlusScheduleFree"
     return ProdigyPlus
+
+
+_AO_STATE = "__torchao_optim_state__"
+
+
+def _pack_torchao_state(value: Any) -> Any:
+    """A torchao quantised moment (OptimState8bit / 4bit / Fp8) as a dict of plain tensors and JSON values."""
+    if not isinstance(value, torch.Tensor) or type(value) is torch.Tensor or not hasattr(value, "tensor_attrs"):
+        return value
+    names, attributes = value.__tensor_flatten__()
+    packed = []
+    for attribute in attributes:
+        if isinstance(attribute, torch.dtype):
+            packed.append({"dtype": str(attribute).removeprefix("torch.")})
+        elif isinstance(attribute, (tuple, torch.Size)):
+            packed.append(tuple(int(n) for n in attribute))
+        else:
+            packed.append(attribute)
+    return {_AO_STATE: type(value).__name__, "tensors": {n: getattr(value, n) for n in names}, "attributes": packed}
+
+
+def _unpack_torchao_state(value: dict, device: torch.device) -> torch.Tensor:
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    classes = {c.__name__: c for c in (OptimState8bit, OptimState4bit, OptimStateFp8)}
+    cls = classes.get(value[_AO_STATE])
+    if cls is None:
+        raise ValueError(f"unknown torchao optimizer state {value[_AO_STATE]!r}")
+    attributes = [getattr(torch, a["dtype"]) if isinstance(a, dict) else a for a in value["attributes"]]
+    tensors = {name: tensor.to(device) for name, tensor in value["tensors"].items()}
+    return cls.__tensor_unflatten__(tensors, attributes, None, None)
+
+
+@functools.cache
+def _torchao_adam(class_name: str) -> type[torch.optim.Optimizer]:
+    """torchao's `torchao.optim.<class_name>`, resumable through st's safetensors + JSON checkpoints."""
+    try:
+        import torchao.optim as ao
+    except ImportError:
+        raise _missing("torchao", f"ao-{class_name.lower()}") from None
+    base = getattr(ao, class_name)
+
+    class TorchaoAdam(base):
+        """torchao's low-bit Adam(W), as SimpleTuner's ao-* optimizers, with two changes that keep its arithmetic:
+
+        - each group's lr stays a Python float (the LR scheduler, metrics and checkpoints see a number) and becomes
+          the fp32 tensor torchao's compiled step takes for the duration of `step` (torchao converts it once and
+          has schedulers fill it in place: the same fp32 value);
+        - `state_dict` stores each quantised moment as its codes, scales and quantisation map (plain tensors), and
+          `load_state_dict` rebuilds the same quantised tensor, so a resumed run continues bit for bit.
+        """
+
+        def add_param_group(self, param_group: dict) -> None:
+            torch.optim.Optimizer.add_param_group(self, param_group)
+
+        @torch.no_grad()
+        def step(self, closure: Callable[[], Any] | None = None) -> Any:
+            rates = [group["lr"] for group in self.param_groups]
+            for group in self.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+            try:
+                return super().step(closure)
+            finally:
+                for group, rate in zip(self.param_groups, rates):
+                    group["lr"] = rate
+
+        def state_dict(self) -> dict:
+            saved = super().state_dict()
+            saved["state"] = {param_id: {key: _pack_torchao_state(value) for key, value in state.items()}
+                              for param_id, state in saved["state"].items()}  # fmt: skip
+            return saved
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            plain = {param_id: {k: v for k, v in state.items() if not (isinstance(v, dict) and _AO_STATE in v)}
+                     for param_id, state in state_dict["state"].items()}  # fmt: skip
+            super().load_state_dict({**state_dict, "state": plain})
+            saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+            params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+            by_id = dict(zip(saved_ids, params))
+            for param_id, state in state_dict["state"].items():
+                p = by_id.get(param_id)
+                if p is None:
+                    continue
+                for key, value in state.items():
+                    if isinstance(value, dict) and _AO_STATE in value:
+                        self.state[p][key] = _unpack_torchao_state(value, p.device)
+            for group in self.param_groups:  # a state saved by torchao's own class holds tensor lrs
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"] = float(group["lr"])
+
+    TorchaoAdam.__name__ = TorchaoAdam.__qualname__ = class_name
+    return TorchaoAdam
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -313,10 +450,42 @@ def prodigy_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
     return kwargs
 
 
+def simpletuner_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
+    """SimpleTuner's arguments for a `SIMPLETUNER_DEFAULTS` optimizer: lr (`learning_rate`, with `lr_scale`), its
+    default settings, `optimizer_config`, then the betas when optimizer_beta1 and optimizer_beta2 are both set; the
+    schedule-free ones get `warmup_steps` = `lr_warmup_steps` last (SimpleTuner's `can_warmup`)."""
+    name = options.optimizer
+    extra = parse_optimizer_config(options.optimizer_config)
+    _check_accepted(extra, cls, name)  # DEVIATION: SimpleTuner drops unknown keys with a warning
+    kwargs = {"lr": effective_learning_rate(options), **copy.deepcopy(SIMPLETUNER_DEFAULTS[name]), **extra}
+    beta1, beta2 = options.optimizer_beta1, options.optimizer_beta2
+    if beta1 is not None and beta2 is not None:
+        if "betas" not in kwargs:
+            log.warning("optimizer=%s takes no betas; optimizer_beta1 and optimizer_beta2 have no effect (SimpleTuner "
+                        "drops them too)", name)  # fmt: skip
+        elif len(tuple(kwargs["betas"])) != 2:
+            raise ConfigError(
+                f"optimizer={name} takes {len(tuple(kwargs['betas']))} betas {tuple(kwargs['betas'])}, and "
+                "optimizer_beta1 / optimizer_beta2 set two: remove them and set all of them with "
+                f"optimizer_config=\"betas=(...)\""
+            )
+        else:
+            kwargs["betas"] = (float(beta1), float(beta2))
+    elif beta1 is not None or beta2 is not None:
+        log.warning("optimizer=%s takes optimizer_beta1 and optimizer_beta2 only together (as SimpleTuner); using "
+                    "betas %s", name, kwargs.get("betas"))  # fmt: skip
+    if name in SCHEDULE_FREE:
+        kwargs["warmup_steps"] = int(options.lr_warmup_steps)  # schedule-free optimizers warm up by themselves
+    return kwargs
+
+
 def optimizer_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
-    """The keyword arguments for `cls`: lr, betas, weight decay, eps (where it takes them), then `optimizer_config`."""
+    """The keyword arguments for `cls`: lr, betas, weight decay, eps (where it takes them), then `optimizer_config`
+    (SimpleTuner's settings instead for prodigy and the `SIMPLETUNER_DEFAULTS` optimizers)."""
     if options.optimizer == "prodigy":
         return prodigy_kwargs(options, cls)
+    if options.optimizer in SIMPLETUNER_DEFAULTS:
+        return simpletuner_kwargs(options, cls)
     accepted, any_kwargs = _accepted_arguments(cls)
     betas = (
         DEFAULT_BETAS[0] if options.optimizer_beta1 is None else float(options.optimizer_beta1),
@@ -356,6 +525,10 @@ def build_optimizer(params: Iterable, options: OptimizerOptions, *, device_type:
             )  # fmt: skip
     elif options.prodigy_steps:
         log.warning("prodigy_steps=%d has no effect with optimizer=%s (as in SimpleTuner)", options.prodigy_steps, name)
+    if name in SIMPLETUNER_DEFAULTS and _adam_options_set(options):
+        log.warning("optimizer=%s uses SimpleTuner's settings (weight_decay=%s, eps=%s): adam_weight_decay and "
+                    "adam_epsilon are not used, as in SimpleTuner; set them with optimizer_config=\"weight_decay=...,"
+                    "eps=...\"", name, kwargs.get("weight_decay"), kwargs.get("eps"))  # fmt: skip
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):  # Prodigy-Plus prints its notes
@@ -367,6 +540,36 @@ def build_optimizer(params: Iterable, options: OptimizerOptions, *, device_type:
     optimizer_train_mode(optimizer)
     log.debug("optimizer %s (%s) with %s", name, cls.__name__, kwargs)
     return optimizer
+
+
+def _adam_options_set(options: OptimizerOptions) -> bool:
+    from ..config import OPTION_FIELDS
+
+    return any(getattr(options, key) != OPTION_FIELDS[key].default for key in ("adam_weight_decay", "adam_epsilon"))
+
+
+def check(config: Any) -> None:
+    """Refuse, before any work, an optimizer whose package is missing, whose settings its class rejects
+    (`optimizer_config` keys, three betas set with two), or that this machine cannot run (exit 2 naming why).
+
+    torchao's fp8 moments (ao-adamfp8, ao-adamwfp8) compile to fp8 kernels that CUDA GPUs run from compute capability
+    8.9; on the CPU (where st trains without a GPU) torchao's low-bit optimizers all run.
+    """
+    options = OptimizerOptions.from_config(config)
+    name = options.optimizer
+    cuda = torch.cuda.is_available()  # st train's accelerator trains on CUDA when there is one, else on the CPU
+    if name in TORCHAO_FP8 and cuda:
+        capability = torch.cuda.get_device_capability()
+        require(capability >= (8, 9),
+                f"optimizer {name} keeps its moments in fp8, which torchao's compiled step runs only on CUDA compute "
+                f"capability 8.9 or newer (this GPU: {capability[0]}.{capability[1]}): choose ao-adamw8bit or "
+                "ao-adamw4bit")  # fmt: skip
+    cls = optimizer_class(name, device_type="cuda" if cuda else "cpu")
+    quiet, log.disabled = log.disabled, True  # its warnings are given when the optimizer is built
+    try:
+        optimizer_kwargs(options, cls)
+    finally:
+        log.disabled = quiet
 
 
 def optimizer_train_mode(optimizer: torch.optim.Optimizer) -> None:

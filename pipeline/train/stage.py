@@ -99,6 +99,9 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     config = loaded.config
     check_precision(config, base_dir=loaded.base_dir)  # a preset this machine cannot run stops here, before any work
     check_memory(config)  # so do memory options that cannot work together or on this device
+    from .optim import check as check_optimizer  # (imports torch)
+
+    check_optimizer(config)  # and an optimizer this machine or its settings cannot run
     out_dir = Path(out_dir)
     reader = CacheReader(input_path)
     cache = reader.manifest

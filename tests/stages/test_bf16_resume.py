@@ -18,6 +18,9 @@ RUNS = {
     "prodigy-lora": ('optimizer="prodigy"', 'optimizer_config="d_coef=10"', "prodigy_steps=4"),
     # model_type full under bf16: every UNet weight bf16, adamw_bf16's stochastic rounding.
     "adamw_bf16-full": ('optimizer="adamw_bf16"', 'model_type="full"', "learning_rate=1e-3"),
+    # st's SOAP (fp32 statistics, bases and moments beside bf16 LoRA weights); precondition_frequency 2 refreshes the
+    # bases by power iteration + QR at step 3, after the resume, from the restored statistics.
+    "soap-lora": ('optimizer="soap"', 'optimizer_config="precondition_frequency=2"', "learning_rate=1e-3"),
 }
 COMMON = ('mixed_precision="bf16"', "checkpoint_step_interval=2", "max_train_steps=4", "lora_dropout=0",
           "caption_dropout_probability=0")  # fmt: skip
