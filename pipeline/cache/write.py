@@ -117,10 +117,13 @@ class ShardEncoder:
         """A video sample's conditioning clips (Wan VACE; and its reference image): each one's uint8 pixels and the
         control latents WanVACEPipeline computes for them (`wan_vace.cached_control`; `clip`: the sample's own
         pixels, whose shape a reference without a control clip takes). None when they are not finite."""
-        from ..families.wan_vace import cached_control
+        from ..families.wan_vace import cached_control, transformer_patch_size
 
         shape = None if clip is None else tuple(int(n) for n in clip.shape[1:])
-        tensors = cached_control(self.encoders.vae, entry.conditioning, clips, self.encoders.device, shape=shape)
+        if getattr(self, "_vace_patch", None) is None:  # what the pipeline reads of its transformer, read once a run
+            self._vace_patch = transformer_patch_size(self.encoders.source, self.encoders.revision)
+        tensors = cached_control(self.encoders.vae, entry.conditioning, clips, self.encoders.device, shape=shape,
+                                 patch_size=self._vace_patch)  # fmt: skip
         if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
             return None
         return {name: t.to(self.cache_dtype) if t.is_floating_point() else t for name, t in tensors.items()}

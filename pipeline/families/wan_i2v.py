@@ -34,6 +34,9 @@ from typing import Any
 from pipeline.errors import ConfigError, InputError
 from pipeline.families import tiny_parts, wan
 from pipeline.families.spec import Component
+from pipeline.log import get_logger
+
+log = get_logger("families")
 
 PIPELINE_CLASS = "WanImageToVideoPipeline"
 CONDITION_CHANNELS = 4 + 16  # mask + condition latents
@@ -311,6 +314,60 @@ def first_last_frame_partner(row: dict[str, Any]) -> dict[str, Any]:
     condition latents of both (`0.latent`); a dataset id of its own, so that its cache entry differs from i2v's."""
     return {"dataset_id": f"{row['dataset_id']}{FLF2V_DATASET_SUFFIX}", "path": row["path"],
             "kind": FIRST_FRAME_KIND}  # fmt: skip
+
+
+def cached_frames(index: Any) -> dict[str, str | None]:
+    """Per video dataset of a cache (`train.data.CacheIndex`), the frame conditioning `st cache` stored with its clips
+    (read from each dataset's first sample, as every clip of a dataset is cached alike): "first" (first-frame
+    image-to-video), "first_last" (first/last-frame-to-video) or None (a cache built for a text-to-video model)."""
+    found: dict[str, str | None] = {}
+    for (dataset_id, _), keys in sorted(index.groups.items()):
+        if dataset_id in found or not keys or index.datasets.get(dataset_id, {}).get("dataset_type") != "video":
+            continue
+        partners = {p.get("dataset_id") for p in index.samples[keys[0]].meta.get("conditioning", [])}
+        found[dataset_id] = ("first_last" if f"{dataset_id}{FLF2V_DATASET_SUFFIX}" in partners else
+                             "first" if f"{dataset_id}{FIRST_FRAME_DATASET_SUFFIX}" in partners else None)  # fmt: skip
+    return found
+
+
+def check_cached_frames(family: Any, index: Any, *, warn: bool = True) -> None:
+    """Before the first step of a Wan run, whether its cache holds the frame conditioning its model takes.
+
+    An image-to-video run (`WanImageToVideoPipeline`: Wan 2.1 i2v / FLF2V, the Wan 2.2 A14B i2v / FLF2V stages, TI2V
+    5B) on video datasets cached for a text-to-video model (no first frames) is refused (InputError, exit 2), as is a
+    first-frame run on a first/last-frame cache or the reverse. A text-to-video run (WanPipeline, the AnimeGen T2V
+    stages) on datasets cached for an image-to-video model trains text-to-video and logs one warning (with `warn`):
+    the cached first frames are unused. SimpleTuner makes first-frame datasets only for video datasets with
+    `video.is_i2v` (forced true for i2v flavours, unset false otherwise), so its text-to-video run of the same datasets
+    trains text-to-video too (a dataset that sets `is_i2v: true` would hand its text-to-video transformer the
+    36-channel image-to-video input, which it cannot take). Wan VACE runs are not checked here."""
+    if family.name != wan.FAMILY.name or family.pipeline_class not in (PIPELINE_CLASS, wan.FAMILY.pipeline_class):
+        return
+    found = cached_frames(index)
+    if family.pipeline_class != PIPELINE_CLASS:
+        cached = sorted(d for d, kind in found.items() if kind is not None)
+        if cached and warn:
+            log.warning("dataset(s) %s were cached for a Wan image-to-video model (%s: each clip's first frame and "
+                        "its condition latents), and this run trains %s (text-to-video), which takes no image: the "
+                        "cached first frames are unused. To train image-to-video, point pretrained_model_name_or_path "
+                        "(and model_flavour) at the image-to-video model; otherwise `st cache` with this model writes "
+                        "a cache without them", ", ".join(cached), PIPELINE_CLASS,
+                        family.pipeline_class)  # fmt: skip
+        return
+    want = "first_last" if is_flf2v(family) else "first"
+    missing = sorted(d for d, kind in found.items() if kind is None)
+    if missing:
+        raise InputError(f"video dataset(s) {', '.join(missing)} of this cache have no first-frame conditioning (each "
+                         f"clip's first frame{' and last frame' if want == 'first_last' else ''} and condition "
+                         f"latents), which {PIPELINE_CLASS} trains on: the cache was built for a text-to-video model; "
+                         "re-run `st cache` with this run's image-to-video model (pretrained_model_name_or_path and "
+                         "model_flavour), then `st train` on that cache")  # fmt: skip
+    other = sorted(d for d, kind in found.items() if kind != want)
+    if other:
+        cached_for = "first/last-frame-to-video" if want == "first" else "first-frame image-to-video"
+        raise InputError(f"video dataset(s) {', '.join(other)} were cached for {cached_for}, and this run trains "
+                         f"{'first/last-frame-to-video' if want == 'first_last' else 'first-frame image-to-video'}: "
+                         "re-run `st cache` with this run's model and model_flavour")  # fmt: skip
 
 
 def cached_conditioning(vae: Any, clip: Any, latent_frames: int, *, last: bool) -> dict[str, Any]:

@@ -70,10 +70,49 @@ REFERENCE_KINDS = ("reference_strict", "reference_loose")
 VIDEO_ARGUMENT, MASK_ARGUMENT, REFERENCE_ARGUMENT = "video", "mask", "reference_images"
 CONTROL_KEY = "vace_control"  # the denoiser text batch's control latents (B x vace_in_channels x f x h x w)
 TINY_VACE_LAYERS = (0, 1)
-# The Wan 2.1 VACE transformers' patch size (1.3B and 14B): what the pipeline's condition helpers read of the
-# transformer when `st cache` builds control latents without loading it. With frame sizes that are multiples of the
-# VAE's spatial factor x 2 (Wan's 16-pixel buckets) it does not change them.
+# The Wan 2.1 VACE transformers' patch size (1.3B and 14B): what `transformer_patch_size` falls back to when the
+# model's transformer/config.json cannot be read. The pipeline's condition helpers read the transformer's
+# `patch_size` (`preprocess_conditions` resizes a control clip to multiples of the VAE's spatial factor x patch,
+# `prepare_masks` folds the mask at that grid), so `st cache` reads it from the model's config (`cached_control`).
 PATCH_SIZE = (1, 2, 2)
+
+
+def transformer_patch_size(source: str, revision: str | None = None) -> tuple[int, ...]:
+    """The `patch_size` of the VACE transformer of the model at `source` (its transformer/config.json: a model folder,
+    a hub id in the local cache, else the file alone from the hub), what `WanVACEPipeline` reads as
+    `self.transformer.config.patch_size`; `PATCH_SIZE` with a warning when no config can be read."""
+    from pipeline.families.hub import model_json
+
+    config = model_json(source, "transformer/config.json")
+    if config is None and not Path(str(source)).expanduser().exists():
+        try:
+            import json
+
+            from huggingface_hub import hf_hub_download
+
+            config = json.loads(Path(hf_hub_download(str(source), "transformer/config.json",
+                                                     revision=revision)).read_text(encoding="utf-8"))
+        except Exception as exc:  # no network, not a repository, no such file: the documented default below
+            log.debug("wan vace: transformer/config.json of %s not fetched: %s", source, exc)
+    found = config.get("patch_size") if isinstance(config, dict) else None
+    if not isinstance(found, (list, tuple)) or len(found) != 3:
+        log.warning("wan vace: no transformer patch_size found for %s; building control latents for the Wan 2.1 VACE "
+                    "transformers' %s", source, PATCH_SIZE)  # fmt: skip
+        return PATCH_SIZE
+    return tuple(int(n) for n in found)
+
+
+def check_frame_size(vae: Any, patch_size: Any, height: int, width: int) -> None:
+    """InputError unless height and width are multiples of the VAE's spatial factor x the transformer's spatial patch:
+    `WanVACEPipeline` resizes a control clip of another size to that grid (its latents would no longer match the
+    clip's) and cannot fold its mask (`prepare_masks`), and the transformer's patches would not tile the latents."""
+    spatial = 2 ** len(vae.temperal_downsample)
+    grid = (spatial * int(patch_size[1]), spatial * int(patch_size[2]))
+    if height % grid[0] or width % grid[1]:
+        raise InputError(f"{PIPELINE_CLASS} needs frames whose height and width are multiples of {grid[0]} x "
+                         f"{grid[1]} (the VAE's spatial factor {spatial} x the transformer's patch_size "
+                         f"{tuple(patch_size)}), got {height} x {width}: set aspect_bucket_alignment (and the "
+                         f"resolution) to a multiple of {max(grid)}, re-run `st prepare` and `st cache`")  # fmt: skip
 
 
 def _pipeline_helper(vae: Any, patch_size: Any, device: Any) -> Any:
@@ -107,6 +146,7 @@ def control_latents(vae: Any, patch_size: Any, frames: int, height: int, width: 
     from diffusers import WanVACEPipeline
 
     check_references(reference or [])
+    check_frame_size(vae, patch_size, height, width)
     helper = _pipeline_helper(vae, patch_size, device)
     with torch.no_grad():
         video, mask, references = WanVACEPipeline.preprocess_conditions(helper, video, mask, list(reference or []) or
@@ -162,7 +202,8 @@ def frames_of(pixels: Any) -> list[Any]:
 
 
 def cached_control(vae: Any, partners: list[dict[str, Any]], clips: list[Any], device: Any = "cpu",
-                   shape: tuple[int, int, int] | None = None) -> dict[str, Any]:  # fmt: skip
+                   shape: tuple[int, int, int] | None = None,
+                   patch_size: Any = PATCH_SIZE) -> dict[str, Any]:  # fmt: skip
     """What `st cache` stores of a clip's conditioning (`partners`: the prepare row's, in conditioning_data order: at
     most one control clip, at most one mask clip, at most one reference image, see `check_cache`; `clips`: each
     control / mask clip 3 x F x H x W in [-1, 1], the clip's frame window fitted like its frames, a reference image
@@ -172,7 +213,8 @@ def cached_control(vae: Any, partners: list[dict[str, Any]], clips: list[Any], d
     (none: the zero control), the mask clip as `mask` and the reference image (as decoded, at its own size) as
     `reference_images` - the VAE's encodings of the pipeline's inactive / reactive split, the reference frame
     prepended and the folded mask, 2 x z_dim + spatial^2 channels, a function of the pixels alone, so cached once
-    per clip - on the CPU in float32."""
+    per clip - on the CPU in float32. `patch_size`: the VACE transformer's (`transformer_patch_size`), as the pipeline
+    reads it of its transformer."""
     import torch
     from PIL import Image
 
@@ -190,24 +232,24 @@ def cached_control(vae: Any, partners: list[dict[str, Any]], clips: list[Any], d
         raise InputError(f"a clip's conditioning ({', '.join(kinds)}) needs a control clip or a reference image "
                          "(with the clip's shape)")  # fmt: skip
     reference = [Image.fromarray(pixels[i].permute(1, 2, 0).contiguous().numpy()) for i in references]
-    latents = control_latents(vae, PATCH_SIZE, frames, height, width,
+    latents = control_latents(vae, patch_size, frames, height, width,
                               video=None if control is None else frames_of(pixels[control]),
                               mask=None if mask is None else frames_of(pixels[mask]), device=device,
                               reference=reference)  # fmt: skip
     stored = {f"{i}.pixels": p for i, p in enumerate(pixels)}
     for i, image in zip(references, reference, strict=True):  # what the pipeline conditions on: the letterbox
-        stored[f"{i}.pixels"] = letterbox(vae, image, height, width)
+        stored[f"{i}.pixels"] = letterbox(vae, image, height, width, patch_size)
     first = next(i for i, kind in enumerate(kinds) if kind != MASK_KIND)
     return {**stored, f"{first}.latent": latents[0].float().cpu()}
 
 
-def letterbox(vae: Any, image: Any, height: int, width: int) -> Any:
+def letterbox(vae: Any, image: Any, height: int, width: int, patch_size: Any = PATCH_SIZE) -> Any:
     """uint8 3 x height x width: a `reference_images` image as WanVACEPipeline's `preprocess_conditions` places it
     for a height x width video (scaled to fit, bilinear, centred on white), rounded to 8 bits."""
     import torch
     from diffusers import WanVACEPipeline
 
-    helper = _pipeline_helper(vae, PATCH_SIZE, "cpu")
+    helper = _pipeline_helper(vae, patch_size, "cpu")
     _, _, placed = WanVACEPipeline.preprocess_conditions(helper, None, None, [image], 1, height, width, 1,
                                                          torch.float32, "cpu")  # fmt: skip
     return ((placed[0][0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -279,7 +321,7 @@ class ZeroControl:
             raise ConfigError("tread_config with a Wan VACE model is not supported: the VACE blocks' hints are added "
                               "to every video token of the blocks they follow, which a route shortens; remove "
                               "tread_config")  # fmt: skip
-        return cls(family, source, vae_source, getattr(getattr(denoiser, "config", None), "patch_size", (1, 2, 2)),
+        return cls(family, source, vae_source, getattr(getattr(denoiser, "config", None), "patch_size", PATCH_SIZE),
                    device, getattr(config, "revision", None))  # fmt: skip
 
     def conditioning(self, latents: Any) -> Any:
