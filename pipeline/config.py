@@ -126,6 +126,8 @@ class Config:
                                               help="alltoall: Ulysses attention. allgather (ring attention) runs "
                                                    "as Ulysses too (the same attention).")  # fmt: skip
     seed: int | None = opt(None, PREPARE, CACHE, TRAIN)
+    seed_for_each_device: bool = opt(True, TRAIN, help="Each data-parallel process draws its own noise and "
+                                     "timesteps (false: all draw the same).")  # fmt: skip
     max_workers: int | None = opt(None, PREPARE, CACHE, key=False, help="Worker processes for scans/decoding.")
 
     # Model and caches.
@@ -286,6 +288,8 @@ class Config:
     huber_schedule: str = opt("snr", TRAIN, choices=("snr", "exponential", "constant"))
     huber_c: float = opt(0.1, TRAIN)
     snr_gamma: float | None = opt(None, TRAIN)
+    snr_weight: float = opt(1.0, TRAIN, help="Multiplies the l2 loss of a DDPM model (epsilon or v-prediction) "
+                            "without snr_gamma, as SimpleTuner; no effect elsewhere.")  # fmt: skip
     use_soft_min_snr: bool = opt(False, TRAIN)
     soft_min_snr_sigma_data: float | None = opt(None, TRAIN)
     masked_loss_probability: float = opt(1.0, TRAIN, help="Chance per batch that a mask / segmentation dataset's mask "
@@ -419,10 +423,21 @@ class Config:
                                                       "the validation steps where it stops.")  # fmt: skip
     validation_guidance_skip_scale: float = opt(2.8, TRAIN, help="SD3 skip-layer guidance scale.")
     validation_seed: int | None = opt(None, TRAIN)
+    validation_randomize: bool = opt(False, TRAIN, help="A new seed for each validation, drawn from `seed` and "
+                                     "the validation's label (logged; validation_seed is then unused).")  # fmt: skip
+    validation_seed_source: str = opt("cpu", TRAIN, choices=("cpu", "gpu"), help="The validation generator's "
+                                      "device: gpu is the training device (the CPU without one).")  # fmt: skip
+    validation_on_startup: bool = opt(False, TRAIN, key=False, help="A validation before the first step of every "
+                                      "run: step-0, or step-N-startup for a run resumed at step N.")  # fmt: skip
     validation_num_video_frames: int | None = opt(None, TRAIN, help="Frames of each validation video (video "
                                                   "families; unset: the family's default, Wan 81).")  # fmt: skip
     validation_noise_scheduler: str | None = opt(None, TRAIN, choices=(None, "ddim", "ddpm", "euler", "euler-a",
                                                                        "unipc", "dpm++"))  # fmt: skip
+    inference_scheduler_timestep_spacing: str = opt("trailing", TRAIN, choices=("leading", "linspace", "trailing"),
+                                                    help="The validation scheduler's timestep spacing (DDPM-type "
+                                                    "schedulers; flow-matching ones have none).")  # fmt: skip
+    unet_attention_slice: bool = opt(False, TRAIN, key=False, help="Sliced attention while validating (memory; "
+                                     "UNet families: sd1x, sd2x, sdxl, kolors, deepfloyd).")  # fmt: skip
     wan_validation_load_other_stage: bool = opt(False, TRAIN, help="Wan 2.2 A14B stage flavours (i2v-14b-2.2-*, "
                                                 "flf2v-14b-2.2-*, animegen-t2v-*): validation renders with the "
                                                 "frozen other expert beside the trained one, switching at the "
@@ -438,6 +453,8 @@ class Config:
                                              "evaluation loss uses; default: all of them.")  # fmt: skip
     eval_dataset_pooling: bool = opt(False, TRAIN, help="One eval_loss over all eval datasets instead of "
                                      "eval_loss/<id> per dataset.")  # fmt: skip
+    eval_timesteps: int = opt(28, TRAIN, help="Points of the noise schedule the evaluation loss reads each "
+                              "sample at: the midpoints of that many equal parts.")  # fmt: skip
     evaluation_type: str = opt("none", TRAIN, key=False, choices=("none", "clip"),
                                help="clip: log the CLIP score of each validation (clip/min, max, mean, std).")
     pretrained_evaluation_model_name_or_path: str = opt("openai/clip-vit-large-patch14-336", TRAIN, key=False,
@@ -749,6 +766,7 @@ ENV_VARIABLE_OPTIONS = {
     "LEARNING_RATE": "learning_rate", "LR_SCHEDULE": "lr_scheduler", "LR_WARMUP_STEPS": "lr_warmup_steps",
     "BASE_MODEL_PRECISION": "base_model_precision", "TRAINING_NUM_PROCESSES": "num_processes",
     "TRAINING_SCHEDULER_TIMESTEP_SPACING": "training_scheduler_timestep_spacing",
+    "INFERENCE_SCHEDULER_TIMESTEP_SPACING": "inference_scheduler_timestep_spacing",
     "GRADIENT_ACCUMULATION_STEPS": "gradient_accumulation_steps", "LR_END": "lr_end",
     "FLUX_GUIDANCE_VALUE": "flux_guidance_value", "FLUX_LORA_TARGET": "flux_lora_target",
     "VALIDATION_NEGATIVE_PROMPT": "validation_negative_prompt", "DISABLE_BENCHMARK": "disable_benchmark",
@@ -965,6 +983,7 @@ OPTION_RANGES: dict[str, Range] = {
     "flux_guidance_max": _NON_NEGATIVE,
     "huber_c": _POSITIVE,
     "snr_gamma": Range(0, note="0 turns it off"),
+    "snr_weight": _NON_NEGATIVE,
     "soft_min_snr_sigma_data": _POSITIVE,
     "noise_offset": _NON_NEGATIVE,
     "noise_offset_probability": _FRACTION,
@@ -1019,6 +1038,7 @@ OPTION_RANGES: dict[str, Range] = {
     "validation_num_video_frames": _COUNT,
     "eval_steps_interval": _OFF_OR_EVERY,
     "num_eval_images": _COUNT,
+    "eval_timesteps": _COUNT,
     "eval_epoch_interval": Range(0, note="0 or unset: off"),
     "masked_loss_probability": _FRACTION,
     "gradient_checkpointing_interval": _COUNT,

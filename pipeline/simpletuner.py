@@ -125,7 +125,6 @@ OPTION_STATES: dict[str, OptionState] = {
     "offload_param_path": Accepted("a DeepSpeed parameter-offload folder; st does not run DeepSpeed"),
     "vae_enable_patch_conv": Accepted("read only for HunyuanVideo's VAE, which st does not train"),
     "optimizer_cpu_offload_method": Accepted("its only choice is none"),
-    **_refused("attention slicing of the UNet (saves memory while validating)", "unet_attention_slice"),
     **_refused("moving the optimizer's gradients to the CPU", "optimizer_offload_gradients"),
     # ramtorch, ramtorch_target_modules, ramtorch_text_encoder, ramtorch_vae, ramtorch_controlnet and
     # ramtorch_transformer_percent are Config fields.
@@ -172,18 +171,13 @@ OPTION_STATES: dict[str, OptionState] = {
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
     "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
     **_refused("distillation", "distillation_method"),
-    "eval_timesteps": Refused("choosing the evaluation timesteps", 28),
     "sdxl_refiner_uses_full_range": Accepted("SimpleTuner defines it but never reads it (refiner_training's range "
                                              "applies whatever it says)"),
-    "snr_weight": Refused("an SNR-weight multiplier", 1.0),
-    "inference_scheduler_timestep_spacing": Refused("choosing the validation scheduler's timestep spacing",
-                                                    "trailing"),
     **_refused("on-demand VAE encoding (st always caches latents with `st cache`)",
                "vae_cache_ondemand vae_cache_disable"),
     **_refused("fused optimizer steps during the backward pass",
                "fuse_optimizer optimizer_release_gradients optimizer_release_gradient"),
     "use_adafactor_optimizer": Refused("the Adafactor optimizer"),
-    "seed_for_each_device": Refused("one shared seed on every device", True),
     "trust_remote_code": Refused("model code from the hub"),
     "non_ema_revision": Refused("a separate non-EMA model revision"),
     **_refused("the global parquet columns (set them in the dataset's parquet block)",
@@ -192,10 +186,7 @@ OPTION_STATES: dict[str, OptionState] = {
     **_refused("Diff2Flow", "diff2flow_enabled diff2flow_loss"),
     "scheduled_sampling_max_step_offset": Refused("scheduled sampling", 0),
     "enable_watermark": Refused(_VALIDATION + ": an invisible watermark"),
-    "validation_on_startup": Refused(_VALIDATION + ": validation before the first step"),
-    "validation_seed_source": Refused(_VALIDATION + ": the generator's device", "cpu"),
     "validation_using_datasets": Refused(_VALIDATION + ": validation from dataset images"),
-    "validation_randomize": Refused(_VALIDATION + ": random validation seeds"),
     # st's validation never renders an extra unconditional image: it always does what `true` asks for.
     "validation_disable_unconditional": Accepted("st renders no unconditional validation image either way"),
     "validation_prompt_library": Refused(_VALIDATION + ": SimpleTuner's built-in prompt library"),

@@ -6,6 +6,11 @@ with `eval_dataset_pooling` (the datasets one after the other, as SimpleTuner's 
 `eval_dataset_id` (one id or a list) picks some of them. Values: `eval_loss/<dataset id>` per dataset, and
 `eval_loss` over every sample evaluated (the only value when pooled). Without eval datasets st keeps its own
 evaluation, where SimpleTuner has none: the first `num_eval_images` cached samples (by content id).
+
+Each sample is evaluated at `eval_timesteps` points of the noise schedule (`eval_fractions`), with noise seeded by its
+position. DEVIATION: SimpleTuner evaluates at the training scheduler's `set_timesteps(eval_timesteps)` schedule
+(shifted, for flow matching); st at the midpoints of eval_timesteps equal parts of the unshifted schedule, the
+same points for every family.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ def sample_sets(samples: Mapping[str, Any], datasets: Mapping[str, Mapping[str, 
     if options.eval_dataset_pooling:
         return {OVERALL: [k for d in chosen for k in keys[d]][:count]}
     return {f"{OVERALL}/{d}": keys[d][:count] for d in chosen if keys[d]}
+
+
+def eval_fractions(count: int) -> tuple[float, ...]:
+    """The schedule fractions (0: clean, 1: pure noise) the evaluation reads each sample at: the midpoints of `count`
+    equal parts (count 5: 0.1, 0.3, 0.5, 0.7, 0.9)."""
+    return tuple((i + 0.5) / count for i in range(count))
 
 
 def summarise(losses: Mapping[str, list[float]]) -> dict[str, float]:

@@ -53,6 +53,8 @@ Loss (float32, mean over each sample, times the sample's weight, mean over the b
     becomes the soft minimum 1 / (1 / SNR_d + 1 / gamma) with SNR_d = sd^2 * SNR (the data's SNR), normalised so the
     epsilon weight is 1 at SNR 0: w = gamma / (sd^2 * SNR + gamma) (epsilon), that times SNR / (SNR + 1) (v).
     gamma = snr_gamma, or 1 when unset, where it equals k-diffusion's / HDiT's "soft-min-snr" weighting.
+    `snr_weight` multiplies the l2 loss of a DDPM model without snr_gamma (SimpleTuner's `snr_weight * mse`); with
+    flow matching, another loss_type or snr_gamma it does nothing (as in SimpleTuner), with a warning.
     Flow matching uses no SNR weighting (as in SimpleTuner); the options are then ignored with a warning.
 
 Masked loss (a batch of a dataset paired with a `conditioning_type` mask or segmentation dataset)
@@ -459,6 +461,16 @@ class Objective:
                     "use_soft_min_snr needs soft_min_snr_sigma_data (the latents' standard deviation, > 0), "
                     f"got {sigma_data}"
                 )
+        # snr_weight multiplies the loss where SimpleTuner multiplies it: the l2 loss of a DDPM model without
+        # snr_gamma (ModelFoundation.loss); elsewhere SimpleTuner ignores it, and st says so.
+        weight = float(options.snr_weight)
+        applies = not self.is_flow and options.loss_type == "l2" and not options.snr_gamma
+        if weight != 1.0 and not applies:
+            reason = ("flow matching" if self.is_flow else f"snr_gamma {options.snr_gamma}" if options.snr_gamma
+                      else f"loss_type {options.loss_type}")  # fmt: skip
+            log.warning("snr_weight %g has no effect with %s (as in SimpleTuner, it multiplies only the l2 loss of a "
+                        "DDPM model without snr_gamma)", weight, reason)  # fmt: skip
+        self.snr_weight = weight if applies else 1.0
 
     # --- sampling ---------------------------------------------------------------------------------------------
 
@@ -672,4 +684,6 @@ class Objective:
         weights = self.loss_weights(noised)
         if weights is not None:
             per_sample = per_sample * weights.to(per_sample.device)
+        if self.snr_weight != 1.0:
+            per_sample = per_sample * self.snr_weight
         return per_sample.mean()

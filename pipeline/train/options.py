@@ -88,6 +88,7 @@ class ObjectiveOptions(OptionGroup):
     flux_guidance_max: float
     flux_guidance_value: float
     snr_gamma: float | None
+    snr_weight: float
     use_soft_min_snr: bool
     soft_min_snr_sigma_data: float | None
     noise_offset: float
@@ -114,6 +115,9 @@ class ValidationOptions(OptionGroup):
     validation_negative_prompt: str | None
     validation_seed: int | None
     seed: int | None
+    validation_randomize: bool  # a seed per validation (validation.render_seed)
+    validation_seed_source: str
+    validation_on_startup: bool
     validation_num_video_frames: int | None
     framerate: float | None
     num_validation_images: int
@@ -128,6 +132,8 @@ class ValidationOptions(OptionGroup):
     validation_guidance_skip_scale: float
     model_flavour: str | None  # Flux's fluxbooru / libreflux validate with true CFG (validation.real_cfg)
     validation_noise_scheduler: str | None
+    inference_scheduler_timestep_spacing: str
+    unet_attention_slice: bool
     keep_vae_loaded: bool
     validation_lycoris_strength: float
     wan_validation_load_other_stage: bool
@@ -147,6 +153,7 @@ class EvaluationOptions(OptionGroup):
     num_eval_images: int
     eval_dataset_id: str | list | None
     eval_dataset_pooling: bool
+    eval_timesteps: int  # the schedule points each sample is evaluated at (evaluation.eval_fractions)
 
     @property
     def enabled(self) -> bool:

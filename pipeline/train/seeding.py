@@ -5,8 +5,10 @@ instances seeded from (seed, epoch, batch, sample). What remains draws from the 
 initialisation (peft's LoRA A matrices), dropout, and the stochastic rounding of bf16 weights. Those are seeded here.
 
 The global generators get the same seed on every process: stochastic rounding happens after the gradients are
-averaged, so equal random streams keep the replicas' weights equal. Validation and evaluation run inside
-`isolated_rng`, so turning them on, off, or to other intervals never changes the training trajectory.
+averaged, so equal random streams keep the replicas' weights equal. The trainer's own generator (`training_seed`) is
+where `seed_for_each_device` acts: by default each data-parallel rank draws its own noise and timesteps.
+Validation and evaluation run inside `isolated_rng`, so turning them on, off, or to other intervals never changes
+the training trajectory.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ def seed_global(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def training_seed(seed: int, data_rank: int, seed_for_each_device: bool = True) -> int:
+    """The seed of a process's training generator (noise, timesteps, guidance): with seed_for_each_device
+    (SimpleTuner's default) each data-parallel rank gets its own, seed * 1000 + rank; without it every process gets
+    rank 0's, so all draw the same noise and timesteps (for their different samples). Processes that share one
+    sample (context parallelism) share a data rank, hence a stream.
+
+    DEVIATION: SimpleTuner's seed_for_each_device seeds the global generators with seed + rank (accelerate's
+    set_seed(device_specific=True)); st keeps those equal on every process (see the module docstring) and seeds
+    the trainer's generator per rank instead."""
+    return seed * 1000 + (data_rank if seed_for_each_device else 0)
 
 
 def _fork_devices(device: Any) -> list[int]:

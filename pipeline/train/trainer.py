@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .. import speed
 from ..distributed import check_launcher, check_world_size, forward_view, global_batch
 from ..errors import InputError, UserError
-from ..families import Family
+from ..families import Family, wan_i2v
 from ..families.wan_vace import ZeroControl
 from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
@@ -43,14 +43,12 @@ from .options import (
     OptimizerOptions,
     ValidationOptions,
 )
-from .seeding import isolated_rng, seed_global
+from .seeding import isolated_rng, seed_global, training_seed
 
 if TYPE_CHECKING:
     from ..notify import Notifier
 
 log = get_logger("train")
-
-EVAL_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 class TrainingDiverged(UserError):
@@ -207,6 +205,7 @@ class Trainer:
                                    sigma_curve=family.sigma_curve, flow_sigmas=family.flow_sigmas,
                                    flow_loss_weight=family.flow_loss_weight)  # fmt: skip
         self.index = CacheIndex(cache_root, cache_manifest)
+        wan_i2v.check_cached_frames(family, self.index, warn=self.is_main)  # a Wan t2v / i2v model on the other's cache
         self.eval_sets = evaluation.sample_sets(self.index.samples, self.index.datasets, self.evaluation)
         self.planner = EpochPlanner(self.index, seed=self.seed, sampling=config.data_backend_sampling,
                                     global_batch=global_batch(config.train_batch_size,
@@ -238,7 +237,8 @@ class Trainer:
         self.prepared_params = [p for p in self.model.parameters() if p.requires_grad]
         self.prepared_params += self.text.parameters() if self.text is not None else []
         self.prepared_params += self.crepa.parameters() if self.crepa is not None else []
-        self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1000 + self.cp.data_rank)
+        self.generator = torch.Generator(device="cpu").manual_seed(
+            training_seed(self.seed, self.cp.data_rank, config.seed_for_each_device))
         ema_device = self.device if config.ema_device == "accelerator" and not config.ema_cpu_only else "cpu"
         self.ema = (adapters.EMA(self._named_trainable(), config.ema_decay, ema_device, not config.ema_foreach_disable)
                     if config.use_ema else None)  # fmt: skip
@@ -505,7 +505,8 @@ class Trainer:
         return values
 
     def _eval_losses(self, keys: list[str], reader: SampleReader) -> list[float]:
-        """The losses of samples `keys`, each at every EVAL_FRACTIONS point with noise seeded by its position."""
+        """The losses of samples `keys`, each at every `evaluation.eval_fractions` point (eval_timesteps of them)
+        with noise seeded by its position."""
         import torch
 
         losses = []
@@ -513,7 +514,7 @@ class Trainer:
             batch = self.loader.sample_batch(key, reader)  # with its conditioning image (ControlNet, Kontext)
             latent = batch.latents
             g = torch.Generator(device="cpu").manual_seed(10_000 + i)
-            for fraction in EVAL_FRACTIONS:
+            for fraction in evaluation.eval_fractions(self.evaluation.eval_timesteps):
                 noise = torch.randn(latent.shape, generator=g)
                 noised = self.objective.fixed(latent.to(self.device), torch.tensor([fraction]), noise.to(self.device))
                 guidance = self.objective.guidance(1, torch.Generator().manual_seed(0))
@@ -535,6 +536,8 @@ class Trainer:
         with _Signals() as signals:
             if self.has_validation and state.step == 0 and not self.validation_options.disable_benchmark:
                 self._validate(tracker, "base")
+            if self.has_validation and self.validation_options.validation_on_startup:
+                self._startup_validation(tracker)
             if self.evaluation.enabled and state.step == 0:
                 values = self.evaluate()
                 state.first_eval = state.last_eval
@@ -678,6 +681,20 @@ class Trainer:
             finally:
                 self.unwrapped.train(was_training)
         self.accelerator.wait_for_everyone()
+
+    def _startup_validation(self, tracker) -> None:
+        """validation_on_startup: a validation before the first step of every run, a resumed one too (at the step it
+        resumes from), as SimpleTuner's. An external-script validation needs a checkpoint of that step: before a
+        fresh run there is none, and it is skipped (as in SimpleTuner)."""
+        from .validation import startup_label
+
+        step = self.state.step
+        if self.validation_options.validation_method == "external-script" and \
+                step not in dict(list_checkpoints(self.checkpoints_dir, "checkpoint")):  # fmt: skip
+            log.info("validation_on_startup: no checkpoint of step %d for the external validation script; skipped",
+                     step)
+            return
+        self._validate(tracker, startup_label(step))
 
     def _render(self, tracker, label: str) -> None:
         """Validation images (and their EMA twins) for one label."""

@@ -3,6 +3,10 @@
 Prompt embeddings come from the cache's shared embeddings (st cache stores `validation_prompt`,
 `validation_negative_prompt`, the prompts of `user_prompt_library` and the empty prompt), so no text encoder is loaded
 while training; with train_text_encoder the encoders being trained embed the prompts' cached token ids. Images are seeded (`validation_seed`, else `seed`) and saved as PNGs plus one grid per step.
+With `validation_randomize` each validation draws its own seed from `seed` and its label (`render_seed`), logged with
+it; `validation_seed_source` gpu makes the generator on the training device (the CPU on a machine without one).
+`inference_scheduler_timestep_spacing` sets the validation scheduler's timestep spacing (`timestep_spacing`), and
+`unet_attention_slice` renders with diffusers' sliced attention (`attention_sliced_modules`).
 Video families (Wan, LTX-Video) render `validation_num_video_frames` frames per prompt, saved as an MP4 and a frame
 grid PNG (`validation_video`).
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import itertools
 import re
@@ -104,6 +109,58 @@ def skip_layer_guidance(family: Family, options: ValidationOptions) -> dict[str,
             "skip_layer_guidance_scale": float(options.validation_guidance_skip_scale)}  # fmt: skip
 
 
+def render_seed(options: ValidationOptions, label: str) -> int:
+    """The seed of a validation's generators: `validation_seed` (else `seed`, else 0); with validation_randomize a new
+    one per validation, drawn from `seed` and the validation's label (step-N, base, ...), so runs with the same seed
+    render the same images and a resumed run draws what an uninterrupted one does. An EMA twin (`<label>-ema`) uses
+    its label's seed, so the comparison differs only in weights.
+
+    DEVIATION: SimpleTuner's validation_randomize passes the pipeline no generator, which then draws from torch's
+    global generator: a seed that depends on all that ran before (and a resume), and that no log records."""
+    if not options.validation_randomize:
+        return options.validation_seed if options.validation_seed is not None else (options.seed or 0)
+    name = label.removesuffix("-ema")
+    digest = hashlib.sha256(f"st.validation_randomize/{options.seed or 0}/{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def startup_label(step: int) -> str:
+    """validation_on_startup's label: step-0 before a fresh run, step-N-startup before a run resumed at step N (so the
+    validation the earlier run rendered at step N stays as it was)."""
+    return f"step-{step}" if step == 0 else f"step-{step}-startup"
+
+
+def timestep_spacing(scheduler: Any, spacing: str, family: Family) -> Any:
+    """The validation scheduler with `inference_scheduler_timestep_spacing`, as SimpleTuner passes it to every
+    validation scheduler it builds (its default, trailing, too). A scheduler without that setting (flow matching:
+    FlowMatchEulerDiscreteScheduler, or sigmas from the flow schedule, where diffusers ignores the spacing) keeps its
+    schedule: SimpleTuner ignores the value there, st refuses a value other than the default."""
+    from ..config import OPTION_FIELDS
+
+    config = scheduler.config
+    if "timestep_spacing" not in config or config.get("use_flow_sigmas"):
+        if spacing != OPTION_FIELDS["inference_scheduler_timestep_spacing"].default:
+            raise ConfigError(f"inference_scheduler_timestep_spacing {spacing!r}: model_family {family.name} validates "
+                              f"with {type(scheduler).__name__}, whose flow-matching schedule has no timestep "
+                              f"spacing; remove the option")  # fmt: skip
+        return scheduler
+    if config["timestep_spacing"] == spacing:
+        return scheduler
+    return type(scheduler).from_config(config, timestep_spacing=spacing)
+
+
+def attention_sliced_modules(denoiser: Any, control: Any, family: Family) -> list[Any]:
+    """The modules unet_attention_slice slices while validating: the denoiser (and a ControlNet) when diffusers can
+    slice their attention (UNet families: sd1x, sd2x, sdxl, kolors, deepfloyd). ConfigError for a denoiser that
+    cannot (the transformer families; in SimpleTuner the option reaches no module there)."""
+    modules = [denoiser, getattr(control, "controlnet", None)]
+    modules = [m for m in modules if hasattr(m, "set_attention_slice") and hasattr(m, "set_attn_processor")]
+    if denoiser not in modules:
+        raise ConfigError(f"unet_attention_slice: model_family {family.name}'s {type(denoiser).__name__} has no "
+                          f"sliced attention (diffusers slices UNet attention only); remove the option")  # fmt: skip
+    return modules
+
+
 def parse_resolutions(value: str, alignment: int = 16) -> list[tuple[int, int]]:
     """`validation_resolution`: "1024", "1024x768" or several separated by commas -> [(W, H)], rounded down to a
     multiple of 16 (what every family's VAE and patch size divide)."""
@@ -147,6 +204,7 @@ class Validator:
         self.embeds = embeds
         self.control = control
         self.denoiser = denoiser if control is None else control.denoiser
+        self.sliced = attention_sliced_modules(self.denoiser, control, family) if options.unet_attention_slice else []
         layers = getattr(getattr(self.denoiser, "config", None), "num_layers", None)
         if self.skip_layers and isinstance(layers, int) and max(self.skip_layers["skip_guidance_layers"]) >= layers:
             raise ConfigError(f"validation_guidance_skip_layers {self.skip_layers['skip_guidance_layers']} names a "
@@ -158,6 +216,7 @@ class Validator:
             import diffusers
 
             scheduler = getattr(diffusers, SCHEDULERS[options.validation_noise_scheduler]).from_config(scheduler.config)
+        scheduler = timestep_spacing(scheduler, options.inference_scheduler_timestep_spacing, family)
         self.keep_vae = options.keep_vae_loaded
         stream_vae(parts["vae"], denoiser, device)  # ramtorch_vae: its mid blocks' Linear weights stay in host memory
         vae = parts["vae"].to(device if self.keep_vae else "cpu")
@@ -198,6 +257,12 @@ class Validator:
             raise ConfigError(f"validation_guidance_skip_layers: {type(self.pipe).__name__} has no skip-layer "
                               f"guidance; remove it for this run")  # fmt: skip
         self.sizes = parse_resolutions(options.validation_resolution)
+
+    @property
+    def _generator_device(self) -> Any:
+        """validation_seed_source: cpu, or gpu: the device validation renders on (as SimpleTuner, its accelerator's
+        device, which is the CPU on a machine without an accelerator)."""
+        return "cpu" if self.options.validation_seed_source == "cpu" else self.device
 
     @property
     def _embeds_dtype(self) -> Any:
@@ -242,17 +307,30 @@ class Validator:
         if self.true_cfg is not None and negative is None:
             raise InputError(f"validation_guidance_real needs the negative prompt {negative_text!r} in the cache, "
                              f"which has no embeddings for it: re-run `st cache` with this validation_negative_prompt")
-        seed = options.validation_seed if options.validation_seed is not None else (options.seed or 0)
-        with self._vae_on_device(), self._lycoris_strength(), \
+        seed = render_seed(options, label)
+        with self._vae_on_device(), self._lycoris_strength(), self._attention_slicing(), \
                 model_cpu_offload(self.pipe, self.device, self.model_cpu_offload):
             paths = self._render_all(folder, negative, seed)
         if paths:
             grid = folder / "grid.png"
             image_grid(paths, columns=max(1, options.num_validation_images * len(self.sizes))).save(grid)
             paths.append(grid)
-        log.info("validation: %d %s at step %d -> %s", len(paths) - 1, "video(s)" if self.family.video else "image(s)",
-                 step, folder)  # fmt: skip
+        log.info("validation: %d %s at step %d (seed %d) -> %s", len(paths) - 1,
+                 "video(s)" if self.family.video else "image(s)", step, seed, folder)  # fmt: skip
         return paths
+
+    @contextlib.contextmanager
+    def _attention_slicing(self):
+        """unet_attention_slice: diffusers' sliced attention ("auto": half the head dimension per slice) while
+        rendering; the trained modules get their attention processors back after, so training is unchanged."""
+        saved = [(module, module.attn_processors) for module in self.sliced]
+        try:
+            for module, _ in saved:
+                module.set_attention_slice("auto")
+            yield
+        finally:
+            for module, processors in saved:
+                module.set_attn_processor(processors)
 
     @contextlib.contextmanager
     def _lycoris_strength(self):
@@ -327,7 +405,7 @@ class Validator:
                 extra = {"num_inference_steps": options.validation_num_inference_steps,
                          "guidance_scale": options.validation_guidance, "height": height, "width": width,
                          "num_images_per_prompt": options.num_validation_images, "output_type": "pil",
-                         "generator": torch.Generator(device="cpu").manual_seed(seed)}  # fmt: skip
+                         "generator": torch.Generator(device=self._generator_device).manual_seed(seed)}  # fmt: skip
                 if options.validation_guidance_rescale and "guidance_rescale" in self.call_params:
                     extra["guidance_rescale"] = options.validation_guidance_rescale
                 if "use_resolution_binning" in self.call_params:

@@ -105,8 +105,8 @@ def test_refusal_reads_values_as_a_file_spells_them(tmp_path):
             continue
         load_config(write(tmp_path, {"gradient_precision": value}))
     load_config(write(tmp_path, {"train_text_encoder": "false", "snr_weight": "1.0"}))
-    with pytest.raises(ConfigError, match="one shared seed on every device"):
-        load_config(write(tmp_path, {"seed_for_each_device": False}))
+    with pytest.raises(ConfigError, match="RamTorch streaming of the denoiser's Embedding"):
+        load_config(write(tmp_path, {"ramtorch_disable_extensions": "false"}))
     with pytest.raises(ConfigError, match="st trains the text encoders of model_family sd1x and sdxl only"):
         load_config(write(tmp_path, {"train_text_encoder": "true", "model_family": "flux"}))
 
