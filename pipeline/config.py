@@ -107,6 +107,11 @@ class Config:
     aspect_bucket_rounding: int = opt(2, PREPARE)
     aspect_bucket_alignment: int = opt(64, PREPARE)
     caption_strategy: str = opt("filename", PREPARE, choices=("filename", "textfile", "parquet", "instanceprompt"))
+    # SimpleTuner's fallbacks for a dataset's `parquet` block that does not name these columns.
+    parquet_caption_column: str | None = opt(None, PREPARE, help="Caption column of parquet caption tables whose "
+                                             "`parquet` block sets no caption_column.")  # fmt: skip
+    parquet_filename_column: str | None = opt(None, PREPARE, help="File-name column of parquet caption tables whose "
+                                              "`parquet` block sets no filename_column.")  # fmt: skip
     instance_prompt: str | None = opt(None, PREPARE)
     prepend_instance_prompt: bool = opt(False, PREPARE)
     only_instance_prompt: bool = opt(False, PREPARE)
@@ -161,6 +166,10 @@ class Config:
 
     # Training: what is trained and how (SimpleTuner's names and meanings).
     model_type: str = opt("lora", TRAIN, choices=("lora", "full"))
+    layer_freeze_strategy: str = opt("none", TRAIN, choices=("none", "bitfit"),
+                                     help="bitfit: model_type full trains only the denoiser's parameters named "
+                                     "*bias* (SimpleTuner's BitFit); LoRA runs train as without it (a warning, as "
+                                     "SimpleTuner ignores it there); refused with controlnet.")  # fmt: skip
     lora_rank: int = opt(16, TRAIN)
     lora_alpha: float | None = opt(None, TRAIN, help="Defaults to lora_rank (scale 1).")
     lora_dropout: float = opt(0.1, TRAIN)
@@ -772,6 +781,9 @@ ENV_VARIABLE_OPTIONS = {
     "VALIDATION_NEGATIVE_PROMPT": "validation_negative_prompt", "DISABLE_BENCHMARK": "disable_benchmark",
 }  # fmt: skip
 EXTRA_ARGS_VARIABLE = "TRAINER_EXTRA_ARGS"
+# Launcher variables that set an option to a fixed value when "true" (SimpleTuner maps USE_BITFIT to
+# `--layer_freeze_strategy=bitfit`).
+ENV_FLAG_OPTIONS = {"USE_BITFIT": ("layer_freeze_strategy", "bitfit")}
 
 
 def read_env_config(text: str, path: Path) -> dict[str, Any]:
@@ -784,7 +796,13 @@ def read_env_config(text: str, path: Path) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for name, value in variables.items():
         option = ENV_VARIABLE_OPTIONS.get(name)
-        if option is None:
+        if name in ENV_FLAG_OPTIONS:
+            if value.lower() not in ("true", "false", ""):
+                raise ConfigError(f"{path}: {name} must be true or false, got {value!r}")
+            if value.lower() == "true":
+                flag_option, flag_value = ENV_FLAG_OPTIONS[name]
+                options[flag_option] = flag_value
+        elif option is None:
             if name != EXTRA_ARGS_VARIABLE:
                 log.info("%s: ignoring variable %s: it sets no option", path, name)
         elif value.lower() != "false" and value != "":
@@ -1095,6 +1113,10 @@ def _check_relations(config: Config, where: str) -> None:
     check_resolution(config.resolution, config.resolution_type, where)
     if config.train_text_encoder:
         _check_text_encoder_training(config, where)
+    if config.layer_freeze_strategy == "bitfit" and config.controlnet:
+        raise ConfigError("layer_freeze_strategy bitfit with controlnet: SimpleTuner applies BitFit to the base model "
+                          "(unfreezing its biases), not to the ControlNet it trains, which st does not implement; "
+                          f"set layer_freeze_strategy none{_place(where)}")  # fmt: skip
     if config.tread_config is not None:
         from .tread_settings import parse_routes
 

@@ -243,6 +243,15 @@ def _parquet_spec(raw: Any, loaded: LoadedConfig, base: Path, where: str) -> Par
     for key, value in kwargs.items():
         if key != "identifier_includes_extension" and not (value is None or isinstance(value, str)):
             raise ConfigError(f"{where}: parquet.{key} must be a column name, got {value!r}")
+    # The global parquet_caption_column / parquet_filename_column stand in for columns the block does not name, as in
+    # SimpleTuner's configure_parquet_database. DEVIATION: with neither set, st reads the columns `caption` and
+    # `filename` (as SimpleTuner's documentation says), where SimpleTuner's code falls back to `description` and `id`.
+    for key, option in (("caption_column", "parquet_caption_column"), ("filename_column", "parquet_filename_column")):
+        fallback = getattr(loaded.config, option)
+        if kwargs.get(key) is None and fallback is not None:
+            kwargs[key] = fallback
+        elif kwargs.get(key, "") is None:
+            del kwargs[key]
     return ParquetCaptions(path=path, **kwargs)
 
 

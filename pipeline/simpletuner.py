@@ -148,10 +148,10 @@ OPTION_STATES: dict[str, OptionState] = {
     **_accepted("SimpleTuner's code never reads it (only its example configs set it)", "strict_epoch_limit"),
     "save_text_encoder": Accepted("adds the base text encoders to a full run's saved pipeline; st's published model "
                                   "folder always holds them, and a LoRA file holds the trained text-encoder weights"),
-    "freeze_encoder_before": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)", 12),
-    "freeze_encoder_after": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)", 17),
-    "freeze_encoder_strategy": Refused("freezing text-encoder layers (SimpleTuner defines it but applies it nowhere)",
-                                       "after"),
+    # Read only by model_freeze.freeze_text_encoder, which SimpleTuner never calls: its text encoders train whole.
+    **_accepted("SimpleTuner defines it but never applies it (its text-encoder layer freezing is never called; "
+                "trained text encoders train whole, in both tools)",
+                "freeze_encoder_before freeze_encoder_after freeze_encoder_strategy"),
     "validation_stitch_input_location": Accepted("where SimpleTuner stitches the conditioning image into a validation "
                                                  "image; st saves it as its own file beside each render "
                                                  "(`<name>-control.png`), the same pixels either way"),
@@ -169,7 +169,6 @@ OPTION_STATES: dict[str, OptionState] = {
                  "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
     # Refused: a feature st lacks; loads only at its default.
     "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
-    "layer_freeze_strategy": Refused("layer freezing (BitFit)", "none"),
     **_refused("distillation", "distillation_method"),
     "sdxl_refiner_uses_full_range": Accepted("SimpleTuner defines it but never reads it (refiner_training's range "
                                              "applies whatever it says)"),
@@ -180,8 +179,6 @@ OPTION_STATES: dict[str, OptionState] = {
     "use_adafactor_optimizer": Refused("the Adafactor optimizer"),
     "trust_remote_code": Refused("model code from the hub"),
     "non_ema_revision": Refused("a separate non-EMA model revision"),
-    **_refused("the global parquet columns (set them in the dataset's parquet block)",
-               "parquet_caption_column parquet_filename_column"),
     **_refused("LayerSync regularisation", "layersync_enabled"),
     **_refused("Diff2Flow", "diff2flow_enabled diff2flow_loss"),
     "scheduled_sampling_max_step_offset": Refused("scheduled sampling", 0),

@@ -86,8 +86,10 @@ class ParquetCaptionTable:
             ("fallback_caption_column", spec.fallback_caption_column),
         ):
             if name is not None and name not in columns:
+                source = f"parquet.{role}" + (f", else the global parquet_{role}" if role != "fallback_caption_column"
+                                              else "")  # fmt: skip
                 raise InputError(
-                    f"dataset '{dataset_id}': {spec.path} has no column '{name}' (parquet.{role}); "
+                    f"dataset '{dataset_id}': {spec.path} has no column '{name}' ({source}); "
                     f"its columns are: {', '.join(sorted(columns))}"
                 )
         names = table.column(spec.filename_column).to_pylist()

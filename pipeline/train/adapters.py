@@ -78,7 +78,12 @@ def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | N
     its weights are rounded at most once, to that dtype."""
     if options.model_type == "full":
         denoiser.requires_grad_(True)
+        if options.layer_freeze_strategy == "bitfit":
+            bitfit(denoiser)
         return [p for p in denoiser.parameters() if p.requires_grad]
+    if options.layer_freeze_strategy == "bitfit":  # SimpleTuner's apply_bitfit_freezing returns a LoRA run unchanged
+        log.warning("layer_freeze_strategy bitfit applies to model_type full only; a LoRA run trains its LoRA weights "
+                    "as without it (as in SimpleTuner)")  # fmt: skip
     denoiser.requires_grad_(False)
     if options.lora_type == "lycoris":
         params = _attach_lycoris(denoiser, options, base_dir)
@@ -110,6 +115,21 @@ def attach(denoiser, options: AdapterOptions, family: Family, base_dir: Path | N
     if not params:
         raise ConfigError("no LoRA parameters were created; check peft_lora_target_modules / flux_lora_target")
     return params
+
+
+def bitfit(denoiser) -> None:
+    """BitFit (layer_freeze_strategy bitfit), as SimpleTuner's apply_bitfit_freezing: only parameters whose name
+    contains "bias" stay trainable."""
+    trained = total = 0
+    for name, param in denoiser.named_parameters():
+        param.requires_grad_("bias" in name)
+        total += param.numel()
+        trained += param.numel() if param.requires_grad else 0
+    if not trained:
+        raise ConfigError("layer_freeze_strategy bitfit left nothing to train: this denoiser has no bias parameters; "
+                          "set layer_freeze_strategy none")  # fmt: skip
+    log.info("layer_freeze_strategy bitfit: training %d bias parameters of %d (%.2f%%); every other weight is frozen",
+             trained, total, 100 * trained / total)  # fmt: skip
 
 
 def _attach_lycoris(denoiser, options: AdapterOptions, base_dir: Path | None) -> list[Any]:

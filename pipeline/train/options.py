@@ -57,6 +57,7 @@ class AdapterOptions(OptionGroup):
     lora_type: str
     lycoris_config: str | None
     init_lokr_norm: float | None
+    layer_freeze_strategy: str = "none"
 
 
 @dataclass(frozen=True)
