@@ -326,18 +326,25 @@ class Config:
                                                        "optimi-adam", "optimi-sgd", "ao-adamw8bit", "ao-adamw4bit",
                                                        "ao-adamfp8", "ao-adamwfp8", "adamw_schedulefree+aggressive",
                                                        "adamw_schedulefree+no_kahan", "soap"),
-                         help="prodigy is SimpleTuner's: Prodigy-Plus-Schedule-Free with SimpleTuner's settings (lr "
-                              "1.0, not learning_rate; no weight decay; no gradient clipping; the lr_scheduler "
-                              "applies); override them with optimizer_config. optimi-radam/ranger/adan/adam/sgd, "
-                              "ao-* (torchao low-bit moments; fp8 ones need CUDA compute capability 8.9 on a GPU, run "
-                              "on the CPU), adamw_schedulefree+aggressive / +no_kahan (weight_decay 1e-3, eps 1e-6; "
-                              "no Kahan summation in st's schedule-free AdamW) and soap (st's own SOAP) take "
-                              "learning_rate and SimpleTuner's default settings, not adam_weight_decay / adam_epsilon.")  # fmt: skip
+                         help="Each takes learning_rate and SimpleTuner's default settings (betas, weight_decay, "
+                              "eps, ...; not adam_weight_decay / adam_epsilon), then optimizer_config, then "
+                              "optimizer_beta1 + optimizer_beta2 when both are set. prodigy is SimpleTuner's: "
+                              "Prodigy-Plus-Schedule-Free with SimpleTuner's settings (lr 1.0, not learning_rate; no "
+                              "weight decay; no gradient clipping; the lr_scheduler applies). ao-* keep torchao "
+                              "low-bit moments (fp8 ones need CUDA compute capability 8.9 on a GPU, run on the CPU); "
+                              "bnb-adamw8bit needs a CUDA GPU; st's schedule-free AdamW has no Kahan summation; soap "
+                              "is st's own SOAP.")  # fmt: skip
     optimizer_config: str | None = opt(None, TRAIN, help="Extra optimizer arguments: 'key=value,key=value'.")
     optimizer_beta1: float | None = opt(None, TRAIN)
     optimizer_beta2: float | None = opt(None, TRAIN)
-    adam_weight_decay: float = opt(1e-2, TRAIN)
-    adam_epsilon: float = opt(1e-8, TRAIN)
+    # Loaded (SimpleTuner's examples set them) and read by no optimizer: SimpleTuner reads them only under DeepSpeed;
+    # st train warns when one is set (pipeline.simpletuner.UNUSED_FIELDS gives their state in `st options`).
+    adam_weight_decay: float = opt(1e-2, TRAIN, key=False, help="Not used (SimpleTuner reads it only under DeepSpeed, "
+                                                                 "which st does not run): set optimizer_config="
+                                                                 "\"weight_decay=...\"; st train warns when it is set.")
+    adam_epsilon: float = opt(1e-8, TRAIN, key=False, help="Not used (SimpleTuner reads it only under DeepSpeed, which "
+                                                           "st does not run): set optimizer_config=\"eps=...\"; "
+                                                           "st train warns when it is set.")
     prodigy_steps: int | None = opt(None, TRAIN, help="optimizer=prodigy: freeze its step-size estimate d after this "
                                                       "many steps (unset or 0: never); no effect with other optimizers.")
     max_grad_norm: float = opt(2.0, TRAIN)

@@ -28,7 +28,7 @@ from .config import (
 )
 from .console import show_value
 from .errors import ConfigError
-from .simpletuner import OPTION_STATES, Accepted, Alias, OptionState, Refused
+from .simpletuner import OPTION_STATES, UNUSED_FIELDS, Accepted, Alias, OptionState, Refused
 
 STAGES = (PREPARE, CACHE, TRAIN, PUBLISH)
 IMPLEMENTED = "implemented"
@@ -71,6 +71,10 @@ def _stages(field: dataclasses.Field) -> tuple[str, ...]:
 
 
 def _implemented(field: dataclasses.Field, default: Any) -> OptionInfo:
+    unused = UNUSED_FIELDS.get(field.name)
+    if unused is not None:  # loaded, read by nothing
+        return OptionInfo(field.name, str(field.type), default, _stages(field), _in_key(field), "accepted",
+                          f"ignored: {unused.reason}.")  # fmt: skip
     choices = field.metadata["choices"]
     notes = " ".join(part for part in (
         field.metadata["help"],

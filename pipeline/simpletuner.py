@@ -201,6 +201,14 @@ OPTION_STATES: dict[str, OptionState] = {
 }
 # fmt: on
 
+# Config fields that load (SimpleTuner's own examples set them) but that nothing reads, since SimpleTuner reads them
+# only on a path st does not run; st train warns when one is set away from its default. `st options` lists them as
+# accepted (ignored), not implemented.
+_DEEPSPEED_ONLY = ("SimpleTuner reads it only under DeepSpeed, which st does not run; every optimizer takes "
+                   "SimpleTuner's default settings, changed with optimizer_config (st train warns when it is set)")
+UNUSED_FIELDS: dict[str, Accepted] = {"adam_weight_decay": Accepted(_DEEPSPEED_ONLY),
+                                      "adam_epsilon": Accepted(_DEEPSPEED_ONLY)}
+
 _DATASET_RUNTIME = "sets how SimpleTuner reads or caches the dataset, not what st trains on"
 
 # Keys of a multidatabackend.json entry that are not st's own dataset keys. (disable_multiline_split, caption_shuffle

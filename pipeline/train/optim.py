@@ -5,10 +5,11 @@
 `clip_gradients` applies `grad_clip_method` / `max_grad_norm`.
 
 `optimizer=prodigy` is SimpleTuner's: `prodigyplus.ProdigyPlusScheduleFree` built from SimpleTuner's settings
-(`PRODIGY_DEFAULTS`, helpers/training/optimizer_param.py), not the reference `prodigyopt.Prodigy`. The optimizers of
-`SIMPLETUNER_DEFAULTS` (optimi-radam/-ranger/-adan/-adam/-sgd, torchao's ao-*, the adamw_schedulefree variants, soap)
-are built as SimpleTuner builds them: learning_rate, then SimpleTuner's default settings, then `optimizer_config`,
-then the betas when optimizer_beta1 and optimizer_beta2 are both set.
+(`PRODIGY_DEFAULTS`, helpers/training/optimizer_param.py), not the reference `prodigyopt.Prodigy`. Every other
+optimizer (`SIMPLETUNER_DEFAULTS`) is built as SimpleTuner builds it: learning_rate, then SimpleTuner's default
+settings, then `optimizer_config`, then the betas when optimizer_beta1 and optimizer_beta2 are both set.
+`adam_weight_decay` and `adam_epsilon` are read by no optimizer (SimpleTuner reads them only under DeepSpeed, which st
+does not run); `build_optimizer` warns when they are set.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ast
 import contextlib
 import copy
 import functools
+import importlib.util
 import inspect
 import io
 import itertools
@@ -52,14 +54,21 @@ PRODIGY_DEFAULTS: dict[str, Any] = {
     "use_adopt": False, "stochastic_rounding": True,
 }  # fmt: skip
 
-# SimpleTuner's `optimizer_choices[name]["default_settings"]` for the optimizers st builds as SimpleTuner does
-# (`simpletuner_kwargs`): learning_rate, these, then optimizer_config, then both betas; adam_weight_decay and
-# adam_epsilon are not used. adamw_schedulefree+no_kahan's `use_kahan: False` is left out: SimpleTuner's own class
-# takes `kahan_sum`, so its kwargs filter drops `use_kahan` (and +no_kahan runs exactly as +aggressive there);
-# st's schedule-free AdamW (the schedulefree package's) has no Kahan summation in any variant.
+# SimpleTuner's `optimizer_choices[name]["default_settings"]` for every optimizer but prodigy (`simpletuner_kwargs`):
+# learning_rate, these, then optimizer_config, then both betas; adam_weight_decay and adam_epsilon are not used. A key
+# the installed class does not take is dropped, as SimpleTuner's `_sanitize_optimizer_kwargs` drops it.
+# adamw_schedulefree+no_kahan's `use_kahan: False` is left out: SimpleTuner's own class takes `kahan_sum`, so its
+# kwargs filter drops `use_kahan` (and +no_kahan runs exactly as +aggressive there); st's schedule-free AdamW (the
+# schedulefree package's) has no Kahan summation in any variant.
 _OPTIMI_COMMON = {"decouple_lr": False, "kahan_sum": True}
 _AO_ADAM = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-6}
 SIMPLETUNER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw_bf16": {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-6},
+    "optimi-adamw": {"betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.0, **_OPTIMI_COMMON, "max_lr": None},
+    "optimi-stableadamw": {"betas": (0.9, 0.99), "weight_decay": 1e-2, "eps": 1e-6, **_OPTIMI_COMMON, "max_lr": None,
+                           "foreach": True},
+    "optimi-lion": {"betas": (0.9, 0.99), "weight_decay": 0.0, **_OPTIMI_COMMON, "max_lr": None, "foreach": True},
+    "bnb-adamw8bit": {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-6},
     "optimi-radam": {"betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-6, "decouple_wd": True, **_OPTIMI_COMMON,
                      "foreach": True},
     "optimi-ranger": {"betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-6, "k": 6, "alpha": 0.5, "decouple_wd": True,
@@ -71,6 +80,7 @@ SIMPLETUNER_DEFAULTS: dict[str, dict[str, Any]] = {
     "optimi-sgd": {"momentum": 0, "weight_decay": 0.0, "dampening": False, "decouple_wd": False, **_OPTIMI_COMMON,
                    "max_lr": None, "torch_init": False, "foreach": True},
     "ao-adamw8bit": _AO_ADAM, "ao-adamw4bit": _AO_ADAM, "ao-adamfp8": _AO_ADAM, "ao-adamwfp8": _AO_ADAM,
+    "adamw_schedulefree": {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8},
     "adamw_schedulefree+aggressive": {"betas": (0.9, 0.999), "weight_decay": 1e-3, "eps": 1e-6},
     "adamw_schedulefree+no_kahan": {"betas": (0.9, 0.999), "weight_decay": 1e-3, "eps": 1e-6},
     "soap": {"betas": (0.95, 0.95), "shampoo_beta": -1, "eps": 1e-8, "weight_decay": 0.01, "precondition_frequency": 10,
@@ -222,16 +232,18 @@ def optimizer_class(name: str, *, device_type: str) -> type[torch.optim.Optimize
             raise _missing("schedulefree", name) from None
         return AdamWScheduleFree
     if name == "bnb-adamw8bit":
-        if device_type != "cuda":
-            raise NotSupportedError(
-                f"bnb-adamw8bit needs CUDA; choose adamw_bf16 (or optimi-adamw) to train on '{device_type}'"
-            )
+        require(device_type == "cuda", _bnb_needs_cuda(device_type))
         try:
             import bitsandbytes
         except ImportError:
             raise _missing("bitsandbytes", name) from None
         return bitsandbytes.optim.AdamW8bit
     raise ConfigError(f"unknown optimizer '{name}'")
+
+
+def _bnb_needs_cuda(device_type: str) -> str:
+    return (f"optimizer bnb-adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit AdamW); this machine trains on "
+            f"'{device_type}': choose adamw_bf16, or ao-adamw8bit for 8-bit moments without CUDA")  # fmt: skip
 
 
 @functools.cache
@@ -452,12 +464,15 @@ def prodigy_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
 
 def simpletuner_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
     """SimpleTuner's arguments for a `SIMPLETUNER_DEFAULTS` optimizer: lr (`learning_rate`, with `lr_scale`), its
-    default settings, `optimizer_config`, then the betas when optimizer_beta1 and optimizer_beta2 are both set; the
-    schedule-free ones get `warmup_steps` = `lr_warmup_steps` last (SimpleTuner's `can_warmup`)."""
+    default settings (less those `cls` does not take), `optimizer_config`, then the betas when optimizer_beta1 and
+    optimizer_beta2 are both set; the schedule-free ones get `warmup_steps` = `lr_warmup_steps` last (SimpleTuner's
+    `can_warmup`)."""
     name = options.optimizer
     extra = parse_optimizer_config(options.optimizer_config)
     _check_accepted(extra, cls, name)  # DEVIATION: SimpleTuner drops unknown keys with a warning
-    kwargs = {"lr": effective_learning_rate(options), **copy.deepcopy(SIMPLETUNER_DEFAULTS[name]), **extra}
+    accepted, any_kwargs = _accepted_arguments(cls)
+    defaults = {k: v for k, v in copy.deepcopy(SIMPLETUNER_DEFAULTS[name]).items() if any_kwargs or k in accepted}
+    kwargs = {"lr": effective_learning_rate(options), **defaults, **extra}
     beta1, beta2 = options.optimizer_beta1, options.optimizer_beta2
     if beta1 is not None and beta2 is not None:
         if "betas" not in kwargs:
@@ -480,30 +495,12 @@ def simpletuner_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
 
 
 def optimizer_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
-    """The keyword arguments for `cls`: lr, betas, weight decay, eps (where it takes them), then `optimizer_config`
-    (SimpleTuner's settings instead for prodigy and the `SIMPLETUNER_DEFAULTS` optimizers)."""
+    """The keyword arguments for `cls`, SimpleTuner's: `prodigy_kwargs` for prodigy, else `simpletuner_kwargs`."""
     if options.optimizer == "prodigy":
         return prodigy_kwargs(options, cls)
-    if options.optimizer in SIMPLETUNER_DEFAULTS:
-        return simpletuner_kwargs(options, cls)
-    accepted, any_kwargs = _accepted_arguments(cls)
-    betas = (
-        DEFAULT_BETAS[0] if options.optimizer_beta1 is None else float(options.optimizer_beta1),
-        DEFAULT_BETAS[1] if options.optimizer_beta2 is None else float(options.optimizer_beta2),
-    )
-    base: dict[str, Any] = {
-        "lr": effective_learning_rate(options),
-        "betas": betas,
-        "weight_decay": float(options.adam_weight_decay),
-        "eps": float(options.adam_epsilon),
-    }
-    if options.optimizer in SCHEDULE_FREE:
-        base["warmup_steps"] = int(options.lr_warmup_steps)  # schedule-free optimizers warm up by themselves
-    kwargs = {k: v for k, v in base.items() if any_kwargs or k in accepted}
-    extra = parse_optimizer_config(options.optimizer_config)
-    _check_accepted(extra, cls, options.optimizer)
-    kwargs.update(extra)
-    return kwargs
+    if options.optimizer not in SIMPLETUNER_DEFAULTS:
+        raise ConfigError(f"unknown optimizer '{options.optimizer}'")
+    return simpletuner_kwargs(options, cls)
 
 
 def build_optimizer(params: Iterable, options: OptimizerOptions, *, device_type: str) -> torch.optim.Optimizer:
@@ -525,10 +522,11 @@ def build_optimizer(params: Iterable, options: OptimizerOptions, *, device_type:
             )  # fmt: skip
     elif options.prodigy_steps:
         log.warning("prodigy_steps=%d has no effect with optimizer=%s (as in SimpleTuner)", options.prodigy_steps, name)
-    if name in SIMPLETUNER_DEFAULTS and _adam_options_set(options):
+    if _adam_options_set(options):
         log.warning("optimizer=%s uses SimpleTuner's settings (weight_decay=%s, eps=%s): adam_weight_decay and "
-                    "adam_epsilon are not used, as in SimpleTuner; set them with optimizer_config=\"weight_decay=...,"
-                    "eps=...\"", name, kwargs.get("weight_decay"), kwargs.get("eps"))  # fmt: skip
+                    "adam_epsilon are not used (SimpleTuner reads them only under DeepSpeed, which st does not run); "
+                    "set them with optimizer_config=\"weight_decay=...,eps=...\"", name, kwargs.get("weight_decay"),
+                    kwargs.get("eps", "none"))  # fmt: skip
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):  # Prodigy-Plus prints its notes
@@ -550,7 +548,8 @@ def _adam_options_set(options: OptimizerOptions) -> bool:
 
 def check(config: Any) -> None:
     """Refuse, before any work, an optimizer whose package is missing, whose settings its class rejects
-    (`optimizer_config` keys, three betas set with two), or that this machine cannot run (exit 2 naming why).
+    (`optimizer_config` keys, three betas set with two), or that this machine cannot run (exit 2 naming why;
+    through `require`, so that `st check --any-machine` lists it as a machine need): bnb-adamw8bit needs CUDA.
 
     torchao's fp8 moments (ao-adamfp8, ao-adamwfp8) compile to fp8 kernels that CUDA GPUs run from compute capability
     8.9; on the CPU (where st trains without a GPU) torchao's low-bit optimizers all run.
@@ -564,6 +563,11 @@ def check(config: Any) -> None:
                 f"optimizer {name} keeps its moments in fp8, which torchao's compiled step runs only on CUDA compute "
                 f"capability 8.9 or newer (this GPU: {capability[0]}.{capability[1]}): choose ao-adamw8bit or "
                 "ao-adamw4bit")  # fmt: skip
+    if name == "bnb-adamw8bit" and not cuda and importlib.util.find_spec("bitsandbytes") is None:
+        # No GPU and no bitsandbytes here: the need is raised, or listed by `st check --any-machine`; the package and
+        # the settings are checked on the GPU machine.
+        require(False, _bnb_needs_cuda("cpu"))
+        return
     cls = optimizer_class(name, device_type="cuda" if cuda else "cpu")
     quiet, log.disabled = log.disabled, True  # its warnings are given when the optimizer is built
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError, NotSupportedError, UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.train.checkpoint import list_checkpoints, read_checkpoint
 from pipeline.train.trainer import TrainingDiverged
 from tests.helpers.training import QUICK, run_st_train, train
@@ -320,18 +320,20 @@ def test_caption_dropout_one_drops_every_caption(data, tmp_path):
     assert all(r["dropped"] and all(r["dropped"]) for r in records)
 
 
-def test_bnb_adamw8bit_on_cpu_is_not_supported(data, tmp_path, cli):
+def test_bnb_adamw8bit_on_cpu_is_a_machine_need(data, tmp_path, cli):
     import torch
+
+    from pipeline.machine import MachineError
 
     if torch.cuda.is_available():
         pytest.skip("bnb-adamw8bit is supported on CUDA")
     root, config = data("sd1x")
-    with pytest.raises(NotSupportedError, match="bnb-adamw8bit needs CUDA"):
+    with pytest.raises(MachineError, match="optimizer bnb-adamw8bit needs a CUDA GPU"):
         train(config, root / "cache", tmp_path / "out", 'optimizer="bnb-adamw8bit"')
     sets = sum((["--set", s] for s in [*QUICK, 'optimizer="bnb-adamw8bit"']), [])
     result = cli("train", "-c", config, "-i", root / "cache", "-o", tmp_path / "out2", *sets)
     assert result.exit_code == 2
-    assert "bnb-adamw8bit needs CUDA" in result.stderr
+    assert "optimizer bnb-adamw8bit needs a CUDA GPU" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------------------ Flux

@@ -6,13 +6,14 @@ import dataclasses
 import importlib.util
 import logging
 import math
+import re
 
 import pytest
 import torch
 
 from pipeline.config import OPTION_FIELDS, Config
 from pipeline.distributed import check_world_size, global_batch
-from pipeline.errors import ConfigError, NotSupportedError
+from pipeline.errors import ConfigError, MachineError, NotSupportedError
 from pipeline.train.optim import (
     AdamWBF16,
     build_lr_scheduler,
@@ -20,6 +21,7 @@ from pipeline.train.optim import (
     clip_gradients,
     effective_learning_rate,
     averaged_weights,
+    check,
     optimizer_eval_mode,
     optimizer_train_mode,
     parse_optimizer_config,
@@ -51,7 +53,7 @@ def quadratic(p: torch.Tensor) -> torch.Tensor:
 def test_each_cpu_optimizer_reduces_a_quadratic(name):
     p = torch.nn.Parameter(torch.zeros(4))
     extra = {"optimizer_config": "d0=1e-2"} if name == "prodigy" else {}
-    config = Config(optimizer=name, learning_rate=CPU_OPTIMIZERS[name], adam_weight_decay=0.0, **extra)
+    config = Config(optimizer=name, learning_rate=CPU_OPTIMIZERS[name], **extra)
     opt = build_optimizer([p], config, device_type="cpu")
     start = quadratic(p).item()
     for _ in range(20):
@@ -69,9 +71,9 @@ def test_adamw_bf16_on_fp32_matches_torch_adamw():
     torch.manual_seed(0)
     init = torch.randn(5, 7)
     a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
-    ours = build_optimizer([a], Config(learning_rate=1e-2, adam_weight_decay=0.05), device_type="cpu")
+    ours = build_optimizer([a], Config(learning_rate=1e-2, optimizer_config="weight_decay=0.05"), device_type="cpu")
     assert isinstance(ours, AdamWBF16)
-    reference = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    reference = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.05)  # SimpleTuner's eps
     for step in range(5):
         grad = torch.randn(5, 7, generator=torch.Generator().manual_seed(step))
         a.grad, b.grad = grad.clone(), grad.clone()
@@ -85,7 +87,7 @@ def test_adamw_bf16_keeps_bf16_and_rounds_stochastically():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16))
     q = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16))
-    config = Config(learning_rate=1e-3, adam_weight_decay=0.0)
+    config = Config(learning_rate=1e-3, optimizer_config="weight_decay=0")
     stochastic = build_optimizer([p], config, device_type="cpu")
     nearest = AdamWBF16([q], lr=1e-3, weight_decay=0.0, stochastic_rounding=False)
     for _ in range(10):
@@ -100,10 +102,23 @@ def test_adamw_bf16_keeps_bf16_and_rounds_stochastically():
     assert abs(p.float().mean().item() - 0.99) < 1e-3
 
 
-def test_bnb_needs_cuda():
+def test_bnb_needs_cuda_a_machine_need(tmp_path, monkeypatch):
+    import json
+
+    from pipeline.check import run_check
+
     p = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(NotSupportedError, match="bnb-adamw8bit needs CUDA; choose adamw_bf16"):
+    need = "optimizer bnb-adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit AdamW); this machine trains on 'cpu'"
+    with pytest.raises(MachineError, match=re.escape(need) + ": choose adamw_bf16"):
         build_optimizer([p], Config(optimizer="bnb-adamw8bit"), device_type="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MachineError, match=re.escape(need)):
+        check(Config(optimizer="bnb-adamw8bit"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_family": "sd1x", "pretrained_model_name_or_path": str(tmp_path / "missing"),
+                                  "optimizer": "bnb-adamw8bit"}))  # fmt: skip
+    report = run_check(config, any_machine=True)
+    assert [n for n in report.machine_needs if need in n] and not [p for p in report.problems if "optimizer" in p]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
@@ -124,13 +139,34 @@ def test_optimizer_config_passes_kwargs_and_rejects_unknown():
         build_optimizer([p], Config(optimizer="optimi-lion", optimizer_config="bogus=1"), device_type="cpu")
 
 
-def test_defaults_betas_and_config_values():
+@pytest.mark.parametrize("name", sorted(CPU_OPTIMIZERS))
+def test_adam_weight_decay_and_epsilon_warn_and_change_nothing(name, caplog):
+    # SimpleTuner reads them only under DeepSpeed: every optimizer keeps its own settings.
+    def group(**values):
+        return build_optimizer(prodigy_params(), Config(optimizer=name, **values), device_type="cpu").param_groups[0]
+
+    plain = group()
+    with caplog.at_level(logging.WARNING, logger="st"):
+        for values in ({"adam_weight_decay": 0.3}, {"adam_epsilon": 1e-3}):
+            caplog.clear()
+            changed = group(**values)
+            assert {k: v for k, v in changed.items() if k != "params"} == {
+                k: v for k, v in plain.items() if k != "params"}, values
+            assert f"optimizer={name} uses SimpleTuner's settings" in caplog.text
+            assert "adam_weight_decay and adam_epsilon are not used" in caplog.text
+            assert 'optimizer_config="weight_decay=...,eps=..."' in caplog.text
+        caplog.clear()
+        group(adam_weight_decay=1e-2, adam_epsilon=1e-8)  # their defaults: no warning
+    assert "adam_weight_decay" not in caplog.text
+
+
+def test_one_beta_alone_is_not_used_and_lion_takes_no_eps(caplog):
     p = torch.nn.Parameter(torch.zeros(2))
-    opt = build_optimizer([p], Config(adam_weight_decay=0.3, adam_epsilon=1e-6), device_type="cpu")
-    group = opt.param_groups[0]
-    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.3 and group["eps"] == 1e-6
-    opt = build_optimizer([p], Config(optimizer_beta2=0.95), device_type="cpu")
-    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    with caplog.at_level(logging.WARNING, logger="st"):
+        opt = build_optimizer([p], Config(optimizer_beta2=0.95), device_type="cpu")
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and "only together" in caplog.text  # as SimpleTuner
+    opt = build_optimizer([p], Config(optimizer_beta1=0.8, optimizer_beta2=0.95), device_type="cpu")
+    assert opt.param_groups[0]["betas"] == (0.8, 0.95)
     lion = build_optimizer([p], Config(optimizer="optimi-lion"), device_type="cpu")  # Lion takes no eps
     assert "eps" not in lion.param_groups[0]
 
@@ -253,7 +289,8 @@ def test_averaged_weights_switches_schedule_free_optimizers_and_restores_the_mod
 def test_invalid_value_is_a_config_error():
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ConfigError, match="optimi-adamw"):
-        build_optimizer([p], Config(optimizer="optimi-adamw", optimizer_beta1=1.5), device_type="cpu")
+        build_optimizer([p], Config(optimizer="optimi-adamw", optimizer_beta1=1.5, optimizer_beta2=0.9),
+                        device_type="cpu")  # fmt: skip
 
 
 # Learning-rate schedules.
@@ -461,3 +498,17 @@ def test_clipping_disabled():
     assert clip_gradients(params, Config(grad_clip_method="norm", max_grad_norm=0)) == pytest.approx(13.0)
     assert params[1].grad.tolist() == [0.0, 12.0]
     assert clip_gradients([torch.nn.Parameter(torch.zeros(1))], Config()) == 0.0
+
+
+def test_adam_weight_decay_and_epsilon_load_and_are_listed_as_ignored():
+    # SimpleTuner's examples set adam_weight_decay: such a config loads; `st options` says nothing reads it.
+    from pipeline.config import build_config
+    from pipeline.option_list import all_options
+
+    config, ignored = build_config({"adam_weight_decay": 0.1, "adam_epsilon": 1e-6, "adam_beta2": 0.95}, where="test")
+    assert (config.adam_weight_decay, config.adam_epsilon, config.optimizer_beta2) == (0.1, 1e-6, 0.95)
+    rows = {row.name: row for row in all_options()}
+    for name in ("adam_weight_decay", "adam_epsilon"):
+        assert rows[name].state == "accepted" and "only under DeepSpeed" in rows[name].notes
+        assert name not in Config().stage_keys("train")  # changing it re-trains nothing
+    assert rows["adam_beta2"].state == "alias of optimizer_beta2"

@@ -1,5 +1,6 @@
-"""The optimizers st builds with SimpleTuner's settings: optimi-radam/-ranger/-adan/-adam/-sgd, torchao's ao-*, the
-adamw_schedulefree variants and st's own SOAP (pipeline/train/soap.py)."""
+"""The optimizers st builds with SimpleTuner's settings: its first six (adamw_bf16, optimi-adamw/-stableadamw/-lion,
+adamw_schedulefree, bnb-adamw8bit) and optimi-radam/-ranger/-adan/-adam/-sgd, torchao's ao-*, the adamw_schedulefree
+variants and st's own SOAP (pipeline/train/soap.py)."""
 
 from __future__ import annotations
 
@@ -51,14 +52,29 @@ SIMPLETUNER = {
                  max_precond_dim=10000, merge_dims=False, precondition_1d=False, normalize_grads=False,
                  data_format="channels_first", correct_bias=True),
 }  # fmt: skip
+# st's first optimizers, built with betas (0.9, 0.999), adam_weight_decay and adam_epsilon before.
+ORIGINAL = {
+    "adamw_bf16": dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-6),
+    "optimi-adamw": dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.0, decouple_lr=False, kahan_sum=True,
+                         max_lr=None),
+    "optimi-stableadamw": dict(betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False, max_lr=None,
+                               kahan_sum=True, foreach=True),
+    "optimi-lion": dict(betas=(0.9, 0.99), weight_decay=0.0, decouple_lr=False, max_lr=None, kahan_sum=True,
+                        foreach=True),
+    "adamw_schedulefree": dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8),
+    "bnb-adamw8bit": dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-6),
+}  # fmt: skip
 CLASSES = {"optimi-radam": "optimi.RAdam", "optimi-ranger": "optimi.Ranger", "optimi-adan": "optimi.Adan",
            "optimi-adam": "optimi.Adam", "optimi-sgd": "optimi.SGD", "ao-adamw8bit": "torchao.optim.AdamW8bit",
            "ao-adamw4bit": "torchao.optim.AdamW4bit", "ao-adamfp8": "torchao.optim.AdamFp8",
            "ao-adamwfp8": "torchao.optim.AdamWFp8",
            "adamw_schedulefree+aggressive": "schedulefree.AdamWScheduleFree",
            "adamw_schedulefree+no_kahan": "schedulefree.AdamWScheduleFree",
-           "soap": "pipeline.train.soap.SOAP"}  # fmt: skip
+           "soap": "pipeline.train.soap.SOAP", "adamw_bf16": "pipeline.train.optim.AdamWBF16",
+           "optimi-adamw": "optimi.AdamW", "optimi-stableadamw": "optimi.StableAdamW", "optimi-lion": "optimi.Lion",
+           "adamw_schedulefree": "schedulefree.AdamWScheduleFree"}  # fmt: skip
 NEW = sorted(SIMPLETUNER)
+ON_CPU = sorted(SIMPLETUNER.keys() | ORIGINAL.keys() - {"bnb-adamw8bit"})  # bitsandbytes' AdamW8bit needs CUDA
 
 
 @pytest.fixture(autouse=True)
@@ -98,15 +114,15 @@ def options(**values) -> OptimizerOptions:
     return OptimizerOptions.from_config(Config(**values))
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", ON_CPU)
 def test_kwargs_are_simpletuners_defaults_and_a_step_moves_the_lora(name):
-    assert set(SIMPLETUNER_DEFAULTS) == set(SIMPLETUNER)
+    assert set(SIMPLETUNER_DEFAULTS) == set(SIMPLETUNER) | set(ORIGINAL)  # every optimizer but prodigy
     config = Config(optimizer=name, learning_rate=1e-2, lr_warmup_steps=3)
     cls = optimizer_class(name, device_type="cpu")
     module, _, class_name = CLASSES[name].rpartition(".")
     assert issubclass(cls, getattr(importlib.import_module(module), class_name))  # torchao's: a resumable subclass
     kwargs = optimizer_kwargs(OptimizerOptions.from_config(config), cls)
-    expected = {"lr": 1e-2, **SIMPLETUNER[name]}
+    expected = {"lr": 1e-2, **SIMPLETUNER.get(name, ORIGINAL.get(name))}
     if name.startswith("adamw_schedulefree"):
         expected["warmup_steps"] = 3  # SimpleTuner's can_warmup: lr_warmup_steps
     assert kwargs == expected
@@ -120,7 +136,26 @@ def test_kwargs_are_simpletuners_defaults_and_a_step_moves_the_lora(name):
     assert all(torch.isfinite(p).all() for p in lora_params(model))
 
 
-@pytest.mark.parametrize("name", NEW)
+def test_bnb_adamw8bit_kwargs_are_simpletuners_defaults():
+    # bitsandbytes' AdamW8bit takes lr, betas, eps and weight_decay under torch.optim.AdamW's names; without CUDA
+    # (and bitsandbytes) here, the settings are checked against AdamW's signature.
+    kwargs = optimizer_kwargs(options(optimizer="bnb-adamw8bit", learning_rate=1e-2, adam_epsilon=1e-3,
+                                      adam_weight_decay=0.5), torch.optim.AdamW)  # fmt: skip
+    assert kwargs == {"lr": 1e-2, **ORIGINAL["bnb-adamw8bit"]}
+
+
+def test_simpletuners_default_keys_the_class_lacks_are_dropped_and_user_keys_refused():
+    class NoForeach(torch.optim.SGD):
+        def __init__(self, params, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.0):
+            super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+    kwargs = optimizer_kwargs(options(optimizer="optimi-lion", learning_rate=1e-2), NoForeach)
+    assert kwargs == {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.0}  # decouple_lr, kahan_sum, ... dropped
+    with pytest.raises(ConfigError, match=r"optimizer_config has 'foreach', which optimizer 'optimi-lion'"):
+        optimizer_kwargs(options(optimizer="optimi-lion", optimizer_config="foreach=true"), NoForeach)
+
+
+@pytest.mark.parametrize("name", ON_CPU)
 def test_state_round_trips_through_a_checkpoint_exactly(name, tmp_path):
     config = Config(optimizer=name, learning_rate=1e-2,
                     optimizer_config="precondition_frequency=2" if name == "soap" else None)  # fmt: skip

@@ -151,7 +151,8 @@ def test_optimizer_resumes_bitwise(name, dtype, tmp_path):
         params = [torch.nn.Parameter(v.clone()) for v in values]
         if name == "torch-adamw":
             return params, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-        config = Config(optimizer=name, learning_rate=1.0 if name == "prodigy" else 1e-2, adam_weight_decay=0.1)
+        config = Config(optimizer=name, learning_rate=1.0 if name == "prodigy" else 1e-2,
+                        optimizer_config=None if name == "prodigy" else "weight_decay=0.1")  # fmt: skip
         return params, build_optimizer(params, config, device_type="cpu")
 
     params, opt = make(inits)
