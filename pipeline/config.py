@@ -301,6 +301,10 @@ class Config:
                             "without snr_gamma, as SimpleTuner; no effect elsewhere.")  # fmt: skip
     use_soft_min_snr: bool = opt(False, TRAIN)
     soft_min_snr_sigma_data: float | None = opt(None, TRAIN)
+    diff2flow_enabled: bool = opt(False, TRAIN, help="The Diffusion-to-Flow bridge of an epsilon / v-prediction "
+                                  "model; it changes training only with diff2flow_loss.")  # fmt: skip
+    diff2flow_loss: bool = opt(False, TRAIN, help="With diff2flow_enabled: the l2 loss of the prediction converted "
+                               "to a flow velocity against noise - latents (epsilon / v-prediction models).")  # fmt: skip
     masked_loss_probability: float = opt(1.0, TRAIN, help="Chance per batch that a mask / segmentation dataset's mask "
                                          "weights the loss (st: both kinds, so 0 turns masks off; SimpleTuner: "
                                          "segmentation only, masks always).")  # fmt: skip

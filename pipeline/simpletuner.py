@@ -180,9 +180,13 @@ OPTION_STATES: dict[str, OptionState] = {
     "trust_remote_code": Refused("model code from the hub"),
     "non_ema_revision": Refused("a separate non-EMA model revision"),
     **_refused("LayerSync regularisation", "layersync_enabled"),
-    **_refused("Diff2Flow", "diff2flow_enabled diff2flow_loss"),
     "scheduled_sampling_max_step_offset": Refused("scheduled sampling", 0),
-    "enable_watermark": Refused(_VALIDATION + ": an invisible watermark"),
+    # SimpleTuner declares enable_watermark but never reads it; diffusers' SDXL watermarker needs the
+    # `invisible-watermark` package (imwatermark, with opencv-python and PyWavelets), which st does not depend on.
+    "enable_watermark": Refused(_VALIDATION + ": an invisible watermark on validation images (diffusers' "
+                                "StableDiffusionXLWatermarker needs the `invisible-watermark` package, which st does "
+                                "not install; SimpleTuner declares the option but never reads it, so its validation "
+                                "images carry no watermark either)"),
     "validation_using_datasets": Refused(_VALIDATION + ": validation from dataset images"),
     # st's validation never renders an extra unconditional image: it always does what `true` asks for.
     "validation_disable_unconditional": Accepted("st renders no unconditional validation image either way"),

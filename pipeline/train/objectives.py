@@ -57,6 +57,12 @@ Loss (float32, mean over each sample, times the sample's weight, mean over the b
     flow matching, another loss_type or snr_gamma it does nothing (as in SimpleTuner), with a warning.
     Flow matching uses no SNR weighting (as in SimpleTuner); the options are then ignored with a warning.
 
+Diff2Flow (`diff2flow_enabled` + `diff2flow_loss`, DDPM only; pipeline.train.diff2flow)
+    Noising and timesteps stay DDPM's; the prediction is converted to a flow velocity with SimpleTuner's bridge and
+    the loss is l2 against noise - x, without loss_type, min-SNR / soft min-SNR weights or snr_weight (as in
+    SimpleTuner; warnings say so), the mask still applied. Refused where SimpleTuner's formula breaks: epsilon with
+    a timestep of abar = 0 (rescale_betas_zero_snr), whose x0 = x_t / sqrt(abar) is infinite.
+
 Masked loss (a batch of a dataset paired with a `conditioning_type` mask or segmentation dataset)
     The elementwise loss (before the per-sample mean and weights) is multiplied by a weight image at the loss's
     spatial size (the unpacked latent: packing families unpack their prediction first), made from the mask's pixels
@@ -136,6 +142,7 @@ class Noised:
     noise: Tensor  # the target's noise (offset included, perturbation not)
     alphas: Tensor  # (B,) signal scale
     sigmas: Tensor  # (B,) noise scale
+    flow_target: Tensor | None = None  # noise - latents, the loss's target under diff2flow_loss
 
     @property
     def snr(self) -> Tensor:
@@ -310,6 +317,7 @@ class Objective:
             self._init_ddpm(options, sched)
         self._init_noise(options)
         self._init_loss(options)
+        self._init_diff2flow(options)
         log.info(
             "objective: %s, %d train timesteps, loss %s%s",
             self.prediction_type,
@@ -472,6 +480,47 @@ class Objective:
                         "DDPM model without snr_gamma)", weight, reason)  # fmt: skip
         self.snr_weight = weight if applies else 1.0
 
+    def _init_diff2flow(self, options: ObjectiveOptions) -> None:
+        """SimpleTuner's Diff2Flow bridge (`self.diff2flow`, or None) and whether the loss uses it."""
+        self.diff2flow = None
+        self.diff2flow_loss = False
+        if options.diff2flow_loss and not options.diff2flow_enabled:
+            log.warning("diff2flow_loss has no effect without diff2flow_enabled = true (as in SimpleTuner)")
+        if not options.diff2flow_enabled:
+            return
+        if self.is_flow:
+            log.warning("diff2flow_enabled has no effect on a flow-matching model: the bridge converts epsilon or "
+                        "v_prediction models (as in SimpleTuner)")  # fmt: skip
+            return
+        from .diff2flow import DiffusionToFlow
+
+        assert self.alphas_cumprod is not None
+        self.diff2flow = DiffusionToFlow(self.alphas_cumprod)
+        if not options.diff2flow_loss:
+            log.info("diff2flow_enabled without diff2flow_loss leaves the training loss %s (as in SimpleTuner, the "
+                     "bridge then serves only TwinFlow / PeRFlow, which st does not have)", self.prediction_type)
+            return
+        low, high = self.timestep_span
+        if self.prediction_type == "epsilon" and float(self.alphas_cumprod[low : high + 1].min()) <= 0.0:
+            raise ConfigError(
+                "diff2flow_loss with epsilon prediction and rescale_betas_zero_snr: the last timestep has "
+                "alphas_cumprod 0, where the bridge's x0 = x_t / sqrt(alphas_cumprod) is infinite (SimpleTuner's loss "
+                "turns NaN there); set prediction_type = \"v_prediction\", turn rescale_betas_zero_snr off, or "
+                "turn diff2flow_loss off"
+            )
+        self.diff2flow_loss = True
+        ignored = [name for name, active in (
+            (f"loss_type {options.loss_type}", options.loss_type != "l2"),
+            (f"snr_gamma {options.snr_gamma}", bool(options.snr_gamma)),
+            ("use_soft_min_snr", options.use_soft_min_snr),
+            (f"snr_weight {options.snr_weight:g}", float(options.snr_weight) != 1.0)) if active]  # fmt: skip
+        if ignored:
+            log.warning("diff2flow_loss is a plain l2 loss on the flow velocity: %s has no effect (as in SimpleTuner)",
+                        ", ".join(ignored))  # fmt: skip
+        self.snr_weight = 1.0
+        log.info("diff2flow_loss: the %s prediction is trained as a flow velocity against noise - latents",
+                 self.prediction_type)  # fmt: skip
+
     # --- sampling ---------------------------------------------------------------------------------------------
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> Tensor:
@@ -593,7 +642,9 @@ class Objective:
             else:
                 target = _view(alphas, x) * noise - _view(sigmas, x) * x
             timesteps = schedule
-        return Noised(noisy=noisy, target=target, timesteps=timesteps, noise=noise, alphas=alphas, sigmas=sigmas)
+        flow_target = self.diff2flow.flow_target(x, noise) if self.diff2flow_loss else None
+        return Noised(noisy=noisy, target=target, timesteps=timesteps, noise=noise, alphas=alphas, sigmas=sigmas,
+                      flow_target=flow_target)  # fmt: skip
 
     def guidance(
         self, batch_size: int, generator: torch.Generator, device: torch.device | str | None = None
@@ -669,6 +720,8 @@ class Objective:
         """
         del step
         pred = prediction.to(torch.float32)
+        if self.diff2flow_loss:
+            return self._diff2flow_loss(pred, noised, mask)
         target = noised.target.to(device=pred.device, dtype=torch.float32)
         diff = pred - target
         loss_type = self.options.loss_type
@@ -687,3 +740,14 @@ class Objective:
         if self.snr_weight != 1.0:
             per_sample = per_sample * self.snr_weight
         return per_sample.mean()
+
+    def _diff2flow_loss(self, pred: Tensor, noised: Noised, mask: LossMask | None) -> Tensor:
+        """SimpleTuner's diff2flow loss: l2 between the prediction converted to a flow velocity and noise - latents,
+        times the mask's weights, mean per sample, mean over the batch (no loss weights)."""
+        assert self.diff2flow is not None and noised.flow_target is not None
+        noisy = noised.noisy.to(device=pred.device, dtype=torch.float32)
+        flow = self.diff2flow.prediction_to_flow(pred, noisy, noised.timesteps.to(pred.device), self.prediction_type)
+        elementwise = (flow - noised.flow_target.to(device=pred.device, dtype=torch.float32)).square()
+        if mask is not None:
+            elementwise = elementwise * mask.weights(elementwise)
+        return elementwise.reshape(elementwise.shape[0], -1).mean(dim=1).mean()

@@ -92,6 +92,8 @@ class ObjectiveOptions(OptionGroup):
     snr_weight: float
     use_soft_min_snr: bool
     soft_min_snr_sigma_data: float | None
+    diff2flow_enabled: bool
+    diff2flow_loss: bool
     noise_offset: float
     noise_offset_probability: float
     offset_noise: bool

@@ -22,7 +22,7 @@ from ..quantise import BasePrecision, adapter_dtype, cast_trainable, parameter_b
 from ..prompts import ValidationPrompt
 from . import (adapters, assistant, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders,
                tread)  # fmt: skip
-from . import context_parallel
+from . import context_parallel, diff2flow
 from .control import family_for_run, prepare_denoiser
 from .family_options import FamilyText, FirstFrame, LoadBalancingLoss, load_base_parts
 from .image_embeds import ImageEmbeds
@@ -132,6 +132,7 @@ class Trainer:
         # Dataset roles that the options cannot serve stop the run before the model loads.
         datasets = {d["id"]: d for d in cache_manifest["datasets"]}
         regularisation.check(datasets, config.model_type, controlnet=bool(config.controlnet))
+        diff2flow.check(datasets, config.diff2flow_enabled, config.diff2flow_loss, family.prediction_type)
         reference.check(family, cache_manifest, controlnet=bool(config.controlnet))
         if self.accelerator.is_main_process:
             reference.note_unused(family, cache_manifest, controlnet=bool(config.controlnet))
