@@ -260,7 +260,10 @@ REFUSED_CHOICES: dict[str, dict[str, str]] = {
        for key in ("base_model_precision", *(f"text_encoder_{i}_precision" for i in range(1, 5)))},
     "model_family": {"ltxvideo2": "the LTX-2 family (LTX2Pipeline: an audio-video transformer with a Gemma text "
                                   "encoder, a different model from LTX-Video); model_family ltxvideo trains LTX-Video "
-                                  "0.9.x"},
+                                  "0.9.x",
+                     "wan_s2v": "Wan 2.2 speech-to-video (WanS2V: an audio-driven transformer with a wav2vec audio "
+                                "encoder, which diffusers does not ship); model_family wan trains Wan 2.1 / 2.2 text- "
+                                "and image-to-video"},
     "lora_init_type": {"loftq": "LoftQ initialisation (peft replaces the base weights by its own quantised copy, so "
                                 "the LoRA would fit that quantised base model, not the base it is published for; "
                                 "quantise with base_model_precision and keep lora_init_type default)"},
