@@ -23,7 +23,7 @@ import inspect
 import io
 import itertools
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -100,13 +100,52 @@ TORCHAO_FP8 = ("ao-adamfp8", "ao-adamwfp8")
 # AdamW for bf16 parameters.
 
 
-class AdamWBF16(torch.optim.Optimizer):
-    """AdamW whose bf16/fp16 parameters stay in their dtype.
+def saved_param_states(optimizer: torch.optim.Optimizer, state_dict: dict) -> Iterator[tuple[torch.Tensor, dict]]:
+    """(live parameter, its saved state) for each parameter state in `state_dict`.
 
-    The update is computed in fp32 (moments are kept in fp32) and written back to a bf16 parameter with stochastic
-    rounding, so updates smaller than bf16's spacing still move the parameter on average. fp32/fp64 parameters are
-    updated in place exactly as `torch.optim.AdamW` (amsgrad=False) does.
+    Saved parameter ids are matched to the optimizer's parameters in group order, as torch's `load_state_dict` matches
+    them; for `load_state_dict` overrides that put saved state back in the dtypes they need.
     """
+    saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    by_id = dict(zip(saved_ids, params))
+    for param_id, saved in state_dict["state"].items():
+        p = by_id.get(param_id)
+        if p is not None:
+            yield p, saved
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype AdamWBF16 keeps `p`'s moments and shift in: the parameter's (bf16 as SimpleTuner), fp32 for fp16."""
+    return torch.float32 if p.dtype == torch.float16 else p.dtype
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """SimpleTuner's adamw_bf16 (helpers/training/optimizers/adamw_bfloat16), step for step.
+
+    Per parameter it keeps, in the parameter's dtype: the moments m and v and `shift`, the part of past updates the
+    weight could not hold yet (the true weight is p + shift). With g the gradient and t the step, each step does:
+
+        m <- g + (1 - b1) * (b1 * m)                      (see below)
+        v <- b2 * v + (1 - b2) * g^2                      (bf16 arithmetic, round to nearest)
+        shift <- shift - lr * sqrt(1 - b2^t) * m / (sqrt(v) + eps)
+        p <- p + shift;  shift <- shift + (p_old - p_new)  (compensated summation)
+        weight decay: lr * weight_decay accumulates per parameter (from a random start in [0, 5e-3)); once above
+        5e-3 it is applied in one go, shift <- shift - decay * p, and the accumulator drops by it.
+
+    Each "<-" of m, shift and p is summed in fp32 and rounded to bf16 stochastically (16 random low bits from the
+    device's global torch generator, SimpleTuner's `copy_stochastic_`; a resume restores the generator), or to nearest
+    with `stochastic_rounding=False` (st's option). As in SimpleTuner there is no bias correction of m and eps is added
+    to sqrt(v), not to sqrt(v / (1 - b2^t)). The m line is what SimpleTuner computes: its `exp_avg.mul_(b1)` is
+    followed by `add_stochastic_(exp_avg, grad, alpha=1 - b1)`, whose helper scales the tensor being updated, not
+    the one added, so m is g plus a short-memory term rather than the exponential average its comment names.
+
+    SimpleTuner converts the trained weights to bf16 for this optimizer; st keeps fp32/fp64 weights as they are and
+    runs the same steps in their dtype. DEVIATION: fp16 weights keep their moments and shift in fp32 (fp16's range
+    underflows squared gradients) and are rounded to nearest.
+    """
+
+    decay_threshold = 5e-3  # SimpleTuner's: accumulated weight decay is applied once it exceeds this
 
     def __init__(
         self,
@@ -130,22 +169,24 @@ class AdamWBF16(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state; the moments of bf16/fp16 parameters stay fp32 (torch would cast them to the param dtype)."""
+        """Load a state, its moments and shift in `_state_dtype` (torch would cast them to an fp16 parameter's dtype).
+
+        A state saved by st's earlier AdamW arithmetic (fp32 moments, no shift or accumulated decay) loads with its
+        moments rounded to the parameter's dtype, nothing pending in shift and no accumulated decay.
+        """
         super().load_state_dict(state_dict)
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        by_id = dict(zip(saved_ids, params))
-        for param_id, saved in state_dict["state"].items():
-            p = by_id.get(param_id)
-            if p is None or p.dtype not in (torch.bfloat16, torch.float16):
-                continue
-            for key in ("exp_avg", "exp_avg_sq"):
+        for p, saved in saved_param_states(self, state_dict):
+            state, dtype = self.state[p], _state_dtype(p)
+            for key in ("exp_avg", "exp_avg_sq", "shift"):
                 if isinstance(saved.get(key), torch.Tensor):
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+                    state[key] = saved[key].to(device=p.device, dtype=dtype)
+            if "exp_avg" in state:
+                state.setdefault("shift", torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format))
+                state.setdefault("accumulated_decay", 0.0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW step over every parameter that has a gradient."""
+        """One step over every parameter that has a gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -153,48 +194,76 @@ class AdamWBF16(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
             beta1, beta2 = group["betas"]
+            stochastic = bool(group["stochastic_rounding"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamWBF16 does not support sparse gradients")
-                low_precision = p.dtype in (torch.bfloat16, torch.float16)
-                compute_dtype = torch.float32 if low_precision else p.dtype
                 state = self.state[p]
                 if not state:
+                    dtype = _state_dtype(p)
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=compute_dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=compute_dtype, memory_format=torch.preserve_format)
+                    for key in ("exp_avg", "exp_avg_sq", "shift"):
+                        state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    # Each weight starts its decay accumulator at its own point, so they do not all decay at once.
+                    state["accumulated_decay"] = float(torch.rand([]) * self.decay_threshold)
                 state["step"] += 1
-                step = state["step"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                grad = p.grad.to(compute_dtype)
-                target = p.to(compute_dtype) if low_precision else p
-                if weight_decay:
-                    target.mul_(1 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step_size = lr / (1 - beta1**step)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-                target.addcdiv_(exp_avg, denom, value=-step_size)
-                if target is not p:
-                    if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
-                        copy_stochastic_(p, target)
-                    else:
-                        p.copy_(target)
+                state["accumulated_decay"] += weight_decay * lr
+                accumulated = state["accumulated_decay"]
+                decay = (accumulated > self.decay_threshold) * accumulated
+                state["accumulated_decay"] -= decay
+                _adamw_bf16_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["shift"], step=state["step"],
+                                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, decay=decay,
+                                 stochastic=stochastic)  # fmt: skip
         return loss
+
+
+def _adamw_bf16_step(p, grad, exp_avg, exp_avg_sq, shift, *, step, lr, beta1, beta2, eps, decay, stochastic) -> None:
+    """SimpleTuner's `_make_step` (its RamTorch device shuffling aside), op for op; see `AdamWBF16`."""
+    exp_avg.mul_(beta1)
+    _add_rounded_(exp_avg, grad, alpha=1 - beta1, stochastic=stochastic)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad.conj(), value=1 - beta2)
+    denom_correction = (1 - beta2**step) ** 0.5
+    result = shift.to(_sum_dtype(shift), copy=True)
+    result.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps, alpha=1), value=-lr * denom_correction)
+    _store_rounded_(shift, result, stochastic)
+    buffer = p.clone()
+    _add_rounded_(p, shift, alpha=1.0, stochastic=stochastic)
+    _add_rounded_(shift, buffer.sub_(p), alpha=1.0, stochastic=stochastic)
+    if decay > 0:
+        shift.add_(p, alpha=-decay)  # plain arithmetic, as SimpleTuner (it found a stochastic one unstable)
+
+
+def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16 tensors (SimpleTuner's helpers sum in fp32), else the tensor's own dtype."""
+    return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+
+
+def _add_rounded_(target: torch.Tensor, other: torch.Tensor, *, alpha: float, stochastic: bool) -> None:
+    """SimpleTuner's `add_stochastic_`: target <- round(other + alpha * target), summed in fp32; alpha scales target."""
+    result = other.to(_sum_dtype(target), copy=True)
+    result.add_(target, alpha=alpha)
+    _store_rounded_(target, result, stochastic)
+
+
+def _store_rounded_(target: torch.Tensor, source: torch.Tensor, stochastic: bool) -> None:
+    if stochastic and target.dtype == torch.bfloat16 and source.dtype == torch.float32:
+        copy_stochastic_(target, source)
+    else:
+        target.copy_(source)
 
 
 def copy_stochastic_(target: torch.Tensor, source: torch.Tensor) -> None:
     """Copy fp32 `source` into bf16 `target`, rounding each value up or down at random in proportion to its distance.
 
     Adds uniform noise to the 16 low bits that bf16 drops, then truncates them; the expected result equals `source`.
-    Uses the global torch generator of the tensor's device.
+    The noise is drawn as SimpleTuner's `copy_stochastic_` draws it, from the global torch generator of the device.
     """
-    bits = source.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
-    rounded = bits.add(noise).bitwise_and_(-65536)  # 0xFFFF0000: keep sign, exponent and bf16's 7 mantissa bits
-    target.copy_(rounded.view(torch.float32))
+    rounded = torch.randint_like(source, dtype=torch.int32, low=0, high=1 << 16)
+    rounded.add_(source.view(dtype=torch.int32))
+    rounded.bitwise_and_(-65536)  # 0xFFFF0000: keep sign, exponent and bf16's 7 mantissa bits
+    target.copy_(rounded.view(dtype=torch.float32))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,13 +334,7 @@ def _prodigy_plus() -> type[torch.optim.Optimizer]:
 
         def load_state_dict(self, state_dict: dict) -> None:
             super().load_state_dict(state_dict)
-            saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-            params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-            by_id = dict(zip(saved_ids, params))
-            for param_id, saved in state_dict["state"].items():
-                p = by_id.get(param_id)
-                if p is None:
-                    continue
+            for p, saved in saved_param_states(self, state_dict):
                 for key, value in saved.items():
                     if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
                         self.state[p][key] = value.to(device=self.state[p][key].device)
@@ -356,13 +419,7 @@ def _torchao_adam(class_name: str) -> type[torch.optim.Optimizer]:
             plain = {param_id: {k: v for k, v in state.items() if not (isinstance(v, dict) and _AO_STATE in v)}
                      for param_id, state in state_dict["state"].items()}  # fmt: skip
             super().load_state_dict({**state_dict, "state": plain})
-            saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-            params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-            by_id = dict(zip(saved_ids, params))
-            for param_id, state in state_dict["state"].items():
-                p = by_id.get(param_id)
-                if p is None:
-                    continue
+            for p, state in saved_param_states(self, state_dict):
                 for key, value in state.items():
                     if isinstance(value, dict) and _AO_STATE in value:
                         self.state[p][key] = _unpack_torchao_state(value, p.device)

@@ -20,11 +20,12 @@ DEVIATION from SimpleTuner: the statistics, bases and moments are kept in fp32 w
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any, Callable, Iterable
 
 import torch
+
+from .optim import saved_param_states
 
 DATA_FORMATS = ("channels_first", "channels_last")
 
@@ -231,13 +232,7 @@ class SOAP(torch.optim.Optimizer):
         """Load a state; its tensors keep the fp32 they were saved in (torch would cast them to a bf16 parameter's
         dtype, which would change every step after a resume)."""
         super().load_state_dict(state_dict)
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        by_id = dict(zip(saved_ids, params))
-        for param_id, saved in state_dict["state"].items():
-            p = by_id.get(param_id)
-            if p is None:
-                continue
+        for p, saved in saved_param_states(self, state_dict):
             state = self.state[p]
             for key in ("exp_avg", "exp_avg_sq"):
                 if isinstance(saved.get(key), torch.Tensor):
