@@ -54,8 +54,11 @@ PER_DATASET_OPTIONS = (
 )  # fmt: skip
 # Caption and sample-count keys of an entry (no global option of that name): `st prepare` applies them.
 CAPTION_KEYS = ("disable_multiline_split", "caption_shuffle", "max_num_samples")
+# When a dataset joins and leaves the training mix (`DatasetSchedule`); st train's data plan applies them.
+SCHEDULE_KEYS = ("start_epoch", "start_step", "end_epoch", "end_step")
 ENTRY_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "parquet", "conditioning_data",
-              "conditioning", "is_regularisation_data", "video", *PER_DATASET_OPTIONS, *CAPTION_KEYS)  # fmt: skip
+              "conditioning", "is_regularisation_data", "video", *PER_DATASET_OPTIONS, *CAPTION_KEYS,
+              *SCHEDULE_KEYS)  # fmt: skip
 CAPTION_SHUFFLE_KEYS = ("enable", "count", "seed", "split_on", "position_start", "include_original")
 SHUFFLE_SPLITS = ("comma", "space", "period")
 # A conditioning entry's own keys; its resize and crop follow its target image, so the image options it may carry
@@ -98,6 +101,61 @@ class CaptionShuffle:
     split_on: str = "comma"
     position_start: int = 0
     include_original: bool = True
+
+
+@dataclass(frozen=True)
+class DatasetSchedule:
+    """When a dataset is sampled (SimpleTuner's `runtime/schedule.py`): from epoch `start_epoch` (1-based) and
+    optimizer step `start_step` on, through epoch `end_epoch` and step `end_step` (None: no end). Values are
+    normalised as SimpleTuner normalises them: start_epoch below 1 is 1, start_step below 0 is 0, an end of 0 or less
+    is no end."""
+
+    start_epoch: int = 1
+    start_step: int = 0
+    end_epoch: int | None = None
+    end_step: int | None = None
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any], where: str) -> DatasetSchedule:
+        """The entry's schedule keys, each an integer (DEVIATION: SimpleTuner reads a value that is not a number as
+        the key's default; st refuses it, naming the key)."""
+        values: dict[str, int | None] = {}
+        for key in SCHEDULE_KEYS:
+            raw = entry.get(key)
+            if raw is None or (raw == "" and key.startswith("end_")):
+                continue
+            try:
+                if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                    raise ValueError
+                number = int(raw)
+            except (TypeError, ValueError):
+                unit = "an epoch" if "epoch" in key else "an optimizer step"
+                raise ConfigError(f"{where}: '{key}' must be a whole number ({unit}), got {raw!r}") from None
+            values[key] = number
+        return cls(start_epoch=max(values.get("start_epoch", 1), 1), start_step=max(values.get("start_step", 0), 0),
+                   end_epoch=values["end_epoch"] if values.get("end_epoch", 0) >= 1 else None,
+                   end_step=values["end_step"] if values.get("end_step", 0) >= 1 else None)  # fmt: skip
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> DatasetSchedule:
+        """The schedule a manifest's dataset entry records (`describe`'s keys; absent ones at their defaults)."""
+        return cls(**{k: entry[k] for k in SCHEDULE_KEYS if k in entry})
+
+    def describe(self) -> dict[str, int]:
+        """The keys away from their defaults (so that manifests and stage keys of unscheduled datasets stay as
+        they were)."""
+        default = DatasetSchedule()
+        return {k: getattr(self, k) for k in SCHEDULE_KEYS if getattr(self, k) != getattr(default, k)}
+
+    def starts_at_start(self) -> bool:
+        """Active at the first step of the run, as SimpleTuner decides it (start_epoch <= 1 and start_step <= 1)."""
+        return self.start_epoch <= 1 and self.start_step <= 1
+
+    def active(self, epoch: int, step: int) -> bool:
+        """Whether the dataset is sampled in `epoch` (1-based) for the batch of optimizer step `step` (1-based)."""
+        return (epoch >= self.start_epoch and step >= self.start_step
+                and (self.end_epoch is None or epoch <= self.end_epoch)
+                and (self.end_step is None or step <= self.end_step))  # fmt: skip
 
 
 # The caption table `st prepare` writes for a remote source's caption column (its path is set there).
@@ -146,11 +204,14 @@ class DatasetSpec:
     caption_filters: tuple[str, ...] = ()
     # At most this many image files, a subset fixed by the dataset id (`pipeline.prepare.select.cap_samples`).
     max_num_samples: int | None = None
+    # start_epoch / start_step / end_epoch / end_step: when st train samples the dataset.
+    schedule: DatasetSchedule = DatasetSchedule()
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as recorded in manifests and stage keys."""
         skip = ("parquet", "dataset_type", "conditioning_data", "conditioning", "is_regularisation_data", "source",
-                "video", "disable_multiline_split", "caption_shuffle", "caption_filters", "max_num_samples")
+                "video", "disable_multiline_split", "caption_shuffle", "caption_filters", "max_num_samples",
+                "schedule")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         # Paired-data fields only when set, so that the stage keys of plain datasets stay as they were.
         if self.dataset_type != "image":
@@ -174,6 +235,7 @@ class DatasetSpec:
             out["caption_filters"] = list(self.caption_filters)
         if self.max_num_samples is not None:
             out["max_num_samples"] = self.max_num_samples
+        out.update(self.schedule.describe())  # schedule keys only when set, likewise
         out["root"] = str(self.root)
         out["crop_aspect_buckets"] = list(self.crop_aspect_buckets) if self.crop_aspect_buckets else None
         if self.parquet is not None:
@@ -422,7 +484,8 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
     regularisation = coerce("is_regularisation_data", entry.get("is_regularisation_data", False), bool, where=where)
     return DatasetSpec(id=ident, root=root, parquet=parquet, repeats_explicit=explicit, dataset_type=dataset_type,
                        conditioning_data=linked, conditioning=generators, is_regularisation_data=regularisation,
-                       source=source, video=video, **_caption_keys(entry, config, where), **values)  # fmt: skip
+                       source=source, video=video, schedule=DatasetSchedule.from_entry(entry, where),
+                       **_caption_keys(entry, config, where), **values)  # fmt: skip
 
 
 def _caption_keys(entry: dict[str, Any], config: Config, where: str) -> dict[str, Any]:
@@ -698,6 +761,7 @@ def load_dataset_list(loaded: LoadedConfig) -> DatasetList:
         conditioning.extend(generated)
     if not any(s.dataset_type in ("image", "video") for s in specs):
         raise ConfigError(f"{list_path} has no enabled image or video dataset")
+    check_schedules(specs, loaded.config, str(list_path))
     if filter_lists.get(default_text) and (loaded.config.validation_prompt or loaded.config.user_prompt_library):
         # DEVIATION: SimpleTuner also filters the validation prompts with the default text_embeds entry's filters.
         log.warning("the caption_filter_list of text_embeds dataset '%s' rewrites dataset captions only; st encodes "
@@ -713,6 +777,34 @@ def load_dataset_list(loaded: LoadedConfig) -> DatasetList:
             raise InputError(f"conditioning dataset '{cond.id}': instance_data_dir {cond.root} does not exist or is "
                              "not a folder")  # fmt: skip
     return DatasetList(specs, datasets.conditioning)
+
+
+def check_schedules(specs: list[DatasetSpec], config: Config, where: str) -> None:
+    """SimpleTuner's checks of the training datasets' schedules (`_validate_schedule_windows`): each end at or after
+    its start, at least one dataset sampled from the first step; a dataset whose start lies beyond the run is
+    reported, as it will never be sampled."""
+    training = [s for s in specs if s.dataset_type in ("image", "video")]
+    for spec in training:
+        sched = spec.schedule
+        if sched.end_epoch is not None and sched.end_epoch < sched.start_epoch:
+            raise ConfigError(f"{where}: dataset '{spec.id}' has end_epoch {sched.end_epoch} before start_epoch "
+                              f"{sched.start_epoch}; set end_epoch >= start_epoch")  # fmt: skip
+        if sched.end_step is not None and sched.start_step > 0 and sched.end_step < sched.start_step:
+            raise ConfigError(f"{where}: dataset '{spec.id}' has end_step {sched.end_step} before start_step "
+                              f"{sched.start_step}; set end_step >= start_step")  # fmt: skip
+    if not any(s.schedule.starts_at_start() for s in training):
+        starts = ", ".join(f"'{s.id}' (start_epoch {s.schedule.start_epoch}, start_step {s.schedule.start_step})"
+                           for s in training)  # fmt: skip
+        raise ConfigError(f"{where}: no dataset is sampled at the start of training: {starts}; set start_epoch <= 1 "
+                          "and start_step <= 1 on at least one dataset")  # fmt: skip
+    for spec in training:
+        sched = spec.schedule
+        if config.num_train_epochs and not config.max_train_steps and sched.start_epoch > config.num_train_epochs:
+            log.warning("dataset '%s' starts at epoch %d, but training ends at epoch %d: it will never be sampled",
+                        spec.id, sched.start_epoch, config.num_train_epochs)  # fmt: skip
+        if config.max_train_steps and sched.start_step > config.max_train_steps:
+            log.warning("dataset '%s' starts at step %d, but training stops at step %d: it will never be sampled",
+                        spec.id, sched.start_step, config.max_train_steps)  # fmt: skip
 
 
 def _link_sources(datasets: DatasetList, list_path: Path) -> list[DatasetSpec]:

@@ -216,7 +216,8 @@ UNUSED_FIELDS: dict[str, Accepted] = {"adam_weight_decay": Accepted(_DEEPSPEED_O
 _DATASET_RUNTIME = "sets how SimpleTuner reads or caches the dataset, not what st trains on"
 
 # Keys of a multidatabackend.json entry that are not st's own dataset keys. (disable_multiline_split, caption_shuffle
-# and max_num_samples are st's, `pipeline.datasets.CAPTION_KEYS`; caption_filter_list is read on text_embeds entries.)
+# and max_num_samples are st's, `pipeline.datasets.CAPTION_KEYS`; start_epoch, start_step, end_epoch and end_step too,
+# `pipeline.datasets.SCHEDULE_KEYS`; caption_filter_list is read on text_embeds entries.)
 # fmt: off
 DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     **_accepted(_DATASET_RUNTIME, "default text_embeds image_embeds vae_cache_clear_each_epoch skip_file_discovery "
@@ -229,8 +230,6 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     **_accepted("st never deletes dataset files; it skips such images and `st prepare` reports them",
                 "delete_unwanted_images delete_problematic_images"),
     "train_batch_size": Refused("a batch size per dataset (set the global train_batch_size)"),
-    **_refused("dataset scheduling (start/end epoch or step)", "start_step end_epoch end_step"),
-    "start_epoch": Refused("dataset scheduling (start/end epoch or step)", 1),
     "delete_nsfw_images": Refused("NSFW filtering"),
     "grounding": Refused("spatial grounding (bounding boxes and masks)"),
     "audio": Refused("audio datasets and audio taken from videos (the `audio` block)"),

@@ -97,6 +97,8 @@ def _summary(out_dir: Path, plan: CachePlan, sidecars: dict[str, dict[str, Any]]
 # A dataset's paired-data fields and a video dataset's `video` block (num_frames, is_i2v, ...), copied from the
 # prepare manifest where present (st train reads them here).
 PAIRED_DATASET_FIELDS = ("dataset_type", "conditioning_data", "is_regularisation_data", "video")
+# When st train samples the dataset (`pipeline.datasets.SCHEDULE_KEYS`), carried when set.
+SCHEDULE_FIELDS = ("start_epoch", "start_step", "end_epoch", "end_step")
 
 
 def finish(ctx: CacheContext, run: StageRun, started: float, run_stats: dict[str, Any], vae: dict[str, Any],
@@ -141,7 +143,8 @@ def finish(ctx: CacheContext, run: StageRun, started: float, run_stats: dict[str
         "datasets": [
             {"id": ds_id, "samples": sum(c.values()), "buckets": dict(sorted(c.items())),
              "repeats": parent_datasets[ds_id]["repeats"], "probability": parent_datasets[ds_id]["probability"],
-             **{k: parent_datasets[ds_id][k] for k in PAIRED_DATASET_FIELDS if k in parent_datasets[ds_id]}}
+             **{k: parent_datasets[ds_id][k] for k in (*PAIRED_DATASET_FIELDS, *SCHEDULE_FIELDS)
+                if k in parent_datasets[ds_id]}}
             for ds_id, c in sorted(datasets.items())
         ],  # fmt: skip
         **({"conditioning_datasets": ctx.parent["conditioning_datasets"]}

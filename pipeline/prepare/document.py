@@ -99,6 +99,8 @@ def dataset_entries(datasets: list[DatasetFiles], samples: list[Sample], skips: 
                 # max_num_samples: only when set; `capped`: files it left out (in no other count).
                 **({"max_num_samples": spec.max_num_samples, "capped": files.capped}
                    if spec.max_num_samples is not None else {}),
+                # start_epoch / start_step / end_epoch / end_step: only those set, for st train's data plan.
+                **spec.schedule.describe(),
             }
         )
     return entries

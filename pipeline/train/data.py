@@ -5,9 +5,10 @@ often it repeats, recorded by the shard writer), not the shards, so the start do
 plan is then computed, not streamed: every (dataset, bucket) group's samples, each repeated `1 + repeats` times, are
 shuffled with a generator seeded by (seed, epoch, the cache's contents) and cut into global batches of `train_batch_size
 x num_processes`; datasets are interleaved by weight (`probability`, times the dataset's size under
-`data_backend_sampling: auto-weighting`). Rank r of n takes slice r of every global batch, so processes read disjoint
-samples. A cursor (epoch, batch) is all a checkpoint needs to resume exactly; the plan does not depend on the number of
-processes as long as the global batch size is the same.
+`data_backend_sampling: auto-weighting`), each batch drawn among the datasets whose schedule (start_epoch,
+start_step, end_epoch, end_step) has them active at its optimizer step. Rank r of n takes slice r of every global
+batch, so processes read disjoint samples. A cursor (epoch, batch) is all a checkpoint needs to resume exactly; the
+plan does not depend on the number of processes as long as the global batch size is the same.
 
 Reading a sample is a seek and a read of its members (tar shards are uncompressed; each member is one zstd frame).
 The first time a shard is read on this machine, one process checks its sha256, its tar headers against the index and
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..datasets import MASK_TYPES
+from ..datasets import MASK_TYPES, DatasetSchedule
 from ..errors import InputError
 from ..log import get_logger
 from ..shardformat import JSON, LATENT, CacheChecks, CheckedSample, DecodedSample, read_member
@@ -164,19 +165,36 @@ class EpochPlanner:
 
     PLAN_VERSION = 2  # 1: seeded with the cache manifest's digest
 
-    def __init__(self, index: CacheIndex, *, seed: int, global_batch: int, sampling: str) -> None:
+    def __init__(self, index: CacheIndex, *, seed: int, global_batch: int, sampling: str,
+                 accumulation: int = 1) -> None:  # fmt: skip
         self.index = index
         self.seed = seed
         self.global_batch = global_batch
         self.sampling = sampling
         self.digest = index.manifest["digest"]
         self.contents = _contents_digest(index)
+        # Datasets with start_epoch / start_step / end_epoch / end_step set (`DatasetSchedule`). A step-scheduled
+        # plan depends on which optimizer step each batch falls on, hence on gradient accumulation and on the
+        # lengths of the epochs before it; without schedules every epoch has the same number of batches.
+        self.schedules = {d: DatasetSchedule.from_manifest(spec) for d, spec in sorted(index.datasets.items())
+                          if DatasetSchedule.from_manifest(spec).describe() and not index.is_eval(d)}  # fmt: skip
+        self.accumulation = max(1, accumulation)
+        self._lengths: list[int] = []  # scheduled plans: the number of batches of epochs 0, 1, ...
+        self._lock = threading.RLock()  # the loader's thread plans ahead while the trainer asks for lengths
         self._cache: dict[int, list[PlannedBatch]] = {0: self._plan(0)}
-        self._count = len(self._cache[0])  # every epoch has the same number of batches
+        self._count = len(self._cache[0])  # without schedules, every epoch has this number of batches
+
+    @property
+    def scheduled(self) -> bool:
+        return bool(self.schedules)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"seed": self.seed, "cache_digest": self.digest, "global_batch": self.global_batch,
-                "sampling": self.sampling, "plan_version": self.PLAN_VERSION}  # fmt: skip
+        out = {"seed": self.seed, "cache_digest": self.digest, "global_batch": self.global_batch,
+               "sampling": self.sampling, "plan_version": self.PLAN_VERSION}  # fmt: skip
+        if self.scheduled:  # only then, so that the fingerprints of unscheduled runs stay as they were
+            out["schedules"] = {d: s.describe() for d, s in self.schedules.items()}
+            out["accumulation"] = self.accumulation
+        return out
 
     def epoch(self, epoch: int) -> list[PlannedBatch]:
         if epoch not in self._cache:
@@ -184,7 +202,35 @@ class EpochPlanner:
         return self._cache[epoch]
 
     def batches_per_epoch(self) -> int:
+        """The number of batches of the first epoch (of every epoch, without schedules)."""
         return self._count
+
+    def epoch_length(self, epoch: int) -> int:
+        """The number of batches of `epoch`."""
+        if not self.scheduled:
+            return self._count
+        self._offset(epoch + 1)
+        return self._lengths[epoch]
+
+    def _offset(self, epoch: int) -> int:
+        """Scheduled plans: the number of batches before `epoch` (every earlier epoch planned once, its length kept)."""
+        with self._lock:
+            while len(self._lengths) < epoch:
+                self._plan(len(self._lengths))
+            return sum(self._lengths[:epoch])
+
+    def run_length(self, max_train_steps: int | None, num_train_epochs: int) -> tuple[int, int]:
+        """Scheduled plans: (optimizer steps, epochs) of a run of `max_train_steps` steps, else of `num_train_epochs`
+        epochs, from the epochs' real lengths. Epoch lengths vary with schedules, so the run is counted, not
+        estimated; an epoch in which no dataset is sampled stops with an error (`_plan`)."""
+        accum = self.accumulation
+        if max_train_steps:
+            epochs, batches = 0, 0
+            while batches < max_train_steps * accum:
+                batches += self.epoch_length(epochs)
+                epochs += 1
+            return max_train_steps, epochs
+        return sum(self.epoch_length(e) for e in range(num_train_epochs)) // accum, num_train_epochs
 
     def _plan(self, epoch: int) -> list[PlannedBatch]:
         rng = random.Random(f"{self.seed}:{epoch}:{self.contents}")
@@ -205,6 +251,8 @@ class EpochPlanner:
             weights[dataset_id] = probability * (len(batches) if self.sampling == "auto-weighting" else 1.0)
         order: list[PlannedBatch] = []
         remaining = {d: list(b) for d, b in per_dataset.items() if b and weights[d] > 0}
+        if self.scheduled:
+            return self._scheduled_order(epoch, rng, remaining, weights)
         while remaining:
             if len(remaining) == 1:  # what the draws below would give, without a draw per batch
                 order.extend(reversed(remaining.popitem()[1]))
@@ -215,6 +263,48 @@ class EpochPlanner:
             if not remaining[chosen]:
                 del remaining[chosen]
         return order
+
+    def _scheduled_order(self, epoch: int, rng: random.Random, remaining: dict[str, list[PlannedBatch]],
+                         weights: dict[str, float]) -> list[PlannedBatch]:  # fmt: skip
+        """The epoch's interleave when datasets are scheduled, as SimpleTuner's sampler draws: each batch comes from
+        the datasets active at its optimizer step (`DatasetSchedule.active`; epochs 1-based), by weight; a dataset
+        that has ended leaves the epoch, one not yet started waits; the epoch ends when no remaining dataset is
+        active (SimpleTuner ends it early too). The batch with global position g (over the whole run) falls on
+        optimizer step g // gradient_accumulation_steps + 1."""
+        offset = self._offset(epoch)
+        order: list[PlannedBatch] = []
+        always = DatasetSchedule()
+        planned_any = bool(remaining)  # else no bucket holds a batch: the trainer says so
+        while remaining:
+            step = (offset + len(order)) // self.accumulation + 1
+            names = []
+            for name in sorted(remaining):
+                schedule = self.schedules.get(name, always)
+                if schedule.active(epoch + 1, step):
+                    names.append(name)
+                elif (schedule.end_epoch is not None and epoch + 1 > schedule.end_epoch) or \
+                        (schedule.end_step is not None and step > schedule.end_step):  # fmt: skip
+                    del remaining[name]  # ended: steps only grow
+            if not names:  # the rest start later
+                break
+            chosen = names[0] if len(names) == 1 else rng.choices(names, weights=[weights[n] for n in names], k=1)[0]
+            order.append(remaining[chosen].pop())
+            if not remaining[chosen]:
+                del remaining[chosen]
+        if not order and planned_any:
+            raise InputError(self._idle_message(epoch, offset // self.accumulation + 1))
+        with self._lock:
+            if epoch == len(self._lengths):
+                self._lengths.append(len(order))
+        return order
+
+    def _idle_message(self, epoch: int, step: int) -> str:
+        scheduled = ", ".join(f"'{d}' ({', '.join(f'{k} {v}' for k, v in s.describe().items())})"
+                              for d, s in self.schedules.items())  # fmt: skip
+        return (f"no dataset is sampled in epoch {epoch + 1} at step {step}: every training dataset has ended or "
+                f"not yet started (scheduled: {scheduled}); the run needs data there: change the datasets' "
+                "start_epoch / start_step / end_epoch / end_step, or lower max_train_steps / num_train_epochs, and "
+                "re-run `st prepare`, `st cache` and `st train`")  # fmt: skip
 
 
 class SampleReader:

@@ -209,8 +209,8 @@ class Trainer:
         wan_i2v.check_cached_frames(family, self.index, warn=self.is_main)  # a Wan t2v / i2v model on the other's cache
         self.eval_sets = evaluation.sample_sets(self.index.samples, self.index.datasets, self.evaluation)
         self.planner = EpochPlanner(self.index, seed=self.seed, sampling=config.data_backend_sampling,
-                                    global_batch=global_batch(config.train_batch_size,
-                                                              self.cp.data_parallel))  # fmt: skip
+                                    global_batch=global_batch(config.train_batch_size, self.cp.data_parallel),
+                                    accumulation=config.gradient_accumulation_steps)  # fmt: skip
         micro_per_epoch = self.planner.batches_per_epoch()
         if micro_per_epoch == 0:
             sizes = ", ".join(f"{d}/{b}: {len(k)}" for (d, b), k in sorted(self.index.groups.items()))
@@ -225,6 +225,8 @@ class Trainer:
         self.epochs = max(config.num_train_epochs, math.ceil(self.total_steps / self.steps_per_epoch))
         if config.max_train_steps:
             self.epochs = math.ceil(self.total_steps / self.steps_per_epoch) + 1
+        if self.planner.scheduled:  # start/end epoch/step: epochs differ in length, so the run is counted from them
+            self.total_steps, self.epochs = self.planner.run_length(config.max_train_steps, config.num_train_epochs)
         # num_processes equals the world size here (check_world_size): lr_scale scales by the real global batch.
         self.optimizer_options = OptimizerOptions.from_config(config)
         self.learning_rate = effective_learning_rate(self.optimizer_options)
@@ -602,7 +604,7 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
                                         sps=f"{record['samples_per_s']:.1f}")  # fmt: skip
-                    epoch_done = state.cursor.batch >= self.micro_per_epoch // self.accum * self.accum
+                    epoch_done = state.cursor.batch >= self.planner.epoch_length(batch.epoch) // self.accum * self.accum
                     self._periodic(state, tracker, epoch_done, batch.epoch)
                     if signals.received:
                         state.interrupted = signals.received
