@@ -84,7 +84,18 @@ def _run_check(config_path: Path, sets: Sequence[str]) -> CheckReport:
     report.attempt(_check_tread, loaded)
     report.attempt(_check_context_parallel, loaded)
     report.attempt(_check_attention, loaded)
+    report.attempt(_check_validation_adapters, loaded)
     return report
+
+
+def _check_validation_adapters(loaded: LoadedConfig) -> None:
+    """validation_adapter_path / validation_adapter_config: the adapter files, as `st train` reads them before any
+    work, and whether the family's validation pipeline loads LoRA adapters."""
+    from .families import get_family
+    from .train.validation_adapters import check
+
+    if loaded.config.model_family is not None:
+        check(loaded.config, loaded.base_dir, get_family(loaded.config.model_family))
 
 
 def _check_attention(loaded: LoadedConfig) -> None:

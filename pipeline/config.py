@@ -208,6 +208,16 @@ class Config:
     lycoris_config: str | None = opt(None, TRAIN, help="LyCORIS JSON (algo, linear_dim, apply_preset, ...).")
     init_lokr_norm: float | None = opt(None, TRAIN, help="LoKr: w1 = 1, w2 perturbed normal at this scale.")
     validation_lycoris_strength: float = opt(1.0, TRAIN, help="LyCORIS multiplier while validating.")
+    # An extra LoRA loaded beside the trained one while validating (pipeline.train.validation_adapters).
+    validation_adapter_path: str | None = opt(None, TRAIN, help="A LoRA (local .safetensors, a folder, or hub "
+                                              "org/repo[:file.safetensors]) loaded only while validating.")
+    validation_adapter_name: str | None = opt(None, TRAIN, help="The validation adapter's name (its files' suffix).")
+    validation_adapter_strength: float = opt(1.0, TRAIN, help="The validation adapter's strength (> 0).")
+    validation_adapter_mode: str = opt("adapter_only", TRAIN, choices=("adapter_only", "comparison", "none"),
+                                       help="adapter_only: render with the adapter; comparison: without, then with "
+                                       "it; none: load nothing.")  # fmt: skip
+    validation_adapter_config: list | dict | str | None = opt(None, TRAIN, help="Several validation adapter runs "
+                                                              "(JSON list, {\"runs\": [...]}, or a JSON file).")
     prediction_type: str | None = opt(None, TRAIN, choices=(None, "epsilon", "v_prediction", "flow_matching"))
     rescale_betas_zero_snr: bool = opt(False, TRAIN)
     training_scheduler_timestep_spacing: str = opt("trailing", TRAIN, choices=("leading", "linspace", "trailing"))
@@ -996,6 +1006,7 @@ OPTION_RANGES: dict[str, Range] = {
     "lora_dropout": Range(0, 1, high_open=True),
     "init_lokr_norm": _POSITIVE,
     "validation_lycoris_strength": Range(),
+    "validation_adapter_strength": Range(0, low_open=True),
     "assistant_lora_strength": Range(),  # LoRA multipliers: any finite weight, as validation_lycoris_strength
     "assistant_lora_inference_strength": Range(),
     "singlora_ramp_up_steps": _NON_NEGATIVE,

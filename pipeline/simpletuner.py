@@ -157,8 +157,6 @@ OPTION_STATES: dict[str, OptionState] = {
                                                  "(`<name>-control.png`), the same pixels either way"),
     **_only_with("distillation_method", "distillation_config"),
     **_only_with("use_adafactor_optimizer", "adafactor_relative_step"),
-    **_only_with("validation_adapter_path", "validation_adapter_name validation_adapter_strength "
-                                            "validation_adapter_mode validation_adapter_config"),
     **_only_with("validation_preview", "validation_preview_steps"),
     **_only_with("layersync_enabled", "layersync_student_block layersync_teacher_block layersync_lambda"),
     **_only_with("scheduled_sampling_max_step_offset",
@@ -181,17 +179,12 @@ OPTION_STATES: dict[str, OptionState] = {
     "non_ema_revision": Refused("a separate non-EMA model revision"),
     **_refused("LayerSync regularisation", "layersync_enabled"),
     "scheduled_sampling_max_step_offset": Refused("scheduled sampling", 0),
-    # SimpleTuner declares enable_watermark but never reads it; diffusers' SDXL watermarker needs the
-    # `invisible-watermark` package (imwatermark, with opencv-python and PyWavelets), which st does not depend on.
-    "enable_watermark": Refused(_VALIDATION + ": an invisible watermark on validation images (diffusers' "
-                                "StableDiffusionXLWatermarker needs the `invisible-watermark` package, which st does "
-                                "not install; SimpleTuner declares the option but never reads it, so its validation "
-                                "images carry no watermark either)"),
+    "enable_watermark": Accepted("SimpleTuner declares it but never reads it: its validation pipelines are built "
+                                 "with add_watermarker=False, so validation images carry no watermark in either tool"),
     "validation_using_datasets": Refused(_VALIDATION + ": validation from dataset images"),
     # st's validation never renders an extra unconditional image: it always does what `true` asks for.
     "validation_disable_unconditional": Accepted("st renders no unconditional validation image either way"),
     "validation_prompt_library": Refused(_VALIDATION + ": SimpleTuner's built-in prompt library"),
-    "validation_adapter_path": Refused(_VALIDATION + ": an extra adapter during validation"),
     "validation_preview": Refused(_VALIDATION + ": step-by-step previews"),
     # Newer than the option reference st implements: SDNQ's settings, read only with an SDNQ precision preset, which
     # st refuses (SDNQ_PRESETS below).

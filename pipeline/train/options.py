@@ -140,6 +140,11 @@ class ValidationOptions(OptionGroup):
     keep_vae_loaded: bool
     validation_lycoris_strength: float
     wan_validation_load_other_stage: bool
+    validation_adapter_path: str | None  # an extra LoRA while validating (validation_adapters)
+    validation_adapter_name: str | None
+    validation_adapter_strength: float
+    validation_adapter_mode: str
+    validation_adapter_config: list | dict | str | None
 
     def due(self, step: int, epoch_done: bool, epoch: int) -> bool:
         """Whether a validation falls on optimizer step `step` (`epoch_done`: epoch `epoch` ended with it)."""

@@ -28,6 +28,7 @@ from ..quantise import key_content as quantisation_key_content
 from ..runner import StageResult, StageRun
 from . import shard_cache
 from .assistant import key_content as assistant_key_content
+from .validation_adapters import check as check_validation_adapters
 from .checkpoint import list_checkpoints
 from .control import family_for_run
 from .offload import check_config as check_memory
@@ -113,6 +114,7 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
     forced = check_parent_chain(cache, reader.manifest_path, expect_stage="prepare", rerun="st cache", force=force)
     sources = model_sources(loaded)
     family = get_family(config.model_family)
+    check_validation_adapters(config, loaded.base_dir, family)  # a missing adapter file stops before any work
     source, vae_source = sources.model, sources.vae
     loaded = refiner_defaults(loaded, family, source)
     config = loaded.config

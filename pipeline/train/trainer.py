@@ -269,7 +269,8 @@ class Trainer:
                                                                     len(validation_prompts)),
                                        embeds=prompts_by_text, out_dir=out_dir / "validation",
                                        device=self.device, text_encoders=self.text,
-                                       model_cpu_offload=self.memory_options.enable_model_cpu_offload)  # fmt: skip
+                                       model_cpu_offload=self.memory_options.enable_model_cpu_offload,
+                                       base_dir=base_dir)  # fmt: skip
         self.clip_eval = None  # evaluation_type clip: scores each validation's renders (main process)
         if self.validator is not None and config.evaluation_type == "clip":
             from .clip_eval import ClipEvaluator

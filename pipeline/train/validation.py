@@ -46,7 +46,7 @@ from ..errors import ConfigError, InputError
 from ..families import Family, flux, load_components, sdxl
 from ..log import get_logger
 from ..video_settings import family_framerate
-from . import validation_video
+from . import validation_adapters, validation_video
 from .family_options import FamilyText
 from .offload import model_cpu_offload, note_model_cpu_offload, stream_vae
 from .options import ValidationOptions
@@ -188,11 +188,12 @@ class Validator:
     def __init__(self, family: Family, options: ValidationOptions, *, source: str, vae_source: str | None, denoiser,
                  prompts, embeds: dict[str, dict[str, Any]], out_dir: Path, device,
                  text_encoders=None, model_cpu_offload: bool = False, control=None,
-                 family_text: FamilyText | None = None) -> None:  # fmt: skip
+                 family_text: FamilyText | None = None, base_dir: Path | None = None) -> None:  # fmt: skip
         """`text_encoders`: the `text_encoders.TextEncoders` being trained (train_text_encoder), which then embed
         the prompts' cached token ids at each validation. `control`: a `controlnet.ValidationControl` (controlnet:
         true), whose ControlNet pipeline renders each prompt with a conditioning image, saved beside the render.
-        `family_text`: the run's `FamilyText` (Flux's T5 mask, the refiner's aesthetic score)."""
+        `family_text`: the run's `FamilyText` (Flux's T5 mask, the refiner's aesthetic score). `base_dir`: where a
+        relative validation_adapter_path is looked up after the working folder."""
         options, self.true_cfg = real_cfg(family, options)
         self.skip_layers = skip_layer_guidance(family, options)
         self.family, self.options, self.out_dir, self.device = family, options, out_dir, device
@@ -257,6 +258,11 @@ class Validator:
             raise ConfigError(f"validation_guidance_skip_layers: {type(self.pipe).__name__} has no skip-layer "
                               f"guidance; remove it for this run")  # fmt: skip
         self.sizes = parse_resolutions(options.validation_resolution)
+        self.adapter_runs = validation_adapters.build_runs(options, base_dir)  # [BASE] without validation adapters
+        if any(not run.is_base for run in self.adapter_runs) and not hasattr(self.pipe, "load_lora_weights"):
+            raise ConfigError(f"validation_adapter_path / validation_adapter_config: {type(self.pipe).__name__} "
+                              f"cannot load LoRA adapters; remove the option")  # fmt: skip
+        self.adapter_files = validation_adapters.fetch(self.adapter_runs)  # a hub adapter is fetched now
 
     @property
     def _generator_device(self) -> Any:
@@ -310,7 +316,10 @@ class Validator:
         seed = render_seed(options, label)
         with self._vae_on_device(), self._lycoris_strength(), self._attention_slicing(), \
                 model_cpu_offload(self.pipe, self.device, self.model_cpu_offload):
-            paths = self._render_all(folder, negative, seed)
+            paths = []
+            for run in self.adapter_runs:  # the base run and/or each validation adapter set (validation_adapters)
+                with validation_adapters.attached(self.pipe, self.denoiser, run, self.adapter_files):
+                    paths += self._render_all(folder, negative, seed, run.tag)
         if paths:
             grid = folder / "grid.png"
             image_grid(paths, columns=max(1, options.num_validation_images * len(self.sizes))).save(grid)
@@ -369,12 +378,14 @@ class Validator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _render_all(self, folder: Path, negative: dict[str, Any] | None, seed: int) -> list[Path]:
+    def _render_all(self, folder: Path, negative: dict[str, Any] | None, seed: int, tag: str = "") -> list[Path]:
+        """`tag`: what a validation adapter run adds to each prompt's file names (`__<slug>`)."""
         import torch
 
         options = self.options
         paths: list[Path] = []
         for n, prompt in enumerate(self.prompts):
+            stem = prompt.name + tag
             for width, height in self.sizes:
                 if self.text_encoder is not None:  # the pipeline encodes prompt and negative with the image
                     kwargs = {"prompt": prompt.text, "negative_prompt": options.validation_negative_prompt or ""}
@@ -390,18 +401,18 @@ class Validator:
                     kwargs[self.control.argument] = clip
                     rate = family_framerate(options.framerate, self.family.name) or validation_video.DEFAULT_FPS
                     validation_video.write_mp4(np.stack([np.asarray(f) for f in clip]),
-                                               folder / f"{prompt.name}-{width}x{height}-control.mp4", rate)
+                                               folder / f"{stem}-{width}x{height}-control.mp4", rate)
                     for name, clips in self.control.extra.items():  # its mask clip, saved beside it too
                         kwargs[name] = [frame.resize((width, height), 0) for frame in clips[n % len(clips)]]  # nearest
                         validation_video.write_mp4(np.stack([np.asarray(f) for f in kwargs[name]]),
-                                                   folder / f"{prompt.name}-{width}x{height}-{name}.mp4", rate)
+                                                   folder / f"{stem}-{width}x{height}-{name}.mp4", rate)
                 elif self.control is not None:  # the conditioning image, saved beside the render (input / output)
                     kwargs[self.control.argument] = self.control.image_for(n)
-                    path = folder / f"{prompt.name}-{width}x{height}-control.png"
+                    path = folder / f"{stem}-{width}x{height}-control.png"
                     self.control.image_for(n).resize((width, height)).save(path)
                     for name, images in self.control.extra.items():  # Wan FLF2V's last_image, saved beside it too
                         kwargs[name] = images[n % len(images)]
-                        kwargs[name].resize((width, height)).save(folder / f"{prompt.name}-{width}x{height}-{name}.png")
+                        kwargs[name].resize((width, height)).save(folder / f"{stem}-{width}x{height}-{name}.png")
                 extra = {"num_inference_steps": options.validation_num_inference_steps,
                          "guidance_scale": options.validation_guidance, "height": height, "width": width,
                          "num_images_per_prompt": options.num_validation_images, "output_type": "pil",
@@ -429,13 +440,13 @@ class Validator:
                         # LTXPipeline's RoPE time scale, as training used it. DEVIATION: SimpleTuner leaves the
                         # pipeline at its default 25 whatever framerate says.
                         extra["frame_rate"] = rate
-                    paths += validation_video.render(self.pipe, kwargs, extra, folder / f"{prompt.name}-{width}x{height}",
+                    paths += validation_video.render(self.pipe, kwargs, extra, folder / f"{stem}-{width}x{height}",
                                                      frames, fps=rate or validation_video.DEFAULT_FPS)  # fmt: skip
                     continue
                 with torch.no_grad(), self._transformer_calls(self.embeds[prompt.text], negative):
                     images = self.pipe(**kwargs, **extra).images
                 for i, image in enumerate(images):
-                    path = folder / f"{prompt.name}-{width}x{height}-{i}.png"
+                    path = folder / f"{stem}-{width}x{height}-{i}.png"
                     image.save(path)
                     paths.append(path)
         return paths
