@@ -56,9 +56,11 @@ PER_DATASET_OPTIONS = (
 CAPTION_KEYS = ("disable_multiline_split", "caption_shuffle", "max_num_samples")
 # When a dataset joins and leaves the training mix (`DatasetSchedule`); st train's data plan applies them.
 SCHEDULE_KEYS = ("start_epoch", "start_step", "end_epoch", "end_step")
+# How st train draws the dataset's batches (`DatasetSpec.timestep_sampling_offset`, `DatasetSpec.train_batch_size`).
+TRAINING_KEYS = ("timestep_sampling_offset", "train_batch_size")
 ENTRY_KEYS = ("id", "type", "dataset_type", "disabled", "instance_data_dir", "parquet", "conditioning_data",
               "conditioning", "is_regularisation_data", "video", *PER_DATASET_OPTIONS, *CAPTION_KEYS,
-              *SCHEDULE_KEYS)  # fmt: skip
+              *SCHEDULE_KEYS, *TRAINING_KEYS)  # fmt: skip
 CAPTION_SHUFFLE_KEYS = ("enable", "count", "seed", "split_on", "position_start", "include_original")
 SHUFFLE_SPLITS = ("comma", "space", "period")
 # A conditioning entry's own keys; its resize and crop follow its target image, so the image options it may carry
@@ -206,12 +208,17 @@ class DatasetSpec:
     max_num_samples: int | None = None
     # start_epoch / start_step / end_epoch / end_step: when st train samples the dataset.
     schedule: DatasetSchedule = DatasetSchedule()
+    # Added to the standard normal draw of the logit-normal flow schedule for this dataset's batches (SimpleTuner's
+    # per-dataset `timestep_sampling_offset`; 0: the global schedule unchanged).
+    timestep_sampling_offset: float = 0.0
+    # This dataset's batch size per process (SimpleTuner's per-dataset `train_batch_size`); None: the global one.
+    train_batch_size: int | None = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as recorded in manifests and stage keys."""
         skip = ("parquet", "dataset_type", "conditioning_data", "conditioning", "is_regularisation_data", "source",
                 "video", "disable_multiline_split", "caption_shuffle", "caption_filters", "max_num_samples",
-                "schedule")
+                "schedule", *TRAINING_KEYS)
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         # Paired-data fields only when set, so that the stage keys of plain datasets stay as they were.
         if self.dataset_type != "image":
@@ -236,10 +243,20 @@ class DatasetSpec:
         if self.max_num_samples is not None:
             out["max_num_samples"] = self.max_num_samples
         out.update(self.schedule.describe())  # schedule keys only when set, likewise
+        out.update(self.training_keys())  # likewise
         out["root"] = str(self.root)
         out["crop_aspect_buckets"] = list(self.crop_aspect_buckets) if self.crop_aspect_buckets else None
         if self.parquet is not None:
             out["parquet"] = {**dataclasses.asdict(self.parquet), "path": str(self.parquet.path)}
+        return out
+
+    def training_keys(self) -> dict[str, Any]:
+        """timestep_sampling_offset and train_batch_size, only those set (as recorded in manifests)."""
+        out: dict[str, Any] = {}
+        if self.timestep_sampling_offset:
+            out["timestep_sampling_offset"] = self.timestep_sampling_offset
+        if self.train_batch_size is not None:
+            out["train_batch_size"] = self.train_batch_size
         return out
 
 
@@ -485,7 +502,39 @@ def parse_entry(entry: dict[str, Any], loaded: LoadedConfig, list_path: Path, in
     return DatasetSpec(id=ident, root=root, parquet=parquet, repeats_explicit=explicit, dataset_type=dataset_type,
                        conditioning_data=linked, conditioning=generators, is_regularisation_data=regularisation,
                        source=source, video=video, schedule=DatasetSchedule.from_entry(entry, where),
-                       **_caption_keys(entry, config, where), **values)  # fmt: skip
+                       **_caption_keys(entry, config, where), **_training_keys(entry, dataset_type, where),
+                       **values)  # fmt: skip
+
+
+def _training_keys(entry: dict[str, Any], dataset_type: str, where: str) -> dict[str, Any]:
+    """timestep_sampling_offset (any finite number; unset, null or 0: none) and train_batch_size (a whole number in
+    the global option's range; unset or null: the global train_batch_size). DEVIATION: SimpleTuner reads an offset
+    that is not a number as an error only when training starts, and a NaN offset trains on NaN sigmas; st refuses
+    both when the list is read."""
+    import math
+
+    out: dict[str, Any] = {}
+    raw = entry.get("timestep_sampling_offset")
+    if raw is not None and raw != "":
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            offset = float(raw)
+        except (TypeError, ValueError):
+            offset = math.nan
+        if not math.isfinite(offset):
+            raise ConfigError(f"{where}: 'timestep_sampling_offset' must be a finite number (added to the normal draw "
+                              f"of the flow schedule; about -1.0 to 1.0 is useful), got {raw!r}")  # fmt: skip
+        out["timestep_sampling_offset"] = offset + 0.0  # -0.0 -> 0.0
+    size = entry.get("train_batch_size")
+    if size is not None and size != "":
+        size = coerce("train_batch_size", size, int, where=where)
+        check_option_range("train_batch_size", size, where)
+        if dataset_type == "eval":  # SimpleTuner sizes eval datasets 1, whatever they set
+            log.info("%s: train_batch_size is not read on an eval dataset (evaluated a sample at a time)", where)
+        else:
+            out["train_batch_size"] = size
+    return out
 
 
 def _caption_keys(entry: dict[str, Any], config: Config, where: str) -> dict[str, Any]:

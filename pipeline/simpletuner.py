@@ -210,7 +210,8 @@ _DATASET_RUNTIME = "sets how SimpleTuner reads or caches the dataset, not what s
 
 # Keys of a multidatabackend.json entry that are not st's own dataset keys. (disable_multiline_split, caption_shuffle
 # and max_num_samples are st's, `pipeline.datasets.CAPTION_KEYS`; start_epoch, start_step, end_epoch and end_step too,
-# `pipeline.datasets.SCHEDULE_KEYS`; caption_filter_list is read on text_embeds entries.)
+# `pipeline.datasets.SCHEDULE_KEYS`; timestep_sampling_offset and train_batch_size too,
+# `pipeline.datasets.TRAINING_KEYS`; caption_filter_list is read on text_embeds entries.)
 # fmt: off
 DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     **_accepted(_DATASET_RUNTIME, "default text_embeds image_embeds vae_cache_clear_each_epoch skip_file_discovery "
@@ -222,12 +223,10 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
     **_accepted(_WORKERS, "text_encoder_batch_size"),
     **_accepted("st never deletes dataset files; it skips such images and `st prepare` reports them",
                 "delete_unwanted_images delete_problematic_images"),
-    "train_batch_size": Refused("a batch size per dataset (set the global train_batch_size)"),
     "delete_nsfw_images": Refused("NSFW filtering"),
     "grounding": Refused("spatial grounding (bounding boxes and masks)"),
     "audio": Refused("audio datasets and audio taken from videos (the `audio` block)"),
     "slider_strength": Refused("slider LoRA training"),
-    "timestep_sampling_offset": Refused("a timestep offset per dataset"),
     "conditioning_image_embeds": Refused("cached conditioning image embeddings (CLIP vision features for "
                                          "image-to-video models)"),
     **_refused("a conditioning setting of a `dataset_type: conditioning` entry (st reads it there)",

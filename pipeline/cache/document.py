@@ -99,6 +99,8 @@ def _summary(out_dir: Path, plan: CachePlan, sidecars: dict[str, dict[str, Any]]
 PAIRED_DATASET_FIELDS = ("dataset_type", "conditioning_data", "is_regularisation_data", "video")
 # When st train samples the dataset (`pipeline.datasets.SCHEDULE_KEYS`), carried when set.
 SCHEDULE_FIELDS = ("start_epoch", "start_step", "end_epoch", "end_step")
+# How st train draws the dataset's batches (`pipeline.datasets.TRAINING_KEYS`), carried when set.
+TRAINING_FIELDS = ("timestep_sampling_offset", "train_batch_size")
 
 
 def finish(ctx: CacheContext, run: StageRun, started: float, run_stats: dict[str, Any], vae: dict[str, Any],
@@ -143,7 +145,7 @@ def finish(ctx: CacheContext, run: StageRun, started: float, run_stats: dict[str
         "datasets": [
             {"id": ds_id, "samples": sum(c.values()), "buckets": dict(sorted(c.items())),
              "repeats": parent_datasets[ds_id]["repeats"], "probability": parent_datasets[ds_id]["probability"],
-             **{k: parent_datasets[ds_id][k] for k in (*PAIRED_DATASET_FIELDS, *SCHEDULE_FIELDS)
+             **{k: parent_datasets[ds_id][k] for k in (*PAIRED_DATASET_FIELDS, *SCHEDULE_FIELDS, *TRAINING_FIELDS)
                 if k in parent_datasets[ds_id]}}
             for ds_id, c in sorted(datasets.items())
         ],  # fmt: skip

@@ -101,6 +101,8 @@ def dataset_entries(datasets: list[DatasetFiles], samples: list[Sample], skips: 
                    if spec.max_num_samples is not None else {}),
                 # start_epoch / start_step / end_epoch / end_step: only those set, for st train's data plan.
                 **spec.schedule.describe(),
+                # timestep_sampling_offset / train_batch_size: only those set, likewise.
+                **spec.training_keys(),
             }
         )
     return entries

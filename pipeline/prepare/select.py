@@ -133,16 +133,19 @@ def check_caption_file(files: DatasetFiles, probes: dict[str, Probe], image_path
         raise MissingCaption(f"caption file {name} cannot be read ({probe.detail})")
 
 
-def batch_size(config) -> int:
-    """Samples per optimizer step of the training run (`st train` checks num_processes against its launch)."""
-    return global_batch(config.train_batch_size, config.num_processes, config.gradient_accumulation_steps)
+def batch_size(config, spec: DatasetSpec | None = None) -> int:
+    """Samples per optimizer step of the training run (`st train` checks num_processes against its launch), with
+    `spec`'s own train_batch_size where it sets one (SimpleTuner's per-dataset bucket sizing:
+    dataset train_batch_size x num_processes x gradient_accumulation_steps)."""
+    per_process = spec.train_batch_size if spec is not None and spec.train_batch_size is not None else \
+        config.train_batch_size  # fmt: skip
+    return global_batch(per_process, config.num_processes, config.gradient_accumulation_steps)
 
 
 def prune(samples: list[Sample], specs: list[DatasetSpec],
           loaded: LoadedConfig) -> tuple[list[Sample], list[Skip], dict]:  # fmt: skip
     """Drop (or, with allow_dataset_oversubscription, repeat) buckets too small for one batch."""
     config = loaded.config
-    batch = batch_size(config)
     by_bucket: dict[tuple[str, str], list[Sample]] = defaultdict(list)
     for s in samples:
         by_bucket[(s.dataset_id, s.plan.bucket)].append(s)
@@ -152,6 +155,7 @@ def prune(samples: list[Sample], specs: list[DatasetSpec],
     raised: dict[str, dict[str, int]] = defaultdict(dict)
     for (dataset_id, bucket), members in by_bucket.items():
         spec = spec_by_id[dataset_id]
+        batch = batch_size(config, spec)
         effective = len(members) * (spec.repeats + 1)
         if effective >= batch or config.disable_bucket_pruning:
             kept.extend(members)
@@ -177,8 +181,11 @@ def prune(samples: list[Sample], specs: list[DatasetSpec],
     if not kept and samples:
         sizes = Counter(s.plan.bucket for s in samples)
         listing = ", ".join(f"{b}: {n}" for b, n in sorted(sizes.items()))
+        batch = " / ".join(sorted({str(batch_size(config, s)) for s in specs}, key=int))
+        sizes_set = f"train_batch_size {config.train_batch_size}" + "".join(
+            f", dataset '{s.id}': {s.train_batch_size}" for s in specs if s.train_batch_size is not None)
         raise InputError(
-            f"no bucket holds enough images for one batch of {batch} (train_batch_size {config.train_batch_size} x "
+            f"no bucket holds enough images for one batch of {batch} ({sizes_set} x "
             f"num_processes {config.num_processes} x gradient_accumulation_steps {config.gradient_accumulation_steps}); "
             f"images per bucket: {listing}. Lower train_batch_size, set allow_dataset_oversubscription = true, "
             "raise repeats, or use crop = true with crop_aspect = \"square\" to gather images into fewer buckets"

@@ -4,11 +4,12 @@ The loader reads the cache's shard index (`shardformat.index`: where each sample
 often it repeats, recorded by the shard writer), not the shards, so the start does not grow with the cache. An epoch's
 plan is then computed, not streamed: every (dataset, bucket) group's samples, each repeated `1 + repeats` times, are
 shuffled with a generator seeded by (seed, epoch, the cache's contents) and cut into global batches of `train_batch_size
-x num_processes`; datasets are interleaved by weight (`probability`, times the dataset's size under
-`data_backend_sampling: auto-weighting`), each batch drawn among the datasets whose schedule (start_epoch,
-start_step, end_epoch, end_step) has them active at its optimizer step. Rank r of n takes slice r of every global
-batch, so processes read disjoint samples. A cursor (epoch, batch) is all a checkpoint needs to resume exactly; the
-plan does not depend on the number of processes as long as the global batch size is the same.
+x num_processes` (the dataset's own train_batch_size where it sets one); datasets are interleaved by weight
+(`probability`, times the dataset's size under `data_backend_sampling: auto-weighting`), each batch drawn among the
+datasets whose schedule (start_epoch, start_step, end_epoch, end_step) has them active at its optimizer step. Rank r
+of n takes slice r of every global batch, so processes read disjoint samples. A cursor (epoch, batch) is all a
+checkpoint needs to resume exactly; the plan does not depend on the number of processes as long as the global batch
+size is the same.
 
 Reading a sample is a seek and a read of its members (tar shards are uncompressed; each member is one zstd frame).
 The first time a shard is read on this machine, one process checks its sha256, its tar headers against the index and
@@ -166,7 +167,8 @@ class EpochPlanner:
     PLAN_VERSION = 2  # 1: seeded with the cache manifest's digest
 
     def __init__(self, index: CacheIndex, *, seed: int, global_batch: int, sampling: str,
-                 accumulation: int = 1) -> None:  # fmt: skip
+                 accumulation: int = 1, processes: int = 1) -> None:  # fmt: skip
+        """`global_batch`: train_batch_size x `processes` (the data-parallel processes)."""
         self.index = index
         self.seed = seed
         self.global_batch = global_batch
@@ -179,6 +181,12 @@ class EpochPlanner:
         self.schedules = {d: DatasetSchedule.from_manifest(spec) for d, spec in sorted(index.datasets.items())
                           if DatasetSchedule.from_manifest(spec).describe() and not index.is_eval(d)}  # fmt: skip
         self.accumulation = max(1, accumulation)
+        # Training datasets with their own train_batch_size (SimpleTuner's per-dataset key): their global batch is
+        # that size x the data-parallel processes; the others keep `global_batch`. Eval datasets are never batched
+        # for training (SimpleTuner sizes them 1).
+        self.batch_sizes = {d: int(spec["train_batch_size"]) * max(1, processes)
+                            for d, spec in sorted(index.datasets.items())
+                            if spec.get("train_batch_size") is not None and not index.is_eval(d)}  # fmt: skip
         self._lengths: list[int] = []  # scheduled plans: the number of batches of epochs 0, 1, ...
         self._lock = threading.RLock()  # the loader's thread plans ahead while the trainer asks for lengths
         self._cache: dict[int, list[PlannedBatch]] = {0: self._plan(0)}
@@ -194,7 +202,13 @@ class EpochPlanner:
         if self.scheduled:  # only then, so that the fingerprints of unscheduled runs stay as they were
             out["schedules"] = {d: s.describe() for d, s in self.schedules.items()}
             out["accumulation"] = self.accumulation
+        if self.batch_sizes:  # likewise: only with per-dataset batch sizes
+            out["batch_sizes"] = dict(self.batch_sizes)
         return out
+
+    def batch_size(self, dataset_id: str) -> int:
+        """The global batch of `dataset_id`'s planned batches."""
+        return self.batch_sizes.get(dataset_id, self.global_batch)
 
     def epoch(self, epoch: int) -> list[PlannedBatch]:
         if epoch not in self._cache:
@@ -240,8 +254,9 @@ class EpochPlanner:
                 continue
             items = [k for k in keys for _ in range(1 + self.index.samples[k].repeats)]
             rng.shuffle(items)
-            batches = [PlannedBatch(dataset_id, bucket, tuple(items[i : i + self.global_batch]))
-                       for i in range(0, len(items) - self.global_batch + 1, self.global_batch)]  # fmt: skip
+            size = self.batch_size(dataset_id)
+            batches = [PlannedBatch(dataset_id, bucket, tuple(items[i : i + size]))
+                       for i in range(0, len(items) - size + 1, size)]  # fmt: skip
             per_dataset.setdefault(dataset_id, []).extend(batches)
         for batches in per_dataset.values():
             rng.shuffle(batches)
@@ -394,7 +409,6 @@ class TrainLoader:
         self.shared_text, self.empty_key = shared_text, empty_key
         self.caption_dropout, self.seed = caption_dropout, seed
         self.prefetch = max(0, prefetch)
-        self.per_rank = planner.global_batch // world
         self.conditioning_sampling = conditioning_sampling
         index.check_conditioning(conditioning_sampling)
 
@@ -410,8 +424,8 @@ class TrainLoader:
     def load(self, planned: PlannedBatch, epoch: int, batch_index: int, reader: SampleReader) -> Batch:
         import torch
 
-        start = self.rank * self.per_rank
-        keys = list(planned.keys[start : start + self.per_rank])
+        start, stop = self.share(planned)
+        keys = list(planned.keys[start:stop])
         latents, texts, metas, dropped = [], [], [], []
         parts = []
         for slot, key in enumerate(keys):
@@ -432,6 +446,11 @@ class TrainLoader:
         if parts:
             self._add_conditioning(batch, parts)
         return batch
+
+    def share(self, planned: PlannedBatch) -> tuple[int, int]:
+        """This rank's slice [start, stop) of a planned global batch (its dataset's batch size x the processes)."""
+        per_rank = len(planned.keys) // self.world
+        return self.rank * per_rank, (self.rank + 1) * per_rank
 
     def sample_batch(self, key: str, reader: SampleReader) -> Batch:
         """One sample as a batch of one, for the evaluation loss: its latent, its first caption and, when it has
@@ -496,12 +515,12 @@ class TrainLoader:
     def shards_ahead(self, cursor: Cursor, epochs: int) -> Iterator[tuple[str, ...]]:
         """The shards this rank reads for each batch from `cursor` on, in plan order (what a cache on S3 fetches
         ahead and keeps)."""
-        start = self.rank * self.per_rank
         epoch, position = cursor.epoch, cursor.batch
         while epoch < epochs:
             plan = self.planner.epoch(epoch)
             for planned in plan[position:]:
-                keys = planned.keys[start : start + self.per_rank]
+                start, stop = self.share(planned)
+                keys = planned.keys[start:stop]
                 yield tuple(dict.fromkeys(self.index.samples[k].shard.entry["path"] for k in keys))
             epoch, position = epoch + 1, 0
 

@@ -31,7 +31,9 @@ Flow matching families
     sigma uniformly from [1.0] * 7 + [0.75, 0.5, 0.25], unshifted; the uniform and beta schedules win over it, as
     there (a warning says so). `flow_schedule_auto_shift` takes s = exp(mu), mu linear in `image_seq_len`
     (256 -> 0.5, 4096 -> 1.15, Flux's `calculate_shift`); it wins over `flow_schedule_shift`. Timestep bias and
-    segmentation apply to DDPM only.
+    segmentation apply to DDPM only. A dataset's `timestep_sampling_offset` o moves the default schedule for its
+    batches: sigma ~ sigmoid(flow_sigmoid_scale * (N(0, 1) + o)), before the shift (SimpleTuner's; the uniform,
+    beta and fast schedules, families drawing their own sigmas and DDPM ignore it, with a warning, as there).
 
 Noise
     Offset noise (SimpleTuner's `offset_noise`, DDPM only): with `offset_noise` true and `noise_offset` > 0, one
@@ -546,8 +548,12 @@ class Objective:
         """The flow shift used for `latents` (auto-shift depends on their size)."""
         return auto_shift(image_seq_len(latents)) if self.auto_shift else self.shift
 
-    def sample_sigmas(self, batch_size: int, generator: torch.Generator, shift: float = 1.0) -> Tensor:
-        """Flow-matching sigmas in [0, 1] (float32, CPU) from the configured schedule, then shifted."""
+    def sample_sigmas(self, batch_size: int, generator: torch.Generator, shift: float = 1.0,
+                      offset: float = 0.0) -> Tensor:  # fmt: skip
+        """Flow-matching sigmas in [0, 1] (float32, CPU) from the configured schedule, then shifted. `offset`: the
+        batch's dataset's `timestep_sampling_offset`, added to the standard normal draw of the logit-normal schedule
+        before the sigmoid and the shift, sigma = sigmoid(flow_sigmoid_scale * (n + offset)) (SimpleTuner's
+        `sample_flow_sigmas`; the other schedules ignore it, as there)."""
         options = self.options
         if self.flow_sigmas is not None:
             normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
@@ -562,11 +568,29 @@ class Objective:
                                  generator)  # fmt: skip
         else:
             normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+            if offset:
+                normal = normal + offset
             sigmas = torch.sigmoid(options.flow_sigmoid_scale * normal)
             if self.sigma_curve is not None:
                 sigmas = self.sigma_curve(shift_sigmas(sigmas, shift).clamp_(0.0, 1.0))
                 return sigmas.to(torch.float32)
         return shift_sigmas(sigmas, shift).clamp_(0.0, 1.0).to(torch.float32)
+
+    def _check_offset(self) -> None:
+        """Warn once when the run's schedule does not read a dataset's timestep_sampling_offset (as in SimpleTuner,
+        which applies it to the logit-normal flow schedule only)."""
+        if getattr(self, "_offset_checked", False):
+            return
+        self._offset_checked = True
+        options = self.options
+        schedule = ("DDPM timesteps" if not self.is_flow else
+                    "this model family's own flow sigmas" if self.flow_sigmas is not None else
+                    "the flux_fast_schedule sigmas" if self.fast_schedule else
+                    "the uniform flow schedule" if options.flow_use_uniform_schedule else
+                    "the beta flow schedule" if options.flow_use_beta_schedule else None)  # fmt: skip
+        if schedule is not None:
+            log.warning("timestep_sampling_offset is set on a dataset, but this run samples %s: the offset shifts "
+                        "the default logit-normal flow schedule only and is ignored (as in SimpleTuner)", schedule)
 
     def perturbation_scale(self, step: int) -> float:
         """input_perturbation at `step`, decayed linearly to 0 over input_perturbation_steps when > 0."""
@@ -578,15 +602,19 @@ class Objective:
             scale *= max(0.0, 1.0 - step / steps)
         return scale
 
-    def draw(self, latents: Tensor, generator: torch.Generator, step: int) -> Noised:
-        """Noise a training batch; every random number comes from `generator` (CPU), results on latents.device."""
+    def draw(self, latents: Tensor, generator: torch.Generator, step: int, offset: float = 0.0) -> Noised:
+        """Noise a training batch; every random number comes from `generator` (CPU), results on latents.device.
+        `offset`: the batch's dataset's `timestep_sampling_offset` (`sample_sigmas`); the draws are the same with
+        or without it, only the sigmas move."""
+        if offset:
+            self._check_offset()
         device = latents.device
         x = latents.detach().to(torch.float32)
         batch = x.shape[0]
         # Optional draws come last, so turning noise_offset / input_perturbation on leaves noise and schedule alone.
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
         if self.is_flow:
-            schedule = self.sample_sigmas(batch, generator, self.shift_for(x))
+            schedule = self.sample_sigmas(batch, generator, self.shift_for(x), offset)
         else:
             schedule = self.sample_timesteps(batch, generator)
         options = self.options

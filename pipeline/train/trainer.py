@@ -210,13 +210,15 @@ class Trainer:
         self.eval_sets = evaluation.sample_sets(self.index.samples, self.index.datasets, self.evaluation)
         self.planner = EpochPlanner(self.index, seed=self.seed, sampling=config.data_backend_sampling,
                                     global_batch=global_batch(config.train_batch_size, self.cp.data_parallel),
-                                    accumulation=config.gradient_accumulation_steps)  # fmt: skip
+                                    accumulation=config.gradient_accumulation_steps,
+                                    processes=self.cp.data_parallel)  # fmt: skip
         micro_per_epoch = self.planner.batches_per_epoch()
         if micro_per_epoch == 0:
             sizes = ", ".join(f"{d}/{b}: {len(k)}" for (d, b), k in sorted(self.index.groups.items()))
+            own = "".join(f", dataset '{d}': {n // self.cp.data_parallel}" for d, n in self.planner.batch_sizes.items())
             raise InputError(
-                f"train_batch_size {config.train_batch_size} x {self.world} process(es) is larger than every bucket "
-                f"({sizes}); lower train_batch_size, or re-run `st prepare` with allow_dataset_oversubscription"
+                f"train_batch_size {config.train_batch_size}{own} x {self.world} process(es) is larger than every "
+                f"bucket ({sizes}); lower train_batch_size, or re-run `st prepare` with allow_dataset_oversubscription"
             )
         self.accum = max(1, config.gradient_accumulation_steps)
         self.micro_per_epoch = micro_per_epoch
@@ -455,7 +457,8 @@ class Trainer:
         """A training batch's loss: noise, timesteps and guidance drawn from the run's generator."""
         latents = batch.latents.to(self.device)
         context_parallel.check_batch(latents, self.unwrapped.config, self.cp, f"dataset {batch.dataset_id}")
-        noised = self.objective.draw(latents, self.generator, step)
+        offset = float(self.index.datasets.get(batch.dataset_id, {}).get("timestep_sampling_offset", 0.0))
+        noised = self.objective.draw(latents, self.generator, step, offset)  # the dataset's timestep offset
         guidance = self.objective.guidance(latents.shape[0], self.generator)
         # (Wan VACE: a mask clip is the pipeline's `mask` input, inside the cached control latents, not a loss mask.)
         mask = None if self.vace is not None else self.objective.choose_mask(batch.mask_pixels, batch.mask_kind,
