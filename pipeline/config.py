@@ -292,6 +292,16 @@ class Config:
     crepa_teacher_block_index: int | None = opt(None, TRAIN, help="The teacher block with backbone features "
                                                 "(default: crepa_block_index).")
     crepa_encoder_image_size: int = opt(518, TRAIN, help="The side frames are resized to for the encoder.")
+    # LayerSync (flux, sd3, pixart_sigma, sana, wan, ltxvideo): see pipeline.train.layersync.
+    layersync_enabled: bool = opt(False, TRAIN, help="flux, sd3, pixart_sigma, sana, wan, ltxvideo: pull a transformer "
+                                  "block's hidden states towards another block's (detached) in the same model; the "
+                                  "loss adds -layersync_lambda x their mean cosine similarity "
+                                  "(LayerSync).")  # fmt: skip
+    layersync_student_block: int | None = opt(None, TRAIN, help="The student block, LayerSync's 1-based depth "
+                                              "(d is block d - 1; 0 is block 0); required with layersync_enabled.")
+    layersync_teacher_block: int | None = opt(None, TRAIN, help="The teacher block, the same way (default: the "
+                                              "student block).")  # fmt: skip
+    layersync_lambda: float = opt(0.2, TRAIN, help="Weight of the LayerSync loss (above 0).")
     # TREAD token routing: see pipeline.tread_settings and pipeline.train.tread.
     tread_config: dict | str | None = opt(None, TRAIN, help="TREAD token routing (flux incl. kontext, flux2, chroma, "
                                           "auraflow, qwen_image incl. edit, z_image, sd3, pixart_sigma, wan incl. "
@@ -363,6 +373,9 @@ class Config:
                                                       "many steps (unset or 0: never); no effect with other optimizers.")
     max_grad_norm: float = opt(2.0, TRAIN)
     grad_clip_method: str = opt("value", TRAIN, choices=("value", "norm"))
+    optimizer_release_gradients: bool = opt(False, TRAIN, help="optimi-* optimizers: step each parameter during the "
+                                             "backward pass as its gradient is ready, then free the gradient "
+                                             "(optimi's gradient release); no accumulation, clipping or fp16.")
     learning_rate: float = opt(4e-7, TRAIN, help="SimpleTuner's default 4e-7 suits full tuning; LoRA runs usually "
                                                  "want 1e-5 to 1e-3.")
     lr_scheduler: str = opt("constant_with_warmup", TRAIN, choices=(
@@ -473,6 +486,10 @@ class Config:
                                                 "frozen other expert beside the trained one, switching at the "
                                                 "boundary (false: the trained expert alone).")  # fmt: skip
     validation_disable: bool = opt(False, TRAIN, key=False)
+    validation_using_datasets: bool = opt(False, TRAIN, help="Validate img2img (strength 0.2) from the first "
+                                          "num_eval_images images of each image dataset (not disable_validation; "
+                                          "eval_dataset_id: those named) with their captions, instead of the "
+                                          "validation prompts (sd1x, sd2x, sdxl, sd3).")  # fmt: skip
     disable_benchmark: bool = opt(False, TRAIN, key=False)
     eval_steps_interval: int | None = opt(None, TRAIN, key=False)
     num_eval_images: int = opt(4, TRAIN, help="Samples the evaluation loss reads: of each eval dataset (of all "
@@ -1042,6 +1059,8 @@ OPTION_RANGES: dict[str, Range] = {
     "crepa_adjacent_distance": Range(0, 65_536, note="frames"),
     "crepa_adjacent_tau": _POSITIVE,
     "crepa_encoder_image_size": Range(14, MAX_EDGE, note="pixels"),
+    "layersync_student_block": Range(0, 65_536),
+    "layersync_teacher_block": Range(0, 65_536),
     "dataloader_prefetch_qlen": Range(1, 1024),
     "optimizer_beta1": Range(0, 1, high_open=True),
     "optimizer_beta2": Range(0, 1, high_open=True),
@@ -1153,6 +1172,13 @@ def _check_relations(config: Config, where: str) -> None:
     if config.crepa_enabled and config.crepa_block_index is None:
         raise ConfigError("crepa_enabled is true but crepa_block_index is not set: name the transformer block whose "
                           f"hidden states CREPA aligns (SimpleTuner's example: 8){_place(where)}")  # fmt: skip
+    if config.layersync_enabled and config.layersync_student_block is None:  # (pipeline.train.layersync)
+        raise ConfigError("layersync_enabled is true but layersync_student_block is not set: name the transformer "
+                          "block (LayerSync's 1-based depth) whose hidden states align to the teacher "
+                          f"block's{_place(where)}")  # fmt: skip
+    if config.layersync_enabled and not config.layersync_lambda > 0:  # DEVIATION: SimpleTuner turns 0 into 0.2
+        raise ConfigError(f"layersync_lambda is {config.layersync_lambda:g}, but LayerSync needs a weight above 0 "
+                          f"(SimpleTuner's default: 0.2); set it above 0 or layersync_enabled false{_place(where)}")
     pairs = [("minimum_aspect_ratio", "maximum_aspect_ratio"), ("flux_guidance_min", "flux_guidance_max")]
     for low_key, high_key in pairs:
         low, high = getattr(config, low_key), getattr(config, high_key)
@@ -1268,6 +1294,7 @@ READ_ONLY_WITH = {
     **{f"crepa_{name}": ("crepa_enabled", True) for name in (
         "block_index", "lambda", "adjacent_distance", "adjacent_tau", "cumulative_neighbors", "normalize_by_frames",
         "spatial_align", "model", "use_backbone_features", "teacher_block_index", "encoder_image_size")},
+    **{f"layersync_{name}": ("layersync_enabled", True) for name in ("student_block", "teacher_block", "lambda")},
 }
 
 

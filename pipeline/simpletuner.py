@@ -111,6 +111,7 @@ OPTION_STATES: dict[str, OptionState] = {
     "use_8bit_adam": Alias("optimizer", {True: "bnb-adamw8bit", False: None}),
     "allow_tf32": Alias("disable_tf32", {True: False, False: True}),
     "fused_qkv_projections": Alias("fuse_qkv_projections"),
+    "optimizer_release_gradient": Alias("optimizer_release_gradients"),
     # Accepted: cannot change the trained weights or any output.
     **_accepted(_CACHE, "cache_dir cache_dir_text cache_dir_vae cache_clear_validation_prompts vae_cache_scan_behaviour "
                         "compress_disk_cache preserve_data_backend_cache override_dataset_config skip_file_discovery "
@@ -125,7 +126,10 @@ OPTION_STATES: dict[str, OptionState] = {
     "offload_param_path": Accepted("a DeepSpeed parameter-offload folder; st does not run DeepSpeed"),
     "vae_enable_patch_conv": Accepted("read only for HunyuanVideo's VAE, which st does not train"),
     "optimizer_cpu_offload_method": Accepted("its only choice is none"),
-    **_refused("moving the optimizer's gradients to the CPU", "optimizer_offload_gradients"),
+    # SimpleTuner passes these two only to torchao's CPUOffloadOptimizer, which it builds only when
+    # optimizer_cpu_offload_method is torchao (cpu_offload_optimizer); that method is not a choice here.
+    **_accepted("read only with optimizer_cpu_offload_method torchao, which is not among its choices (none)",
+                "optimizer_offload_gradients fuse_optimizer"),
     # ramtorch, ramtorch_target_modules, ramtorch_text_encoder, ramtorch_vae, ramtorch_controlnet and
     # ramtorch_transformer_percent are Config fields.
     "ramtorch_disable_sync_hooks": Accepted("st always waits for the GPU after each streamed layer (SimpleTuner's "
@@ -158,7 +162,6 @@ OPTION_STATES: dict[str, OptionState] = {
     **_only_with("distillation_method", "distillation_config"),
     **_only_with("use_adafactor_optimizer", "adafactor_relative_step"),
     **_only_with("validation_preview", "validation_preview_steps"),
-    **_only_with("layersync_enabled", "layersync_student_block layersync_teacher_block layersync_lambda"),
     **_only_with("scheduled_sampling_max_step_offset",
                  "scheduled_sampling_strategy scheduled_sampling_probability scheduled_sampling_prob_start "
                  "scheduled_sampling_prob_end scheduled_sampling_ramp_steps scheduled_sampling_start_step "
@@ -166,22 +169,21 @@ OPTION_STATES: dict[str, OptionState] = {
                  "scheduled_sampling_reflexflow scheduled_sampling_reflexflow_alpha "
                  "scheduled_sampling_reflexflow_beta1 scheduled_sampling_reflexflow_beta2"),
     # Refused: a feature st lacks; loads only at its default.
-    "gradient_precision": Refused("fp32 gradients for bf16 optimizers", "unmodified"),
+    # SimpleTuner overwrites it from the optimizer (fp32 only for an optimizer declaring fp32 gradients, and none of
+    # its optimizers does), so fp32 never reaches its trainer's gradient cast.
+    "gradient_precision": Accepted("SimpleTuner resets it to unmodified for every optimizer it offers (none declares "
+                                   "fp32 gradients), so it never changes the gradients"),
     **_refused("distillation", "distillation_method"),
     "sdxl_refiner_uses_full_range": Accepted("SimpleTuner defines it but never reads it (refiner_training's range "
                                              "applies whatever it says)"),
     **_refused("on-demand VAE encoding (st always caches latents with `st cache`)",
                "vae_cache_ondemand vae_cache_disable"),
-    **_refused("fused optimizer steps during the backward pass",
-               "fuse_optimizer optimizer_release_gradients optimizer_release_gradient"),
     "use_adafactor_optimizer": Refused("the Adafactor optimizer"),
     "trust_remote_code": Refused("model code from the hub"),
     "non_ema_revision": Refused("a separate non-EMA model revision"),
-    **_refused("LayerSync regularisation", "layersync_enabled"),
     "scheduled_sampling_max_step_offset": Refused("scheduled sampling", 0),
     "enable_watermark": Accepted("SimpleTuner declares it but never reads it: its validation pipelines are built "
                                  "with add_watermarker=False, so validation images carry no watermark in either tool"),
-    "validation_using_datasets": Refused(_VALIDATION + ": validation from dataset images"),
     # st's validation never renders an extra unconditional image: it always does what `true` asks for.
     "validation_disable_unconditional": Accepted("st renders no unconditional validation image either way"),
     "validation_prompt_library": Refused(_VALIDATION + ": SimpleTuner's built-in prompt library"),
@@ -218,7 +220,8 @@ DATASET_KEY_STATES: dict[str, Accepted | Refused] = {
                                   "preserve_data_backend_cache metadata_backend write_batch_size hash_filenames "
                                   "scan_for_errors cache_file_suffix"),
     **_accepted(_CACHE, "cache_dir cache_dir_vae cache_dir_text"),
-    "disable_validation": Accepted("read only with `validation_using_datasets`, which st does not implement yet"),
+    "disable_validation": Accepted("read only by `validation_using_datasets` (st train skips the dataset's images "
+                                   "there); it changes no trained weights"),
     "ignore_epochs": Accepted("SimpleTuner no longer reads it (deprecated, it does nothing)"),
     **_accepted(_WORKERS, "text_encoder_batch_size"),
     **_accepted("st never deletes dataset files; it skips such images and `st prepare` reports them",

@@ -199,24 +199,28 @@ def _temporal_patch(denoiser: Any) -> int:
     return int(patch[0]) if isinstance(patch, (list, tuple)) and len(patch) == 3 else 1
 
 
-class Crepa:
-    """CREPA for one run: hooks on the denoiser, the trained projector and the teacher. After each training forward
-    pass, `loss(latents)` gives the weighted term to add to the loss."""
+class BlockCapture:
+    """Forward hooks that keep named block outputs of the denoiser's training forward passes (CREPA's and
+    LayerSync's): a pass with gradients enabled arms them (not evaluation or validation), `take()` disarms them and
+    hands over what they kept, so a gradient-checkpointing recomputation overwrites nothing."""
 
-    def __init__(self, options: CrepaOptions, denoiser: Any, projector: Any, encoder: FrameEncoder | None,
-                 decoder: LatentDecoder | None) -> None:  # fmt: skip
-        self.options, self.projector, self.encoder, self.decoder = options, projector, encoder, decoder
-        self.patch_t = _temporal_patch(denoiser)
-        self.captured: dict[str, Any] = {}
-        self.armed = False
-        self.logged: list[dict[str, float]] = []
-        blocks = video_blocks(denoiser)
+    captured: dict[str, Any]
+    armed: bool
+
+    def hook(self, denoiser: Any, blocks: dict[str, Any]) -> None:
+        self.captured, self.armed = {}, False
         denoiser.register_forward_pre_hook(self._arm)
-        _block(blocks, options.crepa_block_index, "crepa_block_index", denoiser).register_forward_hook(
-            self._capture("student"))
-        if options.teacher_block is not None:
-            _block(blocks, options.teacher_block, "crepa_teacher_block_index", denoiser).register_forward_hook(
-                self._capture("teacher"))
+        for name, block in blocks.items():
+            block.register_forward_hook(self._capture(name))
+
+    def pick(self, output: Any) -> Any:
+        """What a hooked block's output holds to keep (the first element of a tuple)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def take(self) -> dict[str, Any]:
+        self.armed = False
+        captured, self.captured = self.captured, {}
+        return captured
 
     def _arm(self, module: Any, args: Any) -> None:  # noqa: ARG002
         """A denoiser forward pass starts: capture its block outputs if it trains (not evaluation or validation)."""
@@ -228,9 +232,25 @@ class Crepa:
     def _capture(self, name: str):
         def hook(module: Any, args: Any, output: Any) -> None:  # noqa: ARG001
             if self.armed:  # not during a gradient-checkpointing recomputation
-                self.captured[name] = output[0] if isinstance(output, tuple) else output
+                self.captured[name] = self.pick(output)
 
         return hook
+
+
+class Crepa(BlockCapture):
+    """CREPA for one run: hooks on the denoiser, the trained projector and the teacher. After each training forward
+    pass, `loss(latents)` gives the weighted term to add to the loss."""
+
+    def __init__(self, options: CrepaOptions, denoiser: Any, projector: Any, encoder: FrameEncoder | None,
+                 decoder: LatentDecoder | None) -> None:  # fmt: skip
+        self.options, self.projector, self.encoder, self.decoder = options, projector, encoder, decoder
+        self.patch_t = _temporal_patch(denoiser)
+        self.logged: list[dict[str, float]] = []
+        blocks = video_blocks(denoiser)
+        hooked = {"student": _block(blocks, options.crepa_block_index, "crepa_block_index", denoiser)}
+        if options.teacher_block is not None:
+            hooked["teacher"] = _block(blocks, options.teacher_block, "crepa_teacher_block_index", denoiser)
+        self.hook(denoiser, hooked)
 
     def parameters(self) -> list[Any]:
         return list(self.projector.parameters())
@@ -240,8 +260,7 @@ class Crepa:
         (B x C x f x h x w); a zero without gradient when crepa_lambda is 0."""
         import torch
 
-        self.armed = False
-        captured, self.captured = self.captured, {}
+        captured = self.take()
         weight = float(self.options.crepa_lambda)
         if weight == 0:
             return torch.zeros((), device=latents.device)

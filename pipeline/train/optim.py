@@ -2,7 +2,8 @@
 
 `build_optimizer` turns `optimizer` (+ `optimizer_config`, betas, weight decay, eps, learning rate) into a
 `torch.optim.Optimizer`; `build_lr_scheduler` gives a torch `LambdaLR` whose `state_dict` round-trips through JSON;
-`clip_gradients` applies `grad_clip_method` / `max_grad_norm`.
+`clip_gradients` applies `grad_clip_method` / `max_grad_norm`; `prepare_gradient_release` runs
+`optimizer_release_gradients` (optimi's fused per-parameter step in the backward pass).
 
 `optimizer=prodigy` is SimpleTuner's: `prodigyplus.ProdigyPlusScheduleFree` built from SimpleTuner's settings
 (`PRODIGY_DEFAULTS`, helpers/training/optimizer_param.py), not the reference `prodigyopt.Prodigy`. Every other
@@ -552,12 +553,19 @@ def simpletuner_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
 
 
 def optimizer_kwargs(options: OptimizerOptions, cls: type) -> dict[str, Any]:
-    """The keyword arguments for `cls`, SimpleTuner's: `prodigy_kwargs` for prodigy, else `simpletuner_kwargs`."""
+    """The keyword arguments for `cls`, SimpleTuner's: `prodigy_kwargs` for prodigy, else `simpletuner_kwargs`;
+    `gradient_release=True` for an optimi optimizer with `optimizer_release_gradients` (SimpleTuner's
+    `optimizer_parameters`)."""
     if options.optimizer == "prodigy":
         return prodigy_kwargs(options, cls)
     if options.optimizer not in SIMPLETUNER_DEFAULTS:
         raise ConfigError(f"unknown optimizer '{options.optimizer}'")
-    return simpletuner_kwargs(options, cls)
+    kwargs = simpletuner_kwargs(options, cls)
+    if options.optimizer_release_gradients and options.optimizer in OPTIMI:
+        kwargs["gradient_release"] = True
+        if kwargs.get("foreach"):
+            kwargs["foreach"] = False  # optimi turns foreach off under gradient release (with a warning): same step
+    return kwargs
 
 
 def build_optimizer(params: Iterable, options: OptimizerOptions, *, device_type: str) -> torch.optim.Optimizer:
@@ -625,12 +633,83 @@ def check(config: Any) -> None:
         # the settings are checked on the GPU machine.
         require(False, _bnb_needs_cuda("cpu"))
         return
+    check_gradient_release(config)
     cls = optimizer_class(name, device_type="cuda" if cuda else "cpu")
     quiet, log.disabled = log.disabled, True  # its warnings are given when the optimizer is built
     try:
         optimizer_kwargs(options, cls)
     finally:
         log.disabled = quiet
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gradient release (optimizer_release_gradients): optimi's fused optimizer step during the backward pass.
+
+
+def check_gradient_release(config: Any) -> None:
+    """Refuse `optimizer_release_gradients` where its fused per-parameter step cannot give the step it replaces.
+
+    Each parameter is stepped by optimi's post-accumulate-grad hook as soon as its gradient is ready, and the gradient
+    is freed, so nothing can act on the whole gradient afterwards. SimpleTuner sets it for optimi-* optimizers only
+    (and then skips `optimizer.step()` for any optimizer, so another one would never step); with it, its clipping
+    sees no gradients and does nothing, and its gradient accumulation becomes optimi's optimizer accumulation, an
+    approximation of accumulated gradients. st refuses those combinations instead (DEVIATION: SimpleTuner runs them).
+    """
+    if not config.optimizer_release_gradients:
+        return
+    name = config.optimizer
+    fix = "or set optimizer_release_gradients=false"
+    if name not in OPTIMI:
+        raise ConfigError(f"optimizer_release_gradients needs an optimi optimizer ({', '.join(OPTIMI)}); "
+                          f"optimizer={name} has no per-parameter step: choose one of those, {fix}")  # fmt: skip
+    if config.gradient_accumulation_steps > 1:
+        raise ConfigError(f"optimizer_release_gradients steps every parameter during each backward pass, so "
+                          f"gradient_accumulation_steps={config.gradient_accumulation_steps} cannot accumulate "
+                          f"gradients: set gradient_accumulation_steps=1, {fix}")  # fmt: skip
+    if config.max_grad_norm > 0 and name not in UNCLIPPED:
+        raise ConfigError(f"optimizer_release_gradients frees each gradient as soon as its parameter is stepped, so "
+                          f"max_grad_norm={config.max_grad_norm} ({config.grad_clip_method} clipping) cannot be "
+                          f"applied (SimpleTuner silently skips it): set max_grad_norm=0, {fix}")  # fmt: skip
+    if config.num_processes > 1:
+        raise ConfigError(f"optimizer_release_gradients steps each parameter on its local gradient, before data "
+                          f"parallelism averages it over the {config.num_processes} processes: set num_processes=1, "
+                          f"{fix}")  # fmt: skip
+    if config.mixed_precision == "fp16":
+        raise ConfigError("optimizer_release_gradients steps on the loss-scaled gradients of mixed_precision fp16 "
+                          f"(they are unscaled only in optimizer.step()): set mixed_precision bf16 or no, {fix}")
+
+
+def prepare_gradient_release(optimizer: torch.optim.Optimizer) -> list[Any]:
+    """Step and free each parameter of `optimizer` (built with `gradient_release=True`) from its post-accumulate-grad
+    hook, as optimi's `prepare_for_gradient_release` does for one module's parameters; returns the hook handles.
+
+    Every parameter group is hooked (the denoiser's, a trained text encoder's, CREPA's projector), so none is left
+    waiting for an `optimizer.step()` that no longer runs. The optimizer's state keeps each parameter's group (optimi
+    reads its lr there); its state_dict leaves that link out and loading restores it, so checkpoints hold tensors and
+    numbers only and a resumed run steps with the live (scheduled) learning rate.
+    """
+    from optimi.optimizer import OptimiOptimizer
+
+    if not isinstance(optimizer, OptimiOptimizer) or not optimizer.defaults.get("gradient_release"):
+        raise TypeError("gradient release needs an optimi optimizer built with gradient_release=True")
+
+    def release(param: torch.Tensor) -> None:
+        optimizer.step(param=param)
+        optimizer.zero_grad(param=param)
+
+    def without_group_links(_optimizer: Any, state_dict: dict) -> dict:
+        state = {key: {k: v for k, v in value.items() if k != "group"} for key, value in state_dict["state"].items()}
+        return {**state_dict, "state": state}
+
+    def relink_groups(_optimizer: Any) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                optimizer.state[param]["group"] = group
+
+    optimizer.register_state_dict_post_hook(without_group_links)
+    optimizer.register_load_state_dict_post_hook(relink_groups)
+    return [param.register_post_accumulate_grad_hook(release)
+            for group in optimizer.param_groups for param in group["params"] if param.requires_grad]  # fmt: skip
 
 
 def optimizer_train_mode(optimizer: torch.optim.Optimizer) -> None:

@@ -36,6 +36,7 @@ class OptimizerOptions(OptionGroup):
     lr_num_cycles: int
     max_grad_norm: float
     grad_clip_method: str
+    optimizer_release_gradients: bool
 
 
 @dataclass(frozen=True)

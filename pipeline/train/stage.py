@@ -126,7 +126,12 @@ def _run_train(claim: OutputClaim, loaded: LoadedConfig, input_path: Path, out_d
 
     prompts = [] if config.validation_disable else validation_prompts(
         config.validation_prompt, config.user_prompt_library, loaded.resolve_path)
-    needed = texts_to_encode(prompts, config.validation_negative_prompt) if prompts else []
+    if config.validation_using_datasets and not config.validation_disable:  # dataset images replace the prompts
+        from .validation_datasets import collect
+
+        prompts = collect(loaded, family, reader.root, cache, reader.shared_embeds())
+    own_embeds = config.validation_using_datasets  # dataset inputs bring their captions' cached embeddings
+    needed = texts_to_encode([] if own_embeds else prompts, config.validation_negative_prompt) if prompts else []
     cached_texts = set(cache["embeds"]["prompts"].values())
     missing = [t for t in needed if t not in cached_texts]
     if missing:

@@ -20,8 +20,8 @@ from ..log import get_logger, quiet_libraries
 from ..progress import progress_bar
 from ..quantise import BasePrecision, adapter_dtype, cast_trainable, parameter_bytes, quantise
 from ..prompts import ValidationPrompt
-from . import (adapters, assistant, controlnet, crepa, evaluation, offload, reference, regularisation, text_encoders,
-               tread)  # fmt: skip
+from . import (adapters, assistant, controlnet, crepa, evaluation, layersync, offload, reference, regularisation,
+               text_encoders, tread)  # fmt: skip
 from . import context_parallel, diff2flow
 from .control import family_for_run, prepare_denoiser
 from .family_options import FamilyText, FirstFrame, LoadBalancingLoss, load_base_parts
@@ -141,6 +141,7 @@ class Trainer:
         self.shared = shared_embeds
         speed.check_train_options(config, self.device)
         crepa_options = crepa.options_for(config, family)  # a family CREPA cannot train stops before the model loads
+        layersync_options = layersync.options_for(config, family)  # so does one LayerSync cannot train
         tread.check(config, family.name)  # so does a tread_config this run cannot route
         # context_parallel_size: each group of consecutive ranks shares one replica's batches (train.context_parallel)
         context_parallel.check(config, config.model_family or family.name, family.denoiser.class_name, self.world,
@@ -178,6 +179,8 @@ class Trainer:
         # CREPA's hooks and projector (its teacher: a frozen encoder, or another block), before blocks are compiled.
         self.crepa = crepa.attach(crepa_options, family, denoiser, source=source, vae_source=vae_source,
                                   base_dir=base_dir, seed=self.seed, device=self.device) if crepa_options else None
+        # LayerSync's hooks on its student and teacher blocks (no parameters, no checkpointed state).
+        self.layersync = layersync.attach(layersync_options, family, denoiser) if layersync_options else None
         offload.place(denoiser, self.memory_options, self.device)  # RamTorch: frozen layers to host memory first
         denoiser.train()
         # Group offload or block swap: where frozen blocks wait between uses (manifest: stats.memory).
@@ -192,7 +195,7 @@ class Trainer:
         self.trainable_names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
 
         from .objectives import Objective
-        from .optim import build_lr_scheduler, build_optimizer, effective_learning_rate
+        from .optim import build_lr_scheduler, build_optimizer, effective_learning_rate, prepare_gradient_release
 
         self.family_text = FamilyText.for_run(config, family)  # Flux's T5 mask, SD3's caption-dropout embeddings
         self.first_frame = FirstFrame.for_run(config, family)  # LTX-Video's image-to-video conditioning, or None
@@ -237,6 +240,10 @@ class Trainer:
         optimizer = build_optimizer(groups, self.optimizer_options, device_type=self.device.type)
         self.lr_scheduler = build_lr_scheduler(optimizer, self.optimizer_options, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(denoiser, optimizer)
+        # optimizer_release_gradients: optimi steps and frees each parameter during the backward pass (its hooks hold
+        # the unwrapped optimizer), so the loop below neither clips nor calls optimizer.step().
+        self.release_hooks = (prepare_gradient_release(optimizer) if self.optimizer_options.optimizer_release_gradients
+                              else None)  # fmt: skip
         self.forward_model = forward_view(self.model)  # what the family forwards call (DDP: calls wrapped, attrs not)
         # The parameters as the prepared (possibly wrapped) model holds them, listed once: clipping runs every step.
         self.prepared_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -478,6 +485,8 @@ class Trainer:
             loss = loss + self.balance.take().to(loss.device)
         if self.crepa is not None:  # loss + crepa_lambda * the alignment loss of this forward pass
             loss = loss + self.crepa.loss(latents)
+        if self.layersync is not None:  # loss - layersync_lambda * the student / teacher blocks' mean cosine similarity
+            loss = loss + self.layersync.loss()
         return loss
 
     def evaluate(self) -> dict[str, float]:
@@ -577,8 +586,10 @@ class Trainer:
                         self.text.sync_gradients(self.accelerator)
                     if self.crepa is not None:
                         self.crepa.sync_gradients(self.accelerator)
-                    grad_norm = clip_gradients(self.prepared_params, self.optimizer_options)
-                    self.optimizer.step()
+                    grad_norm = None  # gradient release: already stepped and freed in backward, never whole
+                    if self.release_hooks is None:
+                        grad_norm = clip_gradients(self.prepared_params, self.optimizer_options)
+                        self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
                     state.step += 1
@@ -596,8 +607,12 @@ class Trainer:
                     record = {"step": state.step, "epoch": batch.epoch, "loss": step_loss,
                               "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                               "samples_per_s": self.samples_per_step / max(elapsed, 1e-9)}  # fmt: skip
+                    if grad_norm is None:
+                        del record["grad_norm"]
                     if self.crepa is not None:
                         record.update(self.crepa.metrics())
+                    if self.layersync is not None:
+                        record.update(self.layersync.metrics())
                     record.update(optimizer_metrics(self.optimizer))  # prodigy's d, as SimpleTuner logs it
                     if self.evaluation.due(state.step, self.steps_per_epoch):
                         record.update(self.evaluate())

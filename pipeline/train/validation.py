@@ -10,6 +10,9 @@ it; `validation_seed_source` gpu makes the generator on the training device (the
 Video families (Wan, LTX-Video) render `validation_num_video_frames` frames per prompt, saved as an MP4 and a frame
 grid PNG (`validation_video`).
 
+With `validation_using_datasets` the prompts are dataset images with their captions (`validation_datasets`), rendered
+through the family's img2img pipeline at strength 0.2, each input saved beside its render (`<name>-WxH-input.png`).
+
 Qwen-Image-Edit (`Family.text_with_reference`) renders with its Qwen2.5-VL and processor loaded: the pipeline encodes
 each prompt, and the negative prompt, together with the reference image it edits, as it does for a user.
 The SDXL refiner renders through StableDiffusionXLImg2ImgPipeline from an empty latent image over the whole schedule
@@ -46,7 +49,7 @@ from ..errors import ConfigError, InputError
 from ..families import Family, flux, load_components, sdxl
 from ..log import get_logger
 from ..video_settings import family_framerate
-from . import validation_adapters, validation_video
+from . import validation_adapters, validation_datasets, validation_video
 from .family_options import FamilyText
 from .offload import model_cpu_offload, note_model_cpu_offload, stream_vae
 from .options import ValidationOptions
@@ -212,6 +215,10 @@ class Validator:
                               f"layer past the transformer's {layers} (0..{layers - 1})")  # fmt: skip
         parts = load_components(family, source, vae_source=vae_source, which=("vae", "scheduler"))
         pipeline_class = family.load_pipeline_class() if control is None else _diffusers_class(control.pipeline_class)
+        # validation_using_datasets: the prompts are dataset images with their captions, rendered img2img
+        self.from_datasets = any(isinstance(p, validation_datasets.DatasetPrompt) for p in prompts)
+        if self.from_datasets:
+            pipeline_class = _diffusers_class(validation_datasets.IMG2IMG[family.pipeline_class])
         scheduler = parts["scheduler"]
         if options.validation_noise_scheduler:
             import diffusers
@@ -381,6 +388,7 @@ class Validator:
     def _render_all(self, folder: Path, negative: dict[str, Any] | None, seed: int, tag: str = "") -> list[Path]:
         """`tag`: what a validation adapter run adds to each prompt's file names (`__<slug>`)."""
         import torch
+        from PIL import Image
 
         options = self.options
         paths: list[Path] = []
@@ -392,7 +400,7 @@ class Validator:
                 elif self.family.prompt_text:  # OmniGenPipeline takes no negative prompt (its processor has its own)
                     kwargs = {"prompt": prompt.text}
                 else:
-                    kwargs = self._prompt_kwargs(self.embeds[prompt.text], negative)
+                    kwargs = self._prompt_kwargs(self._embeds_of(prompt), negative)
                 clip = None  # a control clip (Wan VACE's `video`): its frames at this size, saved as MP4 beside
                 if self.control is not None and isinstance(self.control.image_for(n), list):
                     import numpy as np
@@ -443,13 +451,48 @@ class Validator:
                     paths += validation_video.render(self.pipe, kwargs, extra, folder / f"{stem}-{width}x{height}",
                                                      frames, fps=rate or validation_video.DEFAULT_FPS)  # fmt: skip
                     continue
-                with torch.no_grad(), self._transformer_calls(self.embeds[prompt.text], negative):
+                if isinstance(prompt, validation_datasets.DatasetPrompt):  # img2img from the dataset image
+                    width, height = validation_datasets.input_size(prompt.image, width, height)
+                    kwargs["image"] = prompt.image.resize((width, height), Image.Resampling.LANCZOS)
+                    kwargs["image"].save(folder / f"{stem}-{width}x{height}-input.png")
+                    extra.update(strength=validation_datasets.STRENGTH, height=height, width=width)
+                    extra = {k: v for k, v in extra.items() if k in self.call_params}  # Img2Img: size from the image
+                with torch.no_grad(), self._transformer_calls(self._embeds_of(prompt), negative), \
+                        self._vae_encodes_in_own_dtype():
                     images = self.pipe(**kwargs, **extra).images
                 for i, image in enumerate(images):
                     path = folder / f"{stem}-{width}x{height}-{i}.png"
                     image.save(path)
                     paths.append(path)
         return paths
+
+    @contextlib.contextmanager
+    def _vae_encodes_in_own_dtype(self):
+        """An img2img pipeline casts its input image to the denoiser's dtype before its VAE encodes it; the VAE's
+        encoder gets it in its own dtype (a VAE kept in float32 beside a bf16 denoiser), as the cache encoded. The
+        SDXL-type pipelines' `force_upcast` (which would leave the VAE cast to the denoiser's dtype after encoding) is
+        off meanwhile, so the VAE keeps its dtype."""
+        vae = getattr(self.pipe, "vae", None)
+        encoder = getattr(vae, "encoder", None)
+        if not self.from_datasets or encoder is None:
+            yield
+            return
+        dtype = next(encoder.parameters()).dtype
+        handle = encoder.register_forward_pre_hook(lambda module, args: tuple(a.to(dtype) for a in args))
+        upcast = vae.config.get("force_upcast")
+        if upcast:
+            vae.register_to_config(force_upcast=False)
+        try:
+            yield
+        finally:
+            handle.remove()
+            if upcast:
+                vae.register_to_config(force_upcast=upcast)
+
+    def _embeds_of(self, prompt: Any) -> dict[str, Any]:
+        """A prompt's cached embeddings: a dataset input's own caption's, else the shared ones of its text."""
+        own = getattr(prompt, "embeds", None)
+        return own if own is not None else self.embeds[prompt.text]
 
     def _refiner_inputs(self, width: int, height: int) -> dict[str, Any]:
         """The SDXL refiner's img2img inputs: an all-zero latent image of the asked size, denoised from pure noise."""

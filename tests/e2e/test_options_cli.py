@@ -60,10 +60,10 @@ def test_refused_accepted_and_aliases_are_listed(cli):
 
 
 def test_refused_option_shows_its_feature_in_the_table(cli):
-    result = cli("options", "--search", "gradient_precision")
+    result = cli("options", "--search", "scheduled_sampling_max_step_offset")
     assert result.exit_code == 0, result.output
-    row = next(line for line in result.stdout.splitlines() if line.startswith("gradient_precision "))
-    assert "refused" in row and "fp32 gradients for bf16 optimizers" in row and "unmodified" in row
+    row = next(line for line in result.stdout.splitlines() if line.startswith("scheduled_sampling_max_step_offset "))
+    assert "refused" in row and "feature st lacks: scheduled sampling" in row and " 0 " in row
 
 
 def test_unknown_stage_is_a_usage_error(cli):
