@@ -57,18 +57,21 @@ class CheckReport:
             self.problems.append(str(exc))
 
 
-def run_check(config_path: Path, sets: Sequence[str] = (), any_machine: bool = False) -> CheckReport:
+def run_check(config_path: Path, sets: Sequence[str] = (), any_machine: bool = False,
+              stage_checks: Sequence[Callable[[LoadedConfig], None]] = ()) -> CheckReport:  # fmt: skip
     """Load the config, then check its model, its datasets and its prompt library, each independently.
-    `any_machine`: list what the config needs of the machine in `machine_needs` instead of as problems."""
+    `any_machine`: list what the config needs of the machine in `machine_needs` instead of as problems.
+    `stage_checks`: the stages' own checks of the loaded config (`st check` passes `pipeline.train.checks`')."""
     if not any_machine:
-        return _run_check(config_path, sets)
+        return _run_check(config_path, sets, stage_checks)
     with deferred_machine_needs() as needs:
-        report = _run_check(config_path, sets)
+        report = _run_check(config_path, sets, stage_checks)
     report.machine_needs = needs
     return report
 
 
-def _run_check(config_path: Path, sets: Sequence[str]) -> CheckReport:
+def _run_check(config_path: Path, sets: Sequence[str],
+               stage_checks: Sequence[Callable[[LoadedConfig], None]]) -> CheckReport:  # fmt: skip
     report = CheckReport(config_path)
     loaded = _load(config_path, sets, report)
     if loaded is None:
@@ -79,23 +82,13 @@ def _run_check(config_path: Path, sets: Sequence[str]) -> CheckReport:
     report.attempt(_check_prompt_library, loaded)
     report.attempt(_check_lycoris_settings, loaded)
     report.attempt(_check_base_precision, loaded)
-    report.attempt(_check_optimizer, loaded)
     report.attempt(_check_crepa, loaded)
     report.attempt(_check_tread, loaded)
     report.attempt(_check_context_parallel, loaded)
     report.attempt(_check_attention, loaded)
-    report.attempt(_check_validation_adapters, loaded)
+    for check in stage_checks:  # the stages' own config checks (pipeline.train.checks), composed by the CLI
+        report.attempt(check, loaded)
     return report
-
-
-def _check_validation_adapters(loaded: LoadedConfig) -> None:
-    """validation_adapter_path / validation_adapter_config: the adapter files, as `st train` reads them before any
-    work, and whether the family's validation pipeline loads LoRA adapters."""
-    from .families import get_family
-    from .train.validation_adapters import check
-
-    if loaded.config.model_family is not None:
-        check(loaded.config, loaded.base_dir, get_family(loaded.config.model_family))
 
 
 def _check_attention(loaded: LoadedConfig) -> None:
@@ -141,14 +134,6 @@ def _check_lycoris_settings(loaded: LoadedConfig) -> None:
     from .lycoris_settings import key_content
 
     key_content(loaded.config, loaded.base_dir)
-
-
-def _check_optimizer(loaded: LoadedConfig) -> None:
-    """The optimizer's package, its optimizer_config and what it needs of the machine, as `st train` checks them
-    before any work."""
-    from .train.optim import check
-
-    check(loaded.config)
 
 
 def _check_base_precision(loaded: LoadedConfig) -> None:

@@ -280,7 +280,9 @@ def check(config: ConfigOpt = None, set_: SetOpt = NO_SETS,
     Lists every problem at once, each with its fix, and exits 2 when there is any; output folders are not checked."""
     from .check import run_check
 
-    report = run_check(_config_path(config), set_, any_machine=any_machine)
+    from .train.checks import config_checks
+
+    report = run_check(_config_path(config), set_, any_machine=any_machine, stage_checks=config_checks())
     typer.echo(console.check_report(report))
     if not report.ok:
         raise typer.Exit(2)

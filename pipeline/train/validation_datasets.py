@@ -102,7 +102,7 @@ def collect(loaded, family: Family, cache_root: Path, manifest: dict[str, Any],
     """The validation inputs: per image dataset in list order, not disabled and (with eval_dataset_id) named, its
     first `num_eval_images` cached samples by path, each with its image as training saw it and its first caption's
     cached embeddings. InputError when none is left, or a file changed since `st prepare`."""
-    from ..cache.images import ImageJob, SourceProblem, load_pixels
+    from ..source_pixels import ImageJob, SourceProblem, load_pixels
     from ..datasets import load_datasets
     from .data import CacheIndex, SampleReader
 

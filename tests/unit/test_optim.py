@@ -85,6 +85,7 @@ def test_bnb_needs_cuda_a_machine_need(tmp_path, monkeypatch):
     import json
 
     from pipeline.check import run_check
+    from pipeline.train.checks import config_checks
 
     p = torch.nn.Parameter(torch.zeros(2))
     need = "optimizer bnb-adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit AdamW); this machine trains on 'cpu'"
@@ -96,7 +97,7 @@ def test_bnb_needs_cuda_a_machine_need(tmp_path, monkeypatch):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_family": "sd1x", "pretrained_model_name_or_path": str(tmp_path / "missing"),
                                   "optimizer": "bnb-adamw8bit"}))  # fmt: skip
-    report = run_check(config, any_machine=True)
+    report = run_check(config, any_machine=True, stage_checks=config_checks())
     assert [n for n in report.machine_needs if need in n] and not [p for p in report.problems if "optimizer" in p]
 
 

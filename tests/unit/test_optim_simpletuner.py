@@ -342,10 +342,11 @@ def test_st_check_accepts_the_new_optimizers_and_reports_their_bad_settings(tmp_
     import json
 
     from pipeline.check import run_check
+    from pipeline.train.checks import config_checks
 
     config = tmp_path / "config.json"
     base = {"model_family": "sd1x", "pretrained_model_name_or_path": str(tmp_path / "missing-model")}
     config.write_text(json.dumps({**base, "optimizer": "optimi-adam"}))  # exited 2 before st had it
-    assert not [p for p in run_check(config).problems if "optimi" in p or "optimizer" in p]
+    assert not [p for p in run_check(config, stage_checks=config_checks()).problems if "optimi" in p or "optimizer" in p]
     config.write_text(json.dumps({**base, "optimizer": "soap", "optimizer_config": "bogus=1"}))
-    assert [p for p in run_check(config).problems if "optimizer_config has 'bogus', which optimizer 'soap'" in p]
+    assert [p for p in run_check(config, stage_checks=config_checks()).problems if "optimizer_config has 'bogus', which optimizer 'soap'" in p]
