@@ -35,3 +35,26 @@ def write_config(folder: Path, datasets: list[dict], **options) -> Path:
     path = folder / "config.json"
     path.write_text(json.dumps(config))
     return path
+
+
+def split_sample_dataset(data: Path, groups: dict[str, int]) -> list[dict]:
+    """Move the images (and caption files) of a `write_sample_dataset` folder, in name order, into one folder per
+    group (`{"early": 4, "late": 4}`), and return a square-cropped local dataset entry per group (id = folder name),
+    for tests that need several datasets of one prepared sample set."""
+    import shutil
+
+    images = sorted(p for p in (data / "images").iterdir() if p.suffix != ".txt")
+    bounds, start = [], 0
+    for name, count in groups.items():
+        bounds.append((name, start, start + count))
+        start += count
+    for i, image in enumerate(images):
+        name = next((n for n, lo, hi in bounds if lo <= i < hi), None)
+        if name is None:
+            continue
+        folder = data / name
+        folder.mkdir(exist_ok=True)
+        for path in (image, image.with_suffix(".txt")):
+            shutil.move(path, folder / path.name)
+    common = {"type": "local", "caption_strategy": "textfile", "crop": True, "crop_aspect": "square"}
+    return [{"id": name, "instance_data_dir": name, **common} for name in groups]

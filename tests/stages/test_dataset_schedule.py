@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from pipeline.errors import InputError
 from pipeline.manifest import read_manifest
 from pipeline.sampledata import write_sample_dataset
 from pipeline.train.data import CacheIndex, EpochPlanner
+from tests.helpers.files import split_sample_dataset
 from tests.helpers.training import train
 
 
@@ -31,16 +31,10 @@ def two_datasets(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("scheduled")
     data = root / "data"
     config = write_sample_dataset(data, images=8, family="sd1x", model=tiny_model("sd1x"), resolution=96)
-    images = sorted(p for p in (data / "images").iterdir() if p.suffix != ".txt")
-    for i, image in enumerate(images):
-        folder = data / ("early" if i < 4 else "late")
-        folder.mkdir(exist_ok=True)
-        for path in (image, image.with_suffix(".txt")):
-            shutil.move(path, folder / path.name)
+    first, second = split_sample_dataset(data, {"early": 4, "late": 4})
     entries = json.loads((data / "multidatabackend.json").read_text())
-    common = {"type": "local", "caption_strategy": "textfile", "crop": True, "crop_aspect": "square"}
-    entries[0] = {"id": "early", "instance_data_dir": "early", **common}
-    entries.insert(1, {"id": "late", "instance_data_dir": "late", "start_step": 3, **common})
+    entries[0] = {**first}
+    entries.insert(1, {**second, "start_step": 3})
     (data / "multidatabackend.json").write_text(json.dumps(entries))
     options = json.loads(config.read_text())
     options.update({"--train_batch_size": 1, "--num_validation_images": 1})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import pytest
 
@@ -16,7 +15,7 @@ from pipeline.datasets import parse_entry
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest
 from pipeline.train.data import CacheIndex, EpochPlanner
-from tests.helpers.files import make_image, write_config
+from tests.helpers.files import split_sample_dataset, make_image, write_config
 from tests.helpers.training import train
 
 
@@ -72,16 +71,10 @@ def two_datasets(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("batch-sizes")
     data = root / "data"
     config = write_sample_dataset(data, images=10, family="sd1x", model=tiny_model("sd1x"), resolution=96)
-    images = sorted(p for p in (data / "images").iterdir() if p.suffix != ".txt")
-    for i, image in enumerate(images):
-        folder = data / ("big" if i < 6 else "small")
-        folder.mkdir(exist_ok=True)
-        for path in (image, image.with_suffix(".txt")):
-            shutil.move(path, folder / path.name)
+    first, second = split_sample_dataset(data, {"big": 6, "small": 4})
     entries = json.loads((data / "multidatabackend.json").read_text())
-    common = {"type": "local", "caption_strategy": "textfile", "crop": True, "crop_aspect": "square"}
-    entries[0] = {"id": "big", "instance_data_dir": "big", "train_batch_size": 3, **common}
-    entries.insert(1, {"id": "small", "instance_data_dir": "small", **common})
+    entries[0] = {**first, "train_batch_size": 3}
+    entries.insert(1, {**second})
     (data / "multidatabackend.json").write_text(json.dumps(entries))
     options = json.loads(config.read_text())
     options.update({"--train_batch_size": 1, "--num_validation_images": 1})

@@ -6,7 +6,6 @@ the same generator state."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from pipeline.datasets import parse_entry
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest
 from pipeline.train.objectives import Objective
-from tests.helpers.files import make_image, write_config
+from tests.helpers.files import split_sample_dataset, make_image, write_config
 from tests.helpers.training import train
 
 OFFSET = 1.25
@@ -89,16 +88,10 @@ def two_datasets(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("offset")
     data = root / "data"
     config = write_sample_dataset(data, images=8, family="flux", model=tiny_model("flux"), resolution=96)
-    images = sorted(p for p in (data / "images").iterdir() if p.suffix != ".txt")
-    for i, image in enumerate(images):
-        folder = data / ("detail" if i < 4 else "plain")
-        folder.mkdir(exist_ok=True)
-        for path in (image, image.with_suffix(".txt")):
-            shutil.move(path, folder / path.name)
+    first, second = split_sample_dataset(data, {"detail": 4, "plain": 4})
     entries = json.loads((data / "multidatabackend.json").read_text())
-    common = {"type": "local", "caption_strategy": "textfile", "crop": True, "crop_aspect": "square"}
-    entries[0] = {"id": "detail", "instance_data_dir": "detail", "timestep_sampling_offset": OFFSET, **common}
-    entries.insert(1, {"id": "plain", "instance_data_dir": "plain", "timestep_sampling_offset": 0, **common})
+    entries[0] = {**first, "timestep_sampling_offset": OFFSET}
+    entries.insert(1, {**second, "timestep_sampling_offset": 0})
     (data / "multidatabackend.json").write_text(json.dumps(entries))
     options = json.loads(config.read_text())
     options.update({"--train_batch_size": 2, "--num_validation_images": 1})
