@@ -68,7 +68,9 @@ def test_published_lora_loads_into_the_pipeline_and_changes_its_image(cached, st
                     output_type="np", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
 
     base, tuned = image(False), image(True)
-    assert np.isfinite(tuned).all() and np.abs(tuned - base).max() > 1e-3
+    # Same seed on the CPU: the renders are deterministic, so a difference well above float rounding (1e-6) is the
+    # LoRA's. Three steps of SimpleTuner's AdamWBF16 move auraflow's tiny render by ~1e-3.
+    assert np.isfinite(tuned).all() and np.abs(tuned - base).max() > 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)

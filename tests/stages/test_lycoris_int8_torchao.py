@@ -76,6 +76,7 @@ def test_lokr_trains_on_the_int8_base_which_stays_frozen(tmp_path, monkeypatch, 
 
     with torch.no_grad():
         base = predict()
+    torch.manual_seed(0)  # LyCORIS initialises from the global generator: not from whatever ran before in this worker
     params = adapters.attach(denoiser, AdapterOptions.from_config(loaded.config), family, base_dir=loaded.base_dir)
     network = denoiser.lycoris_network
     assert len(network.loras) == 16 and all(l.bypass_mode for l in network.loras)

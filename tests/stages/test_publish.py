@@ -137,7 +137,8 @@ def test_published_lora_reproduces_the_validation_image(runs, tiny_model, tmp_pa
     kwargs = {"prompt_embeds": family.collate_text([reader.prompt(PROMPT)])["prompt_embeds"],
               "negative_prompt_embeds": family.collate_text([reader.prompt("")])["prompt_embeds"]}  # fmt: skip
 
-    def render(pipe):
+    def render(pipe):  # with st's validation spacing (inference_scheduler_timestep_spacing, default trailing)
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
         return pipe(**kwargs, num_inference_steps=2, guidance_scale=3.0, height=64, width=64, output_type="np",
                     generator=torch.Generator("cpu").manual_seed(0)).images[0]  # fmt: skip
 

@@ -119,6 +119,8 @@ def _render(pipe, seed: int = 7):
     import numpy as np
     import torch
 
+    # st's validation scheduler uses inference_scheduler_timestep_spacing (default trailing, as SimpleTuner's)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
     image = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=2, guidance_scale=3.0, height=64, width=64,
                  generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images[0]  # fmt: skip
     return np.asarray(image.convert("RGB")).astype(np.int16)
