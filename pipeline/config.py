@@ -1024,7 +1024,7 @@ OPTION_RANGES: dict[str, Range] = {
     "init_lokr_norm": _POSITIVE,
     "validation_lycoris_strength": Range(),
     "validation_adapter_strength": Range(0, low_open=True),
-    "layersync_lambda": Range(0, low_open=True),
+    "layersync_lambda": Range(0),  # 0 loads (LayerSync off); with it on, _check_relations asks for > 0
     "assistant_lora_strength": Range(),  # LoRA multipliers: any finite weight, as validation_lycoris_strength
     "assistant_lora_inference_strength": Range(),
     "singlora_ramp_up_steps": _NON_NEGATIVE,
