@@ -81,18 +81,18 @@ def transformer_patch_size(source: str, revision: str | None = None) -> tuple[in
     """The `patch_size` of the VACE transformer of the model at `source` (its transformer/config.json: a model folder,
     a hub id in the local cache, else the file alone from the hub), what `WanVACEPipeline` reads as
     `self.transformer.config.patch_size`; `PATCH_SIZE` with a warning when no config can be read."""
-    from pipeline.families.hub import model_json
+    from pipeline.families.hub import hub_errors, model_json
 
     config = model_json(source, "transformer/config.json")
     if config is None and not Path(str(source)).expanduser().exists():
+        import json
+
+        from huggingface_hub import hf_hub_download
+
         try:
-            import json
-
-            from huggingface_hub import hf_hub_download
-
             config = json.loads(Path(hf_hub_download(str(source), "transformer/config.json",
                                                      revision=revision)).read_text(encoding="utf-8"))
-        except Exception as exc:  # no network, not a repository, no such file: the documented default below
+        except (*hub_errors(), ValueError) as exc:  # no network, no such repository or file, not JSON: the default
             log.debug("wan vace: transformer/config.json of %s not fetched: %s", source, exc)
     found = config.get("patch_size") if isinstance(config, dict) else None
     if not isinstance(found, (list, tuple)) or len(found) != 3:

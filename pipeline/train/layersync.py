@@ -148,6 +148,10 @@ class LayerSync(BlockCapture):
         blocks = denoiser_blocks(family_name, denoiser)
         self.student = block_index(options.layersync_student_block, len(blocks), "layersync_student_block", denoiser)
         self.teacher = block_index(options.teacher, len(blocks), "layersync_teacher_block", denoiser)
+        if self.teacher == self.student:  # SimpleTuner's default teacher: the loss is then -lambda, with no gradient
+            log.warning("LayerSync: student and teacher are the same block (%d; layersync_teacher_block defaults to "
+                        "the student's depth), so its loss is the constant -layersync_lambda and trains nothing; set "
+                        "layersync_teacher_block deeper than layersync_student_block", self.student)  # fmt: skip
         _, self.part = FAMILY_BLOCKS[family_name]
         self.logged: list[dict[str, float]] = []
         self.hook(denoiser, {"student": blocks[self.student], "teacher": blocks[self.teacher]})

@@ -237,11 +237,13 @@ def _weights_file(adapter: AdapterSpec) -> Path:
         return local if local.is_file() else local / str(adapter.weight_name)
     from huggingface_hub import hf_hub_download
 
+    from ..families.hub import hub_errors, hub_problem
+
     try:
         return Path(hf_hub_download(adapter.location, str(adapter.weight_name)))
-    except Exception as error:  # network, authorisation, a missing file: one message naming the option
+    except hub_errors() as error:  # network, authorisation, a missing file: one message naming the option
         raise InputError(f"{adapter.option} {adapter.location}:{adapter.weight_name}: cannot fetch it from the "
-                         f"Hugging Face hub ({type(error).__name__}: {error})") from None
+                         f"Hugging Face hub ({hub_problem(error)})") from None
 
 
 def fetch(runs: list[AdapterRun]) -> dict[AdapterSpec, Path]:
