@@ -18,17 +18,26 @@ QUICK = [
 
 
 def cached_dataset(root: Path, family: str, model: Path, images: int = 8, conditioning: tuple[str, ...] = (),
-                   **extra) -> Path:  # fmt: skip
+                   datasets: dict[str, tuple[int, dict]] | None = None, **extra) -> Path:  # fmt: skip
     """A sample dataset for the tiny `family` model at `model` (the `tiny_model` fixture's), its prepare and its cache
     under `root` (data/, prepare/, cache/); `conditioning`: paired datasets as `st sample-data --conditioning` writes
-    them ("controlnet": edges/, "mask": masks/); `extra` updates the config (SimpleTuner's `--name` keys). Returns the
-    config path."""
+    them ("controlnet": edges/, "mask": masks/); `datasets`: the images split, in name order, into square-cropped
+    datasets {id: (image count, extra dataset keys)} instead of one (`files.split_sample_dataset`); `extra` updates
+    the config (SimpleTuner's `--name` keys). Returns the config path."""
     from pipeline.cache.stage import run_cache
     from pipeline.prepare.stage import run_prepare
     from pipeline.sampledata import write_sample_dataset
 
     config = write_sample_dataset(root / "data", images=images, family=family, model=model, resolution=96,
                                   conditioning=conditioning)  # fmt: skip
+    if datasets:
+        from tests.helpers.files import split_sample_dataset
+
+        listing = root / "data" / "multidatabackend.json"
+        entries = json.loads(listing.read_text())
+        split = split_sample_dataset(root / "data", {name: count for name, (count, _) in datasets.items()})
+        entries[0:1] = [{**entry, **datasets[entry["id"]][1]} for entry in split]
+        listing.write_text(json.dumps(entries))
     data = json.loads(config.read_text())
     data.update({"--validation_prompt": "a red circle on a white background", "--train_batch_size": 1,
                  "--num_validation_images": 1, **extra})  # fmt: skip

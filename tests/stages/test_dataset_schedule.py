@@ -12,36 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.manifest import read_manifest
-from pipeline.sampledata import write_sample_dataset
 from pipeline.train.data import CacheIndex, EpochPlanner
-from tests.helpers.files import split_sample_dataset
-from tests.helpers.training import train
+from tests.helpers.training import cached_dataset, train
 
 
 @pytest.fixture(scope="module")
 def two_datasets(tmp_path_factory, tiny_model):
     """(root, config) of 8 sample images split into datasets 'early' (4 images) and 'late' (4 images, start_step
     3), prepared and cached; one bucket (crop to squares) so that each dataset's batches are easy to count."""
-    from pipeline.cache.stage import run_cache
-    from pipeline.prepare.stage import run_prepare
-
     root = tmp_path_factory.mktemp("scheduled")
-    data = root / "data"
-    config = write_sample_dataset(data, images=8, family="sd1x", model=tiny_model("sd1x"), resolution=96)
-    first, second = split_sample_dataset(data, {"early": 4, "late": 4})
-    entries = json.loads((data / "multidatabackend.json").read_text())
-    entries[0] = {**first}
-    entries.insert(1, {**second, "start_step": 3})
-    (data / "multidatabackend.json").write_text(json.dumps(entries))
-    options = json.loads(config.read_text())
-    options.update({"--train_batch_size": 1, "--num_validation_images": 1})
-    config.write_text(json.dumps(options))
-    loaded = load_config(config)
-    run_prepare(loaded, root / "prepare")
-    run_cache(loaded, root / "prepare", root / "cache")
+    config = cached_dataset(root, "sd1x", tiny_model("sd1x"),
+                            datasets={"early": (4, {}), "late": (4, {"start_step": 3})})
     return root, config
 
 

@@ -15,8 +15,8 @@ from pipeline.datasets import parse_entry
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest
 from pipeline.train.data import CacheIndex, EpochPlanner
-from tests.helpers.files import split_sample_dataset, make_image, write_config
-from tests.helpers.training import train
+from tests.helpers.files import make_image, write_config
+from tests.helpers.training import cached_dataset, train
 
 
 def test_the_key_is_read_and_checked(tmp_path, st_log):
@@ -64,24 +64,9 @@ def test_prepare_sizes_each_datasets_buckets_by_its_own_batch(tmp_path):
 def two_datasets(tmp_path_factory, tiny_model):
     """(root, config) of 6 + 4 sample images for the tiny SD 1.x model: dataset 'big' with train_batch_size 3 and
     dataset 'small' at the global train_batch_size 1, one square bucket, prepared and cached."""
-    from pipeline.cache.stage import run_cache
-    from pipeline.prepare.stage import run_prepare
-    from pipeline.sampledata import write_sample_dataset
-
     root = tmp_path_factory.mktemp("batch-sizes")
-    data = root / "data"
-    config = write_sample_dataset(data, images=10, family="sd1x", model=tiny_model("sd1x"), resolution=96)
-    first, second = split_sample_dataset(data, {"big": 6, "small": 4})
-    entries = json.loads((data / "multidatabackend.json").read_text())
-    entries[0] = {**first, "train_batch_size": 3}
-    entries.insert(1, {**second})
-    (data / "multidatabackend.json").write_text(json.dumps(entries))
-    options = json.loads(config.read_text())
-    options.update({"--train_batch_size": 1, "--num_validation_images": 1})
-    config.write_text(json.dumps(options))
-    loaded = load_config(config)
-    run_prepare(loaded, root / "prepare")
-    run_cache(loaded, root / "prepare", root / "cache")
+    config = cached_dataset(root, "sd1x", tiny_model("sd1x"), images=10,
+                            datasets={"big": (6, {"train_batch_size": 3}), "small": (4, {})})
     return root, config
 
 

@@ -15,8 +15,8 @@ from pipeline.datasets import parse_entry
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest
 from pipeline.train.objectives import Objective
-from tests.helpers.files import split_sample_dataset, make_image, write_config
-from tests.helpers.training import train
+from tests.helpers.files import make_image, write_config
+from tests.helpers.training import cached_dataset, train
 
 OFFSET = 1.25
 
@@ -81,24 +81,10 @@ def test_schedules_that_do_not_read_it_warn(st_log):
 def two_datasets(tmp_path_factory, tiny_model):
     """(root, config) of 4 + 4 sample images for the tiny Flux model: dataset 'detail' with timestep_sampling_offset
     OFFSET and dataset 'plain' without, one square bucket, prepared and cached."""
-    from pipeline.cache.stage import run_cache
-    from pipeline.prepare.stage import run_prepare
-    from pipeline.sampledata import write_sample_dataset
-
     root = tmp_path_factory.mktemp("offset")
-    data = root / "data"
-    config = write_sample_dataset(data, images=8, family="flux", model=tiny_model("flux"), resolution=96)
-    first, second = split_sample_dataset(data, {"detail": 4, "plain": 4})
-    entries = json.loads((data / "multidatabackend.json").read_text())
-    entries[0] = {**first, "timestep_sampling_offset": OFFSET}
-    entries.insert(1, {**second, "timestep_sampling_offset": 0})
-    (data / "multidatabackend.json").write_text(json.dumps(entries))
-    options = json.loads(config.read_text())
-    options.update({"--train_batch_size": 2, "--num_validation_images": 1})
-    config.write_text(json.dumps(options))
-    loaded = load_config(config)
-    run_prepare(loaded, root / "prepare")
-    run_cache(loaded, root / "prepare", root / "cache")
+    config = cached_dataset(root, "flux", tiny_model("flux"), datasets={
+        "detail": (4, {"timestep_sampling_offset": OFFSET}), "plain": (4, {"timestep_sampling_offset": 0})},
+        **{"--train_batch_size": 2})  # fmt: skip
     return root, config
 
 
