@@ -58,3 +58,17 @@ def split_sample_dataset(data: Path, groups: dict[str, int]) -> list[dict]:
             shutil.move(path, folder / path.name)
     common = {"type": "local", "caption_strategy": "textfile", "crop": True, "crop_aspect": "square"}
     return [{"id": name, "instance_data_dir": name, **common} for name in groups]
+
+
+# SimpleTuner's Wan / LTX-Video example configs and their dataset lists, as tests/data keeps them.
+VIDEO_EXAMPLES = json.loads((Path(__file__).resolve().parents[1] / "data" / "simpletuner_video_examples.json")
+                            .read_text())
+
+
+def write_video_examples(root: Path, configs: str = "configs") -> Path:
+    """Lay out VIDEO_EXAMPLES[configs] and the dataset lists under `root` as in SimpleTuner's repository (configs name
+    their lists relative to its root, so run from `root`); returns `root`."""
+    for relative, content in {**VIDEO_EXAMPLES[configs], **VIDEO_EXAMPLES["lists"]}.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(json.dumps(content))
+    return root

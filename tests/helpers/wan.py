@@ -272,3 +272,11 @@ def video_frames(path: Path) -> list[np.ndarray]:
 
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def vace_control(pipe, size: tuple[int, int] = (SIZE, SIZE), frames: int = FRAMES, **inputs: Any):
+    """The `control_hidden_states` WanVACEPipeline hands its transformer at `size` (width, height) x `frames` for
+    `inputs` (video / mask), from its first call (`pipeline_calls`)."""
+    prompt = prompt_inputs(pipe)["prompt_embeds"]
+    calls = pipeline_calls(pipe, height=size[1], width=size[0], num_frames=frames, prompt_embeds=prompt, **inputs)
+    return calls[0].kwargs["control_hidden_states"]

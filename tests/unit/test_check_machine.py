@@ -19,8 +19,9 @@ from pipeline.errors import ConfigError, MachineError
 from pipeline.machine import ANY_MACHINE_HINT, deferred_machine_needs, require
 from pipeline.quantise import check as check_precision
 from pipeline.quantise import cuda_capable
+from tests.helpers.files import VIDEO_EXAMPLES, write_video_examples
 
-DATA = json.loads((Path(__file__).resolve().parents[1] / "data" / "simpletuner_video_examples.json").read_text())
+DATA = VIDEO_EXAMPLES
 (EXAMPLE,) = DATA["context_parallel_configs"]
 HEADING = "the machine that runs `st train` needs (this one lacks it):"
 # What this machine lacks of the example (on a CPU machine: both).
@@ -33,11 +34,8 @@ needs_something = pytest.mark.skipif(not LACKED, reason="this machine has what t
 
 @pytest.fixture
 def example_root(tmp_path, monkeypatch) -> Path:
-    for relative, content in {**DATA["context_parallel_configs"], **DATA["lists"]}.items():
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / relative).write_text(json.dumps(content))
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return write_video_examples(tmp_path, "context_parallel_configs")
 
 
 def _problems(output: str) -> list[str]:

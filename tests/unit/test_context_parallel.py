@@ -5,7 +5,6 @@ tests/stages/test_context_parallel.py."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,8 +15,9 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, InputError
 from pipeline.train import context_parallel
 from pipeline.train.context_parallel import Layout, check, check_batch, check_denoiser
+from tests.helpers.files import VIDEO_EXAMPLES, write_video_examples
 
-DATA = json.loads((Path(__file__).resolve().parents[1] / "data" / "simpletuner_video_examples.json").read_text())
+DATA = VIDEO_EXAMPLES
 CP = Config(model_family="wan", model_type="lora", num_processes=4, context_parallel_size=2,
             context_parallel_comm_strategy="alltoall")  # fmt: skip
 
@@ -170,11 +170,8 @@ def test_a_denoiser_without_a_plan_is_refused():
 
 @pytest.fixture
 def examples_root(tmp_path, monkeypatch) -> Path:
-    for relative, content in {**DATA["context_parallel_configs"], **DATA["lists"]}.items():
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / relative).write_text(json.dumps(content))
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return write_video_examples(tmp_path, "context_parallel_configs")
 
 
 def _problems(output: str) -> list[str]:

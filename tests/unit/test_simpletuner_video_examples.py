@@ -9,7 +9,6 @@ video dataset lists are in tests/data/simpletuner_video_examples.json as SimpleT
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,16 @@ from pipeline import speed
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.machine import ANY_MACHINE_HINT
+from tests.helpers.files import VIDEO_EXAMPLES, write_video_examples
 
-DATA = json.loads((Path(__file__).resolve().parents[1] / "data" / "simpletuner_video_examples.json").read_text())
+DATA = VIDEO_EXAMPLES
 CONFIGS = sorted(DATA["configs"])
 
 
 @pytest.fixture
 def simpletuner_root(tmp_path, monkeypatch) -> Path:
-    for relative, content in {**DATA["configs"], **DATA["lists"]}.items():
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / relative).write_text(json.dumps(content))
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return write_video_examples(tmp_path)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.split("/")[2])

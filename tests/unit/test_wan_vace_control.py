@@ -17,6 +17,7 @@ from pipeline.families import get_family, wan_vace
 from pipeline.manifest import read_manifest
 from tests.helpers.training import train
 from tests.helpers.videos import decoded_frames, moving_square, video_dataset
+from tests.helpers.wan import vace_control
 
 FLAVOUR = "vace-1.3b-2.1"
 FRAMES, SIZE = 5, 64  # the sample clips' window (8 frames) trimmed to 1 + 4k, at their 64 x 64 bucket
@@ -47,22 +48,6 @@ def _pipe(folder):
     return pipe
 
 
-def _pipeline_control(pipe, size: tuple[int, int], frames: int, **inputs) -> torch.Tensor:
-    """The `control_hidden_states` WanVACEPipeline hands its transformer for `inputs` (video / mask)."""
-    family = get_family("wan")
-    text = family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a red circle"]))
-    seen = {}
-    handle = pipe.transformer.register_forward_hook(lambda m, a, kw, out: seen.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipe(prompt_embeds=text["prompt_embeds"], height=size[1], width=size[0], num_frames=frames,
-                 num_inference_steps=1, guidance_scale=1.0, output_type="latent",
-                 generator=torch.Generator().manual_seed(0), **inputs)  # fmt: skip
-    finally:
-        handle.remove()
-    return seen["control_hidden_states"]
-
-
 def _frames(size: tuple[int, int], count: int, colour) -> list:
     from PIL import Image
 
@@ -80,11 +65,11 @@ def test_control_latents_are_the_pipelines_for_a_clip_and_a_mask(folder):
     mask = [img.convert("L").point(lambda v: 255 if v > 100 else 0).convert("RGB") for img in clip]
     patch = pipe.transformer.config.patch_size
     ours = wan_vace.control_latents(pipe.vae, patch, FRAMES, 32, 32, video=clip)
-    theirs = _pipeline_control(pipe, size, FRAMES, video=clip)
+    theirs = vace_control(pipe, size, FRAMES, video=clip)
     assert ours.shape == theirs.shape == (1, 48, 2, 8, 8)
     assert float((ours - theirs).abs().max()) == 0.0
     masked = wan_vace.control_latents(pipe.vae, patch, FRAMES, 32, 32, video=clip, mask=mask)
-    assert float((masked - _pipeline_control(pipe, size, FRAMES, video=clip, mask=mask)).abs().max()) == 0.0
+    assert float((masked - vace_control(pipe, size, FRAMES, video=clip, mask=mask)).abs().max()) == 0.0
     assert not torch.equal(masked, ours)
     assert not torch.allclose(ours, wan_vace.zero_control(pipe.vae, patch, FRAMES, 32, 32))
     pixels = torch.stack([torch.from_numpy(np.array(f)).permute(2, 0, 1) for f in clip], dim=1)
@@ -194,8 +179,8 @@ def test_the_cache_holds_the_pipelines_control_latents_of_each_clip(chain, folde
             stored = reader.tensors(ref, COND)
             clip = decoded_frames(root / "data" / "controls" / partner["path"], FRAMES)
             mask = decoded_frames(root / "data" / "holes" / holes["path"], FRAMES)
-            expected = _pipeline_control(pipe, (SIZE, SIZE), FRAMES, video=clip, mask=mask)[0]
-            assert not torch.equal(expected, _pipeline_control(pipe, (SIZE, SIZE), FRAMES, video=clip)[0])
+            expected = vace_control(pipe, (SIZE, SIZE), FRAMES, video=clip, mask=mask)[0]
+            assert not torch.equal(expected, vace_control(pipe, (SIZE, SIZE), FRAMES, video=clip)[0])
             assert sorted(stored) == ["0.latent", "0.pixels", "1.pixels"]
             assert stored["0.latent"].dtype == torch.float32 and stored["0.latent"].shape == (48, 2, 16, 16)
             assert float((stored["0.latent"] - expected).abs().max()) == 0.0

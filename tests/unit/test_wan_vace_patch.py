@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.errors import InputError
-from pipeline.families import get_family, wan_vace
+from pipeline.families import wan_vace
 from pipeline.manifest import read_manifest
 from tests.helpers.training import train
 from tests.helpers.videos import moving_square, video_dataset
+from tests.helpers.wan import vace_control
 
 PATCH = (1, 1, 1)
 FRAMES, SIZE = 5, 40  # the sample clips' window (8 frames) trimmed to 1 + 4k, at a 40 x 40 bucket (alignment 8)
@@ -67,22 +67,6 @@ def _pipe(folder: Path):
     pipe = WanVACEPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _pipeline_control(pipe, **inputs) -> torch.Tensor:
-    """The `control_hidden_states` WanVACEPipeline hands its transformer at SIZE x SIZE x FRAMES for `inputs`."""
-    family = get_family("wan")
-    text = family.collate_text(family.encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a red circle"]))
-    seen = {}
-    handle = pipe.transformer.register_forward_hook(lambda m, a, kw, out: seen.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipe(prompt_embeds=text["prompt_embeds"], height=SIZE, width=SIZE, num_frames=FRAMES,
-                 num_inference_steps=1, guidance_scale=1.0, output_type="latent",
-                 generator=torch.Generator().manual_seed(0), **inputs)  # fmt: skip
-    finally:
-        handle.remove()
-    return seen["control_hidden_states"]
 
 
 def _paired(root: Path, folder: Path) -> Path:
@@ -152,7 +136,7 @@ def test_the_cache_holds_the_pipelines_control_latents_for_the_transformers_patc
             stored = reader.tensors(ref, COND)  # the clips' frames as st fitted them to the 40 x 40 bucket
             clip, mask = wan_vace.frames_of(stored["0.pixels"]), wan_vace.frames_of(stored["1.pixels"])
             assert len(clip) == len(mask) == FRAMES and clip[0].size == mask[0].size == (SIZE, SIZE)
-            expected = _pipeline_control(pipe, video=clip, mask=mask)[0]
+            expected = vace_control(pipe, (SIZE, SIZE), FRAMES, video=clip, mask=mask)[0]
             assert stored["0.latent"].shape == expected.shape == (2 * 16 + 64, 2, 5, 5)
             assert float((stored["0.latent"] - expected).abs().max()) == 0.0
     finally:
